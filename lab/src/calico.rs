@@ -1,0 +1,437 @@
+//! What Calico writes on a node: veth names (CNI plugin), IPAM-pool ipsets and NAT chains
+//! (felix, iptables dataplane), plus a kube-proxy-like Service DNAT.
+//!
+//! Rule texts and `cali:` comments are felix's own: felix tags each rule with a hash of the
+//! chain name, the rules before it and the rule's rendering ([`felix_rule_hashes`]), which this
+//! module recomputes instead of hard-coding, so variants (IPIP, VXLAN, no natOutgoing pool)
+//! carry the comments felix would give them. The unit tests pin the hashes against
+//! `iptables-save` output captured on real Calico nodes.
+
+use std::fmt::Write as _;
+
+use sha1::Sha1;
+use sha2::{Digest, Sha224};
+
+use crate::addr::{ensure_lab_cidr, ensure_lab_ip, parse_ip, Cidr};
+use crate::netns::Netns;
+use crate::LabError;
+
+/// felix's ipset holding every IPv4 IPAM pool (`IPSetIDNATOutgoingAllPools`).
+pub const ALL_POOLS_SET: &str = "cali40all-ipam-pools";
+/// felix's ipset holding the IPv4 pools with natOutgoing (`IPSetIDNATOutgoingMasqPools`).
+pub const MASQ_POOLS_SET: &str = "cali40masq-ipam-pools";
+/// felix's nat chain with the natOutgoing MASQUERADE rule.
+pub const NAT_OUTGOING_CHAIN: &str = "cali-nat-outgoing";
+/// felix's nat POSTROUTING chain.
+pub const POSTROUTING_CHAIN: &str = "cali-POSTROUTING";
+/// The chain [`write_service_dnat`] fills, named as kube-proxy's.
+pub const KUBE_SERVICES_CHAIN: &str = "KUBE-SERVICES";
+/// The MAC Calico's CNI gives every host-side workload veth.
+pub const HOST_VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
+/// The next hop Calico's CNI puts in every pod's default route (answered by proxy ARP).
+pub const POD_GATEWAY: &str = "169.254.1.1";
+
+/// Calico's host-side veth name: `cali` + the first 11 hex digits of `sha1("<namespace>.<pod>")`.
+pub fn veth_name(namespace: &str, pod: &str) -> String {
+    let digest = Sha1::digest(format!("{namespace}.{pod}").as_bytes());
+    let mut name = String::from("cali");
+    for b in digest.iter() {
+        let _ = write!(name, "{b:02x}");
+    }
+    name.truncate(4 + 11);
+    name
+}
+
+/// An IPv4 IPAM pool as felix sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    /// The pool's CIDR, e.g. "192.168.0.0/16".
+    pub cidr: String,
+    /// IPPool `natOutgoing`: pod traffic leaving the pools is masqueraded.
+    pub nat_outgoing: bool,
+}
+
+impl Pool {
+    pub fn new(cidr: &str, nat_outgoing: bool) -> Pool {
+        Pool {
+            cidr: cidr.to_string(),
+            nat_outgoing,
+        }
+    }
+}
+
+/// Which tunnel MASQUERADE rule felix adds to `cali-POSTROUTING` (it masquerades host-sourced
+/// traffic leaving through the tunnel device with the tunnel address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encapsulation {
+    /// VXLAN (`vxlan.calico`), Calico's default encapsulation for operator installs.
+    #[default]
+    Vxlan,
+    /// IPIP (`tunl0`), as on the seed-002 cluster.
+    Ipip,
+    /// No encapsulation (BGP-only): no tunnel rule.
+    None,
+}
+
+/// A rule as felix renders it for hashing: match and action fragments, felix's spelling.
+#[derive(Debug, Clone)]
+struct FelixRule {
+    matches: String,
+    action: String,
+}
+
+impl FelixRule {
+    fn new(matches: &str, action: &str) -> FelixRule {
+        FelixRule {
+            matches: matches.to_string(),
+            action: action.to_string(),
+        }
+    }
+
+    /// The rule body without `-A chain`, as felix joins its fragments.
+    fn body(&self) -> String {
+        [self.matches.as_str(), self.action.as_str()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// felix's rule hashes (`Chain.RuleHashes` in felix/iptables): SHA-224 of the chain name, then
+/// for each rule `SHA-224(previous hash || "-A <chain> HASH <body>")`, URL-safe base64 cut to 16
+/// characters. `bodies` are felix renderings: `--jump X`, `--out-interface X`...
+pub fn felix_rule_hashes(chain: &str, bodies: &[&str]) -> Vec<String> {
+    let mut prev = Sha224::digest(chain.as_bytes()).to_vec();
+    bodies
+        .iter()
+        .map(|body| {
+            let mut h = Sha224::new();
+            h.update(&prev);
+            h.update(format!("-A {chain} HASH {body}").as_bytes());
+            prev = h.finalize().to_vec();
+            // 16 base64 characters encode exactly the first 12 bytes.
+            base64url(&prev[..12])
+        })
+        .collect()
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// Renders one chain for `iptables-restore`: `-A`/`-I` lines with felix's `cali:` comments.
+fn render_chain(chain: &str, rules: &[FelixRule], insert: bool) -> Vec<String> {
+    let bodies: Vec<String> = rules.iter().map(FelixRule::body).collect();
+    let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+    felix_rule_hashes(chain, &refs)
+        .into_iter()
+        .zip(&bodies)
+        .enumerate()
+        .map(|(i, (hash, body))| {
+            let op = if insert {
+                format!("-I {chain} {}", i + 1)
+            } else {
+                format!("-A {chain}")
+            };
+            format!("{op} -m comment --comment \"cali:{hash}\" {body}")
+        })
+        .collect()
+}
+
+/// The nat table felix programs: chains it owns with their rules, and the rules it inserts at
+/// the top of kernel chains.
+struct FelixNatTable {
+    chains: Vec<(&'static str, Vec<FelixRule>)>,
+    inserts: Vec<(&'static str, FelixRule)>,
+}
+
+/// The nat table of felix (iptables dataplane, default config, MASQUERADE --random-fully
+/// supported) for the given pools and encapsulation.
+fn felix_nat_table(pools: &[Pool], encap: Encapsulation) -> FelixNatTable {
+    let jump = |target: &str| FelixRule::new("", &format!("--jump {target}"));
+    let mut postrouting = vec![jump("cali-fip-snat"), jump(NAT_OUTGOING_CHAIN)];
+    let tunnel = match encap {
+        Encapsulation::Vxlan => Some("vxlan.calico"),
+        Encapsulation::Ipip => Some("tunl0"),
+        Encapsulation::None => None,
+    };
+    if let Some(dev) = tunnel {
+        postrouting.push(FelixRule::new(
+            &format!(
+                "--out-interface {dev} -m addrtype ! --src-type LOCAL --limit-iface-out \
+                 -m addrtype --src-type LOCAL"
+            ),
+            "--jump MASQUERADE --random-fully",
+        ));
+    }
+    // felix leaves the chain empty when no pool has natOutgoing.
+    let nat_outgoing = if pools.iter().any(|p| p.nat_outgoing) {
+        vec![FelixRule::new(
+            &format!(
+                "-m set --match-set {MASQ_POOLS_SET} src -m set ! --match-set {ALL_POOLS_SET} dst"
+            ),
+            "--jump MASQUERADE --random-fully",
+        )]
+    } else {
+        Vec::new()
+    };
+    let chains = vec![
+        ("cali-PREROUTING", vec![jump("cali-fip-dnat")]),
+        ("cali-OUTPUT", vec![jump("cali-fip-dnat")]),
+        (POSTROUTING_CHAIN, postrouting),
+        ("cali-fip-dnat", Vec::new()),
+        ("cali-fip-snat", Vec::new()),
+        (NAT_OUTGOING_CHAIN, nat_outgoing),
+    ];
+    let inserts = vec![
+        ("PREROUTING", jump("cali-PREROUTING")),
+        ("OUTPUT", jump("cali-OUTPUT")),
+        ("POSTROUTING", jump(POSTROUTING_CHAIN)),
+    ];
+    FelixNatTable { chains, inserts }
+}
+
+/// Writes felix's IPv4 IPAM-pool ipsets and nat-table chains into `node`, with the VXLAN tunnel
+/// rule; see [`write_felix_nat_with`].
+pub fn write_felix_nat(node: &Netns, pools: &[Pool]) -> Result<(), LabError> {
+    write_felix_nat_with(node, pools, Encapsulation::Vxlan)
+}
+
+/// Writes felix's IPv4 IPAM-pool ipsets and nat-table chains into `node`, exactly as felix's
+/// iptables dataplane does (same tools too: `ipset restore`, `iptables-restore --noflush`):
+///
+/// - `cali40all-ipam-pools` (every pool) and `cali40masq-ipam-pools` (pools with natOutgoing),
+///   `hash:net family inet hashsize 1024 maxelem 1048576`;
+/// - `cali-PREROUTING`/`cali-OUTPUT` -> `cali-fip-dnat`, `cali-POSTROUTING` -> `cali-fip-snat`,
+///   `cali-nat-outgoing`, tunnel MASQUERADE; jumps inserted first in PREROUTING, OUTPUT and
+///   POSTROUTING;
+/// - `-A cali-nat-outgoing -m comment --comment "cali:flqWnvo8yq4ULQLa" -m set --match-set
+///   cali40masq-ipam-pools src -m set ! --match-set cali40all-ipam-pools dst -j MASQUERADE
+///   --random-fully` when a pool has natOutgoing.
+///
+/// Calling it again replaces the pools and felix's chains (like a felix resync after an IPPool
+/// edit) without duplicating the jumps.
+pub fn write_felix_nat_with(
+    node: &Netns,
+    pools: &[Pool],
+    encap: Encapsulation,
+) -> Result<(), LabError> {
+    let mut cidrs = Vec::new();
+    for p in pools {
+        let c = Cidr::parse(&p.cidr)?;
+        ensure_lab_cidr(&c, "IPAM pool")?;
+        cidrs.push((format!("{}/{}", c.addr, c.prefix), p.nat_outgoing));
+    }
+
+    // ipsets first: iptables refuses rules referencing missing sets.
+    let mut ipsets = String::new();
+    for set in [ALL_POOLS_SET, MASQ_POOLS_SET] {
+        let _ = writeln!(
+            ipsets,
+            "create {set} hash:net family inet hashsize 1024 maxelem 1048576"
+        );
+        let _ = writeln!(ipsets, "flush {set}");
+    }
+    for (cidr, nat) in &cidrs {
+        let _ = writeln!(ipsets, "add {ALL_POOLS_SET} {cidr}");
+        if *nat {
+            let _ = writeln!(ipsets, "add {MASQ_POOLS_SET} {cidr}");
+        }
+    }
+    node.exec_with_stdin(&["ipset", "-exist", "restore"], &ipsets)?;
+
+    let FelixNatTable { chains, inserts } = felix_nat_table(pools, encap);
+    let existing = node.exec(&["iptables-save", "-t", "nat"])?;
+    let mut restore = String::from("*nat\n");
+    // Under --noflush, declaring a chain creates it or flushes it: a clean rewrite.
+    for (chain, _) in &chains {
+        let _ = writeln!(restore, ":{chain} - [0:0]");
+    }
+    for (chain, rule) in &inserts {
+        let rendered = render_chain(chain, std::slice::from_ref(rule), true);
+        for line in rendered {
+            let marker = line.split('"').nth(1).unwrap_or_default();
+            if !existing.contains(marker) {
+                let _ = writeln!(restore, "{line}");
+            }
+        }
+    }
+    for (chain, rules) in &chains {
+        for line in render_chain(chain, rules, false) {
+            let _ = writeln!(restore, "{line}");
+        }
+    }
+    restore.push_str("COMMIT\n");
+    tracing::debug!(netns = node.name(), %restore, "lab: felix nat rules");
+    node.exec_with_stdin(&["iptables-restore", "-w", "--noflush"], &restore)?;
+    Ok(())
+}
+
+/// kube-proxy-like (iptables mode) DNAT of a Service VIP: chain `KUBE-SERVICES`, jumped to from
+/// nat PREROUTING (pods' traffic) and OUTPUT (the node's own), with
+/// `-d VIP/32 -p tcp --dport PORT -j DNAT --to-destination ENDPOINT:ENDPOINT_PORT`.
+/// Several services may be added; the jumps are added once, after felix's.
+pub fn write_service_dnat(
+    node: &Netns,
+    vip: &str,
+    port: u16,
+    endpoint: &str,
+    endpoint_port: u16,
+) -> Result<(), LabError> {
+    let vip = parse_ip(vip, "service VIP")?;
+    let endpoint = parse_ip(endpoint, "service endpoint")?;
+    ensure_lab_ip(vip, "service VIP")?;
+    ensure_lab_ip(endpoint, "service endpoint")?;
+
+    let existing = node.exec(&["iptables-save", "-t", "nat"])?;
+    let mut restore = String::from("*nat\n");
+    if !existing.contains(&format!(":{KUBE_SERVICES_CHAIN} ")) {
+        let _ = writeln!(restore, ":{KUBE_SERVICES_CHAIN} - [0:0]");
+        for hook in ["PREROUTING", "OUTPUT"] {
+            let _ = writeln!(
+                restore,
+                "-A {hook} -m comment --comment \"kubernetes service portals\" -j {KUBE_SERVICES_CHAIN}"
+            );
+        }
+    }
+    let _ = writeln!(
+        restore,
+        "-A {KUBE_SERVICES_CHAIN} -d {vip}/32 -p tcp -m comment --comment \"lab service \
+         {vip}:{port} -> {endpoint}:{endpoint_port}\" -m tcp --dport {port} \
+         -j DNAT --to-destination {endpoint}:{endpoint_port}"
+    );
+    restore.push_str("COMMIT\n");
+    node.exec_with_stdin(&["iptables-restore", "-w", "--noflush"], &restore)?;
+    Ok(())
+}
+
+/// Packets that hit the MASQUERADE rule(s) of `cali-nat-outgoing` in `node` (first packets of
+/// connections only: nat rules see one packet per conntrack entry).
+pub fn nat_outgoing_packets(node: &Netns) -> Result<u64, LabError> {
+    Ok(crate::iptables::counters(node, "nat", NAT_OUTGOING_CHAIN)?
+        .iter()
+        .filter(|c| c.target == "MASQUERADE")
+        .map(|c| c.packets)
+        .sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_name_matches_calico() {
+        // sha1("kube-system.calico-kube-controllers-596576f79-j2pkg") = d92900560e327ba7...
+        assert_eq!(
+            veth_name("kube-system", "calico-kube-controllers-596576f79-j2pkg"),
+            "calid92900560e3"
+        );
+        assert_eq!(veth_name("a", "b").len(), 15);
+    }
+
+    #[test]
+    fn base64url_matches_rfc4648() {
+        assert_eq!(base64url(b""), "");
+        assert_eq!(base64url(b"f"), "Zg");
+        assert_eq!(base64url(b"fo"), "Zm8");
+        assert_eq!(base64url(b"foo"), "Zm9v");
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+    }
+
+    fn comments(chain: &str, rules: &[FelixRule]) -> Vec<String> {
+        render_chain(chain, rules, false)
+            .iter()
+            .filter_map(|l| l.split('"').nth(1).map(str::to_string))
+            .collect()
+    }
+
+    /// The comments felix writes on real nodes (iptables-save of Calico v3.2x clusters; the
+    /// seed-002 screenshot has the IPIP ones).
+    #[test]
+    fn felix_hashes_match_real_nodes() {
+        let find = |chains: &[(&str, Vec<FelixRule>)], name: &str| {
+            chains
+                .iter()
+                .find(|(c, _)| *c == name)
+                .map(|(_, r)| r.clone())
+                .unwrap_or_default()
+        };
+        let pools = [Pool::new("192.168.0.0/16", true)];
+        let FelixNatTable { chains, inserts } = felix_nat_table(&pools, Encapsulation::Vxlan);
+        assert_eq!(
+            comments(POSTROUTING_CHAIN, &find(&chains, POSTROUTING_CHAIN)),
+            [
+                "cali:Z-c7XtVd2Bq7s_hA",
+                "cali:nYKhEzDlr11Jccal",
+                "cali:e9dnSgSVNmIcpVhP"
+            ]
+        );
+        assert_eq!(
+            comments(NAT_OUTGOING_CHAIN, &find(&chains, NAT_OUTGOING_CHAIN)),
+            ["cali:flqWnvo8yq4ULQLa"]
+        );
+        assert_eq!(
+            comments("cali-PREROUTING", &find(&chains, "cali-PREROUTING")),
+            ["cali:r6XmIziWUJsdOK6Z"]
+        );
+        assert_eq!(
+            comments("cali-OUTPUT", &find(&chains, "cali-OUTPUT")),
+            ["cali:GBTAv2p5CwevEyJm"]
+        );
+        let inserted: Vec<String> = inserts
+            .iter()
+            .flat_map(|(c, r)| comments(c, std::slice::from_ref(r)))
+            .collect();
+        assert_eq!(
+            inserted,
+            [
+                "cali:6gwbT8clXdHdC1b1",
+                "cali:tVnHkvAo15HuiPy0",
+                "cali:O3lYWMrLQYEMJtB5"
+            ]
+        );
+
+        let ipip = felix_nat_table(&pools, Encapsulation::Ipip).chains;
+        assert_eq!(
+            comments(POSTROUTING_CHAIN, &find(&ipip, POSTROUTING_CHAIN))[2],
+            "cali:SXWvdsbh4Mw7wOln"
+        );
+        let plain =
+            felix_nat_table(&[Pool::new("10.244.0.0/16", false)], Encapsulation::None).chains;
+        assert_eq!(find(&plain, POSTROUTING_CHAIN).len(), 2);
+        assert!(find(&plain, NAT_OUTGOING_CHAIN).is_empty());
+    }
+
+    #[test]
+    fn rendered_masquerade_rule_is_felix_text() {
+        let chains =
+            felix_nat_table(&[Pool::new("192.168.0.0/16", true)], Encapsulation::Vxlan).chains;
+        let rules = chains
+            .iter()
+            .find(|(c, _)| *c == NAT_OUTGOING_CHAIN)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            render_chain(NAT_OUTGOING_CHAIN, &rules, false),
+            [
+                "-A cali-nat-outgoing -m comment --comment \"cali:flqWnvo8yq4ULQLa\" -m set \
+              --match-set cali40masq-ipam-pools src -m set ! --match-set cali40all-ipam-pools \
+              dst --jump MASQUERADE --random-fully"
+            ]
+        );
+    }
+}

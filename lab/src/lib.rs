@@ -1,0 +1,79 @@
+//! tracer's lab: Calico-shaped data paths built entirely inside network namespaces.
+//!
+//! Everything this crate creates lives in namespaces it owns (see [`netns::Netns`]); the root
+//! namespace only ever sees `ip netns add/del`. Addresses are restricted to 10.0.0.0/8 and
+//! 192.168.0.0/16 and are only ever configured inside lab namespaces, and no lab namespace has
+//! a link to the machine's real interfaces, so no packet can leave the lab.
+//!
+//! - [`netns`]: owned namespaces (deleted on drop), command execution and `setns(2)` threads.
+//! - [`calico`]: what Calico's CNI and felix (iptables dataplane) write on a node.
+//! - [`node`]: a pod wired to a node the way Calico's CNI wires it.
+//! - [`topo`]: whole topologies, e.g. the single-node shape of seed 002 and its healthy control.
+//! - [`traffic`]: TCP probes, a greeting TCP server and a tcpdump capture helper.
+//! - [`iptables`]: reading rule counters.
+//!
+//! Seed 002 in a few lines (needs root):
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tracer_lab::{calico, topo::SingleNode, traffic};
+//!
+//! # fn main() -> Result<(), tracer_lab::LabError> {
+//! let lab = SingleNode::build(&SingleNode::seed_002())?;
+//! let pod = &lab.pod.netns;
+//! // The pool overlaps the LAN: no MASQUERADE, and the apiserver's replies die at the gateway.
+//! assert!(!traffic::tcp_probe(pod, lab.apiserver_addr(), Duration::from_secs(2))?);
+//! assert_eq!(calico::nat_outgoing_packets(&lab.node)?, 0);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod calico;
+pub mod iptables;
+pub mod netns;
+pub mod node;
+pub mod topo;
+pub mod traffic;
+
+mod addr;
+mod cmd;
+
+/// Everything that can go wrong while building or driving a lab.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// An external command (ip, iptables, ipset, ...) exited unsuccessfully.
+    #[error("`{cmdline}` failed ({status}): {stderr}")]
+    Command {
+        cmdline: String,
+        status: String,
+        stderr: String,
+    },
+    /// A system call or file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The caller asked for something the lab refuses to build (bad address, out-of-lab range...).
+    #[error("invalid lab configuration: {0}")]
+    Config(String),
+    /// A closure run inside a namespace (see [`netns::Netns::run`]) panicked.
+    #[error("thread running in namespace {netns} panicked: {message}")]
+    Panicked { netns: String, message: String },
+    /// A tool's output was not what the lab expected, or something did not happen in time.
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+impl LabError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        LabError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub use calico::Pool;
+pub use netns::Netns;

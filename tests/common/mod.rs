@@ -1,0 +1,178 @@
+//! Shared test support: run the real `tracer agent` inside a lab namespace and query it.
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tracer_lab::netns::Netns;
+
+pub const AGENT_PORT: u16 = 9464;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A `tracer agent` process in a namespace; SIGTERM on drop (then SIGKILL if it lingers).
+pub struct Agent {
+    child: Child,
+    ns: String,
+    log: std::path::PathBuf,
+}
+
+impl Agent {
+    pub fn start(ns: &Netns, extra: &[&str]) -> Result<Agent, Box<dyn std::error::Error>> {
+        let log = std::env::temp_dir().join(format!("tracer-agent-{}.log", ns.name()));
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            ns.name(),
+            env!("CARGO_BIN_EXE_tracer"),
+            "agent",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{AGENT_PORT}")])
+        .args(extra)
+        .env("TRACER_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(file));
+        let child = cmd.spawn()?;
+        Ok(Agent {
+            child,
+            ns: ns.name().to_string(),
+            log,
+        })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET `path` from the agent; returns status and parsed JSON body.
+    pub fn get(&self, ns: &Netns, path: &str) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+        let path = path.to_string();
+        let r = ns.run(move || http_get(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)), &path))?;
+        r.map_err(|e| e.into())
+    }
+
+    /// Waits until the agent answers /healthz and has attached to every interface in `ifaces`.
+    pub fn wait_attached(&mut self, ns: &Netns, ifaces: &[&str]) -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("agent exited ({status}); log:\n{}", self.log()).into());
+            }
+            if let Ok((200, v)) = self.get(ns, "/healthz") {
+                let attached: Vec<String> = v["attached"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x["name"].as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if ifaces.iter().all(|i| attached.iter().any(|a| a == i)) {
+                    return Ok(());
+                }
+                last = v.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "agent never attached to {ifaces:?}; last /healthz: {last}; log:\n{}",
+            self.log()
+        )
+        .into())
+    }
+
+    /// Polls `/flows?query` until a flow satisfies `pred`; returns it.
+    pub fn wait_flow(
+        &self,
+        ns: &Netns,
+        query: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value, Box<dyn std::error::Error>> {
+        let deadline = Instant::now() + timeout;
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            let (status, v) = self.get(ns, &format!("/flows?{query}"))?;
+            if status != 200 {
+                return Err(format!("/flows?{query} answered {status}: {v}").into());
+            }
+            if let Some(f) = v["flows"]
+                .as_array()
+                .and_then(|fs| fs.iter().find(|f| pred(f)))
+            {
+                return Ok(f.clone());
+            }
+            last = v;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(format!(
+            "no flow matched for /flows?{query} within {timeout:?}; last answer: {last}; log:\n{}",
+            self.log()
+        )
+        .into())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        eprintln!("agent in {} ignored SIGTERM", self.ns);
+    }
+}
+
+/// Minimal HTTP/1.1 GET (Connection: close) so tests depend on nothing but std.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Value), String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status")?;
+    let json = serde_json::from_str(body).map_err(|e| format!("body is not JSON ({e}): {body}"))?;
+    Ok((status, json))
+}
+
+pub fn verdicts(f: &Value) -> Vec<String> {
+    f["verdicts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn has_verdict(f: &Value, v: &str) -> bool {
+    verdicts(f).iter().any(|x| x == v)
+}

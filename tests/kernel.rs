@@ -1,0 +1,332 @@
+//! The kernel programs themselves, fed crafted frames through BPF_PROG_TEST_RUN: parsing of
+//! Ethernet/IPv4/IPv6/TCP/UDP/ICMP, VXLAN and IPIP inner packets, malformed input, in-kernel
+//! summarisation, and the observe-only verdict. No packet leaves the test.
+use std::net::{IpAddr, Ipv4Addr};
+
+use aya::maps::{MapData, RingBuf};
+use tracer::{
+    events::{decode, Emit, Encap, Observation},
+    hooks::Hooks,
+    synth::{ether, ether_with, ip_packet, ipip, vxlan, L4},
+};
+
+type R = Result<(), Box<dyn std::error::Error>>;
+
+/// tc's TC_ACT_PIPE: "carry on", the only verdict tracer ever returns.
+const TC_ACT_PIPE: u32 = 3;
+const LOOPBACK_IFINDEX: u32 = 1;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap_or(Ipv4Addr::UNSPECIFIED)
+}
+
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<Observation> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if let Ok(o) = decode(&item) {
+            out.push(o);
+        }
+    }
+    out
+}
+
+fn run(
+    hooks: &mut Hooks,
+    ring: &mut RingBuf<MapData>,
+    egress: bool,
+    frame: &[u8],
+) -> Result<Vec<Observation>, Box<dyn std::error::Error>> {
+    let verdict = hooks.test_run(egress, frame, 1)?;
+    assert_eq!(verdict, TC_ACT_PIPE, "tracer must never drop or redirect");
+    Ok(drain(ring))
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8, seq: u32, payload: usize) -> L4 {
+    L4::Tcp {
+        sport,
+        dport,
+        flags,
+        seq,
+        ack: 0,
+        payload,
+    }
+}
+
+#[test]
+fn parses_every_layer_the_agent_needs() -> R {
+    let (mut hooks, mut ring) = Hooks::load(1_000_000_000)?;
+    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+
+    // TCP SYN over IPv4.
+    let syn = ether(&ip_packet(
+        ip("192.168.236.10"),
+        ip("10.96.0.1"),
+        0x4242,
+        tcp(59894, 443, 0x02, 123_456, 0),
+    ));
+    let o = run(&mut hooks, &mut ring, false, &syn)?;
+    assert_eq!(o.len(), 1);
+    let p = o[0].packet();
+    assert_eq!(
+        (p.src, p.dst, p.sport, p.dport),
+        (ip("192.168.236.10"), ip("10.96.0.1"), 59894, 443)
+    );
+    assert_eq!(
+        (p.proto, p.tcp_flags, p.seq, p.ip_id, p.ttl),
+        (6, 0x02, 123_456, 0x4242, 64)
+    );
+    assert_eq!(o[0].emit, Emit::First);
+    assert_eq!(o[0].ifindex, LOOPBACK_IFINDEX);
+    assert_eq!(o[0].len as usize, syn.len());
+
+    // UDP over IPv6, egress direction.
+    let u6 = ether(&ip_packet(
+        ip("fd00::1"),
+        ip("fd00::2"),
+        0,
+        L4::Udp {
+            sport: 5353,
+            dport: 53,
+            payload: 12,
+        },
+    ));
+    let o = run(&mut hooks, &mut ring, true, &u6)?;
+    assert_eq!(o.len(), 1);
+    assert_eq!(o[0].dir, tracer::events::Dir::Egress);
+    let p = o[0].packet();
+    assert_eq!(
+        (p.src, p.dport, p.proto, p.payload_len),
+        (ip("fd00::1"), 53, 17, 12)
+    );
+
+    // ICMP echo: identifier in sport, type<<8|code in dport.
+    let echo = ether(&ip_packet(
+        ip("10.0.0.1"),
+        ip("10.0.0.2"),
+        7,
+        L4::Echo {
+            icmp_type: 8,
+            id: 0x77,
+            seq: 3,
+        },
+    ));
+    let o = run(&mut hooks, &mut ring, false, &echo)?;
+    assert_eq!(
+        (
+            o[0].packet().proto,
+            o[0].packet().sport,
+            o[0].packet().dport
+        ),
+        (1, 0x77, 8 << 8)
+    );
+
+    // VXLAN as vxlan.calico sends it between nodes: outer UDP 4789 and the inner pod packet.
+    let inner = ether(&ip_packet(
+        ip("10.244.1.10"),
+        ip("10.244.2.20"),
+        9,
+        tcp(40000, 8080, 0x02, 1, 0),
+    ));
+    let vx = ether(&vxlan(
+        v4("192.168.21.10"),
+        v4("192.168.21.12"),
+        51234,
+        4096,
+        &inner,
+    ));
+    let o = run(&mut hooks, &mut ring, true, &vx)?;
+    assert_eq!(o.len(), 1);
+    let (encap, vni, inner_p) = o[0].inner.ok_or("no inner packet")?;
+    assert_eq!((encap, vni), (Encap::Vxlan, 4096));
+    assert_eq!(
+        (inner_p.src, inner_p.dst, inner_p.dport),
+        (ip("10.244.1.10"), ip("10.244.2.20"), 8080)
+    );
+    assert_eq!(
+        (o[0].outer.src, o[0].outer.dport, o[0].outer.proto),
+        (ip("192.168.21.10"), 4789, 17)
+    );
+
+    // IPIP (this kernel has no tunl0: the encapsulated frame is injected instead).
+    let inner_ip = ip_packet(
+        ip("10.244.1.10"),
+        ip("10.244.3.30"),
+        11,
+        tcp(40001, 80, 0x02, 5, 0),
+    );
+    let o = run(
+        &mut hooks,
+        &mut ring,
+        true,
+        &ether(&ipip(v4("172.17.73.65"), v4("172.17.73.66"), &inner_ip)),
+    )?;
+    let (encap, _, inner_p) = o[0].inner.ok_or("no inner packet")?;
+    assert_eq!(encap, Encap::Ipip);
+    assert_eq!((inner_p.dst, inner_p.dport), (ip("10.244.3.30"), 80));
+    assert_eq!(o[0].outer.proto, 4);
+
+    // A device without Ethernet (tunl0, wireguard.cali): the frame starts at the IP header.
+    hooks.set_iface_l3(LOOPBACK_IFINDEX, true)?;
+    let raw = ip_packet(
+        ip("10.244.1.10"),
+        ip("10.244.9.9"),
+        12,
+        tcp(40002, 443, 0x02, 77, 0),
+    );
+    // The test run hands the program the bytes from offset 0, as tunl0's tc hook would.
+    let o = run(&mut hooks, &mut ring, false, &raw)?;
+    assert_eq!(o.len(), 1, "L3 device frame parsed from offset 0");
+    assert_eq!(o[0].packet().dst, ip("10.244.9.9"));
+    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    Ok(())
+}
+
+#[test]
+fn malformed_frames_are_counted_not_recorded() -> R {
+    let (mut hooks, mut ring) = Hooks::load(1_000_000_000)?;
+    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    let before = hooks.kernel_stats();
+
+    let good = ip_packet(ip("10.0.0.1"), ip("10.0.0.2"), 1, tcp(1, 2, 0x02, 3, 0));
+    // IHL claims 60 bytes of header; the packet ends before the transport header it implies.
+    // (A header shorter than 20 bytes is refused by BPF_PROG_TEST_RUN itself.)
+    let mut long_ihl = good.clone();
+    long_ihl[0] = 0x4f;
+    assert!(run(&mut hooks, &mut ring, false, &ether(&long_ihl))?.is_empty());
+    // IHL of 3 words (less than the minimum 5).
+    let mut bad_ihl = good.clone();
+    bad_ihl[0] = 0x43;
+    assert!(run(&mut hooks, &mut ring, false, &ether(&bad_ihl))?.is_empty());
+    // Version nibble lies (says 6 in an IPv4 ethertype).
+    let mut bad_ver = good.clone();
+    bad_ver[0] = 0x65;
+    assert!(run(
+        &mut hooks,
+        &mut ring,
+        false,
+        &ether_with(pnet_packet::ethernet::EtherTypes::Ipv4, &bad_ver)
+    )?
+    .is_empty());
+    // TCP header cut short.
+    assert!(run(&mut hooks, &mut ring, false, &ether(&good[..30]))?.is_empty());
+    let after = hooks.kernel_stats();
+    assert_eq!(
+        after.malformed - before.malformed,
+        4,
+        "{before:?} -> {after:?}"
+    );
+
+    // ARP is not IP: skipped without being called malformed.
+    let arp = ether_with(pnet_packet::ethernet::EtherTypes::Arp, &[0u8; 28]);
+    assert!(run(&mut hooks, &mut ring, false, &arp)?.is_empty());
+    assert_eq!(hooks.kernel_stats().malformed, after.malformed);
+
+    // VXLAN whose inner frame is garbage: the outer packet is still recorded, the inner counted.
+    let vx = ether(&vxlan(
+        v4("192.168.21.10"),
+        v4("192.168.21.12"),
+        4000,
+        4096,
+        &[0xff; 20],
+    ));
+    let o = run(&mut hooks, &mut ring, true, &vx)?;
+    assert_eq!(o.len(), 1);
+    assert!(o[0].inner.is_none());
+    assert_eq!(o[0].outer.dport, 4789);
+    assert_eq!(hooks.kernel_stats().malformed, after.malformed + 1);
+
+    // Random bytes of every small length never break the program.
+    let mut seed = 0x9e37_79b9u32;
+    for len in 14..200usize {
+        let frame: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                seed as u8
+            })
+            .collect();
+        assert_eq!(hooks.test_run(false, &frame, 1)?, TC_ACT_PIPE);
+    }
+    drain(&mut ring);
+    Ok(())
+}
+
+#[test]
+fn bulk_flow_is_summarised_in_kernel() -> R {
+    // A long summary interval so only first/control/retransmit records are emitted.
+    let (mut hooks, mut ring) = Hooks::load(60_000_000_000)?;
+    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    let data = |seq: u32| {
+        ether(&ip_packet(
+            ip("10.1.0.1"),
+            ip("10.1.0.2"),
+            5,
+            tcp(33000, 5201, 0x10, seq, 1000),
+        ))
+    };
+
+    let o = run(&mut hooks, &mut ring, false, &data(1000))?;
+    assert_eq!(
+        o.len(),
+        1,
+        "first packet of the flow on this hook is reported"
+    );
+    for i in 1..=200u32 {
+        hooks.test_run(false, &data(1000 + i * 1000), 1)?;
+    }
+    assert!(drain(&mut ring).is_empty(), "in-order data is only counted");
+
+    // Sequence going backwards with payload looks like a retransmission: reported, with the
+    // packets counted since the last record.
+    let o = run(&mut hooks, &mut ring, false, &data(5000))?;
+    assert_eq!(o.len(), 1);
+    assert_eq!(o[0].emit, Emit::Retransmit);
+    assert_eq!(o[0].pkts, 201);
+
+    // FIN is always reported.
+    let fin = ether(&ip_packet(
+        ip("10.1.0.1"),
+        ip("10.1.0.2"),
+        5,
+        tcp(33000, 5201, 0x11, 300_000, 0),
+    ));
+    let o = run(&mut hooks, &mut ring, false, &fin)?;
+    assert_eq!((o.len(), o[0].emit), (1, Emit::TcpControl));
+
+    // The same flow on the other hook (egress) is its own first record.
+    let o = run(&mut hooks, &mut ring, true, &data(400_000))?;
+    assert_eq!((o.len(), o[0].emit), (1, Emit::First));
+    Ok(())
+}
+
+#[test]
+fn periodic_records_carry_counts() -> R {
+    // A zero interval re-reports on every packet; counts must then be 1 each.
+    let (mut hooks, mut ring) = Hooks::load(0)?;
+    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    let u = ether(&ip_packet(
+        ip("10.2.0.1"),
+        ip("10.2.0.2"),
+        9,
+        L4::Udp {
+            sport: 4000,
+            dport: 4001,
+            payload: 100,
+        },
+    ));
+    for _ in 0..5 {
+        hooks.test_run(false, &u, 1)?;
+    }
+    let o = drain(&mut ring);
+    assert_eq!(o.len(), 5);
+    assert_eq!(o[0].emit, Emit::First);
+    assert!(o[1..]
+        .iter()
+        .all(|x| x.emit == Emit::Periodic && x.pkts == 1));
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! Header parsing. tc reads through `bpf_skb_load_bytes` (copes with non-linear skbs, keeps the
+//! verifier's bounds reasoning trivial); the drop tracepoint reads kernel memory.
+use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TcContext};
+use tracer_common::{
+    PacketEvent, Tuple, ENCAP_IPIP, ENCAP_NONE, ENCAP_VXLAN, FAMILY_V4, FAMILY_V6, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6_IN_IP, PROTO_TCP, PROTO_UDP, VXLAN_PORT,
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const VXLAN_HLEN: usize = 8;
+
+/// Not an IP packet we can read (ARP, truncated header, bad IHL...).
+pub struct Malformed;
+/// Not IP at all: nothing to record, nothing wrong.
+pub struct NotIp;
+
+/// Where packet bytes come from.
+pub trait Source {
+    fn load<T>(&self, off: usize) -> Result<T, ()>;
+}
+
+impl Source for TcContext {
+    #[inline(always)]
+    fn load<T>(&self, off: usize) -> Result<T, ()> {
+        TcContext::load(self, off).map_err(|_| ())
+    }
+}
+
+/// Packet bytes in kernel memory starting at this address (an skb's network header).
+pub struct Kernel(pub u64);
+
+impl Source for Kernel {
+    #[inline(always)]
+    fn load<T>(&self, off: usize) -> Result<T, ()> {
+        unsafe { bpf_probe_read_kernel((self.0 + off as u64) as *const T) }.map_err(|_| ())
+    }
+}
+
+pub enum Outcome {
+    Skip(NotIp),
+    Bad(Malformed),
+}
+
+/// Offset of the IP header and its version, after Ethernet and up to one VLAN tag.
+#[inline(always)]
+fn l2<S: Source>(ctx: &S, off: usize) -> Result<(usize, u8), Outcome> {
+    let mut proto = be16(ctx, off + 12)?;
+    let mut l3 = off + ETH_HLEN;
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        proto = be16(ctx, l3 + 2)?;
+        l3 += 4;
+    }
+    match proto {
+        ETH_P_IP => Ok((l3, FAMILY_V4)),
+        ETH_P_IPV6 => Ok((l3, FAMILY_V6)),
+        _ => Err(Outcome::Skip(NotIp)),
+    }
+}
+
+#[inline(always)]
+fn be16<S: Source>(ctx: &S, off: usize) -> Result<u16, Outcome> {
+    ctx.load::<[u8; 2]>(off)
+        .map(u16::from_be_bytes)
+        .map_err(|_| Outcome::Bad(Malformed))
+}
+
+/// Parses an IP header and its transport header into `t`; returns the L4 offset.
+#[inline(always)]
+pub fn l3l4<S: Source>(ctx: &S, off: usize, family: u8, t: &mut Tuple) -> Result<usize, Outcome> {
+    let l4;
+    let ip_payload: usize;
+    let mut fragment = false;
+    if family == FAMILY_V4 {
+        let h: [u8; 20] = ctx.load(off).map_err(|_| Outcome::Bad(Malformed))?;
+        if h[0] >> 4 != 4 {
+            return Err(Outcome::Bad(Malformed));
+        }
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return Err(Outcome::Bad(Malformed));
+        }
+        let total = u16::from_be_bytes([h[2], h[3]]) as usize;
+        if total < ihl {
+            return Err(Outcome::Bad(Malformed));
+        }
+        t.family = FAMILY_V4;
+        t.ip_id = u16::from_be_bytes([h[4], h[5]]);
+        // A non-first fragment carries no transport header.
+        fragment = (u16::from_be_bytes([h[6], h[7]]) & 0x1fff) != 0;
+        t.ttl = h[8];
+        t.proto = h[9];
+        t.src[..4].copy_from_slice(&h[12..16]);
+        t.dst[..4].copy_from_slice(&h[16..20]);
+        l4 = off + ihl;
+        ip_payload = total - ihl;
+    } else {
+        let h: [u8; 8] = ctx.load(off).map_err(|_| Outcome::Bad(Malformed))?;
+        if h[0] >> 4 != 6 {
+            return Err(Outcome::Bad(Malformed));
+        }
+        t.family = FAMILY_V6;
+        ip_payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+        // Extension headers are left unparsed: the tuple then has no ports.
+        t.proto = h[6];
+        t.ttl = h[7];
+        t.src = ctx.load(off + 8).map_err(|_| Outcome::Bad(Malformed))?;
+        t.dst = ctx.load(off + 24).map_err(|_| Outcome::Bad(Malformed))?;
+        l4 = off + 40;
+    }
+    if fragment {
+        return Ok(l4);
+    }
+    match t.proto {
+        PROTO_TCP => {
+            let h: [u8; 20] = ctx.load(l4).map_err(|_| Outcome::Bad(Malformed))?;
+            t.sport = u16::from_be_bytes([h[0], h[1]]);
+            t.dport = u16::from_be_bytes([h[2], h[3]]);
+            t.seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            t.ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+            let doff = ((h[12] >> 4) as usize) * 4;
+            if doff < 20 {
+                return Err(Outcome::Bad(Malformed));
+            }
+            t.tcp_flags = h[13];
+            t.payload_len = ip_payload.saturating_sub(doff) as u16;
+        }
+        PROTO_UDP => {
+            let h: [u8; 8] = ctx.load(l4).map_err(|_| Outcome::Bad(Malformed))?;
+            t.sport = u16::from_be_bytes([h[0], h[1]]);
+            t.dport = u16::from_be_bytes([h[2], h[3]]);
+            t.payload_len = (u16::from_be_bytes([h[4], h[5]]) as usize).saturating_sub(8) as u16;
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let h: [u8; 8] = ctx.load(l4).map_err(|_| Outcome::Bad(Malformed))?;
+            t.dport = ((h[0] as u16) << 8) | h[1] as u16;
+            t.sport = u16::from_be_bytes([h[4], h[5]]);
+            t.seq = u16::from_be_bytes([h[6], h[7]]) as u32;
+        }
+        _ => {}
+    }
+    Ok(l4)
+}
+
+/// Parses the packet the device carries and, for VXLAN and IPIP, the packet inside it.
+#[inline(always)]
+pub fn parse<S: Source>(ctx: &S, l3_device: bool, p: &mut PacketEvent) -> Result<(), Outcome> {
+    p.outer = Tuple::default();
+    p.inner = Tuple::default();
+    p.encap = ENCAP_NONE;
+    p.vni = 0;
+    let (l3, family) = if l3_device {
+        // tunl0 and wireguard.cali frames start at the IP header.
+        let b: [u8; 1] = ctx.load(0).map_err(|_| Outcome::Bad(Malformed))?;
+        match b[0] >> 4 {
+            4 => (0, FAMILY_V4),
+            6 => (0, FAMILY_V6),
+            _ => return Err(Outcome::Skip(NotIp)),
+        }
+    } else {
+        l2(ctx, 0)?
+    };
+    let l4 = l3l4(ctx, l3, family, &mut p.outer)?;
+
+    if p.outer.proto == PROTO_UDP && p.outer.dport == VXLAN_PORT {
+        let vx: [u8; 8] = match ctx.load(l4 + 8) {
+            Ok(v) => v,
+            Err(_) => return Ok(()),
+        };
+        // The I flag says the VNI is valid; anything else is not VXLAN we understand.
+        if vx[0] & 0x08 == 0 {
+            return Ok(());
+        }
+        p.vni = u32::from_be_bytes([0, vx[4], vx[5], vx[6]]);
+        let inner_l2 = l4 + 8 + VXLAN_HLEN;
+        // A garbage inner frame leaves the outer record intact and is only counted.
+        match l2(ctx, inner_l2) {
+            Ok((inner_l3, inner_family)) => {
+                if l3l4(ctx, inner_l3, inner_family, &mut p.inner).is_ok() {
+                    p.encap = ENCAP_VXLAN;
+                } else {
+                    p.inner = Tuple::default();
+                    crate::maps::count(tracer_common::STAT_MALFORMED);
+                }
+            }
+            Err(_) => crate::maps::count(tracer_common::STAT_MALFORMED),
+        }
+    } else if p.outer.proto == PROTO_IPIP || p.outer.proto == PROTO_IPV6_IN_IP {
+        let inner_family = if p.outer.proto == PROTO_IPIP {
+            FAMILY_V4
+        } else {
+            FAMILY_V6
+        };
+        if l3l4(ctx, l4, inner_family, &mut p.inner).is_ok() {
+            p.encap = ENCAP_IPIP;
+        } else {
+            p.inner = Tuple::default();
+            crate::maps::count(tracer_common::STAT_MALFORMED);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! One file per kernel hook.
+pub mod kfree_skb;
+pub mod tc;

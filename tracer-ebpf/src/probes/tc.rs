@@ -1,0 +1,130 @@
+//! tc ingress/egress observers for workload, tunnel and host interfaces.
+use aya_ebpf::{
+    bindings::TC_ACT_PIPE, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
+};
+use tracer_common::{
+    FlowKey, FlowState, PacketEvent, Tuple, DIR_EGRESS, DIR_INGRESS, EMIT_FIRST, EMIT_PERIODIC,
+    EMIT_RETRANSMIT, EMIT_TCP_CONTROL, ENCAP_NONE, IFACE_L3, KIND_PACKET, PROTO_TCP, STAT_LOST,
+    STAT_MALFORMED, STAT_PACKETS, STAT_RECORDS, TCP_FIN, TCP_RST, TCP_SYN,
+};
+
+use crate::{
+    maps::{count, summary_interval_ns, EVENTS, FLOWS, IFACES, SCRATCH},
+    parse::{parse, Outcome},
+};
+
+#[classifier]
+pub fn tracer_tc_ingress(ctx: TcContext) -> i32 {
+    observe(&ctx, DIR_INGRESS);
+    TC_ACT_PIPE
+}
+
+#[classifier]
+pub fn tracer_tc_egress(ctx: TcContext) -> i32 {
+    observe(&ctx, DIR_EGRESS);
+    TC_ACT_PIPE
+}
+
+#[inline(always)]
+fn observe(ctx: &TcContext, dir: u8) {
+    count(STAT_PACKETS);
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let l3_device = match unsafe { IFACES.get(&ifindex) } {
+        Some(conf) => conf.flags & IFACE_L3 != 0,
+        None => false,
+    };
+    let Some(p) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // Per-CPU slot: a tc program runs to completion before the packet moves on (a tunnel's
+    // nested transmit starts only after we return), so nothing else uses it meanwhile.
+    let p = unsafe { &mut *p };
+    match parse(ctx, l3_device, p) {
+        Ok(()) => {}
+        Err(Outcome::Bad(_)) => {
+            count(STAT_MALFORMED);
+            return;
+        }
+        Err(Outcome::Skip(_)) => return,
+    };
+    // Summarise on the innermost packet: that is the flow an operator asks about.
+    let t: &Tuple = if p.encap != ENCAP_NONE {
+        &p.inner
+    } else {
+        &p.outer
+    };
+    let key = FlowKey {
+        src: t.src,
+        dst: t.dst,
+        sport: t.sport,
+        dport: t.dport,
+        ifindex,
+        proto: t.proto,
+        dir,
+        encap: p.encap,
+        _pad: 0,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let len = ctx.len();
+    let seq_end = t.seq.wrapping_add(t.payload_len as u32);
+
+    let (emit, pkts, bytes) = match FLOWS.get_ptr_mut(&key) {
+        None => {
+            let st = FlowState {
+                last_emit_ns: now,
+                bytes: 0,
+                pkts: 0,
+                seq_end,
+            };
+            let _ = FLOWS.insert(&key, &st, 0);
+            (EMIT_FIRST, 1u32, len as u64)
+        }
+        Some(st) => {
+            // Racy across CPUs by design: these are counters for a summary, not accounting.
+            let st = unsafe { &mut *st };
+            let pkts = st.pkts + 1;
+            let bytes = st.bytes + len as u64;
+            let mut emit = 0u8;
+            if t.proto == PROTO_TCP {
+                if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+                    emit = EMIT_TCP_CONTROL;
+                } else if t.payload_len > 0 && (seq_end.wrapping_sub(st.seq_end) as i32) <= 0 {
+                    emit = EMIT_RETRANSMIT;
+                }
+                if (seq_end.wrapping_sub(st.seq_end) as i32) > 0 {
+                    st.seq_end = seq_end;
+                }
+            }
+            if emit == 0 && now.wrapping_sub(st.last_emit_ns) >= summary_interval_ns() {
+                emit = EMIT_PERIODIC;
+            }
+            if emit == 0 {
+                st.pkts = pkts;
+                st.bytes = bytes;
+            } else {
+                st.pkts = 0;
+                st.bytes = 0;
+                st.last_emit_ns = now;
+            }
+            (emit, pkts, bytes)
+        }
+    };
+    if emit == 0 {
+        return;
+    }
+    p.ts_ns = now;
+    p.bytes = bytes;
+    p.ifindex = ifindex;
+    p.len = len;
+    p.pkts = pkts;
+    p.dir = dir;
+    p.emit = emit;
+    p.kind = KIND_PACKET;
+    p.drop_reason = 0;
+    p.location = 0;
+    if EVENTS.output::<PacketEvent>(&*p, 0).is_err() {
+        count(STAT_LOST);
+        return;
+    }
+    count(STAT_RECORDS);
+}

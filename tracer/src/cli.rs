@@ -1,0 +1,131 @@
+//! Command-line interface.
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{calico::RoleConfig, net::Cidr};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tracer",
+    version,
+    about = "eBPF packet path tracer for Kubernetes nodes networked by Calico",
+    long_about = "tracer follows packets across a Calico node's pod veths, tunnels and host NICs, \
+                  correlates them through NAT into flows, and says what went wrong and how to fix it."
+)]
+pub struct Cli {
+    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. "info" or "tracer=debug".
+    #[arg(long, global = true, env = "TRACER_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: attach to Calico's interfaces and serve the HTTP API.
+    Agent(AgentArgs),
+    /// Query an agent for flows.
+    Flows(FlowsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Address to serve the API on (loopback by default; the DaemonSet uses the pod's host network).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
+    /// Workload interface prefix (felix's InterfacePrefix); repeat for several.
+    #[arg(long = "iface-prefix", default_values_t = vec!["cali".to_string()])]
+    pub iface_prefixes: Vec<String>,
+    /// Host NIC to observe; repeat for several. Default: interfaces with the default route, a
+    /// host address, or vxlan.calico's parent.
+    #[arg(long = "host-iface")]
+    pub host_ifaces: Vec<String>,
+    /// IP pool CIDR (added to the pools read from felix's ipsets).
+    #[arg(long = "pool")]
+    pub pools: Vec<Cidr>,
+    /// IP pool CIDR with natOutgoing (added to felix's masq ipset).
+    #[arg(long = "masq-pool")]
+    pub masq_pools: Vec<Cidr>,
+    /// How long a request may wait for its first reply before the flow is `no_reply`.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub no_reply_timeout: Duration,
+    /// Most flows kept in memory; the oldest are evicted beyond it.
+    #[arg(long, default_value_t = 100_000)]
+    pub flow_cap: usize,
+    /// How often the kernel re-reports a busy flow's counters.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub summary_interval: Duration,
+}
+
+impl AgentArgs {
+    pub fn to_config(&self) -> crate::agent::AgentConfig {
+        crate::agent::AgentConfig {
+            listen: self.listen,
+            roles: RoleConfig {
+                workload_prefixes: self.iface_prefixes.clone(),
+                host_ifaces: self.host_ifaces.clone(),
+            },
+            pools: self.pools.clone(),
+            masq_pools: self.masq_pools.clone(),
+            no_reply_timeout: self.no_reply_timeout,
+            flow_cap: self.flow_cap,
+            summary_interval: self.summary_interval,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// Agent base URL.
+    #[arg(long, env = "TRACER_AGENT", default_value = "http://127.0.0.1:9464")]
+    pub agent: String,
+    /// Destination IP or CIDR (matches before or after NAT).
+    #[arg(long)]
+    pub dst: Option<String>,
+    /// Source IP or CIDR (matches before or after NAT).
+    #[arg(long)]
+    pub src: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// tcp, udp, icmp, icmpv6 or a number.
+    #[arg(long)]
+    pub proto: Option<String>,
+    /// Only flows with this verdict, e.g. no_reply.
+    #[arg(long)]
+    pub verdict: Option<String>,
+    /// Only flows diagnosed with this cause.
+    #[arg(long)]
+    pub cause: Option<String>,
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+impl FlowsArgs {
+    pub fn query_string(&self) -> String {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in [
+            ("dst", self.dst.clone()),
+            ("src", self.src.clone()),
+            ("port", self.port.map(|p| p.to_string())),
+            ("proto", self.proto.clone()),
+            ("verdict", self.verdict.clone()),
+            ("cause", self.cause.clone()),
+            ("limit", self.limit.map(|l| l.to_string())),
+        ] {
+            if let Some(v) = v {
+                s.append_pair(k, &v);
+            }
+        }
+        s.finish()
+    }
+}

@@ -1,0 +1,281 @@
+//! One connection as it crossed the node: its hops, translations and TCP milestones.
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::{
+    calico::Role,
+    events::{Dir, Encap, Observation, Packet},
+};
+
+pub type FlowId = u64;
+
+/// A directional 5-tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DirTuple {
+    pub proto: u8,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+impl DirTuple {
+    pub fn of(p: &Packet) -> DirTuple {
+        let (sport, dport) = ports_for_flow(p);
+        DirTuple {
+            proto: p.proto,
+            src: p.src,
+            sport,
+            dst: p.dst,
+            dport,
+        }
+    }
+
+    pub fn reversed(&self) -> DirTuple {
+        DirTuple {
+            proto: self.proto,
+            src: self.dst,
+            sport: self.dport,
+            dst: self.src,
+            dport: self.sport,
+        }
+    }
+}
+
+/// ICMP echo request and reply share the identifier but not the type, so the flow key keeps the
+/// identifier on both sides and drops the type/code the kernel put in `dport`.
+fn ports_for_flow(p: &Packet) -> (u16, u16) {
+    match p.proto {
+        1 | 58 => (p.sport, p.sport),
+        _ => (p.sport, p.dport),
+    }
+}
+
+/// Which way a packet travels relative to the connection's initiator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Forward,
+    Reverse,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HopEncap {
+    #[serde(rename = "type")]
+    pub kind: Encap,
+    pub vni: Option<u32>,
+    pub outer_src: IpAddr,
+    pub outer_dst: IpAddr,
+    pub outer_sport: u16,
+    pub outer_dport: u16,
+}
+
+/// One place (interface and direction) where the flow's packets were seen.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hop {
+    pub iface: String,
+    pub ifindex: u32,
+    pub role: Option<Role>,
+    pub dir: Dir,
+    pub side: Side,
+    /// Nanoseconds (CLOCK_MONOTONIC) of the first and last record here.
+    #[serde(skip)]
+    pub first_ns: u64,
+    #[serde(skip)]
+    pub last_ns: u64,
+    /// The flow's packet as seen here (the inner packet when encapsulated).
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub encap: Option<HopEncap>,
+    pub pkts: u64,
+    pub bytes: u64,
+    /// TCP flags seen here, OR-ed.
+    #[serde(skip)]
+    pub tcp_flags_seen: u8,
+    pub retransmits: u32,
+    /// Sequence number of the last SYN seen here, to count SYN retransmissions.
+    #[serde(skip)]
+    pub syn_seq: Option<u32>,
+}
+
+/// Translation a flow went through on this node, as the forward packet left it.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Nat {
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TcpMilestones {
+    #[serde(skip)]
+    pub syn_ns: Option<u64>,
+    #[serde(skip)]
+    pub syn_ack_ns: Option<u64>,
+    pub syn: bool,
+    pub syn_ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+    #[serde(skip)]
+    pub syn_seq: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Flow {
+    pub id: FlowId,
+    pub proto: u8,
+    /// The forward tuple as first seen (before any translation on this node).
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub hops: Vec<Hop>,
+    pub nat: Option<Nat>,
+    pub first_reply_ns: Option<u64>,
+    pub tcp: TcpMilestones,
+    /// A reply is owed: TCP opened with a SYN, or an ICMP echo request.
+    pub expects_reply: bool,
+    /// Every tuple registered for this flow in the table's index.
+    pub tuples: Vec<DirTuple>,
+}
+
+impl Flow {
+    pub fn new(id: FlowId, fwd: DirTuple, ts_ns: u64) -> Flow {
+        Flow {
+            id,
+            proto: fwd.proto,
+            src: fwd.src,
+            sport: fwd.sport,
+            dst: fwd.dst,
+            dport: fwd.dport,
+            first_ns: ts_ns,
+            last_ns: ts_ns,
+            hops: Vec::new(),
+            nat: None,
+            first_reply_ns: None,
+            tcp: TcpMilestones::default(),
+            expects_reply: false,
+            tuples: Vec::new(),
+        }
+    }
+
+    pub fn forward_tuple(&self) -> DirTuple {
+        DirTuple {
+            proto: self.proto,
+            src: self.src,
+            sport: self.sport,
+            dst: self.dst,
+            dport: self.dport,
+        }
+    }
+
+    /// Adds one observation on `side` at the given interface.
+    pub fn record(&mut self, obs: &Observation, side: Side, iface: &str, role: Option<Role>) {
+        let p = *obs.packet();
+        self.last_ns = self.last_ns.max(obs.ts_ns);
+        if side == Side::Reverse && self.first_reply_ns.is_none() {
+            self.first_reply_ns = Some(obs.ts_ns);
+        }
+        if p.proto == 6 {
+            self.record_tcp(&p, side, obs.ts_ns);
+        }
+        let idx = match self
+            .hops
+            .iter()
+            .position(|h| h.ifindex == obs.ifindex && h.dir == obs.dir && h.side == side)
+        {
+            Some(i) => i,
+            None => {
+                self.hops.push(Hop {
+                    iface: iface.to_string(),
+                    ifindex: obs.ifindex,
+                    role,
+                    dir: obs.dir,
+                    side,
+                    first_ns: obs.ts_ns,
+                    last_ns: obs.ts_ns,
+                    src: p.src,
+                    sport: p.sport,
+                    dst: p.dst,
+                    dport: p.dport,
+                    encap: obs.inner.as_ref().map(|(kind, vni, _)| HopEncap {
+                        kind: *kind,
+                        vni: (*kind == Encap::Vxlan).then_some(*vni),
+                        outer_src: obs.outer.src,
+                        outer_dst: obs.outer.dst,
+                        outer_sport: obs.outer.sport,
+                        outer_dport: obs.outer.dport,
+                    }),
+                    pkts: 0,
+                    bytes: 0,
+                    tcp_flags_seen: 0,
+                    retransmits: 0,
+                    syn_seq: None,
+                });
+                self.hops.len() - 1
+            }
+        };
+        let hop = &mut self.hops[idx];
+        hop.last_ns = hop.last_ns.max(obs.ts_ns);
+        hop.first_ns = hop.first_ns.min(obs.ts_ns);
+        hop.pkts += u64::from(obs.pkts);
+        hop.bytes += obs.bytes;
+        hop.tcp_flags_seen |= p.tcp_flags;
+        if obs.emit == crate::events::Emit::Retransmit {
+            hop.retransmits += 1;
+        }
+        if p.proto == 6 && p.tcp_flags & 0x02 != 0 {
+            if hop.syn_seq == Some(p.seq) {
+                hop.retransmits += 1;
+            }
+            hop.syn_seq = Some(p.seq);
+        }
+    }
+
+    fn record_tcp(&mut self, p: &Packet, side: Side, ts: u64) {
+        let syn = p.tcp_flags & 0x02 != 0;
+        let ack = p.tcp_flags & 0x10 != 0;
+        if syn && !ack && side == Side::Forward {
+            self.tcp.syn = true;
+            self.tcp.syn_ns.get_or_insert(ts);
+            self.tcp.syn_seq = Some(p.seq);
+            self.expects_reply = true;
+        }
+        if syn && ack && side == Side::Reverse {
+            self.tcp.syn_ack = true;
+            self.tcp.syn_ack_ns.get_or_insert(ts);
+        }
+        if p.tcp_flags & 0x01 != 0 {
+            self.tcp.fin = true;
+        }
+        if p.tcp_flags & 0x04 != 0 {
+            self.tcp.rst = true;
+        }
+    }
+
+    /// Packets and bytes in one direction: the most any single hop saw (hops see the same packets).
+    pub fn counters(&self, side: Side) -> (u64, u64) {
+        self.hops
+            .iter()
+            .filter(|h| h.side == side)
+            .fold((0, 0), |(p, b), h| (p.max(h.pkts), b.max(h.bytes)))
+    }
+
+    pub fn retransmits(&self) -> u32 {
+        self.hops.iter().map(|h| h.retransmits).max().unwrap_or(0)
+    }
+
+    /// Handshake round trip as seen at the first hop, in nanoseconds.
+    pub fn handshake_ns(&self) -> Option<u64> {
+        match (self.tcp.syn_ns, self.tcp.syn_ack_ns) {
+            (Some(a), Some(b)) if b >= a => Some(b - a),
+            _ => None,
+        }
+    }
+}

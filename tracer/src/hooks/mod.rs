@@ -1,0 +1,201 @@
+//! Loading tracer's kernel programs and keeping them attached to the right interfaces.
+mod tc;
+
+use std::collections::BTreeMap;
+
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    Ebpf, EbpfLoader,
+};
+use serde::Serialize;
+use tracer_common::{
+    IfaceConf, EVENTS_MAP, IFACES_MAP, IFACE_L3, STATS_MAP, STAT_COUNT, STAT_LOST, STAT_MALFORMED,
+    STAT_PACKETS, STAT_RECORDS, SUMMARY_INTERVAL_GLOBAL,
+};
+
+use crate::{calico::Role, netlink::Link};
+
+/// The object built from tracer-ebpf by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error(
+        "loading the eBPF object: {0} (tracer needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON)"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("eBPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("attaching to {iface}: {source}")]
+    Attach {
+        iface: String,
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// An interface tracer observes.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttachedIface {
+    pub ifindex: u32,
+    pub name: String,
+    pub role: Role,
+    /// Why it was attached: "auto" (matched a role) or "on-demand" (asked for by a client).
+    pub how: &'static str,
+}
+
+/// Kernel-side counters, summed over CPUs.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct KernelStats {
+    pub packets: u64,
+    pub records: u64,
+    pub lost: u64,
+    pub malformed: u64,
+}
+
+/// Owns the loaded object and the tc attachments.
+pub struct Hooks {
+    ebpf: Ebpf,
+    ifaces_map: BpfHashMap<MapData, u32, IfaceConf>,
+    stats: PerCpuArray<MapData, u64>,
+    attached: BTreeMap<u32, (AttachedIface, tc::Links)>,
+}
+
+impl Hooks {
+    /// Loads the object and verifies its programs; nothing is attached yet.
+    pub fn load(summary_interval_ns: u64) -> Result<(Hooks, RingBuf<MapData>), HookError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global(SUMMARY_INTERVAL_GLOBAL, &summary_interval_ns, true)
+            .load(OBJECT)?;
+        tc::load(&mut ebpf)?;
+        let events = ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or(HookError::MissingMap(EVENTS_MAP))?;
+        let events = RingBuf::try_from(events)?;
+        let ifaces_map = ebpf
+            .take_map(IFACES_MAP)
+            .ok_or(HookError::MissingMap(IFACES_MAP))?;
+        let ifaces_map = BpfHashMap::try_from(ifaces_map)?;
+        let stats = ebpf
+            .take_map(STATS_MAP)
+            .ok_or(HookError::MissingMap(STATS_MAP))?;
+        let stats = PerCpuArray::try_from(stats)?;
+        Ok((
+            Hooks {
+                ebpf,
+                ifaces_map,
+                stats,
+                attached: BTreeMap::new(),
+            },
+            events,
+        ))
+    }
+
+    pub fn is_attached(&self, ifindex: u32) -> bool {
+        self.attached.contains_key(&ifindex)
+    }
+
+    pub fn attached(&self) -> Vec<AttachedIface> {
+        self.attached.values().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// Attaches ingress and egress observers to `link`.
+    pub fn attach(&mut self, link: &Link, role: Role, how: &'static str) -> Result<(), HookError> {
+        if self.attached.contains_key(&link.index) {
+            return Ok(());
+        }
+        let conf = IfaceConf {
+            flags: if link.l3 { IFACE_L3 } else { 0 },
+            _pad: [0; 3],
+        };
+        self.ifaces_map.insert(link.index, conf, 0)?;
+        let links = tc::attach(&mut self.ebpf, &link.name).map_err(|source| HookError::Attach {
+            iface: link.name.clone(),
+            source,
+        })?;
+        tracing::info!(iface = %link.name, ifindex = link.index, role = role.as_str(), how, "attached");
+        self.attached.insert(
+            link.index,
+            (
+                AttachedIface {
+                    ifindex: link.index,
+                    name: link.name.clone(),
+                    role,
+                    how,
+                },
+                links,
+            ),
+        );
+        Ok(())
+    }
+
+    /// Detaches from `ifindex`. An interface that is already gone took its programs with it.
+    pub fn detach(&mut self, ifindex: u32) {
+        if let Some((iface, links)) = self.attached.remove(&ifindex) {
+            tc::detach(&mut self.ebpf, links);
+            let _ = self.ifaces_map.remove(&ifindex);
+            tracing::info!(iface = %iface.name, ifindex, "detached");
+        }
+    }
+
+    /// Keeps the recorded name current when an interface is renamed under us.
+    pub fn rename(&mut self, ifindex: u32, name: &str) {
+        if let Some((iface, _)) = self.attached.get_mut(&ifindex) {
+            if iface.name != name {
+                tracing::info!(old = %iface.name, new = name, ifindex, "interface renamed");
+                iface.name = name.to_string();
+            }
+        }
+    }
+
+    pub fn detach_all(&mut self) {
+        let all: Vec<u32> = self.attached.keys().copied().collect();
+        for i in all {
+            self.detach(i);
+        }
+    }
+
+    /// Tells the kernel parser whether frames on `ifindex` start at the IP header.
+    pub fn set_iface_l3(&mut self, ifindex: u32, l3: bool) -> Result<(), HookError> {
+        let conf = IfaceConf {
+            flags: if l3 { IFACE_L3 } else { 0 },
+            _pad: [0; 3],
+        };
+        self.ifaces_map.insert(ifindex, conf, 0)?;
+        Ok(())
+    }
+
+    /// Feeds one frame to the ingress or egress program in the kernel (BPF_PROG_TEST_RUN) on
+    /// the loopback device; its records arrive on the ring buffer like real ones. For tests and
+    /// the benchmark: no packet is sent anywhere.
+    pub fn test_run(&mut self, egress: bool, frame: &[u8], repeat: u32) -> Result<u32, HookError> {
+        tc::test_run(&mut self.ebpf, egress, frame, repeat)
+    }
+
+    pub fn kernel_stats(&self) -> KernelStats {
+        let sum = |i: u32| -> u64 {
+            self.stats
+                .get(&i, 0)
+                .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
+                .unwrap_or(0)
+        };
+        const { assert!(STAT_COUNT == 4) };
+        KernelStats {
+            packets: sum(STAT_PACKETS),
+            records: sum(STAT_RECORDS),
+            lost: sum(STAT_LOST),
+            malformed: sum(STAT_MALFORMED),
+        }
+    }
+}
+
+impl Drop for Hooks {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}

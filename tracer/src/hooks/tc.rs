@@ -1,0 +1,100 @@
+//! tc ingress/egress attachment (TCX links on kernels >= 6.6, clsact filters before).
+use aya::{
+    programs::{tc, tc::SchedClassifierLinkId, ProgramError, SchedClassifier, TcAttachType},
+    Ebpf,
+};
+use tracer_common::{PROG_TC_EGRESS, PROG_TC_INGRESS};
+
+use super::HookError;
+
+pub struct Links {
+    ingress: SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
+}
+
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, HookError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(HookError::MissingProgram(name))?;
+    Ok(prog.try_into()?)
+}
+
+pub fn load(ebpf: &mut Ebpf) -> Result<(), HookError> {
+    for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+        program(ebpf, name)?.load()?;
+    }
+    Ok(())
+}
+
+pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<Links, ProgramError> {
+    // Older kernels need the clsact qdisc; with TCX it is unused and an existing one is fine.
+    if let Err(e) = tc::qdisc_add_clsact(iface) {
+        tracing::debug!(iface, error = %e, "clsact qdisc not added (exists, or TCX in use)");
+    }
+    let ingress = attach_one(ebpf, PROG_TC_INGRESS, iface, TcAttachType::Ingress)?;
+    let egress = match attach_one(ebpf, PROG_TC_EGRESS, iface, TcAttachType::Egress) {
+        Ok(l) => l,
+        Err(e) => {
+            if let Ok(p) = program(ebpf, PROG_TC_INGRESS) {
+                let _ = p.detach(ingress);
+            }
+            return Err(e);
+        }
+    };
+    Ok(Links { ingress, egress })
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    iface: &str,
+    kind: TcAttachType,
+) -> Result<SchedClassifierLinkId, ProgramError> {
+    let prog = program(ebpf, name).map_err(|e| match e {
+        HookError::Program(p) => p,
+        other => ProgramError::IOError(std::io::Error::other(other.to_string())),
+    })?;
+    prog.attach(iface, kind)
+}
+
+pub fn detach(ebpf: &mut Ebpf, links: Links) {
+    for (name, id) in [
+        (PROG_TC_INGRESS, links.ingress),
+        (PROG_TC_EGRESS, links.egress),
+    ] {
+        match program(ebpf, name) {
+            Ok(p) => {
+                if let Err(e) = p.detach(id) {
+                    tracing::debug!(error = %e, "detach (interface probably gone)");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "detach"),
+        }
+    }
+}
+
+/// Runs `frame` through one of the programs inside the kernel (BPF_PROG_TEST_RUN), as if it had
+/// crossed a hook on the loopback device; returns the program's verdict.
+pub fn test_run(
+    ebpf: &mut Ebpf,
+    egress: bool,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<u32, HookError> {
+    use aya::{TestRun, TestRunOptions};
+    let name = if egress {
+        PROG_TC_EGRESS
+    } else {
+        PROG_TC_INGRESS
+    };
+    let prog = program(ebpf, name)?;
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        repeat: repeat.max(1),
+        ..Default::default()
+    };
+    Ok(prog.test_run(opts)?.return_value)
+}

@@ -1,0 +1,20 @@
+//! tracer: an eBPF packet path tracer for Kubernetes nodes networked by Calico.
+//!
+//! The modules follow the packet path: [`hooks`] (kernel programs on interfaces) ->
+//! [`events`] (records they emit) -> [`flows`] (correlated connections) -> [`diagnose`]
+//! (verdicts and causes) -> [`api`] (HTTP). [`netlink`] and [`calico`] describe the node.
+pub mod agent;
+pub mod api;
+pub mod btf;
+pub mod calico;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod diagnose;
+pub mod events;
+pub mod flows;
+pub mod hooks;
+pub mod net;
+pub mod netlink;
+pub mod report;
+pub mod synth;

@@ -1,0 +1,132 @@
+//! Project tasks: `cargo xtask setup | build | test | lab`.
+//!
+//! Every task first runs scripts/setup.sh, which installs what a fresh machine lacks
+//! (idempotent, quick when everything is present).
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tracer's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install toolchain pieces and Debian packages, mount bpffs/tracefs.
+    Setup,
+    /// Build the release binaries (the eBPF object is built and embedded by tracer's build.rs).
+    Build,
+    /// Format check, clippy, and the whole test suite (real eBPF, real namespaces; needs root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// The main job: bring up the built-in Calico lab, run a scenario (all by default), and print
+    /// what tracer diagnoses on each node.
+    Lab {
+        /// Scenario name (healthy, seed-001, seed-002, seed-003, seed-004); all when omitted.
+        #[arg(long)]
+        scenario: Option<String>,
+        /// Keep the lab up after the report until Ctrl-C, to query the agents by hand.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("\x1b[1;34m[xtask]\x1b[0m {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn setup() -> Result<()> {
+    if is_root() {
+        run(Command::new("bash").arg(root().join("scripts/setup.sh")))
+    } else {
+        bail!("tracer's setup, tests and lab need root (eBPF, network namespaces)")
+    }
+}
+
+fn is_root() -> bool {
+    // Reading /proc avoids a libc dependency just for geteuid.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup(),
+        Task::Build => setup().and_then(|_| {
+            run(cargo().args(["build", "--release", "-p", "tracer", "-p", "tracer-lab"]))
+        }),
+        Task::Test { args } => setup().and_then(|_| {
+            run(cargo().args(["fmt", "--all", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+            let mut t = cargo();
+            t.args(["test", "--workspace"]);
+            if !args.is_empty() {
+                t.arg("--").args(&args);
+            }
+            run(&mut t)
+        }),
+        Task::Lab { scenario, keep } => setup().and_then(|_| {
+            run(cargo().args(["build", "--release", "-p", "tracer", "-p", "tracer-lab"]))?;
+            let target = root().join("target/release");
+            let mut c = Command::new(target.join("tracer-lab"));
+            c.arg("run").arg("--tracer").arg(target.join("tracer"));
+            if let Some(s) = scenario {
+                c.arg("--scenario").arg(s);
+            }
+            if keep {
+                c.arg("--keep");
+            }
+            run(&mut c)
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
