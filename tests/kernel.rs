@@ -330,3 +330,37 @@ fn periodic_records_carry_counts() -> R {
         .all(|x| x.emit == Emit::Periodic && x.pkts == 1));
     Ok(())
 }
+
+#[test]
+fn kernel_drops_are_reported_with_reason_and_tuple() -> R {
+    let (mut hooks, mut ring) = Hooks::load(1_000_000_000)?;
+    let reasons = hooks.enable_drops()?;
+    // A UDP datagram to a closed port is dropped by the kernel with NO_SOCKET; do it inside a
+    // namespace of our own, on its loopback.
+    let ns =
+        tracer_lab::netns::Netns::create(&format!("{}-drop", tracer_lab::netns::unique_prefix()))?;
+    ns.run(|| {
+        if let Ok(s) = std::net::UdpSocket::bind("127.0.0.1:0") {
+            let _ = s.send_to(b"x", "127.0.0.1:9");
+        }
+    })?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut found = None;
+    while found.is_none() && std::time::Instant::now() < deadline {
+        found = drain(&mut ring)
+            .into_iter()
+            .find(|o| o.drop.is_some() && o.packet().dport == 9 && o.packet().proto == 17);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = found.ok_or_else(|| {
+        format!(
+            "no drop record for the UDP datagram to port 9; {:?}",
+            hooks.kernel_stats()
+        )
+    })?;
+    let d = o.drop.ok_or("not a drop")?;
+    assert_eq!(reasons.name(d.reason), "NO_SOCKET");
+    assert_eq!(o.packet().dst, ip("127.0.0.1"));
+    assert_ne!(d.location, 0);
+    Ok(())
+}

@@ -30,7 +30,9 @@ pub const STAT_LOST: u32 = 0;
 pub const STAT_MALFORMED: u32 = 1;
 pub const STAT_PACKETS: u32 = 2;
 pub const STAT_RECORDS: u32 = 3;
-pub const STAT_COUNT: u32 = 4;
+/// Kernel drops with a reportable reason (before filtering by protocol).
+pub const STAT_DROPS: u32 = 4;
+pub const STAT_COUNT: u32 = 5;
 
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;

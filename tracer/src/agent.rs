@@ -3,7 +3,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     future::Future,
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard, RwLock},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock},
     time::Duration,
 };
 
@@ -18,7 +18,10 @@ use crate::{
     diagnose::{judge, Context},
     events,
     flows::FlowTable,
-    hooks::{AttachedIface, HookError, Hooks, KernelStats},
+    hooks::{
+        drops::{DropReasons, Symbols},
+        AttachedIface, HookError, Hooks, KernelStats,
+    },
     net::Cidr,
     netlink::{self, NodeFacts},
 };
@@ -72,6 +75,14 @@ pub struct NodeView {
     pub kernel: KernelStats,
     /// The first interface sync has finished.
     pub ready: bool,
+    /// Whether kernel drops are traced, and why not.
+    pub drops: DropTracing,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct DropTracing {
+    pub enabled: bool,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -83,6 +94,9 @@ pub struct ReaderStats {
 /// State shared between the reader, the sync loop and the API.
 pub struct Shared {
     table: Mutex<FlowTable>,
+    reasons: RwLock<DropReasons>,
+    /// Loaded on first use: only drops need it, and it is a few MB.
+    symbols: OnceLock<Symbols>,
     node: RwLock<NodeView>,
     reader: Mutex<ReaderStats>,
     clock: Clock,
@@ -98,6 +112,8 @@ impl Shared {
     pub fn new(cfg: &AgentConfig) -> Shared {
         Shared {
             table: Mutex::new(FlowTable::new(cfg.flow_cap)),
+            reasons: RwLock::new(DropReasons::default()),
+            symbols: OnceLock::new(),
             node: RwLock::new(NodeView::default()),
             reader: Mutex::new(ReaderStats::default()),
             clock: Clock::new(),
@@ -145,52 +161,61 @@ impl Shared {
         st.decode_errors += errors;
     }
 
-    pub fn flows(&self, q: &FlowQuery) -> Value {
-        let now = mono_now_ns();
+    /// Runs `f` with everything the diagnosis rules need, consistent for one answer.
+    fn with_context<T>(&self, f: impl FnOnce(&Context<'_>, &FlowTable) -> T) -> T {
+        static NO_SYMBOLS: OnceLock<Symbols> = OnceLock::new();
         let node = self.node();
-        let cx = Context {
-            pools: &node.pools,
-            facts: &node.facts,
-            now_ns: now,
-            no_reply_after_ns: self.no_reply_ns,
-        };
-        let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+        let reasons = self.reasons.read().unwrap_or_else(|e| e.into_inner());
         let table = lock(&self.table);
-        let mut out = Vec::new();
-        let mut matched = 0usize;
-        for f in table.iter_newest() {
-            if !q.matches_tuple(f) {
-                continue;
-            }
-            let j = judge(f, &cx);
-            if q.verdict.is_some_and(|v| !j.verdicts.contains(&v)) {
-                continue;
-            }
-            if q.cause
-                .is_some_and(|c| j.diagnosis.as_ref().map(|d| d.cause) != Some(c))
-            {
-                continue;
-            }
-            matched += 1;
-            if out.len() < limit {
-                out.push(flow_json(f, &j, &self.clock));
-            }
-        }
-        json!({"flows": out, "matched": matched, "truncated": matched > out.len()})
-    }
-
-    pub fn flow(&self, id: u64) -> Option<Value> {
-        let node = self.node();
+        let symbols = if table.stats().drops > 0 {
+            self.symbols.get_or_init(Symbols::load)
+        } else {
+            NO_SYMBOLS.get_or_init(Symbols::default)
+        };
         let cx = Context {
             pools: &node.pools,
             facts: &node.facts,
             now_ns: mono_now_ns(),
             no_reply_after_ns: self.no_reply_ns,
+            reasons: &reasons,
+            symbols,
         };
-        let table = lock(&self.table);
-        table
-            .get(id)
-            .map(|f| flow_json(f, &judge(f, &cx), &self.clock))
+        f(&cx, &table)
+    }
+
+    pub fn flows(&self, q: &FlowQuery) -> Value {
+        let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+        self.with_context(|cx, table| {
+            let mut out = Vec::new();
+            let mut matched = 0usize;
+            for f in table.iter_newest() {
+                if !q.matches_tuple(f) {
+                    continue;
+                }
+                let j = judge(f, cx);
+                if q.verdict.is_some_and(|v| !j.verdicts.contains(&v)) {
+                    continue;
+                }
+                if q.cause
+                    .is_some_and(|c| j.diagnosis.as_ref().map(|d| d.cause) != Some(c))
+                {
+                    continue;
+                }
+                matched += 1;
+                if out.len() < limit {
+                    out.push(flow_json(f, &j, &self.clock));
+                }
+            }
+            json!({"flows": out, "matched": matched, "truncated": matched > out.len()})
+        })
+    }
+
+    pub fn flow(&self, id: u64) -> Option<Value> {
+        self.with_context(|cx, table| {
+            table
+                .get(id)
+                .map(|f| flow_json(f, &judge(f, cx), &self.clock))
+        })
     }
 
     pub fn health(&self) -> Value {
@@ -200,6 +225,7 @@ impl Shared {
         json!({
             "status": if node.ready { "ok" } else { "starting" },
             "ready": node.ready,
+            "drops": node.drops,
             "attached": node.attached,
             "pools": node.pools,
             "kernel": node.kernel,
@@ -213,6 +239,24 @@ impl Shared {
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let (mut hooks, ring) = Hooks::load(cfg.summary_interval.as_nanos() as u64)?;
     let shared = Arc::new(Shared::new(&cfg));
+    // Drop tracing is a bonus: without tracefs or BTF the agent still traces paths.
+    let drops = match hooks.enable_drops() {
+        Ok(reasons) => {
+            *shared.reasons.write().unwrap_or_else(|e| e.into_inner()) = reasons;
+            DropTracing {
+                enabled: true,
+                error: None,
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "kernel drops will not be reported");
+            DropTracing {
+                enabled: false,
+                error: Some(e.to_string()),
+            }
+        }
+    };
+    shared.node_mut().drops = drops;
     let listener = api::bind(cfg.listen).await?;
     tracing::info!(listen = %cfg.listen, "serving the API");
 

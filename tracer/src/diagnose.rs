@@ -11,6 +11,7 @@ use crate::{
     calico::{Pools, Role},
     events::Dir,
     flows::{Flow, Side},
+    hooks::drops::{DropReasons, Symbols},
     net::{proto_name, Cidr},
     netlink::NodeFacts,
 };
@@ -81,6 +82,10 @@ pub struct Context<'a> {
     pub facts: &'a NodeFacts,
     pub now_ns: u64,
     pub no_reply_after_ns: u64,
+    /// Names of the kernel's drop reasons (from tracefs).
+    pub reasons: &'a DropReasons,
+    /// Kernel symbols, to name where a drop happened.
+    pub symbols: &'a Symbols,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -110,12 +115,16 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     } else if no_reply {
         verdicts.push(NO_REPLY);
     }
+    if !flow.drops.is_empty() {
+        verdicts.push(DROPPED);
+    }
 
-    let diagnosis = match skipped {
-        Some(s) => snat_diagnosis(flow, cx, &s, no_reply),
-        None if no_reply => Some(unanswered(flow, cx)),
-        None => None,
-    };
+    // The most specific explanation wins: a misconfiguration names the fix, a drop names the
+    // kernel's reason, an unanswered request only says where it was last seen.
+    let diagnosis = skipped
+        .and_then(|s| snat_diagnosis(flow, cx, &s, no_reply))
+        .or_else(|| (!flow.drops.is_empty()).then(|| kernel_drop(flow, cx)))
+        .or_else(|| no_reply.then(|| unanswered(flow, cx)));
     Judgement {
         verdicts,
         diagnosis,
@@ -311,6 +320,70 @@ fn unanswered(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
     }
 }
 
+fn kernel_drop(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
+    let drops: Vec<Value> = flow
+        .drops
+        .iter()
+        .map(|d| {
+            json!({
+                "reason": cx.reasons.name(d.reason),
+                "reason_code": d.reason,
+                "iface": (d.ifindex != 0).then(|| cx.facts.name_of(d.ifindex)),
+                "function": cx.symbols.name(d.location),
+                "side": d.side,
+                "count": d.count,
+                "after_ms": ms(d.ts_ns.saturating_sub(flow.first_ns)),
+            })
+        })
+        .collect();
+    let first = &flow.drops[0];
+    let reason = cx.reasons.name(first.reason);
+    let place = cx
+        .symbols
+        .name(first.location)
+        .map(|f| format!(" in {f}"))
+        .unwrap_or_default();
+    let dev = if first.ifindex != 0 {
+        format!(" (device {})", cx.facts.name_of(first.ifindex))
+    } else {
+        String::new()
+    };
+    Diagnosis {
+        cause: KERNEL_DROP,
+        summary: format!(
+            "The kernel dropped {} {}:{} -> {}:{}{dev}{place}: {reason}.",
+            proto_name(flow.proto),
+            flow.src,
+            flow.sport,
+            flow.dst,
+            flow.dport,
+        ),
+        evidence: json!({ "drops": drops, "reply": reply_evidence(flow, cx) }),
+        fix: drop_fix(&reason),
+    }
+}
+
+/// What an operator does about the common drop reasons on a Calico node.
+fn drop_fix(reason: &str) -> String {
+    match reason {
+        "NETFILTER_DROP" => "An iptables/nftables rule dropped it. With Calico's iptables dataplane             that is usually a NetworkPolicy (felix's cali-pi-*/cali-po-* chains end in DROP): check             `calicoctl get networkpolicy,globalnetworkpolicy -A` and `iptables-save -c | grep DROP`             for the rule whose counter rises."
+            .into(),
+        "IP_RPFILTER" => "Reverse-path filtering: the source is not routed back through the interface             it arrived on. Check rp_filter and asymmetric routes (a node address autodetected on the             wrong interface produces exactly this)."
+            .into(),
+        "NO_SOCKET" => "Nothing listens on the destination port: check the pod/service is running and             its targetPort."
+            .into(),
+        "IP_OUTNOROUTES" | "IP_INNOROUTES" => "No route to the destination: check `ip route get` for it             and whether Calico programmed the route (BGP established? IPAM block affinity?)."
+            .into(),
+        "NEIGH_FAILED" | "NEIGH_QUEUEFULL" | "NEIGH_DEAD" | "NEIGH_CREATEFAIL" => "The next hop never             answered ARP/ND: check the next hop is up and on the same L2 segment as the egress interface."
+            .into(),
+        "OTHERHOST" => "The frame was addressed to another host's MAC: check proxy ARP on the cali*             interface and the pod's gateway (169.254.1.1)."
+            .into(),
+        r if r.starts_with("TCP_") => "A TCP-level drop (bad sequence, window, or state): usually a             symptom of NAT or conntrack confusion or an asymmetric path; compare the path of both             directions."
+            .into(),
+        _ => format!("Look up drop reason {reason} for this kernel (include/net/dropreason-core.h) and the             function that dropped it."),
+    }
+}
+
 fn ms(ns: u64) -> u64 {
     ns / 1_000_000
 }
@@ -394,6 +467,7 @@ mod tests {
             emit: Emit::First,
             outer: p,
             inner: None,
+            drop: None,
         }
     }
 
@@ -424,12 +498,21 @@ mod tests {
         (t, id)
     }
 
+    static REASONS: std::sync::LazyLock<DropReasons> = std::sync::LazyLock::new(|| {
+        DropReasons::from_format(
+            "__print_symbolic(REC->reason, { 12, \"NETFILTER_DROP\" }, { 16, \"IP_RPFILTER\" })",
+        )
+    });
+    static SYMBOLS: std::sync::LazyLock<Symbols> = std::sync::LazyLock::new(Symbols::default);
+
     fn cx<'a>(pools: &'a Pools, facts: &'a NodeFacts, now: u64) -> Context<'a> {
         Context {
             pools,
             facts,
             now_ns: now,
             no_reply_after_ns: 3_000_000_000,
+            reasons: &REASONS,
+            symbols: &SYMBOLS,
         }
     }
 
@@ -523,6 +606,47 @@ mod tests {
         let d = j.diagnosis.unwrap_or_else(|| unreachable!());
         assert_eq!(d.cause, DESTINATION_UNRESPONSIVE);
         assert_eq!(d.evidence["last_forward_hop"]["iface"], "eth0");
+    }
+
+    #[test]
+    fn kernel_drop_names_reason_and_fix_unless_a_misconfiguration_explains_more() {
+        let f = facts();
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        let s = syn("10.244.1.10", "10.244.2.20", 8080);
+        let mut t = FlowTable::new(10);
+        let id = t.ingest(&obs(1, 5, Dir::Ingress, s), &lookup).unwrap_or(0);
+        let mut d = obs(2, 5, Dir::Ingress, s);
+        d.drop = Some(crate::events::KernelDrop {
+            reason: 12,
+            location: 0,
+        });
+        t.ingest(&d, &lookup);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        let j = judge(flow, &cx(&p, &f, 10_000_000_000));
+        assert_eq!(j.verdicts, vec![NO_REPLY, DROPPED]);
+        let dg = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(dg.cause, KERNEL_DROP);
+        assert_eq!(dg.evidence["drops"][0]["reason"], "NETFILTER_DROP");
+        assert_eq!(dg.evidence["drops"][0]["iface"], "calid92900560e3");
+        assert!(dg.fix.contains("NetworkPolicy"));
+
+        // An overlapping pool explains an un-SNATed, dropped flow better than the drop alone.
+        let p = pools(&["192.168.0.0/16"], &["192.168.0.0/16"]);
+        let s = syn("192.168.236.10", "192.168.21.11", 6443);
+        let (mut t, id) = flow_of(s, s, false);
+        let mut d = obs(5, 2, Dir::Ingress, s);
+        d.drop = Some(crate::events::KernelDrop {
+            reason: 16,
+            location: 0,
+        });
+        t.ingest(&d, &lookup);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        let j = judge(flow, &cx(&p, &f, 10_000_000_000));
+        assert!(j.verdicts.contains(&DROPPED));
+        assert_eq!(
+            j.diagnosis.map(|d| d.cause),
+            Some(IPPOOL_OVERLAPS_HOST_NETWORK)
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 use tracer_common::{
     PacketEvent, Tuple, DIR_EGRESS, DIR_INGRESS, EMIT_FIRST, EMIT_PERIODIC, EMIT_RETRANSMIT,
-    EMIT_TCP_CONTROL, ENCAP_IPIP, ENCAP_NONE, ENCAP_VXLAN,
+    EMIT_TCP_CONTROL, ENCAP_IPIP, ENCAP_NONE, ENCAP_VXLAN, KIND_DROP, KIND_PACKET,
 };
 
 use crate::net::ip_from_raw;
@@ -19,6 +19,8 @@ pub enum DecodeError {
     Encap(u8),
     #[error("record carries no IP packet (family {0})")]
     Family(u8),
+    #[error("unknown record kind {0}")]
+    Kind(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
@@ -105,6 +107,17 @@ pub struct Observation {
     pub outer: Packet,
     /// The packet inside VXLAN/IPIP.
     pub inner: Option<(Encap, u32, Packet)>,
+    /// Set when this record is a kernel drop rather than a packet crossing a hook.
+    pub drop: Option<KernelDrop>,
+}
+
+/// A packet the kernel freed with a drop reason (`skb:kfree_skb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelDrop {
+    /// The kernel's `enum skb_drop_reason` value (names come from tracefs).
+    pub reason: u32,
+    /// Address of the function that dropped it.
+    pub location: u64,
 }
 
 impl Observation {
@@ -145,6 +158,14 @@ pub fn from_event(ev: &PacketEvent) -> Result<Observation, DecodeError> {
         ENCAP_IPIP => Some((Encap::Ipip, 0, Packet::from_tuple(&ev.inner)?)),
         e => return Err(DecodeError::Encap(e)),
     };
+    let drop = match ev.kind {
+        KIND_PACKET => None,
+        KIND_DROP => Some(KernelDrop {
+            reason: ev.drop_reason,
+            location: ev.location,
+        }),
+        k => return Err(DecodeError::Kind(k)),
+    };
     let emit = match ev.emit {
         EMIT_FIRST => Emit::First,
         EMIT_TCP_CONTROL => Emit::TcpControl,
@@ -162,6 +183,7 @@ pub fn from_event(ev: &PacketEvent) -> Result<Observation, DecodeError> {
         emit,
         outer,
         inner,
+        drop,
     })
 }
 
@@ -238,6 +260,23 @@ mod tests {
     }
 
     #[test]
+    fn decodes_a_drop() -> Result<(), DecodeError> {
+        let mut ev = syn();
+        ev.kind = KIND_DROP;
+        ev.drop_reason = 12;
+        ev.location = 0xffff_ffff_8100_0000;
+        let o = decode(&encode(&ev))?;
+        assert_eq!(
+            o.drop,
+            Some(KernelDrop {
+                reason: 12,
+                location: 0xffff_ffff_8100_0000
+            })
+        );
+        Ok(())
+    }
+
+    #[test]
     fn rejects_garbage_without_panicking() {
         assert!(matches!(decode(&[]), Err(DecodeError::Short { .. })));
         assert!(matches!(decode(&[0u8; 10]), Err(DecodeError::Short { .. })));
@@ -247,6 +286,9 @@ mod tests {
         let mut bad = syn();
         bad.dir = 9;
         assert_eq!(decode(&encode(&bad)).err(), Some(DecodeError::Direction(9)));
+        let mut bad = syn();
+        bad.kind = 5;
+        assert_eq!(decode(&encode(&bad)).err(), Some(DecodeError::Kind(5)));
         let mut bad = syn();
         bad.encap = 77;
         assert_eq!(decode(&encode(&bad)).err(), Some(DecodeError::Encap(77)));

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     PacketEvent, Tuple, DIR_INGRESS, EMIT_FIRST, ENCAP_NONE, FAMILY_V4, FAMILY_V6, KIND_DROP,
-    STAT_LOST, STAT_RECORDS,
+    STAT_DROPS, STAT_LOST, STAT_RECORDS,
 };
 
 use crate::{
@@ -41,8 +41,10 @@ fn observe_drop(ctx: &TracePointContext) -> Result<(), ()> {
     if reason < conf.min_reason {
         return Ok(());
     }
+    count(STAT_DROPS);
     let proto: u16 = unsafe { ctx.read_at(conf.tp_protocol as usize) }.map_err(|_| ())?;
-    let family = match u16::from_be(proto) {
+    // The tracepoint stores ntohs(skb->protocol): already host order.
+    let family = match proto {
         0x0800 => FAMILY_V4,
         0x86dd => FAMILY_V6,
         _ => return Ok(()),

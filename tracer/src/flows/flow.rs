@@ -101,6 +101,21 @@ pub struct Hop {
     pub syn_seq: Option<u32>,
 }
 
+/// A kernel drop of one of the flow's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropRecord {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub reason: u32,
+    pub location: u64,
+    pub side: Side,
+    /// Drops with the same reason and place are folded into one record.
+    pub count: u32,
+}
+
+/// Most distinct drop records kept per flow.
+const MAX_DROPS: usize = 8;
+
 /// Translation a flow went through on this node, as the forward packet left it.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct Nat {
@@ -143,6 +158,7 @@ pub struct Flow {
     pub expects_reply: bool,
     /// Every tuple registered for this flow in the table's index.
     pub tuples: Vec<DirTuple>,
+    pub drops: Vec<DropRecord>,
 }
 
 impl Flow {
@@ -162,6 +178,7 @@ impl Flow {
             tcp: TcpMilestones::default(),
             expects_reply: false,
             tuples: Vec::new(),
+            drops: Vec::new(),
         }
     }
 
@@ -256,6 +273,35 @@ impl Flow {
         }
         if p.tcp_flags & 0x04 != 0 {
             self.tcp.rst = true;
+        }
+    }
+
+    pub fn record_drop(
+        &mut self,
+        ts_ns: u64,
+        ifindex: u32,
+        reason: u32,
+        location: u64,
+        side: Side,
+    ) {
+        self.last_ns = self.last_ns.max(ts_ns);
+        if let Some(d) = self
+            .drops
+            .iter_mut()
+            .find(|d| d.reason == reason && d.location == location && d.ifindex == ifindex)
+        {
+            d.count = d.count.saturating_add(1);
+            return;
+        }
+        if self.drops.len() < MAX_DROPS {
+            self.drops.push(DropRecord {
+                ts_ns,
+                ifindex,
+                reason,
+                location,
+                side,
+                count: 1,
+            });
         }
     }
 

@@ -12,7 +12,7 @@ use std::{
     net::IpAddr,
 };
 
-pub use flow::{DirTuple, Flow, FlowId, Hop, HopEncap, Nat, Side};
+pub use flow::{DirTuple, DropRecord, Flow, FlowId, Hop, HopEncap, Nat, Side};
 
 use crate::{calico::Role, events::Observation};
 
@@ -92,6 +92,9 @@ pub struct TableStats {
     pub evicted: u64,
     /// Neighbour discovery / link-scope multicast records, not tracked.
     pub ignored: u64,
+    /// Kernel drops attributed to a flow, and those of packets no hook had seen.
+    pub drops: u64,
+    pub unmatched_drops: u64,
 }
 
 pub struct FlowTable {
@@ -153,6 +156,18 @@ impl FlowTable {
         if is_link_control(&p) {
             self.stats.ignored += 1;
             return None;
+        }
+        if let Some(d) = obs.drop {
+            // Only drops of traced flows matter; anything else on the node is not ours to report.
+            let Some(&(id, side)) = self.index.get(&DirTuple::of(&p)) else {
+                self.stats.unmatched_drops += 1;
+                return None;
+            };
+            if let Some(f) = self.flows.get_mut(&id) {
+                f.record_drop(obs.ts_ns, obs.ifindex, d.reason, d.location, side);
+            }
+            self.stats.drops += 1;
+            return Some(id);
         }
         let t = DirTuple::of(&p);
         let ident = Ident::of(obs);

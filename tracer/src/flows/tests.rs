@@ -35,6 +35,7 @@ fn obs(ts: u64, ifindex: u32, dir: Dir, p: Packet) -> Observation {
         emit: Emit::First,
         outer: p,
         inner: None,
+        drop: None,
     }
 }
 
@@ -262,4 +263,38 @@ fn ipv6_link_control_is_ignored_and_weak_idents_never_match() {
     let y = t.ingest(&obs(2, ETH0, Dir::Egress, b), &lookup).must();
     assert_ne!(x, y);
     assert_eq!(t.stats().ignored, 1);
+}
+
+#[test]
+fn kernel_drops_attach_to_the_flow_and_fold() {
+    use crate::events::KernelDrop;
+    let mut t = FlowTable::new(10);
+    let syn = pkt("10.244.1.10", 40000, "10.244.2.20", 8080, 0x02, 1, 0);
+    let id = t.ingest(&obs(1, CALI, Dir::Ingress, syn), &lookup).must();
+    for ts in 2..5 {
+        let mut d = obs(ts, ETH0, Dir::Ingress, syn);
+        d.drop = Some(KernelDrop {
+            reason: 12,
+            location: 0xabc,
+        });
+        assert_eq!(t.ingest(&d, &lookup), Some(id));
+    }
+    let mut stray = obs(
+        9,
+        ETH0,
+        Dir::Ingress,
+        pkt("1.2.3.4", 1, "5.6.7.8", 2, 0x02, 3, 0),
+    );
+    stray.drop = Some(KernelDrop {
+        reason: 3,
+        location: 0,
+    });
+    assert_eq!(t.ingest(&stray, &lookup), None);
+    let f = t.get(id).unwrap_or_else(|| unreachable!());
+    assert_eq!(f.drops.len(), 1);
+    assert_eq!((f.drops[0].reason, f.drops[0].count), (12, 3));
+    assert_eq!(
+        (t.stats().drops, t.stats().unmatched_drops, t.len()),
+        (3, 1, 1)
+    );
 }

@@ -1,4 +1,5 @@
 //! Loading tracer's kernel programs and keeping them attached to the right interfaces.
+pub mod drops;
 mod tc;
 
 use std::collections::BTreeMap;
@@ -9,8 +10,8 @@ use aya::{
 };
 use serde::Serialize;
 use tracer_common::{
-    IfaceConf, EVENTS_MAP, IFACES_MAP, IFACE_L3, STATS_MAP, STAT_COUNT, STAT_LOST, STAT_MALFORMED,
-    STAT_PACKETS, STAT_RECORDS, SUMMARY_INTERVAL_GLOBAL,
+    IfaceConf, EVENTS_MAP, IFACES_MAP, IFACE_L3, STATS_MAP, STAT_COUNT, STAT_DROPS, STAT_LOST,
+    STAT_MALFORMED, STAT_PACKETS, STAT_RECORDS, SUMMARY_INTERVAL_GLOBAL,
 };
 
 use crate::{calico::Role, netlink::Link};
@@ -32,6 +33,8 @@ pub enum HookError {
     Program(#[from] aya::programs::ProgramError),
     #[error("eBPF map: {0}")]
     Map(#[from] aya::maps::MapError),
+    #[error("kernel drop tracing: {0}")]
+    Drops(drops::DropError),
     #[error("attaching to {iface}: {source}")]
     Attach {
         iface: String,
@@ -56,6 +59,8 @@ pub struct KernelStats {
     pub records: u64,
     pub lost: u64,
     pub malformed: u64,
+    /// Kernel drops seen by the tracepoint (of any packet, traced or not).
+    pub drops: u64,
 }
 
 /// Owns the loaded object and the tc attachments.
@@ -67,6 +72,11 @@ pub struct Hooks {
 }
 
 impl Hooks {
+    /// Starts reporting kernel drops (`skb:kfree_skb`); the agent runs on without it on failure.
+    pub fn enable_drops(&mut self) -> Result<drops::DropReasons, HookError> {
+        drops::enable(&mut self.ebpf)
+    }
+
     /// Loads the object and verifies its programs; nothing is attached yet.
     pub fn load(summary_interval_ns: u64) -> Result<(Hooks, RingBuf<MapData>), HookError> {
         let mut ebpf = EbpfLoader::new()
@@ -184,12 +194,13 @@ impl Hooks {
                 .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
                 .unwrap_or(0)
         };
-        const { assert!(STAT_COUNT == 4) };
+        const { assert!(STAT_COUNT == 5) };
         KernelStats {
             packets: sum(STAT_PACKETS),
             records: sum(STAT_RECORDS),
             lost: sum(STAT_LOST),
             malformed: sum(STAT_MALFORMED),
+            drops: sum(STAT_DROPS),
         }
     }
 }

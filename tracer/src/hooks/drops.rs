@@ -1,0 +1,248 @@
+//! The `skb:kfree_skb` tracepoint: kernel drops with their reason.
+//!
+//! Offsets of the tracepoint record come from its tracefs format file and `sk_buff` offsets from
+//! BTF, both read at runtime: they differ between kernels. So do the reason numbers, whose names
+//! come from the same format file's `__print_symbolic` table.
+use std::collections::HashMap;
+
+use aya::{
+    maps::{Array, MapData},
+    programs::TracePoint,
+    Ebpf,
+};
+use tracer_common::{DropConf, DROP_CONF_MAP, PROG_KFREE_SKB};
+
+use super::HookError;
+use crate::btf::Btf;
+
+const TRACEFS_CANDIDATES: &[&str] = &["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+/// Reasons below this are routine frees (NOT_SPECIFIED and the like), not drops worth reporting.
+const MIN_REASON: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DropError {
+    #[error("tracefs is not mounted (looked in {0}); mount it with `mount -t tracefs tracefs /sys/kernel/tracing`")]
+    NoTracefs(String),
+    #[error("reading the kfree_skb format: {0}")]
+    Format(String),
+    #[error("BTF: {0}")]
+    Btf(#[from] crate::btf::BtfError),
+}
+
+/// What the agent learned while enabling drop tracing.
+#[derive(Debug, Clone, Default)]
+pub struct DropReasons {
+    names: HashMap<u32, String>,
+}
+
+impl DropReasons {
+    pub fn name(&self, reason: u32) -> String {
+        self.names
+            .get(&reason)
+            .cloned()
+            .unwrap_or_else(|| format!("REASON_{reason}"))
+    }
+
+    pub fn from_format(format: &str) -> DropReasons {
+        DropReasons {
+            names: parse_symbolic(format),
+        }
+    }
+}
+
+/// Tracepoint field offsets from a tracefs `format` file.
+pub fn field_offsets(format: &str) -> HashMap<String, u32> {
+    let mut out = HashMap::new();
+    for line in format.lines() {
+        let line = line.trim();
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
+        let mut decl = None;
+        let mut offset = None;
+        for part in rest.split(';') {
+            let part = part.trim();
+            if let Some(o) = part.strip_prefix("offset:") {
+                offset = o.trim().parse::<u32>().ok();
+            } else if decl.is_none() && !part.is_empty() {
+                decl = part
+                    .split_whitespace()
+                    .last()
+                    .map(|n| n.trim_start_matches('*').to_string());
+            }
+        }
+        if let (Some(d), Some(o)) = (decl, offset) {
+            out.insert(d, o);
+        }
+    }
+    out
+}
+
+/// `{ 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, ...` from the print fmt line.
+fn parse_symbolic(format: &str) -> HashMap<u32, String> {
+    let mut out = HashMap::new();
+    let Some(start) = format.find("__print_symbolic(") else {
+        return out;
+    };
+    let mut rest = &format[start..];
+    while let Some(open) = rest.find('{') {
+        rest = &rest[open + 1..];
+        let Some(close) = rest.find('}') else {
+            break;
+        };
+        let entry = &rest[..close];
+        if let Some((num, name)) = entry.split_once(',') {
+            if let Ok(n) = num.trim().parse::<u32>() {
+                out.insert(n, name.trim().trim_matches('"').to_string());
+            }
+        }
+        rest = &rest[close + 1..];
+    }
+    out
+}
+
+fn tracefs() -> Result<&'static str, DropError> {
+    let find = || {
+        TRACEFS_CANDIDATES
+            .iter()
+            .copied()
+            .find(|p| std::path::Path::new(p).join("events").is_dir())
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    // Not mounted in our mount namespace (`ip netns exec` remounts /sys, hiding it; so does a
+    // container without the host mount): mount our own view, which is harmless if it fails.
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: valid NUL-terminated strings; a failure only leaves tracefs unmounted.
+    let rc = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "mounting tracefs");
+    }
+    find().ok_or_else(|| DropError::NoTracefs(TRACEFS_CANDIDATES.join(", ")))
+}
+
+/// Reads offsets, configures the kernel program and attaches it.
+pub fn enable(ebpf: &mut Ebpf) -> Result<DropReasons, HookError> {
+    let root = tracefs().map_err(HookError::Drops)?;
+    let path = format!("{root}/events/skb/kfree_skb/format");
+    let format = std::fs::read_to_string(&path)
+        .map_err(|e| HookError::Drops(DropError::Format(format!("{path}: {e}"))))?;
+    let fields = field_offsets(&format);
+    let field = |n: &str| {
+        fields
+            .get(n)
+            .copied()
+            .ok_or_else(|| HookError::Drops(DropError::Format(format!("no field {n} in {path}"))))
+    };
+    let btf = Btf::from_sys_fs().map_err(|e| HookError::Drops(e.into()))?;
+    let off = |s: &str, m: &str| {
+        btf.member_offset(s, m)
+            .map_err(|e| HookError::Drops(e.into()))
+    };
+    let conf = DropConf {
+        enabled: 1,
+        min_reason: MIN_REASON,
+        tp_skbaddr: field("skbaddr")?,
+        tp_location: field("location")?,
+        tp_protocol: field("protocol")?,
+        tp_reason: field("reason")?,
+        skb_head: off("sk_buff", "head")?,
+        skb_network_header: off("sk_buff", "network_header")?,
+        skb_dev: off("sk_buff", "dev")?,
+        dev_ifindex: off("net_device", "ifindex")?,
+    };
+    let map = ebpf
+        .map_mut(DROP_CONF_MAP)
+        .ok_or(HookError::MissingMap(DROP_CONF_MAP))?;
+    let mut arr: Array<&mut MapData, DropConf> = Array::try_from(map)?;
+    arr.set(0, conf, 0)?;
+    let prog: &mut TracePoint = ebpf
+        .program_mut(PROG_KFREE_SKB)
+        .ok_or(HookError::MissingProgram(PROG_KFREE_SKB))?
+        .try_into()?;
+    prog.load()?;
+    prog.attach("skb", "kfree_skb")?;
+    Ok(DropReasons::from_format(&format))
+}
+
+/// Kernel text symbols, to name the function that dropped a packet.
+#[derive(Debug, Default)]
+pub struct Symbols {
+    syms: Vec<(u64, String)>,
+}
+
+impl Symbols {
+    /// Reads /proc/kallsyms (addresses are zero without CAP_SYSLOG: then names are unknown).
+    pub fn load() -> Symbols {
+        let text = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        let mut syms: Vec<(u64, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                let addr = u64::from_str_radix(it.next()?, 16).ok()?;
+                let kind = it.next()?;
+                let name = it.next()?;
+                (addr != 0 && matches!(kind, "t" | "T")).then(|| (addr, name.to_string()))
+            })
+            .collect();
+        syms.sort_unstable_by_key(|(a, _)| *a);
+        Symbols { syms }
+    }
+
+    pub fn name(&self, addr: u64) -> Option<String> {
+        let i = self.syms.partition_point(|(a, _)| *a <= addr);
+        let (base, name) = self.syms.get(i.checked_sub(1)?)?;
+        Some(format!("{name}+0x{:x}", addr - base))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT: &str = "name: kfree_skb\nID: 2310\nformat:\n\
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+\tfield:void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
+\tfield:void * location;\toffset:16;\tsize:8;\tsigned:0;\n\
+\tfield:unsigned short protocol;\toffset:32;\tsize:2;\tsigned:0;\n\
+\tfield:enum skb_drop_reason reason;\toffset:36;\tsize:4;\tsigned:0;\n\n\
+print fmt: \"skbaddr=%p reason: %s\", REC->skbaddr, __print_symbolic(REC->reason, { 2, \"NOT_SPECIFIED\" }, { 12, \"NETFILTER_DROP\" }, { 16, \"IP_RPFILTER\" })\n";
+
+    #[test]
+    fn parses_format_offsets_and_reason_names() {
+        let f = field_offsets(FORMAT);
+        assert_eq!(f.get("skbaddr"), Some(&8));
+        assert_eq!(f.get("location"), Some(&16));
+        assert_eq!(f.get("protocol"), Some(&32));
+        assert_eq!(f.get("reason"), Some(&36));
+        let r = DropReasons::from_format(FORMAT);
+        assert_eq!(r.name(12), "NETFILTER_DROP");
+        assert_eq!(r.name(16), "IP_RPFILTER");
+        assert_eq!(r.name(999), "REASON_999");
+        assert!(field_offsets("garbage\nfield:;;;\n").is_empty());
+        assert_eq!(
+            DropReasons::from_format("__print_symbolic({ x, y").name(1),
+            "REASON_1"
+        );
+    }
+
+    #[test]
+    fn running_kernel_names_netfilter_drop() -> Result<(), String> {
+        let root = tracefs().map_err(|e| e.to_string())?;
+        let fmt = std::fs::read_to_string(format!("{root}/events/skb/kfree_skb/format"))
+            .map_err(|e| e.to_string())?;
+        let r = DropReasons::from_format(&fmt);
+        let nf = (0..200).find(|i| r.name(*i) == "NETFILTER_DROP");
+        assert!(nf.is_some(), "NETFILTER_DROP missing from {fmt}");
+        Ok(())
+    }
+}
