@@ -139,6 +139,8 @@ pub struct DropConf {
     pub skb_dev: u32,
     /// `struct net_device` ifindex offset (from BTF).
     pub dev_ifindex: u32,
+    /// Bitmap of reasons that are routine socket housekeeping, not path drops.
+    pub ignore: [u64; 4],
 }
 
 /// What the agent tells the kernel about an interface.

@@ -41,6 +41,9 @@ fn observe_drop(ctx: &TracePointContext) -> Result<(), ()> {
     if reason < conf.min_reason {
         return Ok(());
     }
+    if reason < 256 && conf.ignore[(reason / 64) as usize & 3] & (1u64 << (reason % 64)) != 0 {
+        return Ok(());
+    }
     count(STAT_DROPS);
     let proto: u16 = unsafe { ctx.read_at(conf.tp_protocol as usize) }.map_err(|_| ())?;
     // The tracepoint stores ntohs(skb->protocol): already host order.

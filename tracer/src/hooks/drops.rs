@@ -18,6 +18,23 @@ use crate::btf::Btf;
 const TRACEFS_CANDIDATES: &[&str] = &["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 /// Reasons below this are routine frees (NOT_SPECIFIED and the like), not drops worth reporting.
 const MIN_REASON: u32 = 3;
+/// Reasons that are socket housekeeping or duplicates, not a packet lost on its path: a closing
+/// socket purges its queues, a capture filter rejects its copy, TCP discards data it already has.
+const ROUTINE_REASONS: &[&str] = &[
+    "SOCKET_CLOSE",
+    "QUEUE_PURGE",
+    "TCP_CLOSE",
+    "UNIX_DISCONNECT",
+    "UNIX_SKIP_OOB",
+    "SOCKET_FILTER",
+    "TAP_FILTER",
+    "TAP_TXFILTER",
+    "TCP_OLD_DATA",
+    "TCP_OLD_ACK",
+    "TCP_TOO_OLD_ACK",
+    "TCP_OFOMERGE",
+    "TCP_OLD_SEQUENCE",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DropError {
@@ -47,6 +64,17 @@ impl DropReasons {
         DropReasons {
             names: parse_symbolic(format),
         }
+    }
+
+    /// The kernel-side bitmap of reasons to ignore.
+    pub fn routine_bitmap(&self) -> [u64; 4] {
+        let mut bits = [0u64; 4];
+        for (n, name) in &self.names {
+            if *n < 256 && ROUTINE_REASONS.contains(&name.as_str()) {
+                bits[(*n / 64) as usize] |= 1 << (n % 64);
+            }
+        }
+        bits
     }
 }
 
@@ -148,6 +176,7 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<DropReasons, HookError> {
         btf.member_offset(s, m)
             .map_err(|e| HookError::Drops(e.into()))
     };
+    let reasons = DropReasons::from_format(&format);
     let conf = DropConf {
         enabled: 1,
         min_reason: MIN_REASON,
@@ -159,6 +188,7 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<DropReasons, HookError> {
         skb_network_header: off("sk_buff", "network_header")?,
         skb_dev: off("sk_buff", "dev")?,
         dev_ifindex: off("net_device", "ifindex")?,
+        ignore: reasons.routine_bitmap(),
     };
     let map = ebpf
         .map_mut(DROP_CONF_MAP)
@@ -171,7 +201,7 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<DropReasons, HookError> {
         .try_into()?;
     prog.load()?;
     prog.attach("skb", "kfree_skb")?;
-    Ok(DropReasons::from_format(&format))
+    Ok(reasons)
 }
 
 /// Kernel text symbols, to name the function that dropped a packet.
@@ -228,6 +258,12 @@ print fmt: \"skbaddr=%p reason: %s\", REC->skbaddr, __print_symbolic(REC->reason
         assert_eq!(r.name(12), "NETFILTER_DROP");
         assert_eq!(r.name(16), "IP_RPFILTER");
         assert_eq!(r.name(999), "REASON_999");
+        let fmt = FORMAT.replace(
+            "{ 16, \"IP_RPFILTER\" }",
+            "{ 16, \"IP_RPFILTER\" }, { 104, \"QUEUE_PURGE\" }",
+        );
+        let bits = DropReasons::from_format(&fmt).routine_bitmap();
+        assert_eq!(bits, [0, 1 << (104 - 64), 0, 0]);
         assert!(field_offsets("garbage\nfield:;;;\n").is_empty());
         assert_eq!(
             DropReasons::from_format("__print_symbolic({ x, y").name(1),
