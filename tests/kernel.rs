@@ -364,3 +364,40 @@ fn kernel_drops_are_reported_with_reason_and_tuple() -> R {
     assert_ne!(d.location, 0);
     Ok(())
 }
+
+#[test]
+fn request_response_turns_are_reported() -> R {
+    let (mut hooks, mut ring) = Hooks::load(60_000_000_000)?;
+    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    let seg = |fwd: bool, seq: u32| {
+        let (s, d, sp, dp) = if fwd {
+            ("10.3.0.1", "10.3.0.9", 41000, 2379)
+        } else {
+            ("10.3.0.9", "10.3.0.1", 2379, 41000)
+        };
+        ether(&ip_packet(ip(s), ip(d), 1, tcp(sp, dp, 0x18, seq, 100)))
+    };
+    // First request segment: new on this hook.
+    assert_eq!(
+        run(&mut hooks, &mut ring, true, &seg(true, 1000))?[0].emit,
+        Emit::First
+    );
+    // More of the same request: counted only.
+    assert!(run(&mut hooks, &mut ring, true, &seg(true, 1100))?.is_empty());
+    // The response starts (its first packet is also the first of that direction).
+    assert_eq!(
+        run(&mut hooks, &mut ring, false, &seg(false, 5000))?.len(),
+        1
+    );
+    assert!(run(&mut hooks, &mut ring, false, &seg(false, 5100))?.is_empty());
+    // The next request is a turn.
+    let o = run(&mut hooks, &mut ring, true, &seg(true, 1200))?;
+    assert_eq!((o.len(), o[0].emit), (1, Emit::Turn));
+    assert_eq!(
+        o[0].pkts, 2,
+        "the continuation packet is counted into this record"
+    );
+    let o = run(&mut hooks, &mut ring, false, &seg(false, 5200))?;
+    assert_eq!((o.len(), o[0].emit), (1, Emit::Turn));
+    Ok(())
+}

@@ -61,6 +61,15 @@ fn healthy_pool_is_masqueraded_and_replied() -> TestResult {
     assert!(has("eth0", "ingress", "reverse"), "{path:?}");
     assert!(has(&lab.pod.veth, "egress", "reverse"), "{path:?}");
 
+    // Nothing wrong on this node: no diagnosis group, no configuration finding.
+    let (_, diag) = agent.get(&lab.node, "/diagnoses")?;
+    assert_eq!(diag["causes"].as_array().map(Vec::len), Some(0), "{diag}");
+    assert_eq!(
+        diag["node_findings"].as_array().map(Vec::len),
+        Some(0),
+        "{diag}"
+    );
+
     // The translated destination finds the same flow.
     let by_real = agent.wait_flow(
         &lab.node,
@@ -110,6 +119,28 @@ fn seed_002_overlapping_pool_is_diagnosed() -> TestResult {
     // DNAT happened (kube-proxy) but no SNAT: the nat view shows the real destination, pod source.
     assert_eq!(f["nat"]["dst"], cfg.apiserver_ip);
     assert_eq!(f["nat"]["src"], cfg.pod_ip);
+
+    // The node view groups it by cause and flags the pool from configuration alone.
+    let (_, diag) = agent.get(&lab.node, "/diagnoses")?;
+    let group = diag["causes"]
+        .as_array()
+        .and_then(|c| {
+            c.iter()
+                .find(|g| g["cause"] == "ippool_overlaps_host_network")
+        })
+        .ok_or_else(|| format!("no group in {diag}"))?;
+    assert!(group["count"].as_u64().unwrap_or(0) >= 1);
+    assert!(group["example_flows"]
+        .as_array()
+        .is_some_and(|e| e.contains(&f["id"])));
+    let finding = diag["node_findings"]
+        .as_array()
+        .and_then(|c| {
+            c.iter()
+                .find(|g| g["cause"] == "ippool_overlaps_host_network")
+        })
+        .ok_or_else(|| format!("no finding in {diag}"))?;
+    assert_eq!(finding["evidence"]["host_subnet"], cfg.host_subnet);
 
     // Filtering by verdict and cause finds it; the healthy verdict does not.
     let (_, v) = agent.get(

@@ -46,6 +46,8 @@ pub const EMIT_FIRST: u8 = 1;
 pub const EMIT_TCP_CONTROL: u8 = 2;
 pub const EMIT_RETRANSMIT: u8 = 3;
 pub const EMIT_PERIODIC: u8 = 4;
+/// TCP payload started flowing the other way: a request/response turn.
+pub const EMIT_TURN: u8 = 5;
 
 pub const FAMILY_NONE: u8 = 0;
 pub const FAMILY_V4: u8 = 4;
@@ -164,6 +166,18 @@ pub struct FlowKey {
     pub dir: u8,
     pub encap: u8,
     pub _pad: u8,
+}
+
+/// Key of the kernel's per-connection turn state: both directions on one interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConvKey {
+    /// The lower (address, port) endpoint first, so both directions share the key.
+    pub a: [u8; 16],
+    pub b: [u8; 16],
+    pub a_port: u16,
+    pub b_port: u16,
+    pub ifindex: u32,
 }
 
 /// Value of the kernel's per-flow summary state.

@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{DropConf, FlowKey, FlowState, IfaceConf, PacketEvent, STAT_COUNT};
+use tracer_common::{ConvKey, DropConf, FlowKey, FlowState, IfaceConf, PacketEvent, STAT_COUNT};
 
 /// 8 MiB: about 50k records of headroom for the agent to fall behind by.
 #[map(name = "EVENTS")]
@@ -18,6 +18,11 @@ pub static IFACES: HashMap<u32, IfaceConf> = HashMap::with_max_entries(4096, 0);
 /// Per-hook, per-flow summary state; LRU so that idle flows age out without the agent's help.
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Which side of a TCP connection sent payload last (0: a->b, 1: b->a), per interface: a change
+/// is a request/response turn, which the agent needs to time exchanges.
+#[map(name = "TURNS")]
+pub static TURNS: LruHashMap<ConvKey, u8> = LruHashMap::with_max_entries(65536, 0);
 
 /// Per-CPU scratch record: the BPF stack (512 bytes) cannot hold a record plus the parser's state.
 #[map(name = "SCRATCH")]

@@ -15,7 +15,7 @@ use crate::{
     api::{self, query::FlowQuery, query::DEFAULT_LIMIT, view::flow_json},
     calico::{self, Pools, Role, RoleConfig},
     clock::{mono_now_ns, Clock},
-    diagnose::{judge, Context},
+    diagnose::{judge, Context, Rules},
     events,
     flows::FlowTable,
     hooks::{
@@ -44,7 +44,7 @@ pub struct AgentConfig {
     pub roles: RoleConfig,
     pub pools: Vec<Cidr>,
     pub masq_pools: Vec<Cidr>,
-    pub no_reply_timeout: Duration,
+    pub rules: Rules,
     pub flow_cap: usize,
     pub summary_interval: Duration,
     /// Full resync of interfaces and pools even without netlink notifications.
@@ -58,7 +58,7 @@ impl Default for AgentConfig {
             roles: RoleConfig::default(),
             pools: Vec::new(),
             masq_pools: Vec::new(),
-            no_reply_timeout: Duration::from_secs(3),
+            rules: Rules::default(),
             flow_cap: 100_000,
             summary_interval: Duration::from_secs(1),
             resync: Duration::from_secs(10),
@@ -100,7 +100,7 @@ pub struct Shared {
     node: RwLock<NodeView>,
     reader: Mutex<ReaderStats>,
     clock: Clock,
-    no_reply_ns: u64,
+    rules: Rules,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -117,7 +117,7 @@ impl Shared {
             node: RwLock::new(NodeView::default()),
             reader: Mutex::new(ReaderStats::default()),
             clock: Clock::new(),
-            no_reply_ns: cfg.no_reply_timeout.as_nanos() as u64,
+            rules: cfg.rules.clone(),
         }
     }
 
@@ -176,7 +176,7 @@ impl Shared {
             pools: &node.pools,
             facts: &node.facts,
             now_ns: mono_now_ns(),
-            no_reply_after_ns: self.no_reply_ns,
+            rules: &self.rules,
             reasons: &reasons,
             symbols,
         };
@@ -207,6 +207,64 @@ impl Shared {
                 }
             }
             json!({"flows": out, "matched": matched, "truncated": matched > out.len()})
+        })
+    }
+
+    /// Faulty flows grouped by cause, plus what the node's configuration alone shows.
+    pub fn diagnoses(&self) -> Value {
+        #[derive(Default)]
+        struct Group {
+            count: u64,
+            first_ns: u64,
+            last_ns: u64,
+            latest: Option<(u64, crate::diagnose::Diagnosis)>,
+            examples: Vec<u64>,
+        }
+        self.with_context(|cx, table| {
+            let mut groups: std::collections::BTreeMap<&'static str, Group> = Default::default();
+            let mut judged = 0u64;
+            for f in table.iter_newest() {
+                judged += 1;
+                let Some(d) = judge(f, cx).diagnosis else {
+                    continue;
+                };
+                let g = groups.entry(d.cause).or_default();
+                g.count += 1;
+                g.first_ns = if g.first_ns == 0 {
+                    f.first_ns
+                } else {
+                    g.first_ns.min(f.first_ns)
+                };
+                g.last_ns = g.last_ns.max(f.last_ns);
+                if g.examples.len() < 5 {
+                    g.examples.push(f.id);
+                }
+                if g.latest.as_ref().is_none_or(|(t, _)| f.last_ns > *t) {
+                    g.latest = Some((f.last_ns, d));
+                }
+            }
+            let mut causes: Vec<Value> = groups
+                .into_iter()
+                .filter_map(|(cause, g)| {
+                    let (_, d) = g.latest?;
+                    Some(json!({
+                        "cause": cause,
+                        "count": g.count,
+                        "first_seen": self.clock.rfc3339(g.first_ns),
+                        "last_seen": self.clock.rfc3339(g.last_ns),
+                        "summary": d.summary,
+                        "evidence": d.evidence,
+                        "fix": d.fix,
+                        "example_flows": g.examples,
+                    }))
+                })
+                .collect();
+            causes.sort_by(|a, b| b["count"].as_u64().cmp(&a["count"].as_u64()));
+            json!({
+                "causes": causes,
+                "node_findings": crate::diagnose::node_findings(cx),
+                "flows_judged": judged,
+            })
         })
     }
 

@@ -50,6 +50,16 @@ pub struct AgentArgs {
     /// How long a request may wait for its first reply before the flow is `no_reply`.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub no_reply_timeout: Duration,
+    /// Datastore ports whose exchanges are timed for slow_response (etcd, apiserver, Typha).
+    #[arg(long = "datastore-port", default_values_t = vec![2379u16, 6443, 443, 5473])]
+    pub datastore_ports: Vec<u16>,
+    /// Median exchange latency above which a datastore flow is slow_response.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub slow_threshold: Duration,
+    /// calico-node's liveness budget (initialDelaySeconds + failureThreshold x periodSeconds,
+    /// e.g. 70s for 10 + 6 x 10), to say whether startup at the measured latency fits.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub liveness_budget: Option<Duration>,
     /// Most flows kept in memory; the oldest are evicted beyond it.
     #[arg(long, default_value_t = 100_000)]
     pub flow_cap: usize,
@@ -68,7 +78,12 @@ impl AgentArgs {
             },
             pools: self.pools.clone(),
             masq_pools: self.masq_pools.clone(),
-            no_reply_timeout: self.no_reply_timeout,
+            rules: crate::diagnose::Rules {
+                no_reply_after_ns: self.no_reply_timeout.as_nanos() as u64,
+                datastore_ports: self.datastore_ports.clone(),
+                slow_ns: self.slow_threshold.as_nanos() as u64,
+                liveness_budget_ns: self.liveness_budget.map(|d| d.as_nanos() as u64),
+            },
             flow_cap: self.flow_cap,
             summary_interval: self.summary_interval,
             ..Default::default()

@@ -76,12 +76,36 @@ pub struct Diagnosis {
     pub fix: String,
 }
 
+/// Operator-tunable thresholds of the rules.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// A request with no reply after this long is `no_reply`.
+    pub no_reply_after_ns: u64,
+    /// Destination ports of Calico's datastore: etcd, the apiserver (and its Service), Typha.
+    pub datastore_ports: Vec<u16>,
+    /// A median exchange slower than this is `slow_response`.
+    pub slow_ns: u64,
+    /// calico-node's liveness budget (initialDelaySeconds + failureThreshold x periodSeconds).
+    pub liveness_budget_ns: Option<u64>,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            no_reply_after_ns: 3_000_000_000,
+            datastore_ports: vec![2379, 6443, 443, 5473],
+            slow_ns: 100_000_000,
+            liveness_budget_ns: None,
+        }
+    }
+}
+
 /// What the rules need besides the flow.
 pub struct Context<'a> {
     pub pools: &'a Pools,
     pub facts: &'a NodeFacts,
     pub now_ns: u64,
-    pub no_reply_after_ns: u64,
+    pub rules: &'a Rules,
     /// Names of the kernel's drop reasons (from tracefs).
     pub reasons: &'a DropReasons,
     /// Kernel symbols, to name where a drop happened.
@@ -109,7 +133,7 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     }
     let no_reply = flow.first_reply_ns.is_none()
         && flow.expects_reply
-        && cx.now_ns.saturating_sub(flow.first_ns) >= cx.no_reply_after_ns;
+        && cx.now_ns.saturating_sub(flow.first_ns) >= cx.rules.no_reply_after_ns;
     if flow.first_reply_ns.is_some() {
         verdicts.push(REPLIED);
     } else if no_reply {
@@ -118,12 +142,41 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     if !flow.drops.is_empty() {
         verdicts.push(DROPPED);
     }
+    // Both address rules judge only unanswered flows: an odd setup that works is not a fault.
+    let wrong_src = if flow.first_reply_ns.is_none() {
+        wrong_source(flow, cx)
+    } else {
+        None
+    };
+    if wrong_src.is_some() {
+        verdicts.push(WRONG_SOURCE_ADDRESS);
+    }
+    let wrong_parent = if flow.first_reply_ns.is_none() {
+        wrong_parent(flow, cx)
+    } else {
+        None
+    };
+    if wrong_parent.is_some() {
+        verdicts.push(WRONG_PARENT_DEVICE);
+    }
+    let slow = slow_exchanges(flow, cx);
+    if slow.is_some() {
+        verdicts.push(SLOW_RESPONSE);
+    }
 
     // The most specific explanation wins: a misconfiguration names the fix, a drop names the
     // kernel's reason, an unanswered request only says where it was last seen.
     let diagnosis = skipped
         .and_then(|s| snat_diagnosis(flow, cx, &s, no_reply))
+        .or_else(|| {
+            wrong_src
+                .filter(|_| no_reply)
+                .map(|w| wrong_source_diagnosis(flow, cx, &w))
+        })
+        .or_else(|| wrong_parent.map(|w| wrong_parent_diagnosis(flow, cx, &w)))
         .or_else(|| (!flow.drops.is_empty()).then(|| kernel_drop(flow, cx)))
+        .or_else(|| slow.map(|s| slow_diagnosis(flow, cx, &s)))
+        .or_else(|| no_reply.then(|| off_link_peer(flow, cx)).flatten())
         .or_else(|| no_reply.then(|| unanswered(flow, cx)));
     Judgement {
         verdicts,
@@ -298,7 +351,7 @@ fn unanswered(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
             flow.sport,
             flow.dst,
             flow.dport,
-            ms(cx.no_reply_after_ns),
+            ms(cx.rules.no_reply_after_ns),
             last_fwd
                 .map(|h| format!("{} {}", h.iface, h.dir.as_str()))
                 .unwrap_or_else(|| "nowhere".into())
@@ -318,6 +371,411 @@ fn unanswered(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
               node (routes, firewalls, security groups) is open."
             .to_string(),
     }
+}
+
+/// A packet left a host interface with a source address that lives on another interface.
+struct WrongSource {
+    hop_iface: String,
+    src: IpAddr,
+    dst: IpAddr,
+    /// Interface holding the source address, and that address's subnet.
+    owner: String,
+    owner_subnet: Cidr,
+    /// The egress interface's own subnets.
+    egress_subnets: Vec<Cidr>,
+    outer: bool,
+}
+
+fn wrong_source(flow: &Flow, cx: &Context<'_>) -> Option<WrongSource> {
+    flow.hops.iter().find_map(|hop| {
+        if hop.side != Side::Forward || hop.dir != Dir::Egress || hop.role != Some(Role::Host) {
+            return None;
+        }
+        // For tunnelled packets the node address is the outer source.
+        let (src, dst, outer) = match &hop.encap {
+            Some(e) => (e.outer_src, e.outer_dst, true),
+            None => (hop.src, hop.dst, false),
+        };
+        let egress = cx.facts.link(hop.ifindex)?;
+        let owner = cx.facts.iface_holding(src)?;
+        if owner.index == egress.index {
+            return None;
+        }
+        let egress_subnets: Vec<Cidr> = egress
+            .addrs
+            .iter()
+            .filter(|a| a.ip.is_ipv4() == src.is_ipv4())
+            .map(|a| a.network())
+            .collect();
+        // A source inside the egress interface's subnet can still be answered over it.
+        if egress_subnets.is_empty() || egress_subnets.iter().any(|c| c.contains(src)) {
+            return None;
+        }
+        let owner_subnet = owner.addrs.iter().find(|a| a.ip == src)?.network();
+        Some(WrongSource {
+            hop_iface: hop.iface.clone(),
+            src,
+            dst,
+            owner: owner.name.clone(),
+            owner_subnet,
+            egress_subnets,
+            outer,
+        })
+    })
+}
+
+fn service_name(port: u16) -> &'static str {
+    match port {
+        179 => " (BGP)",
+        4789 => " (VXLAN)",
+        2379 => " (etcd)",
+        6443 => " (apiserver)",
+        5473 => " (Typha)",
+        _ => "",
+    }
+}
+
+fn autodetect_fix(good_iface: &str, peer: Option<IpAddr>) -> String {
+    let can_reach = peer
+        .map(|p| format!(" or `can-reach={p}`"))
+        .unwrap_or_default();
+    format!(
+        "Pin Calico's node address autodetection to the interface that reaches the other nodes: set          IP_AUTODETECTION_METHOD=interface={good_iface}{can_reach} on the calico-node DaemonSet, or with          the Tigera operator `spec.calicoNetwork.nodeAddressAutodetectionV4: {{interface: {good_iface}}}`          in the Installation; then restart calico-node and check `calicoctl get node -o wide` (or the          projectcalico.org/IPv4Address annotation) shows the {good_iface} address."
+    )
+}
+
+fn wrong_source_diagnosis(flow: &Flow, _cx: &Context<'_>, w: &WrongSource) -> Diagnosis {
+    let what = if w.outer { "Its tunnel packets" } else { "It" };
+    let port = if w.outer { 4789 } else { flow.dport };
+    Diagnosis {
+        cause: NODE_ADDRESS_ON_WRONG_INTERFACE,
+        summary: format!(
+            "Traffic to {}:{}{} left {} with source {}, an address of {} ({}), not of {} ({}). {what}              cannot be answered over {}: the peer replies to {} through its own default route. This is              the address Calico autodetected for the node (BGP source / node IP), taken from the              wrong interface.",
+            w.dst,
+            port,
+            service_name(port),
+            w.hop_iface,
+            w.src,
+            w.owner,
+            w.owner_subnet,
+            w.hop_iface,
+            join(&w.egress_subnets),
+            w.hop_iface,
+            w.src,
+        ),
+        evidence: json!({
+            "egress_iface": w.hop_iface,
+            "egress_subnets": w.egress_subnets.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            "source": w.src.to_string(),
+            "source_iface": w.owner,
+            "source_subnet": w.owner_subnet.to_string(),
+            "destination": w.dst.to_string(),
+            "dport": port,
+            "tunnel_outer_header": w.outer,
+            "retransmits": flow.retransmits(),
+        }),
+        fix: autodetect_fix(&w.hop_iface, Some(w.dst)),
+    }
+}
+
+/// The VXLAN device hangs off an interface that does not lead to the peers.
+struct WrongParent {
+    vxlan: String,
+    parent: String,
+    parent_kind: Option<String>,
+    parent_addrs: Vec<String>,
+    local: Option<IpAddr>,
+    /// Where the kernel routes the peer VTEP, when the peer is known.
+    peer: Option<IpAddr>,
+    route_iface: Option<String>,
+    outer_seen_on: Vec<String>,
+}
+
+fn wrong_parent(flow: &Flow, cx: &Context<'_>) -> Option<WrongParent> {
+    // The flow entered a VXLAN device on this node...
+    let tunnel_hop = flow.hops.iter().find(|h| {
+        h.side == Side::Forward
+            && h.dir == Dir::Egress
+            && cx.facts.link(h.ifindex).is_some_and(|l| l.vxlan.is_some())
+    })?;
+    let vx = cx.facts.link(tunnel_hop.ifindex)?;
+    let info = vx.vxlan.as_ref()?;
+    let parent = cx.facts.link(info.parent_index?)?;
+    let outer: Vec<&crate::flows::Hop> = flow
+        .hops
+        .iter()
+        .filter(|h| h.side == Side::Forward && h.encap.is_some() && h.dir == Dir::Egress)
+        .collect();
+    let peer = outer
+        .iter()
+        .find_map(|h| h.encap.as_ref().map(|e| e.outer_dst));
+    let route_iface = peer
+        .and_then(|p| cx.facts.route_to(p))
+        .and_then(|r| r.oif)
+        .or_else(|| cx.facts.default_route_ifaces().first().copied());
+    let mismatch = route_iface.is_some_and(|r| r != parent.index);
+    if !parent.is_bridge() && !mismatch {
+        return None;
+    }
+    Some(WrongParent {
+        vxlan: vx.name.clone(),
+        parent: parent.name.clone(),
+        parent_kind: parent.kind.clone(),
+        parent_addrs: parent.addrs.iter().map(|a| a.to_string()).collect(),
+        local: info.local,
+        peer,
+        route_iface: route_iface.map(|i| cx.facts.name_of(i)),
+        outer_seen_on: outer.iter().map(|h| h.iface.clone()).collect(),
+    })
+}
+
+fn wrong_parent_diagnosis(flow: &Flow, _cx: &Context<'_>, w: &WrongParent) -> Diagnosis {
+    let kind = w
+        .parent_kind
+        .as_deref()
+        .map(|k| format!(" (a {k})"))
+        .unwrap_or_default();
+    let good = w
+        .route_iface
+        .clone()
+        .unwrap_or_else(|| "the node's NIC".into());
+    let outer = if w.outer_seen_on.is_empty() {
+        "no encapsulated packet was seen leaving any host interface".to_string()
+    } else {
+        format!(
+            "the encapsulated packets left {}",
+            w.outer_seen_on.join(", ")
+        )
+    };
+    Diagnosis {
+        cause: NODE_ADDRESS_ON_WRONG_INTERFACE,
+        summary: format!(
+            "{} {}:{} -> {}:{} entered {}, whose parent device is {}{kind} with local address {}; the              other nodes are reached through {good}, so {outer} and nothing came back. Calico's address              autodetection picked {} for this node, and felix built {} on it.",
+            proto_name(flow.proto),
+            flow.src,
+            flow.sport,
+            flow.dst,
+            flow.dport,
+            w.vxlan,
+            w.parent,
+            w.local.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            w.parent,
+            w.vxlan,
+        ),
+        evidence: json!({
+            "tunnel_device": w.vxlan,
+            "parent_device": w.parent,
+            "parent_kind": w.parent_kind,
+            "parent_addresses": w.parent_addrs,
+            "vtep_local": w.local.map(|l| l.to_string()),
+            "peer_vtep": w.peer.map(|p| p.to_string()),
+            "route_to_peers_via": w.route_iface,
+            "outer_packets_left": w.outer_seen_on,
+        }),
+        fix: autodetect_fix(&good, w.peer),
+    }
+}
+
+/// Exchanges with the datastore that are slow.
+struct Slow {
+    count: u64,
+    p50_us: u32,
+    p90_us: u32,
+    max_ns: u64,
+    total_wait_ns: u64,
+}
+
+fn slow_exchanges(flow: &Flow, cx: &Context<'_>) -> Option<Slow> {
+    let port = flow.nat.map(|n| n.dport).unwrap_or(flow.dport);
+    if !cx.rules.datastore_ports.contains(&port) && !cx.rules.datastore_ports.contains(&flow.dport)
+    {
+        return None;
+    }
+    let e = &flow.exchanges;
+    let p50 = e.quantile_us(0.5)?;
+    if u64::from(p50) * 1000 < cx.rules.slow_ns {
+        return None;
+    }
+    Some(Slow {
+        count: e.count,
+        p50_us: p50,
+        p90_us: e.quantile_us(0.9).unwrap_or(p50),
+        max_ns: e.max_ns,
+        total_wait_ns: e.total_wait_ns,
+    })
+}
+
+fn slow_diagnosis(flow: &Flow, cx: &Context<'_>, s: &Slow) -> Diagnosis {
+    let dst = flow
+        .nat
+        .map(|n| (n.dst, n.dport))
+        .unwrap_or((flow.dst, flow.dport));
+    let p50_ms = f64::from(s.p50_us) / 1000.0;
+    let budget = cx.rules.liveness_budget_ns.map(|b| {
+        let reads = (b as f64 / 1e6 / p50_ms).floor() as u64;
+        json!({
+            "liveness_budget_s": b as f64 / 1e9,
+            "sequential_reads_that_fit": reads,
+        })
+    });
+    let budget_text = match cx.rules.liveness_budget_ns {
+        Some(b) => format!(
+            " Within calico-node's liveness budget of {:.0} s only about {} such reads fit; a startup              that reads every node's keys needs more as the cluster grows, so the probe kills calico-node              before it is ready.",
+            b as f64 / 1e9,
+            (b as f64 / 1e6 / p50_ms).floor()
+        ),
+        None => " Startup reads the datastore sequentially (every node's keys), so its duration grows                  with cluster size times this latency; if it outgrows calico-node's liveness probe, the                  pod is killed while still starting."
+            .into(),
+    };
+    Diagnosis {
+        cause: DATASTORE_LATENCY,
+        summary: format!(
+            "{} request/response exchanges with the datastore {}:{}{} took a median {:.0} ms (p90 {:.0} ms,              max {:.0} ms), {:.1} s of waiting in total.{budget_text}",
+            s.count,
+            dst.0,
+            dst.1,
+            service_name(dst.1),
+            p50_ms,
+            f64::from(s.p90_us) / 1000.0,
+            s.max_ns as f64 / 1e6,
+            s.total_wait_ns as f64 / 1e9,
+        ),
+        evidence: json!({
+            "datastore": format!("{}:{}", dst.0, dst.1),
+            "exchanges": s.count,
+            "p50_ms": p50_ms,
+            "p90_ms": f64::from(s.p90_us) / 1000.0,
+            "max_ms": s.max_ns as f64 / 1e6,
+            "total_wait_ms": s.total_wait_ns / 1_000_000,
+            "handshake_ms": flow.handshake_ns().map(|n| n as f64 / 1e6),
+            "budget": budget,
+        }),
+        fix: "Give calico-node time to start: raise its livenessProbe initialDelaySeconds and/or               failureThreshold (e.g. 60 s and 10). Better, cut the latency: run the datastore (etcd)               close to the nodes, or use the Kubernetes datastore with Typha so nodes do not each read               a far etcd."
+            .into(),
+    }
+}
+
+/// An unanswered tunnel or BGP peer that this node can only reach through a gateway, while its
+/// other peers share the node's underlay subnet.
+fn off_link_peer(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
+    let (peer, port, iface) = flow.hops.iter().find_map(|h| {
+        if h.side != Side::Forward || h.dir != Dir::Egress || h.role != Some(Role::Host) {
+            return None;
+        }
+        match &h.encap {
+            Some(e) => Some((e.outer_dst, e.outer_dport, h.iface.clone())),
+            None if flow.dport == 179 => Some((h.dst, 179, h.iface.clone())),
+            None => None,
+        }
+    })?;
+    let route = cx.facts.route_to(peer)?;
+    let gw = route.gateway?;
+    let egress = cx.facts.link(route.oif?)?;
+    let underlay: Vec<Cidr> = egress
+        .addrs
+        .iter()
+        .filter(|a| a.ip.is_ipv4() == peer.is_ipv4() && !a.is_host())
+        .map(|a| a.network())
+        .collect();
+    if underlay.is_empty() {
+        return None;
+    }
+    Some(Diagnosis {
+        cause: NODE_ADDRESS_ON_WRONG_INTERFACE,
+        summary: format!(
+            "The peer node's address {peer}{} is not on this node's underlay {} ({}): it is reached only              through the gateway {gw}, and nothing came back. The peer most likely autodetected its node              address on the wrong interface (a container bridge or a second NIC) and advertised it.",
+            service_name(port),
+            join(&underlay),
+            egress.name,
+        ),
+        evidence: json!({
+            "peer_address": peer.to_string(),
+            "dport": port,
+            "left_via": iface,
+            "route": {"dst": route.dst.to_string(), "via": gw.to_string(), "dev": egress.name},
+            "underlay_subnets": underlay.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        }),
+        fix: format!(
+            "On the node that owns {peer} (`calicoctl get nodes -o wide`, or the projectcalico.org/IPv4Address              annotations), pin address autodetection to the interface on {}: {}",
+            join(&underlay),
+            autodetect_fix("<its NIC>", None)
+        ),
+    })
+}
+
+/// Faults visible in the node's configuration alone, before any traffic.
+pub fn node_findings(cx: &Context<'_>) -> Vec<Diagnosis> {
+    let mut out = Vec::new();
+    for pool in &cx.pools.all {
+        for (subnet, link) in cx.facts.connected_subnets() {
+            let tunnel_or_pod = link.vxlan.is_some()
+                || crate::calico::TUNNEL_IFACES.contains(&link.name.as_str())
+                || link.name.starts_with("cali");
+            if tunnel_or_pod || !pool.overlaps(&subnet) {
+                continue;
+            }
+            out.push(Diagnosis {
+                cause: IPPOOL_OVERLAPS_HOST_NETWORK,
+                summary: format!(
+                    "IP pool {pool} overlaps the host network {subnet} on {}: felix treats every address                      in it as a pod, so pod traffic to those hosts is not masqueraded and their replies                      go astray.",
+                    link.name
+                ),
+                evidence: json!({"pool": pool.to_string(), "host_subnet": subnet.to_string(), "host_iface": link.name}),
+                fix: format!("Change the IPPool {pool} so it no longer overlaps {subnet}, then recreate the pods."),
+            });
+        }
+    }
+    for vx in cx.facts.links.values() {
+        let Some(info) = &vx.vxlan else { continue };
+        let Some(parent) = info.parent_index.and_then(|i| cx.facts.link(i)) else {
+            continue;
+        };
+        if !parent.is_bridge() {
+            continue;
+        }
+        // A host bridge carrying a physical NIC is a legitimate node interface; a bridge whose
+        // ports are all virtual (docker0, nerdctl0, cni0) is a container network.
+        let ports: Vec<&crate::netlink::Link> = cx
+            .facts
+            .links
+            .values()
+            .filter(|l| l.master == Some(parent.index))
+            .collect();
+        if ports.iter().any(|p| p.kind.is_none()) {
+            continue;
+        }
+        let good = cx
+            .facts
+            .default_route_ifaces()
+            .first()
+            .map(|i| cx.facts.name_of(*i))
+            .unwrap_or_else(|| "the node's NIC".into());
+        out.push(Diagnosis {
+            cause: NODE_ADDRESS_ON_WRONG_INTERFACE,
+            summary: format!(
+                "{}'s parent device is {}, a bridge with only virtual ports (a container network), with                  local address {}: tunnel traffic to the other nodes cannot leave this node.",
+                vx.name,
+                parent.name,
+                info.local.map(|l| l.to_string()).unwrap_or_else(|| "-".into())
+            ),
+            evidence: json!({
+                "tunnel_device": vx.name,
+                "parent_device": parent.name,
+                "parent_addresses": parent.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "bridge_ports": ports.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+                "default_route_via": good,
+            }),
+            fix: autodetect_fix(&good, None),
+        });
+    }
+    out
+}
+
+fn join(c: &[Cidr]) -> String {
+    c.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn kernel_drop(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
@@ -504,13 +962,14 @@ mod tests {
         )
     });
     static SYMBOLS: std::sync::LazyLock<Symbols> = std::sync::LazyLock::new(Symbols::default);
+    static RULES: std::sync::LazyLock<Rules> = std::sync::LazyLock::new(Rules::default);
 
     fn cx<'a>(pools: &'a Pools, facts: &'a NodeFacts, now: u64) -> Context<'a> {
         Context {
             pools,
             facts,
             now_ns: now,
-            no_reply_after_ns: 3_000_000_000,
+            rules: &RULES,
             reasons: &REASONS,
             symbols: &SYMBOLS,
         }
@@ -647,6 +1106,346 @@ mod tests {
             j.diagnosis.map(|d| d.cause),
             Some(IPPOOL_OVERLAPS_HOST_NETWORK)
         );
+    }
+
+    /// A node on the 10.51.0.0/24 underlay (eth0), default route via 10.51.0.1, plus extras.
+    fn underlay_node(node_ip: &str, extra: Vec<Link>) -> NodeFacts {
+        let mut f = NodeFacts::default();
+        let mut eth0 = Link {
+            index: 2,
+            name: "eth0".into(),
+            kind: None,
+            master: None,
+            up: true,
+            l3: false,
+            vxlan: None,
+            addrs: vec![IfAddr {
+                ip: ip(node_ip),
+                prefix: 24,
+            }],
+        };
+        eth0.up = true;
+        f.links.insert(2, eth0);
+        f.links.insert(
+            5,
+            Link {
+                index: 5,
+                name: "calid92900560e3".into(),
+                kind: Some("veth".into()),
+                master: None,
+                up: true,
+                l3: false,
+                vxlan: None,
+                addrs: vec![],
+            },
+        );
+        for l in extra {
+            f.links.insert(l.index, l);
+        }
+        let cidr = |s: &str| {
+            s.parse::<Cidr>()
+                .unwrap_or_else(|_| Cidr::host(ip("0.0.0.0")))
+        };
+        f.routes.push(crate::netlink::Route {
+            dst: cidr("0.0.0.0/0"),
+            oif: Some(2),
+            gateway: Some(ip("10.51.0.1")),
+            pref_src: None,
+            table: 254,
+        });
+        f.routes.push(crate::netlink::Route {
+            dst: cidr("10.51.0.0/24"),
+            oif: Some(2),
+            gateway: None,
+            pref_src: None,
+            table: 254,
+        });
+        f
+    }
+
+    fn lookup2(i: u32) -> (String, Option<Role>) {
+        match i {
+            2 => ("eth0".into(), Some(Role::Host)),
+            3 => ("eth1".into(), Some(Role::Host)),
+            5 => ("calid92900560e3".into(), Some(Role::Workload)),
+            7 => ("nerdctl0".into(), Some(Role::Host)),
+            8 => ("vxlan.calico".into(), Some(Role::Tunnel)),
+            o => (format!("if{o}"), None),
+        }
+    }
+
+    #[test]
+    fn seed_004_bgp_from_second_nic_address() {
+        let eth1 = Link {
+            index: 3,
+            name: "eth1".into(),
+            kind: None,
+            master: None,
+            up: true,
+            l3: false,
+            vxlan: None,
+            addrs: vec![IfAddr {
+                ip: ip("10.0.0.66"),
+                prefix: 24,
+            }],
+        };
+        let f = underlay_node("10.51.0.101", vec![eth1]);
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        let mut t = FlowTable::new(10);
+        let id = t
+            .ingest(
+                &obs(1, 2, Dir::Egress, syn("10.0.0.66", "10.51.0.100", 179)),
+                &lookup2,
+            )
+            .unwrap_or(0);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        let j = judge(flow, &cx(&p, &f, 10_000_000_000));
+        assert_eq!(j.verdicts, vec![NO_REPLY, WRONG_SOURCE_ADDRESS]);
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, NODE_ADDRESS_ON_WRONG_INTERFACE);
+        assert_eq!(d.evidence["source_iface"], "eth1");
+        assert_eq!(d.evidence["egress_iface"], "eth0");
+        assert_eq!(d.evidence["egress_subnets"][0], "10.51.0.0/24");
+        assert!(d.summary.contains("BGP"), "{}", d.summary);
+        assert!(
+            d.fix.contains("IP_AUTODETECTION_METHOD=interface=eth0"),
+            "{}",
+            d.fix
+        );
+
+        // The other node dials the advertised 10.0.0.66: off its underlay, via the gateway.
+        let f1 = underlay_node("10.51.0.100", vec![]);
+        let mut t = FlowTable::new(10);
+        let id = t
+            .ingest(
+                &obs(1, 2, Dir::Egress, syn("10.51.0.100", "10.0.0.66", 179)),
+                &lookup2,
+            )
+            .unwrap_or(0);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        let j = judge(flow, &cx(&p, &f1, 10_000_000_000));
+        assert_eq!(j.verdicts, vec![NO_REPLY]);
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, NODE_ADDRESS_ON_WRONG_INTERFACE);
+        assert_eq!(d.evidence["route"]["via"], "10.51.0.1");
+
+        // Answered BGP from the right address: nothing to say.
+        let mut t = FlowTable::new(10);
+        let s = syn("10.51.0.101", "10.51.0.100", 179);
+        let id = t.ingest(&obs(1, 2, Dir::Egress, s), &lookup2).unwrap_or(0);
+        let mut r = s;
+        std::mem::swap(&mut r.src, &mut r.dst);
+        std::mem::swap(&mut r.sport, &mut r.dport);
+        r.tcp_flags = 0x12;
+        t.ingest(&obs(2, 2, Dir::Ingress, r), &lookup2);
+        let j = judge(
+            t.get(id).unwrap_or_else(|| unreachable!()),
+            &cx(&p, &f, 10_000_000_000),
+        );
+        assert_eq!(j.verdicts, vec![REPLIED]);
+        assert!(j.diagnosis.is_none());
+    }
+
+    fn vxlan_link(parent: u32, local: &str) -> Link {
+        Link {
+            index: 8,
+            name: "vxlan.calico".into(),
+            kind: Some("vxlan".into()),
+            master: None,
+            up: true,
+            l3: false,
+            vxlan: Some(crate::netlink::VxlanInfo {
+                vni: Some(4096),
+                parent_index: Some(parent),
+                local: Some(ip(local)),
+                port: Some(4789),
+            }),
+            addrs: vec![IfAddr {
+                ip: ip("10.244.228.128"),
+                prefix: 32,
+            }],
+        }
+    }
+
+    fn vxlan_flow(outer_iface: u32, outer_src: &str, outer_dst: &str) -> FlowTable {
+        let mut t = FlowTable::new(10);
+        let s = syn("10.244.228.139", "10.244.142.36", 8090);
+        t.ingest(&obs(1, 5, Dir::Ingress, s), &lookup2);
+        t.ingest(&obs(2, 8, Dir::Egress, s), &lookup2);
+        let mut o = obs(3, outer_iface, Dir::Egress, syn(outer_src, outer_dst, 4789));
+        o.outer.proto = 17;
+        o.inner = Some((crate::events::Encap::Vxlan, 4096, s));
+        t.ingest(&o, &lookup2);
+        t
+    }
+
+    #[test]
+    fn seed_003_vxlan_on_a_bridge() {
+        let bridge = Link {
+            index: 7,
+            name: "nerdctl0".into(),
+            kind: Some("bridge".into()),
+            master: None,
+            up: true,
+            l3: false,
+            vxlan: None,
+            addrs: vec![IfAddr {
+                ip: ip("10.4.0.1"),
+                prefix: 24,
+            }],
+        };
+        let f = underlay_node("10.51.0.101", vec![bridge, vxlan_link(7, "10.4.0.1")]);
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        let t = vxlan_flow(7, "10.4.0.1", "10.51.0.100");
+        let flow = t.iter_newest().next().unwrap_or_else(|| unreachable!());
+        let j = judge(flow, &cx(&p, &f, 10_000_000_000));
+        assert_eq!(
+            j.verdicts,
+            vec![ENCAPSULATED, NO_REPLY, WRONG_PARENT_DEVICE]
+        );
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, NODE_ADDRESS_ON_WRONG_INTERFACE);
+        assert_eq!(d.evidence["parent_device"], "nerdctl0");
+        assert_eq!(d.evidence["parent_kind"], "bridge");
+        assert_eq!(d.evidence["route_to_peers_via"], "eth0");
+        assert_eq!(d.evidence["outer_packets_left"][0], "nerdctl0");
+        assert!(d.fix.contains("interface=eth0"));
+
+        // The healthy node sending to that peer's advertised VTEP 10.4.0.1 sees it off-link.
+        let f1 = underlay_node("10.51.0.100", vec![vxlan_link(2, "10.51.0.100")]);
+        let t = vxlan_flow(2, "10.51.0.100", "10.4.0.1");
+        let flow = t.iter_newest().next().unwrap_or_else(|| unreachable!());
+        let j = judge(flow, &cx(&p, &f1, 10_000_000_000));
+        assert_eq!(j.verdicts, vec![ENCAPSULATED, NO_REPLY]);
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(
+            (d.cause, d.evidence["peer_address"].as_str()),
+            (NODE_ADDRESS_ON_WRONG_INTERFACE, Some("10.4.0.1"))
+        );
+
+        // Healthy overlay: parent eth0, peer on-link, answered.
+        let mut t = vxlan_flow(2, "10.51.0.100", "10.51.0.101");
+        let mut r = syn("10.244.142.36", "10.244.228.139", 40000);
+        r.sport = 8090;
+        r.dport = 40000;
+        r.tcp_flags = 0x12;
+        t.ingest(&obs(4, 5, Dir::Egress, r), &lookup2);
+        let flow = t.iter_newest().next().unwrap_or_else(|| unreachable!());
+        let j = judge(flow, &cx(&p, &f1, 10_000_000_000));
+        assert_eq!(j.verdicts, vec![ENCAPSULATED, REPLIED]);
+        assert!(j.diagnosis.is_none());
+    }
+
+    #[test]
+    fn seed_001_slow_datastore_exchanges() {
+        let f = underlay_node("10.51.0.100", vec![]);
+        let p = pools(&[], &[]);
+        let run = |delay_ns: u64| {
+            let mut t = FlowTable::new(10);
+            let s = syn("10.51.0.100", "10.51.0.10", 2379);
+            let id = t.ingest(&obs(0, 2, Dir::Egress, s), &lookup2).unwrap_or(0);
+            let mut r = s;
+            std::mem::swap(&mut r.src, &mut r.dst);
+            std::mem::swap(&mut r.sport, &mut r.dport);
+            r.tcp_flags = 0x12;
+            t.ingest(&obs(1_000_000, 2, Dir::Ingress, r), &lookup2);
+            let mut ts = 2_000_000;
+            for i in 0..20u32 {
+                let mut q = s;
+                q.tcp_flags = 0x18;
+                q.payload_len = 80;
+                q.seq = 10 + i;
+                t.ingest(&obs(ts, 2, Dir::Egress, q), &lookup2);
+                ts += delay_ns;
+                let mut a = r;
+                a.tcp_flags = 0x18;
+                a.payload_len = 400;
+                a.seq = 100 + i;
+                t.ingest(&obs(ts, 2, Dir::Ingress, a), &lookup2);
+                ts += 1_000_000;
+            }
+            (t, id)
+        };
+        let (t, id) = run(150_000_000);
+        let mut rules = Rules::default();
+        rules.liveness_budget_ns = Some(3_000_000_000);
+        let c = Context {
+            rules: &rules,
+            ..cx(&p, &f, 100_000_000_000)
+        };
+        let j = judge(t.get(id).unwrap_or_else(|| unreachable!()), &c);
+        assert_eq!(j.verdicts, vec![REPLIED, SLOW_RESPONSE]);
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, DATASTORE_LATENCY);
+        assert_eq!(d.evidence["exchanges"], 20);
+        assert_eq!(d.evidence["p50_ms"], 150.0);
+        assert_eq!(d.evidence["budget"]["sequential_reads_that_fit"], 20);
+        assert!(d.fix.contains("initialDelaySeconds"));
+        // A near datastore is healthy.
+        let (t, id) = run(2_000_000);
+        let j = judge(
+            t.get(id).unwrap_or_else(|| unreachable!()),
+            &cx(&p, &f, 100_000_000_000),
+        );
+        assert_eq!(j.verdicts, vec![REPLIED]);
+        assert!(j.diagnosis.is_none());
+    }
+
+    #[test]
+    fn node_findings_flag_container_bridge_parent_and_overlap_only() {
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        let bridge = |idx: u32, name: &str| Link {
+            index: idx,
+            name: name.into(),
+            kind: Some("bridge".into()),
+            master: None,
+            up: true,
+            l3: false,
+            vxlan: None,
+            addrs: vec![IfAddr {
+                ip: ip("10.4.0.1"),
+                prefix: 24,
+            }],
+        };
+        let port = |idx: u32, master: u32, kind: Option<&str>| Link {
+            index: idx,
+            name: format!("port{idx}"),
+            kind: kind.map(String::from),
+            master: Some(master),
+            up: true,
+            l3: false,
+            vxlan: None,
+            addrs: vec![],
+        };
+        // Container bridge (only veth ports) as the VXLAN parent: flagged.
+        let f = underlay_node(
+            "10.51.0.101",
+            vec![
+                bridge(7, "nerdctl0"),
+                port(9, 7, Some("veth")),
+                vxlan_link(7, "10.4.0.1"),
+            ],
+        );
+        let found = node_findings(&cx(&p, &f, 0));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].evidence["parent_device"], "nerdctl0");
+        // A host bridge with a physical NIC in it is a legitimate parent.
+        let f = underlay_node(
+            "10.51.0.101",
+            vec![
+                bridge(7, "br0"),
+                port(9, 7, None),
+                vxlan_link(7, "10.4.0.1"),
+            ],
+        );
+        assert!(node_findings(&cx(&p, &f, 0)).is_empty());
+        // Overlap of a pool with the host network.
+        let f = underlay_node("10.51.0.101", vec![]);
+        let p2 = pools(&["10.0.0.0/8"], &["10.0.0.0/8"]);
+        let found = node_findings(&cx(&p2, &f, 0));
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].cause, IPPOOL_OVERLAPS_HOST_NETWORK);
+        assert!(node_findings(&cx(&p, &f, 0)).is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 use tracer_common::{
     PacketEvent, Tuple, DIR_EGRESS, DIR_INGRESS, EMIT_FIRST, EMIT_PERIODIC, EMIT_RETRANSMIT,
-    EMIT_TCP_CONTROL, ENCAP_IPIP, ENCAP_NONE, ENCAP_VXLAN, KIND_DROP, KIND_PACKET,
+    EMIT_TCP_CONTROL, EMIT_TURN, ENCAP_IPIP, ENCAP_NONE, ENCAP_VXLAN, KIND_DROP, KIND_PACKET,
 };
 
 use crate::net::ip_from_raw;
@@ -54,6 +54,8 @@ pub enum Emit {
     TcpControl,
     Retransmit,
     Periodic,
+    /// TCP payload changed direction: a request/response turn.
+    Turn,
     Other,
 }
 
@@ -171,6 +173,7 @@ pub fn from_event(ev: &PacketEvent) -> Result<Observation, DecodeError> {
         EMIT_TCP_CONTROL => Emit::TcpControl,
         EMIT_RETRANSMIT => Emit::Retransmit,
         EMIT_PERIODIC => Emit::Periodic,
+        EMIT_TURN => Emit::Turn,
         _ => Emit::Other,
     };
     Ok(Observation {

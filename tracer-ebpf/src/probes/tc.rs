@@ -3,13 +3,13 @@ use aya_ebpf::{
     bindings::TC_ACT_PIPE, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
 };
 use tracer_common::{
-    FlowKey, FlowState, PacketEvent, Tuple, DIR_EGRESS, DIR_INGRESS, EMIT_FIRST, EMIT_PERIODIC,
-    EMIT_RETRANSMIT, EMIT_TCP_CONTROL, ENCAP_NONE, IFACE_L3, KIND_PACKET, PROTO_TCP, STAT_LOST,
-    STAT_MALFORMED, STAT_PACKETS, STAT_RECORDS, TCP_FIN, TCP_RST, TCP_SYN,
+    ConvKey, FlowKey, FlowState, PacketEvent, Tuple, DIR_EGRESS, DIR_INGRESS, EMIT_FIRST,
+    EMIT_PERIODIC, EMIT_RETRANSMIT, EMIT_TCP_CONTROL, EMIT_TURN, ENCAP_NONE, IFACE_L3, KIND_PACKET,
+    PROTO_TCP, STAT_LOST, STAT_MALFORMED, STAT_PACKETS, STAT_RECORDS, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
-    maps::{count, summary_interval_ns, EVENTS, FLOWS, IFACES, SCRATCH},
+    maps::{count, summary_interval_ns, EVENTS, FLOWS, IFACES, SCRATCH, TURNS},
     parse::{parse, Outcome},
 };
 
@@ -68,6 +68,9 @@ fn observe(ctx: &TcContext, dir: u8) {
     let len = ctx.len();
     let seq_end = t.seq.wrapping_add(t.payload_len as u32);
 
+    // Tracked on every payload packet, whatever else decides to emit, so the state stays current.
+    let turn = t.proto == PROTO_TCP && t.payload_len > 0 && is_turn(t, ifindex);
+
     let (emit, pkts, bytes) = match FLOWS.get_ptr_mut(&key) {
         None => {
             let st = FlowState {
@@ -94,6 +97,9 @@ fn observe(ctx: &TcContext, dir: u8) {
                 if (seq_end.wrapping_sub(st.seq_end) as i32) > 0 {
                     st.seq_end = seq_end;
                 }
+            }
+            if emit == 0 && turn {
+                emit = EMIT_TURN;
             }
             if emit == 0 && now.wrapping_sub(st.last_emit_ns) >= summary_interval_ns() {
                 emit = EMIT_PERIODIC;
@@ -127,4 +133,38 @@ fn observe(ctx: &TcContext, dir: u8) {
         return;
     }
     count(STAT_RECORDS);
+}
+
+/// Records which side sent this payload; true when it differs from the previous payload's side.
+#[inline(always)]
+fn is_turn(t: &Tuple, ifindex: u32) -> bool {
+    // Order endpoints so both directions map to one key.
+    let src_first = (t.src, t.sport) <= (t.dst, t.dport);
+    let (a, a_port, b, b_port, side) = if src_first {
+        (t.src, t.sport, t.dst, t.dport, 0u8)
+    } else {
+        (t.dst, t.dport, t.src, t.sport, 1u8)
+    };
+    let key = ConvKey {
+        a,
+        b,
+        a_port,
+        b_port,
+        ifindex,
+    };
+    match TURNS.get_ptr_mut(&key) {
+        Some(last) => {
+            let last = unsafe { &mut *last };
+            if *last == side {
+                false
+            } else {
+                *last = side;
+                true
+            }
+        }
+        None => {
+            let _ = TURNS.insert(&key, &side, 0);
+            true
+        }
+    }
 }

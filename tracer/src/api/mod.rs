@@ -1,4 +1,4 @@
-//! The agent's HTTP API (hyper): `/flows`, `/flows/{id}`, `/healthz`.
+//! The agent's HTTP API (hyper): `/flows`, `/flows/{id}`, `/diagnoses`, `/healthz`.
 pub mod query;
 pub mod view;
 
@@ -87,6 +87,12 @@ pub fn route(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segments.as_slice() {
         ["healthz"] => respond(StatusCode::OK, shared.health()),
+        ["diagnoses"] => match query {
+            Some(q) if !q.is_empty() => {
+                error(StatusCode::BAD_REQUEST, "/diagnoses takes no parameters")
+            }
+            _ => respond(StatusCode::OK, shared.diagnoses()),
+        },
         ["flows"] => match FlowQuery::parse(query) {
             Ok(q) => respond(StatusCode::OK, shared.flows(&q)),
             Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),

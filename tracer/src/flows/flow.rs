@@ -101,6 +101,60 @@ pub struct Hop {
     pub syn_seq: Option<u32>,
 }
 
+/// Request/response exchanges timed from payload turns at one interface.
+#[derive(Debug, Clone, Default)]
+pub struct Exchanges {
+    /// Where the exchanges are timed: the flow's first hop, which sees both directions.
+    measure_ifindex: Option<u32>,
+    last_side: Option<Side>,
+    request_ns: Option<u64>,
+    /// Response latencies in microseconds (the first MAX_SAMPLES; `count` keeps counting).
+    pub latencies_us: Vec<u32>,
+    pub count: u64,
+    pub total_wait_ns: u64,
+    pub max_ns: u64,
+}
+
+const MAX_SAMPLES: usize = 4096;
+
+impl Exchanges {
+    fn observe(&mut self, ifindex: u32, side: Side, ts_ns: u64) {
+        if *self.measure_ifindex.get_or_insert(ifindex) != ifindex {
+            return;
+        }
+        if self.last_side == Some(side) {
+            return;
+        }
+        self.last_side = Some(side);
+        match side {
+            Side::Forward => self.request_ns = Some(ts_ns),
+            Side::Reverse => {
+                if let Some(req) = self.request_ns.take() {
+                    let wait = ts_ns.saturating_sub(req);
+                    self.count += 1;
+                    self.total_wait_ns += wait;
+                    self.max_ns = self.max_ns.max(wait);
+                    if self.latencies_us.len() < MAX_SAMPLES {
+                        self.latencies_us
+                            .push((wait / 1000).min(u64::from(u32::MAX)) as u32);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Latency at quantile `q` (0..=1) in microseconds.
+    pub fn quantile_us(&self, q: f64) -> Option<u32> {
+        if self.latencies_us.is_empty() {
+            return None;
+        }
+        let mut v = self.latencies_us.clone();
+        v.sort_unstable();
+        let i = ((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+        v.get(i).copied()
+    }
+}
+
 /// A kernel drop of one of the flow's packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DropRecord {
@@ -159,6 +213,7 @@ pub struct Flow {
     /// Every tuple registered for this flow in the table's index.
     pub tuples: Vec<DirTuple>,
     pub drops: Vec<DropRecord>,
+    pub exchanges: Exchanges,
 }
 
 impl Flow {
@@ -179,6 +234,7 @@ impl Flow {
             expects_reply: false,
             tuples: Vec::new(),
             drops: Vec::new(),
+            exchanges: Exchanges::default(),
         }
     }
 
@@ -201,6 +257,9 @@ impl Flow {
         }
         if p.proto == 6 {
             self.record_tcp(&p, side, obs.ts_ns);
+            if p.payload_len > 0 {
+                self.exchanges.observe(obs.ifindex, side, obs.ts_ns);
+            }
         }
         let idx = match self
             .hops

@@ -12,7 +12,7 @@ use std::{
     net::IpAddr,
 };
 
-pub use flow::{DirTuple, DropRecord, Flow, FlowId, Hop, HopEncap, Nat, Side};
+pub use flow::{DirTuple, DropRecord, Exchanges, Flow, FlowId, Hop, HopEncap, Nat, Side};
 
 use crate::{calico::Role, events::Observation};
 

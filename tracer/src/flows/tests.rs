@@ -298,3 +298,45 @@ fn kernel_drops_attach_to_the_flow_and_fold() {
         (3, 1, 1)
     );
 }
+
+#[test]
+fn request_response_turns_are_timed_at_the_first_hop() {
+    let mut t = FlowTable::new(10);
+    let syn = pkt("192.168.21.10", 40000, "192.168.21.50", 2379, 0x02, 1, 0);
+    let id = t.ingest(&obs(0, ETH0, Dir::Egress, syn), &lookup).must();
+    let mut ts = 1_000_000u64;
+    for i in 0..5u32 {
+        let mut req = pkt(
+            "192.168.21.10",
+            40000,
+            "192.168.21.50",
+            2379,
+            0x18,
+            100 + i,
+            0,
+        );
+        req.payload_len = 60;
+        t.ingest(&obs(ts, ETH0, Dir::Egress, req), &lookup);
+        // A second request segment before the answer is not a new exchange.
+        t.ingest(&obs(ts + 10, ETH0, Dir::Egress, req), &lookup);
+        let mut resp = pkt(
+            "192.168.21.50",
+            2379,
+            "192.168.21.10",
+            40000,
+            0x18,
+            900 + i,
+            0,
+        );
+        resp.payload_len = 300;
+        ts += 150_000_000;
+        t.ingest(&obs(ts, ETH0, Dir::Ingress, resp), &lookup);
+        // The same response seen at another interface does not count twice.
+        t.ingest(&obs(ts + 5, CALI, Dir::Egress, resp), &lookup);
+        ts += 1_000_000;
+    }
+    let f = t.get(id).unwrap_or_else(|| unreachable!());
+    assert_eq!(f.exchanges.count, 5);
+    assert_eq!(f.exchanges.quantile_us(0.5), Some(150_000));
+    assert_eq!(f.exchanges.max_ns, 150_000_000);
+}
