@@ -1367,8 +1367,10 @@ mod tests {
             (t, id)
         };
         let (t, id) = run(150_000_000);
-        let mut rules = Rules::default();
-        rules.liveness_budget_ns = Some(3_000_000_000);
+        let rules = Rules {
+            liveness_budget_ns: Some(3_000_000_000),
+            ..Rules::default()
+        };
         let c = Context {
             rules: &rules,
             ..cx(&p, &f, 100_000_000_000)
