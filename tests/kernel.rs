@@ -58,7 +58,7 @@ fn tcp(sport: u16, dport: u16, flags: u8, seq: u32, payload: usize) -> L4 {
 
 #[test]
 fn parses_every_layer_the_agent_needs() -> R {
-    let (mut hooks, mut ring) = Hooks::load(1_000_000_000)?;
+    let (mut hooks, mut ring, _counters) = Hooks::load(1_000_000_000)?;
     hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
 
     // TCP SYN over IPv4.
@@ -187,9 +187,9 @@ fn parses_every_layer_the_agent_needs() -> R {
 
 #[test]
 fn malformed_frames_are_counted_not_recorded() -> R {
-    let (mut hooks, mut ring) = Hooks::load(1_000_000_000)?;
+    let (mut hooks, mut ring, counters) = Hooks::load(1_000_000_000)?;
     hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
-    let before = hooks.kernel_stats();
+    let before = counters.read();
 
     let good = ip_packet(ip("10.0.0.1"), ip("10.0.0.2"), 1, tcp(1, 2, 0x02, 3, 0));
     // IHL claims 60 bytes of header; the packet ends before the transport header it implies.
@@ -213,7 +213,7 @@ fn malformed_frames_are_counted_not_recorded() -> R {
     .is_empty());
     // TCP header cut short.
     assert!(run(&mut hooks, &mut ring, false, &ether(&good[..30]))?.is_empty());
-    let after = hooks.kernel_stats();
+    let after = counters.read();
     assert_eq!(
         after.malformed - before.malformed,
         4,
@@ -223,7 +223,7 @@ fn malformed_frames_are_counted_not_recorded() -> R {
     // ARP is not IP: skipped without being called malformed.
     let arp = ether_with(pnet_packet::ethernet::EtherTypes::Arp, &[0u8; 28]);
     assert!(run(&mut hooks, &mut ring, false, &arp)?.is_empty());
-    assert_eq!(hooks.kernel_stats().malformed, after.malformed);
+    assert_eq!(counters.read().malformed, after.malformed);
 
     // VXLAN whose inner frame is garbage: the outer packet is still recorded, the inner counted.
     let vx = ether(&vxlan(
@@ -237,7 +237,7 @@ fn malformed_frames_are_counted_not_recorded() -> R {
     assert_eq!(o.len(), 1);
     assert!(o[0].inner.is_none());
     assert_eq!(o[0].outer.dport, 4789);
-    assert_eq!(hooks.kernel_stats().malformed, after.malformed + 1);
+    assert_eq!(counters.read().malformed, after.malformed + 1);
 
     // Random bytes of every small length never break the program.
     let mut seed = 0x9e37_79b9u32;
@@ -259,7 +259,7 @@ fn malformed_frames_are_counted_not_recorded() -> R {
 #[test]
 fn bulk_flow_is_summarised_in_kernel() -> R {
     // A long summary interval so only first/control/retransmit records are emitted.
-    let (mut hooks, mut ring) = Hooks::load(60_000_000_000)?;
+    let (mut hooks, mut ring, _counters) = Hooks::load(60_000_000_000)?;
     hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
     let data = |seq: u32| {
         ether(&ip_packet(
@@ -307,7 +307,7 @@ fn bulk_flow_is_summarised_in_kernel() -> R {
 #[test]
 fn periodic_records_carry_counts() -> R {
     // A zero interval re-reports on every packet; counts must then be 1 each.
-    let (mut hooks, mut ring) = Hooks::load(0)?;
+    let (mut hooks, mut ring, _counters) = Hooks::load(0)?;
     hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
     let u = ether(&ip_packet(
         ip("10.2.0.1"),
@@ -333,7 +333,7 @@ fn periodic_records_carry_counts() -> R {
 
 #[test]
 fn kernel_drops_are_reported_with_reason_and_tuple() -> R {
-    let (mut hooks, mut ring) = Hooks::load(1_000_000_000)?;
+    let (mut hooks, mut ring, counters) = Hooks::load(1_000_000_000)?;
     let reasons = hooks.enable_drops()?;
     // A UDP datagram to a closed port is dropped by the kernel with NO_SOCKET; do it inside a
     // namespace of our own, on its loopback.
@@ -355,7 +355,7 @@ fn kernel_drops_are_reported_with_reason_and_tuple() -> R {
     let o = found.ok_or_else(|| {
         format!(
             "no drop record for the UDP datagram to port 9; {:?}",
-            hooks.kernel_stats()
+            counters.read()
         )
     })?;
     let d = o.drop.ok_or("not a drop")?;
@@ -367,7 +367,7 @@ fn kernel_drops_are_reported_with_reason_and_tuple() -> R {
 
 #[test]
 fn request_response_turns_are_reported() -> R {
-    let (mut hooks, mut ring) = Hooks::load(60_000_000_000)?;
+    let (mut hooks, mut ring, _counters) = Hooks::load(60_000_000_000)?;
     hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
     let seg = |fwd: bool, seq: u32| {
         let (s, d, sp, dp) = if fwd {

@@ -53,8 +53,42 @@ impl Agent {
 
     /// GET `path` from the agent; returns status and parsed JSON body.
     pub fn get(&self, ns: &Netns, path: &str) -> Result<(u16, Value), Box<dyn std::error::Error>> {
-        let path = path.to_string();
-        let r = ns.run(move || http_get(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)), &path))?;
+        self.request(ns, "GET", path, None, &[])
+    }
+
+    /// Any request; `headers` are extra header lines ("Name: value").
+    pub fn request(
+        &self,
+        ns: &Netns,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[&str],
+    ) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+        let (status, bytes) = self.raw(ns, method, path, body, headers)?;
+        if bytes.is_empty() {
+            return Ok((status, Value::Null));
+        }
+        let v = serde_json::from_slice(&bytes).map_err(|e| {
+            format!(
+                "{method} {path}: body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })?;
+        Ok((status, v))
+    }
+
+    /// Any request, raw body bytes back.
+    pub fn raw(
+        &self,
+        ns: &Netns,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[&str],
+    ) -> Result<(u16, Vec<u8>), Box<dyn std::error::Error>> {
+        let req = build_request(method, path, body, headers);
+        let r = ns.run(move || http_raw(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)), &req))?;
         r.map_err(|e| e.into())
     }
 
@@ -139,26 +173,69 @@ impl Drop for Agent {
 }
 
 /// Minimal HTTP/1.1 GET (Connection: close) so tests depend on nothing but std.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Value), String> {
+pub fn build_request(method: &str, path: &str, body: Option<&str>, headers: &[&str]) -> String {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    match body {
+        Some(b) => req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        )),
+        None => req.push_str("\r\n"),
+    }
+    req
+}
+
+/// Minimal HTTP/1.1 client (Connection: close) so tests depend on nothing but std; handles
+/// chunked bodies.
+pub fn http_raw(addr: SocketAddr, request: &str) -> Result<(u16, Vec<u8>), String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
+    s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no HTTP header end")?;
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let mut body = buf[end + 4..].to_vec();
     let status: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or("no status")?;
-    let json = serde_json::from_str(body).map_err(|e| format!("body is not JSON ({e}): {body}"))?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).trim(), 16).unwrap_or(0);
+        if size == 0 || b.len() < nl + 2 + size {
+            break;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
+        b = &b[(nl + 4 + size).min(b.len())..];
+    }
+    out
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Value), String> {
+    let (status, body) = http_raw(addr, &build_request("GET", path, None, &[]))?;
+    let json = serde_json::from_slice(&body)
+        .map_err(|e| format!("body is not JSON ({e}): {}", String::from_utf8_lossy(&body)))?;
     Ok((status, json))
 }
 

@@ -32,7 +32,9 @@ pub const STAT_PACKETS: u32 = 2;
 pub const STAT_RECORDS: u32 = 3;
 /// Kernel drops with a reportable reason (before filtering by protocol).
 pub const STAT_DROPS: u32 = 4;
-pub const STAT_COUNT: u32 = 5;
+/// Gauge, not a counter: ring-buffer bytes not yet consumed, as last seen by this CPU.
+pub const STAT_RB_PENDING: u32 = 5;
+pub const STAT_COUNT: u32 = 6;
 
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;

@@ -48,3 +48,10 @@ pub fn count(stat: u32) {
         unsafe { *p += 1 };
     }
 }
+
+#[inline(always)]
+pub fn set(stat: u32, value: u64) {
+    if let Some(p) = STATS.get_ptr_mut(stat) {
+        unsafe { *p = value };
+    }
+}

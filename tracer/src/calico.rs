@@ -26,6 +26,8 @@ pub const TUNNEL_IFACES: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum CalicoError {
+    #[error("bad interface name {0:?}: 1-15 characters, no '/', ':' or whitespace")]
+    BadIfaceName(String),
     #[error("running ipset: {0} (is the ipset tool installed?)")]
     IpsetExec(std::io::Error),
     #[error("bad pool {0}")]
@@ -169,6 +171,22 @@ pub fn veth_name_with_prefix(prefix: &str, namespace: &str, pod: &str) -> String
     format!("{prefix}{}", &hex[..keep])
 }
 
+/// Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or whitespace.
+pub fn check_iface_name(name: &str) -> Result<(), CalicoError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(CalicoError::BadIfaceName(name.to_string()))
+    }
+}
+
 /// The part an interface plays on the packet path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -272,6 +290,31 @@ mod tests {
             veth_name_with_prefix("lxc", "default", "nginx"),
             "lxcc440f455693b"
         );
+    }
+
+    #[test]
+    fn interface_names_are_checked() {
+        for good in [
+            "eth0",
+            "cali1234567890a",
+            "vxlan.calico",
+            "wg-v6.cali",
+            "enp0s31f6",
+        ] {
+            assert!(check_iface_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "a/b",
+            "eth0:1",
+            "with space",
+            "sixteen-chars-xx",
+            ".",
+            "..",
+            "tab\t",
+        ] {
+            assert!(check_iface_name(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

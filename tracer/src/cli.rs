@@ -25,8 +25,63 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: attach to Calico's interfaces and serve the HTTP API.
     Agent(AgentArgs),
-    /// Query an agent for flows.
+    /// Query an agent (or every agent of the DaemonSet) for flows and their diagnoses.
     Flows(FlowsArgs),
+    /// Follow one pod's (or interface's) flows live; attaches on demand and detaches on exit.
+    Watch(WatchArgs),
+    /// What is wrong on a node: faulty flows grouped by cause, and configuration findings.
+    Diagnoses(DiagnosesArgs),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// How to reach an agent.
+#[derive(Debug, Args, Clone)]
+pub struct AgentConn {
+    /// Agent base URL.
+    #[arg(long, env = "TRACER_AGENT", default_value = "http://127.0.0.1:9464")]
+    pub agent: String,
+    /// File with the agent's bearer token (the agent's --token-file).
+    #[arg(long, env = "TRACER_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+impl AgentConn {
+    pub fn token(&self) -> Result<Option<String>, String> {
+        match &self.token_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|e| format!("reading {}: {e}", p.display())),
+            None => Ok(None),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// `pod/NAME` or `iface/NAME`.
+    pub target: String,
+    /// The pod's namespace.
+    #[arg(short, long, default_value = "default")]
+    pub namespace: String,
+    /// felix's InterfacePrefix, to name the pod's veth.
+    #[arg(long, default_value = "cali")]
+    pub iface_prefix: String,
+    #[command(flatten)]
+    pub conn: AgentConn,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct DiagnosesArgs {
+    #[command(flatten)]
+    pub conn: AgentConn,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -63,14 +118,38 @@ pub struct AgentArgs {
     /// Most flows kept in memory; the oldest are evicted beyond it.
     #[arg(long, default_value_t = 100_000)]
     pub flow_cap: usize,
+    /// `auto` attaches to every interface with a role; `on-demand` only to those asked for
+    /// with POST /attach (or `tracer watch`).
+    #[arg(long, value_enum, default_value_t = crate::agent::AttachMode::Auto)]
+    pub attach: crate::agent::AttachMode,
+    /// File holding a bearer token every endpoint but /healthz then requires.
+    #[arg(long)]
+    pub token_file: Option<std::path::PathBuf>,
     /// How often the kernel re-reports a busy flow's counters.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub summary_interval: Duration,
 }
 
 impl AgentArgs {
-    pub fn to_config(&self) -> crate::agent::AgentConfig {
-        crate::agent::AgentConfig {
+    pub fn to_config(&self) -> Result<crate::agent::AgentConfig, crate::agent::AgentError> {
+        let token = match &self.token_file {
+            Some(p) => {
+                let t = std::fs::read_to_string(p)
+                    .map_err(|e| crate::agent::AgentError::Token(p.display().to_string(), e))?
+                    .trim()
+                    .to_string();
+                if t.is_empty() {
+                    return Err(crate::agent::AgentError::EmptyToken(
+                        p.display().to_string(),
+                    ));
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        Ok(crate::agent::AgentConfig {
+            attach: self.attach,
+            token,
             listen: self.listen,
             roles: RoleConfig {
                 workload_prefixes: self.iface_prefixes.clone(),
@@ -87,7 +166,7 @@ impl AgentArgs {
             flow_cap: self.flow_cap,
             summary_interval: self.summary_interval,
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -99,9 +178,27 @@ pub enum Output {
 
 #[derive(Debug, Args)]
 pub struct FlowsArgs {
-    /// Agent base URL.
-    #[arg(long, env = "TRACER_AGENT", default_value = "http://127.0.0.1:9464")]
-    pub agent: String,
+    #[command(flatten)]
+    pub conn: AgentConn,
+    /// Ask every agent of the DaemonSet (found through the headless Service's DNS name) and
+    /// merge the answers.
+    #[arg(long)]
+    pub all_nodes: bool,
+    /// The DaemonSet's headless Service, for --all-nodes.
+    #[arg(long, default_value = "tracer.kube-system.svc.cluster.local")]
+    pub service: String,
+    /// Port the agents listen on, for --all-nodes.
+    #[arg(long, default_value_t = 9464)]
+    pub agent_port: u16,
+    /// Explicit agent URLs to merge (comma separated) instead of DNS discovery.
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Vec<String>,
+    /// Pod as namespace/name: flows through its veth.
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only flows active since this long ago (5m) or this RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
     /// Destination IP or CIDR (matches before or after NAT).
     #[arg(long)]
     pub dst: Option<String>,
@@ -131,6 +228,8 @@ impl FlowsArgs {
         for (k, v) in [
             ("dst", self.dst.clone()),
             ("src", self.src.clone()),
+            ("pod", self.pod.clone()),
+            ("since", self.since.clone()),
             ("port", self.port.map(|p| p.to_string())),
             ("proto", self.proto.clone()),
             ("verdict", self.verdict.clone()),

@@ -1,7 +1,9 @@
-//! A small HTTP client for the agent's API (used by `tracer flows` and the lab).
+//! A small HTTP client for the agent's API (used by `tracer flows`, `tracer watch` and the lab).
+use std::time::Duration;
+
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::{Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, Method, Request, Response, Uri};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -12,6 +14,8 @@ pub enum ClientError {
     Url(String, String),
     #[error("connecting to the agent at {0}: {1}")]
     Connect(String, std::io::Error),
+    #[error("the agent at {0} did not answer within {1:?}")]
+    Timeout(String, Duration),
     #[error("talking to the agent: {0}")]
     Http(#[from] hyper::Error),
     #[error("building the request: {0}")]
@@ -22,39 +26,146 @@ pub enum ClientError {
     Json(#[from] serde_json::Error),
 }
 
+/// Where the agent is and how to authenticate.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub base: String,
+    pub token: Option<String>,
+    pub timeout: Duration,
+}
+
+impl Agent {
+    pub fn new(base: &str, token: Option<String>) -> Agent {
+        Agent {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| {
+            ClientError::Url(url.clone(), e.to_string())
+        })?;
+        if uri.scheme_str() != Some("http") {
+            return Err(ClientError::Url(url, "only http:// is supported".into()));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| ClientError::Url(url.clone(), "no host".into()))?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(80);
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let stream = tokio::time::timeout(self.timeout, TcpStream::connect(&authority))
+            .await
+            .map_err(|_| ClientError::Timeout(authority.clone(), self.timeout))?
+            .map_err(|e| ClientError::Connect(authority.clone(), e))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .header(hyper::header::HOST, authority.clone());
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let payload = match body {
+            Some(v) => {
+                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+                Bytes::from(serde_json::to_vec(&v)?)
+            }
+            None => Bytes::new(),
+        };
+        let resp = tokio::time::timeout(
+            self.timeout,
+            sender.send_request(req.body(Full::new(payload))?),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(authority, self.timeout))??;
+        Ok(resp)
+    }
+
+    /// Sends a request and parses the JSON answer (`Value::Null` for an empty body).
+    pub async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = tokio::time::timeout(self.timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| ClientError::Timeout(self.base.clone(), self.timeout))??
+            .to_bytes();
+        if !status.is_success() {
+            return Err(ClientError::Status {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+        }
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.json(Method::GET, path, None).await
+    }
+
+    /// Follows an NDJSON stream, calling `line` for each object until the stream ends or
+    /// `line` returns false.
+    pub async fn stream(
+        &self,
+        path: &str,
+        mut line: impl FnMut(Value) -> bool,
+    ) -> Result<(), ClientError> {
+        let resp = self.send(Method::GET, path, None).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            return Err(ClientError::Status {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            });
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let rest = buf.split_off(pos + 1);
+                let text = std::mem::replace(&mut buf, rest);
+                if let Ok(v) = serde_json::from_slice::<Value>(&text) {
+                    if !line(v) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// GETs `base` + `path_and_query` and parses the JSON answer.
 pub async fn get_json(base: &str, path_and_query: &str) -> Result<Value, ClientError> {
-    let url = format!("{}{}", base.trim_end_matches('/'), path_and_query);
-    let uri: Uri = url
-        .parse()
-        .map_err(|e: hyper::http::uri::InvalidUri| ClientError::Url(url.clone(), e.to_string()))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(ClientError::Url(url, "only http:// is supported".into()));
-    }
-    let host = uri
-        .host()
-        .ok_or_else(|| ClientError::Url(url.clone(), "no host".into()))?
-        .to_string();
-    let port = uri.port_u16().unwrap_or(80);
-    let authority = format!("{host}:{port}");
-    let stream = TcpStream::connect(&authority)
-        .await
-        .map_err(|e| ClientError::Connect(authority.clone(), e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-        .header(hyper::header::HOST, authority)
-        .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        return Err(ClientError::Status {
-            status: status.as_u16(),
-            body: String::from_utf8_lossy(&body).into_owned(),
-        });
-    }
-    Ok(serde_json::from_slice(&body)?)
+    Agent::new(base, None).get(path_and_query).await
 }

@@ -29,6 +29,11 @@ impl Clock {
         }
     }
 
+    /// When the clock was created (agent start), in monotonic nanoseconds.
+    pub fn start_ns(&self) -> u64 {
+        self.mono_ns
+    }
+
     pub fn wall(&self, ts_ns: u64) -> SystemTime {
         if ts_ns >= self.mono_ns {
             self.wall + Duration::from_nanos(ts_ns - self.mono_ns)

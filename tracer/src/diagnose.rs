@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::{
     calico::{Pools, Role},
     events::Dir,
-    flows::{Flow, Side},
+    flows::{DropRecord, Flow, Side},
     hooks::drops::{DropReasons, Symbols},
     net::{proto_name, Cidr},
     netlink::NodeFacts,
@@ -139,7 +139,8 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     } else if no_reply {
         verdicts.push(NO_REPLY);
     }
-    if !flow.drops.is_empty() {
+    let drops = significant_drops(flow, cx);
+    if !drops.is_empty() {
         verdicts.push(DROPPED);
     }
     // Both address rules judge only unanswered flows: an odd setup that works is not a fault.
@@ -174,7 +175,7 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
                 .map(|w| wrong_source_diagnosis(flow, cx, &w))
         })
         .or_else(|| wrong_parent.map(|w| wrong_parent_diagnosis(flow, cx, &w)))
-        .or_else(|| (!flow.drops.is_empty()).then(|| kernel_drop(flow, cx)))
+        .or_else(|| (!drops.is_empty()).then(|| kernel_drop(flow, cx, &drops)))
         .or_else(|| slow.map(|s| slow_diagnosis(flow, cx, &s)))
         .or_else(|| no_reply.then(|| off_link_peer(flow, cx)).flatten())
         .or_else(|| no_reply.then(|| unanswered(flow, cx)));
@@ -440,7 +441,7 @@ fn autodetect_fix(good_iface: &str, peer: Option<IpAddr>) -> String {
         .map(|p| format!(" or `can-reach={p}`"))
         .unwrap_or_default();
     format!(
-        "Pin Calico's node address autodetection to the interface that reaches the other nodes: set          IP_AUTODETECTION_METHOD=interface={good_iface}{can_reach} on the calico-node DaemonSet, or with          the Tigera operator `spec.calicoNetwork.nodeAddressAutodetectionV4: {{interface: {good_iface}}}`          in the Installation; then restart calico-node and check `calicoctl get node -o wide` (or the          projectcalico.org/IPv4Address annotation) shows the {good_iface} address."
+        "Pin Calico's node address autodetection to the interface that reaches the other nodes: set IP_AUTODETECTION_METHOD=interface={good_iface}{can_reach} on the calico-node DaemonSet, or with the Tigera operator `spec.calicoNetwork.nodeAddressAutodetectionV4: {{interface: {good_iface}}}` in the Installation; then restart calico-node and check `calicoctl get node -o wide` (or the projectcalico.org/IPv4Address annotation) shows the {good_iface} address."
     )
 }
 
@@ -450,7 +451,7 @@ fn wrong_source_diagnosis(flow: &Flow, _cx: &Context<'_>, w: &WrongSource) -> Di
     Diagnosis {
         cause: NODE_ADDRESS_ON_WRONG_INTERFACE,
         summary: format!(
-            "Traffic to {}:{}{} left {} with source {}, an address of {} ({}), not of {} ({}). {what}              cannot be answered over {}: the peer replies to {} through its own default route. This is              the address Calico autodetected for the node (BGP source / node IP), taken from the              wrong interface.",
+            "Traffic to {}:{}{} left {} with source {}, an address of {} ({}), not of {} ({}). {what} cannot be answered over {}: the peer replies to {} through its own default route. This is the address Calico autodetected for the node (BGP source / node IP), taken from the wrong interface.",
             w.dst,
             port,
             service_name(port),
@@ -550,7 +551,7 @@ fn wrong_parent_diagnosis(flow: &Flow, _cx: &Context<'_>, w: &WrongParent) -> Di
     Diagnosis {
         cause: NODE_ADDRESS_ON_WRONG_INTERFACE,
         summary: format!(
-            "{} {}:{} -> {}:{} entered {}, whose parent device is {}{kind} with local address {}; the              other nodes are reached through {good}, so {outer} and nothing came back. Calico's address              autodetection picked {} for this node, and felix built {} on it.",
+            "{} {}:{} -> {}:{} entered {}, whose parent device is {}{kind} with local address {}; the other nodes are reached through {good}, so {outer} and nothing came back. Calico's address autodetection picked {} for this node, and felix built {} on it.",
             proto_name(flow.proto),
             flow.src,
             flow.sport,
@@ -620,17 +621,17 @@ fn slow_diagnosis(flow: &Flow, cx: &Context<'_>, s: &Slow) -> Diagnosis {
     });
     let budget_text = match cx.rules.liveness_budget_ns {
         Some(b) => format!(
-            " Within calico-node's liveness budget of {:.0} s only about {} such reads fit; a startup              that reads every node's keys needs more as the cluster grows, so the probe kills calico-node              before it is ready.",
+            " Within calico-node's liveness budget of {:.0} s only about {} such reads fit; a startup that reads every node's keys needs more as the cluster grows, so the probe kills calico-node before it is ready.",
             b as f64 / 1e9,
             (b as f64 / 1e6 / p50_ms).floor()
         ),
-        None => " Startup reads the datastore sequentially (every node's keys), so its duration grows                  with cluster size times this latency; if it outgrows calico-node's liveness probe, the                  pod is killed while still starting."
+        None => " Startup reads the datastore sequentially (every node's keys), so its duration grows with cluster size times this latency; if it outgrows calico-node's liveness probe, the pod is killed while still starting."
             .into(),
     };
     Diagnosis {
         cause: DATASTORE_LATENCY,
         summary: format!(
-            "{} request/response exchanges with the datastore {}:{}{} took a median {:.0} ms (p90 {:.0} ms,              max {:.0} ms), {:.1} s of waiting in total.{budget_text}",
+            "{} request/response exchanges with the datastore {}:{}{} took a median {:.0} ms (p90 {:.0} ms, max {:.0} ms), {:.1} s of waiting in total.{budget_text}",
             s.count,
             dst.0,
             dst.1,
@@ -650,7 +651,7 @@ fn slow_diagnosis(flow: &Flow, cx: &Context<'_>, s: &Slow) -> Diagnosis {
             "handshake_ms": flow.handshake_ns().map(|n| n as f64 / 1e6),
             "budget": budget,
         }),
-        fix: "Give calico-node time to start: raise its livenessProbe initialDelaySeconds and/or               failureThreshold (e.g. 60 s and 10). Better, cut the latency: run the datastore (etcd)               close to the nodes, or use the Kubernetes datastore with Typha so nodes do not each read               a far etcd."
+        fix: "Give calico-node time to start: raise its livenessProbe initialDelaySeconds and/or failureThreshold (e.g. 60 s and 10). Better, cut the latency: run the datastore (etcd) close to the nodes, or use the Kubernetes datastore with Typha so nodes do not each read a far etcd."
             .into(),
     }
 }
@@ -683,7 +684,7 @@ fn off_link_peer(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
     Some(Diagnosis {
         cause: NODE_ADDRESS_ON_WRONG_INTERFACE,
         summary: format!(
-            "The peer node's address {peer}{} is not on this node's underlay {} ({}): it is reached only              through the gateway {gw}, and nothing came back. The peer most likely autodetected its node              address on the wrong interface (a container bridge or a second NIC) and advertised it.",
+            "The peer node's address {peer}{} is not on this node's underlay {} ({}): it is reached only through the gateway {gw}, and nothing came back. The peer most likely autodetected its node address on the wrong interface (a container bridge or a second NIC) and advertised it.",
             service_name(port),
             join(&underlay),
             egress.name,
@@ -696,7 +697,7 @@ fn off_link_peer(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
             "underlay_subnets": underlay.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
         }),
         fix: format!(
-            "On the node that owns {peer} (`calicoctl get nodes -o wide`, or the projectcalico.org/IPv4Address              annotations), pin address autodetection to the interface on {}: {}",
+            "On the node that owns {peer} (`calicoctl get nodes -o wide`, or the projectcalico.org/IPv4Address annotations), pin address autodetection to the interface on {}: {}",
             join(&underlay),
             autodetect_fix("<its NIC>", None)
         ),
@@ -717,7 +718,7 @@ pub fn node_findings(cx: &Context<'_>) -> Vec<Diagnosis> {
             out.push(Diagnosis {
                 cause: IPPOOL_OVERLAPS_HOST_NETWORK,
                 summary: format!(
-                    "IP pool {pool} overlaps the host network {subnet} on {}: felix treats every address                      in it as a pod, so pod traffic to those hosts is not masqueraded and their replies                      go astray.",
+                    "IP pool {pool} overlaps the host network {subnet} on {}: felix treats every address in it as a pod, so pod traffic to those hosts is not masqueraded and their replies go astray.",
                     link.name
                 ),
                 evidence: json!({"pool": pool.to_string(), "host_subnet": subnet.to_string(), "host_iface": link.name}),
@@ -753,7 +754,7 @@ pub fn node_findings(cx: &Context<'_>) -> Vec<Diagnosis> {
         out.push(Diagnosis {
             cause: NODE_ADDRESS_ON_WRONG_INTERFACE,
             summary: format!(
-                "{}'s parent device is {}, a bridge with only virtual ports (a container network), with                  local address {}: tunnel traffic to the other nodes cannot leave this node.",
+                "{}'s parent device is {}, a bridge with only virtual ports (a container network), with local address {}: tunnel traffic to the other nodes cannot leave this node.",
                 vx.name,
                 parent.name,
                 info.local.map(|l| l.to_string()).unwrap_or_else(|| "-".into())
@@ -778,9 +779,19 @@ fn join(c: &[Cidr]) -> String {
         .join(", ")
 }
 
-fn kernel_drop(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
-    let drops: Vec<Value> = flow
-        .drops
+/// Drops that lose a packet on its path. An ICMP echo reply that a raw socket (ping) already
+/// took is also "dropped" by the ping-socket layer with NO_SOCKET: that copy does not count.
+fn significant_drops<'f>(flow: &'f Flow, cx: &Context<'_>) -> Vec<&'f DropRecord> {
+    flow.drops
+        .iter()
+        .filter(|d| {
+            !((flow.proto == 1 || flow.proto == 58) && cx.reasons.name(d.reason) == "NO_SOCKET")
+        })
+        .collect()
+}
+
+fn kernel_drop(flow: &Flow, cx: &Context<'_>, significant: &[&DropRecord]) -> Diagnosis {
+    let drops: Vec<Value> = significant
         .iter()
         .map(|d| {
             json!({
@@ -794,7 +805,9 @@ fn kernel_drop(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
             })
         })
         .collect();
-    let first = &flow.drops[0];
+    let Some(first) = significant.first() else {
+        return unanswered(flow, cx);
+    };
     let reason = cx.reasons.name(first.reason);
     let place = cx
         .symbols
@@ -824,21 +837,21 @@ fn kernel_drop(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
 /// What an operator does about the common drop reasons on a Calico node.
 fn drop_fix(reason: &str) -> String {
     match reason {
-        "NETFILTER_DROP" => "An iptables/nftables rule dropped it. With Calico's iptables dataplane             that is usually a NetworkPolicy (felix's cali-pi-*/cali-po-* chains end in DROP): check             `calicoctl get networkpolicy,globalnetworkpolicy -A` and `iptables-save -c | grep DROP`             for the rule whose counter rises."
+        "NETFILTER_DROP" => "An iptables/nftables rule dropped it. With Calico's iptables dataplane that is usually a NetworkPolicy (felix's cali-pi-*/cali-po-* chains end in DROP): check `calicoctl get networkpolicy,globalnetworkpolicy -A` and `iptables-save -c | grep DROP` for the rule whose counter rises."
             .into(),
-        "IP_RPFILTER" => "Reverse-path filtering: the source is not routed back through the interface             it arrived on. Check rp_filter and asymmetric routes (a node address autodetected on the             wrong interface produces exactly this)."
+        "IP_RPFILTER" => "Reverse-path filtering: the source is not routed back through the interface it arrived on. Check rp_filter and asymmetric routes (a node address autodetected on the wrong interface produces exactly this)."
             .into(),
-        "NO_SOCKET" => "Nothing listens on the destination port: check the pod/service is running and             its targetPort."
+        "NO_SOCKET" => "Nothing listens on the destination port: check the pod/service is running and its targetPort."
             .into(),
-        "IP_OUTNOROUTES" | "IP_INNOROUTES" => "No route to the destination: check `ip route get` for it             and whether Calico programmed the route (BGP established? IPAM block affinity?)."
+        "IP_OUTNOROUTES" | "IP_INNOROUTES" => "No route to the destination: check `ip route get` for it and whether Calico programmed the route (BGP established? IPAM block affinity?)."
             .into(),
-        "NEIGH_FAILED" | "NEIGH_QUEUEFULL" | "NEIGH_DEAD" | "NEIGH_CREATEFAIL" => "The next hop never             answered ARP/ND: check the next hop is up and on the same L2 segment as the egress interface."
+        "NEIGH_FAILED" | "NEIGH_QUEUEFULL" | "NEIGH_DEAD" | "NEIGH_CREATEFAIL" => "The next hop never answered ARP/ND: check the next hop is up and on the same L2 segment as the egress interface."
             .into(),
-        "OTHERHOST" => "The frame was addressed to another host's MAC: check proxy ARP on the cali*             interface and the pod's gateway (169.254.1.1)."
+        "OTHERHOST" => "The frame was addressed to another host's MAC: check proxy ARP on the cali* interface and the pod's gateway (169.254.1.1)."
             .into(),
-        r if r.starts_with("TCP_") => "A TCP-level drop (bad sequence, window, or state): usually a             symptom of NAT or conntrack confusion or an asymmetric path; compare the path of both             directions."
+        r if r.starts_with("TCP_") => "A TCP-level drop (bad sequence, window, or state): usually a symptom of NAT or conntrack confusion or an asymmetric path; compare the path of both directions."
             .into(),
-        _ => format!("Look up drop reason {reason} for this kernel (include/net/dropreason-core.h) and the             function that dropped it."),
+        _ => format!("Look up drop reason {reason} for this kernel (include/net/dropreason-core.h) and the function that dropped it."),
     }
 }
 

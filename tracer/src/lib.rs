@@ -10,6 +10,7 @@ pub mod calico;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod commands;
 pub mod diagnose;
 pub mod events;
 pub mod flows;

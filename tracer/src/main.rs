@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracer::cli::{Cli, Command, Output};
+use tracer::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -25,10 +25,20 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Agent(args) => tracer::agent::run(args.to_config(), shutdown_signal())
-                .await
-                .map_err(|e| e.to_string()),
-            Command::Flows(args) => flows(args).await,
+            Command::Agent(args) => match args.to_config() {
+                Ok(cfg) => tracer::agent::run(cfg, shutdown_signal())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            Command::Flows(args) => tracer::commands::flows(args).await,
+            Command::Watch(args) => tracer::commands::watch(args, shutdown_signal()).await,
+            Command::Diagnoses(args) => tracer::commands::diagnoses(args).await,
+            Command::Completions { shell } => {
+                let mut cmd = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut cmd, "tracer", &mut std::io::stdout());
+                Ok(())
+            }
         }
     });
     match result {
@@ -56,27 +66,4 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-}
-
-async fn flows(args: tracer::cli::FlowsArgs) -> Result<(), String> {
-    let q = args.query_string();
-    let path = if q.is_empty() {
-        "/flows".to_string()
-    } else {
-        format!("/flows?{q}")
-    };
-    let v = tracer::client::get_json(&args.agent, &path)
-        .await
-        .map_err(|e| e.to_string())?;
-    match args.output {
-        Output::Json => {
-            if let Some(flows) = v.get("flows").and_then(|f| f.as_array()) {
-                for f in flows {
-                    println!("{f}");
-                }
-            }
-        }
-        Output::Table => print!("{}", tracer::report::flows_table(&v)),
-    }
-    Ok(())
 }

@@ -87,3 +87,79 @@ pub fn flows_table(answer: &Value) -> String {
     }
     out
 }
+
+const RED: &str = "\x1b[31m";
+const GREEN: &str = "\x1b[32m";
+const DIM: &str = "\x1b[2m";
+const RESET: &str = "\x1b[0m";
+
+/// One line per flow update for `tracer watch`, plus its diagnosis when it has one.
+pub fn watch_line(f: &Value, color: bool) -> String {
+    let verdicts: Vec<&str> = f["verdicts"]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let faulty = verdicts
+        .iter()
+        .any(|v| crate::diagnose::FAULT_VERDICTS.contains(v));
+    let (on, off) = match (color, faulty) {
+        (false, _) => ("", ""),
+        (true, true) => (RED, RESET),
+        (true, false) => (GREEN, RESET),
+    };
+    let time = s(f, "last_seen");
+    let time = time.get(11..23).unwrap_or(&time).to_string();
+    let mut out = format!(
+        "{time} {:<5} {}:{} -> {}:{} {on}[{}]{off}\n",
+        s(f, "proto"),
+        s(f, "src"),
+        s(f, "sport"),
+        s(f, "dst"),
+        s(f, "dport"),
+        verdicts.join(",")
+    );
+    if let Some(d) = f.get("diagnosis").filter(|d| !d.is_null()) {
+        let (dim, reset) = if color { (DIM, RESET) } else { ("", "") };
+        out.push_str(&format!(
+            "  {on}{}{off}: {}\n",
+            s(d, "cause"),
+            s(d, "summary")
+        ));
+        out.push_str(&format!("  {dim}fix: {}{reset}\n", s(d, "fix")));
+    }
+    out
+}
+
+/// `/diagnoses` for a terminal.
+pub fn diagnoses(v: &Value) -> String {
+    let mut out = String::new();
+    let causes = v["causes"].as_array().cloned().unwrap_or_default();
+    let findings = v["node_findings"].as_array().cloned().unwrap_or_default();
+    if causes.is_empty() && findings.is_empty() {
+        let _ = writeln!(
+            out,
+            "No faults: {} flows judged, no configuration finding.",
+            s(v, "flows_judged")
+        );
+        return out;
+    }
+    for c in &causes {
+        let _ = writeln!(
+            out,
+            "{} — {} flow(s), {} .. {}, e.g. flows {}",
+            s(c, "cause"),
+            s(c, "count"),
+            s(c, "first_seen"),
+            s(c, "last_seen"),
+            c["example_flows"]
+        );
+        let _ = writeln!(out, "  what:  {}", s(c, "summary"));
+        let _ = writeln!(out, "  fix:   {}", s(c, "fix"));
+    }
+    for f in &findings {
+        let _ = writeln!(out, "{} (node configuration)", s(f, "cause"));
+        let _ = writeln!(out, "  what:  {}", s(f, "summary"));
+        let _ = writeln!(out, "  fix:   {}", s(f, "fix"));
+    }
+    out
+}

@@ -5,11 +5,11 @@ use aya_ebpf::{
 use tracer_common::{
     ConvKey, FlowKey, FlowState, PacketEvent, Tuple, DIR_EGRESS, DIR_INGRESS, EMIT_FIRST,
     EMIT_PERIODIC, EMIT_RETRANSMIT, EMIT_TCP_CONTROL, EMIT_TURN, ENCAP_NONE, IFACE_L3, KIND_PACKET,
-    PROTO_TCP, STAT_LOST, STAT_MALFORMED, STAT_PACKETS, STAT_RECORDS, TCP_FIN, TCP_RST, TCP_SYN,
+    PROTO_TCP, STAT_LOST, STAT_MALFORMED, STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
-    maps::{count, summary_interval_ns, EVENTS, FLOWS, IFACES, SCRATCH, TURNS},
+    maps::{count, set, summary_interval_ns, EVENTS, FLOWS, IFACES, SCRATCH, TURNS},
     parse::{parse, Outcome},
 };
 
@@ -133,7 +133,11 @@ fn observe(ctx: &TcContext, dir: u8) {
         return;
     }
     count(STAT_RECORDS);
+    set(STAT_RB_PENDING, EVENTS.query(BPF_RB_AVAIL_DATA));
 }
+
+/// `bpf_ringbuf_query` flag: bytes written and not yet consumed.
+const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// Records which side sent this payload; true when it differs from the previous payload's side.
 #[inline(always)]

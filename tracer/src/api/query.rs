@@ -18,14 +18,26 @@ pub enum QueryError {
     TooLong,
     #[error("parameter {0:?} given more than once")]
     Repeated(String),
-    #[error("unknown parameter {0:?} (known: dst, src, port, proto, verdict, cause, limit)")]
+    #[error(
+        "unknown parameter {0:?} (known: dst, src, pod, port, proto, verdict, cause, since, limit)"
+    )]
     Unknown(String),
     #[error("{param}: {msg}")]
     Invalid { param: &'static str, msg: String },
 }
 
+/// `since=`: a wall-clock time or a look-back window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Since {
+    At(std::time::SystemTime),
+    Ago(std::time::Duration),
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FlowQuery {
+    /// `namespace/name`: flows through that pod's veth.
+    pub pod: Option<(String, String)>,
+    pub since: Option<Since>,
     pub dst: Option<Cidr>,
     pub src: Option<Cidr>,
     pub port: Option<u16>,
@@ -70,6 +82,29 @@ impl FlowQuery {
                     })?)
                 }
                 "verdict" => q.verdict = Some(known("verdict", v, VERDICTS)?),
+                "pod" => {
+                    let (ns, name) = v
+                        .split_once('/')
+                        .filter(|(a, b)| valid_k8s_name(a) && valid_k8s_name(b))
+                        .ok_or_else(|| QueryError::Invalid {
+                            param: "pod",
+                            msg: format!("{v:?} is not namespace/name"),
+                        })?;
+                    q.pod = Some((ns.to_string(), name.to_string()));
+                }
+                "since" => {
+                    q.since = Some(
+                        humantime::parse_duration(v)
+                            .map(Since::Ago)
+                            .or_else(|_| humantime::parse_rfc3339_weak(v).map(Since::At))
+                            .map_err(|_| QueryError::Invalid {
+                                param: "since",
+                                msg: format!(
+                                    "{v:?} is neither a duration (5m) nor an RFC 3339 time"
+                                ),
+                            })?,
+                    )
+                }
                 "cause" => q.cause = Some(known("cause", v, CAUSES)?),
                 "limit" => {
                     let n: usize = v.parse().map_err(|_| QueryError::Invalid {
@@ -125,6 +160,14 @@ impl FlowQuery {
     }
 }
 
+/// DNS-1123 names as Kubernetes allows for namespaces and pods.
+fn valid_k8s_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
 fn cidr(param: &'static str, v: &str) -> Result<Cidr, QueryError> {
     v.parse().map_err(|_| QueryError::Invalid {
         param,
@@ -159,6 +202,16 @@ mod tests {
         assert_eq!(q.proto, Some(6));
         assert_eq!(q.verdict, Some("no_reply"));
         assert_eq!(q.limit, Some(5));
+        let q = FlowQuery::parse(Some(
+            "pod=kube-system/calico-kube-controllers-596576f79-j2pkg&since=5m",
+        ))?;
+        assert_eq!(q.pod.as_ref().map(|p| p.0.as_str()), Some("kube-system"));
+        assert_eq!(
+            q.since,
+            Some(Since::Ago(std::time::Duration::from_secs(300)))
+        );
+        let q = FlowQuery::parse(Some("since=2026-11-23T12:00:00Z"))?;
+        assert!(matches!(q.since, Some(Since::At(_))));
         let q = FlowQuery::parse(Some("src=192.168.0.0%2F16"))?;
         assert_eq!(
             q.src.map(|c| c.to_string()).as_deref(),
@@ -185,6 +238,10 @@ mod tests {
             "dst=1.1.1.1&dst=2.2.2.2",
             "bogus=1",
             "dst=%ZZ",
+            "pod=nons",
+            "pod=a/B",
+            "pod=/x",
+            "since=yesterday",
         ] {
             assert!(FlowQuery::parse(Some(bad)).is_err(), "{bad} accepted");
         }

@@ -3,12 +3,12 @@ use serde_json::{json, Value};
 
 use crate::{
     clock::Clock,
-    diagnose::Judgement,
+    diagnose::{Context, Judgement},
     flows::{Flow, Side},
     net::proto_name,
 };
 
-pub fn flow_json(f: &Flow, j: &Judgement, clock: &Clock) -> Value {
+pub fn flow_json(f: &Flow, j: &Judgement, clock: &Clock, cx: &Context<'_>) -> Value {
     let (fp, fb) = f.counters(Side::Forward);
     let (rp, rb) = f.counters(Side::Reverse);
     let mut hops: Vec<&crate::flows::Hop> = f.hops.iter().collect();
@@ -53,6 +53,24 @@ pub fn flow_json(f: &Flow, j: &Judgement, clock: &Clock) -> Value {
         } else {
             Value::Null
         },
+        "exchanges": if f.exchanges.count > 0 {
+            json!({
+                "count": f.exchanges.count,
+                "p50_ms": f.exchanges.quantile_us(0.5).map(|u| f64::from(u) / 1000.0),
+                "p90_ms": f.exchanges.quantile_us(0.9).map(|u| f64::from(u) / 1000.0),
+                "max_ms": ms_f(f.exchanges.max_ns),
+            })
+        } else {
+            Value::Null
+        },
+        "drops": f.drops.iter().map(|d| json!({
+            "reason": cx.reasons.name(d.reason),
+            "iface": (d.ifindex != 0).then(|| cx.facts.name_of(d.ifindex)),
+            "function": cx.symbols.name(d.location),
+            "side": d.side,
+            "count": d.count,
+            "t_ms": ms_f(d.ts_ns.saturating_sub(f.first_ns)),
+        })).collect::<Vec<_>>(),
         "verdicts": j.verdicts,
         "diagnosis": j.diagnosis,
     })

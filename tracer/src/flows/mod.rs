@@ -6,6 +6,7 @@
 //! alone: TCP sequence and ack numbers, IP ID and payload length, plus whichever side of the tuple
 //! did not change.
 mod flow;
+mod samples;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,6 +14,7 @@ use std::{
 };
 
 pub use flow::{DirTuple, DropRecord, Exchanges, Flow, FlowId, Hop, HopEncap, Nat, Side};
+pub use samples::{Sample, Samples};
 
 use crate::{calico::Role, events::Observation};
 
@@ -109,7 +111,17 @@ pub struct FlowTable {
     next_id: FlowId,
     cap: usize,
     stats: TableStats,
+    /// The last records, for pcap export.
+    samples: Samples,
+    /// Bumped on every change; `changes` says which flow changed at which version (bounded).
+    version: u64,
+    changes: std::collections::VecDeque<(u64, FlowId)>,
+    /// Changes up to this version are no longer listed.
+    forgotten_upto: u64,
 }
+
+/// How many (version, flow) change entries watchers can lag behind before a full rescan.
+const CHANGES_KEPT: usize = 65_536;
 
 impl FlowTable {
     pub fn new(cap: usize) -> FlowTable {
@@ -122,6 +134,10 @@ impl FlowTable {
             next_id: 1,
             cap: cap.max(1),
             stats: TableStats::default(),
+            samples: Samples::new(samples::DEFAULT_SAMPLES),
+            version: 0,
+            changes: std::collections::VecDeque::new(),
+            forgotten_upto: 0,
         }
     }
 
@@ -149,6 +165,51 @@ impl FlowTable {
         self.flows.values().rev()
     }
 
+    pub fn samples(&self) -> &Samples {
+        &self.samples
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Flows changed after `since`, or None when that is too far back to know (rescan all).
+    pub fn changed_since(&self, since: u64) -> Option<Vec<FlowId>> {
+        if since < self.forgotten_upto {
+            None
+        } else {
+            {
+                let mut ids: Vec<FlowId> = self
+                    .changes
+                    .iter()
+                    .rev()
+                    .take_while(|(v, _)| *v > since)
+                    .map(|(_, id)| *id)
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                Some(ids)
+            }
+        }
+    }
+
+    fn touch(&mut self, id: FlowId) {
+        self.version += 1;
+        // Consecutive records of one flow are one change.
+        if let Some(last) = self.changes.back_mut() {
+            if last.1 == id {
+                last.0 = self.version;
+                return;
+            }
+        }
+        if self.changes.len() >= CHANGES_KEPT {
+            if let Some((v, _)) = self.changes.pop_front() {
+                self.forgotten_upto = v;
+            }
+        }
+        self.changes.push_back((self.version, id));
+    }
+
     /// Adds one observation; returns the flow it was attributed to.
     pub fn ingest(&mut self, obs: &Observation, ifaces: &impl IfaceLookup) -> Option<FlowId> {
         self.stats.observations += 1;
@@ -167,6 +228,7 @@ impl FlowTable {
                 f.record_drop(obs.ts_ns, obs.ifindex, d.reason, d.location, side);
             }
             self.stats.drops += 1;
+            self.touch(id);
             return Some(id);
         }
         let t = DirTuple::of(&p);
@@ -198,6 +260,8 @@ impl FlowTable {
         if ident.usable(p.src.is_ipv4()) {
             self.remember(ident, &t, id, side, obs.ts_ns);
         }
+        self.samples.push(id, side, obs);
+        self.touch(id);
         Some(id)
     }
 

@@ -11,7 +11,7 @@ use aya::{
 use serde::Serialize;
 use tracer_common::{
     IfaceConf, EVENTS_MAP, IFACES_MAP, IFACE_L3, STATS_MAP, STAT_COUNT, STAT_DROPS, STAT_LOST,
-    STAT_MALFORMED, STAT_PACKETS, STAT_RECORDS, SUMMARY_INTERVAL_GLOBAL,
+    STAT_MALFORMED, STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS, SUMMARY_INTERVAL_GLOBAL,
 };
 
 use crate::{calico::Role, netlink::Link};
@@ -61,14 +61,41 @@ pub struct KernelStats {
     pub malformed: u64,
     /// Kernel drops seen by the tracepoint (of any packet, traced or not).
     pub drops: u64,
+    /// Ring-buffer bytes the agent had not consumed yet, as last seen by the kernel.
+    pub ringbuf_pending_bytes: u64,
 }
 
 /// Owns the loaded object and the tc attachments.
 pub struct Hooks {
     ebpf: Ebpf,
     ifaces_map: BpfHashMap<MapData, u32, IfaceConf>,
-    stats: PerCpuArray<MapData, u64>,
     attached: BTreeMap<u32, (AttachedIface, tc::Links)>,
+}
+
+/// The kernel's per-CPU counters, readable from anywhere (the API reads them fresh).
+pub struct KernelCounters {
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl KernelCounters {
+    pub fn read(&self) -> KernelStats {
+        let per_cpu = |i: u32| -> Vec<u64> {
+            self.stats
+                .get(&i, 0)
+                .map(|v| v.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        let sum = |i: u32| per_cpu(i).into_iter().fold(0u64, u64::wrapping_add);
+        const { assert!(STAT_COUNT == 6) };
+        KernelStats {
+            packets: sum(STAT_PACKETS),
+            records: sum(STAT_RECORDS),
+            lost: sum(STAT_LOST),
+            malformed: sum(STAT_MALFORMED),
+            drops: sum(STAT_DROPS),
+            ringbuf_pending_bytes: per_cpu(STAT_RB_PENDING).into_iter().max().unwrap_or(0),
+        }
+    }
 }
 
 impl Hooks {
@@ -78,7 +105,9 @@ impl Hooks {
     }
 
     /// Loads the object and verifies its programs; nothing is attached yet.
-    pub fn load(summary_interval_ns: u64) -> Result<(Hooks, RingBuf<MapData>), HookError> {
+    pub fn load(
+        summary_interval_ns: u64,
+    ) -> Result<(Hooks, RingBuf<MapData>, KernelCounters), HookError> {
         let mut ebpf = EbpfLoader::new()
             .override_global(SUMMARY_INTERVAL_GLOBAL, &summary_interval_ns, true)
             .load(OBJECT)?;
@@ -99,10 +128,10 @@ impl Hooks {
             Hooks {
                 ebpf,
                 ifaces_map,
-                stats,
                 attached: BTreeMap::new(),
             },
             events,
+            KernelCounters { stats },
         ))
     }
 
@@ -185,23 +214,6 @@ impl Hooks {
     /// the benchmark: no packet is sent anywhere.
     pub fn test_run(&mut self, egress: bool, frame: &[u8], repeat: u32) -> Result<u32, HookError> {
         tc::test_run(&mut self.ebpf, egress, frame, repeat)
-    }
-
-    pub fn kernel_stats(&self) -> KernelStats {
-        let sum = |i: u32| -> u64 {
-            self.stats
-                .get(&i, 0)
-                .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
-                .unwrap_or(0)
-        };
-        const { assert!(STAT_COUNT == 5) };
-        KernelStats {
-            packets: sum(STAT_PACKETS),
-            records: sum(STAT_RECORDS),
-            lost: sum(STAT_LOST),
-            malformed: sum(STAT_MALFORMED),
-            drops: sum(STAT_DROPS),
-        }
     }
 }
 

@@ -1,0 +1,352 @@
+//! The operator interfaces against a real agent in the lab: readiness, metrics, pcap export,
+//! the watch stream, on-demand attachment, the bearer token, and `tracer watch pod/...`.
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{has_verdict, Agent, TestResult, AGENT_PORT};
+use tracer_lab::{topo::SingleNode, traffic};
+
+fn apiserver(lab: &SingleNode) -> SocketAddr {
+    lab.apiserver_addr()
+}
+
+#[test]
+fn readiness_metrics_and_pcap() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let (status, ready) = agent.get(&lab.node, "/readyz")?;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["ready"], true);
+
+    assert!(traffic::tcp_probe(
+        &lab.pod.netns,
+        apiserver(&lab),
+        Duration::from_secs(2)
+    )?);
+    let f = agent.wait_flow(
+        &lab.node,
+        &format!("dst={}&proto=tcp", lab.config.apiserver_ip),
+        Duration::from_secs(10),
+        |f| has_verdict(f, "replied"),
+    )?;
+
+    let (status, metrics) = agent.raw(&lab.node, "GET", "/metrics", None, &[])?;
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8(metrics)?;
+    let value = |line: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    assert!(value("tracer_flows ").unwrap_or(0.0) >= 1.0, "{metrics}");
+    assert!(
+        value("tracer_flows_by_verdict{verdict=\"replied\"}").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tracer_kernel_packets_total").unwrap_or(0.0) > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(value("tracer_kernel_records_lost_total"), Some(0.0));
+    assert_eq!(
+        value("tracer_attached_interfaces{role=\"workload\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("tracer_attached_interfaces{role=\"host\"}"),
+        Some(1.0)
+    );
+    assert!(metrics.contains("# TYPE tracer_kernel_records_total counter"));
+
+    // The flow as pcapng: one interface per hook, a packet per record, real TCP headers.
+    let id = f["id"].as_u64().ok_or("no id")?;
+    let (status, pcap) = agent.raw(&lab.node, "GET", &format!("/flows/{id}/pcap"), None, &[])?;
+    assert_eq!(status, 200);
+    let mut reader = pcap_file::pcapng::PcapNgReader::new(&pcap[..])?;
+    let mut ifaces = Vec::new();
+    let mut syn_seen = false;
+    let mut packets = 0;
+    while let Some(block) = reader.next_block() {
+        match block? {
+            pcap_file::pcapng::Block::InterfaceDescription(idb) => {
+                for o in idb.options {
+                    if let pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption::IfName(n) = o {
+                        ifaces.push(n.to_string());
+                    }
+                }
+            }
+            pcap_file::pcapng::Block::EnhancedPacket(p) => {
+                packets += 1;
+                let ip = pnet_packet::ipv4::Ipv4Packet::new(&p.data).ok_or("not IPv4")?;
+                if let Some(tcp) =
+                    pnet_packet::tcp::TcpPacket::new(pnet_packet::Packet::payload(&ip))
+                {
+                    syn_seen |= tcp.get_flags() == 0x02;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        ifaces.contains(&format!("{} ingress", lab.pod.veth)),
+        "{ifaces:?}"
+    );
+    assert!(ifaces.contains(&"eth0 egress".to_string()), "{ifaces:?}");
+    assert!(packets >= 4, "{packets} packets");
+    assert!(syn_seen);
+    let (status, _) = agent.get(&lab.node, "/flows/987654/pcap")?;
+    assert_eq!(status, 404);
+    Ok(())
+}
+
+#[test]
+fn watch_streams_new_flows_as_ndjson() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let mut agent = Agent::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let dst = lab.config.apiserver_ip.clone();
+    let addr = apiserver(&lab);
+    let pod_ns = lab.pod.netns.name().to_string();
+    // Open the stream inside the node namespace, then make traffic from the pod.
+    let stream = lab.node.run(move || -> Result<TcpStream, String> {
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)))
+            .map_err(|e| e.to_string())?;
+        write!(s, "GET /watch?dst={dst} HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .map_err(|e| e.to_string())?;
+        Ok(s)
+    })??;
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        traffic::tcp_probe(&lab.pod.netns, addr, Duration::from_secs(2))?,
+        "traffic from {pod_ns}"
+    );
+    let mut reader = BufReader::new(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = None;
+    let mut line = String::new();
+    while Instant::now() < deadline && got.is_none() {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        // Chunk-size lines and blank lines interleave with the NDJSON objects.
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim()) {
+            if v.get("src").is_some() && has_verdict(&v, "replied") {
+                got = Some(v);
+            }
+        }
+    }
+    let v = got.ok_or("no replied flow on the watch stream")?;
+    assert_eq!(v["src"], lab.pod.ip.to_string());
+    let (status, body) = agent.get(&lab.node, "/watch?limit=5")?;
+    assert_eq!(status, 400, "{body}");
+    Ok(())
+}
+
+#[test]
+fn on_demand_attach_and_detach() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let agent = Agent::start(&lab.node, &["--attach", "on-demand"])?;
+    // Ready, but nothing attached until asked.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((200, v)) = agent.get(&lab.node, "/readyz") {
+            assert_eq!(v["attached"], 0, "{v}");
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("agent never ready; log:\n{}", agent.log()).into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pod = format!("{}/{}", lab.pod.namespace, lab.pod.name);
+    for (body, status) in [
+        ("{}", 400),
+        ("not json", 400),
+        ("{\"iface\": \"a/b\"}", 400),
+        ("{\"pod\": \"nonamespace\"}", 400),
+        ("{\"iface\": \"nosuchif0\"}", 404),
+        ("{\"pod\": \"default/not-here\"}", 404),
+    ] {
+        let (s, v) = agent.request(&lab.node, "POST", "/attach", Some(body), &[])?;
+        assert_eq!(s, status, "{body}: {v}");
+        assert!(v["error"].is_string(), "{v}");
+    }
+    let (s, a) = agent.request(
+        &lab.node,
+        "POST",
+        "/attach",
+        Some(&format!("{{\"pod\": \"{pod}\"}}")),
+        &[],
+    )?;
+    assert_eq!(s, 201, "{a}");
+    assert_eq!(a["iface"], lab.pod.veth);
+    assert_eq!(a["how"], "on-demand");
+    assert_eq!(a["role"], "workload");
+    let id = a["id"].as_u64().ok_or("no id")?;
+
+    assert!(traffic::tcp_probe(
+        &lab.pod.netns,
+        apiserver(&lab),
+        Duration::from_secs(2)
+    )?);
+    let f = agent.wait_flow(
+        &lab.node,
+        &format!("pod={pod}"),
+        Duration::from_secs(10),
+        |f| f["src"] == lab.pod.ip.to_string(),
+    )?;
+    // Only the pod's veth is attached: its path has that hook and no host NIC.
+    assert!(
+        f["path"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(|h| h["iface"] == lab.pod.veth)),
+        "{f}"
+    );
+
+    let (s, v) = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
+    assert_eq!(s, 204, "{v}");
+    let (_, h) = agent.get(&lab.node, "/healthz")?;
+    assert_eq!(h["attached"].as_array().map(Vec::len), Some(0), "{h}");
+    let (s, _) = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
+    assert_eq!(s, 404);
+    Ok(())
+}
+
+#[test]
+fn bearer_token_guards_everything_but_healthz() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let token_file = std::env::temp_dir().join(format!("tracer-token-{}", lab.prefix));
+    std::fs::write(&token_file, "s3cret-token\n")?;
+    let token_arg = token_file.to_string_lossy().to_string();
+    let agent = Agent::start(&lab.node, &["--token-file", &token_arg])?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.get(&lab.node, "/healthz").map(|r| r.0).ok() != Some(200) {
+        if Instant::now() > deadline {
+            return Err(format!("agent never up; log:\n{}", agent.log()).into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for path in ["/flows", "/diagnoses", "/metrics", "/readyz", "/flows/1"] {
+        let (s, v) = agent.request(&lab.node, "GET", path, None, &[])?;
+        assert_eq!(s, 401, "{path}: {v}");
+        let (s, _) = agent.request(
+            &lab.node,
+            "GET",
+            path,
+            None,
+            &["Authorization: Bearer wrong-token!"],
+        )?;
+        assert_eq!(s, 401, "{path}");
+    }
+    let (s, _) = agent.request(
+        &lab.node,
+        "GET",
+        "/flows",
+        None,
+        &["Authorization: Bearer s3cret-token"],
+    )?;
+    assert_eq!(s, 200);
+    // Oversized bodies are refused outright.
+    let big = format!("{{\"iface\": \"{}\"}}", "x".repeat(70 * 1024));
+    let (s, _) = agent.request(
+        &lab.node,
+        "POST",
+        "/attach",
+        Some(&big),
+        &["Authorization: Bearer s3cret-token"],
+    )?;
+    assert_eq!(s, 413);
+    let _ = std::fs::remove_file(&token_file);
+    Ok(())
+}
+
+#[test]
+fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let agent = Agent::start(&lab.node, &["--attach", "on-demand"])?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.get(&lab.node, "/readyz").map(|r| r.0).ok() != Some(200) {
+        if Instant::now() > deadline {
+            return Err(format!("agent never ready; log:\n{}", agent.log()).into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut watch = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.node.name(),
+            env!("CARGO_BIN_EXE_tracer"),
+            "watch",
+        ])
+        .arg(format!("pod/{}", lab.pod.name))
+        .args(["-n", &lab.pod.namespace, "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Wait for the attachment the watch asked for.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, h) = agent.get(&lab.node, "/healthz")?;
+        if h["attached"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["name"] == lab.pod.veth))
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            return Err(format!("watch never attached: {h}").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(traffic::tcp_probe(
+        &lab.pod.netns,
+        apiserver(&lab),
+        Duration::from_secs(2)
+    )?);
+    let stdout = watch.stdout.take().ok_or("no stdout")?;
+    let pod_ip = lab.pod.ip.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut found = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !found && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            found = v["src"] == pod_ip.as_str();
+        }
+    }
+    // SIGINT, as Ctrl-C: the watch detaches and exits cleanly.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGINT) };
+    let status = watch.wait()?;
+    let mut err = String::new();
+    if let Some(mut e) = watch.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(found, "no flow of the pod on the watch; stderr: {err}");
+    assert!(status.success(), "{status}: {err}");
+    assert!(err.contains("detached"), "{err}");
+    let (_, h) = agent.get(&lab.node, "/healthz")?;
+    assert_eq!(h["attached"].as_array().map(Vec::len), Some(0), "{h}");
+    Ok(())
+}

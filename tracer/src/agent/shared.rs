@@ -1,0 +1,526 @@
+//! State shared between the ring-buffer reader, the sync loop and the API.
+use std::{
+    collections::HashMap,
+    sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    control::{AttachError, AttachTarget, Command},
+    AgentConfig,
+};
+use crate::{
+    api::{
+        metrics::{label, render, Family},
+        query::{FlowQuery, Since, DEFAULT_LIMIT},
+        view::flow_json,
+    },
+    calico::{Pools, Role},
+    clock::{mono_now_ns, Clock},
+    diagnose::{judge, Context, Rules, CAUSES, VERDICTS},
+    events::Observation,
+    flows::{Flow, FlowTable},
+    hooks::{
+        drops::{DropReasons, Symbols},
+        AttachedIface, KernelCounters, KernelStats,
+    },
+    netlink::NodeFacts,
+};
+
+/// What the node looks like right now.
+#[derive(Debug, Default)]
+pub struct NodeView {
+    pub facts: NodeFacts,
+    pub pools: Pools,
+    pub attached: Vec<AttachedIface>,
+    /// The first interface sync has finished.
+    pub ready: bool,
+    /// Whether kernel drops are traced, and why not.
+    pub drops: DropTracing,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct DropTracing {
+    pub enabled: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct ReaderStats {
+    pub records: u64,
+    pub decode_errors: u64,
+}
+
+/// State shared between the reader, the sync loop and the API.
+pub struct Shared {
+    pub(super) table: Mutex<FlowTable>,
+    reasons: RwLock<DropReasons>,
+    /// Loaded on first use: only drops need it, and it is a few MB.
+    symbols: OnceLock<Symbols>,
+    node: RwLock<NodeView>,
+    reader: Mutex<ReaderStats>,
+    pub(super) clock: Clock,
+    rules: Rules,
+    /// felix's InterfacePrefix, to resolve pods to their veth.
+    workload_prefix: String,
+    token: Option<String>,
+    commands: OnceLock<mpsc::Sender<Command>>,
+    counters: Mutex<Option<KernelCounters>>,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the API down with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn new(cfg: &AgentConfig) -> Shared {
+        Shared {
+            table: Mutex::new(FlowTable::new(cfg.flow_cap)),
+            reasons: RwLock::new(DropReasons::default()),
+            symbols: OnceLock::new(),
+            node: RwLock::new(NodeView::default()),
+            reader: Mutex::new(ReaderStats::default()),
+            clock: Clock::new(),
+            rules: cfg.rules.clone(),
+            workload_prefix: cfg
+                .roles
+                .workload_prefixes
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "cali".into()),
+            token: cfg.token.clone(),
+            commands: OnceLock::new(),
+            counters: Mutex::new(None),
+        }
+    }
+
+    pub(super) fn node(&self) -> RwLockReadGuard<'_, NodeView> {
+        self.node.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn node_mut(&self) -> RwLockWriteGuard<'_, NodeView> {
+        self.node.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn set_commands(&self, tx: mpsc::Sender<Command>) {
+        let _ = self.commands.set(tx);
+    }
+
+    pub(super) fn set_reasons(&self, r: DropReasons) {
+        *self.reasons.write().unwrap_or_else(|e| e.into_inner()) = r;
+    }
+
+    pub(super) fn set_drop_tracing(&self, d: DropTracing) {
+        self.node_mut().drops = d;
+    }
+
+    pub(super) fn set_attached(&self, attached: Vec<AttachedIface>) {
+        self.node_mut().attached = attached;
+    }
+
+    pub(super) fn set_counters(&self, c: KernelCounters) {
+        *lock(&self.counters) = Some(c);
+    }
+
+    /// The kernel's counters, read now.
+    pub fn kernel(&self) -> KernelStats {
+        lock(&self.counters)
+            .as_ref()
+            .map(KernelCounters::read)
+            .unwrap_or_default()
+    }
+
+    pub(super) fn sweep(&self, now_ns: u64) {
+        lock(&self.table).sweep(now_ns);
+    }
+
+    pub(super) fn update_node(&self, facts: NodeFacts, pools: Pools, attached: Vec<AttachedIface>) {
+        let mut node = self.node_mut();
+        node.facts = facts;
+        node.pools = pools;
+        node.attached = attached;
+        node.ready = true;
+    }
+
+    /// True when no token is configured or `header` carries it.
+    pub fn authorized(&self, header: Option<&str>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        // Constant time in the token's length, so a timing probe learns nothing of its prefix.
+        given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// The veth Calico gives `namespace/name`.
+    pub fn pod_veth(&self, namespace: &str, name: &str) -> String {
+        crate::calico::veth_name_with_prefix(&self.workload_prefix, namespace, name)
+    }
+
+    pub async fn attach(&self, target: AttachTarget) -> Result<AttachedIface, AttachError> {
+        let tx = self.commands.get().ok_or(AttachError::NotRunning)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Command::Attach { target, reply })
+            .await
+            .map_err(|_| AttachError::NotRunning)?;
+        rx.await.map_err(|_| AttachError::NotRunning)?
+    }
+
+    pub async fn detach(&self, ifindex: u32) -> Result<(), AttachError> {
+        let tx = self.commands.get().ok_or(AttachError::NotRunning)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Command::Detach { ifindex, reply })
+            .await
+            .map_err(|_| AttachError::NotRunning)?;
+        rx.await.map_err(|_| AttachError::NotRunning)?
+    }
+
+    /// Ingests a batch of decoded records; `decode_errors` counts the ones that were not.
+    pub fn ingest(&self, batch: &[Observation], decode_errors: u64) {
+        let roles: HashMap<u32, (String, Role)> = self
+            .node()
+            .attached
+            .iter()
+            .map(|a| (a.ifindex, (a.name.clone(), a.role)))
+            .collect();
+        let lookup = |ifindex: u32| match roles.get(&ifindex) {
+            Some((n, r)) => (n.clone(), Some(*r)),
+            None => (format!("if{ifindex}"), None),
+        };
+        {
+            let mut table = lock(&self.table);
+            for obs in batch {
+                table.ingest(obs, &lookup);
+            }
+        }
+        let mut st = lock(&self.reader);
+        st.records += batch.len() as u64 + decode_errors;
+        st.decode_errors += decode_errors;
+    }
+
+    /// Runs `f` with everything the diagnosis rules need, consistent for one answer.
+    pub(super) fn with_context<T>(&self, f: impl FnOnce(&Context<'_>, &FlowTable) -> T) -> T {
+        static NO_SYMBOLS: OnceLock<Symbols> = OnceLock::new();
+        let node = self.node();
+        let reasons = self.reasons.read().unwrap_or_else(|e| e.into_inner());
+        let table = lock(&self.table);
+        let symbols = if table.stats().drops > 0 {
+            self.symbols.get_or_init(Symbols::load)
+        } else {
+            NO_SYMBOLS.get_or_init(Symbols::default)
+        };
+        let cx = Context {
+            pools: &node.pools,
+            facts: &node.facts,
+            now_ns: mono_now_ns(),
+            rules: &self.rules,
+            reasons: &reasons,
+            symbols,
+        };
+        f(&cx, &table)
+    }
+
+    /// Filters that need the node's view or the clock, not only the flow's tuple.
+    pub(super) fn matches(&self, q: &FlowQuery, f: &Flow, now_ns: u64) -> bool {
+        if !q.matches_tuple(f) {
+            return false;
+        }
+        if let Some((ns, name)) = &q.pod {
+            let veth = self.pod_veth(ns, name);
+            if !f.hops.iter().any(|h| h.iface == veth) {
+                return false;
+            }
+        }
+        match q.since {
+            Some(Since::Ago(d)) => f.last_ns >= now_ns.saturating_sub(d.as_nanos() as u64),
+            Some(Since::At(t)) => f.last_ns >= self.clock.mono_of(t),
+            None => true,
+        }
+    }
+
+    pub fn flows(&self, q: &FlowQuery) -> Value {
+        let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+        self.with_context(|cx, table| {
+            let mut out = Vec::new();
+            let mut matched = 0usize;
+            for f in table.iter_newest() {
+                if !self.matches(q, f, cx.now_ns) {
+                    continue;
+                }
+                let j = judge(f, cx);
+                if q.verdict.is_some_and(|v| !j.verdicts.contains(&v)) {
+                    continue;
+                }
+                if q.cause
+                    .is_some_and(|c| j.diagnosis.as_ref().map(|d| d.cause) != Some(c))
+                {
+                    continue;
+                }
+                matched += 1;
+                if out.len() < limit {
+                    out.push(flow_json(f, &j, &self.clock, cx));
+                }
+            }
+            json!({"flows": out, "matched": matched, "truncated": matched > out.len()})
+        })
+    }
+
+    /// Faulty flows grouped by cause, plus what the node's configuration alone shows.
+    pub fn diagnoses(&self) -> Value {
+        #[derive(Default)]
+        struct Group {
+            count: u64,
+            first_ns: u64,
+            last_ns: u64,
+            latest: Option<(u64, crate::diagnose::Diagnosis)>,
+            examples: Vec<u64>,
+        }
+        self.with_context(|cx, table| {
+            let mut groups: std::collections::BTreeMap<&'static str, Group> = Default::default();
+            let mut judged = 0u64;
+            for f in table.iter_newest() {
+                judged += 1;
+                let Some(d) = judge(f, cx).diagnosis else {
+                    continue;
+                };
+                let g = groups.entry(d.cause).or_default();
+                g.count += 1;
+                g.first_ns = if g.first_ns == 0 {
+                    f.first_ns
+                } else {
+                    g.first_ns.min(f.first_ns)
+                };
+                g.last_ns = g.last_ns.max(f.last_ns);
+                if g.examples.len() < 5 {
+                    g.examples.push(f.id);
+                }
+                if g.latest.as_ref().is_none_or(|(t, _)| f.last_ns > *t) {
+                    g.latest = Some((f.last_ns, d));
+                }
+            }
+            let mut causes: Vec<Value> = groups
+                .into_iter()
+                .filter_map(|(cause, g)| {
+                    let (_, d) = g.latest?;
+                    Some(json!({
+                        "cause": cause,
+                        "count": g.count,
+                        "first_seen": self.clock.rfc3339(g.first_ns),
+                        "last_seen": self.clock.rfc3339(g.last_ns),
+                        "summary": d.summary,
+                        "evidence": d.evidence,
+                        "fix": d.fix,
+                        "example_flows": g.examples,
+                    }))
+                })
+                .collect();
+            causes.sort_by(|a, b| b["count"].as_u64().cmp(&a["count"].as_u64()));
+            json!({
+                "causes": causes,
+                "node_findings": crate::diagnose::node_findings(cx),
+                "flows_judged": judged,
+            })
+        })
+    }
+
+    pub fn flow(&self, id: u64) -> Option<Value> {
+        self.with_context(|cx, table| {
+            table
+                .get(id)
+                .map(|f| flow_json(f, &judge(f, cx), &self.clock, cx))
+        })
+    }
+
+    /// Ready once the programs are loaded and the first interface sync is done.
+    pub fn readiness(&self) -> (bool, Value) {
+        let node = self.node();
+        let v = json!({
+            "ready": node.ready,
+            "attached": node.attached.len(),
+            "drops": node.drops,
+        });
+        (node.ready, v)
+    }
+
+    /// The flow's kept records as pcapng; None when there is no such flow or no record left.
+    pub fn pcap(&self, id: u64) -> Result<Option<Vec<u8>>, crate::api::pcap::PcapError> {
+        let names: HashMap<u32, String> = {
+            let node = self.node();
+            node.facts
+                .links
+                .values()
+                .map(|l| (l.index, l.name.clone()))
+                .collect()
+        };
+        let table = lock(&self.table);
+        if table.get(id).is_none() {
+            return Ok(None);
+        }
+        let samples = table.samples().of(id);
+        if samples.is_empty() {
+            return Ok(None);
+        }
+        crate::api::pcap::flow_pcapng(
+            &samples,
+            |i| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}")),
+            &self.clock,
+        )
+        .map(Some)
+    }
+
+    /// Prometheus exposition of the agent's state.
+    pub fn metrics(&self) -> String {
+        let (by_verdict, by_cause, flows, table) = self.with_context(|cx, table| {
+            let mut v: HashMap<&'static str, u64> = HashMap::new();
+            let mut c: HashMap<&'static str, u64> = HashMap::new();
+            for f in table.iter_newest() {
+                let j = judge(f, cx);
+                for x in &j.verdicts {
+                    *v.entry(x).or_default() += 1;
+                }
+                if let Some(d) = j.diagnosis {
+                    *c.entry(d.cause).or_default() += 1;
+                }
+            }
+            (v, c, table.len(), table.stats())
+        });
+        let node = self.node();
+        let reader = *lock(&self.reader);
+        let mut roles: HashMap<&'static str, u64> = HashMap::new();
+        for a in &node.attached {
+            *roles.entry(a.role.as_str()).or_default() += 1;
+        }
+        let counter = |name, help, v: u64| Family {
+            name,
+            help,
+            kind: "counter",
+            samples: vec![(String::new(), v as f64)],
+        };
+        let k = self.kernel();
+        render(&[
+            Family {
+                name: "tracer_flows",
+                help: "Flows in the agent's table.",
+                kind: "gauge",
+                samples: vec![(String::new(), flows as f64)],
+            },
+            Family {
+                name: "tracer_flows_by_verdict",
+                help: "Flows in the table by verdict.",
+                kind: "gauge",
+                samples: VERDICTS
+                    .iter()
+                    .map(|v| {
+                        (
+                            format!("verdict=\"{}\"", label(v)),
+                            *by_verdict.get(v).unwrap_or(&0) as f64,
+                        )
+                    })
+                    .collect(),
+            },
+            Family {
+                name: "tracer_flows_by_cause",
+                help: "Flows in the table by diagnosed cause.",
+                kind: "gauge",
+                samples: CAUSES
+                    .iter()
+                    .map(|c| {
+                        (
+                            format!("cause=\"{}\"", label(c)),
+                            *by_cause.get(c).unwrap_or(&0) as f64,
+                        )
+                    })
+                    .collect(),
+            },
+            counter(
+                "tracer_kernel_packets_total",
+                "Packets the tc programs saw.",
+                k.packets,
+            ),
+            counter(
+                "tracer_kernel_records_total",
+                "Records the kernel wrote to the ring buffer.",
+                k.records,
+            ),
+            counter(
+                "tracer_kernel_records_lost_total",
+                "Records lost because the ring buffer was full.",
+                k.lost,
+            ),
+            counter(
+                "tracer_kernel_malformed_total",
+                "Packets whose headers could not be parsed.",
+                k.malformed,
+            ),
+            counter(
+                "tracer_kernel_drops_total",
+                "Kernel drops with a reportable reason (any packet).",
+                k.drops,
+            ),
+            Family {
+                name: "tracer_ringbuf_pending_bytes",
+                help:
+                    "Ring-buffer bytes not yet consumed by the agent, as last seen by the kernel.",
+                kind: "gauge",
+                samples: vec![(String::new(), k.ringbuf_pending_bytes as f64)],
+            },
+            Family {
+                name: "tracer_attached_interfaces",
+                help: "Interfaces with tracer's tc programs, by role.",
+                kind: "gauge",
+                samples: ["workload", "tunnel", "host"]
+                    .iter()
+                    .map(|r| (format!("role=\"{r}\""), *roles.get(r).unwrap_or(&0) as f64))
+                    .collect(),
+            },
+            counter(
+                "tracer_records_decoded_total",
+                "Ring-buffer records the agent read.",
+                reader.records,
+            ),
+            counter(
+                "tracer_decode_errors_total",
+                "Ring-buffer records the agent could not decode.",
+                reader.decode_errors,
+            ),
+            counter(
+                "tracer_flows_evicted_total",
+                "Flows evicted because the table was full.",
+                table.evicted,
+            ),
+            counter(
+                "tracer_drops_matched_total",
+                "Kernel drops attributed to a traced flow.",
+                table.drops,
+            ),
+        ])
+    }
+
+    pub fn health(&self) -> Value {
+        let node = self.node();
+        let table = lock(&self.table).stats();
+        let reader = *lock(&self.reader);
+        json!({
+            "status": if node.ready { "ok" } else { "starting" },
+            "ready": node.ready,
+            "drops": node.drops,
+            "attached": node.attached,
+            "pools": node.pools,
+            "kernel": self.kernel(),
+            "reader": reader,
+            "flows": table,
+            "uptime_s": Duration::from_nanos(mono_now_ns().saturating_sub(self.clock.start_ns())).as_secs(),
+        })
+    }
+}
