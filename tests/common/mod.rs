@@ -18,6 +18,8 @@ pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 /// A `tracer agent` process in a namespace; SIGTERM on drop (then SIGKILL if it lingers).
 pub struct Agent {
     child: Child,
+    /// Reaped already: never signal the pid again (it may belong to someone else now).
+    done: bool,
     ns: String,
     log: std::path::PathBuf,
 }
@@ -42,9 +44,60 @@ impl Agent {
         let child = cmd.spawn()?;
         Ok(Agent {
             child,
+            done: false,
             ns: ns.name().to_string(),
             log,
         })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the agent process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Open file descriptors of the agent (each TCX link is one).
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until /readyz answers 200.
+    pub fn wait_ready(&mut self, ns: &Netns) -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("agent exited ({status}); log:\n{}", self.log()).into());
+            }
+            if let Ok((200, _)) = self.get(ns, "/readyz") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!("agent never ready; log:\n{}", self.log()).into())
+    }
+
+    /// Sends `sig` and waits for the exit status.
+    pub fn signal_and_wait(
+        &mut self,
+        sig: i32,
+    ) -> Result<std::process::ExitStatus, Box<dyn std::error::Error>> {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        let status = self.child.wait()?;
+        self.done = true;
+        Ok(status)
     }
 
     pub fn log(&self) -> String {
@@ -157,6 +210,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if self.done {
+            return;
+        }
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -252,4 +308,11 @@ pub fn verdicts(f: &Value) -> Vec<String> {
 
 pub fn has_verdict(f: &Value, v: &str) -> bool {
     verdicts(f).iter().any(|x| x == v)
+}
+
+/// GET from the agent port in `ns`, whoever started the agent.
+pub fn http_get_in(ns: &Netns, path: &str) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+    let path = path.to_string();
+    let r = ns.run(move || http_get(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)), &path))?;
+    r.map_err(|e| e.into())
 }

@@ -106,7 +106,7 @@ pub struct AgentArgs {
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub no_reply_timeout: Duration,
     /// Datastore ports whose exchanges are timed for slow_response (etcd, apiserver, Typha).
-    #[arg(long = "datastore-port", default_values_t = vec![2379u16, 6443, 443, 5473])]
+    #[arg(long = "datastore-port", default_values_t = vec![2379u16, 6443, 5473])]
     pub datastore_ports: Vec<u16>,
     /// Median exchange latency above which a datastore flow is slow_response.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
@@ -125,6 +125,9 @@ pub struct AgentArgs {
     /// File holding a bearer token every endpoint but /healthz then requires.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+    /// Ring buffer between kernel and agent, in bytes (power of two, >= 4096). Default 8 MiB.
+    #[arg(long)]
+    pub ringbuf_bytes: Option<u32>,
     /// How often the kernel re-reports a busy flow's counters.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub summary_interval: Duration,
@@ -148,6 +151,7 @@ impl AgentArgs {
             None => None,
         };
         Ok(crate::agent::AgentConfig {
+            ringbuf_bytes: self.ringbuf_bytes,
             attach: self.attach,
             token,
             listen: self.listen,

@@ -71,7 +71,10 @@ pub fn handle(cmd: Command, cfg: &AgentConfig, hooks: &mut Hooks, shared: &Share
                 None => Err(AttachError::NoAttachment(ifindex)),
                 Some(a) if a.how != ON_DEMAND => Err(AttachError::NotOnDemand(ifindex)),
                 Some(_) => {
-                    hooks.detach(ifindex);
+                    // Another client (a second `tracer watch` of the same pod) may still hold it.
+                    if hooks.release(ifindex) == 0 {
+                        hooks.detach(ifindex);
+                    }
                     Ok(())
                 }
             };

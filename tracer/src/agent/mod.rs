@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub attach: AttachMode,
     /// Bearer token every endpoint but /healthz requires.
     pub token: Option<String>,
+    /// Ring buffer size; None keeps the compiled-in 8 MiB.
+    pub ringbuf_bytes: Option<u32>,
 }
 
 impl Default for AgentConfig {
@@ -75,6 +77,7 @@ impl Default for AgentConfig {
             resync: Duration::from_secs(10),
             attach: AttachMode::Auto,
             token: None,
+            ringbuf_bytes: None,
         }
     }
 }
@@ -84,7 +87,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     if cfg.token.as_deref().is_some_and(str::is_empty) {
         return Err(AgentError::EmptyToken("(given)".into()));
     }
-    let (mut hooks, ring, counters) = Hooks::load(cfg.summary_interval.as_nanos() as u64)?;
+    let (mut hooks, ring, counters) =
+        Hooks::load_with(cfg.summary_interval.as_nanos() as u64, cfg.ringbuf_bytes)?;
     let shared = Arc::new(Shared::new(&cfg));
     shared.set_counters(counters);
     // Drop tracing is a bonus: without tracefs or BTF the agent still traces paths.

@@ -89,7 +89,10 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
             ))
         }
     };
-    if !authorized && path.trim_end_matches('/') != "/healthz" {
+    // Probes (kubelet) cannot send a token: liveness and readiness stay open; they reveal only
+    // counters and interface names.
+    let open = matches!(path.trim_end_matches('/'), "/healthz" | "/readyz");
+    if !authorized && !open {
         return Ok(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (Authorization: Bearer <token>)",

@@ -108,14 +108,15 @@ pub struct Exchanges {
     measure_ifindex: Option<u32>,
     last_side: Option<Side>,
     request_ns: Option<u64>,
-    /// Response latencies in microseconds (the first MAX_SAMPLES; `count` keeps counting).
+    /// A uniform sample of response latencies in microseconds; `count` counts them all.
     pub latencies_us: Vec<u32>,
     pub count: u64,
     pub total_wait_ns: u64,
     pub max_ns: u64,
 }
 
-const MAX_SAMPLES: usize = 4096;
+/// Latency samples kept per flow: a reservoir, so a long-lived connection stays small.
+const MAX_SAMPLES: usize = 32;
 
 impl Exchanges {
     fn observe(&mut self, ifindex: u32, side: Side, ts_ns: u64) {

@@ -33,6 +33,8 @@ pub enum HookError {
     Program(#[from] aya::programs::ProgramError),
     #[error("eBPF map: {0}")]
     Map(#[from] aya::maps::MapError),
+    #[error("ring buffer size {0} must be a power of two of at least 4096 bytes")]
+    RingBufSize(u32),
     #[error("kernel drop tracing: {0}")]
     Drops(drops::DropError),
     #[error("attaching to {iface}: {source}")]
@@ -70,6 +72,8 @@ pub struct Hooks {
     ebpf: Ebpf,
     ifaces_map: BpfHashMap<MapData, u32, IfaceConf>,
     attached: BTreeMap<u32, (AttachedIface, tc::Links)>,
+    /// Clients holding each on-demand attachment; it goes when the last one lets go.
+    holders: BTreeMap<u32, u32>,
 }
 
 /// The kernel's per-CPU counters, readable from anywhere (the API reads them fresh).
@@ -108,9 +112,24 @@ impl Hooks {
     pub fn load(
         summary_interval_ns: u64,
     ) -> Result<(Hooks, RingBuf<MapData>, KernelCounters), HookError> {
-        let mut ebpf = EbpfLoader::new()
-            .override_global(SUMMARY_INTERVAL_GLOBAL, &summary_interval_ns, true)
-            .load(OBJECT)?;
+        Hooks::load_with(summary_interval_ns, None)
+    }
+
+    /// Like [`Hooks::load`], with a ring buffer of `ringbuf_bytes` (a power of two, at least a
+    /// page) instead of the default 8 MiB.
+    pub fn load_with(
+        summary_interval_ns: u64,
+        ringbuf_bytes: Option<u32>,
+    ) -> Result<(Hooks, RingBuf<MapData>, KernelCounters), HookError> {
+        let mut loader = EbpfLoader::new();
+        loader.override_global(SUMMARY_INTERVAL_GLOBAL, &summary_interval_ns, true);
+        if let Some(bytes) = ringbuf_bytes {
+            if !bytes.is_power_of_two() || bytes < 4096 {
+                return Err(HookError::RingBufSize(bytes));
+            }
+            loader.map_max_entries(EVENTS_MAP, bytes);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         tc::load(&mut ebpf)?;
         let events = ebpf
             .take_map(EVENTS_MAP)
@@ -129,6 +148,7 @@ impl Hooks {
                 ebpf,
                 ifaces_map,
                 attached: BTreeMap::new(),
+                holders: BTreeMap::new(),
             },
             events,
             KernelCounters { stats },
@@ -173,8 +193,29 @@ impl Hooks {
         Ok(())
     }
 
+    /// One more client holds the attachment on `ifindex`.
+    pub fn hold(&mut self, ifindex: u32) {
+        *self.holders.entry(ifindex).or_default() += 1;
+    }
+
+    /// One client lets go; returns how many still hold it.
+    pub fn release(&mut self, ifindex: u32) -> u32 {
+        let left = match self.holders.get_mut(&ifindex) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            self.holders.remove(&ifindex);
+        }
+        left
+    }
+
     /// Detaches from `ifindex`. An interface that is already gone took its programs with it.
     pub fn detach(&mut self, ifindex: u32) {
+        self.holders.remove(&ifindex);
         if let Some((iface, links)) = self.attached.remove(&ifindex) {
             tc::detach(&mut self.ebpf, links);
             let _ = self.ifaces_map.remove(&ifindex);

@@ -30,9 +30,14 @@ pub fn load(ebpf: &mut Ebpf) -> Result<(), HookError> {
 }
 
 pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<Links, ProgramError> {
-    // Older kernels need the clsact qdisc; with TCX it is unused and an existing one is fine.
-    if let Err(e) = tc::qdisc_add_clsact(iface) {
-        tracing::debug!(iface, error = %e, "clsact qdisc not added (exists, or TCX in use)");
+    // Kernels before 6.6 attach through a clsact qdisc; TCX (6.6+, which aya picks) needs none,
+    // and adding one would leave a qdisc behind on the interface.
+    let tcx = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+    if !tcx {
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            tracing::debug!(iface, error = %e, "clsact qdisc not added (probably exists)");
+        }
     }
     let ingress = attach_one(ebpf, PROG_TC_INGRESS, iface, TcAttachType::Ingress)?;
     let egress = match attach_one(ebpf, PROG_TC_EGRESS, iface, TcAttachType::Egress) {
