@@ -196,6 +196,33 @@ fn bad_queries_get_json_400() -> TestResult {
     }
     let (status, v) = agent.get(&lab.node, "/nope")?;
     assert_eq!(status, 404, "{v}");
+    // Huge query strings and odd paths: clear JSON errors, never a 5xx.
+    let huge = format!("/flows?dst={}", "9".repeat(5000));
+    for q in [
+        huge.as_str(),
+        "/flows/1/2/3",
+        "/flows/-1",
+        "/flows/%00",
+        "/%2e%2e/etc/passwd",
+        "/flows?dst=1.1.1.1%00",
+    ] {
+        let (status, v) = agent.get(&lab.node, q)?;
+        assert!((400..500).contains(&status), "{q}: {status} {v}");
+        assert!(v["error"].is_string(), "{q}: {v}");
+    }
+    // Garbage instead of HTTP: the connection is dropped, the agent keeps serving.
+    let garbage = lab.node.run(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", common::AGENT_PORT))?;
+        s.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        Ok::<_, std::io::Error>(buf)
+    })??;
+    assert!(!String::from_utf8_lossy(&garbage).contains(" 500 "));
+    let (status, _) = agent.get(&lab.node, "/healthz")?;
+    assert_eq!(status, 200);
     let (status, _) = agent.get(&lab.node, "/flows/999999")?;
     assert_eq!(status, 404);
     Ok(())

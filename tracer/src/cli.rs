@@ -80,6 +80,16 @@ pub struct WatchArgs {
 pub struct DiagnosesArgs {
     #[command(flatten)]
     pub conn: AgentConn,
+    /// Explicit agent URLs to ask (comma separated), one report per node.
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Vec<String>,
+    /// Ask every agent of the DaemonSet (headless Service DNS name, see --service).
+    #[arg(long)]
+    pub all_nodes: bool,
+    #[arg(long, default_value = "tracer.kube-system.svc.cluster.local")]
+    pub service: String,
+    #[arg(long, default_value_t = 9464)]
+    pub agent_port: u16,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }

@@ -111,11 +111,35 @@ pub async fn fan_out(
 }
 
 pub async fn diagnoses(args: DiagnosesArgs) -> Result<(), String> {
-    let agent = Agent::new(&args.conn.agent, args.conn.token()?);
-    let v = agent.get("/diagnoses").await.map_err(|e| e.to_string())?;
-    match args.output {
-        Output::Json => println!("{v}"),
-        Output::Table => print!("{}", report::diagnoses(&v)),
+    let token = args.conn.token()?;
+    let agents = if args.all_nodes {
+        discover(&args.service, args.agent_port).await?
+    } else if !args.agents.is_empty() {
+        args.agents.clone()
+    } else {
+        vec![args.conn.agent.clone()]
+    };
+    let mut failed = 0;
+    for a in &agents {
+        let agent = Agent::new(a, token.clone());
+        match agent.get("/diagnoses").await {
+            Ok(v) => match args.output {
+                Output::Json => println!("{}", json!({"node": a, "diagnoses": v})),
+                Output::Table => {
+                    if agents.len() > 1 {
+                        println!("== {a}");
+                    }
+                    print!("{}", report::diagnoses(&v));
+                }
+            },
+            Err(e) => {
+                failed += 1;
+                eprintln!("tracer: node {a} did not answer: {e}");
+            }
+        }
+    }
+    if failed == agents.len() {
+        return Err("no agent answered".into());
     }
     Ok(())
 }

@@ -19,6 +19,11 @@ pub fn flows_table(answer: &Value) -> String {
         .get("flows")
         .and_then(Value::as_array)
         .unwrap_or(&empty);
+    // Merged answers from several agents name the node; ids are only unique per node.
+    let multi = flows.iter().any(|f| f.get("node").is_some());
+    if multi {
+        let _ = write!(out, "{:<28} ", "NODE");
+    }
     let _ = writeln!(
         out,
         "{:>6}  {:<5} {:<43} {:<43} {:<30} PATH",
@@ -61,6 +66,9 @@ pub fn flows_table(answer: &Value) -> String {
                 dst = format!("{dst} ({}:{})", s(nat, "dst"), s(nat, "dport"));
             }
         }
+        if multi {
+            let _ = write!(out, "{:<28} ", s(f, "node"));
+        }
         let _ = writeln!(
             out,
             "{:>6}  {:<5} {:<43} {:<43} {:<30} {}",
@@ -74,7 +82,11 @@ pub fn flows_table(answer: &Value) -> String {
     }
     for f in flows {
         if let Some(d) = f.get("diagnosis").filter(|d| !d.is_null()) {
-            let _ = writeln!(out, "\nflow {}: {}", s(f, "id"), s(d, "cause"));
+            let node = f
+                .get("node")
+                .map(|_| format!(" on {}", s(f, "node")))
+                .unwrap_or_default();
+            let _ = writeln!(out, "\nflow {}{node}: {}", s(f, "id"), s(d, "cause"));
             let _ = writeln!(out, "  what:  {}", s(d, "summary"));
             let _ = writeln!(out, "  fix:   {}", s(d, "fix"));
             if let Some(ev) = d.get("evidence") {
