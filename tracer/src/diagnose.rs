@@ -417,7 +417,7 @@ fn wrong_source(flow: &Flow, cx: &Context<'_>) -> Option<WrongSource> {
         }
         let owner_subnet = owner.addrs.iter().find(|a| a.ip == src)?.network();
         Some(WrongSource {
-            hop_iface: hop.iface.clone(),
+            hop_iface: hop.iface.to_string(),
             src,
             dst,
             owner: owner.name.clone(),
@@ -529,7 +529,7 @@ fn wrong_parent(flow: &Flow, cx: &Context<'_>) -> Option<WrongParent> {
         local: info.local,
         peer,
         route_iface: route_iface.map(|i| cx.facts.name_of(i)),
-        outer_seen_on: outer.iter().map(|h| h.iface.clone()).collect(),
+        outer_seen_on: outer.iter().map(|h| h.iface.to_string()).collect(),
     })
 }
 
@@ -667,8 +667,8 @@ fn off_link_peer(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
             return None;
         }
         match &h.encap {
-            Some(e) => Some((e.outer_dst, e.outer_dport, h.iface.clone())),
-            None if flow.dport == 179 => Some((h.dst, 179, h.iface.clone())),
+            Some(e) => Some((e.outer_dst, e.outer_dport, h.iface.to_string())),
+            None if flow.dport == 179 => Some((h.dst, 179, h.iface.to_string())),
             None => None,
         }
     })?;
@@ -945,11 +945,11 @@ mod tests {
         }
     }
 
-    fn lookup(i: u32) -> (String, Option<Role>) {
+    fn lookup(i: u32) -> (std::sync::Arc<str>, Option<Role>) {
         match i {
             2 => ("eth0".into(), Some(Role::Host)),
             5 => ("calid92900560e3".into(), Some(Role::Workload)),
-            o => (format!("if{o}"), None),
+            o => (format!("if{o}").into(), None),
         }
     }
 
@@ -1179,14 +1179,14 @@ mod tests {
         f
     }
 
-    fn lookup2(i: u32) -> (String, Option<Role>) {
+    fn lookup2(i: u32) -> (std::sync::Arc<str>, Option<Role>) {
         match i {
             2 => ("eth0".into(), Some(Role::Host)),
             3 => ("eth1".into(), Some(Role::Host)),
             5 => ("calid92900560e3".into(), Some(Role::Workload)),
             7 => ("nerdctl0".into(), Some(Role::Host)),
             8 => ("vxlan.calico".into(), Some(Role::Tunnel)),
-            o => (format!("if{o}"), None),
+            o => (format!("if{o}").into(), None),
         }
     }
 

@@ -1,6 +1,7 @@
 //! State shared between the ring-buffer reader, the sync loop and the API.
 use std::{
     collections::HashMap,
+    sync::Arc,
     sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::Duration,
 };
@@ -69,6 +70,8 @@ pub struct Shared {
     token: Option<String>,
     commands: OnceLock<mpsc::Sender<Command>>,
     counters: Mutex<Option<KernelCounters>>,
+    /// Interned names and roles of attached interfaces, by ifindex.
+    names: RwLock<HashMap<u32, (Arc<str>, Role)>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -95,6 +98,7 @@ impl Shared {
             token: cfg.token.clone(),
             commands: OnceLock::new(),
             counters: Mutex::new(None),
+            names: RwLock::new(HashMap::new()),
         }
     }
 
@@ -119,7 +123,19 @@ impl Shared {
     }
 
     pub(super) fn set_attached(&self, attached: Vec<AttachedIface>) {
+        self.intern(&attached);
         self.node_mut().attached = attached;
+    }
+
+    /// Interface names shared by every hop that crosses them: one allocation per interface.
+    fn intern(&self, attached: &[AttachedIface]) {
+        let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
+        names.retain(|i, (n, _)| attached.iter().any(|a| a.ifindex == *i && *a.name == **n));
+        for a in attached {
+            names
+                .entry(a.ifindex)
+                .or_insert_with(|| (Arc::from(a.name.as_str()), a.role));
+        }
     }
 
     pub(super) fn set_counters(&self, c: KernelCounters) {
@@ -139,6 +155,7 @@ impl Shared {
     }
 
     pub(super) fn update_node(&self, facts: NodeFacts, pools: Pools, attached: Vec<AttachedIface>) {
+        self.intern(&attached);
         let mut node = self.node_mut();
         node.facts = facts;
         node.pools = pools;
@@ -188,15 +205,10 @@ impl Shared {
 
     /// Ingests a batch of decoded records; `decode_errors` counts the ones that were not.
     pub fn ingest(&self, batch: &[Observation], decode_errors: u64) {
-        let roles: HashMap<u32, (String, Role)> = self
-            .node()
-            .attached
-            .iter()
-            .map(|a| (a.ifindex, (a.name.clone(), a.role)))
-            .collect();
-        let lookup = |ifindex: u32| match roles.get(&ifindex) {
+        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        let lookup = |ifindex: u32| match names.get(&ifindex) {
             Some((n, r)) => (n.clone(), Some(*r)),
-            None => (format!("if{ifindex}"), None),
+            None => (Arc::from(format!("if{ifindex}")), None),
         };
         {
             let mut table = lock(&self.table);
@@ -238,7 +250,7 @@ impl Shared {
         }
         if let Some((ns, name)) = &q.pod {
             let veth = self.pod_veth(ns, name);
-            if !f.hops.iter().any(|h| h.iface == veth) {
+            if !f.hops.iter().any(|h| *h.iface == *veth) {
                 return false;
             }
         }

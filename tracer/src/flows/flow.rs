@@ -1,5 +1,5 @@
 //! One connection as it crossed the node: its hops, translations and TCP milestones.
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 
@@ -74,7 +74,8 @@ pub struct HopEncap {
 /// One place (interface and direction) where the flow's packets were seen.
 #[derive(Debug, Clone, Serialize)]
 pub struct Hop {
-    pub iface: String,
+    /// Shared with every other hop on the interface: names are interned by the agent.
+    pub iface: Arc<str>,
     pub ifindex: u32,
     pub role: Option<Role>,
     pub dir: Dir,
@@ -89,7 +90,8 @@ pub struct Hop {
     pub sport: u16,
     pub dst: IpAddr,
     pub dport: u16,
-    pub encap: Option<HopEncap>,
+    /// Boxed: most hops carry no tunnel header, and a flow keeps several hops.
+    pub encap: Option<Box<HopEncap>>,
     pub pkts: u64,
     pub bytes: u64,
     /// TCP flags seen here, OR-ed.
@@ -211,8 +213,8 @@ pub struct Flow {
     pub tcp: TcpMilestones,
     /// A reply is owed: TCP opened with a SYN, or an ICMP echo request.
     pub expects_reply: bool,
-    /// Every tuple registered for this flow in the table's index.
-    pub tuples: Vec<DirTuple>,
+    /// Translated forward tuples beyond the first (`nat`), rare; indexed with their reverses.
+    pub extra_translations: Vec<DirTuple>,
     pub drops: Vec<DropRecord>,
     pub exchanges: Exchanges,
 }
@@ -233,7 +235,7 @@ impl Flow {
             first_reply_ns: None,
             tcp: TcpMilestones::default(),
             expects_reply: false,
-            tuples: Vec::new(),
+            extra_translations: Vec::new(),
             drops: Vec::new(),
             exchanges: Exchanges::default(),
         }
@@ -250,7 +252,29 @@ impl Flow {
     }
 
     /// Adds one observation on `side` at the given interface.
-    pub fn record(&mut self, obs: &Observation, side: Side, iface: &str, role: Option<Role>) {
+    /// Every tuple this flow is indexed under: both directions, before and after translation.
+    pub fn indexed_tuples(&self) -> Vec<DirTuple> {
+        let fwd = self.forward_tuple();
+        let mut out = vec![fwd, fwd.reversed()];
+        if let Some(n) = self.nat {
+            let t = DirTuple {
+                proto: self.proto,
+                src: n.src,
+                sport: n.sport,
+                dst: n.dst,
+                dport: n.dport,
+            };
+            out.push(t);
+            out.push(t.reversed());
+        }
+        for t in &self.extra_translations {
+            out.push(*t);
+            out.push(t.reversed());
+        }
+        out
+    }
+
+    pub fn record(&mut self, obs: &Observation, side: Side, iface: &Arc<str>, role: Option<Role>) {
         let p = *obs.packet();
         self.last_ns = self.last_ns.max(obs.ts_ns);
         if side == Side::Reverse && self.first_reply_ns.is_none() {
@@ -270,7 +294,7 @@ impl Flow {
             Some(i) => i,
             None => {
                 self.hops.push(Hop {
-                    iface: iface.to_string(),
+                    iface: iface.clone(),
                     ifindex: obs.ifindex,
                     role,
                     dir: obs.dir,
@@ -281,13 +305,15 @@ impl Flow {
                     sport: p.sport,
                     dst: p.dst,
                     dport: p.dport,
-                    encap: obs.inner.as_ref().map(|(kind, vni, _)| HopEncap {
-                        kind: *kind,
-                        vni: (*kind == Encap::Vxlan).then_some(*vni),
-                        outer_src: obs.outer.src,
-                        outer_dst: obs.outer.dst,
-                        outer_sport: obs.outer.sport,
-                        outer_dport: obs.outer.dport,
+                    encap: obs.inner.as_ref().map(|(kind, vni, _)| {
+                        Box::new(HopEncap {
+                            kind: *kind,
+                            vni: (*kind == Encap::Vxlan).then_some(*vni),
+                            outer_src: obs.outer.src,
+                            outer_dst: obs.outer.dst,
+                            outer_sport: obs.outer.sport,
+                            outer_dport: obs.outer.dport,
+                        })
                     }),
                     pkts: 0,
                     bytes: 0,

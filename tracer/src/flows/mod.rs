@@ -11,6 +11,7 @@ mod samples;
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 pub use flow::{DirTuple, DropRecord, Exchanges, Flow, FlowId, Hop, HopEncap, Nat, Side};
@@ -77,11 +78,11 @@ struct Pending {
 
 /// Resolves an ifindex to the interface's name and role at the time of the observation.
 pub trait IfaceLookup {
-    fn iface(&self, ifindex: u32) -> (String, Option<Role>);
+    fn iface(&self, ifindex: u32) -> (Arc<str>, Option<Role>);
 }
 
-impl<F: Fn(u32) -> (String, Option<Role>)> IfaceLookup for F {
-    fn iface(&self, ifindex: u32) -> (String, Option<Role>) {
+impl<F: Fn(u32) -> (Arc<str>, Option<Role>)> IfaceLookup for F {
+    fn iface(&self, ifindex: u32) -> (Arc<str>, Option<Role>) {
         self(ifindex)
     }
 }
@@ -292,7 +293,6 @@ impl FlowTable {
         if (p.proto == 1 && p.dport >> 8 == 8) || (p.proto == 58 && p.dport >> 8 == 128) {
             flow.expects_reply = true;
         }
-        flow.tuples = vec![fwd, fwd.reversed()];
         self.index.insert(fwd, (id, Side::Forward));
         self.index.insert(fwd.reversed(), (id, Side::Reverse));
         self.flows.insert(id, flow);
@@ -313,9 +313,9 @@ impl FlowTable {
 
     fn unindex(&mut self, id: FlowId) {
         if let Some(f) = self.flows.get(&id) {
-            for t in &f.tuples {
-                if self.index.get(t).is_some_and(|(fid, _)| *fid == id) {
-                    self.index.remove(t);
+            for t in f.indexed_tuples() {
+                if self.index.get(&t).is_some_and(|(fid, _)| *fid == id) {
+                    self.index.remove(&t);
                 }
             }
         }
@@ -355,21 +355,18 @@ impl FlowTable {
         self.index.insert(fwd, (id, Side::Forward));
         self.index.insert(rev, (id, Side::Reverse));
         if let Some(flow) = self.flows.get_mut(&id) {
-            flow.tuples.push(fwd);
-            flow.tuples.push(rev);
             let orig = flow.forward_tuple();
-            if fwd.src != orig.src
-                || fwd.sport != orig.sport
-                || fwd.dst != orig.dst
-                || fwd.dport != orig.dport
-            {
+            match flow.nat {
                 // Keep the first translation: the one closest to the pod.
-                flow.nat.get_or_insert(Nat {
-                    src: fwd.src,
-                    sport: fwd.sport,
-                    dst: fwd.dst,
-                    dport: fwd.dport,
-                });
+                None if fwd != orig => {
+                    flow.nat = Some(Nat {
+                        src: fwd.src,
+                        sport: fwd.sport,
+                        dst: fwd.dst,
+                        dport: fwd.dport,
+                    })
+                }
+                _ => flow.extra_translations.push(fwd),
             }
         }
     }

@@ -53,13 +53,13 @@ const CALI: u32 = 5;
 const ETH0: u32 = 2;
 const VXLAN: u32 = 9;
 
-fn lookup(i: u32) -> (String, Option<crate::calico::Role>) {
+fn lookup(i: u32) -> (std::sync::Arc<str>, Option<crate::calico::Role>) {
     use crate::calico::Role;
     match i {
         CALI => ("calid92900560e3".into(), Some(Role::Workload)),
         ETH0 => ("eth0".into(), Some(Role::Host)),
         VXLAN => ("vxlan.calico".into(), Some(Role::Tunnel)),
-        other => (format!("if{other}"), None),
+        other => (format!("if{other}").into(), None),
     }
 }
 
