@@ -333,23 +333,35 @@ fn periodic_records_carry_counts() -> R {
 
 #[test]
 fn kernel_drops_are_reported_with_reason_and_tuple() -> R {
+    use std::os::unix::fs::MetadataExt;
     let (mut hooks, mut ring, counters) = Hooks::load(1_000_000_000)?;
-    let reasons = hooks.enable_drops()?;
     // A UDP datagram to a closed port is dropped by the kernel with NO_SOCKET; do it inside a
-    // namespace of our own, on its loopback.
-    let ns =
-        tracer_lab::netns::Netns::create(&format!("{}-drop", tracer_lab::netns::unique_prefix()))?;
-    ns.run(|| {
-        if let Ok(s) = std::net::UdpSocket::bind("127.0.0.1:0") {
-            let _ = s.send_to(b"x", "127.0.0.1:9");
-        }
-    })?;
+    // namespace of our own, on its loopback. Only that namespace's drops are asked for: the
+    // same drop in another namespace is not this agent's business.
+    let prefix = tracer_lab::netns::unique_prefix();
+    let ns = tracer_lab::netns::Netns::create(&format!("{prefix}-drop"))?;
+    let other = tracer_lab::netns::Netns::create(&format!("{prefix}-other"))?;
+    let inode = std::fs::metadata(ns.path())?.ino() as u32;
+    let reasons = hooks.enable_drops_in(tracer::hooks::drops::NetnsFilter::Inode(inode))?;
+    for (n, port) in [(&other, 7u16), (&ns, 9u16)] {
+        n.run(move || {
+            if let Ok(s) = std::net::UdpSocket::bind("127.0.0.1:0") {
+                let _ = s.send_to(b"x", ("127.0.0.1", port));
+            }
+        })?;
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let mut found = None;
+    let mut foreign = false;
     while found.is_none() && std::time::Instant::now() < deadline {
-        found = drain(&mut ring)
-            .into_iter()
-            .find(|o| o.drop.is_some() && o.packet().dport == 9 && o.packet().proto == 17);
+        for o in drain(&mut ring) {
+            if o.drop.is_some() && o.packet().proto == 17 {
+                foreign |= o.packet().dport == 7;
+                if o.packet().dport == 9 {
+                    found = Some(o);
+                }
+            }
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let o = found.ok_or_else(|| {
@@ -358,6 +370,7 @@ fn kernel_drops_are_reported_with_reason_and_tuple() -> R {
             counters.read()
         )
     })?;
+    assert!(!foreign, "a drop from another namespace was reported");
     let d = o.drop.ok_or("not a drop")?;
     assert_eq!(reasons.name(d.reason), "NO_SOCKET");
     assert_eq!(o.packet().dst, ip("127.0.0.1"));

@@ -329,6 +329,140 @@ pub fn nat_outgoing_packets(node: &Netns) -> Result<u64, LabError> {
         .sum())
 }
 
+/// felix's VXLAN device (`VXLANTunnelDevice`... `vxlan.calico`).
+pub const VXLAN_DEVICE: &str = "vxlan.calico";
+/// felix's default `VXLANVNI`.
+pub const VXLAN_VNI: u32 = 4096;
+/// felix's default `VXLANPort`.
+pub const VXLAN_PORT: u16 = 4789;
+/// felix's VXLAN MTU for a 1500-byte underlay (1500 - 50).
+pub const VXLAN_MTU: u32 = 1450;
+/// The kernel route protocol felix tags its blackhole block routes with (`proto 80`).
+pub const FELIX_ROUTE_PROTO: &str = "80";
+
+/// A node's VXLAN tunnel endpoint as felix learns it from the datastore
+/// (`VXLANTunnelEndpointUpdate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vtep {
+    pub node: String,
+    /// The VTEP MAC calico-node allocated (`66:...`).
+    pub mac: String,
+    /// The node's tunnel address (`IPv4VXLANTunnelAddr`), an address of one of its blocks.
+    pub tunnel_ip: std::net::Ipv4Addr,
+    /// `ParentDeviceIp`: the node's autodetected address, i.e. where peers send VXLAN packets.
+    pub parent_ip: std::net::Ipv4Addr,
+    /// The node's IPAM block(s), routed through its tunnel address.
+    pub blocks: Vec<String>,
+}
+
+/// A VTEP MAC in calico-node's style (`66:` then five bytes derived from the node name).
+pub fn vtep_mac(node: &str) -> String {
+    let d = Sha1::digest(format!("vtep-mac.{node}").as_bytes());
+    format!(
+        "66:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        d[0], d[1], d[2], d[3], d[4]
+    )
+}
+
+/// Creates `vxlan.calico` in `node` as felix's vxlan manager does: VNI 4096, dstport 4789,
+/// source `local` = the node's autodetected address, `dev` = the interface holding that address
+/// (the "parent"), no learning, the VTEP MAC, MTU 1450, and the tunnel address as a /32.
+pub fn write_vxlan_device(node: &Netns, parent: &str, vtep: &Vtep) -> Result<(), LabError> {
+    let vni = VXLAN_VNI.to_string();
+    let port = VXLAN_PORT.to_string();
+    let mtu = VXLAN_MTU.to_string();
+    let local = vtep.parent_ip.to_string();
+    node.ip(&[
+        "link",
+        "add",
+        VXLAN_DEVICE,
+        "address",
+        &vtep.mac,
+        "mtu",
+        &mtu,
+        "type",
+        "vxlan",
+        "id",
+        &vni,
+        "local",
+        &local,
+        "dev",
+        parent,
+        "dstport",
+        &port,
+        "nolearning",
+    ])?;
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{}/32", vtep.tunnel_ip),
+        "dev",
+        VXLAN_DEVICE,
+    ])?;
+    node.ip(&["link", "set", VXLAN_DEVICE, "up"])?;
+    Ok(())
+}
+
+/// Programs a remote VTEP into `node` like felix's vxlanfdb and route managers: a permanent
+/// ARP entry for its tunnel address, an FDB entry sending its MAC to its parent address, and
+/// `<block> via <tunnel addr> dev vxlan.calico onlink` for each of its blocks.
+pub fn write_vxlan_peer(node: &Netns, peer: &Vtep) -> Result<(), LabError> {
+    let tunnel = peer.tunnel_ip.to_string();
+    let dst = peer.parent_ip.to_string();
+    node.ip(&[
+        "neigh",
+        "replace",
+        &tunnel,
+        "lladdr",
+        &peer.mac,
+        "dev",
+        VXLAN_DEVICE,
+        "nud",
+        "permanent",
+    ])?;
+    node.exec(&[
+        "bridge",
+        "fdb",
+        "replace",
+        &peer.mac,
+        "dev",
+        VXLAN_DEVICE,
+        "dst",
+        &dst,
+        "self",
+        "permanent",
+    ])?;
+    for block in &peer.blocks {
+        node.ip(&[
+            "route",
+            "replace",
+            block,
+            "via",
+            &tunnel,
+            "dev",
+            VXLAN_DEVICE,
+            "onlink",
+        ])?;
+    }
+    Ok(())
+}
+
+/// felix's blackhole route for a block the node owns (`blackhole <block> proto 80`): pod
+/// addresses of the block without a workload are dropped locally instead of leaving the node.
+pub fn write_block_blackhole(node: &Netns, block: &str) -> Result<(), LabError> {
+    let c = Cidr::parse(block)?;
+    ensure_lab_cidr(&c, "IPAM block")?;
+    node.ip(&[
+        "route",
+        "replace",
+        "blackhole",
+        block,
+        "proto",
+        FELIX_ROUTE_PROTO,
+    ])?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

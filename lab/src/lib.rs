@@ -11,6 +11,11 @@
 //! - [`topo`]: whole topologies, e.g. the single-node shape of seed 002 and its healthy control.
 //! - [`traffic`]: TCP probes, a greeting TCP server and a tcpdump capture helper.
 //! - [`iptables`]: reading rule counters.
+//! - [`bird`], [`etcd`]: calico-node's BIRD and the datastore (plus a delay line), as daemons
+//!   ([`daemon`]) confined to lab namespaces and a per-lab directory.
+//! - [`scenario`]: the seed incidents on a two-node [`topo::Cluster`], each with its traffic and
+//!   a packet-level proof of the fault; [`tracer`] drives tracer agents on the lab's nodes.
+//! - [`http`]: a small HTTP/1.1 client for etcd's JSON gateway and tracer's API.
 //!
 //! Seed 002 in a few lines (needs root):
 //!
@@ -27,12 +32,32 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! A seed on the two-node cluster (BIRD mesh, VXLAN, etcd), with its packet-level proof:
+//!
+//! ```no_run
+//! use tracer_lab::{scenario::Scenario, topo::Cluster};
+//!
+//! # fn main() -> Result<(), tracer_lab::LabError> {
+//! let seed = Scenario::Seed003;
+//! let lab = Cluster::build(&seed.config())?;
+//! println!("{}", seed.drive(&lab)?); // the incident's traffic: cross-node connects hang
+//! seed.verify(&lab)?; // tcpdump: VXLAN for ce-demo-2 goes to 10.4.0.1 and dies at the gateway
+//! # Ok(())
+//! # }
+//! ```
 
+pub mod bird;
 pub mod calico;
+pub mod daemon;
+pub mod etcd;
+pub mod http;
 pub mod iptables;
 pub mod netns;
 pub mod node;
+pub mod scenario;
 pub mod topo;
+pub mod tracer;
 pub mod traffic;
 
 mod addr;
@@ -64,6 +89,9 @@ pub enum LabError {
     /// A tool's output was not what the lab expected, or something did not happen in time.
     #[error("{0}")]
     Unexpected(String),
+    /// A scenario's packet-level check failed: the lab did not reproduce what it should.
+    #[error("not reproduced: {0}")]
+    Verify(String),
 }
 
 impl LabError {

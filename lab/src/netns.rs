@@ -192,6 +192,40 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Starts `f` on a new, named OS thread that has entered this namespace and returns at
+    /// once (unlike [`Netns::run`], which waits). Sockets the thread creates, and threads it
+    /// spawns, live in this namespace. The thread's result includes a failed `setns`.
+    pub fn spawn_thread<T, F>(
+        &self,
+        thread_name: &str,
+        f: F,
+    ) -> Result<std::thread::JoinHandle<Result<T, LabError>>, LabError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let path = self.path();
+        // Opened here so a missing namespace is reported to the caller, not to the thread.
+        let file = File::open(&path)
+            .map_err(|e| LabError::io(format!("opening {}", path.display()), e))?;
+        std::thread::Builder::new()
+            .name(thread_name.to_string())
+            .spawn(move || -> Result<T, LabError> {
+                // SAFETY: plain system call on a valid, open descriptor; it only changes the
+                // network namespace of this dedicated thread.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(LabError::io(
+                        format!("setns into {}", path.display()),
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+                Ok(f())
+            })
+            .map_err(|e| LabError::io("spawning a namespace thread", e))
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         remove_netns(&self.name);
@@ -319,7 +353,7 @@ fn letters(mut n: u32) -> String {
 }
 
 /// The pid encoded in a lab namespace name (`tr<pid><letters>-...`), if it is one.
-fn owner_pid(name: &str) -> Option<u32> {
+pub(crate) fn owner_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(NAME_PREFIX)?;
     let digits_end = rest.find(|c: char| !c.is_ascii_digit())?;
     let (pid, rest) = rest.split_at(digits_end);

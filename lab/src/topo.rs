@@ -1,4 +1,11 @@
-//! Whole lab topologies.
+//! Whole lab topologies: [`SingleNode`] (seed 002's shape) and [`Cluster`] (two Calico nodes).
+
+mod cluster;
+
+pub use cluster::{
+    Cluster, ClusterConfig, ClusterNode, ClusterPod, Datastore, ExtraBridge, ExtraNic, NodeConfig,
+    PodConfig, Routing,
+};
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
@@ -153,7 +160,7 @@ impl SingleNode {
             (&apiserver, "apiserver", plan.apiserver_ip),
             (&gateway, "gw", plan.gateway_ip),
         ] {
-            lan_attach(&underlay, host, port, ip, len)?;
+            lan_attach(&underlay, host, "eth0", UNDERLAY_BRIDGE, port, ip, len)?;
         }
 
         let gw = plan.gateway_ip.to_string();
@@ -225,11 +232,13 @@ impl SingleNode {
     }
 }
 
-/// Gives `host` an `eth0` on the LAN: a veth created inside `host` whose peer (`port`) lands in
-/// the underlay namespace, enslaved to the bridge. Nothing touches the root namespace.
-fn lan_attach(
+/// Gives `host` an interface `iface` on a LAN: a veth created inside `host` whose peer (`port`)
+/// lands in the underlay namespace, enslaved to `bridge`. Nothing touches the root namespace.
+pub(crate) fn lan_attach(
     underlay: &Netns,
     host: &Netns,
+    iface: &str,
+    bridge: &str,
     port: &str,
     ip: Ipv4Addr,
     prefix_len: u8,
@@ -237,7 +246,7 @@ fn lan_attach(
     host.ip(&[
         "link",
         "add",
-        "eth0",
+        iface,
         "type",
         "veth",
         "peer",
@@ -246,9 +255,9 @@ fn lan_attach(
         "netns",
         underlay.name(),
     ])?;
-    underlay.ip(&["link", "set", port, "master", UNDERLAY_BRIDGE])?;
+    underlay.ip(&["link", "set", port, "master", bridge])?;
     underlay.ip(&["link", "set", port, "up"])?;
-    host.ip(&["addr", "add", &format!("{ip}/{prefix_len}"), "dev", "eth0"])?;
-    host.ip(&["link", "set", "eth0", "up"])?;
+    host.ip(&["addr", "add", &format!("{ip}/{prefix_len}"), "dev", iface])?;
+    host.ip(&["link", "set", iface, "up"])?;
     Ok(())
 }

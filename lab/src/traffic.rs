@@ -187,6 +187,18 @@ impl Capture {
         count: Option<u32>,
         filter: &str,
     ) -> Result<Capture, LabError> {
+        Capture::start_with(ns, iface, direction, count, &[], filter)
+    }
+
+    /// Like [`Capture::start`], with extra tcpdump options (e.g. `-tt` for epoch timestamps).
+    pub fn start_with(
+        ns: &Netns,
+        iface: &str,
+        direction: Option<&str>,
+        count: Option<u32>,
+        options: &[&str],
+        filter: &str,
+    ) -> Result<Capture, LabError> {
         let mut cmd = Command::new("tcpdump");
         cmd.args(["-i", iface, "-n", "-l"]);
         if let Some(d) = direction {
@@ -195,7 +207,8 @@ impl Capture {
         if let Some(c) = count {
             cmd.arg("-c").arg(c.to_string());
         }
-        cmd.arg(filter)
+        cmd.args(options)
+            .arg(filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

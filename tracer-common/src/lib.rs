@@ -145,6 +145,14 @@ pub struct DropConf {
     pub dev_ifindex: u32,
     /// Bitmap of reasons that are routine socket housekeeping, not path drops.
     pub ignore: [u64; 4],
+    /// Only drops in this network namespace (its inode number); 0 reports every namespace. The
+    /// tracepoint is global, but an agent answers for its own node only.
+    pub netns_inum: u32,
+    /// `sk_buff.sk`, `sock_common.skc_net`, `net_device.nd_net`, `net.ns` + `ns_common.inum`.
+    pub skb_sk: u32,
+    pub sk_net: u32,
+    pub dev_nd_net: u32,
+    pub net_inum: u32,
 }
 
 /// What the agent tells the kernel about an interface.

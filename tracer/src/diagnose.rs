@@ -199,6 +199,11 @@ struct Skipped<'a> {
 
 fn snat_skipped<'a>(flow: &'a Flow, cx: &Context<'_>) -> Option<Skipped<'a>> {
     let src_pool = cx.pools.pool_of(flow.src)?;
+    // The node's own address inside a pool (seed 002: the host network overlaps it) is host
+    // traffic, which felix never masquerades; only pods' is in question.
+    if cx.facts.iface_holding(flow.src).is_some() {
+        return None;
+    }
     flow.hops.iter().find_map(|hop| {
         let leaving_host = hop.side == Side::Forward
             && hop.dir == Dir::Egress

@@ -61,6 +61,26 @@ fn observe_drop(ctx: &TracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     let dev: u64 = read(skb + conf.skb_dev as u64).unwrap_or(0);
+    if conf.netns_inum != 0 {
+        // The namespace of the device, or of the socket for drops after the device let go.
+        let net: u64 = if dev != 0 {
+            read(dev + conf.dev_nd_net as u64).unwrap_or(0)
+        } else {
+            let sk: u64 = read(skb + conf.skb_sk as u64).unwrap_or(0);
+            if sk != 0 {
+                read(sk + conf.sk_net as u64).unwrap_or(0)
+            } else {
+                0
+            }
+        };
+        if net == 0 {
+            return Ok(());
+        }
+        let inum: u32 = read(net + conf.net_inum as u64)?;
+        if inum != conf.netns_inum {
+            return Ok(());
+        }
+    }
     let ifindex: u32 = if dev != 0 {
         read(dev + conf.dev_ifindex as u64).unwrap_or(0)
     } else {

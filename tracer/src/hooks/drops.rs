@@ -34,7 +34,34 @@ const ROUTINE_REASONS: &[&str] = &[
     "TCP_TOO_OLD_ACK",
     "TCP_OFOMERGE",
     "TCP_OLD_SEQUENCE",
+    // Data arriving for a socket its application already closed: BGP speakers dialling each
+    // other at once abort one of the two connections this way, every time.
+    "TCP_ABORT_ON_DATA",
 ];
+
+/// Which network namespace's drops to report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetnsFilter {
+    /// The agent's own (a node agent answers for its node).
+    Current,
+    /// The namespace with this inode number (`stat -L -c %i /proc/<pid>/ns/net`).
+    Inode(u32),
+    /// Every namespace.
+    Any,
+}
+
+impl NetnsFilter {
+    fn inode(self) -> Result<u32, DropError> {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            NetnsFilter::Any => Ok(0),
+            NetnsFilter::Inode(i) => Ok(i),
+            NetnsFilter::Current => std::fs::metadata("/proc/self/ns/net")
+                .map(|m| m.ino() as u32)
+                .map_err(|e| DropError::Format(format!("/proc/self/ns/net: {e}"))),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DropError {
@@ -159,7 +186,7 @@ fn tracefs() -> Result<&'static str, DropError> {
 }
 
 /// Reads offsets, configures the kernel program and attaches it.
-pub fn enable(ebpf: &mut Ebpf) -> Result<DropReasons, HookError> {
+pub fn enable(ebpf: &mut Ebpf, netns: NetnsFilter) -> Result<DropReasons, HookError> {
     let root = tracefs().map_err(HookError::Drops)?;
     let path = format!("{root}/events/skb/kfree_skb/format");
     let format = std::fs::read_to_string(&path)
@@ -189,6 +216,12 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<DropReasons, HookError> {
         skb_dev: off("sk_buff", "dev")?,
         dev_ifindex: off("net_device", "ifindex")?,
         ignore: reasons.routine_bitmap(),
+        netns_inum: netns.inode().map_err(HookError::Drops)?,
+        skb_sk: off("sk_buff", "sk")?,
+        sk_net: off("sock_common", "skc_net")?,
+        // possible_net_t is a one-member struct: its `net` pointer sits at its start.
+        dev_nd_net: off("net_device", "nd_net")?,
+        net_inum: off("net", "ns")? + off("ns_common", "inum")?,
     };
     let map = ebpf
         .map_mut(DROP_CONF_MAP)

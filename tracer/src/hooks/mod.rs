@@ -103,9 +103,18 @@ impl KernelCounters {
 }
 
 impl Hooks {
-    /// Starts reporting kernel drops (`skb:kfree_skb`); the agent runs on without it on failure.
+    /// Starts reporting kernel drops (`skb:kfree_skb`) in the agent's own network namespace; the
+    /// agent runs on without it on failure.
     pub fn enable_drops(&mut self) -> Result<drops::DropReasons, HookError> {
-        drops::enable(&mut self.ebpf)
+        drops::enable(&mut self.ebpf, drops::NetnsFilter::Current)
+    }
+
+    /// Like [`Hooks::enable_drops`] for another namespace (or all of them).
+    pub fn enable_drops_in(
+        &mut self,
+        netns: drops::NetnsFilter,
+    ) -> Result<drops::DropReasons, HookError> {
+        drops::enable(&mut self.ebpf, netns)
     }
 
     /// Loads the object and verifies its programs; nothing is attached yet.

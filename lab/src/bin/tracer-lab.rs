@@ -1,0 +1,562 @@
+//! `tracer-lab run --tracer PATH [--scenario NAME] [--keep]`: builds each scenario's Calico lab
+//! in network namespaces, runs a tracer agent on every node, drives the scenario's traffic,
+//! proves the fault at the packet level, and reports what tracer diagnosed.
+
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use tracer_lab::scenario::Scenario;
+use tracer_lab::topo::Cluster;
+use tracer_lab::tracer::{self, Agent, NodeDiagnoses};
+
+const EXIT_LAB_ERROR: u8 = 1;
+const EXIT_INTERRUPTED: u8 = 130;
+
+const AFTER_HELP: &str = "\
+Scenarios (default: all, in this order):
+  healthy    two Calico nodes over VXLAN, BGP up, etcd close by (tracer should report nothing)
+  seed-001   datastore 150 ms away: calico-node's startup outlives its liveness probe
+  seed-002   IPPool contains the host network: pod -> apiserver leaves un-SNATed
+  seed-003   VXLAN parent is the bridge nerdctl0 (autodetection picked the wrong interface)
+  seed-004   BGP source is a second NIC nobody can reach (autodetection picked the wrong interface)
+
+Exit status:
+  0    every lab came up and reproduced its fault at the packet level (whether or not tracer's
+       diagnosis matched: see the summary table)
+  1    a lab could not be built, an agent did not start, or a fault did not reproduce
+  2    usage error
+  130  interrupted (Ctrl-C / SIGTERM); the lab was torn down
+
+Needs root, and bird, birdc, etcd, tcpdump, ip, bridge, iptables and ipset in PATH
+(`cargo xtask setup` installs them). Everything runs in network namespaces named tr<pid>...;
+nothing is configured in the root namespace.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tracer-lab",
+    version,
+    about = "tracer's lab: seed Calico incidents in network namespaces, diagnosed by tracer",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the scenario labs, run tracer agents in them, and report what they diagnosed.
+    #[command(after_help = AFTER_HELP)]
+    Run(RunArgs),
+    /// List the scenarios and the causes tracer should report for them.
+    List,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The tracer binary, run as `tracer agent` on every node.
+    #[arg(long, value_name = "PATH")]
+    tracer: PathBuf,
+    /// Run only this scenario (healthy, seed-001, seed-002, seed-003, seed-004).
+    #[arg(long, value_name = "NAME", value_parser = parse_scenario)]
+    scenario: Option<Scenario>,
+    /// Leave the lab up after the report, print how to query the agents, and wait for Ctrl-C.
+    #[arg(long, requires = "scenario")]
+    keep: bool,
+    /// Seconds to wait after the traffic before reading the diagnoses (tracer's agents run
+    /// with a 2 s no-reply timeout).
+    #[arg(long, value_name = "SECS", default_value_t = 3)]
+    settle: u64,
+}
+
+fn parse_scenario(s: &str) -> Result<Scenario, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "unknown scenario (known: {})",
+            Scenario::ALL.map(Scenario::name).join(", ")
+        )
+    })
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    let msg = b"\n[lab] interrupted: tearing down after the current step...\n";
+    // SAFETY: write(2) is async-signal-safe; the buffer is a static byte string.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+    }
+}
+
+/// SIGINT and SIGTERM only set a flag: the lab is torn down by Drop guards as the run unwinds,
+/// never by exiting from the handler.
+fn install_signal_handlers() -> Result<(), String> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler only touches
+        // an atomic and calls write(2).
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(format!(
+                "installing a signal handler: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Why a scenario run stopped early.
+#[derive(Debug)]
+enum Stop {
+    /// The lab (or an agent) could not be set up.
+    Lab(String),
+    Interrupted,
+}
+
+impl From<tracer_lab::LabError> for Stop {
+    fn from(e: tracer_lab::LabError) -> Stop {
+        if interrupted() {
+            Stop::Interrupted
+        } else {
+            Stop::Lab(e.to_string())
+        }
+    }
+}
+
+fn checkpoint() -> Result<(), Stop> {
+    if interrupted() {
+        Err(Stop::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+/// One scenario's line of the summary.
+#[derive(Debug)]
+struct Outcome {
+    scenario: Scenario,
+    /// `Ok` if verify proved the fault (or, for healthy, its absence); the reason otherwise.
+    reproduced: Result<(), String>,
+    /// Cause names reported, with the nodes that reported them.
+    reported: Vec<(String, Vec<String>)>,
+    /// Agents whose diagnoses could not be read.
+    agent_errors: Vec<String>,
+}
+
+impl Outcome {
+    fn matched(&self) -> bool {
+        if !self.agent_errors.is_empty() {
+            return false;
+        }
+        match self.scenario.expected_cause() {
+            None => self.reported.is_empty(),
+            Some(c) => self.reported.iter().any(|(r, _)| r == c),
+        }
+    }
+
+    fn reported_text(&self) -> String {
+        let mut parts: Vec<String> = self
+            .reported
+            .iter()
+            .map(|(c, nodes)| format!("{c} [{}]", nodes.join(",")))
+            .collect();
+        parts.extend(self.agent_errors.iter().map(|n| format!("error on {n}")));
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
+fn expected_text(s: Scenario) -> String {
+    match (s.expected_cause(), s.expected_verdict()) {
+        (None, _) => "none".into(),
+        (Some(c), Some(v)) if s != Scenario::Seed002 => format!("{c} ({v})"),
+        (Some(c), _) => c.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::List => {
+            for s in Scenario::ALL {
+                println!(
+                    "{:<9} {}\n          expected: {}",
+                    s.name(),
+                    s.title(),
+                    expected_text(s)
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => run(&args),
+    }
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    if let Err(e) = preflight(&args.tracer) {
+        eprintln!("tracer-lab: {e}");
+        return ExitCode::from(EXIT_LAB_ERROR);
+    }
+    if let Err(e) = install_signal_handlers() {
+        eprintln!("tracer-lab: {e}");
+        return ExitCode::from(EXIT_LAB_ERROR);
+    }
+    let scenarios: Vec<Scenario> = match args.scenario {
+        Some(s) => vec![s],
+        None => Scenario::ALL.to_vec(),
+    };
+    println!(
+        "[lab] tracer {} on every node; scenarios: {}",
+        args.tracer.display(),
+        scenarios
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut outcomes = Vec::new();
+    let mut lab_errors = 0;
+    for s in scenarios {
+        let t = Instant::now();
+        match run_scenario(s, args) {
+            Ok(o) => {
+                if o.reproduced.is_err() {
+                    lab_errors += 1;
+                }
+                println!("[lab] {s} done in {:.1?}", t.elapsed());
+                outcomes.push(o);
+            }
+            Err(Stop::Interrupted) => {
+                println!("[lab] {s}: interrupted; lab torn down");
+                print_summary(&outcomes);
+                return ExitCode::from(EXIT_INTERRUPTED);
+            }
+            Err(Stop::Lab(e)) => {
+                eprintln!("[lab] {s}: lab error: {e}");
+                lab_errors += 1;
+                outcomes.push(Outcome {
+                    scenario: s,
+                    reproduced: Err(format!("lab error: {e}")),
+                    reported: Vec::new(),
+                    agent_errors: Vec::new(),
+                });
+                // A tracer that does not start will not start in the next lab either.
+                if e.contains("tracer agent") {
+                    eprintln!("[lab] stopping: the tracer agent itself failed");
+                    break;
+                }
+            }
+        }
+    }
+    print_summary(&outcomes);
+    if lab_errors > 0 {
+        ExitCode::from(EXIT_LAB_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Checks what the run needs before touching anything, with messages saying what to do.
+fn preflight(tracer: &Path) -> Result<(), String> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("must run as root (network namespaces, BIRD, tcpdump, eBPF); try sudo".into());
+    }
+    match std::fs::metadata(tracer) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
+        Ok(_) => {
+            return Err(format!(
+                "--tracer {}: not an executable file",
+                tracer.display()
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "--tracer {}: {e} (build it with `cargo build -p tracer`)",
+                tracer.display()
+            ))
+        }
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<&str> = [
+        "ip",
+        "bridge",
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "ipset",
+        "tcpdump",
+        "bird",
+        "birdc",
+        "etcd",
+    ]
+    .into_iter()
+    .filter(|tool| !std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
+    .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "missing tools in PATH: {} (`cargo xtask setup` installs them)",
+            missing.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
+    println!("\n=== {s}: {} ===", s.title());
+    let cfg = s.config();
+    let lab = Cluster::build_with_progress(&cfg, &mut |m| println!("[lab] {m}"))
+        .map_err(|e| Stop::from(e).context("building the lab"))?;
+    checkpoint()?;
+
+    // Declared after `lab`, so the agents stop (and detach) before the lab is torn down.
+    let mut agents = Vec::new();
+    for n in &lab.nodes {
+        let log = lab.dir.join(&format!("tracer-{}.log", n.name));
+        println!(
+            "[lab] starting tracer agent on {} (ip netns exec {} {} agent --listen 127.0.0.1:{} --no-reply-timeout {}; log {})",
+            n.name,
+            n.netns.name(),
+            args.tracer.display(),
+            tracer::AGENT_PORT,
+            tracer::NO_REPLY_TIMEOUT,
+            log.display()
+        );
+        agents.push(Agent::start(&n.netns, &n.name, &args.tracer, &log)?);
+    }
+    println!("[lab] waiting for the agents' /healthz to say ready...");
+    for (a, n) in agents.iter_mut().zip(&lab.nodes) {
+        a.wait_ready(&n.netns, Duration::from_secs(30))?;
+        checkpoint()?;
+    }
+
+    println!("[lab] driving {s}'s traffic...");
+    let report = s.drive(&lab)?;
+    for line in report.to_string().lines() {
+        println!("        {line}");
+    }
+    checkpoint()?;
+
+    println!("[lab] proving the fault at the packet level (tcpdump, BIRD, iptables; no tracer)...");
+    let reproduced = match s.evidence(&lab) {
+        Ok(ev) => {
+            for line in ev {
+                println!("        ok  {line}");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            checkpoint()?;
+            println!("        NOT REPRODUCED: {e}");
+            Err(e.to_string())
+        }
+    };
+
+    println!(
+        "[lab] waiting {}s for tracer's no-reply timeouts...",
+        args.settle
+    );
+    sleep_interruptible(Duration::from_secs(args.settle))?;
+
+    let mut reported: Vec<(String, Vec<String>)> = Vec::new();
+    let mut agent_errors = Vec::new();
+    println!();
+    for (a, n) in agents.iter().zip(&lab.nodes) {
+        match a.diagnoses(&n.netns) {
+            Ok(d) => {
+                print!("{}", tracer::render(&n.name, &d));
+                note_causes(&mut reported, &n.name, &d);
+            }
+            Err(e) => {
+                println!("tracer on {}: could not read its diagnoses: {e}", n.name);
+                agent_errors.push(n.name.clone());
+            }
+        }
+        if let Some(v) = s.expected_verdict() {
+            if let Ok(Some(count)) = a.flows_with_verdict(&n.netns, v) {
+                println!("  flows with verdict {v}: {count}");
+            }
+        }
+    }
+    let outcome = Outcome {
+        scenario: s,
+        reproduced,
+        reported,
+        agent_errors,
+    };
+    println!(
+        "\n[lab] {s}: expected {}, tracer reported {} -> {}",
+        expected_text(s),
+        outcome.reported_text(),
+        if outcome.matched() {
+            "match"
+        } else {
+            "no match"
+        }
+    );
+
+    if args.keep {
+        print_keep_help(s, &lab, &args.tracer);
+        while !interrupted() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Ctrl-C is how --keep ends: not an interruption of the run.
+        INTERRUPTED.store(false, Ordering::SeqCst);
+    }
+    println!("[lab] tearing down {s}'s lab...");
+    drop(agents);
+    drop(lab);
+    Ok(outcome)
+}
+
+impl Stop {
+    fn context(self, what: &str) -> Stop {
+        match self {
+            Stop::Lab(e) => Stop::Lab(format!("{what}: {e}")),
+            other => other,
+        }
+    }
+}
+
+fn note_causes(reported: &mut Vec<(String, Vec<String>)>, node: &str, d: &NodeDiagnoses) {
+    for c in d.cause_names() {
+        match reported.iter_mut().find(|(r, _)| r == c) {
+            Some((_, nodes)) => {
+                if !nodes.iter().any(|n| n == node) {
+                    nodes.push(node.to_string());
+                }
+            }
+            None => reported.push((c.to_string(), vec![node.to_string()])),
+        }
+    }
+}
+
+fn sleep_interruptible(d: Duration) -> Result<(), Stop> {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        checkpoint()?;
+        std::thread::sleep(Duration::from_millis(100).min(end - Instant::now()));
+    }
+    checkpoint()
+}
+
+/// The address worth querying the agents about in each scenario.
+fn focus(s: Scenario, lab: &Cluster) -> Option<IpAddr> {
+    match s {
+        Scenario::Seed001 => Some(lab.etcd_endpoint().ip()),
+        Scenario::Seed002 => Some(lab.apiserver_addr().ip()),
+        _ => lab.pods_on(1).next().map(|p| IpAddr::V4(p.ip())),
+    }
+}
+
+fn print_keep_help(s: Scenario, lab: &Cluster, tracer_bin: &Path) {
+    println!("\n[lab] {s}'s lab is up. Query the agents:");
+    let dst = focus(s, lab).map(|ip| ip.to_string()).unwrap_or_default();
+    for n in &lab.nodes {
+        let ns = n.netns.name();
+        println!(
+            "  ip netns exec {ns} curl -s '127.0.0.1:{}/flows?dst={dst}'",
+            tracer::AGENT_PORT
+        );
+        println!(
+            "  ip netns exec {ns} {} flows --dst {dst}",
+            tracer_bin.display()
+        );
+        println!(
+            "  ip netns exec {ns} curl -s 127.0.0.1:{}/diagnoses",
+            tracer::AGENT_PORT
+        );
+        if let Some(sock) = n.bird_socket() {
+            println!("  birdc -s {} show protocols", sock.display());
+        }
+    }
+    for p in &lab.pods {
+        println!(
+            "  pod {} ({}) on {}: ip netns exec {} ...",
+            p.full_name(),
+            p.ip(),
+            lab.nodes[p.node].name,
+            p.netns().name()
+        );
+    }
+    println!("  logs: {}", lab.dir.path().display());
+    println!("[lab] press Ctrl-C to tear the lab down.");
+}
+
+fn print_summary(outcomes: &[Outcome]) {
+    if outcomes.is_empty() {
+        return;
+    }
+    let header = [
+        "scenario",
+        "fault reproduced",
+        "expected cause",
+        "tracer reported",
+        "match",
+    ];
+    let rows: Vec<[String; 5]> = outcomes
+        .iter()
+        .map(|o| {
+            [
+                o.scenario.name().to_string(),
+                match &o.reproduced {
+                    Ok(()) => "yes".into(),
+                    Err(_) => "NO".into(),
+                },
+                expected_text(o.scenario),
+                o.reported_text(),
+                if o.matched() { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    println!("\n{}", line(header));
+    println!(
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-|-")
+    );
+    for r in &rows {
+        println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
+    }
+    for o in outcomes {
+        if let Err(e) = &o.reproduced {
+            println!("  {}: {e}", o.scenario);
+        }
+    }
+}
