@@ -26,6 +26,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(ns: &Netns, extra: &[&str]) -> Result<Agent, Box<dyn std::error::Error>> {
+        Agent::start_on(ns, &format!("127.0.0.1:{AGENT_PORT}"), extra)
+    }
+
+    /// Like [`Agent::start`], listening on `listen` (e.g. 0.0.0.0:9464 to be reachable from
+    /// other lab nodes; loopback still works for [`Agent::get`]).
+    pub fn start_on(
+        ns: &Netns,
+        listen: &str,
+        extra: &[&str],
+    ) -> Result<Agent, Box<dyn std::error::Error>> {
         let log = std::env::temp_dir().join(format!("tracer-agent-{}.log", ns.name()));
         let file = std::fs::File::create(&log)?;
         let mut cmd = Command::new("ip");
@@ -36,7 +46,7 @@ impl Agent {
             env!("CARGO_BIN_EXE_tracer"),
             "agent",
         ])
-        .args(["--listen", &format!("127.0.0.1:{AGENT_PORT}")])
+        .args(["--listen", listen])
         .args(extra)
         .env("TRACER_LOG", "info")
         .stdout(Stdio::null())
