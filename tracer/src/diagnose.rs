@@ -46,6 +46,7 @@ pub const NODE_ADDRESS_ON_WRONG_INTERFACE: &str = "node_address_on_wrong_interfa
 pub const DATASTORE_LATENCY: &str = "datastore_latency";
 pub const KERNEL_DROP: &str = "kernel_drop";
 pub const DESTINATION_UNRESPONSIVE: &str = "destination_unresponsive";
+pub const POD_ROUTE_MISSING: &str = "pod_route_missing";
 
 /// Every cause, for validating queries.
 pub const CAUSES: &[&str] = &[
@@ -56,6 +57,7 @@ pub const CAUSES: &[&str] = &[
     DATASTORE_LATENCY,
     KERNEL_DROP,
     DESTINATION_UNRESPONSIVE,
+    POD_ROUTE_MISSING,
 ];
 
 /// Verdicts that mean something went wrong (the rest describe healthy behaviour).
@@ -181,6 +183,7 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
         .or_else(|| (!drops.is_empty()).then(|| kernel_drop(flow, cx, &drops)))
         .or_else(|| slow.map(|s| slow_diagnosis(flow, cx, &s)))
         .or_else(|| no_reply.then(|| off_link_peer(flow, cx)).flatten())
+        .or_else(|| no_reply.then(|| pod_route_missing(flow, cx)).flatten())
         .or_else(|| no_reply.then(|| unanswered(flow, cx)));
     Judgement {
         verdicts,
@@ -343,6 +346,33 @@ fn reply_evidence(flow: &Flow, cx: &Context<'_>) -> Value {
             "retransmits": flow.retransmits(),
         }),
     }
+}
+
+/// A pod destination this node has no route for: it falls to the default route, so the IPAM
+/// block's route (from BGP, or felix for VXLAN) is missing.
+fn pod_route_missing(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
+    let dst = flow.nat.map(|n| n.dst).unwrap_or(flow.dst);
+    let pool = cx.pools.pool_of(dst)?;
+    let route = cx.facts.route_to(dst)?;
+    if route.dst.prefix() != 0 {
+        return None;
+    }
+    let dev = route.oif.map(|i| cx.facts.name_of(i));
+    Some(Diagnosis {
+        cause: POD_ROUTE_MISSING,
+        summary: format!(
+            "{dst} is a pod address (pool {pool}) but this node has no route for its IPAM block: the              kernel sent the request to the default route{}{} and no reply came. Calico installs              block routes from BGP (BIRD) or, for VXLAN, from felix; without them pods on other              nodes are unreachable.",
+            route.gateway.map(|g| format!(" via {g}")).unwrap_or_default(),
+            dev.as_deref().map(|d| format!(" on {d}")).unwrap_or_default(),
+        ),
+        evidence: json!({
+            "destination": dst.to_string(),
+            "pool": pool.to_string(),
+            "route_used": {"dst": route.dst.to_string(), "via": route.gateway.map(|g| g.to_string()), "dev": dev},
+        }),
+        fix: "Check `calicoctl node status` on both nodes: BGP with the destination's node must be               Established (if not, look for a BGP diagnosis: a node address on the wrong interface               is the usual cause). With VXLAN, check felix is running and `ip route | grep               vxlan.calico` lists the block."
+            .into(),
+    })
 }
 
 fn unanswered(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
@@ -1469,6 +1499,23 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].cause, IPPOOL_OVERLAPS_HOST_NETWORK);
         assert!(node_findings(&cx(&p, &f, 0)).is_empty());
+    }
+
+    #[test]
+    fn pod_block_without_route_is_named() {
+        let f = underlay_node("10.51.0.100", vec![]);
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        let mut t = FlowTable::new(10);
+        let s = syn("10.244.142.36", "10.244.228.139", 8090);
+        t.ingest(&obs(1, 5, Dir::Ingress, s), &lookup2);
+        let id = t.ingest(&obs(2, 2, Dir::Egress, s), &lookup2).unwrap_or(0);
+        let j = judge(
+            t.get(id).unwrap_or_else(|| unreachable!()),
+            &cx(&p, &f, 10_000_000_000),
+        );
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, POD_ROUTE_MISSING);
+        assert_eq!(d.evidence["route_used"]["via"], "10.51.0.1");
     }
 
     #[test]
