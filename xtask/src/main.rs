@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | lab`.
+//! Project tasks: `cargo xtask setup | build | test | lab | bench | hardening | fuzz`.
 //!
 //! Every task first runs scripts/setup.sh, which installs what a fresh machine lacks
 //! (idempotent, quick when everything is present).
@@ -38,6 +38,24 @@ enum Task {
         /// Keep the lab up after the report until Ctrl-C, to query the agents by hand.
         #[arg(long)]
         keep: bool,
+    },
+    /// The hardening tests at full length: 500 veths of churn, 30 s of API load.
+    Hardening,
+    /// Fuzz the decoder, the query parser, BTF parsing and correlation (cargo-fuzz, nightly).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
+    /// Benchmarks: data-path overhead, agent throughput, time to verdict, memory (needs root;
+    /// ~4 minutes, results in a table; see docs/benchmarks.md).
+    Bench {
+        /// A ~1 minute smoke run.
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for tracer-bench, e.g. `--only records`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
     },
 }
 
@@ -107,6 +125,50 @@ fn main() -> ExitCode {
                 t.arg("--").args(&args);
             }
             run(&mut t)
+        }),
+        Task::Hardening => setup().and_then(|_| {
+            let mut t = cargo();
+            t.args([
+                "test",
+                "-p",
+                "tracer",
+                "--test",
+                "hardening",
+                "--",
+                "--nocapture",
+            ])
+            .env("TRACER_CHURN", "500")
+            .env("TRACER_LOAD_SECS", "30");
+            run(&mut t)
+        }),
+        Task::Fuzz { seconds } => setup().and_then(|_| {
+            let have = Command::new("cargo")
+                .args(["fuzz", "--version"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !have {
+                run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+            }
+            for target in ["decode", "query", "btf", "correlate"] {
+                run(Command::new("cargo")
+                    .current_dir(root().join("fuzz"))
+                    .args(["+nightly", "fuzz", "run", target, "--"])
+                    .arg(format!("-max_total_time={seconds}")))?;
+            }
+            Ok(())
+        }),
+        Task::Bench { quick, args } => setup().and_then(|_| {
+            run(cargo().args(["build", "--release", "-p", "tracer", "-p", "tracer-bench"]))?;
+            let target = root().join("target/release");
+            let mut c = Command::new(target.join("tracer-bench"));
+            c.current_dir(root())
+                .arg("--tracer")
+                .arg(target.join("tracer"))
+                .args(&args);
+            if quick {
+                c.arg("--quick");
+            }
+            run(&mut c)
         }),
         Task::Lab { scenario, keep } => setup().and_then(|_| {
             run(cargo().args(["build", "--release", "-p", "tracer", "-p", "tracer-lab"]))?;

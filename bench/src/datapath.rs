@@ -1,0 +1,366 @@
+//! Section 1: data-path overhead. iperf3 from the pod through its cali veth, the node and eth0
+//! to the apiserver namespace (SingleNode::healthy, masqueraded), with no probes, with the
+//! tracer agent, and with two tcpdump captures instead.
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::{FromRawFd, OwnedFd},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::Value;
+use tracer_lab::{
+    daemon::{Daemon, LabDir},
+    netns::Netns,
+    topo::SingleNode,
+};
+
+use crate::{
+    agent::{output_in, wait_log, Agent},
+    report::{fmt_num, median, On, Row, Target},
+    Opts,
+};
+
+const SECTION: &str = "1 data path";
+const IPERF_PORT: &str = "5201";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    None,
+    Agent,
+    Tcpdump,
+}
+
+impl Probe {
+    fn label(self) -> &'static str {
+        match self {
+            Probe::None => "(a) no probes",
+            Probe::Agent => "(b) tracer agent",
+            Probe::Tcpdump => "(c) 2x tcpdump -w",
+        }
+    }
+}
+
+/// What is running for one configuration; dropping it stops it.
+enum Running {
+    None,
+    Agent(Agent),
+    Tcpdump(Vec<Daemon>, Vec<PathBuf>),
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Running::Tcpdump(daemons, files) = self {
+            daemons.clear();
+            for f in files.iter() {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Samples {
+    tcp_bps: Vec<f64>,
+    udp_pps: Vec<f64>,
+}
+
+pub fn run(opts: &Opts) -> Result<Vec<Row>> {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let dir = LabDir::create(&lab.prefix)?;
+    let server_ip = lab.config.apiserver_ip.clone();
+    let server_log = dir.join("iperf3-server.log");
+    let mut server = Daemon::spawn(
+        &lab.apiserver,
+        "iperf3 server",
+        Command::new("iperf3").args(["-s", "--forceflush", "-B", &server_ip, "-p", IPERF_PORT]),
+        &server_log,
+        Duration::from_secs(2),
+    )?;
+    wait_log(
+        &mut server,
+        &server_log,
+        "Server listening",
+        Duration::from_secs(5),
+    )?;
+
+    let secs = if opts.quick { 2 } else { 5 };
+    let rounds = if opts.quick { 1 } else { 4 };
+    let configs = [Probe::None, Probe::Agent, Probe::Tcpdump];
+    let mut samples: [Samples; 3] = Default::default();
+    let mut agent_packets = 0u64;
+    for round in 0..rounds {
+        // Rotate the order so that each configuration runs first, second and third in turn.
+        for k in 0..configs.len() {
+            let idx = (k + round) % configs.len();
+            let probe = configs[idx];
+            let running = start(probe, &lab, &dir, opts)?;
+            let tcp = iperf(&lab.pod.netns, &server_ip, secs, false)?;
+            let udp = iperf(&lab.pod.netns, &server_ip, secs, true)?;
+            if let Running::Agent(a) = &running {
+                // The programs really were in the path: count what they saw.
+                let h = a.get(&lab.node, "/healthz")?;
+                agent_packets = agent_packets.max(h["kernel"]["packets"].as_u64().unwrap_or(0));
+            }
+            drop(running);
+            eprintln!(
+                "  round {} {:<18} tcp {:>6.2} Gbit/s  udp64 {:>7.0} pkt/s",
+                round + 1,
+                probe.label(),
+                tcp / 1e9,
+                udp
+            );
+            samples[idx].tcp_bps.push(tcp);
+            samples[idx].udp_pps.push(udp);
+        }
+    }
+    // The programs' own cost per packet, which the noisy throughput ratios can only hint at:
+    // one more agent run with BPF run-time stats on (they add two clock reads per program run,
+    // so not during the runs above).
+    let prog_ns = match enable_bpf_stats() {
+        Ok(fd) => {
+            let running = start(Probe::Agent, &lab, &dir, opts)?;
+            iperf(&lab.pod.netns, &server_ip, 2, false)?;
+            iperf(&lab.pod.netns, &server_ip, 2, true)?;
+            let by_type = match &running {
+                Running::Agent(a) => prog_run_time(a.pid())?,
+                _ => HashMap::new(),
+            };
+            drop(running);
+            drop(fd);
+            by_type
+        }
+        Err(e) => {
+            eprintln!("  BPF run-time stats unavailable: {e:#}");
+            HashMap::new()
+        }
+    };
+    drop(server);
+
+    let tcp: Vec<f64> = samples.iter().map(|s| median(&s.tcp_bps)).collect();
+    let udp: Vec<f64> = samples.iter().map(|s| median(&s.udp_pps)).collect();
+    // The spread over rounds, to judge the ratios against.
+    let range = |v: &[f64], scale: f64| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min) / scale;
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max) / scale;
+        format!("{lo:.1}-{hi:.1}")
+    };
+    let label = |what: &str, k: usize| {
+        format!(
+            "{what} [rounds: {} Gbit/s, {} kpkt/s]",
+            range(&samples[k].tcp_bps, 1e9),
+            range(&samples[k].udp_pps, 1e3)
+        )
+    };
+    let mut rows = vec![
+        Row::new(
+            SECTION,
+            format!("TCP bulk, (a) no probes, median of {rounds} x {secs} s"),
+            tcp[0],
+            "bit/s",
+        ),
+        Row::new(
+            SECTION,
+            "TCP bulk, (b) tracer agent: (b)/(a)",
+            tcp[1],
+            "bit/s",
+        )
+        .baseline(tcp[0])
+        .target(Target::AtLeast(0.97), On::Ratio, ">= 0.97")
+        .extra(
+            tcp[1] / tcp[0] > tcp[2] / tcp[0],
+            format!("> tcpdump's {:.3}", tcp[2] / tcp[0]),
+        ),
+        Row::new(
+            SECTION,
+            "TCP bulk, (c) 2x tcpdump: (c)/(a)",
+            tcp[2],
+            "bit/s",
+        )
+        .baseline(tcp[0]),
+        Row::new(
+            SECTION,
+            format!("UDP 64 B received, (a) no probes, median of {rounds} x {secs} s"),
+            udp[0],
+            "pkt/s",
+        ),
+        Row::new(
+            SECTION,
+            "UDP 64 B, (b) tracer agent: (b)/(a)",
+            udp[1],
+            "pkt/s",
+        )
+        .baseline(udp[0])
+        .target(Target::AtLeast(0.90), On::Ratio, ">= 0.90")
+        .extra(
+            udp[1] / udp[0] > udp[2] / udp[0],
+            format!("> tcpdump's {:.3}", udp[2] / udp[0]),
+        ),
+        Row::new(
+            SECTION,
+            "UDP 64 B, (c) 2x tcpdump: (c)/(a)",
+            udp[2],
+            "pkt/s",
+        )
+        .baseline(udp[0]),
+    ];
+    for (k, what) in ["  spread (a)", "  spread (b)", "  spread (c)"]
+        .iter()
+        .enumerate()
+    {
+        rows.push(Row::new(SECTION, label(what, k), f64::NAN, ""));
+    }
+    rows.push(Row::new(
+        SECTION,
+        "packets the agent's tc programs saw (one run, sanity)",
+        agent_packets as f64,
+        "pkt",
+    ));
+    for (t, what) in [
+        (PROG_SCHED_CLS, "tc programs, per hook call"),
+        (PROG_TRACEPOINT, "kfree_skb tracepoint, per kernel skb free"),
+    ] {
+        if let Some(&(ns, cnt)) = prog_ns.get(&t).filter(|(_, c)| *c > 0) {
+            rows.push(Row::new(
+                SECTION,
+                format!(
+                    "run time of the agent's {what} (BPF stats, 2 s TCP + 2 s UDP, {} calls; \
+                     info)",
+                    fmt_num(cnt as f64, "")
+                ),
+                ns as f64 / cnt as f64,
+                "ns",
+            ));
+        }
+    }
+    Ok(rows)
+}
+
+fn start(probe: Probe, lab: &SingleNode, dir: &LabDir, opts: &Opts) -> Result<Running> {
+    match probe {
+        Probe::None => Ok(Running::None),
+        Probe::Agent => {
+            let mut a = Agent::start(&lab.node, &opts.tracer, &dir.join("agent-dp.log"), &[])?;
+            a.wait_attached(&lab.node, &[lab.pod.veth.as_str(), lab.node_nic.as_str()])?;
+            Ok(Running::Agent(a))
+        }
+        Probe::Tcpdump => {
+            let mut daemons = Vec::new();
+            let mut files = Vec::new();
+            for iface in [lab.pod.veth.as_str(), lab.node_nic.as_str()] {
+                let pcap = dir.join(&format!("{iface}.pcap"));
+                let log = dir.join(&format!("tcpdump-{iface}.log"));
+                // Headers only (-s 128): full 64 KB GSO frames would write GB/s to disk and
+                // measure the disk; tracer reads headers only too.
+                let mut d = Daemon::spawn(
+                    &lab.node,
+                    "tcpdump",
+                    Command::new("tcpdump")
+                        .args(["-i", iface, "-s", "128", "-w"])
+                        .arg(&pcap),
+                    &log,
+                    Duration::from_secs(2),
+                )?;
+                wait_log(&mut d, &log, "listening on", Duration::from_secs(10))?;
+                daemons.push(d);
+                files.push(pcap);
+            }
+            Ok(Running::Tcpdump(daemons, files))
+        }
+    }
+}
+
+/// One iperf3 run from the pod; TCP: received bit/s; UDP (64-byte payloads, unlimited rate):
+/// datagrams/s the server received.
+fn iperf(pod: &Netns, server: &str, secs: u32, udp: bool) -> Result<f64> {
+    let mut last = None;
+    // The server takes one test at a time and needs a moment between tests.
+    for _ in 0..5 {
+        let mut cmd = Command::new("iperf3");
+        cmd.args(["-c", server, "-p", IPERF_PORT, "-J", "-t"])
+            .arg(secs.to_string());
+        if udp {
+            cmd.args(["-u", "-l", "64", "-b", "0"]);
+        }
+        match output_in(pod, &mut cmd).and_then(|out| parse(&out, udp)) {
+            Ok(v) => return Ok(v),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Err(last.unwrap_or_else(|| anyhow!("iperf3 never ran")))
+}
+
+/// BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times every program run while the fd is open.
+fn enable_bpf_stats() -> Result<OwnedFd> {
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr's enable_stats member: { __u32 type }, BPF_STATS_RUN_TIME = 0.
+    let attr = [0u32; 4];
+    // SAFETY: bpf(2) reads size_of_val(&attr) bytes from a live buffer; returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_ENABLE_STATS");
+    }
+    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF program types, as /proc/PID/fdinfo shows them.
+const PROG_SCHED_CLS: u64 = 3;
+const PROG_TRACEPOINT: u64 = 5;
+
+/// Run time (ns) and run count per program type of the programs process `pid` holds open, from
+/// /proc/PID/fdinfo (filled while BPF run-time stats are enabled).
+fn prog_run_time(pid: u32) -> Result<HashMap<u64, (u64, u64)>> {
+    let mut by_type: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut seen = HashSet::new();
+    let dir = format!("/proc/{pid}/fd");
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let entry = entry?;
+        let is_prog =
+            std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:bpf-prog");
+        if !is_prog {
+            continue;
+        }
+        let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+        let Ok(text) = std::fs::read_to_string(&info) else {
+            continue;
+        };
+        let field = |k: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim_start_matches(':').trim().parse().ok())
+                .unwrap_or(0)
+        };
+        if seen.insert(field("prog_id")) {
+            let e = by_type.entry(field("prog_type")).or_default();
+            e.0 += field("run_time_ns");
+            e.1 += field("run_cnt");
+        }
+    }
+    Ok(by_type)
+}
+
+fn parse(json: &str, udp: bool) -> Result<f64> {
+    let v: Value = serde_json::from_str(json).context("iperf3 -J output")?;
+    let sum = &v["end"]["sum_received"];
+    let get = |k: &str| {
+        sum[k]
+            .as_f64()
+            .ok_or_else(|| anyhow!("iperf3: no end.sum_received.{k}: {}", v["error"]))
+    };
+    if udp {
+        Ok(get("bytes")? / 64.0 / get("seconds")?)
+    } else {
+        get("bits_per_second")
+    }
+}
