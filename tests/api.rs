@@ -214,6 +214,23 @@ fn on_demand_attach_and_detach() -> TestResult {
         "{f}"
     );
 
+    // A second client holds the same attachment: the first one letting go keeps it attached.
+    let (s, again) = agent.request(
+        &lab.node,
+        "POST",
+        "/attach",
+        Some(&format!("{{\"pod\": \"{pod}\"}}")),
+        &[],
+    )?;
+    assert_eq!((s, again["id"].as_u64()), (201, Some(id)), "{again}");
+    let (s, v) = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
+    assert_eq!(s, 204, "{v}");
+    let (_, h) = agent.get(&lab.node, "/healthz")?;
+    assert_eq!(
+        h["attached"].as_array().map(Vec::len),
+        Some(1),
+        "still held: {h}"
+    );
     let (s, v) = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
     assert_eq!(s, 204, "{v}");
     let (_, h) = agent.get(&lab.node, "/healthz")?;

@@ -132,7 +132,7 @@ pub struct AgentArgs {
     /// with POST /attach (or `tracer watch`).
     #[arg(long, value_enum, default_value_t = crate::agent::AttachMode::Auto)]
     pub attach: crate::agent::AttachMode,
-    /// File holding a bearer token every endpoint but /healthz then requires.
+    /// File holding a bearer token every endpoint but /healthz and /readyz then requires.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
     /// Ring buffer between kernel and agent, in bytes (power of two, >= 4096). Default 8 MiB.

@@ -112,10 +112,11 @@ pub async fn fan_out(
 
 pub async fn diagnoses(args: DiagnosesArgs) -> Result<(), String> {
     let token = args.conn.token()?;
-    let agents = if args.all_nodes {
-        discover(&args.service, args.agent_port).await?
-    } else if !args.agents.is_empty() {
+    // As for `flows`: an explicit --agents list wins over discovery.
+    let agents = if !args.agents.is_empty() {
         args.agents.clone()
+    } else if args.all_nodes {
+        discover(&args.service, args.agent_port).await?
     } else {
         vec![args.conn.agent.clone()]
     };

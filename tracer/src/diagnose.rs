@@ -354,14 +354,14 @@ fn pod_route_missing(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
     let dst = flow.nat.map(|n| n.dst).unwrap_or(flow.dst);
     let pool = cx.pools.pool_of(dst)?;
     let route = cx.facts.route_to(dst)?;
-    if route.dst.prefix() != 0 {
+    if route.dst.prefix() != 0 || route.blackhole {
         return None;
     }
     let dev = route.oif.map(|i| cx.facts.name_of(i));
     Some(Diagnosis {
         cause: POD_ROUTE_MISSING,
         summary: format!(
-            "{dst} is a pod address (pool {pool}) but this node has no route for its IPAM block: the              kernel sent the request to the default route{}{} and no reply came. Calico installs              block routes from BGP (BIRD) or, for VXLAN, from felix; without them pods on other              nodes are unreachable.",
+            "{dst} is a pod address (pool {pool}) but this node has no route for its IPAM block: the kernel sent the request to the default route{}{} and no reply came. Calico installs block routes from BGP (BIRD) or, for VXLAN, from felix; without them pods on other nodes are unreachable.",
             route.gateway.map(|g| format!(" via {g}")).unwrap_or_default(),
             dev.as_deref().map(|d| format!(" on {d}")).unwrap_or_default(),
         ),
@@ -370,7 +370,7 @@ fn pod_route_missing(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
             "pool": pool.to_string(),
             "route_used": {"dst": route.dst.to_string(), "via": route.gateway.map(|g| g.to_string()), "dev": dev},
         }),
-        fix: "Check `calicoctl node status` on both nodes: BGP with the destination's node must be               Established (if not, look for a BGP diagnosis: a node address on the wrong interface               is the usual cause). With VXLAN, check felix is running and `ip route | grep               vxlan.calico` lists the block."
+        fix: "Check `calicoctl node status` on both nodes: BGP with the destination's node must be Established (if not, look for a BGP diagnosis: a node address on the wrong interface is the usual cause). With VXLAN, check felix is running and `ip route | grep vxlan.calico` lists the block."
             .into(),
     })
 }
@@ -1203,6 +1203,7 @@ mod tests {
             gateway: Some(ip("10.51.0.1")),
             pref_src: None,
             table: 254,
+            blackhole: false,
         });
         f.routes.push(crate::netlink::Route {
             dst: cidr("10.51.0.0/24"),
@@ -1210,6 +1211,7 @@ mod tests {
             gateway: None,
             pref_src: None,
             table: 254,
+            blackhole: false,
         });
         f
     }
@@ -1534,6 +1536,9 @@ mod tests {
             assert!(VERDICTS.contains(&v), "{v}");
         }
         for c in [
+            "masquerade_not_applied",
+            "destination_unresponsive",
+            "pod_route_missing",
             "ippool_overlaps_host_network",
             "nat_outgoing_disabled",
             "node_address_on_wrong_interface",

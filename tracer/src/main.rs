@@ -6,6 +6,13 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Agent(_)) {
+        // `tracer flows -o json | head`: a closed pipe ends a client quietly, as for any CLI
+        // tool, instead of a panic in println!. Never for the agent: a client hanging up on
+        // the API must not kill it.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -68,6 +68,8 @@ pub struct Route {
     pub gateway: Option<IpAddr>,
     pub pref_src: Option<IpAddr>,
     pub table: u32,
+    /// A blackhole/unreachable/prohibit route: matches, but delivers nowhere.
+    pub blackhole: bool,
 }
 
 /// A snapshot of the node's links, addresses and main-table routes.
@@ -235,9 +237,13 @@ fn parse_vxlan(v: &[InfoVxlan]) -> VxlanInfo {
 }
 
 fn parse_route(msg: &RouteMessage) -> Option<Route> {
-    if msg.header.kind != RouteType::Unicast {
-        return None;
-    }
+    // Blackhole/unreachable routes decide too (Calico installs a blackhole for each local
+    // IPAM block): keep them, marked, so route lookups do not fall through to the default.
+    let blackhole = match msg.header.kind {
+        RouteType::Unicast => false,
+        RouteType::BlackHole | RouteType::Unreachable | RouteType::Prohibit => true,
+        _ => return None,
+    };
     let _ = RouteScope::Universe;
     let mut dst = None;
     let mut oif = None;
@@ -272,6 +278,7 @@ fn parse_route(msg: &RouteMessage) -> Option<Route> {
         gateway,
         pref_src,
         table,
+        blackhole,
     })
 }
 

@@ -44,7 +44,6 @@ fn observe_drop(ctx: &TracePointContext) -> Result<(), ()> {
     if reason < 256 && conf.ignore[(reason / 64) as usize & 3] & (1u64 << (reason % 64)) != 0 {
         return Ok(());
     }
-    count(STAT_DROPS);
     let proto: u16 = unsafe { ctx.read_at(conf.tp_protocol as usize) }.map_err(|_| ())?;
     // The tracepoint stores ntohs(skb->protocol): already host order.
     let family = match proto {
@@ -81,6 +80,8 @@ fn observe_drop(ctx: &TracePointContext) -> Result<(), ()> {
             return Ok(());
         }
     }
+    // Counted here: this namespace's IP drops, whether or not a flow claims them.
+    count(STAT_DROPS);
     let ifindex: u32 = if dev != 0 {
         read(dev + conf.dev_ifindex as u64).unwrap_or(0)
     } else {

@@ -119,11 +119,16 @@ fn attach(
         .into_iter()
         .find(|a| a.ifindex == link.index)
     {
+        if existing.how == ON_DEMAND {
+            hooks.hold(link.index);
+        }
         return Ok(existing);
     }
+    shared.announce(link.index, &link.name, role);
     hooks
         .attach(&link, role, ON_DEMAND)
         .map_err(|e| AttachError::Failed(e.to_string()))?;
+    hooks.hold(link.index);
     refresh(hooks, shared);
     hooks
         .attached()

@@ -58,7 +58,7 @@ pub struct AgentConfig {
     /// Full resync of interfaces and pools even without netlink notifications.
     pub resync: Duration,
     pub attach: AttachMode,
-    /// Bearer token every endpoint but /healthz requires.
+    /// Bearer token every endpoint but /healthz and /readyz requires.
     pub token: Option<String>,
     /// Ring buffer size; None keeps the compiled-in 8 MiB.
     pub ringbuf_bytes: Option<u32>,
@@ -186,6 +186,8 @@ async fn sync(handle: &rtnetlink::Handle, cfg: &AgentConfig, hooks: &mut Hooks, 
         wanted.insert(link.index);
         hooks.rename(link.index, &link.name);
         if !hooks.is_attached(link.index) {
+            // Name the interface for the reader before its first record can arrive.
+            shared.announce(link.index, &link.name, role);
             if let Err(e) = hooks.attach(link, role, "auto") {
                 tracing::warn!(error = %e, "attach failed; will retry on the next sync");
                 wanted.remove(&link.index);

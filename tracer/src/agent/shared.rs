@@ -127,6 +127,14 @@ impl Shared {
         self.node_mut().attached = attached;
     }
 
+    /// Names an interface about to be attached, so its first records carry its name and role.
+    pub(super) fn announce(&self, ifindex: u32, name: &str, role: Role) {
+        self.names
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ifindex, (Arc::from(name), role));
+    }
+
     /// Interface names shared by every hop that crosses them: one allocation per interface.
     fn intern(&self, attached: &[AttachedIface]) {
         let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());

@@ -137,9 +137,16 @@ impl Exchanges {
                     self.count += 1;
                     self.total_wait_ns += wait;
                     self.max_ns = self.max_ns.max(wait);
+                    let us = (wait / 1000).min(u64::from(u32::MAX)) as u32;
                     if self.latencies_us.len() < MAX_SAMPLES {
-                        self.latencies_us
-                            .push((wait / 1000).min(u64::from(u32::MAX)) as u32);
+                        self.latencies_us.push(us);
+                    } else {
+                        // Reservoir sampling (Algorithm R): sample i replaces a random slot with
+                        // probability MAX_SAMPLES / i, from a cheap deterministic hash.
+                        let r = (self.count.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) % self.count;
+                        if let Some(slot) = self.latencies_us.get_mut(r as usize) {
+                            *slot = us;
+                        }
                     }
                 }
             }

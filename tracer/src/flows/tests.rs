@@ -340,3 +340,46 @@ fn request_response_turns_are_timed_at_the_first_hop() {
     assert_eq!(f.exchanges.quantile_us(0.5), Some(150_000));
     assert_eq!(f.exchanges.max_ns, 150_000_000);
 }
+
+#[test]
+fn latency_samples_stay_bounded_and_cover_the_whole_connection() {
+    let mut t = FlowTable::new(10);
+    let syn = pkt("192.168.21.10", 40000, "192.168.21.50", 2379, 0x02, 1, 0);
+    let id = t.ingest(&obs(0, ETH0, Dir::Egress, syn), &lookup).must();
+    let mut ts = 1_000_000u64;
+    // 1000 exchanges whose latency grows: a reservoir keeps late ones too.
+    for i in 0..1000u64 {
+        let mut req = pkt(
+            "192.168.21.10",
+            40000,
+            "192.168.21.50",
+            2379,
+            0x18,
+            10 + i as u32,
+            0,
+        );
+        req.payload_len = 10;
+        t.ingest(&obs(ts, ETH0, Dir::Egress, req), &lookup);
+        ts += 1_000 * (i + 1);
+        let mut resp = pkt(
+            "192.168.21.50",
+            2379,
+            "192.168.21.10",
+            40000,
+            0x18,
+            900 + i as u32,
+            0,
+        );
+        resp.payload_len = 10;
+        t.ingest(&obs(ts, ETH0, Dir::Ingress, resp), &lookup);
+        ts += 1_000;
+    }
+    let f = t.get(id).unwrap_or_else(|| unreachable!());
+    assert_eq!(f.exchanges.count, 1000);
+    assert_eq!(f.exchanges.latencies_us.len(), 32);
+    assert!(
+        f.exchanges.latencies_us.iter().any(|us| *us > 500),
+        "only early samples: {:?}",
+        f.exchanges.latencies_us
+    );
+}
