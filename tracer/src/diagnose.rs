@@ -899,19 +899,15 @@ fn ms(ns: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
 
     use super::*;
     use crate::{
-        events::{Emit, Observation, Packet},
+        events::Packet,
         flows::FlowTable,
         net::IfAddr,
         netlink::Link,
+        testutil::{ip, obs},
     };
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
-    }
 
     fn facts() -> NodeFacts {
         let mut f = NodeFacts::default();
@@ -950,34 +946,7 @@ mod tests {
     }
 
     fn syn(src: &str, dst: &str, dport: u16) -> Packet {
-        Packet {
-            src: ip(src),
-            dst: ip(dst),
-            sport: 40000,
-            dport,
-            proto: 6,
-            tcp_flags: 0x02,
-            seq: 99,
-            ack: 0,
-            ip_id: 1,
-            ttl: 64,
-            payload_len: 0,
-        }
-    }
-
-    fn obs(ts: u64, ifindex: u32, dir: Dir, p: Packet) -> Observation {
-        Observation {
-            ts_ns: ts,
-            ifindex,
-            dir,
-            len: 60,
-            pkts: 1,
-            bytes: 60,
-            emit: Emit::First,
-            outer: p,
-            inner: None,
-            drop: None,
-        }
+        crate::testutil::tcp(src, 40000, dst, dport, 0x02, 99, 0)
     }
 
     fn lookup(i: u32) -> (std::sync::Arc<str>, Option<Role>) {

@@ -19,3 +19,5 @@ pub mod net;
 pub mod netlink;
 pub mod report;
 pub mod synth;
+#[cfg(test)]
+mod testutil;

@@ -1,43 +1,9 @@
 //! Correlation on synthetic observations.
-use std::net::IpAddr;
-
 use super::*;
-use crate::events::{Dir, Emit, Encap, Observation, Packet};
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
-}
-
-fn pkt(src: &str, sport: u16, dst: &str, dport: u16, flags: u8, seq: u32, ack: u32) -> Packet {
-    Packet {
-        src: ip(src),
-        dst: ip(dst),
-        sport,
-        dport,
-        proto: 6,
-        tcp_flags: flags,
-        seq,
-        ack,
-        ip_id: 0x1234,
-        ttl: 64,
-        payload_len: 0,
-    }
-}
-
-fn obs(ts: u64, ifindex: u32, dir: Dir, p: Packet) -> Observation {
-    Observation {
-        ts_ns: ts,
-        ifindex,
-        dir,
-        len: 60,
-        pkts: 1,
-        bytes: 60,
-        emit: Emit::First,
-        outer: p,
-        inner: None,
-        drop: None,
-    }
-}
+use crate::{
+    events::{Dir, Encap},
+    testutil::{ip, obs, tcp as pkt},
+};
 
 trait Must {
     fn must(self) -> FlowId;
