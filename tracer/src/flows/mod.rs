@@ -22,6 +22,11 @@ use crate::{calico::Role, events::Observation};
 /// How long a packet's fingerprint waits for the same packet at a later hook.
 const FINGERPRINT_TTL_NS: u64 = 2_000_000_000;
 
+/// The hot maps hash on every record: SipHash (std's default, built against HashDoS) cost most
+/// of the ingest time; the keys here come from the kernel, not from remote peers directly, and
+/// the maps are bounded by the flow cap.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// What NAT leaves unchanged in a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Ident {
@@ -102,13 +107,13 @@ pub struct TableStats {
 
 pub struct FlowTable {
     flows: BTreeMap<FlowId, Flow>,
-    index: HashMap<DirTuple, (FlowId, Side)>,
+    index: FastMap<DirTuple, (FlowId, Side)>,
     /// Only the source changed (SNAT): keyed by what stayed, the destination.
-    fp_snat: HashMap<(Ident, IpAddr, u16), Pending>,
+    fp_snat: FastMap<(Ident, IpAddr, u16), Pending>,
     /// Only the destination changed (DNAT): keyed by the source.
-    fp_dnat: HashMap<(Ident, IpAddr, u16), Pending>,
+    fp_dnat: FastMap<(Ident, IpAddr, u16), Pending>,
     /// Both changed: TCP only, on sequence numbers alone.
-    fp_both: HashMap<Ident, Pending>,
+    fp_both: FastMap<Ident, Pending>,
     next_id: FlowId,
     cap: usize,
     stats: TableStats,
@@ -128,10 +133,10 @@ impl FlowTable {
     pub fn new(cap: usize) -> FlowTable {
         FlowTable {
             flows: BTreeMap::new(),
-            index: HashMap::new(),
-            fp_snat: HashMap::new(),
-            fp_dnat: HashMap::new(),
-            fp_both: HashMap::new(),
+            index: FastMap::default(),
+            fp_snat: FastMap::default(),
+            fp_dnat: FastMap::default(),
+            fp_both: FastMap::default(),
             next_id: 1,
             cap: cap.max(1),
             stats: TableStats::default(),
@@ -258,7 +263,13 @@ impl FlowTable {
         if let Some(flow) = self.flows.get_mut(&id) {
             flow.record(obs, side, &iface, role);
         }
-        if ident.usable(p.src.is_ipv4()) {
+        // Only records that may meet a translated copy at a later hook: first packets per hook,
+        // TCP control and retransmissions. Periodic summaries and turns of known flows need none.
+        let may_translate = !matches!(
+            obs.emit,
+            crate::events::Emit::Periodic | crate::events::Emit::Turn
+        );
+        if may_translate && ident.usable(p.src.is_ipv4()) {
             self.remember(ident, &t, id, side, obs.ts_ns);
         }
         self.samples.push(id, side, obs);
