@@ -818,12 +818,16 @@ fn join(c: &[Cidr]) -> String {
 }
 
 /// Drops that lose a packet on its path. An ICMP echo reply that a raw socket (ping) already
-/// took is also "dropped" by the ping-socket layer with NO_SOCKET: that copy does not count.
+/// took is also "dropped" by the ping-socket layer with NO_SOCKET: that copy does not count;
+/// nor does a reply arriving after its socket closed.
 fn significant_drops<'f>(flow: &'f Flow, cx: &Context<'_>) -> Vec<&'f DropRecord> {
     flow.drops
         .iter()
         .filter(|d| {
-            !((flow.proto == 1 || flow.proto == 58) && cx.reasons.name(d.reason) == "NO_SOCKET")
+            let no_socket = cx.reasons.name(d.reason) == "NO_SOCKET";
+            // A reply reaching a socket its owner already closed (BGP speakers dialling each
+            // other at once, a client that gave up) is not a lost request.
+            !(no_socket && (flow.proto == 1 || flow.proto == 58 || d.side == Side::Reverse))
         })
         .collect()
 }
@@ -1487,6 +1491,37 @@ mod tests {
         let d = j.diagnosis.unwrap_or_else(|| unreachable!());
         assert_eq!(d.cause, POD_ROUTE_MISSING);
         assert_eq!(d.evidence["route_used"]["via"], "10.51.0.1");
+    }
+
+    #[test]
+    fn reply_to_a_closed_socket_is_not_a_drop_verdict() {
+        let f = facts();
+        let p = pools(&[], &[]);
+        let s = syn("192.168.21.10", "192.168.21.11", 179);
+        let (mut t, id) = flow_of(s, s, true);
+        let mut r = s;
+        std::mem::swap(&mut r.src, &mut r.dst);
+        std::mem::swap(&mut r.sport, &mut r.dport);
+        let mut d = obs(4_000, 2, Dir::Ingress, r);
+        // NO_SOCKET is reason 3 on this kernel's table; name it for the test.
+        d.drop = Some(crate::events::KernelDrop {
+            reason: 12,
+            location: 0,
+        });
+        t.ingest(&d, &lookup);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        // NETFILTER_DROP on the reply still counts...
+        assert!(judge(flow, &cx(&p, &f, 10_000_000_000))
+            .verdicts
+            .contains(&DROPPED));
+        // ...NO_SOCKET on the reply does not.
+        let reasons =
+            DropReasons::from_format("__print_symbolic(REC->reason, { 12, \"NO_SOCKET\" })");
+        let c = Context {
+            reasons: &reasons,
+            ..cx(&p, &f, 10_000_000_000)
+        };
+        assert!(!judge(flow, &c).verdicts.contains(&DROPPED));
     }
 
     #[test]
