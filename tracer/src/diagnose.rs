@@ -149,19 +149,11 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     }
     // Both address rules judge only unanswered flows (past the no_reply timeout): an odd setup
     // that works is not a fault.
-    let wrong_src = if no_reply {
-        wrong_source(flow, cx)
-    } else {
-        None
-    };
+    let wrong_src = no_reply.then(|| wrong_source(flow, cx)).flatten();
     if wrong_src.is_some() {
         verdicts.push(WRONG_SOURCE_ADDRESS);
     }
-    let wrong_parent = if no_reply {
-        wrong_parent(flow, cx)
-    } else {
-        None
-    };
+    let wrong_parent = no_reply.then(|| wrong_parent(flow, cx)).flatten();
     if wrong_parent.is_some() {
         verdicts.push(WRONG_PARENT_DEVICE);
     }
@@ -174,11 +166,7 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     // kernel's reason, an unanswered request only says where it was last seen.
     let diagnosis = skipped
         .and_then(|s| snat_diagnosis(flow, cx, &s, no_reply))
-        .or_else(|| {
-            wrong_src
-                .filter(|_| no_reply)
-                .map(|w| wrong_source_diagnosis(flow, cx, &w))
-        })
+        .or_else(|| wrong_src.map(|w| wrong_source_diagnosis(flow, cx, &w)))
         .or_else(|| wrong_parent.map(|w| wrong_parent_diagnosis(flow, cx, &w)))
         .or_else(|| (!drops.is_empty()).then(|| kernel_drop(flow, cx, &drops)))
         .or_else(|| slow.map(|s| slow_diagnosis(flow, cx, &s)))

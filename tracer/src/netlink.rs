@@ -14,7 +14,7 @@ use netlink_packet_route::{
         InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType,
         LinkMessage,
     },
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     RouteNetlinkMessage,
 };
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
@@ -244,7 +244,6 @@ fn parse_route(msg: &RouteMessage) -> Option<Route> {
         RouteType::BlackHole | RouteType::Unreachable | RouteType::Prohibit => true,
         _ => return None,
     };
-    let _ = RouteScope::Universe;
     let mut dst = None;
     let mut oif = None;
     let mut gateway = None;

@@ -251,21 +251,21 @@ impl Shared {
         f(&cx, &table)
     }
 
-    /// Filters that need the node's view or the clock, not only the flow's tuple.
-    pub(super) fn matches(&self, q: &FlowQuery, f: &Flow, now_ns: u64) -> bool {
-        if !q.matches_tuple(f) {
-            return false;
-        }
-        if let Some((ns, name)) = &q.pod {
-            let veth = self.pod_veth(ns, name);
-            if !f.hops.iter().any(|h| *h.iface == *veth) {
-                return false;
-            }
-        }
-        match q.since {
-            Some(Since::Ago(d)) => f.last_ns >= now_ns.saturating_sub(d.as_nanos() as u64),
-            Some(Since::At(t)) => f.last_ns >= self.clock.mono_of(t),
-            None => true,
+    /// The query as a predicate over flows. The pod's veth name (a sha1) and the `since`
+    /// threshold are worked out once per query, not once per flow.
+    pub(super) fn matcher<'q>(&self, q: &'q FlowQuery, now_ns: u64) -> impl Fn(&Flow) -> bool + 'q {
+        let veth = q.pod.as_ref().map(|(ns, name)| self.pod_veth(ns, name));
+        let since_ns = match q.since {
+            Some(Since::Ago(d)) => now_ns.saturating_sub(d.as_nanos() as u64),
+            Some(Since::At(t)) => self.clock.mono_of(t),
+            None => 0,
+        };
+        move |f: &Flow| {
+            q.matches_tuple(f)
+                && f.last_ns >= since_ns
+                && veth
+                    .as_deref()
+                    .is_none_or(|v| f.hops.iter().any(|h| &*h.iface == v))
         }
     }
 
@@ -277,8 +277,9 @@ impl Shared {
         self.with_context(|cx, table| {
             let mut out = Vec::new();
             let mut matched = 0usize;
+            let matches = self.matcher(q, cx.now_ns);
             for f in table.iter_newest() {
-                if !self.matches(q, f, cx.now_ns) {
+                if !matches(f) {
                     continue;
                 }
                 if !needs_judgement && out.len() >= limit {

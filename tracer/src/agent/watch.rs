@@ -52,13 +52,14 @@ impl Shared {
             check.sort_unstable();
             check.dedup();
             let mut out = Vec::new();
+            let matches = self.matcher(q, cx.now_ns);
             for id in check {
                 let Some(f) = table.get(id) else {
                     st.pending.remove(&id);
                     st.sent.remove(&id);
                     continue;
                 };
-                if !self.matches(q, f, cx.now_ns) {
+                if !matches(f) {
                     continue;
                 }
                 let j = judge(f, cx);
