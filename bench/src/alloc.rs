@@ -15,7 +15,7 @@ thread_local! {
     static CHUNKS: Cell<isize> = const { Cell::new(0) };
 }
 
-fn chunk(size: usize) -> isize {
+pub fn chunk(size: usize) -> isize {
     (size.saturating_add(8 + 15) & !15).max(32) as isize
 }
 

@@ -4,8 +4,8 @@
 //! agent's state, the code behind GET /flows) filled with synthetic 4-hop flows. Then the real
 //! agent in the lab, fed 100k real UDP flows from the pod: its RSS and its HTTP answer times.
 use std::{
-    collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Result};
 use tracer::{
     agent::{AgentConfig, Shared},
     api::query::FlowQuery,
-    flows::{DirTuple, Flow, FlowId, FlowTable, Hop, Sample, Side},
+    flows::{Flow, FlowTable, Hop, Sample},
 };
 use tracer_lab::{daemon::LabDir, http::Connection, topo::SingleNode};
 
@@ -29,8 +29,6 @@ const SECTION: &str = "4 memory & query";
 /// NAT fingerprints hold a realistic 2 s window rather than every packet ever seen.
 const FLOW_GAP_NS: u64 = 1_000_000;
 const SWEEP_NS: u64 = 500_000_000;
-/// flows::samples::DEFAULT_SAMPLES (not exported): the pcap ring's fixed size.
-const SAMPLES: usize = 65_536;
 
 #[derive(Clone, Copy)]
 struct TableMem {
@@ -68,35 +66,31 @@ fn table_mem(n: u64) -> Result<TableMem> {
     })
 }
 
-/// Heap bytes per flow of the table's big parts, rebuilt from the public types: the flow map
-/// (BTreeMap<FlowId, Flow> of bare flows), the tuple index (3.5 tuples per flow on average in
-/// this workload) and the hop vectors (4 hops, capacity 4). Returns (flows, index, hops).
+/// Heap bytes per flow of the table's big parts at `n` flows, rebuilt from the public types:
+/// the flow slots (`Flow`s in chunks of 1024, exact), the tuple index (one u64 -> u64 entry per
+/// tuple pair: 1.75 per flow in this workload, 2 for NAT'd flows) and the hop vectors (4 hops,
+/// capacity 4). Returns (flows, index, hops).
 fn breakdown(n: u64) -> (f64, f64, f64) {
-    let tuple = |i: u64, k: u64| DirTuple {
-        proto: 6,
-        src: IpAddr::V4(Ipv4Addr::from((i as u32) << 2 | k as u32)),
-        sport: 1,
-        dst: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)),
-        dport: 443,
-    };
     let (_, c0) = alloc::live();
-    let mut flows = BTreeMap::new();
+    let mut index: HashMap<u64, u64> = HashMap::new();
     for i in 0..n {
-        flows.insert(i, Flow::new(i, tuple(i, 0), 0));
-    }
-    let (_, c1) = alloc::live();
-    let mut index: HashMap<DirTuple, (FlowId, Side)> = HashMap::new();
-    for i in 0..n {
-        // 2 tuples for every flow, 2 more for the 3 in 4 that are translated.
-        let k_max = if i % 4 == 2 { 2 } else { 4 };
-        for k in 0..k_max {
-            index.insert(tuple(i, k), (i, Side::Forward));
+        let pairs = if i % 4 == 2 { 1 } else { 2 };
+        for k in 0..pairs {
+            index.insert(i << 1 | k, i);
         }
     }
-    let (_, c2) = alloc::live();
-    drop((flows, index));
-    let per = |d: isize| d as f64 / n as f64;
-    (per(c1 - c0), per(c2 - c1), (4 * size_of::<Hop>()) as f64)
+    let (_, c1) = alloc::live();
+    drop(index);
+    (
+        size_of::<Flow>() as f64,
+        (c1 - c0) as f64 / n as f64,
+        alloc::chunk(4 * size_of::<Hop>()) as f64,
+    )
+}
+
+/// The pcap ring's bytes in a table of `n` flows (it is sized from the flow cap, then fixed).
+fn ring_bytes(n: u64) -> f64 {
+    (FlowTable::new(n as usize).samples().cap() * size_of::<Sample>()) as f64
 }
 
 /// Median of `runs` builds: hash tables' capacities depend on their random seeds (tombstones
@@ -133,18 +127,17 @@ fn shared_with(n: u64) -> Shared {
     shared
 }
 
-/// Times GET /flows's work in-process: Shared::flows plus the JSON encoding the handler does.
+/// Times GET /flows's work in-process: Shared::flows, which returns the JSON body.
 fn time_query(shared: &Shared, query: &str, iters: usize) -> Result<(Vec<f64>, u64)> {
     let q = FlowQuery::parse(Some(query)).map_err(|e| anyhow!("{query}: {e}"))?;
     let mut ms = Vec::with_capacity(iters);
     let mut matched = 0;
     for _ in 0..iters {
         let t = Instant::now();
-        let v = shared.flows(&q);
-        let bytes = serde_json::to_vec(&v)?;
+        let answer = shared.flows(&q);
         ms.push(t.elapsed().as_secs_f64() * 1e3);
-        std::hint::black_box(bytes);
-        matched = v["matched"].as_u64().unwrap_or(0);
+        std::hint::black_box(&answer.json);
+        matched = answer.matched as u64;
     }
     Ok((ms, matched))
 }
@@ -155,22 +148,23 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     let small = table_mem_median(10_000, runs)?;
     let large = table_mem_median(100_000, runs)?;
     let marginal = (large.requested * 100_000.0 - small.requested * 10_000.0) / 90_000.0;
+    let ring = ring_bytes(100_000);
     eprintln!(
-        "  size_of: Flow {} B, Hop {} B, Sample {} B (pcap ring {} x {} B = {:.1} MiB fixed)",
+        "  size_of: Flow {} B, Hop {} B, Sample {} B (pcap ring at 100k: {:.1} MiB, at 10k: \
+         {:.1} MiB)",
         size_of::<Flow>(),
         size_of::<Hop>(),
         size_of::<Sample>(),
-        SAMPLES,
-        size_of::<Sample>(),
-        (SAMPLES * size_of::<Sample>()) as f64 / 1048576.0
+        ring / 1048576.0,
+        ring_bytes(10_000) / 1048576.0,
     );
     let (b_flows, b_index, b_hops) = breakdown(100_000);
     eprintln!(
-        "  breakdown per flow at 100k: flow map {b_flows:.0} B, tuple index {b_index:.0} B, \
-         hop vectors {b_hops:.0} B, samples ring {:.0} B; rest (fingerprints, names, \
-         exchanges, change log) {:.0} B",
-        (SAMPLES * size_of::<Sample>()) as f64 / 1e5,
-        large.chunks - b_flows - b_index - b_hops - (SAMPLES * size_of::<Sample>()) as f64 / 1e5
+        "  breakdown per flow at 100k: flow slots {b_flows:.0} B, tuple index {b_index:.0} B, \
+         hop vectors {b_hops:.0} B, pcap ring {:.0} B; rest (fingerprints, change log, rare \
+         parts) {:.0} B",
+        ring / 1e5,
+        large.chunks - b_flows - b_index - b_hops - ring / 1e5
     );
     eprintln!(
         "  per flow: 10k {:.0} B requested / {:.0} B in malloc chunks; 100k {:.0} / {:.0}; \
@@ -208,12 +202,12 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     rows.push(Row::new(
         SECTION,
         format!(
-            "  of which at 100k: flow map {b_flows:.0}, tuple index {b_index:.0}, hops \
-             {b_hops:.0}, pcap ring (fixed {:.1} MiB) {:.0} B (info)",
-            (SAMPLES * size_of::<Sample>()) as f64 / 1048576.0,
-            (SAMPLES * size_of::<Sample>()) as f64 / 1e5
+            "  of which at 100k: flow slots {b_flows:.0}, tuple index {b_index:.0}, hops \
+             {b_hops:.0}, pcap ring ({:.1} MiB) {:.0} B (info)",
+            ring / 1048576.0,
+            ring / 1e5
         ),
-        b_flows + b_index + b_hops + (SAMPLES * size_of::<Sample>()) as f64 / 1e5,
+        b_flows + b_index + b_hops + ring / 1e5,
         "B",
     ));
 

@@ -14,7 +14,7 @@ use aya::maps::{MapData, RingBuf};
 use tracer::{
     agent::{AgentConfig, Shared},
     events::{decode, Observation},
-    flows::FlowTable,
+    flows::{FlowTable, Iface},
     hooks::{Hooks, KernelCounters},
 };
 
@@ -91,8 +91,8 @@ struct Consumer {
     shared: Shared,
     table: FlowTable,
     batch: Vec<Observation>,
-    /// The one interned name the allocation-free lookup hands out.
-    name: std::sync::Arc<str>,
+    /// The one interface the allocation-free lookup hands out (the records come from lo).
+    name: std::sync::Arc<Iface>,
 }
 
 impl Consumer {
@@ -101,7 +101,7 @@ impl Consumer {
             shared: Shared::new(&AgentConfig::default()),
             table: FlowTable::new(AgentConfig::default().flow_cap),
             batch: Vec::with_capacity(BATCH),
-            name: std::sync::Arc::from("lo"),
+            name: Iface::new("lo", 1, None),
         }
     }
 
@@ -138,7 +138,13 @@ impl Consumer {
             Mode::Agent => self.shared.ingest(&self.batch, errors),
             Mode::Table => {
                 let name = self.name.clone();
-                let lookup = move |_: u32| (name.clone(), None);
+                let lookup = move |i: u32| {
+                    if i == name.ifindex {
+                        name.clone()
+                    } else {
+                        Iface::unnamed(i)
+                    }
+                };
                 for o in &self.batch {
                     self.table.ingest(o, &lookup);
                 }

@@ -12,6 +12,7 @@ use std::{
 use tracer::{
     calico::Role,
     events::{Dir, Emit, Observation, Packet},
+    flows::Iface,
     synth::{ether, ip_packet, L4},
 };
 
@@ -56,27 +57,27 @@ pub fn pod_ifindex(i: u64) -> u32 {
     CALI_BASE + (i % u64::from(PODS)) as u32
 }
 
-/// Names and roles for observations built in-process, interned like the agent's name map.
-pub fn iface(ifindex: u32) -> (Arc<str>, Option<Role>) {
-    static NAMES: OnceLock<Vec<Arc<str>>> = OnceLock::new();
-    let names = NAMES.get_or_init(|| {
+/// Interfaces for observations built in-process, shared like the agent's name map.
+pub fn iface(ifindex: u32) -> Arc<Iface> {
+    static PODS_IFACES: OnceLock<Vec<Arc<Iface>>> = OnceLock::new();
+    static ETH0_IFACE: OnceLock<Arc<Iface>> = OnceLock::new();
+    if ifindex == ETH0 {
+        return ETH0_IFACE
+            .get_or_init(|| Iface::new("eth0", ETH0, Some(Role::Host)))
+            .clone();
+    }
+    let pods = PODS_IFACES.get_or_init(|| {
         (0..PODS)
-            .map(|k| Arc::from(format!("cali{:011x}", CALI_BASE + k)))
+            .map(|k| {
+                let i = CALI_BASE + k;
+                Iface::new(&format!("cali{i:011x}"), i, Some(Role::Workload))
+            })
             .collect()
     });
-    if ifindex == ETH0 {
-        static ETH0_NAME: OnceLock<Arc<str>> = OnceLock::new();
-        (
-            ETH0_NAME.get_or_init(|| Arc::from("eth0")).clone(),
-            Some(Role::Host),
-        )
-    } else {
-        let name = ifindex
-            .checked_sub(CALI_BASE)
-            .and_then(|k| names.get(k as usize).cloned())
-            .unwrap_or_else(|| Arc::from(format!("if{ifindex}")));
-        (name, Some(Role::Workload))
-    }
+    ifindex
+        .checked_sub(CALI_BASE)
+        .and_then(|k| pods.get(k as usize).cloned())
+        .unwrap_or_else(|| Iface::unnamed(ifindex))
 }
 
 /// Every packet of flow `i` at the pod's veth and the node's NIC, in order.

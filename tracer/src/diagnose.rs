@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::{
     calico::{Pools, Role},
     events::Dir,
-    flows::{DropRecord, Flow, Side},
+    flows::{DropRecord, Flow, HopView, Side},
     hooks::drops::{DropReasons, Symbols},
     net::{proto_name, Cidr},
     netlink::NodeFacts,
@@ -132,13 +132,13 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     if skipped.is_some() {
         verdicts.push(SNAT_SKIPPED);
     }
-    if flow.hops.iter().any(|h| h.encap.is_some()) {
+    if flow.encapsulated() {
         verdicts.push(ENCAPSULATED);
     }
-    let no_reply = flow.first_reply_ns.is_none()
+    let no_reply = flow.first_reply_ns().is_none()
         && flow.expects_reply
         && cx.now_ns.saturating_sub(flow.first_ns) >= cx.rules.no_reply_after_ns;
-    if flow.first_reply_ns.is_some() {
+    if flow.first_reply_ns().is_some() {
         verdicts.push(REPLIED);
     } else if no_reply {
         verdicts.push(NO_REPLY);
@@ -181,7 +181,7 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
 
 /// Where a pod-sourced packet left a host NIC without masquerade.
 struct Skipped<'a> {
-    hop: &'a crate::flows::Hop,
+    hop: HopView<'a>,
     src_pool: Cidr,
     dst_pool: Option<Cidr>,
     /// The host subnet (and its interface) that also contains the destination.
@@ -195,7 +195,7 @@ fn snat_skipped<'a>(flow: &'a Flow, cx: &Context<'_>) -> Option<Skipped<'a>> {
     if cx.facts.iface_holding(flow.src).is_some() {
         return None;
     }
-    flow.hops.iter().find_map(|hop| {
+    flow.path().find_map(|hop| {
         let leaving_host = hop.side == Side::Forward
             && hop.dir == Dir::Egress
             && hop.role == Some(Role::Host)
@@ -326,7 +326,7 @@ fn snat_diagnosis(
 }
 
 fn reply_evidence(flow: &Flow, cx: &Context<'_>) -> Value {
-    match flow.first_reply_ns {
+    match flow.first_reply_ns() {
         Some(t) => json!({"replied": true, "after_ms": ms(t.saturating_sub(flow.first_ns))}),
         None => json!({
             "replied": false,
@@ -364,7 +364,7 @@ fn pod_route_missing(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
 }
 
 fn unanswered(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
-    let last_fwd = flow.hops.iter().rev().find(|h| h.side == Side::Forward);
+    let last_fwd = flow.path().rev().find(|h| h.side == Side::Forward);
     let route = cx
         .facts
         .route_to(flow.nat.map(|n| n.dst).unwrap_or(flow.dst));
@@ -414,12 +414,12 @@ struct WrongSource {
 }
 
 fn wrong_source(flow: &Flow, cx: &Context<'_>) -> Option<WrongSource> {
-    flow.hops.iter().find_map(|hop| {
+    flow.path().find_map(|hop| {
         if hop.side != Side::Forward || hop.dir != Dir::Egress || hop.role != Some(Role::Host) {
             return None;
         }
         // For tunnelled packets the node address is the outer source.
-        let (src, dst, outer) = match &hop.encap {
+        let (src, dst, outer) = match hop.encap {
             Some(e) => (e.outer_src, e.outer_dst, true),
             None => (hop.src, hop.dst, false),
         };
@@ -520,7 +520,7 @@ struct WrongParent {
 
 fn wrong_parent(flow: &Flow, cx: &Context<'_>) -> Option<WrongParent> {
     // The flow entered a VXLAN device on this node...
-    let tunnel_hop = flow.hops.iter().find(|h| {
+    let tunnel_hop = flow.path().find(|h| {
         h.side == Side::Forward
             && h.dir == Dir::Egress
             && cx.facts.link(h.ifindex).is_some_and(|l| l.vxlan.is_some())
@@ -528,14 +528,11 @@ fn wrong_parent(flow: &Flow, cx: &Context<'_>) -> Option<WrongParent> {
     let vx = cx.facts.link(tunnel_hop.ifindex)?;
     let info = vx.vxlan.as_ref()?;
     let parent = cx.facts.link(info.parent_index?)?;
-    let outer: Vec<&crate::flows::Hop> = flow
-        .hops
-        .iter()
+    let outer: Vec<HopView<'_>> = flow
+        .path()
         .filter(|h| h.side == Side::Forward && h.encap.is_some() && h.dir == Dir::Egress)
         .collect();
-    let peer = outer
-        .iter()
-        .find_map(|h| h.encap.as_ref().map(|e| e.outer_dst));
+    let peer = outer.iter().find_map(|h| h.encap.map(|e| e.outer_dst));
     let route_iface = peer
         .and_then(|p| cx.facts.route_to(p))
         .and_then(|r| r.oif)
@@ -624,10 +621,10 @@ fn slow_exchanges(flow: &Flow, cx: &Context<'_>) -> Option<Slow> {
         return None;
     }
     Some(Slow {
-        count: e.count,
+        count: u64::from(e.count),
         p50_us: p50,
         p90_us: e.quantile_us(0.9).unwrap_or(p50),
-        max_ns: e.max_ns,
+        max_ns: e.max_ns(),
         total_wait_ns: e.total_wait_ns,
     })
 }
@@ -685,11 +682,11 @@ fn slow_diagnosis(flow: &Flow, cx: &Context<'_>, s: &Slow) -> Diagnosis {
 /// An unanswered tunnel or BGP peer that this node can only reach through a gateway, while its
 /// other peers share the node's underlay subnet.
 fn off_link_peer(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
-    let (peer, port, iface) = flow.hops.iter().find_map(|h| {
+    let (peer, port, iface) = flow.path().find_map(|h| {
         if h.side != Side::Forward || h.dir != Dir::Egress || h.role != Some(Role::Host) {
             return None;
         }
-        match &h.encap {
+        match h.encap {
             Some(e) => Some((e.outer_dst, e.outer_dport, h.iface.to_string())),
             None if flow.dport == 179 => Some((h.dst, 179, h.iface.to_string())),
             None => None,
@@ -809,7 +806,7 @@ fn join(c: &[Cidr]) -> String {
 /// took is also "dropped" by the ping-socket layer with NO_SOCKET: that copy does not count;
 /// nor does a reply arriving after its socket closed.
 fn significant_drops<'f>(flow: &'f Flow, cx: &Context<'_>) -> Vec<&'f DropRecord> {
-    flow.drops
+    flow.drops()
         .iter()
         .filter(|d| {
             let no_socket = cx.reasons.name(d.reason) == "NO_SOCKET";
@@ -941,11 +938,11 @@ mod tests {
         crate::testutil::tcp(src, 40000, dst, dport, 0x02, 99, 0)
     }
 
-    fn lookup(i: u32) -> (std::sync::Arc<str>, Option<Role>) {
+    fn lookup(i: u32) -> std::sync::Arc<crate::flows::Iface> {
         match i {
-            2 => ("eth0".into(), Some(Role::Host)),
-            5 => ("calid92900560e3".into(), Some(Role::Workload)),
-            o => (format!("if{o}").into(), None),
+            2 => crate::flows::Iface::new("eth0", i, Some(Role::Host)),
+            5 => crate::flows::Iface::new("calid92900560e3", i, Some(Role::Workload)),
+            o => crate::flows::Iface::unnamed(o),
         }
     }
 
@@ -1177,14 +1174,14 @@ mod tests {
         f
     }
 
-    fn lookup2(i: u32) -> (std::sync::Arc<str>, Option<Role>) {
+    fn lookup2(i: u32) -> std::sync::Arc<crate::flows::Iface> {
         match i {
-            2 => ("eth0".into(), Some(Role::Host)),
-            3 => ("eth1".into(), Some(Role::Host)),
-            5 => ("calid92900560e3".into(), Some(Role::Workload)),
-            7 => ("nerdctl0".into(), Some(Role::Host)),
-            8 => ("vxlan.calico".into(), Some(Role::Tunnel)),
-            o => (format!("if{o}").into(), None),
+            2 => crate::flows::Iface::new("eth0", i, Some(Role::Host)),
+            3 => crate::flows::Iface::new("eth1", i, Some(Role::Host)),
+            5 => crate::flows::Iface::new("calid92900560e3", i, Some(Role::Workload)),
+            7 => crate::flows::Iface::new("nerdctl0", i, Some(Role::Host)),
+            8 => crate::flows::Iface::new("vxlan.calico", i, Some(Role::Tunnel)),
+            o => crate::flows::Iface::unnamed(o),
         }
     }
 

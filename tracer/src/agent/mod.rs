@@ -9,7 +9,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 pub use control::{AttachError, AttachTarget, Command};
-pub use shared::{DropTracing, NodeView, ReaderStats, Shared};
+pub use shared::{DropTracing, FlowsAnswer, NodeView, ReaderStats, Shared};
 pub use watch::WatchState;
 
 use crate::{

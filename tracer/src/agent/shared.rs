@@ -17,13 +17,13 @@ use crate::{
     api::{
         metrics::{label, render, Family},
         query::{FlowQuery, Since, DEFAULT_LIMIT},
-        view::flow_json,
+        view::{flow_json, FlowView},
     },
     calico::{Pools, Role},
     clock::{mono_now_ns, Clock},
     diagnose::{judge, Context, Rules, CAUSES, VERDICTS},
     events::Observation,
-    flows::{Flow, FlowTable},
+    flows::{Flow, FlowTable, Iface},
     hooks::{
         drops::{DropReasons, Symbols},
         AttachedIface, KernelCounters, KernelStats,
@@ -55,6 +55,20 @@ pub struct ReaderStats {
     pub decode_errors: u64,
 }
 
+/// The body of GET /flows.
+#[derive(serde::Serialize)]
+struct FlowsPage<'a> {
+    flows: Vec<FlowView<'a>>,
+    matched: usize,
+    truncated: bool,
+}
+
+/// GET /flows's answer: the JSON body, and how many flows matched (of which `limit` are in it).
+pub struct FlowsAnswer {
+    pub json: Vec<u8>,
+    pub matched: usize,
+}
+
 /// State shared between the reader, the sync loop and the API.
 pub struct Shared {
     pub(super) table: Mutex<FlowTable>,
@@ -70,8 +84,8 @@ pub struct Shared {
     token: Option<String>,
     commands: OnceLock<mpsc::Sender<Command>>,
     counters: Mutex<Option<KernelCounters>>,
-    /// Interned names and roles of attached interfaces, by ifindex.
-    names: RwLock<HashMap<u32, (Arc<str>, Role)>>,
+    /// Attached interfaces by ifindex, shared by the hops that cross them.
+    names: RwLock<HashMap<u32, Arc<Iface>>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -132,17 +146,21 @@ impl Shared {
         self.names
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(ifindex, (Arc::from(name), role));
+            .insert(ifindex, Iface::new(name, ifindex, Some(role)));
     }
 
     /// Interface names shared by every hop that crosses them: one allocation per interface.
     fn intern(&self, attached: &[AttachedIface]) {
         let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
-        names.retain(|i, (n, _)| attached.iter().any(|a| a.ifindex == *i && *a.name == **n));
+        names.retain(|i, n| {
+            attached
+                .iter()
+                .any(|a| a.ifindex == *i && *a.name == *n.name && Some(a.role) == n.role)
+        });
         for a in attached {
             names
                 .entry(a.ifindex)
-                .or_insert_with(|| (Arc::from(a.name.as_str()), a.role));
+                .or_insert_with(|| Iface::new(&a.name, a.ifindex, Some(a.role)));
         }
     }
 
@@ -214,9 +232,10 @@ impl Shared {
     /// Ingests a batch of decoded records; `decode_errors` counts the ones that were not.
     pub fn ingest(&self, batch: &[Observation], decode_errors: u64) {
         let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        // Asked once per new hop, not per record.
         let lookup = |ifindex: u32| match names.get(&ifindex) {
-            Some((n, r)) => (n.clone(), Some(*r)),
-            None => (Arc::from(format!("if{ifindex}")), None),
+            Some(i) => i.clone(),
+            None => Iface::unnamed(ifindex),
         };
         {
             let mut table = lock(&self.table);
@@ -265,24 +284,26 @@ impl Shared {
                 && f.last_ns >= since_ns
                 && veth
                     .as_deref()
-                    .is_none_or(|v| f.hops.iter().any(|h| &*h.iface == v))
+                    .is_none_or(|v| f.hops.iter().any(|h| *h.iface.name == *v))
         }
     }
 
-    pub fn flows(&self, q: &FlowQuery) -> Value {
+    /// GET /flows: the answer's JSON, serialized while the table is held (no copy of the flows).
+    pub fn flows(&self, q: &FlowQuery) -> FlowsAnswer {
         let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
         // Judging is the expensive part: only flows a verdict/cause filter needs, or that are
         // rendered, are judged; the rest are only counted.
         let needs_judgement = q.verdict.is_some() || q.cause.is_some();
         self.with_context(|cx, table| {
-            let mut out = Vec::new();
+            let mut judged = Vec::new();
             let mut matched = 0usize;
             let matches = self.matcher(q, cx.now_ns);
-            for f in table.iter_newest() {
+            let (src, dst) = q.hosts();
+            for f in table.iter_newest_with(src, dst) {
                 if !matches(f) {
                     continue;
                 }
-                if !needs_judgement && out.len() >= limit {
+                if !needs_judgement && judged.len() >= limit {
                     matched += 1;
                     continue;
                 }
@@ -296,11 +317,22 @@ impl Shared {
                     continue;
                 }
                 matched += 1;
-                if out.len() < limit {
-                    out.push(flow_json(f, &j, &self.clock, cx));
+                if judged.len() < limit {
+                    judged.push((f, j));
                 }
             }
-            json!({"flows": out, "matched": matched, "truncated": matched > out.len()})
+            let page = FlowsPage {
+                truncated: matched > judged.len(),
+                flows: judged
+                    .iter()
+                    .map(|(f, j)| FlowView::new(f, j, &self.clock, cx))
+                    .collect(),
+                matched,
+            };
+            FlowsAnswer {
+                json: serde_json::to_vec(&page).unwrap_or_else(|_| b"{}".to_vec()),
+                matched,
+            }
         })
     }
 

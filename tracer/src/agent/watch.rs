@@ -64,7 +64,7 @@ impl Shared {
                 }
                 let j = judge(f, cx);
                 let waiting = f.expects_reply
-                    && f.first_reply_ns.is_none()
+                    && f.first_reply_ns().is_none()
                     && !j.verdicts.contains(&crate::diagnose::NO_REPLY);
                 if waiting {
                     st.pending.insert(id);

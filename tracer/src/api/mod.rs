@@ -135,7 +135,7 @@ async fn route(
             _ => respond(StatusCode::OK, shared.diagnoses()),
         },
         (Method::GET, ["flows"]) => match FlowQuery::parse(query) {
-            Ok(q) => respond(StatusCode::OK, shared.flows(&q)),
+            Ok(q) => json_bytes(StatusCode::OK, shared.flows(&q).json),
             Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         },
         (Method::GET, ["flows", id]) => match id.parse::<u64>() {
@@ -289,7 +289,13 @@ fn full(bytes: Vec<u8>) -> Body {
 }
 
 fn respond(status: StatusCode, body: Value) -> Response<Body> {
-    let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+    json_bytes(
+        status,
+        serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec()),
+    )
+}
+
+fn json_bytes(status: StatusCode, bytes: Vec<u8>) -> Response<Body> {
     let mut resp = Response::new(full(bytes));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

@@ -65,7 +65,7 @@ fn rebuild(p: &Packet) -> Vec<u8> {
 }
 
 fn packet_bytes(s: &Sample) -> Vec<u8> {
-    match &s.inner {
+    match s.inner.as_deref() {
         Some((Encap::Vxlan, vni, inner)) => match (s.outer.src, s.outer.dst) {
             (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
                 vxlan(a, b, s.outer.sport, *vni, &ether(&rebuild(inner)))

@@ -125,6 +125,19 @@ impl FlowQuery {
         Ok(q)
     }
 
+    /// The single source and destination addresses asked for (host-length prefixes), which the
+    /// table can look up by tag instead of reading every flow.
+    pub fn hosts(&self) -> (Option<IpAddr>, Option<IpAddr>) {
+        let host = |c: &Cidr| {
+            let max = if c.addr().is_ipv4() { 32 } else { 128 };
+            (c.prefix() == max).then(|| c.addr())
+        };
+        (
+            self.src.as_ref().and_then(host),
+            self.dst.as_ref().and_then(host),
+        )
+    }
+
     /// Filters that need no judgement: addresses match the original or the translated tuple.
     pub fn matches_tuple(&self, f: &Flow) -> bool {
         let dsts = [Some(f.dst), f.nat.map(|n| n.dst)];

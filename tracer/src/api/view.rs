@@ -1,79 +1,177 @@
 //! The JSON shape of a flow. Field names are API: add, never rename.
-use serde_json::{json, Value};
+//!
+//! Serialized straight from the flow (no intermediate `serde_json::Value`): `/flows` renders up
+//! to `limit` of these while holding the flow table.
+use std::net::IpAddr;
+
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::{
+    calico::Role,
     clock::Clock,
-    diagnose::{Context, Judgement},
-    flows::{Flow, Side},
+    diagnose::{Context, Diagnosis, Judgement},
+    events::Dir,
+    flows::{Flow, HopEncap, HopView, Iface, Nat, Side},
     net::proto_name,
 };
 
+#[derive(Serialize)]
+pub struct FlowView<'a> {
+    id: u64,
+    proto: String,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    first_seen: String,
+    last_seen: String,
+    nat: Option<Nat>,
+    path: Vec<HopJson<'a>>,
+    forward: Counters,
+    reverse: Counters,
+    reply_after_ms: Option<f64>,
+    tcp: Option<TcpJson>,
+    exchanges: Option<ExchangesJson>,
+    drops: Vec<DropJson>,
+    verdicts: &'a [&'static str],
+    diagnosis: &'a Option<Diagnosis>,
+}
+
+#[derive(Serialize)]
+struct HopJson<'a> {
+    iface: &'a Iface,
+    ifindex: u32,
+    role: Option<Role>,
+    dir: Dir,
+    side: Side,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    encap: Option<&'a HopEncap>,
+    pkts: u64,
+    bytes: u64,
+    retransmits: u32,
+    t_ms: f64,
+    tcp_flags: String,
+}
+
+#[derive(Serialize)]
+struct Counters {
+    pkts: u64,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct TcpJson {
+    syn: bool,
+    syn_ack: bool,
+    fin: bool,
+    rst: bool,
+    retransmits: u32,
+    handshake_ms: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct ExchangesJson {
+    count: u32,
+    p50_ms: Option<f64>,
+    p90_ms: Option<f64>,
+    max_ms: f64,
+}
+
+#[derive(Serialize)]
+struct DropJson {
+    reason: String,
+    iface: Option<String>,
+    function: Option<String>,
+    side: Side,
+    count: u32,
+    t_ms: f64,
+}
+
+impl<'a> FlowView<'a> {
+    pub fn new(f: &'a Flow, j: &'a Judgement, clock: &Clock, cx: &Context<'_>) -> FlowView<'a> {
+        let (fp, fb) = f.counters(Side::Forward);
+        let (rp, rb) = f.counters(Side::Reverse);
+        let mut hops: Vec<HopView<'a>> = f.path().collect();
+        hops.sort_by_key(|h| h.first_ns);
+        let since_start = |ns: u64| ms_f(ns.saturating_sub(f.first_ns));
+        FlowView {
+            id: f.id,
+            proto: proto_name(f.proto),
+            src: f.src,
+            sport: f.sport,
+            dst: f.dst,
+            dport: f.dport,
+            first_seen: clock.rfc3339(f.first_ns),
+            last_seen: clock.rfc3339(f.last_ns),
+            nat: f.nat,
+            path: hops
+                .iter()
+                .map(|h| HopJson {
+                    iface: h.iface,
+                    ifindex: h.ifindex,
+                    role: h.role,
+                    dir: h.dir,
+                    side: h.side,
+                    src: h.src,
+                    sport: h.sport,
+                    dst: h.dst,
+                    dport: h.dport,
+                    encap: h.encap,
+                    pkts: h.hop.pkts(),
+                    bytes: h.hop.bytes,
+                    retransmits: h.hop.retransmits(),
+                    t_ms: since_start(h.first_ns),
+                    tcp_flags: tcp_flags(h.hop.tcp_flags_seen),
+                })
+                .collect(),
+            forward: Counters {
+                pkts: fp,
+                bytes: fb,
+            },
+            reverse: Counters {
+                pkts: rp,
+                bytes: rb,
+            },
+            reply_after_ms: f.first_reply_ns().map(since_start),
+            tcp: (f.proto == 6).then(|| TcpJson {
+                syn: f.tcp.syn,
+                syn_ack: f.tcp.syn_ack,
+                fin: f.tcp.fin,
+                rst: f.tcp.rst,
+                retransmits: f.retransmits(),
+                handshake_ms: f.handshake_ns().map(ms_f),
+            }),
+            exchanges: (f.exchanges.count > 0).then(|| ExchangesJson {
+                count: f.exchanges.count,
+                p50_ms: f.exchanges.quantile_us(0.5).map(|u| f64::from(u) / 1000.0),
+                p90_ms: f.exchanges.quantile_us(0.9).map(|u| f64::from(u) / 1000.0),
+                max_ms: ms_f(f.exchanges.max_ns()),
+            }),
+            drops: f
+                .drops()
+                .iter()
+                .map(|d| DropJson {
+                    reason: cx.reasons.name(d.reason),
+                    iface: (d.ifindex != 0).then(|| cx.facts.name_of(d.ifindex)),
+                    function: cx.symbols.name(d.location),
+                    side: d.side,
+                    count: d.count,
+                    t_ms: since_start(d.ts_ns),
+                })
+                .collect(),
+            verdicts: &j.verdicts,
+            diagnosis: &j.diagnosis,
+        }
+    }
+}
+
+/// The flow as a JSON value (single flows and watch streams, which compare answers).
 pub fn flow_json(f: &Flow, j: &Judgement, clock: &Clock, cx: &Context<'_>) -> Value {
-    let (fp, fb) = f.counters(Side::Forward);
-    let (rp, rb) = f.counters(Side::Reverse);
-    let mut hops: Vec<&crate::flows::Hop> = f.hops.iter().collect();
-    hops.sort_by_key(|h| h.first_ns);
-    let path: Vec<Value> = hops
-        .iter()
-        .map(|h| {
-            let mut v = serde_json::to_value(h).unwrap_or(Value::Null);
-            if let Value::Object(m) = &mut v {
-                m.insert(
-                    "t_ms".into(),
-                    json!(ms_f(h.first_ns.saturating_sub(f.first_ns))),
-                );
-                m.insert("tcp_flags".into(), json!(tcp_flags(h.tcp_flags_seen)));
-            }
-            v
-        })
-        .collect();
-    json!({
-        "id": f.id,
-        "proto": proto_name(f.proto),
-        "src": f.src.to_string(),
-        "sport": f.sport,
-        "dst": f.dst.to_string(),
-        "dport": f.dport,
-        "first_seen": clock.rfc3339(f.first_ns),
-        "last_seen": clock.rfc3339(f.last_ns),
-        "nat": f.nat,
-        "path": path,
-        "forward": {"pkts": fp, "bytes": fb},
-        "reverse": {"pkts": rp, "bytes": rb},
-        "reply_after_ms": f.first_reply_ns.map(|t| ms_f(t.saturating_sub(f.first_ns))),
-        "tcp": if f.proto == 6 {
-            json!({
-                "syn": f.tcp.syn,
-                "syn_ack": f.tcp.syn_ack,
-                "fin": f.tcp.fin,
-                "rst": f.tcp.rst,
-                "retransmits": f.retransmits(),
-                "handshake_ms": f.handshake_ns().map(ms_f),
-            })
-        } else {
-            Value::Null
-        },
-        "exchanges": if f.exchanges.count > 0 {
-            json!({
-                "count": f.exchanges.count,
-                "p50_ms": f.exchanges.quantile_us(0.5).map(|u| f64::from(u) / 1000.0),
-                "p90_ms": f.exchanges.quantile_us(0.9).map(|u| f64::from(u) / 1000.0),
-                "max_ms": ms_f(f.exchanges.max_ns),
-            })
-        } else {
-            Value::Null
-        },
-        "drops": f.drops.iter().map(|d| json!({
-            "reason": cx.reasons.name(d.reason),
-            "iface": (d.ifindex != 0).then(|| cx.facts.name_of(d.ifindex)),
-            "function": cx.symbols.name(d.location),
-            "side": d.side,
-            "count": d.count,
-            "t_ms": ms_f(d.ts_ns.saturating_sub(f.first_ns)),
-        })).collect::<Vec<_>>(),
-        "verdicts": j.verdicts,
-        "diagnosis": j.diagnosis,
-    })
+    serde_json::to_value(FlowView::new(f, j, clock, cx)).unwrap_or(Value::Null)
 }
 
 fn ms_f(ns: u64) -> f64 {

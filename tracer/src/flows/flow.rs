@@ -1,14 +1,24 @@
 //! One connection as it crossed the node: its hops, translations and TCP milestones.
-use std::{net::IpAddr, sync::Arc};
+//!
+//! The table holds up to --flow-cap of these, so the layout is kept tight: times that are only
+//! shown relative to the flow's start are µs offsets, a hop refers to the flow's tuples instead
+//! of copying addresses, and what few flows have (drops, tunnel headers, second translations)
+//! lives behind one box.
+use std::{fmt, net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 
 use crate::{
     calico::Role,
-    events::{Dir, Encap, Observation, Packet},
+    events::{Dir, Emit, Encap, Observation, Packet},
 };
 
 pub type FlowId = u64;
+
+/// Marks an absent absolute timestamp: kernel clocks never reach it.
+const NO_NS: u64 = u64::MAX;
+/// Marks an absent µs offset.
+const NO_US: u32 = u32::MAX;
 
 /// A directional 5-tuple.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,6 +51,14 @@ impl DirTuple {
             dport: self.sport,
         }
     }
+
+    /// The tuple as a packet on `side` carries it, given the forward one.
+    pub fn on(&self, side: Side) -> DirTuple {
+        match side {
+            Side::Forward => *self,
+            Side::Reverse => self.reversed(),
+        }
+    }
 }
 
 /// ICMP echo request and reply share the identifier but not the type, so the flow key keeps the
@@ -60,7 +78,43 @@ pub enum Side {
     Reverse,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// An interface as it was when a flow crossed it. Shared by every hop over it (one allocation
+/// per interface), and kept by those hops after the interface is renamed or gone.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Iface {
+    pub name: Box<str>,
+    pub ifindex: u32,
+    pub role: Option<Role>,
+}
+
+impl Iface {
+    pub fn new(name: &str, ifindex: u32, role: Option<Role>) -> Arc<Iface> {
+        Arc::new(Iface {
+            name: name.into(),
+            ifindex,
+            role,
+        })
+    }
+
+    /// An interface the agent has no name for.
+    pub fn unnamed(ifindex: u32) -> Arc<Iface> {
+        Iface::new(&format!("if{ifindex}"), ifindex, None)
+    }
+}
+
+impl fmt::Display for Iface {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Serialize for Iface {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct HopEncap {
     #[serde(rename = "type")]
     pub kind: Encap,
@@ -71,97 +125,201 @@ pub struct HopEncap {
     pub outer_dport: u16,
 }
 
+/// Packet counts kept in one word: 40 bits of packets, 24 of retransmissions.
+const PKT_BITS: u32 = 40;
+const PKT_MASK: u64 = (1 << PKT_BITS) - 1;
+
 /// One place (interface and direction) where the flow's packets were seen.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Hop {
-    /// Shared with every other hop on the interface: names are interned by the agent.
-    pub iface: Arc<str>,
+    pub iface: Arc<Iface>,
+    pub bytes: u64,
+    counts: u64,
+    /// µs after the flow's first record that this hop saw its first (saturating).
+    first_us: u32,
+    pub dir: Dir,
+    pub side: Side,
+    /// TCP flags seen here, OR-ed.
+    pub tcp_flags_seen: u8,
+    /// Which of the flow's tuples (`Flow::tuples`) the packets here carried.
+    tuple: u8,
+}
+
+impl Hop {
+    pub fn ifindex(&self) -> u32 {
+        self.iface.ifindex
+    }
+
+    pub fn pkts(&self) -> u64 {
+        self.counts & PKT_MASK
+    }
+
+    pub fn retransmits(&self) -> u32 {
+        (self.counts >> PKT_BITS) as u32
+    }
+
+    fn add_pkts(&mut self, n: u32) {
+        let pkts = (self.pkts() + u64::from(n)).min(PKT_MASK);
+        self.counts = (self.counts & !PKT_MASK) | pkts;
+    }
+
+    fn add_retransmit(&mut self) {
+        if u64::from(self.retransmits()) < (1 << (64 - PKT_BITS)) - 1 {
+            self.counts += 1 << PKT_BITS;
+        }
+    }
+
+    fn is(&self, ifindex: u32, dir: Dir, side: Side) -> bool {
+        self.iface.ifindex == ifindex && self.dir == dir && self.side == side
+    }
+}
+
+/// A hop with what it refers to resolved: the tuple its packets carried and their tunnel header.
+#[derive(Debug, Clone, Copy)]
+pub struct HopView<'a> {
+    pub hop: &'a Hop,
+    pub iface: &'a Iface,
     pub ifindex: u32,
     pub role: Option<Role>,
     pub dir: Dir,
     pub side: Side,
-    /// Nanoseconds (CLOCK_MONOTONIC) of the first and last record here.
-    #[serde(skip)]
-    pub first_ns: u64,
-    #[serde(skip)]
-    pub last_ns: u64,
     /// The flow's packet as seen here (the inner packet when encapsulated).
     pub src: IpAddr,
     pub sport: u16,
     pub dst: IpAddr,
     pub dport: u16,
-    /// Boxed: most hops carry no tunnel header, and a flow keeps several hops.
-    pub encap: Option<Box<HopEncap>>,
-    pub pkts: u64,
-    pub bytes: u64,
-    /// TCP flags seen here, OR-ed.
-    #[serde(skip)]
-    pub tcp_flags_seen: u8,
-    pub retransmits: u32,
-    /// Sequence number of the last SYN seen here, to count SYN retransmissions.
-    #[serde(skip)]
-    pub syn_seq: Option<u32>,
+    pub encap: Option<&'a HopEncap>,
+    /// Nanoseconds (CLOCK_MONOTONIC) of the hop's first record, at µs precision.
+    pub first_ns: u64,
 }
 
 /// Request/response exchanges timed from payload turns at one interface.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Exchanges {
-    /// Where the exchanges are timed: the flow's first hop, which sees both directions.
-    measure_ifindex: Option<u32>,
-    last_side: Option<Side>,
-    request_ns: Option<u64>,
-    /// A uniform sample of response latencies in microseconds; `count` counts them all.
-    pub latencies_us: Vec<u32>,
-    pub count: u64,
+    request_ns: u64,
     pub total_wait_ns: u64,
-    pub max_ns: u64,
+    /// A uniform sample of response latencies in µs, allocated from the second exchange on
+    /// (one exchange is `total_wait_ns`); `count` counts them all.
+    samples: Option<Box<[u32]>>,
+    max_us: u32,
+    pub count: u32,
+    /// Where the exchanges are timed: the flow's first hop, which sees both directions.
+    measure_ifindex: u32,
+    samples_len: u8,
+    /// 0: none yet, 1: forward, 2: reverse.
+    last_side: u8,
 }
 
 /// Latency samples kept per flow: a reservoir, so a long-lived connection stays small.
 const MAX_SAMPLES: usize = 32;
 
+impl Default for Exchanges {
+    fn default() -> Exchanges {
+        Exchanges {
+            request_ns: NO_NS,
+            total_wait_ns: 0,
+            samples: None,
+            max_us: 0,
+            count: 0,
+            measure_ifindex: 0,
+            samples_len: 0,
+            last_side: 0,
+        }
+    }
+}
+
 impl Exchanges {
     fn observe(&mut self, ifindex: u32, side: Side, ts_ns: u64) {
-        if *self.measure_ifindex.get_or_insert(ifindex) != ifindex {
+        if self.measure_ifindex == 0 {
+            self.measure_ifindex = ifindex;
+        }
+        if self.measure_ifindex != ifindex {
             return;
         }
-        if self.last_side == Some(side) {
+        let code = match side {
+            Side::Forward => 1,
+            Side::Reverse => 2,
+        };
+        if self.last_side == code {
             return;
         }
-        self.last_side = Some(side);
+        self.last_side = code;
         match side {
-            Side::Forward => self.request_ns = Some(ts_ns),
-            Side::Reverse => {
-                if let Some(req) = self.request_ns.take() {
-                    let wait = ts_ns.saturating_sub(req);
-                    self.count += 1;
-                    self.total_wait_ns += wait;
-                    self.max_ns = self.max_ns.max(wait);
-                    let us = (wait / 1000).min(u64::from(u32::MAX)) as u32;
-                    if self.latencies_us.len() < MAX_SAMPLES {
-                        self.latencies_us.push(us);
-                    } else {
-                        // Reservoir sampling (Algorithm R): sample i replaces a random slot with
-                        // probability MAX_SAMPLES / i, from a cheap deterministic hash.
-                        let r = (self.count.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) % self.count;
-                        if let Some(slot) = self.latencies_us.get_mut(r as usize) {
-                            *slot = us;
-                        }
-                    }
-                }
+            Side::Forward => self.request_ns = ts_ns,
+            Side::Reverse if self.request_ns != NO_NS => {
+                let wait = ts_ns.saturating_sub(self.request_ns);
+                self.request_ns = NO_NS;
+                self.add(wait);
             }
+            Side::Reverse => {}
+        }
+    }
+
+    fn add(&mut self, wait_ns: u64) {
+        let us = (wait_ns / 1000).min(u64::from(u32::MAX - 1)) as u32;
+        let first = (self.total_wait_ns / 1000).min(u64::from(u32::MAX - 1)) as u32;
+        self.count = self.count.saturating_add(1);
+        self.total_wait_ns = self.total_wait_ns.saturating_add(wait_ns);
+        self.max_us = self.max_us.max(us);
+        if self.count == 1 {
+            return;
+        }
+        let len = usize::from(self.samples_len);
+        if len == 0 {
+            // The second exchange: the first one's latency is the total so far.
+            let mut v = vec![0u32; 4].into_boxed_slice();
+            v[0] = first;
+            v[1] = us;
+            self.samples = Some(v);
+            self.samples_len = 2;
+            return;
+        }
+        if len < MAX_SAMPLES {
+            let buf = self.samples.get_or_insert_with(|| vec![0u32; 4].into());
+            if len == buf.len() {
+                let mut grown = vec![0u32; (len * 2).min(MAX_SAMPLES)];
+                grown[..len].copy_from_slice(buf);
+                *buf = grown.into_boxed_slice();
+            }
+            buf[len] = us;
+            self.samples_len += 1;
+            return;
+        }
+        // Reservoir sampling (Algorithm R): sample i replaces a random slot with probability
+        // MAX_SAMPLES / i, from a cheap deterministic hash.
+        let count = u64::from(self.count);
+        let r = (count.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) % count;
+        if let Some(slot) = self
+            .samples
+            .as_deref_mut()
+            .and_then(|s| s.get_mut(r as usize))
+        {
+            *slot = us;
+        }
+    }
+
+    /// The latency samples kept, in µs.
+    pub fn samples(&self) -> Vec<u32> {
+        match (&self.samples, self.count) {
+            (Some(s), _) => s[..usize::from(self.samples_len)].to_vec(),
+            (None, 1) => vec![(self.total_wait_ns / 1000).min(u64::from(u32::MAX)) as u32],
+            (None, _) => Vec::new(),
         }
     }
 
     /// Latency at quantile `q` (0..=1) in microseconds.
     pub fn quantile_us(&self, q: f64) -> Option<u32> {
-        if self.latencies_us.is_empty() {
+        let mut v = self.samples();
+        if v.is_empty() {
             return None;
         }
-        let mut v = self.latencies_us.clone();
         v.sort_unstable();
         let i = ((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
         v.get(i).copied()
+    }
+
+    pub fn max_ns(&self) -> u64 {
+        u64::from(self.max_us) * 1000
     }
 }
 
@@ -179,6 +337,8 @@ pub struct DropRecord {
 
 /// Most distinct drop records kept per flow.
 const MAX_DROPS: usize = 8;
+/// Most translated tuples kept per flow beyond the first.
+const MAX_EXTRA_TRANSLATIONS: usize = 8;
 
 /// Translation a flow went through on this node, as the forward packet left it.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -189,62 +349,97 @@ pub struct Nat {
     pub dport: u16,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+/// TCP handshake and teardown as seen at the first hop that saw each.
+#[derive(Debug, Clone, Copy)]
 pub struct TcpMilestones {
-    #[serde(skip)]
-    pub syn_ns: Option<u64>,
-    #[serde(skip)]
-    pub syn_ack_ns: Option<u64>,
+    /// µs after the flow's first record.
+    syn_us: u32,
+    syn_ack_us: u32,
+    /// Initial sequence numbers, to tell a retransmitted SYN (or SYN-ACK) from a new connection.
+    syn_seq: u32,
+    syn_ack_seq: u32,
     pub syn: bool,
     pub syn_ack: bool,
     pub fin: bool,
     pub rst: bool,
-    #[serde(skip)]
-    pub syn_seq: Option<u32>,
+}
+
+impl Default for TcpMilestones {
+    fn default() -> TcpMilestones {
+        TcpMilestones {
+            syn_us: NO_US,
+            syn_ack_us: NO_US,
+            syn_seq: 0,
+            syn_ack_seq: 0,
+            syn: false,
+            syn_ack: false,
+            fin: false,
+            rst: false,
+        }
+    }
+}
+
+impl TcpMilestones {
+    /// Sequence number of the connection's SYN, when one was seen.
+    pub fn syn_seq(&self) -> Option<u32> {
+        self.syn.then_some(self.syn_seq)
+    }
+}
+
+/// What few flows carry.
+#[derive(Debug, Clone, Default)]
+struct Rare {
+    /// Translated forward tuples beyond the first (`nat`); indexed with their reverses.
+    extra_translations: Vec<DirTuple>,
+    drops: Vec<DropRecord>,
+    /// Tunnel headers, by hop (ifindex, direction, side).
+    encaps: Vec<(u32, Dir, Side, HopEncap)>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Flow {
     pub id: FlowId,
-    pub proto: u8,
-    /// The forward tuple as first seen (before any translation on this node).
-    pub src: IpAddr,
-    pub sport: u16,
-    pub dst: IpAddr,
-    pub dport: u16,
+    /// Nanoseconds (CLOCK_MONOTONIC) of the first and last record.
     pub first_ns: u64,
     pub last_ns: u64,
     pub hops: Vec<Hop>,
+    pub exchanges: Exchanges,
+    rare: Option<Box<Rare>>,
+    /// The forward tuple as first seen (before any translation on this node).
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub nat: Option<Nat>,
-    pub first_reply_ns: Option<u64>,
     pub tcp: TcpMilestones,
+    /// µs after the first record that the first reply came.
+    reply_us: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
     /// A reply is owed: TCP opened with a SYN, or an ICMP echo request.
     pub expects_reply: bool,
-    /// Translated forward tuples beyond the first (`nat`), rare; indexed with their reverses.
-    pub extra_translations: Vec<DirTuple>,
-    pub drops: Vec<DropRecord>,
-    pub exchanges: Exchanges,
 }
+
+/// Most hops kept per flow: a packet crosses a handful of hooks on a node.
+const MAX_HOPS: usize = 32;
 
 impl Flow {
     pub fn new(id: FlowId, fwd: DirTuple, ts_ns: u64) -> Flow {
         Flow {
             id,
-            proto: fwd.proto,
-            src: fwd.src,
-            sport: fwd.sport,
-            dst: fwd.dst,
-            dport: fwd.dport,
             first_ns: ts_ns,
             last_ns: ts_ns,
             hops: Vec::new(),
-            nat: None,
-            first_reply_ns: None,
-            tcp: TcpMilestones::default(),
-            expects_reply: false,
-            extra_translations: Vec::new(),
-            drops: Vec::new(),
             exchanges: Exchanges::default(),
+            rare: None,
+            src: fwd.src,
+            dst: fwd.dst,
+            nat: None,
+            tcp: TcpMilestones::default(),
+            reply_us: NO_US,
+            sport: fwd.sport,
+            dport: fwd.dport,
+            proto: fwd.proto,
+            expects_reply: false,
         }
     }
 
@@ -258,108 +453,194 @@ impl Flow {
         }
     }
 
-    /// Adds one observation on `side` at the given interface.
-    /// Every tuple this flow is indexed under: both directions, before and after translation.
-    pub fn indexed_tuples(&self) -> Vec<DirTuple> {
-        let fwd = self.forward_tuple();
-        let mut out = vec![fwd, fwd.reversed()];
-        if let Some(n) = self.nat {
-            let t = DirTuple {
-                proto: self.proto,
-                src: n.src,
-                sport: n.sport,
-                dst: n.dst,
-                dport: n.dport,
-            };
-            out.push(t);
-            out.push(t.reversed());
-        }
-        for t in &self.extra_translations {
-            out.push(*t);
-            out.push(t.reversed());
-        }
-        out
+    fn nat_tuple(&self) -> Option<DirTuple> {
+        self.nat.map(|n| DirTuple {
+            proto: self.proto,
+            src: n.src,
+            sport: n.sport,
+            dst: n.dst,
+            dport: n.dport,
+        })
     }
 
-    pub fn record(&mut self, obs: &Observation, side: Side, iface: &Arc<str>, role: Option<Role>) {
+    /// Every forward tuple the flow was seen with: as first seen, then each translation.
+    pub fn tuples(&self) -> impl Iterator<Item = DirTuple> + '_ {
+        std::iter::once(self.forward_tuple())
+            .chain(self.nat_tuple())
+            .chain(self.extra_translations().iter().copied())
+    }
+
+    /// Which side `t` is on, if it is one of the flow's tuples either way round.
+    pub fn side_of(&self, t: &DirTuple) -> Option<Side> {
+        self.tuples().find_map(|u| {
+            if u == *t {
+                Some(Side::Forward)
+            } else if u.reversed() == *t {
+                Some(Side::Reverse)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// When the first reply was seen (µs precision).
+    pub fn first_reply_ns(&self) -> Option<u64> {
+        self.at_us(self.reply_us)
+    }
+
+    pub fn drops(&self) -> &[DropRecord] {
+        self.rare.as_deref().map_or(&[], |r| &r.drops)
+    }
+
+    pub fn extra_translations(&self) -> &[DirTuple] {
+        self.rare.as_deref().map_or(&[], |r| &r.extra_translations)
+    }
+
+    /// Any hop carried the flow inside a tunnel header.
+    pub fn encapsulated(&self) -> bool {
+        self.rare.as_deref().is_some_and(|r| !r.encaps.is_empty())
+    }
+
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    fn offset_us(&self, ts_ns: u64) -> u32 {
+        (ts_ns.saturating_sub(self.first_ns) / 1000).min(u64::from(NO_US - 1)) as u32
+    }
+
+    fn at_us(&self, us: u32) -> Option<u64> {
+        (us != NO_US).then(|| self.first_ns + u64::from(us) * 1000)
+    }
+
+    /// The hops with their tuples and tunnel headers resolved, in the order first seen.
+    pub fn path(&self) -> impl DoubleEndedIterator<Item = HopView<'_>> + '_ {
+        self.hops.iter().map(move |h| self.view(h))
+    }
+
+    pub fn view<'a>(&'a self, h: &'a Hop) -> HopView<'a> {
+        let t = self
+            .tuples()
+            .nth(usize::from(h.tuple))
+            .unwrap_or_else(|| self.forward_tuple())
+            .on(h.side);
+        let encap = self.rare.as_deref().and_then(|r| {
+            r.encaps
+                .iter()
+                .find(|(i, d, s, _)| h.is(*i, *d, *s))
+                .map(|(.., e)| e)
+        });
+        HopView {
+            hop: h,
+            iface: &h.iface,
+            ifindex: h.iface.ifindex,
+            role: h.iface.role,
+            dir: h.dir,
+            side: h.side,
+            src: t.src,
+            sport: t.sport,
+            dst: t.dst,
+            dport: t.dport,
+            encap,
+            first_ns: self.first_ns + u64::from(h.first_us) * 1000,
+        }
+    }
+
+    /// Adds one observation on `side`; `iface` names the observation's interface and is only
+    /// asked for when this is the first record there. Returns whether it was.
+    pub fn record(
+        &mut self,
+        obs: &Observation,
+        side: Side,
+        iface: impl FnOnce() -> Arc<Iface>,
+    ) -> bool {
         let p = *obs.packet();
         self.last_ns = self.last_ns.max(obs.ts_ns);
-        if side == Side::Reverse && self.first_reply_ns.is_none() {
-            self.first_reply_ns = Some(obs.ts_ns);
+        if side == Side::Reverse && self.reply_us == NO_US {
+            self.reply_us = self.offset_us(obs.ts_ns);
         }
+        let syn = p.proto == 6 && p.tcp_flags & 0x02 != 0;
+        let idx = self
+            .hops
+            .iter()
+            .position(|h| h.is(obs.ifindex, obs.dir, side));
+        // A SYN (or SYN-ACK) again at a hop that already saw it, with the same sequence number.
+        let syn_again = syn
+            && idx.is_some_and(|i| self.hops[i].tcp_flags_seen & 0x02 != 0)
+            && match side {
+                Side::Forward => self.tcp.syn && self.tcp.syn_seq == p.seq,
+                Side::Reverse => self.tcp.syn_ack && self.tcp.syn_ack_seq == p.seq,
+            };
         if p.proto == 6 {
             self.record_tcp(&p, side, obs.ts_ns);
             if p.payload_len > 0 {
                 self.exchanges.observe(obs.ifindex, side, obs.ts_ns);
             }
         }
-        let idx = match self
-            .hops
-            .iter()
-            .position(|h| h.ifindex == obs.ifindex && h.dir == obs.dir && h.side == side)
-        {
-            Some(i) => i,
+        let (idx, new) = match idx {
+            Some(i) => (i, false),
+            None if self.hops.len() >= MAX_HOPS => return false,
             None => {
+                let mut iface = iface();
+                if iface.ifindex != obs.ifindex {
+                    iface = Iface::unnamed(obs.ifindex);
+                }
+                let seen = DirTuple::of(&p).on(side);
+                let tuple = self.tuples().position(|u| u == seen).unwrap_or(0) as u8;
+                if let Some((kind, vni, _)) = &obs.inner {
+                    let e = HopEncap {
+                        kind: *kind,
+                        vni: (*kind == Encap::Vxlan).then_some(*vni),
+                        outer_src: obs.outer.src,
+                        outer_dst: obs.outer.dst,
+                        outer_sport: obs.outer.sport,
+                        outer_dport: obs.outer.dport,
+                    };
+                    self.rare_mut().encaps.push((obs.ifindex, obs.dir, side, e));
+                }
+                let first_us = self.offset_us(obs.ts_ns);
                 self.hops.push(Hop {
-                    iface: iface.clone(),
-                    ifindex: obs.ifindex,
-                    role,
+                    iface,
+                    bytes: 0,
+                    counts: 0,
+                    first_us,
                     dir: obs.dir,
                     side,
-                    first_ns: obs.ts_ns,
-                    last_ns: obs.ts_ns,
-                    src: p.src,
-                    sport: p.sport,
-                    dst: p.dst,
-                    dport: p.dport,
-                    encap: obs.inner.as_ref().map(|(kind, vni, _)| {
-                        Box::new(HopEncap {
-                            kind: *kind,
-                            vni: (*kind == Encap::Vxlan).then_some(*vni),
-                            outer_src: obs.outer.src,
-                            outer_dst: obs.outer.dst,
-                            outer_sport: obs.outer.sport,
-                            outer_dport: obs.outer.dport,
-                        })
-                    }),
-                    pkts: 0,
-                    bytes: 0,
                     tcp_flags_seen: 0,
-                    retransmits: 0,
-                    syn_seq: None,
+                    tuple,
                 });
-                self.hops.len() - 1
+                (self.hops.len() - 1, true)
             }
         };
+        let first_us = self.offset_us(obs.ts_ns);
         let hop = &mut self.hops[idx];
-        hop.last_ns = hop.last_ns.max(obs.ts_ns);
-        hop.first_ns = hop.first_ns.min(obs.ts_ns);
-        hop.pkts += u64::from(obs.pkts);
-        hop.bytes += obs.bytes;
+        hop.first_us = hop.first_us.min(first_us);
+        hop.add_pkts(obs.pkts);
+        hop.bytes = hop.bytes.saturating_add(obs.bytes);
         hop.tcp_flags_seen |= p.tcp_flags;
-        if obs.emit == crate::events::Emit::Retransmit {
-            hop.retransmits += 1;
+        if obs.emit == Emit::Retransmit || syn_again {
+            hop.add_retransmit();
         }
-        if p.proto == 6 && p.tcp_flags & 0x02 != 0 {
-            if hop.syn_seq == Some(p.seq) {
-                hop.retransmits += 1;
-            }
-            hop.syn_seq = Some(p.seq);
-        }
+        new
     }
 
     fn record_tcp(&mut self, p: &Packet, side: Side, ts: u64) {
         let syn = p.tcp_flags & 0x02 != 0;
         let ack = p.tcp_flags & 0x10 != 0;
         if syn && !ack && side == Side::Forward {
+            if !self.tcp.syn {
+                self.tcp.syn_us = self.offset_us(ts);
+            }
             self.tcp.syn = true;
-            self.tcp.syn_ns.get_or_insert(ts);
-            self.tcp.syn_seq = Some(p.seq);
+            self.tcp.syn_seq = p.seq;
             self.expects_reply = true;
         }
         if syn && ack && side == Side::Reverse {
+            if !self.tcp.syn_ack {
+                self.tcp.syn_ack_us = self.offset_us(ts);
+            }
             self.tcp.syn_ack = true;
-            self.tcp.syn_ack_ns.get_or_insert(ts);
+            self.tcp.syn_ack_seq = p.seq;
         }
         if p.tcp_flags & 0x01 != 0 {
             self.tcp.fin = true;
@@ -367,6 +648,29 @@ impl Flow {
         if p.tcp_flags & 0x04 != 0 {
             self.tcp.rst = true;
         }
+    }
+
+    /// Notes a translated forward tuple; false when the flow keeps no more of them.
+    pub(super) fn add_translation(&mut self, fwd: DirTuple) -> bool {
+        if self.tuples().any(|u| u == fwd) {
+            return true;
+        }
+        if self.nat.is_none() {
+            // Keep the first translation as `nat`: the one closest to the pod.
+            self.nat = Some(Nat {
+                src: fwd.src,
+                sport: fwd.sport,
+                dst: fwd.dst,
+                dport: fwd.dport,
+            });
+            return true;
+        }
+        let rare = self.rare_mut();
+        if rare.extra_translations.len() >= MAX_EXTRA_TRANSLATIONS {
+            return false;
+        }
+        rare.extra_translations.push(fwd);
+        true
     }
 
     pub fn record_drop(
@@ -378,16 +682,16 @@ impl Flow {
         side: Side,
     ) {
         self.last_ns = self.last_ns.max(ts_ns);
-        if let Some(d) = self
-            .drops
+        let drops = &mut self.rare_mut().drops;
+        if let Some(d) = drops
             .iter_mut()
             .find(|d| d.reason == reason && d.location == location && d.ifindex == ifindex)
         {
             d.count = d.count.saturating_add(1);
             return;
         }
-        if self.drops.len() < MAX_DROPS {
-            self.drops.push(DropRecord {
+        if drops.len() < MAX_DROPS {
+            drops.push(DropRecord {
                 ts_ns,
                 ifindex,
                 reason,
@@ -403,16 +707,16 @@ impl Flow {
         self.hops
             .iter()
             .filter(|h| h.side == side)
-            .fold((0, 0), |(p, b), h| (p.max(h.pkts), b.max(h.bytes)))
+            .fold((0, 0), |(p, b), h| (p.max(h.pkts()), b.max(h.bytes)))
     }
 
     pub fn retransmits(&self) -> u32 {
-        self.hops.iter().map(|h| h.retransmits).max().unwrap_or(0)
+        self.hops.iter().map(Hop::retransmits).max().unwrap_or(0)
     }
 
-    /// Handshake round trip as seen at the first hop, in nanoseconds.
+    /// Handshake round trip as seen at the first hop, in nanoseconds (µs precision).
     pub fn handshake_ns(&self) -> Option<u64> {
-        match (self.tcp.syn_ns, self.tcp.syn_ack_ns) {
+        match (self.at_us(self.tcp.syn_us), self.at_us(self.tcp.syn_ack_us)) {
             (Some(a), Some(b)) if b >= a => Some(b - a),
             _ => None,
         }

@@ -7,20 +7,30 @@
 //! did not change.
 mod flow;
 mod samples;
+mod store;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{HashMap, VecDeque},
+    hash::BuildHasher,
     net::IpAddr,
     sync::Arc,
 };
 
-pub use flow::{DirTuple, DropRecord, Exchanges, Flow, FlowId, Hop, HopEncap, Nat, Side};
+pub use flow::{
+    DirTuple, DropRecord, Exchanges, Flow, FlowId, Hop, HopEncap, HopView, Iface, Nat, Side,
+    TcpMilestones,
+};
 pub use samples::{Sample, Samples};
 
-use crate::{calico::Role, events::Observation};
+use crate::events::{Emit, Observation};
+use store::FlowStore;
 
-/// How long a packet's fingerprint waits for the same packet at a later hook.
-const FINGERPRINT_TTL_NS: u64 = 2_000_000_000;
+/// How long a packet's fingerprint waits for the same packet at a later hook (record time). A
+/// packet crosses a node's hooks within microseconds; the slack covers a first packet held
+/// while its next hop's neighbour entry resolves.
+const FINGERPRINT_TTL_NS: u64 = 1_000_000_000;
+/// How often (record time) expired fingerprints are swept.
+const SWEEP_EVERY_NS: u64 = 250_000_000;
 
 /// The hot maps hash on every record: SipHash (std's default, built against HashDoS) cost most
 /// of the ingest time; the keys here come from the kernel, not from remote peers directly, and
@@ -74,20 +84,42 @@ fn is_link_control(p: &crate::events::Packet) -> bool {
     }
 }
 
+/// A packet seen recently, waiting for its translated copy at a later hook.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
-    flow: FlowId,
-    side: Side,
+    /// Flow id shifted left once, the side in the low bit: 16 bytes an entry, not 24.
+    flow_side: u64,
     ts_ns: u64,
 }
 
-/// Resolves an ifindex to the interface's name and role at the time of the observation.
-pub trait IfaceLookup {
-    fn iface(&self, ifindex: u32) -> (Arc<str>, Option<Role>);
+impl Pending {
+    fn new(flow: FlowId, side: Side, ts_ns: u64) -> Pending {
+        Pending {
+            flow_side: flow << 1 | u64::from(side == Side::Reverse),
+            ts_ns,
+        }
+    }
+
+    fn flow(&self) -> FlowId {
+        self.flow_side >> 1
+    }
+
+    fn side(&self) -> Side {
+        if self.flow_side & 1 == 1 {
+            Side::Reverse
+        } else {
+            Side::Forward
+        }
+    }
 }
 
-impl<F: Fn(u32) -> (Arc<str>, Option<Role>)> IfaceLookup for F {
-    fn iface(&self, ifindex: u32) -> (Arc<str>, Option<Role>) {
+/// Resolves an ifindex to the interface as it is at the time of the observation.
+pub trait IfaceLookup {
+    fn iface(&self, ifindex: u32) -> Arc<Iface>;
+}
+
+impl<F: Fn(u32) -> Arc<Iface>> IfaceLookup for F {
+    fn iface(&self, ifindex: u32) -> Arc<Iface> {
         self(ifindex)
     }
 }
@@ -106,43 +138,51 @@ pub struct TableStats {
 }
 
 pub struct FlowTable {
-    flows: BTreeMap<FlowId, Flow>,
-    index: FastMap<DirTuple, (FlowId, Side)>,
-    /// Only the source changed (SNAT): keyed by what stayed, the destination.
-    fp_snat: FastMap<(Ident, IpAddr, u16), Pending>,
-    /// Only the destination changed (DNAT): keyed by the source.
-    fp_dnat: FastMap<(Ident, IpAddr, u16), Pending>,
-    /// Both changed: TCP only, on sequence numbers alone.
-    fp_both: FastMap<Ident, Pending>,
-    next_id: FlowId,
+    flows: FlowStore,
+    /// Both directions of a tuple, under one key: a digest of the tuple with its ends in a
+    /// canonical order. Lookups check the flow really carries the tuple, so a digest collision
+    /// costs a missed match, never a wrong one.
+    index: FastMap<u64, FlowId>,
+    /// Packets remembered by what NAT leaves unchanged (a digest of their `Ident`); a match is
+    /// accepted when the flow's packet kept one end of the tuple (SNAT: the destination, DNAT:
+    /// the source), or for TCP on sequence numbers alone (both rewritten).
+    fingerprints: FastMap<u64, Pending>,
+    digest: foldhash::fast::RandomState,
     cap: usize,
     stats: TableStats,
+    /// The newest record time seen: fingerprints expire in record time, so an agent that falls
+    /// behind does not lose them.
+    latest_ns: u64,
+    next_sweep_ns: u64,
     /// The last records, for pcap export.
     samples: Samples,
     /// Bumped on every change; `changes` says which flow changed at which version (bounded).
     version: u64,
-    changes: std::collections::VecDeque<(u64, FlowId)>,
+    changes: VecDeque<(u64, FlowId)>,
+    changes_cap: usize,
     /// Changes up to this version are no longer listed.
     forgotten_upto: u64,
 }
 
-/// How many (version, flow) change entries watchers can lag behind before a full rescan.
+/// Most (version, flow) change entries watchers can lag behind before a full rescan.
 const CHANGES_KEPT: usize = 65_536;
 
 impl FlowTable {
     pub fn new(cap: usize) -> FlowTable {
+        let cap = cap.max(1);
         FlowTable {
-            flows: BTreeMap::new(),
+            flows: FlowStore::new(),
             index: FastMap::default(),
-            fp_snat: FastMap::default(),
-            fp_dnat: FastMap::default(),
-            fp_both: FastMap::default(),
-            next_id: 1,
-            cap: cap.max(1),
+            fingerprints: FastMap::default(),
+            digest: foldhash::fast::RandomState::default(),
+            cap,
             stats: TableStats::default(),
-            samples: Samples::new(samples::DEFAULT_SAMPLES),
+            latest_ns: 0,
+            next_sweep_ns: 0,
+            samples: Samples::for_cap(cap),
             version: 0,
-            changes: std::collections::VecDeque::new(),
+            changes: VecDeque::new(),
+            changes_cap: cap.clamp(1024, CHANGES_KEPT),
             forgotten_upto: 0,
         }
     }
@@ -152,7 +192,7 @@ impl FlowTable {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.flows.is_empty()
+        self.flows.len() == 0
     }
 
     pub fn stats(&self) -> TableStats {
@@ -163,12 +203,22 @@ impl FlowTable {
     }
 
     pub fn get(&self, id: FlowId) -> Option<&Flow> {
-        self.flows.get(&id)
+        self.flows.get(id)
     }
 
     /// Newest first.
     pub fn iter_newest(&self) -> impl Iterator<Item = &Flow> {
-        self.flows.values().rev()
+        self.flows.iter_newest()
+    }
+
+    /// Newest first, a superset of the flows whose source / destination (as first seen or
+    /// translated) is `src` / `dst`: filter them still. Reads 8 bytes per flow, not the flow.
+    pub fn iter_newest_with(
+        &self,
+        src: Option<IpAddr>,
+        dst: Option<IpAddr>,
+    ) -> impl Iterator<Item = &Flow> {
+        self.flows.iter_newest_tagged(src, dst)
     }
 
     pub fn samples(&self) -> &Samples {
@@ -182,21 +232,18 @@ impl FlowTable {
     /// Flows changed after `since`, or None when that is too far back to know (rescan all).
     pub fn changed_since(&self, since: u64) -> Option<Vec<FlowId>> {
         if since < self.forgotten_upto {
-            None
-        } else {
-            {
-                let mut ids: Vec<FlowId> = self
-                    .changes
-                    .iter()
-                    .rev()
-                    .take_while(|(v, _)| *v > since)
-                    .map(|(_, id)| *id)
-                    .collect();
-                ids.sort_unstable();
-                ids.dedup();
-                Some(ids)
-            }
+            return None;
         }
+        let mut ids: Vec<FlowId> = self
+            .changes
+            .iter()
+            .rev()
+            .take_while(|(v, _)| *v > since)
+            .map(|(_, id)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Some(ids)
     }
 
     fn touch(&mut self, id: FlowId) {
@@ -208,39 +255,64 @@ impl FlowTable {
                 return;
             }
         }
-        if self.changes.len() >= CHANGES_KEPT {
+        if self.changes.len() >= self.changes_cap {
             if let Some((v, _)) = self.changes.pop_front() {
                 self.forgotten_upto = v;
             }
         }
+        if self.changes.len() == self.changes.capacity() {
+            // Grown to its cap exactly, not by doubling past it.
+            let want = (self.changes.len() * 2).clamp(1024, self.changes_cap);
+            self.changes.reserve_exact(want - self.changes.len());
+        }
         self.changes.push_back((self.version, id));
+    }
+
+    /// The index key of `t` and of its reverse.
+    fn pair_key(&self, t: &DirTuple) -> u64 {
+        let a = (t.src, t.sport);
+        let b = (t.dst, t.dport);
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        self.digest.hash_one((t.proto, lo, hi))
+    }
+
+    /// The flow carrying `t`, and on which side.
+    fn lookup(&self, t: &DirTuple) -> Option<(FlowId, Side)> {
+        let id = *self.index.get(&self.pair_key(t))?;
+        let side = self.flows.get(id)?.side_of(t)?;
+        Some((id, side))
     }
 
     /// Adds one observation; returns the flow it was attributed to.
     pub fn ingest(&mut self, obs: &Observation, ifaces: &impl IfaceLookup) -> Option<FlowId> {
         self.stats.observations += 1;
+        self.latest_ns = self.latest_ns.max(obs.ts_ns);
+        if self.latest_ns >= self.next_sweep_ns {
+            self.sweep(self.latest_ns);
+        }
         let p = *obs.packet();
         if is_link_control(&p) {
             self.stats.ignored += 1;
             return None;
         }
+        let t = DirTuple::of(&p);
         if let Some(d) = obs.drop {
             // Only drops of traced flows matter; anything else on the node is not ours to report.
-            let Some(&(id, side)) = self.index.get(&DirTuple::of(&p)) else {
+            let Some((id, side)) = self.lookup(&t) else {
                 self.stats.unmatched_drops += 1;
                 return None;
             };
-            if let Some(f) = self.flows.get_mut(&id) {
+            if let Some(f) = self.flows.get_mut(id) {
                 f.record_drop(obs.ts_ns, obs.ifindex, d.reason, d.location, side);
             }
             self.stats.drops += 1;
             self.touch(id);
             return Some(id);
         }
-        let t = DirTuple::of(&p);
         let ident = Ident::of(obs);
+        let usable = ident.usable(p.src.is_ipv4());
 
-        let (id, side) = match self.index.get(&t).copied() {
+        let (id, side) = match self.lookup(&t) {
             Some((id, side)) if !self.is_new_connection(id, side, obs) => (id, side),
             Some((old, _)) => {
                 self.unindex(old);
@@ -248,7 +320,7 @@ impl FlowTable {
             }
             None => match self
                 .match_translated(ident, &t, obs.ts_ns)
-                .filter(|_| ident.usable(p.src.is_ipv4()))
+                .filter(|_| usable)
             {
                 Some((id, side)) => {
                     self.stats.nat_matches += 1;
@@ -259,18 +331,16 @@ impl FlowTable {
             },
         };
 
-        let (iface, role) = ifaces.iface(obs.ifindex);
-        if let Some(flow) = self.flows.get_mut(&id) {
-            flow.record(obs, side, &iface, role);
-        }
-        // Only records that may meet a translated copy at a later hook: first packets per hook,
-        // TCP control and retransmissions. Periodic summaries and turns of known flows need none.
-        let may_translate = !matches!(
-            obs.emit,
-            crate::events::Emit::Periodic | crate::events::Emit::Turn
-        );
-        if may_translate && ident.usable(p.src.is_ipv4()) {
-            self.remember(ident, &t, id, side, obs.ts_ns);
+        let new_hop = match self.flows.get_mut(id) {
+            Some(flow) => flow.record(obs, side, || ifaces.iface(obs.ifindex)),
+            None => false,
+        };
+        // Only records that may meet a translated copy at a later hook: the first at each hook,
+        // TCP control and retransmissions. Later packets of a known flow find the translated
+        // tuple in the index.
+        let control = p.proto == 6 && p.tcp_flags & 0x07 != 0;
+        if usable && (new_hop || control || obs.emit == Emit::Retransmit) {
+            self.remember(ident, id, side, obs.ts_ns);
         }
         self.samples.push(id, side, obs);
         self.touch(id);
@@ -283,120 +353,118 @@ impl FlowTable {
         if p.proto != 6 || side != Side::Forward || p.tcp_flags & 0x12 != 0x02 {
             return false;
         }
-        match self.flows.get(&id) {
-            Some(f) => f.tcp.syn_seq.is_some_and(|s| s != p.seq),
+        match self.flows.get(id) {
+            Some(f) => f.tcp.syn_seq().is_some_and(|s| s != p.seq),
             None => false,
         }
     }
 
     fn create(&mut self, obs: &Observation, t: DirTuple) -> (FlowId, Side) {
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.flows.next_id();
         let side = initiator_side(obs);
-        let fwd = if side == Side::Forward {
-            t
-        } else {
-            t.reversed()
-        };
+        let fwd = t.on(side);
         let mut flow = Flow::new(id, fwd, obs.ts_ns);
         let p = obs.packet();
         // ICMP echo request (v4 type 8, v6 type 128) owes a reply.
         if (p.proto == 1 && p.dport >> 8 == 8) || (p.proto == 58 && p.dport >> 8 == 128) {
             flow.expects_reply = true;
         }
-        self.index.insert(fwd, (id, Side::Forward));
-        self.index.insert(fwd.reversed(), (id, Side::Reverse));
-        self.flows.insert(id, flow);
+        self.index.insert(self.pair_key(&fwd), id);
+        self.flows.push(flow);
         self.evict_over_cap();
         (id, side)
     }
 
     fn evict_over_cap(&mut self) {
         while self.flows.len() > self.cap {
-            let Some((&oldest, _)) = self.flows.iter().next() else {
+            let Some(oldest) = self.flows.oldest_id() else {
                 break;
             };
             self.unindex(oldest);
-            self.flows.remove(&oldest);
+            self.flows.pop_oldest();
             self.stats.evicted += 1;
         }
     }
 
     fn unindex(&mut self, id: FlowId) {
-        if let Some(f) = self.flows.get(&id) {
-            for t in f.indexed_tuples() {
-                if self.index.get(&t).is_some_and(|(fid, _)| *fid == id) {
-                    self.index.remove(&t);
-                }
+        let Some(f) = self.flows.get(id) else {
+            return;
+        };
+        let keys: Vec<u64> = f.tuples().map(|t| self.pair_key(&t)).collect();
+        for k in keys {
+            if self.index.get(&k) == Some(&id) {
+                self.index.remove(&k);
             }
         }
+    }
+
+    /// Two slots per fingerprint: packets of two flows that look alike to NAT (UDP with the
+    /// same IP ID and length) do not push each other out.
+    fn fingerprint_keys(&self, ident: Ident) -> [u64; 2] {
+        let k = self.digest.hash_one(ident);
+        [k, k.rotate_left(32) ^ 0x9E37_79B9_7F4A_7C15]
+    }
+
+    fn remember(&mut self, ident: Ident, id: FlowId, side: Side, ts_ns: u64) {
+        let keys = self.fingerprint_keys(ident);
+        let free = |k: &u64| match self.fingerprints.get(k) {
+            None => true,
+            Some(p) => p.flow() == id || ts_ns.saturating_sub(p.ts_ns) > FINGERPRINT_TTL_NS,
+        };
+        let slot = match keys.iter().copied().find(free) {
+            Some(k) => k,
+            None => {
+                // Both taken by other live flows: replace the older.
+                let ts = |k: &u64| self.fingerprints.get(k).map_or(0, |p| p.ts_ns);
+                if ts(&keys[0]) <= ts(&keys[1]) {
+                    keys[0]
+                } else {
+                    keys[1]
+                }
+            }
+        };
+        self.fingerprints
+            .insert(slot, Pending::new(id, side, ts_ns));
     }
 
     fn match_translated(&self, ident: Ident, t: &DirTuple, now: u64) -> Option<(FlowId, Side)> {
-        let fresh = |p: &Pending| now.saturating_sub(p.ts_ns) <= FINGERPRINT_TTL_NS;
-        let live = |p: &Pending| fresh(p) && self.flows.contains_key(&p.flow);
-        if let Some(p) = self
-            .fp_snat
-            .get(&(ident, t.dst, t.dport))
-            .filter(|p| live(p))
-        {
-            return Some((p.flow, p.side));
-        }
-        if let Some(p) = self
-            .fp_dnat
-            .get(&(ident, t.src, t.sport))
-            .filter(|p| live(p))
-        {
-            return Some((p.flow, p.side));
-        }
-        if ident.strong() {
-            if let Some(p) = self.fp_both.get(&ident).filter(|p| live(p)) {
-                return Some((p.flow, p.side));
+        self.fingerprint_keys(ident).iter().find_map(|k| {
+            let p = self.fingerprints.get(k)?;
+            if now.saturating_sub(p.ts_ns) > FINGERPRINT_TTL_NS {
+                return None;
             }
-        }
-        None
+            let (id, side) = (p.flow(), p.side());
+            let flow = self.flows.get(id)?;
+            let kept_one_end = flow.tuples().any(|u| {
+                let seen = u.on(side);
+                seen.proto == t.proto
+                    && ((seen.dst, seen.dport) == (t.dst, t.dport)
+                        || (seen.src, seen.sport) == (t.src, t.sport))
+            });
+            (kept_one_end || ident.strong()).then_some((id, side))
+        })
     }
 
-    /// `t` is the flow's packet after translation: index it and its reverse, note the NAT.
+    /// `t` is the flow's packet after translation: index it (both directions), note the NAT.
     fn register_translation(&mut self, id: FlowId, side: Side, t: &DirTuple) {
-        let (fwd, rev) = match side {
-            Side::Forward => (*t, t.reversed()),
-            Side::Reverse => (t.reversed(), *t),
-        };
-        self.index.insert(fwd, (id, Side::Forward));
-        self.index.insert(rev, (id, Side::Reverse));
-        if let Some(flow) = self.flows.get_mut(&id) {
-            let orig = flow.forward_tuple();
-            match flow.nat {
-                // Keep the first translation: the one closest to the pod.
-                None if fwd != orig => {
-                    flow.nat = Some(Nat {
-                        src: fwd.src,
-                        sport: fwd.sport,
-                        dst: fwd.dst,
-                        dport: fwd.dport,
-                    })
-                }
-                _ => flow.extra_translations.push(fwd),
-            }
+        let fwd = t.on(side);
+        let kept = self
+            .flows
+            .get_mut(id)
+            .is_some_and(|flow| flow.add_translation(fwd));
+        if kept {
+            self.index.insert(self.pair_key(&fwd), id);
+            self.flows.retag(id);
         }
     }
 
-    fn remember(&mut self, ident: Ident, t: &DirTuple, flow: FlowId, side: Side, ts_ns: u64) {
-        let pending = Pending { flow, side, ts_ns };
-        self.fp_snat.insert((ident, t.dst, t.dport), pending);
-        self.fp_dnat.insert((ident, t.src, t.sport), pending);
-        if ident.strong() {
-            self.fp_both.insert(ident, pending);
-        }
-    }
-
-    /// Drops fingerprints too old to match anything.
+    /// Drops fingerprints too old to match anything. `now_ns` is capped by the newest record
+    /// seen, so records still queued behind a busy agent keep their fingerprints.
     pub fn sweep(&mut self, now_ns: u64) {
-        let keep = |p: &Pending| now_ns.saturating_sub(p.ts_ns) <= FINGERPRINT_TTL_NS;
-        self.fp_snat.retain(|_, p| keep(p));
-        self.fp_dnat.retain(|_, p| keep(p));
-        self.fp_both.retain(|_, p| keep(p));
+        let now = now_ns.min(self.latest_ns);
+        self.fingerprints
+            .retain(|_, p| now.saturating_sub(p.ts_ns) <= FINGERPRINT_TTL_NS);
+        self.next_sweep_ns = self.latest_ns.saturating_add(SWEEP_EVERY_NS);
     }
 }
 

@@ -5,7 +5,8 @@ use std::collections::VecDeque;
 use super::{FlowId, Side};
 use crate::events::{Dir, Emit, Encap, Observation, Packet};
 
-pub const DEFAULT_SAMPLES: usize = 65_536;
+/// Most records kept: ~3 MiB. Tables with a small flow cap keep fewer (`for_cap`).
+pub const MAX_SAMPLES: usize = 32_768;
 
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -18,7 +19,8 @@ pub struct Sample {
     pub pkts: u32,
     pub emit: Emit,
     pub outer: Packet,
-    pub inner: Option<(Encap, u32, Packet)>,
+    /// Boxed: most records carry no tunnel header.
+    pub inner: Option<Box<(Encap, u32, Packet)>>,
 }
 
 pub struct Samples {
@@ -27,9 +29,15 @@ pub struct Samples {
 }
 
 impl Samples {
+    /// A ring sized for a table of `flow_cap` flows: a record per 4 flows, within bounds.
+    pub fn for_cap(flow_cap: usize) -> Samples {
+        Samples::new((flow_cap / 4).clamp(1024, MAX_SAMPLES))
+    }
+
     pub fn new(cap: usize) -> Samples {
         Samples {
-            ring: VecDeque::with_capacity(cap.min(4096)),
+            // Allocated whole: grown by doubling it would overshoot its cap.
+            ring: VecDeque::with_capacity(cap.max(1)),
             cap: cap.max(1),
         }
     }
@@ -48,7 +56,7 @@ impl Samples {
             pkts: obs.pkts,
             emit: obs.emit,
             outer: obs.outer,
-            inner: obs.inner,
+            inner: obs.inner.map(Box::new),
         });
     }
 
@@ -59,6 +67,11 @@ impl Samples {
 
     pub fn len(&self) -> usize {
         self.ring.len()
+    }
+
+    /// Most records kept.
+    pub fn cap(&self) -> usize {
+        self.cap
     }
 
     pub fn is_empty(&self) -> bool {

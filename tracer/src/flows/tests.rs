@@ -15,17 +15,45 @@ impl Must for Option<FlowId> {
     }
 }
 
+/// A UDP datagram with the given IP ID.
+fn udp(src: &str, sport: u16, dst: &str, dport: u16, ip_id: u16) -> crate::events::Packet {
+    let mut p = pkt(src, sport, dst, dport, 0, 0, 0);
+    p.proto = 17;
+    p.ip_id = ip_id;
+    p
+}
+
+/// Ingests `a` at the pod's veth and `b` leaving eth0; returns their flows.
+fn at_veth_then_nic(
+    t: &mut FlowTable,
+    a: crate::events::Packet,
+    b: crate::events::Packet,
+) -> (FlowId, FlowId) {
+    let x = t.ingest(&obs(1, CALI, Dir::Ingress, a), &lookup).must();
+    let y = t.ingest(&obs(2, ETH0, Dir::Egress, b), &lookup).must();
+    (x, y)
+}
+
+/// A payload segment of client 192.168.21.10:40000 <-> etcd 192.168.21.50:2379.
+fn etcd(request: bool, seq: u32, payload_len: u16) -> crate::events::Packet {
+    let (c, s) = (("192.168.21.10", 40000), ("192.168.21.50", 2379));
+    let ((src, sport), (dst, dport)) = if request { (c, s) } else { (s, c) };
+    let mut p = pkt(src, sport, dst, dport, 0x18, seq, 0);
+    p.payload_len = payload_len;
+    p
+}
+
 const CALI: u32 = 5;
 const ETH0: u32 = 2;
 const VXLAN: u32 = 9;
 
-fn lookup(i: u32) -> (std::sync::Arc<str>, Option<crate::calico::Role>) {
+fn lookup(i: u32) -> std::sync::Arc<Iface> {
     use crate::calico::Role;
     match i {
-        CALI => ("calid92900560e3".into(), Some(Role::Workload)),
-        ETH0 => ("eth0".into(), Some(Role::Host)),
-        VXLAN => ("vxlan.calico".into(), Some(Role::Tunnel)),
-        other => (format!("if{other}").into(), None),
+        CALI => Iface::new("calid92900560e3", i, Some(Role::Workload)),
+        ETH0 => Iface::new("eth0", i, Some(Role::Host)),
+        VXLAN => Iface::new("vxlan.calico", i, Some(Role::Tunnel)),
+        other => Iface::unnamed(other),
     }
 }
 
@@ -34,9 +62,13 @@ fn snat_and_dnat_correlate_into_one_flow() {
     let mut t = FlowTable::new(100);
     // Pod -> Service VIP; kube-proxy DNATs to the apiserver, felix masquerades to the node.
     let syn = pkt("10.244.1.10", 40000, "10.96.0.1", 443, 0x02, 1000, 0);
-    let a = t.ingest(&obs(1, CALI, Dir::Ingress, syn), &lookup).must();
+    let a = t
+        .ingest(&obs(1_000, CALI, Dir::Ingress, syn), &lookup)
+        .must();
     let out = pkt("192.168.21.10", 61000, "192.168.21.11", 6443, 0x02, 1000, 0);
-    let b = t.ingest(&obs(2, ETH0, Dir::Egress, out), &lookup).must();
+    let b = t
+        .ingest(&obs(2_000, ETH0, Dir::Egress, out), &lookup)
+        .must();
     assert_eq!(a, b, "translated SYN joins the pod's flow");
     let synack_in = pkt(
         "192.168.21.11",
@@ -48,11 +80,11 @@ fn snat_and_dnat_correlate_into_one_flow() {
         1001,
     );
     let c = t
-        .ingest(&obs(3, ETH0, Dir::Ingress, synack_in), &lookup)
+        .ingest(&obs(3_000, ETH0, Dir::Ingress, synack_in), &lookup)
         .must();
     let synack_pod = pkt("10.96.0.1", 443, "10.244.1.10", 40000, 0x12, 5000, 1001);
     let d = t
-        .ingest(&obs(4, CALI, Dir::Egress, synack_pod), &lookup)
+        .ingest(&obs(4_000, CALI, Dir::Egress, synack_pod), &lookup)
         .must();
     assert_eq!((a, a), (c, d));
     assert_eq!(t.len(), 1);
@@ -62,7 +94,7 @@ fn snat_and_dnat_correlate_into_one_flow() {
         (nat.src, nat.dst, nat.dport),
         (ip("192.168.21.10"), ip("192.168.21.11"), 6443)
     );
-    assert_eq!(f.first_reply_ns, Some(3));
+    assert_eq!(f.first_reply_ns(), Some(3_000));
     assert!(f.tcp.syn && f.tcp.syn_ack);
     assert_eq!(f.hops.len(), 4);
     assert_eq!(f.hops.iter().filter(|h| h.side == Side::Reverse).count(), 2);
@@ -81,7 +113,7 @@ fn unnatted_packet_across_hooks_is_one_flow_without_nat() {
     assert_eq!((a, a), (b, c));
     let f = t.get(a).unwrap_or_else(|| unreachable!());
     assert!(f.nat.is_none());
-    assert!(f.first_reply_ns.is_none());
+    assert!(f.first_reply_ns().is_none());
     assert!(f.expects_reply);
     assert_eq!(f.retransmits(), 1);
 }
@@ -123,7 +155,8 @@ fn vxlan_inner_packet_joins_the_pod_flow() {
     let c = t.ingest(&o, &lookup).must();
     assert_eq!((a, a), (b, c));
     let f = t.get(a).unwrap_or_else(|| unreachable!());
-    let enc = f.hops[2].encap.as_ref().unwrap_or_else(|| unreachable!());
+    let hop = f.path().nth(2).unwrap_or_else(|| unreachable!());
+    let enc = hop.encap.unwrap_or_else(|| unreachable!());
     assert_eq!((enc.vni, enc.outer_dport), (Some(4096), 4789));
     assert!(f.nat.is_none());
 }
@@ -139,11 +172,11 @@ fn icmp_echo_and_reply_pair_up_including_ipv6() {
         q.proto = proto;
         let mut r = pkt(dst, 77, src, rep << 8, 0, 1, 0);
         r.proto = proto;
-        let a = t.ingest(&obs(1, ETH0, Dir::Egress, q), &lookup).must();
-        let b = t.ingest(&obs(2, ETH0, Dir::Ingress, r), &lookup).must();
+        let a = t.ingest(&obs(1_000, ETH0, Dir::Egress, q), &lookup).must();
+        let b = t.ingest(&obs(2_000, ETH0, Dir::Ingress, r), &lookup).must();
         assert_eq!(a, b);
         let f = t.get(a).unwrap_or_else(|| unreachable!());
-        assert!(f.expects_reply && f.first_reply_ns == Some(2));
+        assert!(f.expects_reply && f.first_reply_ns() == Some(2_000));
     }
 }
 
@@ -180,9 +213,11 @@ fn cap_evicts_oldest_and_cleans_index() {
     }
     assert_eq!(t.len(), 3);
     assert_eq!(t.stats().evicted, 7);
-    assert!(t.index.len() <= 3 * 4);
+    assert_eq!(t.index.len(), 3, "one entry per live tuple pair");
+    // Fingerprints expire in record time: a sweep far past the last record clears them all.
+    t.latest_ns = u64::MAX;
     t.sweep(u64::MAX);
-    assert!(t.fp_snat.is_empty() && t.fp_dnat.is_empty() && t.fp_both.is_empty());
+    assert!(t.fingerprints.is_empty());
 }
 
 #[test]
@@ -220,13 +255,9 @@ fn ipv6_link_control_is_ignored_and_weak_idents_never_match() {
     ns.proto = 58;
     assert_eq!(t.ingest(&obs(1, CALI, Dir::Ingress, ns), &lookup), None);
     // Two UDP datagrams with IP ID 0 to one server: no fingerprint pairing between them.
-    let mut a = pkt("10.0.0.1", 5000, "10.0.0.9", 53, 0, 0, 0);
-    a.proto = 17;
-    a.ip_id = 0;
-    let mut b = a;
-    b.src = ip("10.0.0.7");
-    let x = t.ingest(&obs(1, CALI, Dir::Ingress, a), &lookup).must();
-    let y = t.ingest(&obs(2, ETH0, Dir::Egress, b), &lookup).must();
+    let a = udp("10.0.0.1", 5000, "10.0.0.9", 53, 0);
+    let b = udp("10.0.0.7", 5000, "10.0.0.9", 53, 0);
+    let (x, y) = at_veth_then_nic(&mut t, a, b);
     assert_ne!(x, y);
     assert_eq!(t.stats().ignored, 1);
 }
@@ -257,8 +288,8 @@ fn kernel_drops_attach_to_the_flow_and_fold() {
     });
     assert_eq!(t.ingest(&stray, &lookup), None);
     let f = t.get(id).unwrap_or_else(|| unreachable!());
-    assert_eq!(f.drops.len(), 1);
-    assert_eq!((f.drops[0].reason, f.drops[0].count), (12, 3));
+    assert_eq!(f.drops().len(), 1);
+    assert_eq!((f.drops()[0].reason, f.drops()[0].count), (12, 3));
     assert_eq!(
         (t.stats().drops, t.stats().unmatched_drops, t.len()),
         (3, 1, 1)
@@ -272,29 +303,11 @@ fn request_response_turns_are_timed_at_the_first_hop() {
     let id = t.ingest(&obs(0, ETH0, Dir::Egress, syn), &lookup).must();
     let mut ts = 1_000_000u64;
     for i in 0..5u32 {
-        let mut req = pkt(
-            "192.168.21.10",
-            40000,
-            "192.168.21.50",
-            2379,
-            0x18,
-            100 + i,
-            0,
-        );
-        req.payload_len = 60;
+        let req = etcd(true, 100 + i, 60);
         t.ingest(&obs(ts, ETH0, Dir::Egress, req), &lookup);
         // A second request segment before the answer is not a new exchange.
         t.ingest(&obs(ts + 10, ETH0, Dir::Egress, req), &lookup);
-        let mut resp = pkt(
-            "192.168.21.50",
-            2379,
-            "192.168.21.10",
-            40000,
-            0x18,
-            900 + i,
-            0,
-        );
-        resp.payload_len = 300;
+        let resp = etcd(false, 900 + i, 300);
         ts += 150_000_000;
         t.ingest(&obs(ts, ETH0, Dir::Ingress, resp), &lookup);
         // The same response seen at another interface does not count twice.
@@ -304,7 +317,7 @@ fn request_response_turns_are_timed_at_the_first_hop() {
     let f = t.get(id).unwrap_or_else(|| unreachable!());
     assert_eq!(f.exchanges.count, 5);
     assert_eq!(f.exchanges.quantile_us(0.5), Some(150_000));
-    assert_eq!(f.exchanges.max_ns, 150_000_000);
+    assert_eq!(f.exchanges.max_ns(), 150_000_000);
 }
 
 #[test]
@@ -315,37 +328,164 @@ fn latency_samples_stay_bounded_and_cover_the_whole_connection() {
     let mut ts = 1_000_000u64;
     // 1000 exchanges whose latency grows: a reservoir keeps late ones too.
     for i in 0..1000u64 {
-        let mut req = pkt(
-            "192.168.21.10",
-            40000,
-            "192.168.21.50",
-            2379,
-            0x18,
-            10 + i as u32,
-            0,
-        );
-        req.payload_len = 10;
+        let req = etcd(true, 10 + i as u32, 10);
         t.ingest(&obs(ts, ETH0, Dir::Egress, req), &lookup);
         ts += 1_000 * (i + 1);
-        let mut resp = pkt(
-            "192.168.21.50",
-            2379,
-            "192.168.21.10",
-            40000,
-            0x18,
-            900 + i as u32,
-            0,
-        );
-        resp.payload_len = 10;
+        let resp = etcd(false, 900 + i as u32, 10);
         t.ingest(&obs(ts, ETH0, Dir::Ingress, resp), &lookup);
         ts += 1_000;
     }
     let f = t.get(id).unwrap_or_else(|| unreachable!());
     assert_eq!(f.exchanges.count, 1000);
-    assert_eq!(f.exchanges.latencies_us.len(), 32);
+    let samples = f.exchanges.samples();
+    assert_eq!(samples.len(), 32);
     assert!(
-        f.exchanges.latencies_us.iter().any(|us| *us > 500),
-        "only early samples: {:?}",
-        f.exchanges.latencies_us
+        samples.iter().any(|us| *us > 500),
+        "only early samples: {samples:?}"
+    );
+}
+
+#[test]
+fn hops_show_the_tuple_their_packets_carried() {
+    let mut t = FlowTable::new(100);
+    let syn = pkt("10.244.1.10", 40000, "10.96.0.1", 443, 0x02, 1000, 0);
+    let id = t
+        .ingest(&obs(1_000, CALI, Dir::Ingress, syn), &lookup)
+        .must();
+    let out = pkt("192.168.21.10", 61000, "192.168.21.11", 6443, 0x02, 1000, 0);
+    t.ingest(&obs(2_000, ETH0, Dir::Egress, out), &lookup);
+    let back = pkt("192.168.21.11", 6443, "192.168.21.10", 61000, 0x12, 7, 1001);
+    t.ingest(&obs(3_000, ETH0, Dir::Ingress, back), &lookup);
+    let f = t.get(id).unwrap_or_else(|| unreachable!());
+    let path: Vec<(String, Side, String, u16, String, u16, u64)> = f
+        .path()
+        .map(|h| {
+            (
+                h.iface.to_string(),
+                h.side,
+                h.src.to_string(),
+                h.sport,
+                h.dst.to_string(),
+                h.dport,
+                h.first_ns,
+            )
+        })
+        .collect();
+    assert_eq!(
+        path,
+        [
+            (
+                "calid92900560e3".into(),
+                Side::Forward,
+                "10.244.1.10".into(),
+                40000,
+                "10.96.0.1".into(),
+                443,
+                1_000
+            ),
+            (
+                "eth0".into(),
+                Side::Forward,
+                "192.168.21.10".into(),
+                61000,
+                "192.168.21.11".into(),
+                6443,
+                2_000
+            ),
+            (
+                "eth0".into(),
+                Side::Reverse,
+                "192.168.21.11".into(),
+                6443,
+                "192.168.21.10".into(),
+                61000,
+                3_000
+            ),
+        ]
+    );
+    // Hop times are kept at µs precision from the flow's first record.
+    assert_eq!(f.handshake_ns(), Some(2_000));
+}
+
+#[test]
+fn one_exchange_needs_no_sample_buffer_and_two_allocate_one() {
+    let mut t = FlowTable::new(10);
+    let syn = pkt("192.168.21.10", 40000, "192.168.21.50", 2379, 0x02, 1, 0);
+    let id = t.ingest(&obs(0, ETH0, Dir::Egress, syn), &lookup).must();
+    let mut ts = 1_000_000;
+    for (i, wait_ms) in [(0u32, 7u64), (1, 3)] {
+        let req = etcd(true, 10 + i, 10);
+        t.ingest(&obs(ts, ETH0, Dir::Egress, req), &lookup);
+        ts += wait_ms * 1_000_000;
+        let resp = etcd(false, 90 + i, 10);
+        t.ingest(&obs(ts, ETH0, Dir::Ingress, resp), &lookup);
+        let f = t.get(id).unwrap_or_else(|| unreachable!());
+        if i == 0 {
+            assert_eq!(f.exchanges.samples(), [7_000]);
+            assert_eq!(f.exchanges.quantile_us(0.9), Some(7_000));
+        }
+    }
+    let f = t.get(id).unwrap_or_else(|| unreachable!());
+    assert_eq!(f.exchanges.samples(), [7_000, 3_000]);
+    assert_eq!(
+        (
+            f.exchanges.count,
+            f.exchanges.max_ns(),
+            f.exchanges.total_wait_ns
+        ),
+        (2, 7_000_000, 10_000_000)
+    );
+}
+
+#[test]
+fn a_fingerprint_never_joins_flows_that_share_no_end() {
+    // Two UDP datagrams with the same IP ID and length, from different pods to different
+    // servers: the second is not the first one translated.
+    let mut t = FlowTable::new(100);
+    let a = udp("10.244.1.10", 5000, "10.96.0.10", 53, 4242);
+    let b = udp("10.244.1.11", 5000, "10.250.0.7", 53, 4242);
+    let (x, y) = at_veth_then_nic(&mut t, a, b);
+    assert_ne!(x, y);
+    // The same datagram DNATed (source kept) does join.
+    let c = udp("10.244.1.10", 5000, "10.250.0.9", 53, 4242);
+    let z = t.ingest(&obs(3, ETH0, Dir::Egress, c), &lookup).must();
+    assert_eq!(x, z);
+    assert_eq!(t.stats().nat_matches, 1);
+}
+
+#[test]
+fn a_late_translated_copy_still_finds_its_flow_after_other_traffic() {
+    // The pod's SYN, then a burst of other flows' first packets, then the SYN as it leaves the
+    // NIC masqueraded: remembered at its first hop, it still joins.
+    let mut t = FlowTable::new(1000);
+    let syn = pkt("10.244.1.10", 40000, "1.1.1.1", 443, 0x02, 777, 0);
+    let id = t.ingest(&obs(1, CALI, Dir::Ingress, syn), &lookup).must();
+    for i in 0..200u16 {
+        let p = pkt(
+            "10.244.1.12",
+            1000 + i,
+            "8.8.8.8",
+            53,
+            0x02,
+            5 + u32::from(i),
+            0,
+        );
+        t.ingest(&obs(2 + u64::from(i), CALI, Dir::Ingress, p), &lookup);
+    }
+    let out = pkt("192.168.21.10", 61000, "1.1.1.1", 443, 0x02, 777, 0);
+    assert_eq!(
+        t.ingest(&obs(500, ETH0, Dir::Egress, out), &lookup),
+        Some(id)
+    );
+    // Past the fingerprint's lifetime it would not.
+    let syn2 = pkt("10.244.1.10", 40001, "1.1.1.1", 443, 0x02, 888, 0);
+    let id2 = t
+        .ingest(&obs(1_000, CALI, Dir::Ingress, syn2), &lookup)
+        .must();
+    let out2 = pkt("192.168.21.10", 61001, "1.1.1.1", 443, 0x02, 888, 0);
+    let late = 1_000 + FINGERPRINT_TTL_NS + 1;
+    assert_ne!(
+        t.ingest(&obs(late, ETH0, Dir::Egress, out2), &lookup),
+        Some(id2)
     );
 }
