@@ -42,25 +42,29 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Programs of tracer attached to `dev` (TCX ingress + egress), asked of the kernel itself.
-fn tracer_programs_on(lab: &SingleNode, dev: &str) -> Result<usize, Box<dyn std::error::Error>> {
+/// Names of tracer's programs attached to `dev` (TCX ingress + egress), asked of the kernel
+/// itself (names are cut to 15 characters there).
+fn tracer_programs_on(
+    lab: &SingleNode,
+    dev: &str,
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     use aya::programs::{SchedClassifier, TcAttachType};
     let dev = dev.to_string();
-    let n = lab.node.run(move || -> Result<usize, String> {
-        let mut n = 0;
+    let names = lab.node.run(move || -> Result<Vec<String>, String> {
+        let mut names = Vec::new();
         for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
             let (_, progs) = SchedClassifier::query_tcx(&dev, kind).map_err(|e| e.to_string())?;
-            n += progs
-                .iter()
-                .filter(|p| {
-                    p.name_as_str()
-                        .is_some_and(|name| name.starts_with("tracer_tc"))
-                })
-                .count();
+            names.extend(
+                progs
+                    .iter()
+                    .filter_map(|p| p.name_as_str())
+                    .filter(|name| name.starts_with("tracer_tc"))
+                    .map(String::from),
+            );
         }
-        Ok(n)
+        Ok(names)
     })??;
-    Ok(n)
+    Ok(names)
 }
 
 #[test]
@@ -135,12 +139,16 @@ fn sigterm_detaches_and_kill9_leaves_nothing_to_double_attach() -> TestResult {
     let veth = lab.pod.veth.clone();
     let mut agent = Agent::start(&lab.node, &[])?;
     agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"])?;
-    assert_eq!(tracer_programs_on(&lab, &veth)?, 2, "ingress + egress");
+    assert_eq!(
+        tracer_programs_on(&lab, &veth)?.len(),
+        2,
+        "ingress + egress"
+    );
     let status = agent.signal_and_wait(libc::SIGTERM)?;
     assert!(status.success(), "{status}; log:\n{}", agent.log());
     assert!(agent.log().contains("detaching"), "{}", agent.log());
-    assert_eq!(tracer_programs_on(&lab, &veth)?, 0);
-    assert_eq!(tracer_programs_on(&lab, "eth0")?, 0);
+    assert_eq!(tracer_programs_on(&lab, &veth)?.len(), 0);
+    assert_eq!(tracer_programs_on(&lab, "eth0")?.len(), 0);
 
     let mut agent = Agent::start(&lab.node, &[])?;
     agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"])?;
@@ -148,8 +156,8 @@ fn sigterm_detaches_and_kill9_leaves_nothing_to_double_attach() -> TestResult {
     // A new agent after a crash: exactly one set of programs, and it works.
     let mut agent = Agent::start(&lab.node, &[])?;
     agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"])?;
-    assert_eq!(tracer_programs_on(&lab, &veth)?, 2);
-    assert_eq!(tracer_programs_on(&lab, "eth0")?, 2);
+    assert_eq!(tracer_programs_on(&lab, &veth)?.len(), 2);
+    assert_eq!(tracer_programs_on(&lab, "eth0")?.len(), 2);
     assert!(traffic::tcp_probe(
         &lab.pod.netns,
         lab.apiserver_addr(),
@@ -158,6 +166,84 @@ fn sigterm_detaches_and_kill9_leaves_nothing_to_double_attach() -> TestResult {
     agent.wait_flow(&lab.node, "proto=tcp", Duration::from_secs(10), |f| {
         has_verdict(f, "replied")
     })?;
+    Ok(())
+}
+
+/// Writes one IP packet into the tun device `name` (in the calling thread's namespace), as if
+/// it had arrived on it: it crosses the device's tc ingress hook.
+fn inject_into_tun(name: &str, packet: &[u8]) -> Result<(), String> {
+    use std::{io::Write, os::fd::AsRawFd};
+    // _IOW('T', 202, int): not in the libc crate.
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    let mut tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| format!("/dev/net/tun: {e}"))?;
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is, for the call's duration.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(format!(
+            "TUNSETIFF {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    tun.write_all(packet)
+        .map_err(|e| format!("write to {name}: {e}"))
+}
+
+#[test]
+fn device_without_ethernet_header_is_traced_by_the_l3_programs() -> TestResult {
+    // A tun device stands in for wireguard.cali (no WireGuard or IPIP module here): frames on
+    // it start at the IP header, so the agent must attach the L3 programs.
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    lab.node
+        .ip(&["tuntap", "add", "dev", "wireguard.cali", "mode", "tun"])?;
+    lab.node.ip(&["link", "set", "wireguard.cali", "up"])?;
+    let mut agent = Agent::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &["wireguard.cali"])?;
+    let names = tracer_programs_on(&lab, "wireguard.cali")?;
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names.iter().all(|n| n.starts_with("tracer_tc_l3")),
+        "{names:?}"
+    );
+    let packet = tracer::synth::ip_packet(
+        "10.77.0.2".parse()?,
+        "10.77.0.1".parse()?,
+        4242,
+        tracer::synth::L4::Udp {
+            sport: 5555,
+            dport: 7777,
+            payload: 16,
+        },
+    );
+    lab.node
+        .run(move || inject_into_tun("wireguard.cali", &packet))??;
+    let flow = agent.wait_flow(&lab.node, "dst=10.77.0.1", Duration::from_secs(10), |f| {
+        f["sport"] == 5555 && f["dport"] == 7777
+    })?;
+    let hop = &flow["path"][0];
+    assert_eq!(
+        (&hop["iface"], &hop["dir"], &hop["role"]),
+        (
+            &serde_json::json!("wireguard.cali"),
+            &serde_json::json!("ingress"),
+            &serde_json::json!("tunnel")
+        ),
+        "{flow}"
+    );
     Ok(())
 }
 

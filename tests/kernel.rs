@@ -59,7 +59,7 @@ fn tcp(sport: u16, dport: u16, flags: u8, seq: u32, payload: usize) -> L4 {
 #[test]
 fn parses_every_layer_the_agent_needs() -> R {
     let (mut hooks, mut ring, _counters) = Hooks::load(1_000_000_000)?;
-    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    hooks.set_test_l3(false);
 
     // TCP SYN over IPv4.
     let syn = ether(&ip_packet(
@@ -170,7 +170,7 @@ fn parses_every_layer_the_agent_needs() -> R {
     assert_eq!(o[0].outer.proto, 4);
 
     // A device without Ethernet (tunl0, wireguard.cali): the frame starts at the IP header.
-    hooks.set_iface_l3(LOOPBACK_IFINDEX, true)?;
+    hooks.set_test_l3(true);
     let raw = ip_packet(
         ip("10.244.1.10"),
         ip("10.244.9.9"),
@@ -181,14 +181,14 @@ fn parses_every_layer_the_agent_needs() -> R {
     let o = run(&mut hooks, &mut ring, false, &raw)?;
     assert_eq!(o.len(), 1, "L3 device frame parsed from offset 0");
     assert_eq!(o[0].packet().dst, ip("10.244.9.9"));
-    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    hooks.set_test_l3(false);
     Ok(())
 }
 
 #[test]
 fn malformed_frames_are_counted_not_recorded() -> R {
     let (mut hooks, mut ring, counters) = Hooks::load(1_000_000_000)?;
-    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    hooks.set_test_l3(false);
     let before = counters.read();
 
     let good = ip_packet(ip("10.0.0.1"), ip("10.0.0.2"), 1, tcp(1, 2, 0x02, 3, 0));
@@ -260,7 +260,7 @@ fn malformed_frames_are_counted_not_recorded() -> R {
 fn bulk_flow_is_summarised_in_kernel() -> R {
     // A long summary interval so only first/control/retransmit records are emitted.
     let (mut hooks, mut ring, _counters) = Hooks::load(60_000_000_000)?;
-    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    hooks.set_test_l3(false);
     let data = |seq: u32| {
         ether(&ip_packet(
             ip("10.1.0.1"),
@@ -308,7 +308,7 @@ fn bulk_flow_is_summarised_in_kernel() -> R {
 fn periodic_records_carry_counts() -> R {
     // A zero interval re-reports on every packet; counts must then be 1 each.
     let (mut hooks, mut ring, _counters) = Hooks::load(0)?;
-    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    hooks.set_test_l3(false);
     let u = ether(&ip_packet(
         ip("10.2.0.1"),
         ip("10.2.0.2"),
@@ -381,7 +381,7 @@ fn kernel_drops_are_reported_with_reason_and_tuple() -> R {
 #[test]
 fn request_response_turns_are_reported() -> R {
     let (mut hooks, mut ring, _counters) = Hooks::load(60_000_000_000)?;
-    hooks.set_iface_l3(LOOPBACK_IFINDEX, false)?;
+    hooks.set_test_l3(false);
     let seg = |fwd: bool, seq: u32| {
         let (s, d, sp, dp) = if fwd {
             ("10.3.0.1", "10.3.0.9", 41000, 2379)

@@ -48,6 +48,10 @@ pub struct Opts {
     /// table of N synthetic flows.
     #[arg(long, value_name = "FLOWS", hide = true)]
     profile_query: Option<u64>,
+    /// Profiling aid (root): the tc program's run time on a known flow's packets, from
+    /// BPF_PROG_TEST_RUN with this many repeats (nothing is sent anywhere).
+    #[arg(long, value_name = "REPEAT", hide = true)]
+    profile_tc: Option<u32>,
 }
 
 fn machine() -> String {
@@ -264,6 +268,18 @@ fn main() -> ExitCode {
             records as f64 / secs
         );
         return ExitCode::SUCCESS;
+    }
+    if let Some(n) = opts.profile_tc {
+        return match records::time_tc(n) {
+            Ok(lines) => {
+                lines.iter().for_each(|l| println!("{l}"));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tracer-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Some(n) = opts.profile_query {
         return match memory::query_in_process(n, 50) {

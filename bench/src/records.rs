@@ -180,6 +180,39 @@ pub fn ingest_in_process(flows: u64) -> (u64, f64) {
     (obs.len() as u64, t.elapsed().as_secs_f64())
 }
 
+/// Profiling aid: the programs' average run time (BPF_PROG_TEST_RUN) on packets of a flow they
+/// already know: a pure TCP ACK and a 64-byte UDP datagram, five runs of `repeat` each.
+pub fn time_tc(repeat: u32) -> Result<Vec<String>> {
+    let (mut hooks, _ring, _counters) = Hooks::load(0)?;
+    let base = workload::flow(2)[0];
+    let ack = Pkt {
+        flags: 0x10,
+        seq: 100,
+        ack: 200,
+        ..base
+    };
+    let udp = Pkt {
+        udp: true,
+        payload: 64 - 42,
+        ..base
+    };
+    let mut out = Vec::new();
+    for (name, p) in [("tcp ack", ack), ("udp 64 B", udp)] {
+        let frame = workload::frame(&p);
+        // The first run creates the flow's state; time the ones that find it.
+        hooks.test_run(p.egress, &frame, 1)?;
+        let mut ns: Vec<f64> = (0..5)
+            .map(|_| Ok(hooks.time_run(p.egress, &frame, repeat)?.as_nanos() as f64))
+            .collect::<Result<_>>()?;
+        ns.sort_by(f64::total_cmp);
+        out.push(format!(
+            "{name}: median {:.0} ns per run (min {:.0}, max {:.0}; 5 x {repeat})",
+            ns[2], ns[0], ns[4]
+        ));
+    }
+    Ok(out)
+}
+
 pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     let (mut hooks, mut ring, counters) = Hooks::load(0)?;
     let mut rows = throughput(opts, &mut hooks, &mut ring, &counters)?;

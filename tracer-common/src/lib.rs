@@ -8,8 +8,6 @@
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Per-CPU counters indexed by the `STAT_*` constants.
 pub const STATS_MAP: &str = "STATS";
-/// Per-interface settings written by the agent at attach time, keyed by ifindex.
-pub const IFACES_MAP: &str = "IFACES";
 /// Global the agent may set before load: how often a busy flow re-reports its counters.
 pub const SUMMARY_INTERVAL_GLOBAL: &str = "SUMMARY_INTERVAL_NS";
 
@@ -19,6 +17,10 @@ pub const DROP_CONF_MAP: &str = "DROP_CONF";
 /// Program names in the object file.
 pub const PROG_TC_INGRESS: &str = "tracer_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "tracer_tc_egress";
+/// The same for devices whose frames start at the IP header (tunl0, wireguard.cali): a program
+/// per kind of device, so the hot path needs no per-packet lookup of what the device is.
+pub const PROG_TC_L3_INGRESS: &str = "tracer_tc_l3_ingress";
+pub const PROG_TC_L3_EGRESS: &str = "tracer_tc_l3_egress";
 pub const PROG_KFREE_SKB: &str = "tracer_kfree_skb";
 
 /// Record kinds.
@@ -69,9 +71,6 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
-
-/// Interface flag: frames on this device start at the IP header (tunl0, wireguard.cali).
-pub const IFACE_L3: u8 = 1;
 
 /// One IP packet's identity as seen at one hook.
 ///
@@ -156,13 +155,6 @@ pub struct DropConf {
 }
 
 /// What the agent tells the kernel about an interface.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct IfaceConf {
-    pub flags: u8,
-    pub _pad: [u8; 3],
-}
-
 /// Key of the kernel's per-flow summary state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -201,9 +193,6 @@ pub struct FlowState {
     pub seq_end: u32,
 }
 
-// SAFETY: plain-old-data without padding holes the kernel cares about; every bit pattern is valid.
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for IfaceConf {}
-// SAFETY: as above: u32 fields only.
+// SAFETY: plain-old-data, u32 fields only; every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for DropConf {}

@@ -1,9 +1,9 @@
 //! Maps shared by the probes. Names must match `tracer_common::*_MAP`.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{ConvKey, DropConf, FlowKey, FlowState, IfaceConf, PacketEvent, STAT_COUNT};
+use tracer_common::{ConvKey, DropConf, FlowKey, FlowState, PacketEvent, STAT_COUNT};
 
 /// 8 MiB: about 50k records of headroom for the agent to fall behind by.
 #[map(name = "EVENTS")]
@@ -11,9 +11,6 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
-
-#[map(name = "IFACES")]
-pub static IFACES: HashMap<u32, IfaceConf> = HashMap::with_max_entries(4096, 0);
 
 /// Per-hook, per-flow summary state; LRU so that idle flows age out without the agent's help.
 #[map(name = "FLOWS")]

@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    PacketEvent, Tuple, DIR_INGRESS, EMIT_FIRST, ENCAP_NONE, FAMILY_V4, FAMILY_V6, KIND_DROP,
-    STAT_DROPS, STAT_LOST, STAT_RECORDS,
+    PacketEvent, DIR_INGRESS, EMIT_FIRST, ENCAP_NONE, FAMILY_V4, FAMILY_V6, KIND_DROP, STAT_DROPS,
+    STAT_LOST, STAT_RECORDS,
 };
 
 use crate::{
@@ -92,8 +92,8 @@ fn observe_drop(ctx: &TracePointContext) -> Result<(), ()> {
         return Ok(());
     };
     let p = unsafe { &mut *p };
-    p.outer = Tuple::default();
-    p.inner = Tuple::default();
+    crate::parse::clear(&mut p.outer);
+    crate::parse::clear(&mut p.inner);
     let src = Kernel(head + network_header as u64);
     if l3l4(&src, 0, family, &mut p.outer).is_err() {
         return Ok(());

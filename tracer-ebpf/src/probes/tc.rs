@@ -1,46 +1,58 @@
 //! tc ingress/egress observers for workload, tunnel and host interfaces.
 use aya_ebpf::{
-    bindings::TC_ACT_PIPE, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
+    bindings::TC_ACT_PIPE,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    macros::classifier,
+    programs::TcContext,
 };
 use tracer_common::{
     ConvKey, FlowKey, FlowState, PacketEvent, Tuple, DIR_EGRESS, DIR_INGRESS, EMIT_FIRST,
-    EMIT_PERIODIC, EMIT_RETRANSMIT, EMIT_TCP_CONTROL, EMIT_TURN, ENCAP_NONE, IFACE_L3, KIND_PACKET,
+    EMIT_PERIODIC, EMIT_RETRANSMIT, EMIT_TCP_CONTROL, EMIT_TURN, ENCAP_NONE, KIND_PACKET,
     PROTO_TCP, STAT_LOST, STAT_MALFORMED, STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS, TCP_FIN,
     TCP_RST, TCP_SYN,
 };
 
 use crate::{
-    maps::{count, set, summary_interval_ns, EVENTS, FLOWS, IFACES, SCRATCH, TURNS},
+    maps::{count, set, summary_interval_ns, EVENTS, FLOWS, SCRATCH, TURNS},
     parse::{parse, Outcome},
 };
 
 #[classifier]
 pub fn tracer_tc_ingress(ctx: TcContext) -> i32 {
-    observe(&ctx, DIR_INGRESS);
+    observe::<false>(&ctx, DIR_INGRESS);
     TC_ACT_PIPE
 }
 
 #[classifier]
 pub fn tracer_tc_egress(ctx: TcContext) -> i32 {
-    observe(&ctx, DIR_EGRESS);
+    observe::<false>(&ctx, DIR_EGRESS);
+    TC_ACT_PIPE
+}
+
+/// For devices whose frames start at the IP header (tunl0, wireguard.cali).
+#[classifier]
+pub fn tracer_tc_l3_ingress(ctx: TcContext) -> i32 {
+    observe::<true>(&ctx, DIR_INGRESS);
+    TC_ACT_PIPE
+}
+
+#[classifier]
+pub fn tracer_tc_l3_egress(ctx: TcContext) -> i32 {
+    observe::<true>(&ctx, DIR_EGRESS);
     TC_ACT_PIPE
 }
 
 #[inline(always)]
-fn observe(ctx: &TcContext, dir: u8) {
+fn observe<const L3: bool>(ctx: &TcContext, dir: u8) {
     count(STAT_PACKETS);
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let l3_device = match unsafe { IFACES.get(&ifindex) } {
-        Some(conf) => conf.flags & IFACE_L3 != 0,
-        None => false,
-    };
     let Some(p) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // Per-CPU slot: a tc program runs to completion before the packet moves on (a tunnel's
     // nested transmit starts only after we return), so nothing else uses it meanwhile.
     let p = unsafe { &mut *p };
-    match parse(ctx, l3_device, p) {
+    match parse(ctx, L3, p) {
         Ok(()) => {}
         Err(Outcome::Bad(_)) => {
             count(STAT_MALFORMED);
@@ -65,7 +77,9 @@ fn observe(ctx: &TcContext, dir: u8) {
         encap: p.encap,
         _pad: 0,
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (a tick's resolution) is enough to pace summaries and costs a fraction of
+    // the precise one, which only emitted records pay for.
+    let coarse = unsafe { bpf_ktime_get_coarse_ns() };
     let len = ctx.len();
     let seq_end = t.seq.wrapping_add(t.payload_len as u32);
 
@@ -75,7 +89,7 @@ fn observe(ctx: &TcContext, dir: u8) {
     let (emit, pkts, bytes) = match FLOWS.get_ptr_mut(&key) {
         None => {
             let st = FlowState {
-                last_emit_ns: now,
+                last_emit_ns: coarse,
                 bytes: 0,
                 pkts: 0,
                 seq_end,
@@ -102,7 +116,7 @@ fn observe(ctx: &TcContext, dir: u8) {
             if emit == 0 && turn {
                 emit = EMIT_TURN;
             }
-            if emit == 0 && now.wrapping_sub(st.last_emit_ns) >= summary_interval_ns() {
+            if emit == 0 && coarse.wrapping_sub(st.last_emit_ns) >= summary_interval_ns() {
                 emit = EMIT_PERIODIC;
             }
             if emit == 0 {
@@ -111,7 +125,7 @@ fn observe(ctx: &TcContext, dir: u8) {
             } else {
                 st.pkts = 0;
                 st.bytes = 0;
-                st.last_emit_ns = now;
+                st.last_emit_ns = coarse;
             }
             (emit, pkts, bytes)
         }
@@ -119,7 +133,7 @@ fn observe(ctx: &TcContext, dir: u8) {
     if emit == 0 {
         return;
     }
-    p.ts_ns = now;
+    p.ts_ns = unsafe { bpf_ktime_get_ns() };
     p.bytes = bytes;
     p.ifindex = ifindex;
     p.len = len;
@@ -143,8 +157,14 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 /// Records which side sent this payload; true when it differs from the previous payload's side.
 #[inline(always)]
 fn is_turn(t: &Tuple, ifindex: u32) -> bool {
-    // Order endpoints so both directions map to one key.
-    let src_first = (t.src, t.sport) <= (t.dst, t.dport);
+    // Order endpoints so both directions map to one key. Any fixed order will do: compared as
+    // words (a byte-array comparison becomes a memcmp loop in BPF).
+    let word = |a: &[u8; 16], port: u16| {
+        let hi = u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+        let lo = u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+        (hi, lo, port)
+    };
+    let src_first = word(&t.src, t.sport) <= word(&t.dst, t.dport);
     let (a, a_port, b, b_port, side) = if src_first {
         (t.src, t.sport, t.dst, t.dport, 0u8)
     } else {

@@ -5,13 +5,13 @@ mod tc;
 use std::collections::BTreeMap;
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
 use tracer_common::{
-    IfaceConf, EVENTS_MAP, IFACES_MAP, IFACE_L3, STATS_MAP, STAT_COUNT, STAT_DROPS, STAT_LOST,
-    STAT_MALFORMED, STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS, SUMMARY_INTERVAL_GLOBAL,
+    EVENTS_MAP, STATS_MAP, STAT_COUNT, STAT_DROPS, STAT_LOST, STAT_MALFORMED, STAT_PACKETS,
+    STAT_RB_PENDING, STAT_RECORDS, SUMMARY_INTERVAL_GLOBAL,
 };
 
 use crate::{calico::Role, netlink::Link};
@@ -70,10 +70,11 @@ pub struct KernelStats {
 /// Owns the loaded object and the tc attachments.
 pub struct Hooks {
     ebpf: Ebpf,
-    ifaces_map: BpfHashMap<MapData, u32, IfaceConf>,
     attached: BTreeMap<u32, (AttachedIface, tc::Links)>,
     /// Clients holding each on-demand attachment; it goes when the last one lets go.
     holders: BTreeMap<u32, u32>,
+    /// Which programs `test_run` feeds: those for devices without an Ethernet header.
+    test_l3: bool,
 }
 
 /// The kernel's per-CPU counters, readable from anywhere (the API reads them fresh).
@@ -144,10 +145,6 @@ impl Hooks {
             .take_map(EVENTS_MAP)
             .ok_or(HookError::MissingMap(EVENTS_MAP))?;
         let events = RingBuf::try_from(events)?;
-        let ifaces_map = ebpf
-            .take_map(IFACES_MAP)
-            .ok_or(HookError::MissingMap(IFACES_MAP))?;
-        let ifaces_map = BpfHashMap::try_from(ifaces_map)?;
         let stats = ebpf
             .take_map(STATS_MAP)
             .ok_or(HookError::MissingMap(STATS_MAP))?;
@@ -155,9 +152,9 @@ impl Hooks {
         Ok((
             Hooks {
                 ebpf,
-                ifaces_map,
                 attached: BTreeMap::new(),
                 holders: BTreeMap::new(),
+                test_l3: false,
             },
             events,
             KernelCounters { stats },
@@ -177,14 +174,11 @@ impl Hooks {
         if self.attached.contains_key(&link.index) {
             return Ok(());
         }
-        let conf = IfaceConf {
-            flags: if link.l3 { IFACE_L3 } else { 0 },
-            _pad: [0; 3],
-        };
-        self.ifaces_map.insert(link.index, conf, 0)?;
-        let links = tc::attach(&mut self.ebpf, &link.name).map_err(|source| HookError::Attach {
-            iface: link.name.clone(),
-            source,
+        let links = tc::attach(&mut self.ebpf, &link.name, link.l3).map_err(|source| {
+            HookError::Attach {
+                iface: link.name.clone(),
+                source,
+            }
         })?;
         tracing::info!(iface = %link.name, ifindex = link.index, role = role.as_str(), how, "attached");
         self.attached.insert(
@@ -227,7 +221,6 @@ impl Hooks {
         self.holders.remove(&ifindex);
         if let Some((iface, links)) = self.attached.remove(&ifindex) {
             tc::detach(&mut self.ebpf, links);
-            let _ = self.ifaces_map.remove(&ifindex);
             tracing::info!(iface = %iface.name, ifindex, "detached");
         }
     }
@@ -249,21 +242,27 @@ impl Hooks {
         }
     }
 
-    /// Tells the kernel parser whether frames on `ifindex` start at the IP header.
-    pub fn set_iface_l3(&mut self, ifindex: u32, l3: bool) -> Result<(), HookError> {
-        let conf = IfaceConf {
-            flags: if l3 { IFACE_L3 } else { 0 },
-            _pad: [0; 3],
-        };
-        self.ifaces_map.insert(ifindex, conf, 0)?;
-        Ok(())
+    /// Makes `test_run` feed the programs for devices whose frames start at the IP header.
+    pub fn set_test_l3(&mut self, l3: bool) {
+        self.test_l3 = l3;
     }
 
     /// Feeds one frame to the ingress or egress program in the kernel (BPF_PROG_TEST_RUN) on
     /// the loopback device; its records arrive on the ring buffer like real ones. For tests and
     /// the benchmark: no packet is sent anywhere.
     pub fn test_run(&mut self, egress: bool, frame: &[u8], repeat: u32) -> Result<u32, HookError> {
-        tc::test_run(&mut self.ebpf, egress, frame, repeat)
+        tc::test_run(&mut self.ebpf, self.test_l3, egress, frame, repeat)
+            .map(|(verdict, _)| verdict)
+    }
+
+    /// Like `test_run`; returns the kernel's average time for one run of the program.
+    pub fn time_run(
+        &mut self,
+        egress: bool,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration, HookError> {
+        tc::test_run(&mut self.ebpf, self.test_l3, egress, frame, repeat).map(|(_, took)| took)
     }
 }
 
