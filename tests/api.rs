@@ -153,22 +153,20 @@ fn watch_streams_new_flows_as_ndjson() -> TestResult {
     Ok(())
 }
 
+/// An agent that attaches nothing until asked, once it is ready.
+fn on_demand_agent(lab: &SingleNode) -> Result<Agent, Box<dyn std::error::Error>> {
+    let mut agent = Agent::start(&lab.node, &["--attach", "on-demand"])?;
+    agent.wait_ready(&lab.node)?;
+    Ok(agent)
+}
+
 #[test]
 fn on_demand_attach_and_detach() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let agent = Agent::start(&lab.node, &["--attach", "on-demand"])?;
+    let agent = on_demand_agent(&lab)?;
     // Ready, but nothing attached until asked.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok((200, v)) = agent.get(&lab.node, "/readyz") {
-            assert_eq!(v["attached"], 0, "{v}");
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("agent never ready; log:\n{}", agent.log()).into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_, v) = agent.get(&lab.node, "/readyz")?;
+    assert_eq!(v["attached"], 0, "{v}");
     let pod = format!("{}/{}", lab.pod.namespace, lab.pod.name);
     for (body, status) in [
         ("{}", 400),
@@ -289,14 +287,7 @@ fn bearer_token_guards_everything_but_healthz() -> TestResult {
 #[test]
 fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let agent = Agent::start(&lab.node, &["--attach", "on-demand"])?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while agent.get(&lab.node, "/readyz").map(|r| r.0).ok() != Some(200) {
-        if Instant::now() > deadline {
-            return Err(format!("agent never ready; log:\n{}", agent.log()).into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let agent = on_demand_agent(&lab)?;
     let mut watch = Command::new("ip")
         .args([
             "netns",

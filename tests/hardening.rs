@@ -35,6 +35,23 @@ fn udp_flows(lab: &SingleNode, dst: &str, count: u16) -> TestResult {
     Ok(())
 }
 
+/// A new pod -> apiserver connection shows up at `/flows?query` with `verdict`.
+fn still_traces(
+    agent: &Agent,
+    lab: &SingleNode,
+    query: &str,
+    timeout: Duration,
+    verdict: &str,
+) -> TestResult {
+    assert!(traffic::tcp_probe(
+        &lab.pod.netns,
+        lab.apiserver_addr(),
+        Duration::from_secs(2)
+    )?);
+    agent.wait_flow(&lab.node, query, timeout, |f| has_verdict(f, verdict))?;
+    Ok(())
+}
+
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
@@ -119,16 +136,12 @@ fn overload_loses_counted_records_and_stays_bounded() -> TestResult {
     let growth = agent.rss_kib().saturating_sub(rss_before);
     assert!(growth < 64 * 1024, "RSS grew by {growth} KiB");
     // And it still traces: a new connection is correlated end to end.
-    assert!(traffic::tcp_probe(
-        &lab.pod.netns,
-        lab.apiserver_addr(),
-        Duration::from_secs(2)
-    )?);
-    agent.wait_flow(
-        &lab.node,
+    still_traces(
+        &agent,
+        &lab,
         &format!("dst={}&proto=tcp", lab.config.apiserver_ip),
         Duration::from_secs(10),
-        |f| has_verdict(f, "snat_applied"),
+        "snat_applied",
     )?;
     Ok(())
 }
@@ -478,16 +491,12 @@ fn api_under_load_answers_without_errors_and_keeps_tracing() -> TestResult {
     });
     // Meanwhile the data path is still traced.
     std::thread::sleep(Duration::from_millis(500));
-    assert!(traffic::tcp_probe(
-        &lab.pod.netns,
-        lab.apiserver_addr(),
-        Duration::from_secs(2)
-    )?);
-    agent.wait_flow(
-        &lab.node,
+    still_traces(
+        &agent,
+        &lab,
         "proto=tcp&limit=5",
         Duration::from_secs(secs + 10),
-        |f| has_verdict(f, "replied"),
+        "replied",
     )?;
     let out = wrk.join().map_err(|_| "wrk thread panicked")??;
     let text = String::from_utf8_lossy(&out.stdout).to_string();

@@ -21,6 +21,26 @@ fn connect_via_vip(lab: &SingleNode) -> Result<bool, Box<dyn std::error::Error>>
     )?)
 }
 
+/// Starts an agent, has the pod call the VIP (which must fail here), and returns the agent and
+/// the flow once it is `no_reply`.
+fn unanswered_vip_flow(
+    lab: &SingleNode,
+) -> Result<(Agent, serde_json::Value), Box<dyn std::error::Error>> {
+    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    assert!(
+        !connect_via_vip(lab)?,
+        "the VIP must not answer in this lab"
+    );
+    let f = agent.wait_flow(
+        &lab.node,
+        &format!("dst={VIP}"),
+        Duration::from_secs(10),
+        |f| has_verdict(f, "no_reply"),
+    )?;
+    Ok((agent, f))
+}
+
 #[test]
 fn healthy_pool_is_masqueraded_and_replied() -> TestResult {
     let cfg = SingleNode::healthy();
@@ -85,17 +105,7 @@ fn healthy_pool_is_masqueraded_and_replied() -> TestResult {
 fn seed_002_overlapping_pool_is_diagnosed() -> TestResult {
     let cfg = SingleNode::seed_002();
     let lab = SingleNode::build(&cfg)?;
-    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
-
-    assert!(!connect_via_vip(&lab)?, "seed-002 lab must not connect");
-
-    let f = agent.wait_flow(
-        &lab.node,
-        &format!("dst={VIP}"),
-        Duration::from_secs(10),
-        |f| has_verdict(f, "no_reply"),
-    )?;
+    let (agent, f) = unanswered_vip_flow(&lab)?;
     assert!(has_verdict(&f, "snat_skipped"), "{f}");
     assert!(
         !has_verdict(&f, "snat_applied") && !has_verdict(&f, "replied"),
@@ -160,15 +170,7 @@ fn pool_without_nat_outgoing_is_diagnosed() -> TestResult {
     let mut cfg = SingleNode::healthy();
     cfg.pool.nat_outgoing = false;
     let lab = SingleNode::build(&cfg)?;
-    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
-    assert!(!connect_via_vip(&lab)?);
-    let f = agent.wait_flow(
-        &lab.node,
-        &format!("dst={VIP}"),
-        Duration::from_secs(10),
-        |f| has_verdict(f, "no_reply"),
-    )?;
+    let (_agent, f) = unanswered_vip_flow(&lab)?;
     assert!(has_verdict(&f, "snat_skipped"), "{f}");
     assert_eq!(f["diagnosis"]["cause"], "nat_outgoing_disabled", "{f}");
     Ok(())

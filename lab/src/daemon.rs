@@ -81,6 +81,17 @@ pub struct Daemon {
     grace: Duration,
 }
 
+/// Output to `log`, no stdin, and a process group of its own (so a Ctrl-C on the terminal
+/// reaches only the lab process, which then tears everything down in order).
+fn detach_output(cmd: &mut Command, log: &Path) -> Result<(), LabError> {
+    let (out, err) = log_files(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    Ok(())
+}
+
 impl Daemon {
     /// Spawns `cmd` in `ns` (see [`Netns::spawn`]) with its output appended to `log`. The child
     /// gets its own process group, so a Ctrl-C on the terminal reaches only the lab process,
@@ -92,18 +103,9 @@ impl Daemon {
         log: &Path,
         grace: Duration,
     ) -> Result<Daemon, LabError> {
-        let (out, err) = log_files(log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
+        detach_output(cmd, log)?;
         let child = ns.spawn(cmd)?;
-        Ok(Daemon {
-            name: name.to_string(),
-            child,
-            log: log.to_path_buf(),
-            grace,
-        })
+        Ok(Daemon::of(name, child, log, grace))
     }
 
     /// Like [`Daemon::spawn`] for a `Command` that enters the namespace itself (e.g.
@@ -114,21 +116,21 @@ impl Daemon {
         log: &Path,
         grace: Duration,
     ) -> Result<Daemon, LabError> {
-        let (out, err) = log_files(log)?;
-        cmd.stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
+        detach_output(cmd, log)?;
         let line = crate::cmd::cmdline(cmd);
         let child = cmd
             .spawn()
             .map_err(|e| LabError::io(format!("spawning `{line}`"), e))?;
-        Ok(Daemon {
+        Ok(Daemon::of(name, child, log, grace))
+    }
+
+    fn of(name: &str, child: Child, log: &Path, grace: Duration) -> Daemon {
+        Daemon {
             name: name.to_string(),
             child,
             log: log.to_path_buf(),
             grace,
-        })
+        }
     }
 
     pub fn name(&self) -> &str {
