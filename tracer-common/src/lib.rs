@@ -186,6 +186,7 @@ pub struct ConvKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FlowState {
+    /// Coarse clock (`bpf_ktime_get_coarse_ns`) of the last record: it only paces summaries.
     pub last_emit_ns: u64,
     pub bytes: u64,
     pub pkts: u32,

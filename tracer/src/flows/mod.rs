@@ -318,9 +318,9 @@ impl FlowTable {
                 self.unindex(old);
                 self.create(obs, t)
             }
-            None => match self
-                .match_translated(ident, &t, obs.ts_ns)
-                .filter(|_| usable)
+            None => match usable
+                .then(|| self.match_translated(ident, &t, obs.ts_ns))
+                .flatten()
             {
                 Some((id, side)) => {
                     self.stats.nat_matches += 1;
