@@ -235,6 +235,19 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
             ));
         }
     }
+    // The same programs without traffic or stats overhead: independent of load.
+    for t in crate::records::time_tc(1_000_000)? {
+        rows.push(Row::new(
+            SECTION,
+            format!(
+                "run time of the tc program on a known flow's {} (BPF_PROG_TEST_RUN, median of \
+                 5 x 1M, range {:.0}-{:.0} ns; info)",
+                t.packet, t.min_ns, t.max_ns
+            ),
+            t.median_ns,
+            "ns",
+        ));
+    }
     Ok(rows)
 }
 

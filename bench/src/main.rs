@@ -271,8 +271,13 @@ fn main() -> ExitCode {
     }
     if let Some(n) = opts.profile_tc {
         return match records::time_tc(n) {
-            Ok(lines) => {
-                lines.iter().for_each(|l| println!("{l}"));
+            Ok(timings) => {
+                for t in timings {
+                    println!(
+                        "{}: median {:.0} ns per run (min {:.0}, max {:.0}; 5 x {n})",
+                        t.packet, t.median_ns, t.min_ns, t.max_ns
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -180,9 +180,18 @@ pub fn ingest_in_process(flows: u64) -> (u64, f64) {
     (obs.len() as u64, t.elapsed().as_secs_f64())
 }
 
-/// Profiling aid: the programs' average run time (BPF_PROG_TEST_RUN) on packets of a flow they
-/// already know: a pure TCP ACK and a 64-byte UDP datagram, five runs of `repeat` each.
-pub fn time_tc(repeat: u32) -> Result<Vec<String>> {
+/// The tc programs' average run time on one kind of packet of a flow they already know.
+pub struct TcTiming {
+    pub packet: &'static str,
+    /// Median, min and max of five BPF_PROG_TEST_RUN calls, in ns per run.
+    pub median_ns: f64,
+    pub min_ns: f64,
+    pub max_ns: f64,
+}
+
+/// The programs' average run time (BPF_PROG_TEST_RUN) on packets of a flow they already know:
+/// a pure TCP ACK and a 64-byte UDP datagram, five runs of `repeat` each. Nothing is sent.
+pub fn time_tc(repeat: u32) -> Result<Vec<TcTiming>> {
     let (mut hooks, _ring, _counters) = Hooks::load(0)?;
     let base = workload::flow(2)[0];
     let ack = Pkt {
@@ -205,10 +214,12 @@ pub fn time_tc(repeat: u32) -> Result<Vec<String>> {
             .map(|_| Ok(hooks.time_run(p.egress, &frame, repeat)?.as_nanos() as f64))
             .collect::<Result<_>>()?;
         ns.sort_by(f64::total_cmp);
-        out.push(format!(
-            "{name}: median {:.0} ns per run (min {:.0}, max {:.0}; 5 x {repeat})",
-            ns[2], ns[0], ns[4]
-        ));
+        out.push(TcTiming {
+            packet: name,
+            median_ns: ns[2],
+            min_ns: ns[0],
+            max_ns: ns[4],
+        });
     }
     Ok(out)
 }
