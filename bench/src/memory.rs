@@ -107,6 +107,12 @@ fn table_mem_median(n: u64, runs: usize) -> Result<TableMem> {
 
 /// A Shared (the agent's state) holding `n` flows, fed in the reader's batches.
 fn shared_with(n: u64) -> Shared {
+    shared_fed(n, usize::MAX)
+}
+
+/// Like `shared_with`, each flow cut after its first `records` records (2: a SYN at the veth
+/// and at the NIC, never answered: the TCP flows become `no_reply` with a diagnosis).
+fn shared_fed(n: u64, records: usize) -> Shared {
     let shared = Shared::new(&AgentConfig {
         flow_cap: n as usize,
         ..AgentConfig::default()
@@ -115,7 +121,7 @@ fn shared_with(n: u64) -> Shared {
     let mut ts = 1_000_000_000u64;
     for i in 0..n {
         ts += FLOW_GAP_NS;
-        for (k, p) in workload::flow(i).iter().enumerate() {
+        for (k, p) in workload::flow(i).iter().enumerate().take(records) {
             batch.push(workload::observation(i, p, ts + k as u64 * 50_000));
         }
         if batch.len() >= 4096 {
@@ -222,7 +228,42 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     let (broad, broad_matched) = time_query(&s100, "dst=10.96.0.0/16", iters / 10)?;
     // An address nothing goes to: the scan alone, no judging or JSON.
     let (scan, _) = time_query(&s100, "dst=10.99.99.99", iters)?;
+    // Endpoints that judge every flow: a Prometheus scrape and /diagnoses.
+    let timed = |f: &dyn Fn() -> usize| -> Vec<f64> {
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(f());
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect()
+    };
+    let metrics = timed(&|| s100.metrics().len());
+    let diagnoses = timed(&|| s100.diagnoses().to_string().len());
     drop(s100);
+    let faulty = shared_fed(100_000, 2);
+    let metrics_faulty = timed(&|| faulty.metrics().len());
+    let diagnoses_faulty = timed(&|| faulty.diagnoses().to_string().len());
+    drop(faulty);
+    for (what, ms) in [
+        ("GET /metrics at 100k healthy flows", &metrics),
+        ("GET /diagnoses at 100k healthy flows", &diagnoses),
+        (
+            "GET /metrics at 100k flows, 75k unanswered",
+            &metrics_faulty,
+        ),
+        (
+            "GET /diagnoses at 100k flows, 75k unanswered",
+            &diagnoses_faulty,
+        ),
+    ] {
+        rows.push(Row::new(
+            SECTION,
+            format!("{what} (judges every flow), median of 5 (info)"),
+            quantile(ms, 0.5),
+            "ms",
+        ));
+    }
     rows.push(
         Row::new(
             SECTION,

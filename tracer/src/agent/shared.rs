@@ -21,9 +21,9 @@ use crate::{
     },
     calico::{Pools, Role},
     clock::{mono_now_ns, Clock},
-    diagnose::{judge, Context, Rules, CAUSES, VERDICTS},
+    diagnose::{judge, Context, Judgement, Rules, CAUSES, VERDICTS},
     events::Observation,
-    flows::{Flow, FlowTable, Iface},
+    flows::{Flow, FlowId, FlowTable, Iface},
     hooks::{
         drops::{DropReasons, Symbols},
         AttachedIface, KernelCounters, KernelStats,
@@ -87,6 +87,9 @@ pub struct Shared {
     /// Attached interfaces by ifindex, shared by the hops that cross them.
     names: RwLock<HashMap<u32, Arc<Iface>>>,
 }
+
+/// Flows judged per hold of the flow table by endpoints that judge them all.
+const VISIT_CHUNK: usize = 4096;
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere must not take the API down with it.
@@ -270,6 +273,33 @@ impl Shared {
         f(&cx, &table)
     }
 
+    /// Runs `visit` on every flow, newest first, until it returns false. The table is held for
+    /// at most [`VISIT_CHUNK`] flows at a time: judging a full table takes long enough (over
+    /// 100 ms with many faulty flows) to back the ring buffer up if the reader had to wait for
+    /// all of it. Flows created meanwhile are not visited; flows evicted meanwhile are skipped.
+    fn visit_chunked(&self, mut visit: impl FnMut(&Context<'_>, &Flow) -> bool) {
+        let mut bound = FlowId::MAX;
+        loop {
+            let more = self.with_context(|cx, table| {
+                let mut seen = 0;
+                for f in table.iter_newest_below(bound) {
+                    bound = f.id;
+                    if !visit(cx, f) {
+                        return false;
+                    }
+                    seen += 1;
+                    if seen == VISIT_CHUNK {
+                        return true;
+                    }
+                }
+                false
+            });
+            if !more {
+                return;
+            }
+        }
+    }
+
     /// The query as a predicate over flows. The pod's veth name (a sha1) and the `since`
     /// threshold are worked out once per query, not once per flow.
     pub(super) fn matcher<'q>(&self, q: &'q FlowQuery, now_ns: u64) -> impl Fn(&Flow) -> bool + 'q {
@@ -291,11 +321,12 @@ impl Shared {
     /// GET /flows: the answer's JSON, serialized while the table is held (no copy of the flows).
     pub fn flows(&self, q: &FlowQuery) -> FlowsAnswer {
         let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-        // Judging is the expensive part: only flows a verdict/cause filter needs, or that are
-        // rendered, are judged; the rest are only counted.
-        let needs_judgement = q.verdict.is_some() || q.cause.is_some();
+        if q.verdict.is_some() || q.cause.is_some() {
+            return self.flows_judged(q, limit);
+        }
+        // Judging is the expensive part: only the flows rendered are judged, the rest counted.
         self.with_context(|cx, table| {
-            let mut judged = Vec::new();
+            let mut shown = Vec::new();
             let mut matched = 0usize;
             let matches = self.matcher(q, cx.now_ns);
             let (src, dst) = q.hosts();
@@ -303,37 +334,60 @@ impl Shared {
                 if !matches(f) {
                     continue;
                 }
-                if !needs_judgement && judged.len() >= limit {
-                    matched += 1;
-                    continue;
-                }
-                let j = judge(f, cx);
-                if q.verdict.is_some_and(|v| !j.verdicts.contains(&v)) {
-                    continue;
-                }
-                if q.cause
-                    .is_some_and(|c| j.diagnosis.as_ref().map(|d| d.cause) != Some(c))
-                {
-                    continue;
-                }
                 matched += 1;
-                if judged.len() < limit {
-                    judged.push((f, j));
+                if shown.len() < limit {
+                    shown.push((f, judge(f, cx)));
                 }
             }
-            let page = FlowsPage {
-                truncated: matched > judged.len(),
-                flows: judged
-                    .iter()
-                    .map(|(f, j)| FlowView::new(f, j, &self.clock, cx))
-                    .collect(),
-                matched,
-            };
-            FlowsAnswer {
-                json: serde_json::to_vec(&page).unwrap_or_else(|_| b"{}".to_vec()),
-                matched,
-            }
+            self.page(cx, &shown, matched)
         })
+    }
+
+    /// `/flows` with a verdict or cause filter: every candidate must be judged, which is done a
+    /// part of the table at a time (see `visit_chunked`); then the chosen flows are rendered.
+    fn flows_judged(&self, q: &FlowQuery, limit: usize) -> FlowsAnswer {
+        let wanted = |j: &Judgement| {
+            q.verdict.is_none_or(|v| j.verdicts.contains(&v))
+                && q.cause
+                    .is_none_or(|c| j.diagnosis.as_ref().map(|d| d.cause) == Some(c))
+        };
+        let matches = self.matcher(q, mono_now_ns());
+        let mut ids = Vec::new();
+        let mut matched = 0usize;
+        self.visit_chunked(|cx, f| {
+            if matches(f) && wanted(&judge(f, cx)) {
+                matched += 1;
+                if ids.len() < limit {
+                    ids.push(f.id);
+                }
+            }
+            true
+        });
+        self.with_context(|cx, table| {
+            // Judged again: a flow may have changed (or gone) since; it is shown as it is now.
+            let shown: Vec<(&Flow, Judgement)> = ids
+                .iter()
+                .filter_map(|id| table.get(*id))
+                .map(|f| (f, judge(f, cx)))
+                .filter(|(_, j)| wanted(j))
+                .collect();
+            self.page(cx, &shown, matched.max(shown.len()))
+        })
+    }
+
+    fn page(&self, cx: &Context<'_>, shown: &[(&Flow, Judgement)], matched: usize) -> FlowsAnswer {
+        let page = FlowsPage {
+            truncated: matched > shown.len(),
+            flows: shown
+                .iter()
+                .map(|(f, j)| FlowView::new(f, j, &self.clock, cx))
+                .collect(),
+            matched,
+        };
+        FlowsAnswer {
+            json: serde_json::to_vec(&page).unwrap_or_else(|_| b"{}".to_vec()),
+            matched,
+        }
     }
 
     /// Faulty flows grouped by cause, plus what the node's configuration alone shows.
@@ -346,14 +400,11 @@ impl Shared {
             latest: Option<(u64, crate::diagnose::Diagnosis)>,
             examples: Vec<u64>,
         }
-        self.with_context(|cx, table| {
-            let mut groups: std::collections::BTreeMap<&'static str, Group> = Default::default();
-            let mut judged = 0u64;
-            for f in table.iter_newest() {
-                judged += 1;
-                let Some(d) = judge(f, cx).diagnosis else {
-                    continue;
-                };
+        let mut groups: std::collections::BTreeMap<&'static str, Group> = Default::default();
+        let mut judged = 0u64;
+        self.visit_chunked(|cx, f| {
+            judged += 1;
+            if let Some(d) = judge(f, cx).diagnosis {
                 let g = groups.entry(d.cause).or_default();
                 g.count += 1;
                 g.first_ns = if g.first_ns == 0 {
@@ -369,6 +420,9 @@ impl Shared {
                     g.latest = Some((f.last_ns, d));
                 }
             }
+            true
+        });
+        self.with_context(|cx, _| {
             let mut causes: Vec<Value> = groups
                 .into_iter()
                 .filter_map(|(cause, g)| {
@@ -441,20 +495,22 @@ impl Shared {
 
     /// Prometheus exposition of the agent's state.
     pub fn metrics(&self) -> String {
-        let (by_verdict, by_cause, flows, table) = self.with_context(|cx, table| {
-            let mut v: HashMap<&'static str, u64> = HashMap::new();
-            let mut c: HashMap<&'static str, u64> = HashMap::new();
-            for f in table.iter_newest() {
-                let j = judge(f, cx);
-                for x in &j.verdicts {
-                    *v.entry(x).or_default() += 1;
-                }
-                if let Some(d) = j.diagnosis {
-                    *c.entry(d.cause).or_default() += 1;
-                }
+        let mut by_verdict: HashMap<&'static str, u64> = HashMap::new();
+        let mut by_cause: HashMap<&'static str, u64> = HashMap::new();
+        self.visit_chunked(|cx, f| {
+            let j = judge(f, cx);
+            for x in &j.verdicts {
+                *by_verdict.entry(x).or_default() += 1;
             }
-            (v, c, table.len(), table.stats())
+            if let Some(d) = j.diagnosis {
+                *by_cause.entry(d.cause).or_default() += 1;
+            }
+            true
         });
+        let (flows, table) = {
+            let t = lock(&self.table);
+            (t.len(), t.stats())
+        };
         let node = self.node();
         let reader = *lock(&self.reader);
         let mut roles: HashMap<&'static str, u64> = HashMap::new();
@@ -582,5 +638,70 @@ impl Shared {
             "flows": table,
             "uptime_s": Duration::from_nanos(mono_now_ns().saturating_sub(self.clock.start_ns())).as_secs(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        events::Dir,
+        testutil::{obs, tcp},
+    };
+
+    /// A table spanning several visiting chunks of unanswered SYNs (ids 1..=n).
+    fn unanswered(n: u32) -> Shared {
+        let shared = Shared::new(&AgentConfig {
+            flow_cap: n as usize,
+            ..AgentConfig::default()
+        });
+        let batch: Vec<_> = (0..n)
+            .map(|i| {
+                let p = tcp(
+                    "10.244.1.10",
+                    (i % 60_000) as u16 + 1024,
+                    &format!("10.96.{}.{}", i / 60_000, 1 + i % 250),
+                    443,
+                    0x02,
+                    i + 1,
+                    0,
+                );
+                obs(1_000 + u64::from(i), 5, Dir::Ingress, p)
+            })
+            .collect();
+        shared.ingest(&batch, 0);
+        shared
+    }
+
+    #[test]
+    fn judging_endpoints_see_every_flow_across_chunks() -> Result<(), crate::api::query::QueryError>
+    {
+        let n = 3 * VISIT_CHUNK as u32 + 17;
+        let shared = unanswered(n);
+        assert_eq!(shared.diagnoses()["flows_judged"], n);
+        let metrics = shared.metrics();
+        assert!(
+            metrics.contains(&format!(
+                "tracer_flows_by_verdict{{verdict=\"no_reply\"}} {n}"
+            )),
+            "{metrics}"
+        );
+        let q = FlowQuery::parse(Some("verdict=no_reply&limit=5"))?;
+        let answer = shared.flows(&q);
+        let v: Value = serde_json::from_slice(&answer.json).unwrap_or_default();
+        assert_eq!(
+            (answer.matched, &v["truncated"]),
+            (n as usize, &json!(true))
+        );
+        let ids: Vec<u64> = v["flows"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|f| f["id"].as_u64()).collect())
+            .unwrap_or_default();
+        let newest = u64::from(n);
+        assert_eq!(ids, (newest - 4..=newest).rev().collect::<Vec<_>>());
+        // Without a verdict filter the same flows come from one pass.
+        let q = FlowQuery::parse(Some("limit=5"))?;
+        assert_eq!(shared.flows(&q).matched, n as usize);
+        Ok(())
     }
 }

@@ -211,6 +211,11 @@ impl FlowTable {
         self.flows.iter_newest()
     }
 
+    /// Newest first, the flows with ids below `bound` (to walk the table a part at a time).
+    pub fn iter_newest_below(&self, bound: FlowId) -> impl Iterator<Item = &Flow> {
+        self.flows.iter_newest_below(bound)
+    }
+
     /// Newest first, a superset of the flows whose source / destination (as first seen or
     /// translated) is `src` / `dst`: filter them still. Reads 8 bytes per flow, not the flow.
     pub fn iter_newest_with(

@@ -152,6 +152,21 @@ impl FlowStore {
             .flat_map(|c| c.flows.iter().rev().flatten())
     }
 
+    /// Newest first, the flows with ids below `bound`.
+    pub fn iter_newest_below(&self, bound: FlowId) -> impl Iterator<Item = &Flow> {
+        let end = bound.min(self.next);
+        let base = self.base;
+        self.chunks
+            .iter()
+            .enumerate()
+            .rev()
+            .flat_map(move |(i, c)| {
+                let chunk_base = base + (i * CHUNK) as FlowId;
+                let take = end.saturating_sub(chunk_base).min(c.flows.len() as FlowId) as usize;
+                c.flows[..take].iter().rev().flatten()
+            })
+    }
+
     /// Newest first, only flows that may have `src` / `dst` (as first seen or translated)
     /// going by their tags: a superset of the flows that do.
     pub fn iter_newest_tagged(
@@ -208,6 +223,12 @@ mod tests {
             assert_eq!(s.get(id).map(|f| f.id), Some(id));
         }
         let ids: Vec<FlowId> = s.iter_newest().map(|f| f.id).collect();
+        let below: Vec<FlowId> = s.iter_newest_below(first + 5).map(|f| f.id).collect();
+        assert_eq!(below, (first..first + 5).rev().collect::<Vec<_>>());
+        let from_top: Vec<FlowId> = s.iter_newest_below(FlowId::MAX).map(|f| f.id).collect();
+        assert_eq!(from_top, ids);
+        let across = s.iter_newest_below(2 * CHUNK as FlowId + 3).count() as FlowId;
+        assert_eq!(across, 2 * CHUNK as FlowId + 3 - first);
         let tagged: Vec<FlowId> = s
             .iter_newest_tagged(Some(std::net::IpAddr::from([10, 0, 0, 1])), None)
             .map(|f| f.id)
