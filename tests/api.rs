@@ -9,12 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{has_verdict, Agent, TestResult, AGENT_PORT};
+use common::{has_verdict, probe_apiserver_and_wait, Agent, TestResult, AGENT_PORT};
 use tracer_lab::{topo::SingleNode, traffic};
-
-fn apiserver(lab: &SingleNode) -> SocketAddr {
-    lab.apiserver_addr()
-}
 
 #[test]
 fn readiness_metrics_and_pcap() -> TestResult {
@@ -25,13 +21,9 @@ fn readiness_metrics_and_pcap() -> TestResult {
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["ready"], true);
 
-    assert!(traffic::tcp_probe(
-        &lab.pod.netns,
-        apiserver(&lab),
-        Duration::from_secs(2)
-    )?);
-    let f = agent.wait_flow(
-        &lab.node,
+    let f = probe_apiserver_and_wait(
+        &agent,
+        &lab,
         &format!("dst={}&proto=tcp", lab.config.apiserver_ip),
         Duration::from_secs(10),
         |f| has_verdict(f, "replied"),
@@ -114,7 +106,7 @@ fn watch_streams_new_flows_as_ndjson() -> TestResult {
     let mut agent = Agent::start(&lab.node, &[])?;
     agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
     let dst = lab.config.apiserver_ip.clone();
-    let addr = apiserver(&lab);
+    let addr = lab.apiserver_addr();
     let pod_ns = lab.pod.netns.name().to_string();
     // Open the stream inside the node namespace, then make traffic from the pod.
     let stream = lab.node.run(move || -> Result<TcpStream, String> {
@@ -193,13 +185,9 @@ fn on_demand_attach_and_detach() -> TestResult {
     assert_eq!(a["role"], "workload");
     let id = a["id"].as_u64().ok_or("no id")?;
 
-    assert!(traffic::tcp_probe(
-        &lab.pod.netns,
-        apiserver(&lab),
-        Duration::from_secs(2)
-    )?);
-    let f = agent.wait_flow(
-        &lab.node,
+    let f = probe_apiserver_and_wait(
+        &agent,
+        &lab,
         &format!("pod={pod}"),
         Duration::from_secs(10),
         |f| f["src"] == lab.pod.ip.to_string(),
@@ -320,7 +308,7 @@ fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
     std::thread::sleep(Duration::from_millis(300));
     assert!(traffic::tcp_probe(
         &lab.pod.netns,
-        apiserver(&lab),
+        lab.apiserver_addr(),
         Duration::from_secs(2)
     )?);
     let stdout = watch.stdout.take().ok_or("no stdout")?;

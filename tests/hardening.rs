@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{has_verdict, Agent, TestResult};
+use common::{has_verdict, probe_apiserver_and_wait, Agent, TestResult};
 use tracer_lab::{topo::SingleNode, traffic};
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -43,12 +43,7 @@ fn still_traces(
     timeout: Duration,
     verdict: &str,
 ) -> TestResult {
-    assert!(traffic::tcp_probe(
-        &lab.pod.netns,
-        lab.apiserver_addr(),
-        Duration::from_secs(2)
-    )?);
-    agent.wait_flow(&lab.node, query, timeout, |f| has_verdict(f, verdict))?;
+    probe_apiserver_and_wait(agent, lab, query, timeout, |f| has_verdict(f, verdict))?;
     Ok(())
 }
 
@@ -171,14 +166,13 @@ fn sigterm_detaches_and_kill9_leaves_nothing_to_double_attach() -> TestResult {
     agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"])?;
     assert_eq!(tracer_programs_on(&lab, &veth)?.len(), 2);
     assert_eq!(tracer_programs_on(&lab, "eth0")?.len(), 2);
-    assert!(traffic::tcp_probe(
-        &lab.pod.netns,
-        lab.apiserver_addr(),
-        Duration::from_secs(2)
-    )?);
-    agent.wait_flow(&lab.node, "proto=tcp", Duration::from_secs(10), |f| {
-        has_verdict(f, "replied")
-    })?;
+    still_traces(
+        &agent,
+        &lab,
+        "proto=tcp",
+        Duration::from_secs(10),
+        "replied",
+    )?;
     Ok(())
 }
 
@@ -412,14 +406,13 @@ fn interface_churn_attaches_releases_and_does_not_leak() -> TestResult {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = traffic_thread.join();
     // The data path is still traced after the churn.
-    assert!(traffic::tcp_probe(
-        &lab.pod.netns,
-        lab.apiserver_addr(),
-        Duration::from_secs(2)
-    )?);
-    agent.wait_flow(&lab.node, "proto=tcp", Duration::from_secs(10), |f| {
-        has_verdict(f, "snat_applied")
-    })?;
+    still_traces(
+        &agent,
+        &lab,
+        "proto=tcp",
+        Duration::from_secs(10),
+        "snat_applied",
+    )?;
     let fds_after = agent.fds();
     assert!(
         fds_after <= fds_before + 4,

@@ -723,11 +723,7 @@ pub mod seed_002 {
             &n1.nic,
             Some("out"),
             Some(1),
-            &format!(
-                "tcp[tcpflags] & tcp-syn != 0 and src host {pod_ip} and dst host {} and dst port {}",
-                api.ip(),
-                api.port()
-            ),
+            &crate::traffic::syn_filter(pod_ip, api),
         )?;
         let synack_at_gw = Capture::start(
             &lab.gateway,

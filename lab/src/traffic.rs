@@ -169,6 +169,16 @@ impl Drop for TcpServer {
     }
 }
 
+/// tcpdump filter for TCP SYNs from `src` to `dst` (connection attempts, whatever their flags
+/// beyond SYN).
+pub fn syn_filter(src: impl std::fmt::Display, dst: SocketAddr) -> String {
+    format!(
+        "tcp[tcpflags] & tcp-syn != 0 and src host {src} and dst host {} and dst port {}",
+        dst.ip(),
+        dst.port()
+    )
+}
+
 /// A running `tcpdump -n -l` in a namespace, with its output lines collected. Killed on drop.
 #[derive(Debug)]
 pub struct Capture {

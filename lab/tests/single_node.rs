@@ -43,11 +43,7 @@ fn seed_002_pod_to_apiserver_leaves_unmasqueraded_and_times_out() {
         &lab.node_nic,
         Some("out"),
         Some(1),
-        &format!(
-            "tcp[tcpflags] & tcp-syn != 0 and src host {pod_ip} and dst host {} and dst port {}",
-            api.ip(),
-            api.port()
-        ),
+        &traffic::syn_filter(pod_ip, api),
     )
     .unwrap();
     // The SYN-ACK goes to the apiserver's default gateway, which cannot route it back.

@@ -9,7 +9,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tracer_lab::netns::Netns;
+use tracer_lab::{netns::Netns, topo::SingleNode, traffic};
 
 pub const AGENT_PORT: u16 = 9464;
 
@@ -216,6 +216,23 @@ impl Agent {
         )
         .into())
     }
+}
+
+/// The lab's pod connects to the apiserver (which must answer); then `/flows?query` is polled
+/// until a flow satisfies `pred`, which is returned.
+pub fn probe_apiserver_and_wait(
+    agent: &Agent,
+    lab: &SingleNode,
+    query: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Value, Box<dyn std::error::Error>> {
+    let answered =
+        traffic::tcp_probe(&lab.pod.netns, lab.apiserver_addr(), Duration::from_secs(2))?;
+    if !answered {
+        return Err("the pod's connection to the apiserver was not answered".into());
+    }
+    agent.wait_flow(&lab.node, query, timeout, pred)
 }
 
 impl Drop for Agent {

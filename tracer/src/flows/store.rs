@@ -146,10 +146,7 @@ impl FlowStore {
 
     /// Newest first.
     pub fn iter_newest(&self) -> impl Iterator<Item = &Flow> {
-        self.chunks
-            .iter()
-            .rev()
-            .flat_map(|c| c.flows.iter().rev().flatten())
+        self.iter_newest_below(FlowId::MAX)
     }
 
     /// Newest first, the flows with ids below `bound`.
