@@ -9,6 +9,7 @@ BPF_LINKER_VERSION=0.13.0
 APT_PACKAGES=(
   rustc-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   iproute2 iptables ipset conntrack tcpdump iputils-ping curl bird etcd-server etcd-client iperf3 wrk ethtool bpftool
+  qemu-system-x86 cpio busybox-static
 )
 
 need_apt=()
@@ -18,18 +19,26 @@ done
 if ((${#need_apt[@]})); then
   log "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # bird and etcd-server ship services. On a Calico node BIRD belongs to calico-node and etcd may be the
+  # cluster's own: the lab runs its own copies from the binaries inside its namespaces, so no package
+  # script may start a daemon in the root namespace. Debian's invoke-rc.d asks policy-rc.d first
+  # (101 = "action forbidden"); we only add one when the machine has none, and remove it after.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# tracer setup: no service starts during package installation\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    own_policy=1
+    trap '[ "$own_policy" = 1 ] && rm -f "$policy"' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  if [ "$own_policy" = 1 ]; then rm -f "$policy"; own_policy=0; fi
 else
   log "Debian packages present"
 fi
 
-# Daemons from packages must not run in the root namespace: the lab starts its own copies.
-for svc in bird bird6 etcd; do
-  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now "$svc" >/dev/null 2>&1 || true; fi
-done
-pkill -x bird 2>/dev/null || true
-pkill -x etcd 2>/dev/null || true
+# Nothing here stops, disables or kills any service or process: setup only adds what is missing.
 
 if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
   log "building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (a few minutes)"
