@@ -12,8 +12,9 @@ use tracer::{
 
 type R = Result<(), Box<dyn std::error::Error>>;
 
-/// tc's TC_ACT_PIPE: "carry on", the only verdict tracer ever returns.
-const TC_ACT_PIPE: u32 = 3;
+/// TCX_NEXT / TC_ACT_UNSPEC (-1) as BPF_PROG_TEST_RUN reports it: "hand it on", the only
+/// verdict tracer ever returns.
+const PASS_ON: u32 = tracer_common::TC_PASS_ON as u32;
 const LOOPBACK_IFINDEX: u32 = 1;
 
 fn ip(s: &str) -> IpAddr {
@@ -41,7 +42,7 @@ fn run(
     frame: &[u8],
 ) -> Result<Vec<Observation>, Box<dyn std::error::Error>> {
     let verdict = hooks.test_run(egress, frame, 1)?;
-    assert_eq!(verdict, TC_ACT_PIPE, "tracer must never drop or redirect");
+    assert_eq!(verdict, PASS_ON, "tracer must never drop or redirect");
     Ok(drain(ring))
 }
 
@@ -250,7 +251,7 @@ fn malformed_frames_are_counted_not_recorded() -> R {
                 seed as u8
             })
             .collect();
-        assert_eq!(hooks.test_run(false, &frame, 1)?, TC_ACT_PIPE);
+        assert_eq!(hooks.test_run(false, &frame, 1)?, PASS_ON);
     }
     drain(&mut ring);
     Ok(())

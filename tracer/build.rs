@@ -57,12 +57,16 @@ fn main() {
         ),
         Err(e) => panic!("could not run cargo for tracer-ebpf: {e}"),
     }
-    let obj = target_dir
-        .join("bpfel-unknown-none")
-        .join("release")
-        .join("tracer-ebpf");
-    let dst = out_dir.join("tracer.bpf.o");
-    if let Err(e) = std::fs::copy(&obj, &dst) {
-        panic!("copying {} to {}: {e}", obj.display(), dst.display());
+    let release = target_dir.join("bpfel-unknown-none").join("release");
+    // tracer.bpf.o is the agent's; standins.bpf.o holds the coexistence stand-ins (tests, lab).
+    for (bin, name) in [
+        ("tracer-ebpf", "tracer.bpf.o"),
+        ("tracer-standins", "standins.bpf.o"),
+    ] {
+        let obj = release.join(bin);
+        let dst = out_dir.join(name);
+        if let Err(e) = std::fs::copy(&obj, &dst) {
+            panic!("copying {} to {}: {e}", obj.display(), dst.display());
+        }
     }
 }

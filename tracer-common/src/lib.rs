@@ -8,6 +8,13 @@
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Per-CPU counters indexed by the `STAT_*` constants.
 pub const STATS_MAP: &str = "STATS";
+/// Per-hook flow summary state and request/response turn state (LRU hash maps, sized by the
+/// agent's --kernel-flow-entries).
+pub const FLOWS_MAP: &str = "FLOWS";
+pub const TURNS_MAP: &str = "TURNS";
+/// What every tc program returns on every path: TCX_NEXT under TCX, TC_ACT_UNSPEC under a
+/// clsact filter (both -1): hand the packet to whatever runs next, decide nothing.
+pub const TC_PASS_ON: i32 = -1;
 /// Global the agent may set before load: how often a busy flow re-reports its counters.
 pub const SUMMARY_INTERVAL_GLOBAL: &str = "SUMMARY_INTERVAL_NS";
 

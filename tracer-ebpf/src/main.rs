@@ -1,7 +1,7 @@
 //! tracer's kernel side: observe-only tc programs on Calico's interfaces.
 //!
-//! Every program returns `TC_ACT_PIPE` whatever happens: tracer never drops, redirects or
-//! rewrites a packet. Records go to one ring buffer; per-flow state in an LRU map keeps a bulk
+//! Every tc program returns `TC_PASS_ON` (TCX_NEXT / TC_ACT_UNSPEC) whatever happens: tracer
+//! never drops, redirects or rewrites a packet, and never ends another program's chain. Records go to one ring buffer; per-flow state in an LRU map keeps a bulk
 //! flow from emitting a record per packet.
 #![no_std]
 #![no_main]

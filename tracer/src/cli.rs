@@ -141,6 +141,14 @@ pub struct AgentArgs {
     /// How often the kernel re-reports a busy flow's counters.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub summary_interval: Duration,
+    /// How tc programs attach: `auto` (TCX on Linux 6.6+, clsact filters before), `tcx`, or
+    /// `clsact` (the legacy path, forced: what 5.11-6.5 kernels use).
+    #[arg(long, value_enum, default_value_t = crate::hooks::TcMode::Auto)]
+    pub tc_mode: crate::hooks::TcMode,
+    /// Entries in each of the kernel's per-hook maps (flow summaries, request/response turns;
+    /// LRU, ~100 B each). Size it to the concurrent flows x hooks a packet crosses (2-4).
+    #[arg(long, default_value_t = 65_536)]
+    pub kernel_flow_entries: u32,
 }
 
 impl AgentArgs {
@@ -179,6 +187,8 @@ impl AgentArgs {
             },
             flow_cap: self.flow_cap,
             summary_interval: self.summary_interval,
+            tc_mode: self.tc_mode,
+            kernel_flow_entries: self.kernel_flow_entries,
             ..Default::default()
         })
     }

@@ -1,6 +1,5 @@
 //! tc ingress/egress observers for workload, tunnel and host interfaces.
 use aya_ebpf::{
-    bindings::TC_ACT_PIPE,
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::classifier,
     programs::TcContext,
@@ -17,29 +16,36 @@ use crate::{
     parse::{parse, Outcome},
 };
 
+/// What every program returns, on every path: TCX_NEXT under TCX and TC_ACT_UNSPEC under a
+/// clsact filter (both -1). Anything else ends the chain: tcx_run stops at the first program
+/// that does not return TCX_NEXT, and tcf_classify stops at the first filter that returns a
+/// verdict >= 0 (TC_ACT_PIPE included), so a CNI's or another observer's program after ours
+/// would never run. The packet's fate stays with whoever runs after us.
+pub const PASS_ON: i32 = tracer_common::TC_PASS_ON;
+
 #[classifier]
 pub fn tracer_tc_ingress(ctx: TcContext) -> i32 {
     observe::<false>(&ctx, DIR_INGRESS);
-    TC_ACT_PIPE
+    PASS_ON
 }
 
 #[classifier]
 pub fn tracer_tc_egress(ctx: TcContext) -> i32 {
     observe::<false>(&ctx, DIR_EGRESS);
-    TC_ACT_PIPE
+    PASS_ON
 }
 
 /// For devices whose frames start at the IP header (tunl0, wireguard.cali).
 #[classifier]
 pub fn tracer_tc_l3_ingress(ctx: TcContext) -> i32 {
     observe::<true>(&ctx, DIR_INGRESS);
-    TC_ACT_PIPE
+    PASS_ON
 }
 
 #[classifier]
 pub fn tracer_tc_l3_egress(ctx: TcContext) -> i32 {
     observe::<true>(&ctx, DIR_EGRESS);
-    TC_ACT_PIPE
+    PASS_ON
 }
 
 #[inline(always)]

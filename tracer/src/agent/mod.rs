@@ -17,7 +17,7 @@ use crate::{
     calico::{self, RoleConfig},
     clock::mono_now_ns,
     diagnose::Rules,
-    hooks::{HookError, Hooks},
+    hooks::{HookError, Hooks, LoadOptions, TcBackend, TcMode},
     net::Cidr,
     netlink,
 };
@@ -62,6 +62,9 @@ pub struct AgentConfig {
     pub token: Option<String>,
     /// Ring buffer size; None keeps the compiled-in 8 MiB.
     pub ringbuf_bytes: Option<u32>,
+    pub tc_mode: TcMode,
+    /// Entries of the kernel's per-hook flow and turn maps.
+    pub kernel_flow_entries: u32,
 }
 
 impl Default for AgentConfig {
@@ -78,6 +81,8 @@ impl Default for AgentConfig {
             attach: AttachMode::Auto,
             token: None,
             ringbuf_bytes: None,
+            tc_mode: TcMode::Auto,
+            kernel_flow_entries: 65_536,
         }
     }
 }
@@ -87,8 +92,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     if cfg.token.as_deref().is_some_and(str::is_empty) {
         return Err(AgentError::EmptyToken("(given)".into()));
     }
-    let (mut hooks, ring, counters) =
-        Hooks::load_with(cfg.summary_interval.as_nanos() as u64, cfg.ringbuf_bytes)?;
+    let (mut hooks, ring, counters) = Hooks::load_opts(LoadOptions {
+        summary_interval_ns: Some(cfg.summary_interval.as_nanos() as u64),
+        ringbuf_bytes: cfg.ringbuf_bytes,
+        kernel_flow_entries: Some(cfg.kernel_flow_entries),
+        tc_mode: cfg.tc_mode,
+    })?;
+    tracing::info!(tc = hooks.backend().as_str(), "programs loaded");
     let shared = Arc::new(Shared::new(&cfg));
     shared.set_counters(counters);
     // Drop tracing is a bonus: without tracefs or BTF the agent still traces paths.
@@ -114,6 +124,24 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 
     let (conn, handle, _) = rtnetlink::new_connection().map_err(netlink::NetlinkError::from)?;
     tokio::spawn(conn);
+    if hooks.backend() == TcBackend::Clsact {
+        // A previous agent killed with SIGKILL (or by the OOM killer) left its clsact filters
+        // behind: remove them before attaching, so each hook runs tracer once.
+        match netlink::snapshot(&handle).await {
+            Ok(facts) => {
+                let links: Vec<(u32, String)> = facts
+                    .links
+                    .values()
+                    .map(|l| (l.index, l.name.clone()))
+                    .collect();
+                let removed = Hooks::remove_stale_filters(&handle, &links).await;
+                if !removed.is_empty() {
+                    tracing::info!(count = removed.len(), "removed stale tracer filters");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing interfaces for stale filters"),
+        }
+    }
     let mut changes = netlink::watch()?;
 
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the AsyncFd

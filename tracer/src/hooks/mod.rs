@@ -1,5 +1,6 @@
 //! Loading tracer's kernel programs and keeping them attached to the right interfaces.
 pub mod drops;
+pub mod kernel;
 mod tc;
 
 use std::collections::BTreeMap;
@@ -10,14 +11,34 @@ use aya::{
 };
 use serde::Serialize;
 use tracer_common::{
-    EVENTS_MAP, STATS_MAP, STAT_COUNT, STAT_DROPS, STAT_LOST, STAT_MALFORMED, STAT_PACKETS,
-    STAT_RB_PENDING, STAT_RECORDS, SUMMARY_INTERVAL_GLOBAL,
+    EVENTS_MAP, FLOWS_MAP, STATS_MAP, STAT_COUNT, STAT_DROPS, STAT_LOST, STAT_MALFORMED,
+    STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS, SUMMARY_INTERVAL_GLOBAL, TURNS_MAP,
 };
 
 use crate::{calico::Role, netlink::Link};
+pub use kernel::{TcBackend, TcMode};
+pub use tc::{StaleFilter, CLSACT_EGRESS_PRIORITY, CLSACT_INGRESS_PRIORITY};
+
+/// What to load and how to attach, beyond the defaults compiled into the object.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// How often a busy flow re-reports its counters; None keeps the object's 1 s.
+    pub summary_interval_ns: Option<u64>,
+    /// Ring buffer size; None keeps the compiled-in 8 MiB.
+    pub ringbuf_bytes: Option<u32>,
+    /// Entries of the kernel's per-hook flow and turn maps; None keeps 65,536.
+    pub kernel_flow_entries: Option<u32>,
+    pub tc_mode: TcMode,
+}
 
 /// The object built from tracer-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer.bpf.o"));
+
+/// Stand-ins for *other* programs sharing tracer's hooks (tracer-ebpf/src/standins.rs): a pass-on
+/// counter, a dropper and a redirector. For the coexistence tests and the lab; the agent never
+/// loads them.
+pub static STANDINS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/standins.bpf.o"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -35,6 +56,10 @@ pub enum HookError {
     Map(#[from] aya::maps::MapError),
     #[error("ring buffer size {0} must be a power of two of at least 4096 bytes")]
     RingBufSize(u32),
+    #[error("kernel flow map size {0} must be between 1024 and 16777216 entries")]
+    FlowEntries(u32),
+    #[error("{0}")]
+    Kernel(String),
     #[error("kernel drop tracing: {0}")]
     Drops(drops::DropError),
     #[error("attaching to {iface}: {source}")]
@@ -75,6 +100,7 @@ pub struct Hooks {
     holders: BTreeMap<u32, u32>,
     /// Which programs `test_run` feeds: those for devices without an Ethernet header.
     test_l3: bool,
+    backend: TcBackend,
 }
 
 /// The kernel's per-CPU counters, readable from anywhere (the API reads them fresh).
@@ -131,13 +157,35 @@ impl Hooks {
         summary_interval_ns: u64,
         ringbuf_bytes: Option<u32>,
     ) -> Result<(Hooks, RingBuf<MapData>, KernelCounters), HookError> {
+        Hooks::load_opts(LoadOptions {
+            summary_interval_ns: Some(summary_interval_ns),
+            ringbuf_bytes,
+            ..Default::default()
+        })
+    }
+
+    /// Loads the object with `opts`, after checking the kernel can run it.
+    pub fn load_opts(
+        opts: LoadOptions,
+    ) -> Result<(Hooks, RingBuf<MapData>, KernelCounters), HookError> {
+        kernel::check_minimum().map_err(HookError::Kernel)?;
+        let backend = opts.tc_mode.resolve().map_err(HookError::Kernel)?;
         let mut loader = EbpfLoader::new();
-        loader.override_global(SUMMARY_INTERVAL_GLOBAL, &summary_interval_ns, true);
-        if let Some(bytes) = ringbuf_bytes {
+        if let Some(ns) = &opts.summary_interval_ns {
+            loader.override_global(SUMMARY_INTERVAL_GLOBAL, ns, true);
+        }
+        if let Some(bytes) = opts.ringbuf_bytes {
             if !bytes.is_power_of_two() || bytes < 4096 {
                 return Err(HookError::RingBufSize(bytes));
             }
             loader.map_max_entries(EVENTS_MAP, bytes);
+        }
+        if let Some(n) = opts.kernel_flow_entries {
+            if !(1024..=1 << 24).contains(&n) {
+                return Err(HookError::FlowEntries(n));
+            }
+            loader.map_max_entries(FLOWS_MAP, n);
+            loader.map_max_entries(TURNS_MAP, n);
         }
         let mut ebpf = loader.load(OBJECT)?;
         tc::load(&mut ebpf)?;
@@ -155,10 +203,56 @@ impl Hooks {
                 attached: BTreeMap::new(),
                 holders: BTreeMap::new(),
                 test_l3: false,
+                backend,
             },
             events,
             KernelCounters { stats },
         ))
+    }
+
+    /// TCX links or clsact filters.
+    pub fn backend(&self) -> TcBackend {
+        self.backend
+    }
+
+    /// Finds tracer's clsact filters on `links` whose programs no live process holds (an agent
+    /// killed before it could detach) and removes exactly those. Filters of other programs, and
+    /// tracer filters some process still holds, are never touched. TCX links need no such care:
+    /// the kernel removes them with the process that held them.
+    pub async fn remove_stale_filters(
+        handle: &rtnetlink::Handle,
+        links: &[(u32, String)],
+    ) -> Vec<StaleFilter> {
+        let mut found = Vec::new();
+        for (ifindex, name) in links {
+            match tc::tracer_filters(handle, *ifindex, name).await {
+                Ok(f) => found.extend(f),
+                // No clsact on the interface is the common case.
+                Err(e) => tracing::trace!(iface = %name, error = %e, "no tc filters listed"),
+            }
+        }
+        if found.is_empty() {
+            return found;
+        }
+        let Some(live) = tc::live_program_ids() else {
+            tracing::warn!("cannot read /proc: leaving tracer's old clsact filters in place");
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for f in found {
+            if live.contains(&f.prog_id) {
+                continue;
+            }
+            match tc::remove_filter(&f) {
+                Ok(()) => {
+                    tracing::info!(iface = %f.iface, program = %f.program, prog_id = f.prog_id,
+                        priority = f.priority, handle = f.handle, "removed a stale tracer filter");
+                    removed.push(f);
+                }
+                Err(e) => tracing::warn!(iface = %f.iface, error = %e, "removing a stale filter"),
+            }
+        }
+        removed
     }
 
     pub fn is_attached(&self, ifindex: u32) -> bool {
@@ -174,12 +268,13 @@ impl Hooks {
         if self.attached.contains_key(&link.index) {
             return Ok(());
         }
-        let links = tc::attach(&mut self.ebpf, &link.name, link.l3).map_err(|source| {
-            HookError::Attach {
-                iface: link.name.clone(),
-                source,
-            }
-        })?;
+        let links =
+            tc::attach(&mut self.ebpf, self.backend, &link.name, link.l3).map_err(|source| {
+                HookError::Attach {
+                    iface: link.name.clone(),
+                    source,
+                }
+            })?;
         tracing::info!(iface = %link.name, ifindex = link.index, role = role.as_str(), how, "attached");
         self.attached.insert(
             link.index,
