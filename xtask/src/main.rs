@@ -10,6 +10,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod decoys;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "tracer's project tasks")]
 struct Cli {
@@ -101,6 +103,26 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// fmt, clippy and the whole suite.
+fn test(args: &[String]) -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    let mut t = cargo();
+    t.args(["test", "--workspace"]);
+    if !args.is_empty() {
+        t.arg("--").args(args);
+    }
+    run(&mut t)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
@@ -108,23 +130,10 @@ fn main() -> ExitCode {
         Task::Build => setup().and_then(|_| {
             run(cargo().args(["build", "--release", "-p", "tracer", "-p", "tracer-lab"]))
         }),
-        Task::Test { args } => setup().and_then(|_| {
-            run(cargo().args(["fmt", "--all", "--check"]))?;
-            run(cargo().args([
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))?;
-            run(cargo().args(["build", "--workspace", "--all-targets"]))?;
-            let mut t = cargo();
-            t.args(["test", "--workspace"]);
-            if !args.is_empty() {
-                t.arg("--").args(&args);
-            }
-            run(&mut t)
+        Task::Test { args } => decoys::Decoys::start().and_then(|mut decoys| {
+            setup()?;
+            test(&args)?;
+            decoys.check()
         }),
         Task::Hardening => setup().and_then(|_| {
             let mut t = cargo();
