@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::{
     calico::{Pools, Role},
     events::Dir,
-    flows::{DropRecord, Flow, HopView, Side},
+    flows::{DropRecord, Flow, Gaps, HopView, Side},
     hooks::drops::{DropReasons, Symbols},
     net::{proto_name, Cidr},
     netlink::NodeFacts,
@@ -25,6 +25,9 @@ pub const WRONG_PARENT_DEVICE: &str = "wrong_parent_device";
 pub const WRONG_SOURCE_ADDRESS: &str = "wrong_source_address";
 pub const DROPPED: &str = "dropped";
 pub const SLOW_RESPONSE: &str = "slow_response";
+/// Records the flow may depend on were lost (ring buffer full) while it ran: an unanswered
+/// request is then not called `no_reply`, since its reply may be among them.
+pub const EVIDENCE_INCOMPLETE: &str = "evidence_incomplete";
 
 /// Every verdict, for validating queries.
 pub const VERDICTS: &[&str] = &[
@@ -37,6 +40,7 @@ pub const VERDICTS: &[&str] = &[
     WRONG_SOURCE_ADDRESS,
     DROPPED,
     SLOW_RESPONSE,
+    EVIDENCE_INCOMPLETE,
 ];
 
 pub const IPPOOL_OVERLAPS_HOST_NETWORK: &str = "ippool_overlaps_host_network";
@@ -114,12 +118,26 @@ pub struct Context<'a> {
     pub reasons: &'a DropReasons,
     /// Kernel symbols, to name where a drop happened.
     pub symbols: &'a Symbols,
+    /// Lost records and how far the reader has got.
+    pub gaps: &'a Gaps,
+}
+
+impl Context<'_> {
+    /// The latest time the evidence covers: now, unless the reader has not yet read what the
+    /// kernel wrote since (then a reply may be waiting in the ring).
+    pub fn evidence_now_ns(&self) -> u64 {
+        self.gaps
+            .drained_ns()
+            .map_or(self.now_ns, |d| d.min(self.now_ns))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Judgement {
     pub verdicts: Vec<&'static str>,
     pub diagnosis: Option<Diagnosis>,
+    /// Records lost (ring buffer full) while the flow ran, if any.
+    pub lost_records: u64,
 }
 
 pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
@@ -135,13 +153,28 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     if flow.encapsulated() {
         verdicts.push(ENCAPSULATED);
     }
-    let no_reply = flow.first_reply_ns().is_none()
+    let seen_until = cx.evidence_now_ns();
+    let unanswered = flow.first_reply_ns().is_none()
         && flow.expects_reply
-        && cx.now_ns.saturating_sub(flow.first_ns) >= cx.rules.no_reply_after_ns;
+        && seen_until.saturating_sub(flow.first_ns) >= cx.rules.no_reply_after_ns;
+    // The flow's records, and a reply owed within the timeout, fall in this span.
+    let reply_due = flow
+        .first_ns
+        .saturating_add(cx.rules.no_reply_after_ns)
+        .min(seen_until);
+    let lost_records = cx
+        .gaps
+        .lost_between(flow.first_ns, flow.last_ns.max(reply_due));
+    // A reply may be among the lost records: missing evidence is said, never turned into
+    // "no reply" and the diagnoses that build on it.
+    let no_reply = unanswered && lost_records == 0;
     if flow.first_reply_ns().is_some() {
         verdicts.push(REPLIED);
     } else if no_reply {
         verdicts.push(NO_REPLY);
+    }
+    if lost_records > 0 {
+        verdicts.push(EVIDENCE_INCOMPLETE);
     }
     let drops = significant_drops(flow, cx);
     if !drops.is_empty() {
@@ -172,10 +205,11 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
         .or_else(|| slow.map(|s| slow_diagnosis(flow, cx, &s)))
         .or_else(|| no_reply.then(|| off_link_peer(flow, cx)).flatten())
         .or_else(|| no_reply.then(|| pod_route_missing(flow, cx)).flatten())
-        .or_else(|| no_reply.then(|| unanswered(flow, cx)));
+        .or_else(|| no_reply.then(|| unanswered_diagnosis(flow, cx)));
     Judgement {
         verdicts,
         diagnosis,
+        lost_records,
     }
 }
 
@@ -363,7 +397,7 @@ fn pod_route_missing(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
     })
 }
 
-fn unanswered(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
+fn unanswered_diagnosis(flow: &Flow, cx: &Context<'_>) -> Diagnosis {
     let last_fwd = flow.path().rev().find(|h| h.side == Side::Forward);
     let route = cx
         .facts
@@ -833,7 +867,7 @@ fn kernel_drop(flow: &Flow, cx: &Context<'_>, significant: &[&DropRecord]) -> Di
         })
         .collect();
     let Some(first) = significant.first() else {
-        return unanswered(flow, cx);
+        return unanswered_diagnosis(flow, cx);
     };
     let reason = cx.reasons.name(first.reason);
     let place = cx
@@ -972,6 +1006,7 @@ mod tests {
     });
     static SYMBOLS: std::sync::LazyLock<Symbols> = std::sync::LazyLock::new(Symbols::default);
     static RULES: std::sync::LazyLock<Rules> = std::sync::LazyLock::new(Rules::default);
+    static NO_GAPS: std::sync::LazyLock<Gaps> = std::sync::LazyLock::new(Gaps::default);
 
     fn cx<'a>(pools: &'a Pools, facts: &'a NodeFacts, now: u64) -> Context<'a> {
         Context {
@@ -981,6 +1016,7 @@ mod tests {
             rules: &RULES,
             reasons: &REASONS,
             symbols: &SYMBOLS,
+            gaps: &NO_GAPS,
         }
     }
 
@@ -1507,6 +1543,50 @@ mod tests {
             ..cx(&p, &f, 10_000_000_000)
         };
         assert!(!judge(flow, &c).verdicts.contains(&DROPPED));
+    }
+
+    #[test]
+    fn lost_records_are_never_turned_into_no_reply() {
+        let f = facts();
+        let p = pools(&[], &[]);
+        let s = syn("10.1.0.5", "10.2.0.9", 443);
+        let (t, id) = flow_of(s, s, false);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        let now = 10_000_000_000;
+        // Complete evidence: unanswered past the timeout.
+        let j = judge(flow, &cx(&p, &f, now));
+        assert_eq!(j.verdicts, vec![NO_REPLY]);
+        assert!(j.diagnosis.is_some());
+        // The ring overflowed while the reply was due: said, not diagnosed.
+        let mut gaps = Gaps::default();
+        gaps.look(500, 0);
+        gaps.look(2_000_000_000, 7);
+        let c = Context {
+            gaps: &gaps,
+            ..cx(&p, &f, now)
+        };
+        let j = judge(flow, &c);
+        assert_eq!(j.verdicts, vec![EVIDENCE_INCOMPLETE]);
+        assert_eq!(j.lost_records, 7);
+        assert!(j.diagnosis.is_none());
+        // A loss long after the reply was due does not matter.
+        let mut later = Gaps::default();
+        later.look(8_000_000_000, 0);
+        later.look(9_000_000_000, 3);
+        let c = Context {
+            gaps: &later,
+            ..cx(&p, &f, now)
+        };
+        assert_eq!(judge(flow, &c).verdicts, vec![NO_REPLY]);
+        // A reader that has not read past the timeout yet: a reply may be waiting in the ring.
+        let mut lagging = Gaps::default();
+        lagging.look(1_000_000_000, 0);
+        let c = Context {
+            gaps: &lagging,
+            ..cx(&p, &f, now)
+        };
+        let j = judge(flow, &c);
+        assert!(j.verdicts.is_empty() && j.diagnosis.is_none(), "{j:?}");
     }
 
     #[test]

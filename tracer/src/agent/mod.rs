@@ -230,15 +230,24 @@ async fn sync(handle: &rtnetlink::Handle, cfg: &AgentConfig, hooks: &mut Hooks, 
     shared.update_node(facts, pools, hooks.attached());
 }
 
+/// How long the reader waits for records before noting that the ring is empty anyway: the
+/// rules trust "no reply" only up to the time the reader last emptied the ring.
+const READER_IDLE_TICK: Duration = Duration::from_millis(250);
+
 async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, shared: Arc<Shared>) {
     let mut batch: Vec<crate::events::Observation> = Vec::with_capacity(1024);
     let mut errors = 0u64;
     loop {
-        let mut guard = match ring.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
+        let mut guard = match tokio::time::timeout(READER_IDLE_TICK, ring.readable_mut()).await {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => {
                 tracing::error!(error = %e, "ring buffer poll failed; reader stops");
                 return;
+            }
+            Err(_) => {
+                // Nothing became readable: everything written has been read.
+                shared.reader_drained(mono_now_ns());
+                continue;
             }
         };
         let rb = guard.get_inner_mut();
@@ -256,10 +265,12 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, shared: Arc<Shared>) {
                 batch.clear();
             }
         }
+        let drained_at = mono_now_ns();
         guard.clear_ready();
         if !batch.is_empty() || errors > 0 {
             shared.ingest(&batch, std::mem::take(&mut errors));
             batch.clear();
         }
+        shared.reader_drained(drained_at);
     }
 }

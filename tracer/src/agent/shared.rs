@@ -23,7 +23,7 @@ use crate::{
     clock::{mono_now_ns, Clock},
     diagnose::{judge, Context, Judgement, Rules, CAUSES, VERDICTS},
     events::Observation,
-    flows::{Flow, FlowId, FlowTable, Iface},
+    flows::{Flow, FlowId, FlowTable, Gaps, Iface},
     hooks::{
         drops::{DropReasons, Symbols},
         AttachedIface, KernelCounters, KernelStats,
@@ -86,6 +86,8 @@ pub struct Shared {
     counters: Mutex<Option<KernelCounters>>,
     /// Attached interfaces by ifindex, shared by the hops that cross them.
     names: RwLock<HashMap<u32, Arc<Iface>>>,
+    /// Lost records and how far the reader has got.
+    gaps: Mutex<Gaps>,
 }
 
 /// Flows judged per hold of the flow table by endpoints that judge them all.
@@ -116,6 +118,7 @@ impl Shared {
             commands: OnceLock::new(),
             counters: Mutex::new(None),
             names: RwLock::new(HashMap::new()),
+            gaps: Mutex::new(Gaps::default()),
         }
     }
 
@@ -232,6 +235,22 @@ impl Shared {
         rx.await.map_err(|_| AttachError::NotRunning)?
     }
 
+    /// The reader has emptied the ring at `now_ns`: notes how far the evidence reaches and
+    /// whether the kernel had to drop records since the last time.
+    pub(super) fn reader_drained(&self, now_ns: u64) {
+        let lost = lock(&self.counters).as_ref().map(KernelCounters::lost);
+        let mut gaps = lock(&self.gaps);
+        match lost {
+            Some(lost) => gaps.look(now_ns, lost),
+            None => gaps.drained(now_ns),
+        }
+    }
+
+    /// Lost records and the reader's progress, for /diagnoses and /metrics.
+    pub fn gaps(&self) -> Gaps {
+        lock(&self.gaps).clone()
+    }
+
     /// Ingests a batch of decoded records; `decode_errors` counts the ones that were not.
     pub fn ingest(&self, batch: &[Observation], decode_errors: u64) {
         let names = self.names.read().unwrap_or_else(|e| e.into_inner());
@@ -262,6 +281,7 @@ impl Shared {
         } else {
             NO_SYMBOLS.get_or_init(Symbols::default)
         };
+        let gaps = lock(&self.gaps).clone();
         let cx = Context {
             pools: &node.pools,
             facts: &node.facts,
@@ -269,6 +289,7 @@ impl Shared {
             rules: &self.rules,
             reasons: &reasons,
             symbols,
+            gaps: &gaps,
         };
         f(&cx, &table)
     }
@@ -282,8 +303,8 @@ impl Shared {
         loop {
             let more = self.with_context(|cx, table| {
                 let mut seen = 0;
-                for f in table.iter_newest_below(bound) {
-                    bound = f.id;
+                for (slot, f) in table.iter_newest_below(bound) {
+                    bound = slot;
                     if !visit(cx, f) {
                         return false;
                     }
@@ -399,14 +420,24 @@ impl Shared {
             last_ns: u64,
             latest: Option<(u64, crate::diagnose::Diagnosis)>,
             examples: Vec<u64>,
+            /// Flows of the group whose records may be partial.
+            incomplete: u64,
         }
         let mut groups: std::collections::BTreeMap<&'static str, Group> = Default::default();
         let mut judged = 0u64;
+        let mut incomplete = 0u64;
         self.visit_chunked(|cx, f| {
             judged += 1;
-            if let Some(d) = judge(f, cx).diagnosis {
+            let j = judge(f, cx);
+            if j.lost_records > 0 {
+                incomplete += 1;
+            }
+            if let Some(d) = j.diagnosis {
                 let g = groups.entry(d.cause).or_default();
                 g.count += 1;
+                if j.lost_records > 0 {
+                    g.incomplete += 1;
+                }
                 g.first_ns = if g.first_ns == 0 {
                     f.first_ns
                 } else {
@@ -422,7 +453,7 @@ impl Shared {
             }
             true
         });
-        self.with_context(|cx, _| {
+        self.with_context(|cx, table| {
             let mut causes: Vec<Value> = groups
                 .into_iter()
                 .filter_map(|(cause, g)| {
@@ -436,14 +467,26 @@ impl Shared {
                         "evidence": d.evidence,
                         "fix": d.fix,
                         "example_flows": g.examples,
+                        "evidence_incomplete": g.incomplete,
                     }))
                 })
                 .collect();
             causes.sort_by(|a, b| b["count"].as_u64().cmp(&a["count"].as_u64()));
+            let gaps = cx.gaps;
+            let evicted = table.stats().evicted;
             json!({
                 "causes": causes,
                 "node_findings": crate::diagnose::node_findings(cx),
                 "flows_judged": judged,
+                // What the answer may be missing: lost records make flows partial (they are
+                // never called unanswered for it); evicted flows are gone from the answer.
+                "evidence": {
+                    "complete": gaps.total_lost() == 0 && evicted == 0,
+                    "lost_records": gaps.total_lost(),
+                    "flows_with_incomplete_evidence": incomplete,
+                    "flows_evicted": evicted,
+                    "reader_lag_ms": cx.now_ns.saturating_sub(cx.evidence_now_ns()) / 1_000_000,
+                },
             })
         })
     }

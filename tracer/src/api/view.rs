@@ -36,6 +36,17 @@ pub struct FlowView<'a> {
     drops: Vec<DropJson>,
     verdicts: &'a [&'static str],
     diagnosis: &'a Option<Diagnosis>,
+    /// Present only when records were lost while the flow ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evidence_incomplete: Option<EvidenceGap>,
+}
+
+/// Why a flow's evidence may be partial.
+#[derive(Serialize)]
+struct EvidenceGap {
+    /// Records the kernel dropped (ring buffer full) while the flow ran; any of them could be
+    /// this flow's.
+    lost_records: u64,
 }
 
 #[derive(Serialize)]
@@ -165,6 +176,9 @@ impl<'a> FlowView<'a> {
                 .collect(),
             verdicts: &j.verdicts,
             diagnosis: &j.diagnosis,
+            evidence_incomplete: (j.lost_records > 0).then_some(EvidenceGap {
+                lost_records: j.lost_records,
+            }),
         }
     }
 }

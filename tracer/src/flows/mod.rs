@@ -6,6 +6,7 @@
 //! alone: TCP sequence and ack numbers, IP ID and payload length, plus whichever side of the tuple
 //! did not change.
 mod flow;
+mod gaps;
 mod samples;
 mod store;
 
@@ -20,6 +21,7 @@ pub use flow::{
     DirTuple, DropRecord, Exchanges, Flow, FlowId, Hop, HopEncap, HopView, Iface, Nat, Side,
     TcpMilestones,
 };
+pub use gaps::{Gaps, LossWindow};
 pub use samples::{Sample, Samples};
 
 use crate::events::{Emit, Observation};
@@ -29,6 +31,9 @@ use store::FlowStore;
 /// packet crosses a node's hooks within microseconds; the slack covers a first packet held
 /// while its next hop's neighbour entry resolves.
 const FINGERPRINT_TTL_NS: u64 = 1_000_000_000;
+/// Active flows one eviction may move to the tail before it evicts regardless: bounds the work
+/// (and the table lock) of one record when every flow is busy.
+const SECOND_CHANCES: usize = 16;
 /// How often (record time) expired fingerprints are swept.
 const SWEEP_EVERY_NS: u64 = 250_000_000;
 
@@ -36,6 +41,21 @@ const SWEEP_EVERY_NS: u64 = 250_000_000;
 /// of the ingest time; the keys here come from the kernel, not from remote peers directly, and
 /// the maps are bounded by the flow cap.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+trait IndexExt {
+    /// Removes the entries under `keys` that still point at `id`.
+    fn retain_keys(&mut self, keys: &[u64], id: FlowId);
+}
+
+impl IndexExt for FastMap<u64, FlowId> {
+    fn retain_keys(&mut self, keys: &[u64], id: FlowId) {
+        for k in keys {
+            if self.get(k) == Some(&id) {
+                self.remove(k);
+            }
+        }
+    }
+}
 
 /// What NAT leaves unchanged in a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -212,7 +232,7 @@ impl FlowTable {
     }
 
     /// Newest first, the flows with ids below `bound` (to walk the table a part at a time).
-    pub fn iter_newest_below(&self, bound: FlowId) -> impl Iterator<Item = &Flow> {
+    pub fn iter_newest_below(&self, bound: FlowId) -> impl Iterator<Item = (FlowId, &Flow)> {
         self.flows.iter_newest_below(bound)
     }
 
@@ -320,7 +340,7 @@ impl FlowTable {
         let (id, side) = match self.lookup(&t) {
             Some((id, side)) if !self.is_new_connection(id, side, obs) => (id, side),
             Some((old, _)) => {
-                self.unindex(old);
+                self.unindex_id(old);
                 self.create(obs, t)
             }
             None => match usable
@@ -380,27 +400,29 @@ impl FlowTable {
         (id, side)
     }
 
+    /// Evicts by last activity, approximately (CLOCK): a burst of new tuples pushes out idle
+    /// flows, not a long-lived one that is still sending (say, a broken connection under
+    /// investigation retransmitting its SYN).
     fn evict_over_cap(&mut self) {
         while self.flows.len() > self.cap {
-            let Some(oldest) = self.flows.oldest_id() else {
+            let Some(f) = self.flows.pop_coldest(SECOND_CHANCES) else {
                 break;
             };
-            self.unindex(oldest);
-            self.flows.pop_oldest();
+            self.unindex(&f);
             self.stats.evicted += 1;
         }
     }
 
-    fn unindex(&mut self, id: FlowId) {
-        let Some(f) = self.flows.get(id) else {
-            return;
-        };
-        let keys: Vec<u64> = f.tuples().map(|t| self.pair_key(&t)).collect();
-        for k in keys {
-            if self.index.get(&k) == Some(&id) {
-                self.index.remove(&k);
-            }
+    fn unindex_id(&mut self, id: FlowId) {
+        if let Some(f) = self.flows.get(id) {
+            let keys: Vec<u64> = f.tuples().map(|t| self.pair_key(&t)).collect();
+            self.index.retain_keys(&keys, id);
         }
+    }
+
+    fn unindex(&mut self, f: &Flow) {
+        let keys: Vec<u64> = f.tuples().map(|t| self.pair_key(&t)).collect();
+        self.index.retain_keys(&keys, f.id);
     }
 
     /// Two slots per fingerprint: packets of two flows that look alike to NAT (UDP with the

@@ -1,6 +1,8 @@
-//! Flows in creation order. Ids are handed out in sequence and only the oldest flow is ever
-//! evicted, so a flow's slot is its id minus the first slot's: no tree or hash map per flow, and
-//! flows lie next to each other in memory.
+//! Flows in slots handed out in sequence; only the oldest slot is ever emptied, so a flow's slot
+//! is found from its id with no tree or hash map per flow, and flows lie next to each other in
+//! memory. A flow's id is the slot it was created in. Eviction gives flows that were active
+//! since they were last looked at a second chance (CLOCK): such a flow moves to a new slot at
+//! the tail, keeps its id, and only moved flows need a map entry (`moved`).
 //!
 //! Beside each flow sit 8 bytes of address tags (16-bit digests of its source and destination,
 //! before and after NAT): `/flows?dst=<ip>` reads those, 8 bytes a flow instead of the flows
@@ -50,15 +52,22 @@ impl Tags {
 struct Chunk {
     flows: Vec<Option<Flow>>,
     tags: Vec<Tags>,
+    /// `last_ns` of the flow when it entered this slot: a flow whose `last_ns` moved on since
+    /// was active, and gets a second chance when eviction reaches it.
+    entered_ns: Vec<u64>,
 }
 
 pub(super) struct FlowStore {
     chunks: VecDeque<Chunk>,
-    /// Id of the first slot of `chunks[0]`.
+    /// Slot number of the first slot of `chunks[0]`.
     base: FlowId,
-    /// The oldest flow still stored.
+    /// The oldest slot still stored.
     first: FlowId,
     next: FlowId,
+    /// Flows living in another slot than their id's (given a second chance): id -> slot.
+    moved: super::FastMap<FlowId, FlowId>,
+    /// Flows stored (slots left empty by a move do not count).
+    len: usize,
 }
 
 impl FlowStore {
@@ -68,11 +77,13 @@ impl FlowStore {
             base: 1,
             first: 1,
             next: 1,
+            moved: Default::default(),
+            len: 0,
         }
     }
 
     pub fn len(&self) -> usize {
-        (self.next - self.first) as usize
+        self.len
     }
 
     /// The id the next pushed flow must carry.
@@ -80,38 +91,69 @@ impl FlowStore {
         self.next
     }
 
-    fn slot(&self, id: FlowId) -> Option<(usize, usize)> {
-        if id < self.first || id >= self.next {
+    /// Where slot number `n` lives.
+    fn position(&self, n: FlowId) -> Option<(usize, usize)> {
+        if n < self.first || n >= self.next {
             return None;
         }
-        let off = (id - self.base) as usize;
+        let off = (n - self.base) as usize;
         Some((off / CHUNK, off % CHUNK))
+    }
+
+    /// Where flow `id` lives.
+    fn slot(&self, id: FlowId) -> Option<(usize, usize)> {
+        let n = self.moved.get(&id).copied().unwrap_or(id);
+        self.position(n)
     }
 
     pub fn get(&self, id: FlowId) -> Option<&Flow> {
         let (c, i) = self.slot(id)?;
-        self.chunks.get(c)?.flows.get(i)?.as_ref()
+        // A slot a moved flow now fills is not reachable by its own number.
+        self.chunks
+            .get(c)?
+            .flows
+            .get(i)?
+            .as_ref()
+            .filter(|f| f.id == id)
     }
 
     pub fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
         let (c, i) = self.slot(id)?;
-        self.chunks.get_mut(c)?.flows.get_mut(i)?.as_mut()
+        self.chunks
+            .get_mut(c)?
+            .flows
+            .get_mut(i)?
+            .as_mut()
+            .filter(|f| f.id == id)
     }
 
     /// Stores `flow`, which must carry `next_id()`.
     pub fn push(&mut self, flow: Flow) {
         debug_assert_eq!(flow.id, self.next);
+        self.put(flow);
+    }
+
+    /// Fills the next slot.
+    fn put(&mut self, flow: Flow) {
         let off = (self.next - self.base) as usize;
         if off / CHUNK >= self.chunks.len() {
             self.chunks.push_back(Chunk {
                 flows: Vec::with_capacity(CHUNK),
                 tags: Vec::with_capacity(CHUNK),
+                entered_ns: Vec::with_capacity(CHUNK),
             });
         }
         if let Some(chunk) = self.chunks.back_mut() {
             chunk.tags.push(Tags::of(&flow));
+            chunk.entered_ns.push(flow.last_ns);
+            if flow.id != self.next {
+                self.moved.insert(flow.id, self.next);
+            } else {
+                self.moved.remove(&flow.id);
+            }
             chunk.flows.push(Some(flow));
             self.next += 1;
+            self.len += 1;
         }
     }
 
@@ -128,29 +170,64 @@ impl FlowStore {
         }
     }
 
-    /// Removes and returns the oldest flow.
-    pub fn pop_oldest(&mut self) -> Option<Flow> {
-        let (c, i) = self.slot(self.first)?;
-        let flow = self.chunks.get_mut(c)?.flows.get_mut(i)?.take();
+    /// Empties the oldest slot; returns its flow (None for a slot a moved flow left).
+    fn take_first(&mut self) -> Option<(Flow, u64)> {
+        let (c, i) = self.position(self.first)?;
+        let chunk = self.chunks.get_mut(c)?;
+        let flow = chunk.flows.get_mut(i)?.take();
+        let entered = chunk.entered_ns.get(i).copied().unwrap_or(0);
         self.first += 1;
         if self.first - self.base >= CHUNK as FlowId {
             self.chunks.pop_front();
             self.base += CHUNK as FlowId;
         }
-        flow
+        let flow = flow?;
+        self.len -= 1;
+        Some((flow, entered))
     }
 
+    /// Removes and returns the least recently active flow, approximately: flows active since
+    /// they last entered a slot move to the tail instead (at most `chances` of them per call,
+    /// so one eviction never walks the whole table).
+    pub fn pop_coldest(&mut self, mut chances: usize) -> Option<Flow> {
+        while self.len > 0 {
+            let Some((flow, entered)) = self.take_first() else {
+                continue;
+            };
+            if chances > 0 && flow.last_ns > entered {
+                chances -= 1;
+                self.put(flow);
+                continue;
+            }
+            self.moved.remove(&flow.id);
+            return Some(flow);
+        }
+        None
+    }
+
+    /// Removes and returns the flow in the oldest slot, active or not.
+    #[cfg(test)]
+    pub fn pop_oldest(&mut self) -> Option<Flow> {
+        self.pop_coldest(0)
+    }
+
+    /// The id of the flow eviction would look at first.
+    #[cfg(test)]
     pub fn oldest_id(&self) -> Option<FlowId> {
-        (self.first < self.next).then_some(self.first)
+        (self.first..self.next).find_map(|n| {
+            let (c, i) = self.position(n)?;
+            self.chunks.get(c)?.flows.get(i)?.as_ref().map(|f| f.id)
+        })
     }
 
-    /// Newest first.
+    /// Most recently (re)placed first.
     pub fn iter_newest(&self) -> impl Iterator<Item = &Flow> {
-        self.iter_newest_below(FlowId::MAX)
+        self.iter_newest_below(FlowId::MAX).map(|(_, f)| f)
     }
 
-    /// Newest first, the flows with ids below `bound`.
-    pub fn iter_newest_below(&self, bound: FlowId) -> impl Iterator<Item = &Flow> {
+    /// Most recently (re)placed first, the flows in slots below `bound`, with their slot
+    /// numbers (to resume a walk from).
+    pub fn iter_newest_below(&self, bound: FlowId) -> impl Iterator<Item = (FlowId, &Flow)> {
         let end = bound.min(self.next);
         let base = self.base;
         self.chunks
@@ -160,7 +237,11 @@ impl FlowStore {
             .flat_map(move |(i, c)| {
                 let chunk_base = base + (i * CHUNK) as FlowId;
                 let take = end.saturating_sub(chunk_base).min(c.flows.len() as FlowId) as usize;
-                c.flows[..take].iter().rev().flatten()
+                c.flows[..take]
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .filter_map(move |(j, f)| f.as_ref().map(|f| (chunk_base + j as FlowId, f)))
             })
     }
 
@@ -220,9 +301,12 @@ mod tests {
             assert_eq!(s.get(id).map(|f| f.id), Some(id));
         }
         let ids: Vec<FlowId> = s.iter_newest().map(|f| f.id).collect();
-        let below: Vec<FlowId> = s.iter_newest_below(first + 5).map(|f| f.id).collect();
+        let below: Vec<FlowId> = s.iter_newest_below(first + 5).map(|(_, f)| f.id).collect();
         assert_eq!(below, (first..first + 5).rev().collect::<Vec<_>>());
-        let from_top: Vec<FlowId> = s.iter_newest_below(FlowId::MAX).map(|f| f.id).collect();
+        let from_top: Vec<FlowId> = s
+            .iter_newest_below(FlowId::MAX)
+            .map(|(_, f)| f.id)
+            .collect();
         assert_eq!(from_top, ids);
         let across = s.iter_newest_below(2 * CHUNK as FlowId + 3).count() as FlowId;
         assert_eq!(across, 2 * CHUNK as FlowId + 3 - first);
@@ -238,6 +322,65 @@ mod tests {
         let id = s.next_id();
         s.push(flow(id));
         assert_eq!(s.get(id).map(|f| f.id), Some(id));
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+    use crate::flows::DirTuple;
+
+    fn flow(id: FlowId, ts: u64) -> Flow {
+        let ip = std::net::IpAddr::from([10, 0, 0, 1]);
+        let t = DirTuple {
+            proto: 6,
+            src: ip,
+            sport: (id % 60_000) as u16,
+            dst: ip,
+            dport: 2,
+        };
+        Flow::new(id, t, ts)
+    }
+
+    #[test]
+    fn active_flows_get_a_second_chance_and_keep_their_id() {
+        let mut s = FlowStore::new();
+        for ts in 0..10u64 {
+            let id = s.next_id();
+            s.push(flow(id, ts));
+        }
+        // Flow 1 was active after it was stored; flow 2 was not.
+        if let Some(f) = s.get_mut(1) {
+            f.last_ns = 100;
+        }
+        let evicted = s.pop_coldest(4).map(|f| f.id);
+        assert_eq!(evicted, Some(2), "the idle flow goes, the active one stays");
+        assert_eq!(s.len(), 9);
+        assert_eq!(
+            s.get(1).map(|f| f.id),
+            Some(1),
+            "found by its id in its new slot"
+        );
+        assert_eq!(
+            s.iter_newest().next().map(|f| f.id),
+            Some(1),
+            "now the newest"
+        );
+        // Its new slot's number is not an id of anything.
+        assert!(s.get(11).is_none());
+        let id = s.next_id();
+        assert_eq!(id, 12);
+        s.push(flow(id, 200));
+        assert_eq!(s.get(12).map(|f| f.id), Some(12));
+        // No activity since the move: evicted in turn, and its alias goes with it.
+        while s.len() > 1 {
+            s.pop_coldest(4);
+        }
+        assert!(s.get(1).is_none() && s.moved.is_empty());
+        assert_eq!(s.get(12).map(|f| f.id), Some(12));
+        // Without chances it is plain FIFO.
+        assert_eq!(s.pop_oldest().map(|f| f.id), Some(12));
+        assert_eq!((s.len(), s.oldest_id()), (0, None));
     }
 }
 

@@ -221,6 +221,47 @@ fn cap_evicts_oldest_and_cleans_index() {
 }
 
 #[test]
+fn a_broken_flow_still_sending_survives_a_burst_of_new_tuples() {
+    // A pod's SYN that is never answered keeps being retransmitted while someone investigates;
+    // meanwhile another pod opens 200k connections. Eviction goes by activity, not age.
+    let mut t = FlowTable::new(10_000);
+    let broken = pkt("10.0.0.7", 45000, "10.96.0.1", 443, 0x02, 777, 0);
+    let id = t.ingest(&obs(1, ETH0, Dir::Egress, broken), &lookup).must();
+    let idle = pkt("10.0.0.8", 45001, "10.96.0.1", 443, 0x02, 778, 0);
+    let idle_id = t.ingest(&obs(2, ETH0, Dir::Egress, idle), &lookup).must();
+    let mut ts = 10u64;
+    for i in 0..200_000u32 {
+        let p = pkt(
+            "10.0.1.9",
+            (i % 60_000) as u16 + 1024,
+            &format!("10.2.{}.{}", (i / 60_000) % 250, 1 + (i % 250)),
+            80,
+            0x02,
+            i,
+            0,
+        );
+        t.ingest(&obs(ts, CALI, Dir::Ingress, p), &lookup);
+        ts += 1_000;
+        if i % 2_000 == 0 {
+            // The SYN retransmitted: the same flow, still unanswered.
+            t.ingest(&obs(ts, ETH0, Dir::Egress, broken), &lookup);
+        }
+    }
+    assert_eq!(t.len(), 10_000);
+    let f = t.get(id).map(|f| (f.id, f.src, f.sport));
+    assert_eq!(
+        f,
+        Some((id, ip("10.0.0.7"), 45000)),
+        "the broken flow survived under its id"
+    );
+    assert!(t.get(idle_id).is_none(), "the idle one was evicted");
+    // Its tuple still finds it: a later retransmission joins it instead of a new flow.
+    let again = t.ingest(&obs(ts + 1, ETH0, Dir::Egress, broken), &lookup);
+    assert_eq!(again, Some(id));
+    assert!(t.stats().evicted >= 190_000);
+}
+
+#[test]
 fn unrelated_flows_to_same_destination_stay_apart() {
     let mut t = FlowTable::new(100);
     let a = t

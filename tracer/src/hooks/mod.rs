@@ -109,6 +109,15 @@ pub struct KernelCounters {
 }
 
 impl KernelCounters {
+    /// Records the kernel could not hand over (ring buffer full), summed over CPUs: one map
+    /// read, cheap enough for the reader to ask after every drain.
+    pub fn lost(&self) -> u64 {
+        self.stats
+            .get(&STAT_LOST, 0)
+            .map(|v| v.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+            .unwrap_or(0)
+    }
+
     pub fn read(&self) -> KernelStats {
         let per_cpu = |i: u32| -> Vec<u64> {
             self.stats

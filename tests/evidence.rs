@@ -1,0 +1,76 @@
+//! Missing evidence is said, never turned into a diagnosis: with a ring buffer too small for
+//! the traffic (4 KiB), the kernel drops records, replies among them. Every connection here was
+//! answered, so any fault tracer reports must carry the evidence_incomplete flag.
+mod common;
+
+use std::{net::TcpStream, time::Duration};
+
+use common::{Agent, TestResult};
+use tracer_lab::topo::SingleNode;
+
+#[test]
+fn a_tiny_ring_with_healthy_traffic_yields_no_unflagged_fault() -> TestResult {
+    let cfg = SingleNode::healthy();
+    let lab = SingleNode::build(&cfg)?;
+    let mut agent = Agent::start(
+        &lab.node,
+        &["--ringbuf-bytes", "4096", "--no-reply-timeout", "1s"],
+    )?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), lab.node_nic.as_str()])?;
+
+    // Bursts of short connections from the pod to the apiserver, all answered.
+    let addr = lab.apiserver_addr();
+    let answered = lab.pod.netns.run(move || {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    (0..300)
+                        .filter(|_| {
+                            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or(0))
+            .sum::<usize>()
+    })?;
+    assert!(
+        answered >= 1000,
+        "only {answered} of 1200 connections were answered"
+    );
+
+    // Past the no-reply timeout and a reader tick.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let (status, d) = agent.get(&lab.node, "/diagnoses")?;
+    assert_eq!(status, 200);
+    let lost = d["evidence"]["lost_records"].as_u64().unwrap_or(0);
+    assert!(
+        lost > 0,
+        "the 4 KiB ring never overflowed, so this test proved nothing: {d}"
+    );
+    assert_eq!(d["evidence"]["complete"], false);
+    let causes = d["causes"].as_array().cloned().unwrap_or_default();
+    for c in &causes {
+        assert_eq!(
+            c["evidence_incomplete"], c["count"],
+            "a fault diagnosed on healthy traffic without saying records were lost: {c}"
+        );
+    }
+    // No flow is called unanswered: those whose reply may be lost say so instead.
+    let (_, flows) = agent.get(&lab.node, "/flows?verdict=no_reply&limit=1000")?;
+    for f in flows["flows"].as_array().cloned().unwrap_or_default() {
+        assert!(
+            f.get("evidence_incomplete").is_some(),
+            "no_reply asserted although {lost} records were lost: {f}"
+        );
+    }
+    let (_, partial) = agent.get(&lab.node, "/flows?verdict=evidence_incomplete&limit=5")?;
+    assert!(
+        partial["matched"].as_u64().unwrap_or(0) > 0,
+        "lost records left no flow marked: {partial}"
+    );
+    Ok(())
+}
