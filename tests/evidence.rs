@@ -74,3 +74,41 @@ fn a_tiny_ring_with_healthy_traffic_yields_no_unflagged_fault() -> TestResult {
     );
     Ok(())
 }
+
+/// The ring's pending-bytes gauge, from /metrics.
+fn pending(
+    agent: &Agent,
+    ns: &tracer_lab::netns::Netns,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let (_, text) = agent.raw(ns, "GET", "/metrics", None, &[])?;
+    let text = String::from_utf8_lossy(&text).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("tracer_ringbuf_pending_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no tracer_ringbuf_pending_bytes in /metrics:\n{text}").into())
+}
+
+#[test]
+fn the_pending_bytes_gauge_returns_to_zero_after_a_burst() -> TestResult {
+    let cfg = SingleNode::healthy();
+    let lab = SingleNode::build(&cfg)?;
+    let mut agent = Agent::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), lab.node_nic.as_str()])?;
+    let addr = lab.apiserver_addr();
+    lab.pod.netns.run(move || {
+        for _ in 0..300 {
+            let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(2));
+        }
+    })?;
+    // A record is over 100 bytes: below that, nothing is pending.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last = f64::MAX;
+    while std::time::Instant::now() < deadline {
+        last = pending(&agent, &lab.node)?;
+        if last < 100.0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("the ring went quiet but the gauge still says {last} bytes pending").into())
+}

@@ -187,6 +187,67 @@ fn parses_every_layer_the_agent_needs() -> R {
 }
 
 #[test]
+fn fragments_and_big_tcp_are_read_for_what_they_are() -> R {
+    let (mut hooks, mut ring, counters) = Hooks::load(1_000_000_000)?;
+    hooks.set_test_l3(false);
+    let before = counters.read().malformed;
+
+    // A non-first fragment of an IPIP datagram whose bytes happen to look like an IPv4 header:
+    // it is the middle of a datagram, never an inner packet.
+    let inner = ip_packet(
+        ip("10.9.0.1"),
+        ip("10.9.0.2"),
+        7,
+        tcp(1111, 2222, 0x02, 1, 0),
+    );
+    let mut frag = ipip(v4("192.168.21.10"), v4("192.168.21.12"), &inner);
+    frag[6] = 0x00;
+    frag[7] = 0x10; // fragment offset 16 (x8 bytes), not the first
+    let o = run(&mut hooks, &mut ring, false, &ether(&frag))?;
+    assert_eq!(o.len(), 1, "the fragment itself is recorded");
+    assert!(
+        o[0].inner.is_none(),
+        "no inner packet read from a fragment: {o:?}"
+    );
+    assert_eq!((o[0].outer.sport, o[0].outer.dport), (0, 0));
+
+    // A non-first UDP fragment whose bytes at the "port" offset say 4789: not VXLAN, no ports.
+    let vx = vxlan(
+        v4("192.168.21.10"),
+        v4("192.168.21.12"),
+        4000,
+        4096,
+        &ether(&inner),
+    );
+    let mut frag = vx.clone();
+    frag[4] = 0x00;
+    frag[5] = 0x09; // another datagram: a new IP ID
+    frag[7] = 0x20;
+    let o = run(&mut hooks, &mut ring, false, &ether(&frag))?;
+    assert_eq!(o.len(), 1);
+    assert!(o[0].inner.is_none() && o[0].outer.dport == 0, "{o:?}");
+
+    // IPv4 BIG TCP: total length 0 on a GSO packet; the length is the frame's.
+    let mut big = ip_packet(
+        ip("10.0.0.1"),
+        ip("10.0.0.2"),
+        3,
+        tcp(5000, 80, 0x18, 9, 1000),
+    );
+    big[2] = 0;
+    big[3] = 0;
+    let o = run(&mut hooks, &mut ring, false, &ether(&big))?;
+    assert_eq!(
+        o.len(),
+        1,
+        "a BIG TCP packet is a packet, not a malformed frame"
+    );
+    assert_eq!(o[0].outer.payload_len, 1000);
+    assert_eq!(counters.read().malformed, before);
+    Ok(())
+}
+
+#[test]
 fn malformed_frames_are_counted_not_recorded() -> R {
     let (mut hooks, mut ring, counters) = Hooks::load(1_000_000_000)?;
     hooks.set_test_l3(false);

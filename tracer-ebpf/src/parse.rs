@@ -22,6 +22,8 @@ pub struct NotIp;
 /// Where packet bytes come from.
 pub trait Source {
     fn load<T>(&self, off: usize) -> Result<T, ()>;
+    /// Bytes of the frame from offset 0, where known (0 where not).
+    fn frame_len(&self) -> usize;
 }
 
 /// Headers lie within this many bytes of the frame's start (Ethernet, VLAN, IP options, outer
@@ -39,6 +41,11 @@ impl Source for TcContext {
         }
         TcContext::load(self, off).map_err(|_| ())
     }
+
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
+    }
 }
 
 /// Packet bytes in kernel memory starting at this address (an skb's network header).
@@ -48,6 +55,11 @@ impl Source for Kernel {
     #[inline(always)]
     fn load<T>(&self, off: usize) -> Result<T, ()> {
         unsafe { bpf_probe_read_kernel((self.0 + off as u64) as *const T) }.map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        0
     }
 }
 
@@ -93,9 +105,16 @@ fn be16<S: Source>(ctx: &S, off: usize) -> Result<u16, Outcome> {
         .map_err(|_| Outcome::Bad(Malformed))
 }
 
-/// Parses an IP header and its transport header into `t`; returns the L4 offset.
+/// Parses an IP header and its transport header into `t`; returns the L4 offset, and whether
+/// the packet is a non-first IPv4 fragment (whose payload starts mid-datagram: no ports, no
+/// tunnel header, nothing to parse).
 #[inline(always)]
-pub fn l3l4<S: Source>(ctx: &S, off: usize, family: u8, t: &mut Tuple) -> Result<usize, Outcome> {
+pub fn l3l4<S: Source>(
+    ctx: &S,
+    off: usize,
+    family: u8,
+    t: &mut Tuple,
+) -> Result<(usize, bool), Outcome> {
     let l4;
     let ip_payload: usize;
     let mut fragment = false;
@@ -108,7 +127,12 @@ pub fn l3l4<S: Source>(ctx: &S, off: usize, family: u8, t: &mut Tuple) -> Result
         if ihl < 20 {
             return Err(Outcome::Bad(Malformed));
         }
-        let total = u16::from_be_bytes([h[2], h[3]]) as usize;
+        let mut total = u16::from_be_bytes([h[2], h[3]]) as usize;
+        if total == 0 {
+            // BIG TCP (IPv4, Linux 6.3+): a GSO packet over 64 KiB says 0; its length is the
+            // frame's. Where that is unknown the payload length stays 0.
+            total = ctx.frame_len().saturating_sub(off).max(ihl);
+        }
         if total < ihl {
             return Err(Outcome::Bad(Malformed));
         }
@@ -137,7 +161,7 @@ pub fn l3l4<S: Source>(ctx: &S, off: usize, family: u8, t: &mut Tuple) -> Result
         l4 = off + 40;
     }
     if fragment {
-        return Ok(l4);
+        return Ok((l4, true));
     }
     match t.proto {
         PROTO_TCP => {
@@ -167,7 +191,7 @@ pub fn l3l4<S: Source>(ctx: &S, off: usize, family: u8, t: &mut Tuple) -> Result
         }
         _ => {}
     }
-    Ok(l4)
+    Ok((l4, false))
 }
 
 /// Parses the packet the device carries and, for VXLAN and IPIP, the packet inside it.
@@ -190,7 +214,11 @@ pub fn parse<S: Source>(ctx: &S, l3_device: bool, p: &mut PacketEvent) -> Result
     } else {
         l2(ctx, 0)?
     };
-    let l4 = l3l4(ctx, l3, family, &mut p.outer)?;
+    let (l4, fragment) = l3l4(ctx, l3, family, &mut p.outer)?;
+    if fragment {
+        // Its bytes are the middle of a datagram: not a VXLAN or IPIP header.
+        return Ok(());
+    }
 
     if p.outer.proto == PROTO_UDP && p.outer.dport == VXLAN_PORT {
         let vx: [u8; 8] = match ctx.load(l4 + 8) {

@@ -45,6 +45,9 @@ pub struct Btf {
     by_name: HashMap<String, Vec<u32>>,
 }
 
+/// How deep anonymous structs and unions are searched for a member.
+pub const MAX_ANON_DEPTH: u32 = 32;
+
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     b.get(off..off + 4)
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
@@ -155,7 +158,8 @@ impl Btf {
         std::str::from_utf8(&rest[..end]).unwrap_or("")
     }
 
-    /// Byte offset of `member` in `struct name`, looking through anonymous members.
+    /// Byte offset of `member` in `struct name`, looking through anonymous members (at most
+    /// [`MAX_ANON_DEPTH`] levels).
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
         let ids = self
             .by_name
@@ -163,7 +167,7 @@ impl Btf {
             .ok_or_else(|| BtfError::NoStruct(name.to_string()))?;
         // Forward declarations have no members; take the definition that has them.
         for id in ids {
-            if let Some(bits) = self.find(*id, member, 0, name)? {
+            if let Some(bits) = self.find(*id, member, 0, name, 0)? {
                 return Ok(bits / 8);
             }
         }
@@ -176,7 +180,13 @@ impl Btf {
         member: &str,
         base_bits: u32,
         sname: &str,
+        depth: u32,
     ) -> Result<Option<u32>, BtfError> {
+        // Real kernels nest anonymous members a few levels deep; a crafted or corrupt BTF could
+        // make a struct contain itself.
+        if depth > MAX_ANON_DEPTH {
+            return Ok(None);
+        }
         let Some(t) = self.types.get(id as usize) else {
             return Ok(None);
         };
@@ -190,7 +200,8 @@ impl Btf {
             }
             if mname.is_empty() {
                 let inner = self.resolve(m.type_id);
-                if let Some(found) = self.find(inner, member, base_bits + m.bit_offset, sname)? {
+                let bits = base_bits.saturating_add(m.bit_offset);
+                if let Some(found) = self.find(inner, member, bits, sname, depth + 1)? {
                     return Ok(Some(found));
                 }
             }
@@ -248,5 +259,23 @@ mod tests {
         ok_hdr.extend_from_slice(&[0, 0, 0, 0, 5, 0, 0, 0x04, 8, 0, 0, 0]);
         ok_hdr.push(0);
         assert!(Btf::parse(&ok_hdr).is_err());
+    }
+
+    #[test]
+    fn a_struct_that_contains_itself_ends_the_walk() {
+        // struct s (type 1) { struct s; } : an anonymous member of its own type.
+        let mut b = vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0];
+        b.extend_from_slice(&[0, 0, 0, 0, 24, 0, 0, 0, 24, 0, 0, 0, 3, 0, 0, 0]);
+        b.extend_from_slice(&[1, 0, 0, 0, 1, 0, 0, 0x04, 8, 0, 0, 0]);
+        b.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        b.extend_from_slice(b"\0s\0");
+        let btf = Btf::parse(&b);
+        assert!(btf.is_ok(), "{:?}", btf.as_ref().err());
+        if let Ok(btf) = btf {
+            assert!(matches!(
+                btf.member_offset("s", "x"),
+                Err(BtfError::NoMember(..))
+            ));
+        }
     }
 }

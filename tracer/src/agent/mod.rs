@@ -246,7 +246,7 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, shared: Arc<Shared>) {
             }
             Err(_) => {
                 // Nothing became readable: everything written has been read.
-                shared.reader_drained(mono_now_ns());
+                shared.reader_idle(mono_now_ns());
                 continue;
             }
         };

@@ -184,6 +184,8 @@ impl Shared {
 
     pub(super) fn sweep(&self, now_ns: u64) {
         lock(&self.table).sweep(now_ns);
+        // Follow wall-clock steps (NTP) in rendered times and since= filters.
+        self.clock.resync();
     }
 
     pub(super) fn update_node(&self, facts: NodeFacts, pools: Pools, attached: Vec<AttachedIface>) {
@@ -244,6 +246,14 @@ impl Shared {
             Some(lost) => gaps.look(now_ns, lost),
             None => gaps.drained(now_ns),
         }
+    }
+
+    /// The reader has been idle a while with the ring empty.
+    pub(super) fn reader_idle(&self, now_ns: u64) {
+        if let Some(c) = lock(&self.counters).as_mut() {
+            c.clear_pending();
+        }
+        self.reader_drained(now_ns);
     }
 
     /// Lost records and the reader's progress, for /diagnoses and /metrics.

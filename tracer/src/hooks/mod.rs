@@ -118,6 +118,18 @@ impl KernelCounters {
             .unwrap_or(0)
     }
 
+    /// The reader found the ring empty: nothing is pending, whatever the kernel last wrote. The
+    /// kernel updates the gauge only when it writes a record, so after a burst it would go on
+    /// showing the backlog of the burst's last record.
+    pub fn clear_pending(&mut self) {
+        let Ok(n) = aya::util::nr_cpus() else {
+            return;
+        };
+        if let Ok(zeros) = aya::maps::PerCpuValues::try_from(vec![0u64; n]) {
+            let _ = self.stats.set(STAT_RB_PENDING, zeros, 0);
+        }
+    }
+
     pub fn read(&self) -> KernelStats {
         let per_cpu = |i: u32| -> Vec<u64> {
             self.stats
