@@ -140,9 +140,24 @@ fn standin_on_vb(
     place: Place,
     redirect_to: u32,
 ) -> Result<Ebpf, Box<dyn std::error::Error>> {
+    standin_with(p, backend, program, kind, place, redirect_to, [0; 4])
+}
+
+/// Like [`standin_on_vb`], with the address the rewriting stand-ins write.
+fn standin_with(
+    p: &Pair,
+    backend: TcBackend,
+    program: &'static str,
+    kind: TcAttachType,
+    place: Place,
+    redirect_to: u32,
+    rewrite_to: [u8; 4],
+) -> Result<Ebpf, Box<dyn std::error::Error>> {
     let ebpf = p.b.run(move || -> Result<Ebpf, E> {
+        let rewrite = u32::from_ne_bytes(rewrite_to);
         let mut ebpf = EbpfLoader::new()
             .override_global("REDIRECT_IFINDEX", &redirect_to, true)
+            .override_global("REWRITE_V4", &rewrite, true)
             .load(STANDINS_OBJECT)?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(program)
@@ -324,6 +339,66 @@ fn a_program_before_tracer_that_redirects_is_obeyed() -> R {
             "{backend:?}: tracer reported redirected replies on vb's egress: {recs:?}"
         );
         drop_in_b(&p, (t, redirector))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn tracer_sees_the_wire_side_of_another_programs_nat() -> R {
+    // A NAT program (felix's eBPF dataplane) rewrites arriving packets after tracer on ingress
+    // and leaving packets before tracer on egress: tracer records both as they were on the wire.
+    for (mode, backend) in backends() {
+        let p = pair()?;
+        let vb = ifindex(&p.b, "vb")?;
+        let mut t = tracer_on_vb(&p, mode)?;
+        let mut dnat = standin_with(
+            &p,
+            backend,
+            "standin_dnat",
+            TcAttachType::Ingress,
+            Place::After,
+            0,
+            [10, 77, 0, 2],
+        )?;
+        let mut snat = standin_with(
+            &p,
+            backend,
+            "standin_snat",
+            TcAttachType::Egress,
+            Place::Before,
+            0,
+            [10, 77, 0, 99],
+        )?;
+        // a pings an address b does not have (a static neighbour sends it to vb); the DNAT
+        // stand-in turns it into b's own address.
+        let mac = p.b.exec(&["cat", "/sys/class/net/vb/address"])?;
+        p.a.ip(&["neigh", "replace", "10.77.0.50", "lladdr", mac.trim(), "dev", "va"])?;
+        records(&mut t, vb);
+        let out = p
+            .a
+            .command("ping")
+            .args(["-c", "3", "-i", "0.05", "-W", "1", "10.77.0.50"])
+            .output();
+        drop(out);
+        assert!(seen(&mut dnat, 3)? >= 3 && seen(&mut snat, 3)? >= 3);
+        let recs = records(&mut t, vb);
+        let arrived: Vec<_> = recs.iter().filter(|o| o.dir == Dir::Ingress).collect();
+        let left: Vec<_> = recs.iter().filter(|o| o.dir == Dir::Egress).collect();
+        assert!(
+            arrived.iter().any(|o| o.outer.dst.to_string() == "10.77.0.50"),
+            "{backend:?}: tracer saw the destination before DNAT: {recs:?}"
+        );
+        assert!(
+            left.iter().any(|o| o.outer.src.to_string() == "10.77.0.99"),
+            "{backend:?}: tracer saw the source after SNAT: {recs:?}"
+        );
+        assert!(
+            !recs
+                .iter()
+                .any(|o| o.outer.dst.to_string() == "10.77.0.2" && o.dir == Dir::Ingress),
+            "{backend:?}: tracer must not see the rewritten arriving packet: {recs:?}"
+        );
+        drop_in_b(&p, (t, dnat, snat))?;
     }
     Ok(())
 }

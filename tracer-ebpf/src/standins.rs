@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-/// Packets each stand-in saw: index 0 pass, 1 drop, 2 redirect.
+/// Packets each stand-in saw: index 0 pass, 1 drop, 2 redirect, 3 rewritten.
 #[map(name = "STANDIN_SEEN")]
 static SEEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
 
@@ -51,6 +51,50 @@ pub fn standin_redirect(_ctx: TcContext) -> i32 {
     seen(2);
     let ifindex = unsafe { core::ptr::read_volatile(&REDIRECT_IFINDEX) };
     unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// The address `standin_snat` / `standin_dnat` write (network byte order); set before load.
+#[unsafe(no_mangle)]
+static REWRITE_V4: u32 = 0;
+
+const ETH_HLEN: usize = 14;
+/// Offsets in the IPv4 header.
+const IP_CSUM: usize = ETH_HLEN + 10;
+const IP_SRC: usize = ETH_HLEN + 12;
+const IP_DST: usize = ETH_HLEN + 16;
+
+/// Rewrites an IPv4 address field and the header checksum, as a NAT program does (only the
+/// IP header: enough for ICMP, whose checksum does not cover addresses).
+#[inline(always)]
+fn rewrite(ctx: &mut TcContext, field: usize) -> i32 {
+    let Ok(ethertype) = ctx.load::<[u8; 2]>(12) else {
+        return PASS_ON;
+    };
+    if ethertype != [0x08, 0x00] {
+        return PASS_ON;
+    }
+    let to = unsafe { core::ptr::read_volatile(&REWRITE_V4) };
+    let Ok(from) = ctx.load::<u32>(field) else {
+        return PASS_ON;
+    };
+    if ctx.store(field, &to, 0).is_err() {
+        return PASS_ON;
+    }
+    let _ = ctx.l3_csum_replace(IP_CSUM, from as u64, to as u64, 4);
+    seen(3);
+    PASS_ON
+}
+
+/// Rewrites the source address of leaving packets, like felix's eBPF SNAT on a host NIC.
+#[classifier]
+pub fn standin_snat(mut ctx: TcContext) -> i32 {
+    rewrite(&mut ctx, IP_SRC)
+}
+
+/// Rewrites the destination of arriving packets, like felix's eBPF DNAT at a pod's veth.
+#[classifier]
+pub fn standin_dnat(mut ctx: TcContext) -> i32 {
+    rewrite(&mut ctx, IP_DST)
 }
 
 #[cfg(not(test))]
