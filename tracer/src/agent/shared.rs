@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     control::{AttachError, AttachTarget, Command},
+    health::Liveness,
     AgentConfig,
 };
 use crate::{
@@ -86,6 +87,9 @@ pub struct Shared {
     counters: Mutex<Option<KernelCounters>>,
     /// Attached interfaces by ifindex, shared by the hops that cross them.
     names: RwLock<HashMap<u32, Arc<Iface>>>,
+    liveness: Liveness,
+    resync: Duration,
+    pub api: crate::api::ApiCounters,
 }
 
 /// Flows judged per hold of the flow table by endpoints that judge them all.
@@ -116,7 +120,20 @@ impl Shared {
             commands: OnceLock::new(),
             counters: Mutex::new(None),
             names: RwLock::new(HashMap::new()),
+            liveness: Liveness::default(),
+            resync: cfg.resync,
+            api: Default::default(),
         }
+    }
+
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+
+    /// Whether the reader and the sync loop are alive, judged now.
+    pub fn checks(&self) -> super::health::Checks {
+        self.liveness
+            .checks(mono_now_ns(), self.clock.start_ns(), self.resync)
     }
 
     pub(super) fn node(&self) -> RwLockReadGuard<'_, NodeView> {
@@ -343,36 +360,18 @@ impl Shared {
         })
     }
 
-    /// `/flows` with a verdict or cause filter: every candidate must be judged, which is done a
-    /// part of the table at a time (see `visit_chunked`); then the chosen flows are rendered.
-    fn flows_judged(&self, q: &FlowQuery, limit: usize) -> FlowsAnswer {
-        let wanted = |j: &Judgement| {
-            q.verdict.is_none_or(|v| j.verdicts.contains(&v))
-                && q.cause
-                    .is_none_or(|c| j.diagnosis.as_ref().map(|d| d.cause) == Some(c))
-        };
-        let matches = self.matcher(q, mono_now_ns());
-        let mut ids = Vec::new();
-        let mut matched = 0usize;
-        self.visit_chunked(|cx, f| {
-            if matches(f) && wanted(&judge(f, cx)) {
-                matched += 1;
-                if ids.len() < limit {
-                    ids.push(f.id);
-                }
-            }
-            true
-        });
-        self.with_context(|cx, table| {
-            // Judged again: a flow may have changed (or gone) since; it is shown as it is now.
-            let shown: Vec<(&Flow, Judgement)> = ids
-                .iter()
-                .filter_map(|id| table.get(*id))
-                .map(|f| (f, judge(f, cx)))
-                .filter(|(_, j)| wanted(j))
-                .collect();
-            self.page(cx, &shown, matched.max(shown.len()))
-        })
+    /// `/flows` with a verdict or cause filter: every candidate must be judged, a part of the
+    /// table at a time (see [`super::FlowCursor`]).
+    fn flows_judged(&self, q: &FlowQuery, _limit: usize) -> FlowsAnswer {
+        let mut cur = super::FlowCursor::new(q.clone());
+        let mut json = Vec::new();
+        while !cur.done() {
+            json.extend(self.flows_chunk(&mut cur));
+        }
+        FlowsAnswer {
+            json,
+            matched: cur.matched(),
+        }
     }
 
     fn page(&self, cx: &Context<'_>, shown: &[(&Flow, Judgement)], matched: usize) -> FlowsAnswer {
@@ -456,15 +455,18 @@ impl Shared {
         })
     }
 
-    /// Ready once the programs are loaded and the first interface sync is done.
-    pub fn readiness(&self) -> (bool, Value) {
+    /// Ready once the programs are loaded and the first interface sync is done, while healthy.
+    /// `detail` (authorized callers only) adds what is attached and whether drops are traced.
+    pub fn readiness(&self, detail: bool) -> (bool, Value) {
+        let healthy = !self.checks().failing();
         let node = self.node();
-        let v = json!({
-            "ready": node.ready,
-            "attached": node.attached.len(),
-            "drops": node.drops,
-        });
-        (node.ready, v)
+        let ready = node.ready && healthy;
+        let mut v = json!({"ready": ready});
+        if detail {
+            v["attached"] = json!(node.attached.len());
+            v["drops"] = json!(node.drops);
+        }
+        (ready, v)
     }
 
     /// The flow's kept records as pcapng; None when there is no such flow or no record left.
@@ -524,6 +526,7 @@ impl Shared {
             samples: vec![(String::new(), v as f64)],
         };
         let k = self.kernel();
+        let api = self.api.snapshot();
         render(&[
             Family {
                 name: "tracer_flows",
@@ -610,6 +613,28 @@ impl Shared {
                 "Ring-buffer records the agent could not decode.",
                 reader.decode_errors,
             ),
+            Family {
+                name: "tracer_api_connections",
+                help: "API connections open now.",
+                kind: "gauge",
+                samples: vec![(String::new(), api.connections as f64)],
+            },
+            counter(
+                "tracer_api_connections_rejected_total",
+                "API connections refused because all connection slots were taken.",
+                api.connections_rejected,
+            ),
+            Family {
+                name: "tracer_api_watchers",
+                help: "/watch streams open now.",
+                kind: "gauge",
+                samples: vec![(String::new(), api.watchers as f64)],
+            },
+            counter(
+                "tracer_api_watchers_rejected_total",
+                "/watch requests refused (429) because --max-watchers streams were open.",
+                api.watchers_rejected,
+            ),
             counter(
                 "tracer_flows_evicted_total",
                 "Flows evicted because the table was full.",
@@ -623,21 +648,42 @@ impl Shared {
         ])
     }
 
-    pub fn health(&self) -> Value {
+    /// `/healthz`: healthy (false: answer 503) and the body. Without `detail` (callers without
+    /// the token) the body holds fixed words only: no interface names (they tell which pod runs
+    /// where), no pools, no error text.
+    pub fn health(&self, detail: bool) -> (bool, Value) {
+        let checks = self.checks();
+        let now = mono_now_ns();
         let node = self.node();
-        let table = lock(&self.table).stats();
-        let reader = *lock(&self.reader);
-        json!({
-            "status": if node.ready { "ok" } else { "starting" },
+        let status = if checks.failing() {
+            "failing"
+        } else if node.ready {
+            "ok"
+        } else {
+            "starting"
+        };
+        let mut v = json!({
+            "status": status,
             "ready": node.ready,
-            "drops": node.drops,
-            "attached": node.attached,
-            "pools": node.pools,
-            "kernel": self.kernel(),
-            "reader": reader,
-            "flows": table,
-            "uptime_s": Duration::from_nanos(mono_now_ns().saturating_sub(self.clock.start_ns())).as_secs(),
-        })
+            "checks": checks,
+        });
+        if detail {
+            let table = lock(&self.table).stats();
+            let reader = *lock(&self.reader);
+            let mut reader = json!(reader);
+            reader["idle_ms"] = json!(self.liveness.reader_idle_ms(now));
+            v["drops"] = json!(node.drops);
+            v["attached"] = json!(node.attached);
+            v["pools"] = json!(node.pools);
+            v["kernel"] = json!(self.kernel());
+            v["reader"] = reader;
+            v["node_sync_age_ms"] = json!(self.liveness.sync_age_ms(now));
+            v["flows"] = json!(table);
+            v["api"] = json!(self.api.snapshot());
+            v["uptime_s"] =
+                json!(Duration::from_nanos(now.saturating_sub(self.clock.start_ns())).as_secs());
+        }
+        (!checks.failing(), v)
     }
 }
 
