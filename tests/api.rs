@@ -382,6 +382,25 @@ fn probes_without_the_token_tell_status_only() -> TestResult {
             assert!(!body.contains(secret), "{secret} in {body}");
         }
     }
+    // A client without the token is refused before its body is read: a promised body that
+    // never comes costs the agent nothing and gets its 401 at once.
+    let (status, waited) = lab.node.run(|| -> Result<(String, Duration), String> {
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"POST /attach HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n{")
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).map_err(|e| e.to_string())?;
+        Ok((
+            String::from_utf8_lossy(&head[9..12]).to_string(),
+            t.elapsed(),
+        ))
+    })??;
+    assert_eq!(status, "401");
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
     let _ = std::fs::remove_file(&token_file);
     Ok(())
 }
