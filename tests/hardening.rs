@@ -956,3 +956,60 @@ fn largest_queries_at_100k_flows_lose_nothing_and_fit_the_memory_limit() -> Test
     );
     Ok(())
 }
+
+/// An `ipset` that never answers (a wedged netfilter) costs each sync its 5 s deadline, no
+/// more: the agent gets ready, stays healthy and keeps attaching new veths.
+#[test]
+fn a_hung_ipset_does_not_hold_the_sync_loop() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let dir = std::env::temp_dir().join(format!("tracer-hung-ipset-{}", lab.prefix));
+    std::fs::create_dir_all(&dir)?;
+    let fake = dir.join("ipset");
+    std::fs::write(&fake, "#!/bin/sh\nexec sleep 120\n")?;
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let result = (|| -> TestResult {
+        let mut agent = Agent::launch(
+            &lab.node,
+            &format!("127.0.0.1:{}", common::AGENT_PORT),
+            &["--pool", "10.244.0.0/16"],
+            &common::Launch {
+                env: &[("PATH", path.as_str())],
+                ..Default::default()
+            },
+        )?;
+        agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+        let (s, h) = agent.get(&lab.node, "/healthz")?;
+        assert_eq!(s, 200, "{h}");
+        assert_eq!(h["pools"]["source"], "flags", "{h}");
+        assert_eq!(h["checks"]["node_sync"], "ok", "{h}");
+        let veth = format!(
+            "cali{}hung",
+            &lab.prefix[lab.prefix.len().saturating_sub(6)..]
+        );
+        lab.node.ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "hungpeer0",
+        ])?;
+        lab.node.ip(&["link", "set", &veth, "up"])?;
+        agent.wait_attached(&lab.node, &[veth.as_str()])?;
+        assert!(
+            agent.log().contains("ipset did not answer in time"),
+            "{}",
+            agent.log()
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
