@@ -151,7 +151,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         std::thread::Builder::new()
             .name("ring-reader".into())
             .spawn(move || {
-                let _exit = ReaderExit(&shared);
+                let _exit = ReaderExit(&shared, &stop);
                 read_events(ring, &shared, &stop, fault);
             })
             .map_err(AgentError::RingBuf)?
@@ -204,12 +204,14 @@ fn check_exposure(cfg: &AgentConfig) -> Result<(), AgentError> {
 }
 
 /// Marks the reader stopped however its thread ends, a panic included.
-struct ReaderExit<'a>(&'a Shared);
+struct ReaderExit<'a>(&'a Shared, &'a AtomicBool);
 
 impl Drop for ReaderExit<'_> {
     fn drop(&mut self) {
         self.0.liveness().reader_exited();
-        tracing::error!("the ring-buffer reader stopped");
+        if !self.1.load(Ordering::Relaxed) {
+            tracing::error!("the ring-buffer reader stopped; /healthz now fails");
+        }
     }
 }
 
@@ -239,6 +241,8 @@ impl Syncs {
 
 /// How long reading felix's ipsets may take in all: a hung `ipset` must not hold the sync loop.
 const POOLS_DEADLINE: Duration = Duration::from_secs(5);
+/// How long the netlink dump of links, addresses and routes may take.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Re-reads the node and makes the attachments match the roles; false when it could not.
 async fn sync(
@@ -247,10 +251,14 @@ async fn sync(
     hooks: &mut Hooks,
     shared: &Shared,
 ) -> bool {
-    let facts = match netlink::snapshot(handle).await {
-        Ok(f) => f,
-        Err(e) => {
+    let facts = match tokio::time::timeout(SNAPSHOT_DEADLINE, netlink::snapshot(handle)).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "reading interfaces failed; keeping the previous view");
+            return false;
+        }
+        Err(_) => {
+            tracing::warn!("reading interfaces timed out; keeping the previous view");
             return false;
         }
     };
