@@ -344,3 +344,212 @@ fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
     assert_eq!(h["attached"].as_array().map(Vec::len), Some(0), "{h}");
     Ok(())
 }
+
+/// Keys of a JSON object, sorted.
+fn keys(v: &serde_json::Value) -> Vec<String> {
+    let mut k: Vec<String> = v
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    k.sort();
+    k
+}
+
+#[test]
+fn probes_without_the_token_tell_status_only() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let token_file = std::env::temp_dir().join(format!("tracer-token-{}", lab.prefix));
+    std::fs::write(&token_file, "probe-token\n")?;
+    let token_arg = token_file.to_string_lossy().to_string();
+    let mut agent = Agent::start(&lab.node, &["--token-file", &token_arg])?;
+    // With the token the detail is there: wait until the pod's veth is attached.
+    agent.token = Some("probe-token".into());
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let (_, full) = agent.get(&lab.node, "/healthz")?;
+    assert!(full["pools"].is_object(), "{full}");
+    agent.token = None;
+    let (s, h) = agent.get(&lab.node, "/healthz")?;
+    assert_eq!(s, 200, "{h}");
+    assert_eq!(keys(&h), ["checks", "ready", "status"], "{h}");
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["checks"]["reader"], "ok", "{h}");
+    assert_eq!(h["checks"]["node_sync"], "ok", "{h}");
+    let (s, r) = agent.get(&lab.node, "/readyz")?;
+    assert_eq!((s, keys(&r)), (200, vec!["ready".to_string()]), "{r}");
+    // Nothing of the node: no interface (which pod runs here), no pool, no error text.
+    for body in [h.to_string(), r.to_string()] {
+        for secret in [lab.pod.veth.as_str(), "eth0", "10.244.", "error"] {
+            assert!(!body.contains(secret), "{secret} in {body}");
+        }
+    }
+    // A client without the token is refused before its body is read: a promised body that
+    // never comes costs the agent nothing and gets its 401 at once.
+    let (status, waited) = lab.node.run(|| -> Result<(String, Duration), String> {
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"POST /attach HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n{")
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).map_err(|e| e.to_string())?;
+        Ok((
+            String::from_utf8_lossy(&head[9..12]).to_string(),
+            t.elapsed(),
+        ))
+    })??;
+    assert_eq!(status, "401");
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    let _ = std::fs::remove_file(&token_file);
+    Ok(())
+}
+
+/// `/healthz` answers 503 once the ring reader is gone, so that the kubelet restarts the agent.
+/// The failure is injected with the test hook TRACER_TEST_FAULT (docs/api.md).
+#[test]
+fn healthz_fails_when_the_ring_reader_dies_or_stalls() -> TestResult {
+    for (fault, state) in [("reader-exits", "stopped"), ("reader-stalls", "stalled")] {
+        let lab = SingleNode::build(&SingleNode::healthy())?;
+        let mut agent = Agent::launch(
+            &lab.node,
+            &format!("127.0.0.1:{AGENT_PORT}"),
+            &[],
+            &common::Launch {
+                env: &[("TRACER_TEST_FAULT", fault)],
+                ..Default::default()
+            },
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let last = loop {
+            if let Some(st) = agent.exited() {
+                return Err(format!("{fault}: agent exited ({st}): {}", agent.log()).into());
+            }
+            let answer = agent.get(&lab.node, "/healthz");
+            if let Ok((503, h)) = &answer {
+                if h["checks"]["reader"] == state {
+                    break h.clone();
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{fault}: /healthz never failed: {answer:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(last["status"], "failing", "{fault}: {last}");
+        let (s, r) = agent.get(&lab.node, "/readyz")?;
+        assert_eq!(s, 503, "{fault}: not ready while failing: {r}");
+        // The API itself still answers.
+        let (s, _) = agent.raw(&lab.node, "GET", "/metrics", None, &[])?;
+        assert_eq!(s, 200, "{fault}");
+    }
+    Ok(())
+}
+
+#[test]
+fn non_loopback_listen_needs_a_token_or_insecure() -> TestResult {
+    let ns = tracer_lab::netns::Netns::create(&format!(
+        "{}-insecure",
+        tracer_lab::netns::unique_prefix()
+    ))?;
+    let listen = format!("0.0.0.0:{AGENT_PORT}");
+    let mut refused = Agent::start_on(&ns, &listen, &[])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = refused.exited() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("agent served {listen} without a token: {}", refused.log()).into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    assert!(refused.log().contains("--insecure"), "{}", refused.log());
+    drop(refused);
+    // The operator's explicit choice is honoured.
+    let mut agent = Agent::start_on(&ns, &listen, &["--insecure"])?;
+    agent.wait_ready(&ns)?;
+    Ok(())
+}
+
+#[test]
+fn watchers_beyond_the_cap_get_429() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let mut agent = Agent::start(&lab.node, &["--max-watchers", "2"])?;
+    agent.wait_ready(&lab.node)?;
+    let open = |n: usize| -> Result<Vec<TcpStream>, Box<dyn std::error::Error>> {
+        let streams = lab.node.run(move || -> Result<Vec<TcpStream>, String> {
+            let mut v = Vec::new();
+            for _ in 0..n {
+                let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)))
+                    .map_err(|e| e.to_string())?;
+                write!(s, "GET /watch HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .map_err(|e| e.to_string())?;
+                let mut head = [0u8; 12];
+                s.read_exact(&mut head).map_err(|e| e.to_string())?;
+                if &head[9..12] != b"200" {
+                    return Err(String::from_utf8_lossy(&head).to_string());
+                }
+                v.push(s);
+            }
+            Ok(v)
+        })??;
+        Ok(streams)
+    };
+    let watchers = open(2)?;
+    let (s, v) = agent.get(&lab.node, "/watch")?;
+    assert_eq!(s, 429, "{v}");
+    assert_eq!(v["status"], 429, "{v}");
+    // A watcher that hangs up frees its slot.
+    drop(watchers);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match open(1) {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn idle_keep_alive_connections_are_closed() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let mut agent = Agent::start(&lab.node, &[])?;
+    agent.wait_ready(&lab.node)?;
+    let closed_after = lab.node.run(|| -> Result<Duration, String> {
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)))
+            .map_err(|e| e.to_string())?;
+        // One keep-alive request, then silence.
+        write!(s, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(40)))
+            .map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(start.elapsed()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Ok(start.elapsed())
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "still open after {:?} ({e}); got {}",
+                        start.elapsed(),
+                        String::from_utf8_lossy(&got)
+                    ))
+                }
+            }
+        }
+    })??;
+    assert!(
+        closed_after >= Duration::from_secs(5) && closed_after < Duration::from_secs(20),
+        "closed after {closed_after:?}"
+    );
+    Ok(())
+}

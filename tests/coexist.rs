@@ -372,20 +372,29 @@ fn tracer_sees_the_wire_side_of_another_programs_nat() -> R {
         // a pings an address b does not have (a static neighbour sends it to vb); the DNAT
         // stand-in turns it into b's own address.
         let mac = p.b.exec(&["cat", "/sys/class/net/vb/address"])?;
-        p.a.ip(&["neigh", "replace", "10.77.0.50", "lladdr", mac.trim(), "dev", "va"])?;
+        p.a.ip(&[
+            "neigh",
+            "replace",
+            "10.77.0.50",
+            "lladdr",
+            mac.trim(),
+            "dev",
+            "va",
+        ])?;
         records(&mut t, vb);
-        let out = p
-            .a
-            .command("ping")
-            .args(["-c", "3", "-i", "0.05", "-W", "1", "10.77.0.50"])
-            .output();
+        let out =
+            p.a.command("ping")
+                .args(["-c", "3", "-i", "0.05", "-W", "1", "10.77.0.50"])
+                .output();
         drop(out);
         assert!(seen(&mut dnat, 3)? >= 3 && seen(&mut snat, 3)? >= 3);
         let recs = records(&mut t, vb);
         let arrived: Vec<_> = recs.iter().filter(|o| o.dir == Dir::Ingress).collect();
         let left: Vec<_> = recs.iter().filter(|o| o.dir == Dir::Egress).collect();
         assert!(
-            arrived.iter().any(|o| o.outer.dst.to_string() == "10.77.0.50"),
+            arrived
+                .iter()
+                .any(|o| o.outer.dst.to_string() == "10.77.0.50"),
             "{backend:?}: tracer saw the destination before DNAT: {recs:?}"
         );
         assert!(

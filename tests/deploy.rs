@@ -1,12 +1,14 @@
 //! deploy/ says what the binary does: the DaemonSet's arguments parse with the real CLI, its
-//! probes hit endpoints a real agent serves without a token, its port matches the Service, and it
-//! asks for exactly the capabilities tracer needs and no privileged mode.
+//! probes hit endpoints a real agent serves without a token, its port matches the Service, it
+//! asks for exactly the capabilities tracer needs (and a real agent holding only those traces
+//! paths and drops), no privileged mode, no writable host path, the runtime's seccomp filter and
+//! a priority that outlives the workloads.
 mod common;
 
 use std::collections::BTreeSet;
 
 use clap::Parser;
-use common::{Agent, TestResult};
+use common::{has_verdict, probe_apiserver_and_wait, Agent, Launch, TestResult};
 use tracer_lab::topo::SingleNode;
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -50,12 +52,20 @@ fn daemonset_matches_the_binary() -> TestResult {
         c["ports"][0]["containerPort"].as_i64(),
         Some(i64::from(port))
     );
-    let token_path = agent_args.token_file.ok_or("no --token-file")?;
+    let token_path = agent_args.token_file.clone().ok_or("no --token-file")?;
+    // The API is on the node network: it must not be open without a token.
+    assert!(!agent_args.listen.ip().is_loopback());
+    assert!(
+        !agent_args.insecure,
+        "the DaemonSet must not pass --insecure"
+    );
 
-    // Capabilities: exactly these, everything else dropped, never privileged.
+    // Capabilities: exactly these, everything else dropped, never privileged. Not
+    // SYS_RESOURCE: kernels >= 5.11 charge BPF memory to the memory cgroup (checked below by
+    // running the agent with only these).
     let sc = &c["securityContext"];
     let add: BTreeSet<String> = strings(&sc["capabilities"]["add"]).into_iter().collect();
-    let want: BTreeSet<String> = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]
+    let want: BTreeSet<String> = ["BPF", "NET_ADMIN", "PERFMON"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -76,7 +86,7 @@ fn daemonset_matches_the_binary() -> TestResult {
                 .collect()
         })
         .unwrap_or_default();
-    for need in ["/sys/fs/bpf", "/sys/kernel/tracing", "/sys/kernel/btf"] {
+    for need in ["/sys/kernel/tracing", "/sys/kernel/btf"] {
         assert!(
             mounts.iter().any(|m| m == need),
             "{need} not mounted: {mounts:?}"
@@ -85,6 +95,27 @@ fn daemonset_matches_the_binary() -> TestResult {
     assert!(
         mounts.iter().any(|m| token_path.starts_with(m)),
         "token {token_path:?} not mounted: {mounts:?}"
+    );
+    // The agent pins nothing, so it needs no bpffs; every mount is read-only.
+    assert!(
+        !mounts.iter().any(|m| m.starts_with("/sys/fs/bpf")),
+        "bpffs mounted: {mounts:?}"
+    );
+    for m in c["volumeMounts"].as_vec().into_iter().flatten() {
+        assert_eq!(m["readOnly"].as_bool(), Some(true), "writable mount {m:?}");
+    }
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+
+    // The runtime's syscall filter, for the pod or the container.
+    let seccomp = |y: &Yaml| y["seccompProfile"]["type"].as_str().map(String::from);
+    assert_eq!(
+        seccomp(sc).or_else(|| seccomp(&pod["securityContext"])),
+        Some("RuntimeDefault".to_string())
+    );
+    // Not evicted before the workloads it explains.
+    assert_eq!(
+        pod["priorityClassName"].as_str(),
+        Some("system-node-critical")
     );
 
     // The headless Service selects these pods on the agent's port.
@@ -117,13 +148,61 @@ fn daemonset_matches_the_binary() -> TestResult {
         }
     }
 
-    // The probes answer on a real agent started the same way (with a token), without one.
+    // A real agent started the same way (with a token), holding only the manifest's
+    // capabilities (a root process gets no more than its bounding set, as in the container).
     let lab = SingleNode::build(&SingleNode::healthy())?;
     let token_file = std::env::temp_dir().join(format!("tracer-deploy-token-{}", lab.prefix));
     std::fs::write(&token_file, "deploy-test-token")?;
     let token_arg = token_file.to_string_lossy().to_string();
-    let mut agent = Agent::start(&lab.node, &["--token-file", &token_arg])?;
+    let bounding = std::iter::once("-all".to_string())
+        .chain(add.iter().map(|c| format!("+{}", c.to_ascii_lowercase())))
+        .collect::<Vec<_>>()
+        .join(",");
+    // `ip netns exec` remounts /sys, hiding tracefs; the kubelet's host-path mount is played by
+    // mounting it before the capabilities go (the agent itself cannot: no CAP_SYS_ADMIN).
+    // RLIMIT_MEMLOCK is cut to 64 KiB, far below the 8 MiB ring: BPF memory is charged to the
+    // memory cgroup, so without CAP_SYS_RESOURCE (to raise the limit) nothing changes.
+    let wrapper = [
+        "sh",
+        "-c",
+        "mount -t tracefs tracefs /sys/kernel/tracing && ulimit -l 64 && exec \"$@\"",
+        "sh",
+        "setpriv",
+        "--bounding-set",
+        bounding.as_str(),
+        "--inh-caps",
+        "-all",
+        "--",
+    ];
+    let mut agent = Agent::launch(
+        &lab.node,
+        "127.0.0.1:9464",
+        &["--token-file", &token_arg],
+        &Launch {
+            wrapper: &wrapper,
+            ..Default::default()
+        },
+    )?;
     agent.wait_ready(&lab.node)?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .ok_or("no CapEff")?;
+    // CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
+    assert_eq!(
+        u64::from_str_radix(cap_eff, 16)?,
+        (1 << 12) | (1 << 38) | (1 << 39),
+        "the agent holds more than the manifest's capabilities"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid()))?;
+    let memlock = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .ok_or("no memlock limit")?;
+    assert!(memlock.contains(" 65536 "), "{memlock}");
+    // The probes answer without a token.
     for probe in ["livenessProbe", "readinessProbe"] {
         let get = &c[probe]["httpGet"];
         assert_eq!(get["port"].as_i64(), Some(i64::from(port)), "{probe}");
@@ -131,6 +210,19 @@ fn daemonset_matches_the_binary() -> TestResult {
         let (status, body) = agent.get(&lab.node, path)?;
         assert_eq!(status, 200, "{probe} {path}: {body}");
     }
+    // With only those capabilities it attaches, traces drops, and follows a flow through NAT.
+    agent.token = Some("deploy-test-token".into());
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let (_, health) = agent.get(&lab.node, "/healthz")?;
+    assert_eq!(health["drops"]["enabled"], true, "{health}");
+    assert_eq!(health["pools"]["source"], "ipset", "{health}");
+    probe_apiserver_and_wait(
+        &agent,
+        &lab,
+        &format!("dst={}&proto=tcp", lab.config.apiserver_ip),
+        std::time::Duration::from_secs(10),
+        |f| has_verdict(f, "snat_applied"),
+    )?;
     let _ = std::fs::remove_file(&token_file);
     Ok(())
 }

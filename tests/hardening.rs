@@ -509,3 +509,507 @@ fn api_under_load_answers_without_errors_and_keeps_tracing() -> TestResult {
     eprintln!("wrk against /flows?dst= with 10k flows:\n{text}");
     Ok(())
 }
+
+/// Lets this test process (and the agents it starts) hold a thousand sockets.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a valid rlimit of this process.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max.min(16384);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// GET `path` (with `token`) from the agent on 127.0.0.1 in `ns`; the body is counted, not kept.
+/// Returns status, body length and the body's last 200 bytes.
+fn get_counted(
+    ns: &tracer_lab::netns::Netns,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, usize, String), Box<dyn std::error::Error>> {
+    use std::io::{Read, Write};
+    let req = common::build_request(
+        "GET",
+        path,
+        None,
+        &token
+            .map(|t| format!("Authorization: Bearer {t}"))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let r = ns.run(move || -> Result<(u16, usize, String), String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], common::AGENT_PORT));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 16];
+        let (mut total, mut head, mut tail) = (0usize, Vec::new(), Vec::new());
+        loop {
+            let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            if head.len() < 512 {
+                head.extend_from_slice(&buf[..n.min(512)]);
+            }
+            tail.extend_from_slice(&buf[..n]);
+            if tail.len() > 400 {
+                tail.drain(..tail.len() - 200);
+            }
+            total += n;
+        }
+        let status = String::from_utf8_lossy(&head)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let keep = tail.len().min(200);
+        Ok((
+            status,
+            total,
+            String::from_utf8_lossy(&tail[tail.len() - keep..]).to_string(),
+        ))
+    })??;
+    Ok(r)
+}
+
+/// Sends one datagram on each of `n` connected UDP sockets from the pod, to 1000 addresses
+/// beyond the gateway, at about 25k flows/s (so the reader keeps up): `n` flows.
+fn udp_flows_paced(lab: &SingleNode, n: u64) -> TestResult {
+    lab.pod.netns.run(move || -> std::io::Result<()> {
+        let start = Instant::now();
+        for k in 0..n {
+            let d = k % 1000;
+            let dst = SocketAddr::from((
+                [10, 50, (d >> 8) as u8, d as u8],
+                10_000 + (k / 1000) as u16,
+            ));
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(dst)?;
+            let _ = s.send(&[0u8; 32]);
+            if k % 256 == 0 {
+                let due = Duration::from_secs_f64(k as f64 / 25_000.0);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        Ok(())
+    })??;
+    Ok(())
+}
+
+/// The agent's memory limit in deploy/daemonset.yaml, in KiB.
+fn daemonset_memory_limit_kib() -> Result<u64, Box<dyn std::error::Error>> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(path)?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("memory:") && l.ends_with("Mi") && !l.contains("64Mi"))
+        .ok_or("no memory limit in the DaemonSet")?;
+    let mib: u64 = line["memory:".len()..]
+        .trim()
+        .trim_end_matches("Mi")
+        .parse()?;
+    Ok(mib * 1024)
+}
+
+fn lost_records(agent: &Agent, lab: &SingleNode) -> Result<f64, Box<dyn std::error::Error>> {
+    let (_, m) = agent.raw(&lab.node, "GET", "/metrics", None, &[])?;
+    let m = String::from_utf8(m)?;
+    metric(&m, "tracer_kernel_records_lost_total")
+        .ok_or_else(|| format!("no lost counter: {m}").into())
+}
+
+/// A thousand clients from the node network that never finish their headers: the agent keeps
+/// answering its probes, closes them itself, still attaches a new pod's veth, and loses no
+/// record meanwhile.
+#[test]
+fn half_open_connections_are_shed_and_probes_still_answer() -> TestResult {
+    raise_fd_limit();
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let token_file = std::env::temp_dir().join(format!("tracer-slow-token-{}", lab.prefix));
+    std::fs::write(&token_file, "slow-token")?;
+    let token_arg = token_file.to_string_lossy().to_string();
+    let mut agent = Agent::start_on(
+        &lab.node,
+        &format!("0.0.0.0:{}", common::AGENT_PORT),
+        &["--token-file", &token_arg],
+    )?;
+    agent.token = Some("slow-token".into());
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let fds_before = agent.fds();
+    // The attackers: the apiserver's host, a neighbour on the node's LAN.
+    let target = SocketAddr::new(lab.node_ip()?.into(), common::AGENT_PORT);
+    let opened = Instant::now();
+    let attackers = lab
+        .apiserver
+        .run(move || -> Result<Vec<std::net::TcpStream>, String> {
+            use std::io::Write;
+            let mut v = Vec::with_capacity(1000);
+            for _ in 0..1000 {
+                let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                    .map_err(|e| e.to_string())?;
+                // Headers begun, never finished.
+                let _ = s.write_all(b"GET /flows HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+                v.push(s);
+            }
+            Ok(v)
+        })??;
+    // Probes from the node itself keep answering, and quickly.
+    for _ in 0..5 {
+        let t = Instant::now();
+        let (s, h) = agent.get(&lab.node, "/healthz")?;
+        assert_eq!(s, 200, "{h}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "healthz took {:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A pod started now still gets traced.
+    let veth = format!(
+        "cali{}slow",
+        &lab.prefix[lab.prefix.len().saturating_sub(6)..]
+    );
+    lab.node.ip(&[
+        "link",
+        "add",
+        &veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "slowpeer0",
+    ])?;
+    lab.node.ip(&["link", "set", &veth, "up"])?;
+    agent.wait_attached(&lab.node, &[veth.as_str()])?;
+    // The agent closes every one of them itself (header timeout, or refused beyond the cap).
+    let mut open: Vec<std::net::TcpStream> = attackers;
+    for s in &open {
+        s.set_nonblocking(true)?;
+    }
+    let deadline = opened + Duration::from_secs(40);
+    let mut buf = [0u8; 512];
+    while !open.is_empty() {
+        open.retain_mut(|s| loop {
+            match std::io::Read::read(s, &mut buf) {
+                Ok(0) => return false,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
+            }
+        });
+        if Instant::now() > deadline {
+            return Err(format!("{} connections still open after 40 s", open.len()).into());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!(
+        "all 1000 half-open connections closed by the agent within {:?}",
+        opened.elapsed()
+    );
+    assert_eq!(lost_records(&agent, &lab)?, 0.0);
+    let (_, m) = agent.raw(&lab.node, "GET", "/metrics", None, &[])?;
+    let m = String::from_utf8(m)?;
+    assert!(
+        metric(&m, "tracer_api_connections_rejected_total").unwrap_or(0.0) > 0.0,
+        "beyond the cap, connections are refused: {m}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent.fds() <= fds_before + 8,
+        "fds {fds_before} -> {}",
+        agent.fds()
+    );
+    let _ = std::fs::remove_file(&token_file);
+    Ok(())
+}
+
+/// Fifty `/watch` clients (half of which never read) through a flood of new flows: the agent's
+/// memory stays bounded.
+#[test]
+fn fifty_watchers_through_a_flood_stay_bounded() -> TestResult {
+    raise_fd_limit();
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let mut agent = Agent::start(&lab.node, &["--max-watchers", "50"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_before = agent.rss_kib();
+    let watchers = lab
+        .node
+        .run(|| -> Result<Vec<std::net::TcpStream>, String> {
+            use std::io::{Read, Write};
+            let mut v = Vec::new();
+            for _ in 0..50 {
+                let addr = SocketAddr::from(([127, 0, 0, 1], common::AGENT_PORT));
+                let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+                s.write_all(b"GET /watch HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .map_err(|e| e.to_string())?;
+                let mut head = [0u8; 12];
+                s.read_exact(&mut head).map_err(|e| e.to_string())?;
+                if &head[9..12] != b"200" {
+                    return Err(String::from_utf8_lossy(&head).to_string());
+                }
+                v.push(s);
+            }
+            Ok(v)
+        })??;
+    let (s, _) = agent.get(&lab.node, "/watch")?;
+    assert_eq!(s, 429, "the 51st watcher is refused");
+    // Half the watchers read everything, half never read.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    let mut idle = Vec::new();
+    let mut received = Vec::new();
+    for (i, mut s) in watchers.into_iter().enumerate() {
+        if i % 2 == 1 {
+            idle.push(s);
+            continue;
+        }
+        let stop = stop.clone();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        received.push(count.clone());
+        readers.push(std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = std::io::Read::read(&mut s, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let mut peak = 0;
+    for _ in 0..4 {
+        udp_flows_paced(&lab, 10_000)?;
+        peak = peak.max(agent.rss_kib());
+    }
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        peak = peak.max(agent.rss_kib());
+    }
+    let (s, h) = agent.get(&lab.node, "/healthz")?;
+    assert_eq!(s, 200, "{h}");
+    let flows = h["flows"]["flows"].as_u64().unwrap_or(0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        let _ = r.join();
+    }
+    drop(idle);
+    let got: u64 = received
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let growth = peak.saturating_sub(rss_before);
+    eprintln!(
+        "50 watchers, {flows} flows: RSS {rss_before} KiB -> peak {peak} KiB; readers got {got} bytes"
+    );
+    assert!(flows >= 30_000, "the flood made {flows} flows");
+    assert!(
+        got > 1_000_000,
+        "the reading watchers were served: {got} bytes"
+    );
+    // The table alone grows by ~0.5 KiB a flow (docs/benchmarks.md): 40k flows ~ 20 MiB.
+    assert!(growth < 64 * 1024, "RSS grew by {growth} KiB");
+    Ok(())
+}
+
+/// Four `/flows?limit=100000` and a `/metrics` at once, over a full table of 100k flows, while
+/// traffic flows: no record is lost, and the agent stays under the DaemonSet's memory limit.
+#[test]
+fn largest_queries_at_100k_flows_lose_nothing_and_fit_the_memory_limit() -> TestResult {
+    let limit_kib = daemonset_memory_limit_kib()?;
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let mut agent = Agent::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    udp_flows_paced(&lab, 100_000)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, h) = agent.get(&lab.node, "/healthz")?;
+        if h["flows"]["flows"].as_u64().unwrap_or(0) >= 95_000 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("flows never reached 100k: {}", h["flows"]).into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        lost_records(&agent, &lab)?,
+        0.0,
+        "lost while filling the table"
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (results, peak, elapsed) = std::thread::scope(|sc| {
+        // New flows keep the reader busy meanwhile (about 2,000 a second).
+        let traffic = {
+            let stop = stop.clone();
+            let lab = &lab;
+            sc.spawn(move || {
+                lab.pod.netns.run(move || {
+                    let Ok(s) = UdpSocket::bind("0.0.0.0:0") else {
+                        return;
+                    };
+                    let mut k = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        for _ in 0..100 {
+                            let dst = SocketAddr::from((
+                                [10, 60, (k >> 8) as u8, k as u8],
+                                30_000 + (k % 1000) as u16,
+                            ));
+                            let _ = s.send_to(b"tracer-load", dst);
+                            k = k.wrapping_add(1);
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                })
+            })
+        };
+        let stop = &*stop;
+        let pid = agent.pid();
+        let sampler = sc.spawn(move || {
+            let mut peak = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find(|l| l.starts_with("VmRSS:"))
+                            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                    })
+                    .unwrap_or(0);
+                peak = peak.max(rss);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        let t = Instant::now();
+        let queries: Vec<_> = (0..5)
+            .map(|i| {
+                let lab = &lab;
+                sc.spawn(move || {
+                    let path = if i < 4 {
+                        "/flows?limit=100000"
+                    } else {
+                        "/metrics"
+                    };
+                    (
+                        path,
+                        get_counted(&lab.node, path, None).map_err(|e| e.to_string()),
+                    )
+                })
+            })
+            .collect();
+        let results: Vec<_> = queries.into_iter().filter_map(|h| h.join().ok()).collect();
+        let elapsed = t.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = sampler.join().unwrap_or(0);
+        let _ = traffic.join();
+        (results, peak, elapsed)
+    });
+    // New traffic is still traced during and after.
+    still_traces(
+        &agent,
+        &lab,
+        &format!("dst={}&proto=tcp", lab.config.apiserver_ip),
+        Duration::from_secs(10),
+        "snat_applied",
+    )?;
+    assert_eq!(results.len(), 5);
+    for (path, r) in &results {
+        let (status, len, tail) = r.as_ref().map_err(|e| format!("{path}: {e}"))?;
+        assert_eq!(*status, 200, "{path}");
+        if path.starts_with("/flows") {
+            assert!(*len > 10_000_000, "{path}: only {len} bytes");
+            assert!(
+                tail.ends_with("\"truncated\":false}") || tail.contains("\"truncated\":false"),
+                "{path}: {tail}"
+            );
+        }
+        eprintln!("{path}: {len} bytes");
+    }
+    eprintln!("5 queries in {elapsed:?}; agent RSS peak {peak} KiB (limit {limit_kib} KiB)");
+    assert_eq!(
+        lost_records(&agent, &lab)?,
+        0.0,
+        "records lost during the queries"
+    );
+    assert!(
+        peak < limit_kib,
+        "RSS peak {peak} KiB over the limit {limit_kib} KiB"
+    );
+    Ok(())
+}
+
+/// An `ipset` that never answers (a wedged netfilter) costs each sync its 5 s deadline, no
+/// more: the agent gets ready, stays healthy and keeps attaching new veths.
+#[test]
+fn a_hung_ipset_does_not_hold_the_sync_loop() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let dir = std::env::temp_dir().join(format!("tracer-hung-ipset-{}", lab.prefix));
+    std::fs::create_dir_all(&dir)?;
+    let fake = dir.join("ipset");
+    std::fs::write(&fake, "#!/bin/sh\nexec sleep 120\n")?;
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let result = (|| -> TestResult {
+        let mut agent = Agent::launch(
+            &lab.node,
+            &format!("127.0.0.1:{}", common::AGENT_PORT),
+            &["--pool", "10.244.0.0/16"],
+            &common::Launch {
+                env: &[("PATH", path.as_str())],
+                ..Default::default()
+            },
+        )?;
+        agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+        let (s, h) = agent.get(&lab.node, "/healthz")?;
+        assert_eq!(s, 200, "{h}");
+        assert_eq!(h["pools"]["source"], "flags", "{h}");
+        assert_eq!(h["checks"]["node_sync"], "ok", "{h}");
+        let veth = format!(
+            "cali{}hung",
+            &lab.prefix[lab.prefix.len().saturating_sub(6)..]
+        );
+        lab.node.ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "hungpeer0",
+        ])?;
+        lab.node.ip(&["link", "set", &veth, "up"])?;
+        agent.wait_attached(&lab.node, &[veth.as_str()])?;
+        assert!(
+            agent.log().contains("ipset did not answer in time"),
+            "{}",
+            agent.log()
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

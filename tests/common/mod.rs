@@ -22,6 +22,16 @@ pub struct Agent {
     done: bool,
     ns: String,
     log: std::path::PathBuf,
+    /// Sent as `Authorization: Bearer` with every request that does not carry its own.
+    pub token: Option<String>,
+}
+
+/// How to start an agent beyond its arguments.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Command (and arguments) the agent runs under, e.g. `setpriv --bounding-set ...`.
+    pub wrapper: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl Agent {
@@ -36,28 +46,45 @@ impl Agent {
         listen: &str,
         extra: &[&str],
     ) -> Result<Agent, Box<dyn std::error::Error>> {
+        Agent::launch(ns, listen, extra, &Launch::default())
+    }
+
+    /// Like [`Agent::start_on`], under a wrapper command and with extra environment.
+    pub fn launch(
+        ns: &Netns,
+        listen: &str,
+        extra: &[&str],
+        how: &Launch<'_>,
+    ) -> Result<Agent, Box<dyn std::error::Error>> {
         let log = std::env::temp_dir().join(format!("tracer-agent-{}.log", ns.name()));
         let file = std::fs::File::create(&log)?;
         let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            ns.name(),
-            env!("CARGO_BIN_EXE_tracer"),
-            "agent",
-        ])
-        .args(["--listen", listen])
-        .args(extra)
-        .env("TRACER_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(file));
+        cmd.args(["netns", "exec", ns.name()])
+            .args(how.wrapper)
+            .args([env!("CARGO_BIN_EXE_tracer"), "agent"])
+            .args(["--listen", listen])
+            .args(extra)
+            .env("TRACER_LOG", "info")
+            .envs(how.env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file));
         let child = cmd.spawn()?;
         Ok(Agent {
             child,
             done: false,
             ns: ns.name().to_string(),
             log,
+            token: None,
         })
+    }
+
+    /// The process has exited (and is reaped): its status.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let st = self.child.try_wait().ok().flatten();
+        if st.is_some() {
+            self.done = true;
+        }
+        st
     }
 
     pub fn pid(&self) -> u32 {
@@ -87,7 +114,7 @@ impl Agent {
     pub fn wait_ready(&mut self, ns: &Netns) -> TestResult {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.exited() {
                 return Err(format!("agent exited ({status}); log:\n{}", self.log()).into());
             }
             if let Ok((200, _)) = self.get(ns, "/readyz") {
@@ -150,7 +177,20 @@ impl Agent {
         body: Option<&str>,
         headers: &[&str],
     ) -> Result<(u16, Vec<u8>), Box<dyn std::error::Error>> {
-        let req = build_request(method, path, body, headers);
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}"));
+        let mut all: Vec<&str> = headers.to_vec();
+        if let Some(a) = &auth {
+            if !headers
+                .iter()
+                .any(|h| h.to_ascii_lowercase().starts_with("authorization:"))
+            {
+                all.push(a);
+            }
+        }
+        let req = build_request(method, path, body, &all);
         let r = ns.run(move || http_raw(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)), &req))?;
         r.map_err(|e| e.into())
     }
@@ -160,7 +200,7 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut last = String::new();
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.exited() {
                 return Err(format!("agent exited ({status}); log:\n{}", self.log()).into());
             }
             if let Ok((200, v)) = self.get(ns, "/healthz") {

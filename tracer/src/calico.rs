@@ -1,5 +1,5 @@
 //! Calico's view of the node: IP pools (from felix's ipsets) and which interface plays which role.
-use std::{net::IpAddr, process::Command};
+use std::{net::IpAddr, time::Duration};
 
 use serde::Serialize;
 use sha1::{Digest, Sha1};
@@ -30,6 +30,8 @@ pub enum CalicoError {
     BadIfaceName(String),
     #[error("running ipset: {0} (is the ipset tool installed?)")]
     IpsetExec(std::io::Error),
+    #[error("ipset did not answer in time; killed")]
+    IpsetTimeout,
     #[error("bad pool {0}")]
     BadPool(#[from] NetError),
 }
@@ -67,8 +69,11 @@ impl Pools {
 
 /// Reads felix's pool ipsets in the agent's network namespace. Pools given on the command line
 /// (`--pool`, `--masq-pool`) are added, which covers nodes where the sets do not exist.
-pub fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr]) -> Pools {
+/// `ipset` runs at most `deadline` in all (then it is killed and the sets count as unreadable):
+/// a wedged netfilter must not stop the sync loop.
+pub async fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr], deadline: Duration) -> Pools {
     let mut pools = Pools::default();
+    let until = tokio::time::Instant::now() + deadline;
     for (sets, dst_all) in [
         (ALL_POOLS_SETS_V4, true),
         (ALL_POOLS_SETS_V6, true),
@@ -77,7 +82,7 @@ pub fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr]) -> Pools {
     ] {
         let mut found = false;
         for set in sets {
-            match ipset_members(set) {
+            match ipset_members(set, until).await {
                 Ok(Some(members)) => {
                     found = true;
                     let target = if dst_all {
@@ -88,6 +93,9 @@ pub fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr]) -> Pools {
                     target.extend(members);
                 }
                 Ok(None) => {}
+                Err(e @ CalicoError::IpsetTimeout) => {
+                    tracing::warn!(set, error = %e, "cannot read ipset");
+                }
                 Err(e) => {
                     tracing::debug!(set, error = %e, "cannot read ipset");
                 }
@@ -123,10 +131,18 @@ pub fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr]) -> Pools {
 }
 
 /// Members of one ipset, `None` when the set does not exist.
-fn ipset_members(set: &str) -> Result<Option<Vec<Cidr>>, CalicoError> {
-    let out = Command::new("ipset")
+async fn ipset_members(
+    set: &str,
+    until: tokio::time::Instant,
+) -> Result<Option<Vec<Cidr>>, CalicoError> {
+    let run = tokio::process::Command::new("ipset")
         .args(["save", set])
-        .output()
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout_at(until, run)
+        .await
+        .map_err(|_| CalicoError::IpsetTimeout)?
         .map_err(CalicoError::IpsetExec)?;
     if !out.status.success() {
         return Ok(None);

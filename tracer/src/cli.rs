@@ -135,6 +135,17 @@ pub struct AgentArgs {
     /// File holding a bearer token every endpoint but /healthz and /readyz then requires.
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+    /// Serve a non-loopback --listen address without --token-file. Without this flag the agent
+    /// refuses to: anyone who can reach the address could read the node's traffic.
+    #[arg(long)]
+    pub insecure: bool,
+    /// API connections served at once; more are answered 503 and closed. 32 more are kept
+    /// for peers on the node itself (the kubelet's probes).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+    /// `/watch` streams open at once; more are refused with 429.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub max_watchers: u32,
     /// Ring buffer between kernel and agent, in bytes (power of two, >= 4096). Default 8 MiB.
     #[arg(long)]
     pub ringbuf_bytes: Option<u32>,
@@ -189,6 +200,11 @@ impl AgentArgs {
             summary_interval: self.summary_interval,
             tc_mode: self.tc_mode,
             kernel_flow_entries: self.kernel_flow_entries,
+            insecure: self.insecure,
+            api: crate::api::ApiLimits {
+                max_connections: self.max_connections as usize,
+                max_watchers: self.max_watchers as usize,
+            },
             ..Default::default()
         })
     }

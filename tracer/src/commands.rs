@@ -204,6 +204,10 @@ pub async fn watch(
         if v.get("heartbeat").is_some() {
             return true;
         }
+        if let Some(n) = v.get("skipped").and_then(|n| n.as_u64()) {
+            eprintln!("tracer: fell behind the agent; {n} changed flows were skipped");
+            return true;
+        }
         // iface/NAME: the stream carries every flow; keep those that crossed the interface.
         if !iface.is_empty() && kind != "pod" && kind != "po" && kind != "pods" {
             let crossed = v["path"]

@@ -21,6 +21,9 @@ fn main() -> ExitCode {
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Judging and rendering run on the blocking pool, a few jobs at a time (api::HEAVY_JOBS);
+        // the ring reader has its own thread.
+        .max_blocking_threads(16)
         .enable_all()
         .build()
     {

@@ -1,15 +1,29 @@
 //! The agent: hooks -> events -> flows -> diagnoses -> API, wired together on tokio.
 mod control;
+pub mod health;
 mod shared;
+mod stream;
 mod watch;
 
-use std::{collections::BTreeSet, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::sync::mpsc;
 
 pub use control::{AttachError, AttachTarget, Command};
+pub use health::Fault;
 pub use shared::{DropTracing, FlowsAnswer, NodeView, ReaderStats, Shared};
+pub use stream::FlowCursor;
 pub use watch::WatchState;
 
 use crate::{
@@ -36,6 +50,11 @@ pub enum AgentError {
     Token(String, std::io::Error),
     #[error("the token file {0} is empty")]
     EmptyToken(String),
+    #[error(
+        "refusing to serve the API on {0} without a token: anyone on that network could read \
+         the node's traffic. Give --token-file, listen on loopback, or pass --insecure"
+    )]
+    Insecure(SocketAddr),
 }
 
 /// Whether the agent attaches by itself or only when a client asks (POST /attach).
@@ -65,6 +84,9 @@ pub struct AgentConfig {
     pub tc_mode: TcMode,
     /// Entries of the kernel's per-hook flow and turn maps.
     pub kernel_flow_entries: u32,
+    /// Serve a non-loopback address without a token anyway.
+    pub insecure: bool,
+    pub api: api::ApiLimits,
 }
 
 impl Default for AgentConfig {
@@ -83,6 +105,8 @@ impl Default for AgentConfig {
             ringbuf_bytes: None,
             tc_mode: TcMode::Auto,
             kernel_flow_entries: 65_536,
+            insecure: false,
+            api: api::ApiLimits::default(),
         }
     }
 }
@@ -92,6 +116,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     if cfg.token.as_deref().is_some_and(str::is_empty) {
         return Err(AgentError::EmptyToken("(given)".into()));
     }
+    check_exposure(&cfg)?;
+    let fault = Fault::from_env();
     let (mut hooks, ring, counters) = Hooks::load_opts(LoadOptions {
         summary_interval_ns: Some(cfg.summary_interval.as_nanos() as u64),
         ringbuf_bytes: cfg.ringbuf_bytes,
@@ -144,19 +170,27 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     }
     let mut changes = netlink::watch()?;
 
-    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the AsyncFd
-    // (and the RingBuf inside it) is dropped.
-    let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| AgentError::RingBuf(std::io::Error::other(e.to_string())))?;
     let (cmd_tx, mut cmds) = mpsc::channel::<Command>(16);
     shared.set_commands(cmd_tx);
-    let reader = tokio::spawn(read_events(ring, shared.clone()));
-    let server = tokio::spawn(api::serve(listener, shared.clone()));
+    // The reader has a thread of its own: no API request, judging or sync can delay it.
+    let stop_reader = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (shared, stop) = (shared.clone(), stop_reader.clone());
+        std::thread::Builder::new()
+            .name("ring-reader".into())
+            .spawn(move || {
+                let _exit = ReaderExit(&shared, &stop);
+                read_events(ring, &shared, &stop, fault);
+            })
+            .map_err(AgentError::RingBuf)?
+    };
+    let server = tokio::spawn(api::serve(listener, shared.clone(), cfg.api.clone()));
 
     let mut resync = tokio::time::interval(cfg.resync);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
-    sync(&handle, &cfg, &mut hooks, &shared).await;
+    let mut syncs = Syncs { fault, done: 0 };
+    syncs.run(&handle, &cfg, &mut hooks, &shared).await;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -164,12 +198,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 // Coalesce a burst (a pod start creates a veth, addresses and routes at once).
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while changes.try_recv().is_ok() {}
-                sync(&handle, &cfg, &mut hooks, &shared).await;
+                syncs.run(&handle, &cfg, &mut hooks, &shared).await;
             }
-            _ = resync.tick() => sync(&handle, &cfg, &mut hooks, &shared).await,
+            _ = resync.tick() => syncs.run(&handle, &cfg, &mut hooks, &shared).await,
             Some(cmd) = cmds.recv() => {
                 // Act on the freshest view: the pod's veth may have just appeared.
-                sync(&handle, &cfg, &mut hooks, &shared).await;
+                syncs.run(&handle, &cfg, &mut hooks, &shared).await;
                 control::handle(cmd, &cfg, &mut hooks, &shared);
             }
             _ = tick.tick() => {
@@ -178,22 +212,85 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
     }
     tracing::info!("shutting down: detaching tc programs");
-    reader.abort();
     server.abort();
     hooks.detach_all();
+    // The reader wakes every READER_WAKE and then sees the flag.
+    stop_reader.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
     Ok(())
 }
 
-/// Re-reads the node and makes the attachments match the roles.
-async fn sync(handle: &rtnetlink::Handle, cfg: &AgentConfig, hooks: &mut Hooks, shared: &Shared) {
-    let facts = match netlink::snapshot(handle).await {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(error = %e, "reading interfaces failed; keeping the previous view");
+/// Without a token, only loopback is served unless the operator says otherwise.
+fn check_exposure(cfg: &AgentConfig) -> Result<(), AgentError> {
+    if cfg.token.is_none() && !cfg.listen.ip().is_loopback() {
+        if !cfg.insecure {
+            return Err(AgentError::Insecure(cfg.listen));
+        }
+        tracing::warn!(listen = %cfg.listen, "--insecure: serving the API without a token");
+    }
+    Ok(())
+}
+
+/// Marks the reader stopped however its thread ends, a panic included.
+struct ReaderExit<'a>(&'a Shared, &'a AtomicBool);
+
+impl Drop for ReaderExit<'_> {
+    fn drop(&mut self) {
+        self.0.liveness().reader_exited();
+        if !self.1.load(Ordering::Relaxed) {
+            tracing::error!("the ring-buffer reader stopped; /healthz now fails");
+        }
+    }
+}
+
+/// Node syncs, and the fault a test may inject into them.
+struct Syncs {
+    fault: Option<Fault>,
+    done: u64,
+}
+
+impl Syncs {
+    async fn run(
+        &mut self,
+        handle: &rtnetlink::Handle,
+        cfg: &AgentConfig,
+        hooks: &mut Hooks,
+        shared: &Shared,
+    ) {
+        if self.fault == Some(Fault::SyncStuck) && self.done > 0 {
             return;
         }
+        if sync(handle, cfg, hooks, shared).await {
+            self.done += 1;
+            shared.liveness().sync_done(mono_now_ns());
+        }
+    }
+}
+
+/// How long reading felix's ipsets may take in all: a hung `ipset` must not hold the sync loop.
+const POOLS_DEADLINE: Duration = Duration::from_secs(5);
+/// How long the netlink dump of links, addresses and routes may take.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Re-reads the node and makes the attachments match the roles; false when it could not.
+async fn sync(
+    handle: &rtnetlink::Handle,
+    cfg: &AgentConfig,
+    hooks: &mut Hooks,
+    shared: &Shared,
+) -> bool {
+    let facts = match tokio::time::timeout(SNAPSHOT_DEADLINE, netlink::snapshot(handle)).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading interfaces failed; keeping the previous view");
+            return false;
+        }
+        Err(_) => {
+            tracing::warn!("reading interfaces timed out; keeping the previous view");
+            return false;
+        }
     };
-    let pools = calico::read_pools(&cfg.pools, &cfg.masq_pools);
+    let pools = calico::read_pools(&cfg.pools, &cfg.masq_pools, POOLS_DEADLINE).await;
     let mut wanted = BTreeSet::new();
     // On-demand attachments stay while their interface exists.
     for a in hooks.attached() {
@@ -228,31 +325,37 @@ async fn sync(handle: &rtnetlink::Handle, cfg: &AgentConfig, hooks: &mut Hooks, 
         }
     }
     shared.update_node(facts, pools, hooks.attached());
+    true
 }
 
-/// How long the reader waits for records before noting that the ring is empty anyway: the
-/// rules trust "no reply" only up to the time the reader last emptied the ring.
-const READER_IDLE_TICK: Duration = Duration::from_millis(250);
-
-async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, shared: Arc<Shared>) {
+/// Drains the ring buffer into the flow table until `stop`; beats at every wake and batch, so
+/// `/healthz` tells an idle reader (beating) from a stuck one (silent).
+fn read_events(
+    mut ring: RingBuf<MapData>,
+    shared: &Shared,
+    stop: &AtomicBool,
+    fault: Option<Fault>,
+) {
     let mut batch: Vec<crate::events::Observation> = Vec::with_capacity(1024);
     let mut errors = 0u64;
-    loop {
-        let mut guard = match tokio::time::timeout(READER_IDLE_TICK, ring.readable_mut()).await {
-            Ok(Ok(g)) => g,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "ring buffer poll failed; reader stops");
+    let fd = ring.as_raw_fd();
+    let wake_ms = health::READER_WAKE.as_millis() as i32;
+    while !stop.load(Ordering::Relaxed) {
+        match fault {
+            Some(Fault::ReaderExits) => {
+                tracing::error!("test fault: the ring reader exits");
                 return;
             }
-            Err(_) => {
-                // Nothing became readable: everything written has been read.
-                shared.reader_idle(mono_now_ns());
+            Some(Fault::ReaderStalls) => {
+                // Alive but silent, as if stuck: it only watches for shutdown.
+                std::thread::sleep(health::READER_WAKE);
                 continue;
             }
-        };
-        let rb = guard.get_inner_mut();
+            _ => {}
+        }
+        shared.liveness().reader_beat(mono_now_ns());
         // Decode outside the table lock; ingest in batches to take the lock rarely.
-        while let Some(item) = rb.next() {
+        while let Some(item) = ring.next() {
             match crate::events::decode(&item) {
                 Ok(o) => batch.push(o),
                 Err(e) => {
@@ -263,14 +366,33 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, shared: Arc<Shared>) {
             if batch.len() >= 4096 {
                 shared.ingest(&batch, std::mem::take(&mut errors));
                 batch.clear();
+                shared.liveness().reader_beat(mono_now_ns());
             }
         }
         let drained_at = mono_now_ns();
-        guard.clear_ready();
         if !batch.is_empty() || errors > 0 {
             shared.ingest(&batch, std::mem::take(&mut errors));
             batch.clear();
         }
+        // The rules trust "no reply" only up to the time the ring was last emptied.
         shared.reader_drained(drained_at);
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the ring (and its fd) outlives the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, wake_ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                tracing::error!(error = %e, "ring buffer poll failed; reader stops");
+                return;
+            }
+        }
+        if r == 0 {
+            // Nothing arrived for a whole wake period: the ring is empty as of now.
+            shared.reader_idle(mono_now_ns());
+        }
     }
 }

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     control::{AttachError, AttachTarget, Command},
+    health::Liveness,
     AgentConfig,
 };
 use crate::{
@@ -88,6 +89,9 @@ pub struct Shared {
     names: RwLock<HashMap<u32, Arc<Iface>>>,
     /// Lost records and how far the reader has got.
     gaps: Mutex<Gaps>,
+    liveness: Liveness,
+    resync: Duration,
+    pub api: crate::api::ApiCounters,
 }
 
 /// Flows judged per hold of the flow table by endpoints that judge them all.
@@ -119,7 +123,20 @@ impl Shared {
             counters: Mutex::new(None),
             names: RwLock::new(HashMap::new()),
             gaps: Mutex::new(Gaps::default()),
+            liveness: Liveness::default(),
+            resync: cfg.resync,
+            api: Default::default(),
         }
+    }
+
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+
+    /// Whether the reader and the sync loop are alive, judged now.
+    pub fn checks(&self) -> super::health::Checks {
+        self.liveness
+            .checks(mono_now_ns(), self.clock.start_ns(), self.resync)
     }
 
     pub(super) fn node(&self) -> RwLockReadGuard<'_, NodeView> {
@@ -374,36 +391,18 @@ impl Shared {
         })
     }
 
-    /// `/flows` with a verdict or cause filter: every candidate must be judged, which is done a
-    /// part of the table at a time (see `visit_chunked`); then the chosen flows are rendered.
-    fn flows_judged(&self, q: &FlowQuery, limit: usize) -> FlowsAnswer {
-        let wanted = |j: &Judgement| {
-            q.verdict.is_none_or(|v| j.verdicts.contains(&v))
-                && q.cause
-                    .is_none_or(|c| j.diagnosis.as_ref().map(|d| d.cause) == Some(c))
-        };
-        let matches = self.matcher(q, mono_now_ns());
-        let mut ids = Vec::new();
-        let mut matched = 0usize;
-        self.visit_chunked(|cx, f| {
-            if matches(f) && wanted(&judge(f, cx)) {
-                matched += 1;
-                if ids.len() < limit {
-                    ids.push(f.id);
-                }
-            }
-            true
-        });
-        self.with_context(|cx, table| {
-            // Judged again: a flow may have changed (or gone) since; it is shown as it is now.
-            let shown: Vec<(&Flow, Judgement)> = ids
-                .iter()
-                .filter_map(|id| table.get(*id))
-                .map(|f| (f, judge(f, cx)))
-                .filter(|(_, j)| wanted(j))
-                .collect();
-            self.page(cx, &shown, matched.max(shown.len()))
-        })
+    /// `/flows` with a verdict or cause filter: every candidate must be judged, a part of the
+    /// table at a time (see [`super::FlowCursor`]).
+    fn flows_judged(&self, q: &FlowQuery, _limit: usize) -> FlowsAnswer {
+        let mut cur = super::FlowCursor::new(q.clone());
+        let mut json = Vec::new();
+        while !cur.done() {
+            json.extend(self.flows_chunk(&mut cur));
+        }
+        FlowsAnswer {
+            json,
+            matched: cur.matched(),
+        }
     }
 
     fn page(&self, cx: &Context<'_>, shown: &[(&Flow, Judgement)], matched: usize) -> FlowsAnswer {
@@ -509,15 +508,18 @@ impl Shared {
         })
     }
 
-    /// Ready once the programs are loaded and the first interface sync is done.
-    pub fn readiness(&self) -> (bool, Value) {
+    /// Ready once the programs are loaded and the first interface sync is done, while healthy.
+    /// `detail` (authorized callers only) adds what is attached and whether drops are traced.
+    pub fn readiness(&self, detail: bool) -> (bool, Value) {
+        let healthy = !self.checks().failing();
         let node = self.node();
-        let v = json!({
-            "ready": node.ready,
-            "attached": node.attached.len(),
-            "drops": node.drops,
-        });
-        (node.ready, v)
+        let ready = node.ready && healthy;
+        let mut v = json!({"ready": ready});
+        if detail {
+            v["attached"] = json!(node.attached.len());
+            v["drops"] = json!(node.drops);
+        }
+        (ready, v)
     }
 
     /// The flow's kept records as pcapng; None when there is no such flow or no record left.
@@ -577,6 +579,7 @@ impl Shared {
             samples: vec![(String::new(), v as f64)],
         };
         let k = self.kernel();
+        let api = self.api.snapshot();
         render(&[
             Family {
                 name: "tracer_flows",
@@ -663,6 +666,28 @@ impl Shared {
                 "Ring-buffer records the agent could not decode.",
                 reader.decode_errors,
             ),
+            Family {
+                name: "tracer_api_connections",
+                help: "API connections open now.",
+                kind: "gauge",
+                samples: vec![(String::new(), api.connections as f64)],
+            },
+            counter(
+                "tracer_api_connections_rejected_total",
+                "API connections refused because all connection slots were taken.",
+                api.connections_rejected,
+            ),
+            Family {
+                name: "tracer_api_watchers",
+                help: "/watch streams open now.",
+                kind: "gauge",
+                samples: vec![(String::new(), api.watchers as f64)],
+            },
+            counter(
+                "tracer_api_watchers_rejected_total",
+                "/watch requests refused (429) because --max-watchers streams were open.",
+                api.watchers_rejected,
+            ),
             counter(
                 "tracer_flows_evicted_total",
                 "Flows evicted because the table was full.",
@@ -676,21 +701,42 @@ impl Shared {
         ])
     }
 
-    pub fn health(&self) -> Value {
+    /// `/healthz`: healthy (false: answer 503) and the body. Without `detail` (callers without
+    /// the token) the body holds fixed words only: no interface names (they tell which pod runs
+    /// where), no pools, no error text.
+    pub fn health(&self, detail: bool) -> (bool, Value) {
+        let checks = self.checks();
+        let now = mono_now_ns();
         let node = self.node();
-        let table = lock(&self.table).stats();
-        let reader = *lock(&self.reader);
-        json!({
-            "status": if node.ready { "ok" } else { "starting" },
+        let status = if checks.failing() {
+            "failing"
+        } else if node.ready {
+            "ok"
+        } else {
+            "starting"
+        };
+        let mut v = json!({
+            "status": status,
             "ready": node.ready,
-            "drops": node.drops,
-            "attached": node.attached,
-            "pools": node.pools,
-            "kernel": self.kernel(),
-            "reader": reader,
-            "flows": table,
-            "uptime_s": Duration::from_nanos(mono_now_ns().saturating_sub(self.clock.start_ns())).as_secs(),
-        })
+            "checks": checks,
+        });
+        if detail {
+            let table = lock(&self.table).stats();
+            let reader = *lock(&self.reader);
+            let mut reader = json!(reader);
+            reader["idle_ms"] = json!(self.liveness.reader_idle_ms(now));
+            v["drops"] = json!(node.drops);
+            v["attached"] = json!(node.attached);
+            v["pools"] = json!(node.pools);
+            v["kernel"] = json!(self.kernel());
+            v["reader"] = reader;
+            v["node_sync_age_ms"] = json!(self.liveness.sync_age_ms(now));
+            v["flows"] = json!(table);
+            v["api"] = json!(self.api.snapshot());
+            v["uptime_s"] =
+                json!(Duration::from_nanos(now.saturating_sub(self.clock.start_ns())).as_secs());
+        }
+        (!checks.failing(), v)
     }
 }
 
@@ -755,6 +801,49 @@ mod tests {
         // Without a verdict filter the same flows come from one pass.
         let q = FlowQuery::parse(Some("limit=5"))?;
         assert_eq!(shared.flows(&q).matched, n as usize);
+        Ok(())
+    }
+
+    /// `v` without the waits measured up to now (they differ between two answers).
+    fn timeless(mut v: Value) -> Value {
+        fn strip(v: &mut Value) {
+            match v {
+                Value::Object(o) => {
+                    o.remove("waited_ms");
+                    o.values_mut().for_each(strip);
+                }
+                Value::Array(a) => a.iter_mut().for_each(strip),
+                _ => {}
+            }
+        }
+        strip(&mut v);
+        v
+    }
+
+    #[test]
+    fn streamed_flows_equal_the_one_pass_answer() -> Result<(), crate::api::query::QueryError> {
+        let n = 2 * VISIT_CHUNK as u32 + 5;
+        let shared = unanswered(n);
+        for query in ["limit=100000", "limit=700", "dst=10.96.0.7&limit=3000"] {
+            let q = FlowQuery::parse(Some(query))?;
+            let one: Value = serde_json::from_slice(&shared.flows(&q).json).unwrap_or_default();
+            let mut cur = super::super::FlowCursor::new(q);
+            let mut parts = 0;
+            let mut body = Vec::new();
+            while !cur.done() {
+                body.extend(shared.flows_chunk(&mut cur));
+                parts += 1;
+            }
+            let streamed: Value = serde_json::from_slice(&body).unwrap_or_default();
+            assert!(
+                one["flows"].as_array().is_some_and(|f| !f.is_empty()),
+                "{query}"
+            );
+            assert_eq!(timeless(one), timeless(streamed), "{query}");
+            if query == "limit=100000" {
+                assert!(parts > 4, "{parts} parts");
+            }
+        }
         Ok(())
     }
 }

@@ -1,13 +1,21 @@
 //! `/watch`: streaming new and changed flows that match a query.
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde_json::Value;
 
 use super::{shared::lock, Shared};
 use crate::{api::query::FlowQuery, api::view::flow_json, diagnose::judge, flows::FlowId};
 
+// A watcher's memory is bounded by these, whatever the flood (about 0.5 MiB each).
 /// Most flows a watcher remembers having sent (older memories are dropped wholesale).
-const REMEMBERED: usize = 200_000;
+const REMEMBERED: usize = 8192;
+/// Most flows awaiting a reply that a watcher re-judges on every tick.
+const PENDING_MAX: usize = 4096;
+/// Most changed flows a watcher queues; beyond that the oldest changes are skipped and the
+/// client is told how many (`{"skipped": n}`).
+const BACKLOG_MAX: usize = 8192;
+/// Flows judged and rendered per hold of the flow table.
+const BATCH: usize = 256;
 
 /// Where one watcher is: which changes it has seen and what it last sent for each flow.
 pub struct WatchState {
@@ -16,6 +24,10 @@ pub struct WatchState {
     sent: HashMap<FlowId, u64>,
     /// Flows awaiting a reply: time alone can change their verdicts (no_reply).
     pending: HashSet<FlowId>,
+    /// Changed flows still to look at, oldest first.
+    backlog: VecDeque<FlowId>,
+    /// Changes dropped because the watcher fell behind, not yet reported.
+    skipped: u64,
 }
 
 impl WatchState {
@@ -24,7 +36,14 @@ impl WatchState {
             version: lock(&shared.table).version(),
             sent: HashMap::new(),
             pending: HashSet::new(),
+            backlog: VecDeque::new(),
+            skipped: 0,
         }
+    }
+
+    /// More changes are queued than one poll handles.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
     }
 }
 
@@ -39,21 +58,42 @@ fn signature(v: &Value) -> u64 {
 }
 
 impl Shared {
-    /// Flows matching `q` that are new or changed since the last call.
-    pub fn watch_poll(&self, q: &FlowQuery, st: &mut WatchState) -> Vec<Value> {
+    /// NDJSON lines for flows matching `q` that are new or changed since the last call, at most
+    /// [`BATCH`] flows per call: call again while [`WatchState::has_backlog`].
+    pub fn watch_poll(&self, q: &FlowQuery, st: &mut WatchState) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
         self.with_context(|cx, table| {
-            let ids: Vec<FlowId> = match table.changed_since(st.version) {
-                Some(ids) => ids,
-                None => table.iter_newest().map(|f| f.id).collect(),
-            };
-            st.version = table.version();
-            let mut check: Vec<FlowId> = ids;
-            check.extend(st.pending.iter().copied());
-            check.sort_unstable();
-            check.dedup();
-            let mut out = Vec::new();
+            if st.backlog.is_empty() {
+                let mut ids: Vec<FlowId> = match table.changed_since(st.version) {
+                    Some(ids) => ids,
+                    None => {
+                        // Too far behind to know what changed: the newest flows, the rest skipped.
+                        st.skipped += table.len().saturating_sub(BACKLOG_MAX) as u64;
+                        let mut ids: Vec<FlowId> = table
+                            .iter_newest()
+                            .take(BACKLOG_MAX)
+                            .map(|f| f.id)
+                            .collect();
+                        ids.reverse();
+                        ids
+                    }
+                };
+                st.version = table.version();
+                if ids.len() > BACKLOG_MAX {
+                    let drop = ids.len() - BACKLOG_MAX;
+                    st.skipped += drop as u64;
+                    ids.drain(..drop);
+                }
+                ids.extend(st.pending.iter().copied());
+                ids.sort_unstable();
+                ids.dedup();
+                st.backlog.extend(ids);
+            }
             let matches = self.matcher(q, cx.now_ns);
-            for id in check {
+            for _ in 0..BATCH {
+                let Some(id) = st.backlog.pop_front() else {
+                    break;
+                };
                 let Some(f) = table.get(id) else {
                     st.pending.remove(&id);
                     st.sent.remove(&id);
@@ -67,7 +107,9 @@ impl Shared {
                     && f.first_reply_ns().is_none()
                     && !j.verdicts.contains(&crate::diagnose::NO_REPLY);
                 if waiting {
-                    st.pending.insert(id);
+                    if st.pending.len() < PENDING_MAX {
+                        st.pending.insert(id);
+                    }
                 } else {
                     st.pending.remove(&id);
                 }
@@ -86,10 +128,20 @@ impl Shared {
                         st.sent.clear();
                     }
                     st.sent.insert(id, sig);
-                    out.push(v);
+                    out.push(line(&v));
                 }
             }
-            out
-        })
+        });
+        if st.skipped > 0 {
+            out.push(line(&serde_json::json!({"skipped": st.skipped})));
+            st.skipped = 0;
+        }
+        out
     }
+}
+
+fn line(v: &Value) -> Vec<u8> {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    b
 }

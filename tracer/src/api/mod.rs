@@ -4,7 +4,19 @@ pub mod pcap;
 pub mod query;
 pub mod view;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
@@ -15,18 +27,41 @@ use hyper::{
     service::service_fn,
     Method, Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
+    time::Sleep,
+};
 
-use crate::agent::{AttachTarget, Shared, WatchState};
-use query::FlowQuery;
+use crate::agent::{AttachTarget, FlowCursor, Shared, WatchState};
+use query::{FlowQuery, DEFAULT_LIMIT};
 
 /// Largest request body accepted (only POST /attach has one).
 pub const MAX_BODY: usize = 64 * 1024;
 /// How often a watch stream looks for changes, and how often it says it is alive.
 const WATCH_TICK: Duration = Duration::from_millis(250);
 const WATCH_HEARTBEAT: Duration = Duration::from_secs(10);
+/// Lines a watcher may have queued for its client; then its poll waits (bounded memory).
+const WATCH_QUEUE: usize = 64;
+/// A client must send its request headers within this time, and an idle keep-alive connection
+/// is closed after it (hyper restarts the header timer whenever a connection goes idle).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request body (POST /attach) must arrive within this time.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose peer reads nothing of its answer for this long is closed, so that a
+/// client that stops reading cannot pin an answer's (or a watcher's) memory.
+const WRITE_STALL: Duration = Duration::from_secs(30);
+/// Connection slots kept for peers on the node itself (the kubelet's probes, `kubectl exec`
+/// clients): pods on the node network cannot take them.
+const NODE_RESERVE: usize = 32;
+/// Judging and rendering jobs run at once, off the runtime's worker threads.
+const HEAVY_JOBS: usize = 2;
+/// `/flows` answers with up to this many flows (and no verdict or cause) are built in one go;
+/// larger ones are streamed a part at a time.
+const ONE_GO_LIMIT: usize = DEFAULT_LIMIT;
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -39,6 +74,74 @@ pub enum ApiError {
     },
 }
 
+/// Limits on what clients may hold.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Connections open at once (besides [`NODE_RESERVE`] for peers on the node).
+    pub max_connections: usize,
+    /// `/watch` streams open at once; more are refused with 429.
+    pub max_watchers: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            max_connections: 256,
+            max_watchers: 32,
+        }
+    }
+}
+
+/// What the API is doing, for /metrics and /healthz.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    connections: AtomicU64,
+    connections_rejected: AtomicU64,
+    watchers: AtomicU64,
+    watchers_rejected: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ApiStats {
+    pub connections: u64,
+    pub connections_rejected: u64,
+    pub watchers: u64,
+    pub watchers_rejected: u64,
+}
+
+impl ApiCounters {
+    pub fn snapshot(&self) -> ApiStats {
+        ApiStats {
+            connections: self.connections.load(Ordering::Relaxed),
+            connections_rejected: self.connections_rejected.load(Ordering::Relaxed),
+            watchers: self.watchers.load(Ordering::Relaxed),
+            watchers_rejected: self.watchers_rejected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Counts one of `gauge` while alive.
+struct Held<'a>(&'a AtomicU64);
+
+impl<'a> Held<'a> {
+    fn new(gauge: &'a AtomicU64) -> Held<'a> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Held(gauge)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct ApiState {
+    shared: Arc<Shared>,
+    watchers: Arc<Semaphore>,
+    heavy: Arc<Semaphore>,
+}
+
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ApiError> {
     TcpListener::bind(addr)
         .await
@@ -46,7 +149,14 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ApiError> {
 }
 
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: ApiLimits) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let reserve = Arc::new(Semaphore::new(NODE_RESERVE));
+    let state = Arc::new(ApiState {
+        shared,
+        watchers: Arc::new(Semaphore::new(limits.max_watchers)),
+        heavy: Arc::new(Semaphore::new(HEAVY_JOBS)),
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -57,12 +167,33 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let shared = shared.clone();
+        // A peer on the node connects from one of the node's own addresses (or loopback): the
+        // address it connected to. Pods cannot, so they cannot take the reserve.
+        let from_node =
+            peer.ip().is_loopback() || stream.local_addr().is_ok_and(|l| l.ip() == peer.ip());
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match reserve.clone().try_acquire_owned() {
+                Ok(p) if from_node => p,
+                _ => {
+                    refuse(stream, &state.shared);
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, shared.clone()));
+            let _permit = permit;
+            let _open = Held::new(&state.shared.api.connections);
+            let svc = {
+                let state = state.clone();
+                service_fn(move |req| handle(req, state.clone()))
+            };
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection(TokioIo::new(StallGuard::new(stream)), svc)
                 .await
             {
                 tracing::debug!(%peer, error = %e, "connection ended");
@@ -71,34 +202,161 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+/// Beyond the connection cap: a short 503 if the socket takes it at once, then close.
+fn refuse(stream: TcpStream, shared: &Shared) {
+    shared
+        .api
+        .connections_rejected
+        .fetch_add(1, Ordering::Relaxed);
+    const BODY: &str = r#"{"error":"too many connections","status":503}"#;
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.try_write(resp.as_bytes());
+}
+
+/// Fails writes that make no progress for [`WRITE_STALL`].
+struct StallGuard<T> {
+    inner: T,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> StallGuard<T> {
+    fn new(inner: T) -> StallGuard<T> {
+        StallGuard {
+            inner,
+            stalled: None,
+        }
+    }
+
+    fn pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progress<R>(&mut self, p: Poll<io::Result<R>>, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        match p {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for StallGuard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for StallGuard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let p = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.progress(p, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let p = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.progress(p, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let p = Pin::new(&mut self.inner).poll_flush(cx);
+        self.progress(p, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn handle(req: Request<Incoming>, st: Arc<ApiState>) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
-    let authorized = shared.authorized(
+    let authorized = st.shared.authorized(
         req.headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
     );
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return Ok(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("request body over {MAX_BODY} bytes"),
-            ))
-        }
-    };
-    // Probes (kubelet) cannot send a token: liveness and readiness stay open; they reveal only
-    // counters and interface names.
+    // Probes (kubelet) cannot send a token: liveness and readiness stay open, and then say
+    // only how the agent is, nothing of the node.
     let open = matches!(path.trim_end_matches('/'), "/healthz" | "/readyz");
+    // Before any body is read: an unauthorized client costs no more than its headers.
     if !authorized && !open {
         return Ok(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (Authorization: Bearer <token>)",
         ));
     }
-    Ok(route(&method, &path, query.as_deref(), &body, &shared).await)
+    let body = if method == Method::POST {
+        let read = Limited::new(req.into_body(), MAX_BODY).collect();
+        match tokio::time::timeout(BODY_TIMEOUT, read).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) => {
+                return Ok(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body over {MAX_BODY} bytes"),
+                ))
+            }
+            Err(_) => {
+                return Ok(error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!("request body not received within {BODY_TIMEOUT:?}"),
+                ))
+            }
+        }
+    } else {
+        Bytes::new()
+    };
+    Ok(route(&method, &path, query.as_deref(), &body, authorized, &st).await)
+}
+
+/// Runs judging or rendering work on the blocking pool, [`HEAVY_JOBS`] at a time: the runtime's
+/// worker threads stay free for probes and I/O, and the table is shared fairly with the reader.
+async fn heavy<T: Send + 'static>(
+    st: &ApiState,
+    f: impl FnOnce(&Shared) -> T + Send + 'static,
+) -> Option<T> {
+    let permit: OwnedSemaphorePermit = st.heavy.clone().acquire_owned().await.ok()?;
+    let shared = st.shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f(&shared)
+    })
+    .await
+    .ok()
+}
+
+fn internal() -> Response<Body> {
+    error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
 }
 
 async fn route(
@@ -106,42 +364,50 @@ async fn route(
     path: &str,
     query: Option<&str>,
     body: &[u8],
-    shared: &Arc<Shared>,
+    authorized: bool,
+    st: &Arc<ApiState>,
 ) -> Response<Body> {
+    let shared = &st.shared;
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let get = method == Method::GET;
-    match (method.clone(), segments.as_slice()) {
-        (Method::GET, ["healthz"]) => respond(StatusCode::OK, shared.health()),
-        (Method::GET, ["readyz"]) => {
-            let (ready, v) = shared.readiness();
-            respond(
-                if ready {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                },
-                v,
-            )
+    let ok_or_503 = |ok: bool| {
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
         }
-        (Method::GET, ["metrics"]) => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            shared.metrics(),
-        ),
+    };
+    match (method.clone(), segments.as_slice()) {
+        (Method::GET, ["healthz"]) => {
+            let (healthy, v) = shared.health(authorized);
+            respond(ok_or_503(healthy), v)
+        }
+        (Method::GET, ["readyz"]) => {
+            let (ready, v) = shared.readiness(authorized);
+            respond(ok_or_503(ready), v)
+        }
+        (Method::GET, ["metrics"]) => match heavy(st, Shared::metrics).await {
+            Some(m) => text(StatusCode::OK, "text/plain; version=0.0.4", m),
+            None => internal(),
+        },
         (Method::GET, ["diagnoses"]) => match query {
             Some(q) if !q.is_empty() => {
                 error(StatusCode::BAD_REQUEST, "/diagnoses takes no parameters")
             }
-            _ => respond(StatusCode::OK, shared.diagnoses()),
+            _ => match heavy(st, Shared::diagnoses).await {
+                Some(v) => respond(StatusCode::OK, v),
+                None => internal(),
+            },
         },
         (Method::GET, ["flows"]) => match FlowQuery::parse(query) {
-            Ok(q) => json_bytes(StatusCode::OK, shared.flows(&q).json),
+            Ok(q) => flows(q, st).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         },
         (Method::GET, ["flows", id]) => match id.parse::<u64>() {
-            Ok(id) => match shared.flow(id) {
-                Some(v) => respond(StatusCode::OK, v),
-                None => error(StatusCode::NOT_FOUND, &format!("no flow {id}")),
+            Ok(id) => match heavy(st, move |s| s.flow(id)).await {
+                Some(Some(v)) => respond(StatusCode::OK, v),
+                Some(None) => error(StatusCode::NOT_FOUND, &format!("no flow {id}")),
+                None => internal(),
             },
             Err(_) => error(
                 StatusCode::BAD_REQUEST,
@@ -149,8 +415,8 @@ async fn route(
             ),
         },
         (Method::GET, ["flows", id, "pcap"]) => match id.parse::<u64>() {
-            Ok(id) => match shared.pcap(id) {
-                Ok(Some(bytes)) => {
+            Ok(id) => match heavy(st, move |s| s.pcap(id)).await {
+                Some(Ok(Some(bytes))) => {
                     let mut r = Response::new(full(bytes));
                     r.headers_mut().insert(
                         header::CONTENT_TYPE,
@@ -163,11 +429,12 @@ async fn route(
                     }
                     r
                 }
-                Ok(None) => error(
+                Some(Ok(None)) => error(
                     StatusCode::NOT_FOUND,
                     &format!("no flow {id}, or none of its records are kept any more"),
                 ),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                Some(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                None => internal(),
             },
             Err(_) => error(
                 StatusCode::BAD_REQUEST,
@@ -178,7 +445,16 @@ async fn route(
             Ok(q) if q.limit.is_some() => {
                 error(StatusCode::BAD_REQUEST, "limit: not supported by /watch")
             }
-            Ok(q) => watch(q, shared.clone()),
+            Ok(q) => match st.watchers.clone().try_acquire_owned() {
+                Ok(permit) => watch(q, st.clone(), permit),
+                Err(_) => {
+                    shared.api.watchers_rejected.fetch_add(1, Ordering::Relaxed);
+                    error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many /watch streams open on this agent (--max-watchers); retry later",
+                    )
+                }
+            },
             Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         },
         (Method::POST, ["attach"]) => match parse_attach(body) {
@@ -245,19 +521,92 @@ fn parse_attach(body: &[u8]) -> Result<AttachTarget, String> {
     }
 }
 
-fn watch(q: FlowQuery, shared: Arc<Shared>) -> Response<Body> {
-    let (tx, rx) = mpsc::channel::<Bytes>(256);
+/// `/flows`: small answers in one go; large or judging ones a part at a time, each part sent
+/// before the next is built.
+async fn flows(q: FlowQuery, st: &Arc<ApiState>) -> Response<Body> {
+    let small = q.limit.unwrap_or(DEFAULT_LIMIT) <= ONE_GO_LIMIT
+        && q.verdict.is_none()
+        && q.cause.is_none();
+    if small {
+        return match heavy(st, move |s| s.flows(&q).json).await {
+            Some(json) => json_bytes(StatusCode::OK, json),
+            None => internal(),
+        };
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(2);
+    let st = st.clone();
     tokio::spawn(async move {
-        let mut state = WatchState::starting_now(&shared);
+        let mut cur = Some(FlowCursor::new(q));
+        while let Some(mut c) = cur.take() {
+            if c.done() {
+                return;
+            }
+            let Some((part, c)) = heavy(&st, move |s| (s.flows_chunk(&mut c), c)).await else {
+                return;
+            };
+            // The client went away: stop walking.
+            if tx.send(Bytes::from(part)).await.is_err() {
+                return;
+            }
+            cur = Some(c);
+        }
+    });
+    let mut r = stream_body(rx);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn stream_body(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    Response::new(BodyExt::boxed(StreamBody::new(stream)))
+}
+
+fn watch(q: FlowQuery, st: Arc<ApiState>, permit: OwnedSemaphorePermit) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Bytes>(WATCH_QUEUE);
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _open = Held::new(&st.shared.api.watchers);
+        let mut state = Some(WatchState::starting_now(&st.shared));
+        let mut q = Some(q);
         let mut tick = tokio::time::interval(WATCH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_beat = tokio::time::Instant::now();
         loop {
-            tick.tick().await;
-            for line in shared.watch_poll(&q, &mut state) {
-                let mut b = serde_json::to_vec(&line).unwrap_or_default();
-                b.push(b'\n');
-                if tx.send(Bytes::from(b)).await.is_err() {
+            tokio::select! {
+                _ = tick.tick() => {}
+                // Free the slot as soon as the client hangs up, not at the next line.
+                _ = tx.closed() => return,
+            }
+            loop {
+                let (Some(mut s), Some(query)) = (state.take(), q.take()) else {
                     return;
+                };
+                let Some((lines, s, query)) = heavy(&st, move |sh| {
+                    let lines = sh.watch_poll(&query, &mut s);
+                    (lines, s, query)
+                })
+                .await
+                else {
+                    return;
+                };
+                let more = s.has_backlog();
+                state = Some(s);
+                q = Some(query);
+                for l in lines {
+                    // Waits while the client is slow: the queue, not the agent, absorbs it.
+                    if tx.send(Bytes::from(l)).await.is_err() {
+                        return;
+                    }
+                }
+                if !more {
+                    break;
                 }
             }
             if last_beat.elapsed() >= WATCH_HEARTBEAT {
@@ -271,12 +620,7 @@ fn watch(q: FlowQuery, shared: Arc<Shared>) -> Response<Body> {
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-    });
-    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let mut r = stream_body(rx);
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/x-ndjson"),

@@ -1,0 +1,224 @@
+//! Liveness evidence: the ring reader and the sync loop say when they last made progress, and
+//! `/healthz` fails (503) when either has died or stopped, so that the kubelet restarts the agent.
+use std::{
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Duration,
+};
+
+/// The reader wakes at least this often, records or not: an idle reader still beats.
+pub const READER_WAKE: Duration = Duration::from_millis(250);
+/// A reader that has not woken for this long is stuck (a wake is 250 ms; a table hold by the API
+/// is a few ms): not idle, stalled.
+pub const READER_STALL_AFTER: Duration = Duration::from_secs(5);
+/// Node syncs run every `--resync` (10 s) and on every netlink change; with no completed sync
+/// for this many resync periods (and at least [`SYNC_STUCK_MIN`]) the sync loop is stuck.
+const SYNC_STUCK_PERIODS: u32 = 6;
+const SYNC_STUCK_MIN: Duration = Duration::from_secs(60);
+
+/// A fault the agent injects into itself on purpose, for the tests of `/healthz` only.
+///
+/// TEST HOOK: set through the environment variable `TRACER_TEST_FAULT` (read once at start):
+/// `reader-exits` (the ring reader returns at once, as if polling failed), `reader-stalls` (it
+/// stops waking up) or `sync-stuck` (node syncs stop completing after the first). Never set it
+/// on a real node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    ReaderExits,
+    ReaderStalls,
+    SyncStuck,
+}
+
+pub const FAULT_ENV: &str = "TRACER_TEST_FAULT";
+
+impl Fault {
+    pub fn from_env() -> Option<Fault> {
+        let v = std::env::var(FAULT_ENV).ok()?;
+        let f = match v.as_str() {
+            "reader-exits" => Fault::ReaderExits,
+            "reader-stalls" => Fault::ReaderStalls,
+            "sync-stuck" => Fault::SyncStuck,
+            other => {
+                tracing::warn!(value = other, "unknown {FAULT_ENV}; ignored");
+                return None;
+            }
+        };
+        tracing::warn!(fault = ?f, "{FAULT_ENV} is set: injecting a fault for a test");
+        Some(f)
+    }
+}
+
+/// Progress stamps (monotonic ns, 0 = never), written by the reader and the sync loop.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    reader_started: AtomicBool,
+    reader_exited: AtomicBool,
+    reader_beat_ns: AtomicU64,
+    sync_done_ns: AtomicU64,
+}
+
+impl Liveness {
+    pub fn reader_beat(&self, now_ns: u64) {
+        self.reader_started.store(true, Ordering::Relaxed);
+        self.reader_beat_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    pub fn reader_exited(&self) {
+        self.reader_exited.store(true, Ordering::Relaxed);
+    }
+
+    pub fn sync_done(&self, now_ns: u64) {
+        self.sync_done_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the reader last woke, if it ever did.
+    pub fn reader_idle_ms(&self, now_ns: u64) -> Option<u64> {
+        let b = self.reader_beat_ns.load(Ordering::Relaxed);
+        (b > 0).then(|| now_ns.saturating_sub(b) / 1_000_000)
+    }
+
+    /// Milliseconds since the last completed node sync, if one ever completed.
+    pub fn sync_age_ms(&self, now_ns: u64) -> Option<u64> {
+        let s = self.sync_done_ns.load(Ordering::Relaxed);
+        (s > 0).then(|| now_ns.saturating_sub(s) / 1_000_000)
+    }
+
+    pub fn checks(&self, now_ns: u64, start_ns: u64, resync: Duration) -> Checks {
+        checks(
+            Stamps {
+                reader_started: self.reader_started.load(Ordering::Relaxed),
+                reader_exited: self.reader_exited.load(Ordering::Relaxed),
+                reader_beat_ns: self.reader_beat_ns.load(Ordering::Relaxed),
+                sync_done_ns: self.sync_done_ns.load(Ordering::Relaxed),
+            },
+            now_ns,
+            start_ns,
+            resync,
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Stamps {
+    reader_started: bool,
+    reader_exited: bool,
+    reader_beat_ns: u64,
+    sync_done_ns: u64,
+}
+
+/// What `/healthz` says about each part: fixed words, never error text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Checks {
+    /// `ok`, `starting`, `stalled` or `stopped`.
+    pub reader: &'static str,
+    /// `ok`, `starting` or `stuck`.
+    pub node_sync: &'static str,
+}
+
+impl Checks {
+    pub fn failing(&self) -> bool {
+        matches!(self.reader, "stalled" | "stopped") || self.node_sync == "stuck"
+    }
+}
+
+fn checks(s: Stamps, now_ns: u64, start_ns: u64, resync: Duration) -> Checks {
+    let ns = |d: Duration| d.as_nanos() as u64;
+    let reader = if s.reader_exited {
+        "stopped"
+    } else if !s.reader_started {
+        // Started before the API serves; a reader that never beats is as stuck as one that stops.
+        if now_ns.saturating_sub(start_ns) > ns(READER_STALL_AFTER) {
+            "stalled"
+        } else {
+            "starting"
+        }
+    } else if now_ns.saturating_sub(s.reader_beat_ns) > ns(READER_STALL_AFTER) {
+        "stalled"
+    } else {
+        "ok"
+    };
+    let stuck_after = (resync * SYNC_STUCK_PERIODS).max(SYNC_STUCK_MIN);
+    let since = if s.sync_done_ns > 0 {
+        s.sync_done_ns
+    } else {
+        start_ns
+    };
+    let node_sync = if now_ns.saturating_sub(since) > ns(stuck_after) {
+        "stuck"
+    } else if s.sync_done_ns == 0 {
+        "starting"
+    } else {
+        "ok"
+    };
+    Checks { reader, node_sync }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const RESYNC: Duration = Duration::from_secs(10);
+
+    fn at(s: Stamps, now_s: u64) -> Checks {
+        checks(s, now_s * S, S, RESYNC)
+    }
+
+    #[test]
+    fn an_idle_reader_is_healthy_a_silent_one_is_not() {
+        let beating = Stamps {
+            reader_started: true,
+            reader_beat_ns: 100 * S,
+            sync_done_ns: 95 * S,
+            ..Stamps::default()
+        };
+        assert_eq!(
+            at(beating, 101),
+            Checks {
+                reader: "ok",
+                node_sync: "ok"
+            }
+        );
+        assert!(!at(beating, 101).failing());
+        // No beat for over 5 s: stalled, whatever the traffic.
+        assert_eq!(at(beating, 106).reader, "stalled");
+        assert!(at(beating, 106).failing());
+        let exited = Stamps {
+            reader_exited: true,
+            ..beating
+        };
+        assert_eq!(at(exited, 100).reader, "stopped");
+        assert!(at(exited, 100).failing());
+    }
+
+    #[test]
+    fn startup_is_not_failure_until_it_takes_too_long() {
+        let fresh = Stamps::default();
+        assert_eq!(
+            at(fresh, 2),
+            Checks {
+                reader: "starting",
+                node_sync: "starting"
+            }
+        );
+        assert!(!at(fresh, 2).failing());
+        assert_eq!(at(fresh, 10).reader, "stalled");
+        assert_eq!(at(fresh, 62).node_sync, "stuck");
+    }
+
+    #[test]
+    fn a_sync_loop_that_stops_completing_is_stuck() {
+        let s = Stamps {
+            reader_started: true,
+            reader_beat_ns: 200 * S,
+            sync_done_ns: 100 * S,
+            ..Stamps::default()
+        };
+        assert_eq!(at(s, 159).node_sync, "ok");
+        assert_eq!(at(s, 161).node_sync, "stuck");
+        // A long --resync stretches the budget.
+        assert_eq!(
+            checks(s, 250 * S, S, Duration::from_secs(30)).node_sync,
+            "ok"
+        );
+    }
+}

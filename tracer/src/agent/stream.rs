@@ -1,0 +1,122 @@
+//! `/flows` answers too big to build at once (a large `limit`, or a verdict or cause filter that
+//! judges every flow): walked newest first and rendered a part at a time, so that neither the
+//! ring reader (waiting for the table) nor the agent's memory (holding the whole answer) pays
+//! for a large query. The API sends each part as it comes.
+use super::Shared;
+use crate::{
+    api::{
+        query::{FlowQuery, DEFAULT_LIMIT},
+        view::FlowView,
+    },
+    diagnose::{judge, Judgement},
+    flows::FlowId,
+};
+
+/// Flows examined, and flows rendered, per hold of the flow table (a few ms either way).
+const EXAMINE_CHUNK: usize = 4096;
+const RENDER_CHUNK: usize = 256;
+
+/// Where a `/flows` walk is.
+pub struct FlowCursor {
+    q: FlowQuery,
+    limit: usize,
+    /// Flows with ids below this are still to be visited. Flows created during the walk are
+    /// not visited; flows evicted during it are skipped.
+    bound: FlowId,
+    matched: usize,
+    shown: usize,
+    started: bool,
+    done: bool,
+}
+
+impl FlowCursor {
+    pub fn new(q: FlowQuery) -> FlowCursor {
+        FlowCursor {
+            limit: q.limit.unwrap_or(DEFAULT_LIMIT),
+            q,
+            bound: FlowId::MAX,
+            matched: 0,
+            shown: 0,
+            started: false,
+            done: false,
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    pub fn matched(&self) -> usize {
+        self.matched
+    }
+}
+
+impl Shared {
+    /// The next part of the `/flows` body (`{"flows": [...], "matched": N, "truncated": B}`),
+    /// or nothing once the cursor is done.
+    pub fn flows_chunk(&self, cur: &mut FlowCursor) -> Vec<u8> {
+        let mut out = Vec::new();
+        if cur.done {
+            return out;
+        }
+        if !cur.started {
+            out.extend_from_slice(b"{\"flows\":[");
+            cur.started = true;
+        }
+        let judged = cur.q.verdict.is_some() || cur.q.cause.is_some();
+        let (verdict, cause) = (cur.q.verdict, cur.q.cause);
+        let wanted = |j: &Judgement| {
+            verdict.is_none_or(|v| j.verdicts.contains(&v))
+                && cause.is_none_or(|c| j.diagnosis.as_ref().map(|d| d.cause) == Some(c))
+        };
+        let finished = self.with_context(|cx, table| {
+            let matches = self.matcher(&cur.q, cx.now_ns);
+            let (mut examined, mut rendered) = (0, 0);
+            let mut one = Vec::new();
+            for (slot, f) in table.iter_newest_below(cur.bound) {
+                cur.bound = slot;
+                examined += 1;
+                if matches(f) {
+                    let show = cur.shown < cur.limit;
+                    if !judged && !show {
+                        // Counted, not judged: judging is the expensive part.
+                        cur.matched += 1;
+                    } else {
+                        let j = judge(f, cx);
+                        if wanted(&j) {
+                            cur.matched += 1;
+                            if show {
+                                one.clear();
+                                let view = FlowView::new(f, &j, &self.clock, cx);
+                                if serde_json::to_writer(&mut one, &view).is_ok() {
+                                    if cur.shown > 0 {
+                                        out.push(b',');
+                                    }
+                                    out.extend_from_slice(&one);
+                                    cur.shown += 1;
+                                    rendered += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+                if examined >= EXAMINE_CHUNK || rendered >= RENDER_CHUNK {
+                    return false;
+                }
+            }
+            true
+        });
+        if finished {
+            out.extend_from_slice(
+                format!(
+                    "],\"matched\":{},\"truncated\":{}}}",
+                    cur.matched,
+                    cur.matched > cur.shown
+                )
+                .as_bytes(),
+            );
+            cur.done = true;
+        }
+        out
+    }
+}
