@@ -446,6 +446,56 @@ fn healthz_fails_when_the_ring_reader_dies_or_stalls() -> TestResult {
     Ok(())
 }
 
+/// A kernel that cannot run the programs (older than 5.11, a missing helper, a refusing
+/// verifier) must not turn into a crash loop: the agent stays up, says `unsupported`, and is
+/// never ready. Injected with TRACER_TEST_FAULT=kernel-unsupported; the 6.1 guest of
+/// `cargo xtask vm-test` checks the real refusal of `--tc-mode tcx` there.
+#[test]
+fn an_unsupported_kernel_is_reported_not_crash_looped() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let mut agent = Agent::launch(
+        &lab.node,
+        &format!("127.0.0.1:{AGENT_PORT}"),
+        &[],
+        &common::Launch {
+            env: &[("TRACER_TEST_FAULT", "kernel-unsupported")],
+            ..Default::default()
+        },
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        if let Ok((status, h)) = agent.get(&lab.node, "/healthz") {
+            break (status, h);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the agent never served /healthz: {}", agent.log()).into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(health.0, 200, "a restart would not help: {}", health.1);
+    assert_eq!(health.1["status"], "unsupported");
+    assert!(
+        health.1["unsupported"]
+            .as_str()
+            .is_some_and(|s| s.contains("5.11")),
+        "the reason is said: {}",
+        health.1
+    );
+    // Past the reader-stall threshold it is still not failing, and never ready.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        agent.exited().is_none(),
+        "the agent exited: {}",
+        agent.log()
+    );
+    let (s, h) = agent.get(&lab.node, "/healthz")?;
+    assert_eq!((s, &h["status"]), (200, &serde_json::json!("unsupported")));
+    let (s, r) = agent.get(&lab.node, "/readyz")?;
+    assert_eq!(s, 503, "never ready: {r}");
+    assert!(agent.log().contains("cannot run on this kernel"));
+    Ok(())
+}
+
 #[test]
 fn non_loopback_listen_needs_a_token_or_insecure() -> TestResult {
     let ns = tracer_lab::netns::Netns::create(&format!(

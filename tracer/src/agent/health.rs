@@ -19,13 +19,15 @@ const SYNC_STUCK_MIN: Duration = Duration::from_secs(60);
 ///
 /// TEST HOOK: set through the environment variable `TRACER_TEST_FAULT` (read once at start):
 /// `reader-exits` (the ring reader returns at once, as if polling failed), `reader-stalls` (it
-/// stops waking up) or `sync-stuck` (node syncs stop completing after the first). Never set it
-/// on a real node.
+/// stops waking up), `sync-stuck` (node syncs stop completing after the first) or
+/// `kernel-unsupported` (loading the programs fails as on a kernel older than 5.11). Never set
+/// it on a real node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     ReaderExits,
     ReaderStalls,
     SyncStuck,
+    KernelUnsupported,
 }
 
 pub const FAULT_ENV: &str = "TRACER_TEST_FAULT";
@@ -37,6 +39,7 @@ impl Fault {
             "reader-exits" => Fault::ReaderExits,
             "reader-stalls" => Fault::ReaderStalls,
             "sync-stuck" => Fault::SyncStuck,
+            "kernel-unsupported" => Fault::KernelUnsupported,
             other => {
                 tracing::warn!(value = other, "unknown {FAULT_ENV}; ignored");
                 return None;
@@ -50,6 +53,9 @@ impl Fault {
 /// Progress stamps (monotonic ns, 0 = never), written by the reader and the sync loop.
 #[derive(Debug, Default)]
 pub struct Liveness {
+    /// The programs could not be loaded on this kernel: the agent stays up to say so instead of
+    /// failing its probes into a restart loop.
+    unsupported: AtomicBool,
     reader_started: AtomicBool,
     reader_exited: AtomicBool,
     reader_beat_ns: AtomicU64,
@@ -60,6 +66,14 @@ impl Liveness {
     pub fn reader_beat(&self, now_ns: u64) {
         self.reader_started.store(true, Ordering::Relaxed);
         self.reader_beat_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    pub fn set_unsupported(&self) {
+        self.unsupported.store(true, Ordering::Relaxed);
+    }
+
+    pub fn unsupported(&self) -> bool {
+        self.unsupported.load(Ordering::Relaxed)
     }
 
     pub fn reader_exited(&self) {
@@ -83,6 +97,13 @@ impl Liveness {
     }
 
     pub fn checks(&self, now_ns: u64, start_ns: u64, resync: Duration) -> Checks {
+        if self.unsupported() {
+            // Nothing runs, by decision: a restart would not change the kernel.
+            return Checks {
+                reader: "unsupported",
+                node_sync: "unsupported",
+            };
+        }
         checks(
             Stamps {
                 reader_started: self.reader_started.load(Ordering::Relaxed),
@@ -108,9 +129,9 @@ struct Stamps {
 /// What `/healthz` says about each part: fixed words, never error text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Checks {
-    /// `ok`, `starting`, `stalled` or `stopped`.
+    /// `ok`, `starting`, `stalled`, `stopped` or `unsupported`.
     pub reader: &'static str,
-    /// `ok`, `starting` or `stuck`.
+    /// `ok`, `starting`, `stuck` or `unsupported`.
     pub node_sync: &'static str,
 }
 

@@ -118,12 +118,23 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     }
     check_exposure(&cfg)?;
     let fault = Fault::from_env();
-    let (mut hooks, ring, counters) = Hooks::load_opts(LoadOptions {
-        summary_interval_ns: Some(cfg.summary_interval.as_nanos() as u64),
-        ringbuf_bytes: cfg.ringbuf_bytes,
-        kernel_flow_entries: Some(cfg.kernel_flow_entries),
-        tc_mode: cfg.tc_mode,
-    })?;
+    let loaded = if fault == Some(Fault::KernelUnsupported) {
+        Err(HookError::Kernel(
+            "test fault: the kernel is taken to be older than 5.11".into(),
+        ))
+    } else {
+        Hooks::load_opts(LoadOptions {
+            summary_interval_ns: Some(cfg.summary_interval.as_nanos() as u64),
+            ringbuf_bytes: cfg.ringbuf_bytes,
+            kernel_flow_entries: Some(cfg.kernel_flow_entries),
+            tc_mode: cfg.tc_mode,
+        })
+    };
+    let (mut hooks, ring, counters) = match loaded {
+        Ok(l) => l,
+        Err(e) if e.is_unsupported_kernel() => return run_unsupported(&cfg, e, shutdown).await,
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(tc = hooks.backend().as_str(), "programs loaded");
     let shared = Arc::new(Shared::new(&cfg));
     shared.set_counters(counters);
@@ -217,6 +228,31 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // The reader wakes every READER_WAKE and then sees the flag.
     stop_reader.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    Ok(())
+}
+
+/// The programs cannot run on this kernel (too old, a helper or map type missing, the verifier
+/// refuses, not permitted): exiting would only make the kubelet restart the agent into the same
+/// failure, forever. It says why once, serves `/healthz` (200, status `unsupported`) and never
+/// becomes ready, so the DaemonSet shows the node as not ready instead of crash-looping.
+async fn run_unsupported(
+    cfg: &AgentConfig,
+    why: HookError,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let reason = why.to_string();
+    tracing::error!(
+        error = %reason,
+        kernel = %aya::util::KernelVersion::current().map(|v| v.to_string()).unwrap_or_default(),
+        "tracer's programs cannot run on this kernel; serving /healthz with status `unsupported` \
+         and staying not ready (see docs/compatibility.md)"
+    );
+    let shared = Arc::new(Shared::new(cfg));
+    shared.set_unsupported(reason);
+    let listener = api::bind(cfg.listen).await?;
+    let server = tokio::spawn(api::serve(listener, shared, cfg.api.clone()));
+    shutdown.await;
+    server.abort();
     Ok(())
 }
 

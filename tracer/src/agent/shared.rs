@@ -42,6 +42,8 @@ pub struct NodeView {
     pub ready: bool,
     /// Whether kernel drops are traced, and why not.
     pub drops: DropTracing,
+    /// Why the programs could not be loaded, when they could not.
+    pub unsupported: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -153,6 +155,12 @@ impl Shared {
 
     pub(super) fn set_reasons(&self, r: DropReasons) {
         *self.reasons.write().unwrap_or_else(|e| e.into_inner()) = r;
+    }
+
+    /// The programs cannot run here: say why, stay up, never become ready.
+    pub(super) fn set_unsupported(&self, why: String) {
+        self.liveness.set_unsupported();
+        self.node_mut().unsupported = Some(why);
     }
 
     pub(super) fn set_drop_tracing(&self, d: DropTracing) {
@@ -708,7 +716,9 @@ impl Shared {
         let checks = self.checks();
         let now = mono_now_ns();
         let node = self.node();
-        let status = if checks.failing() {
+        let status = if node.unsupported.is_some() {
+            "unsupported"
+        } else if checks.failing() {
             "failing"
         } else if node.ready {
             "ok"
@@ -721,6 +731,9 @@ impl Shared {
             "checks": checks,
         });
         if detail {
+            if let Some(why) = &node.unsupported {
+                v["unsupported"] = json!(why);
+            }
             let table = lock(&self.table).stats();
             let reader = *lock(&self.reader);
             let mut reader = json!(reader);

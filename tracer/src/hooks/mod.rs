@@ -69,6 +69,22 @@ pub enum HookError {
     },
 }
 
+impl HookError {
+    /// The kernel (or what the agent may do in it) cannot run the programs: no configuration
+    /// change on tracer's side helps, and a restart would fail the same way.
+    pub fn is_unsupported_kernel(&self) -> bool {
+        matches!(
+            self,
+            HookError::Kernel(_)
+                | HookError::Load(_)
+                | HookError::Program(_)
+                | HookError::MissingProgram(_)
+                | HookError::MissingMap(_)
+                | HookError::Map(_)
+        )
+    }
+}
+
 /// An interface tracer observes.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttachedIface {
