@@ -67,6 +67,12 @@ const GUEST_STEPS: &[Step] = &[
             "seed_002_overlapping_pool_is_diagnosed",
         ],
     },
+    // Attached with what the kernel offers (clsact here), traced, detached on SIGTERM.
+    Step {
+        name: "compat",
+        kind: Kind::Test("compat"),
+        args: &[],
+    },
     // A real iptables DROP reported with the kernel's reason.
     Step {
         name: "drops",
