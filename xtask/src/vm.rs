@@ -92,7 +92,7 @@ const GUEST_STEPS: &[Step] = &[
     Step {
         name: "tc-cost",
         kind: Kind::Bench,
-        args: &["--profile-tc", "20000"],
+        args: &["--profile-tc", "50000"],
     },
 ];
 
