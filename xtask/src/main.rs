@@ -41,7 +41,7 @@ enum Task {
     /// seed 002. Fails if the guest does not boot or does not finish.
     VmTest {
         /// Hard limit for the guest, in seconds; qemu is killed after it.
-        #[arg(long, default_value_t = 2400)]
+        #[arg(long, default_value_t = 1200)]
         timeout: u64,
         /// Boot this kernel package instead of the newest linux-image-6.1.0-NN-amd64.
         #[arg(long)]
