@@ -29,7 +29,7 @@ enum Task {
     /// Format check, clippy, the whole test suite (real eBPF, real namespaces; needs root), then
     /// the kernel-facing tests again on Debian 12's 6.1 kernel in a VM (`vm-test`).
     Test {
-        /// Local use only, never in CI: leave out the VM run on 6.1 (~3 minutes under TCG).
+        /// Local use only, never in CI: leave out the VM run on 6.1 (~4 minutes under TCG).
         #[arg(long)]
         skip_vm: bool,
         /// Extra arguments for `cargo test`, e.g. a test name filter.

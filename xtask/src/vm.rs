@@ -73,6 +73,19 @@ const GUEST_STEPS: &[Step] = &[
         kind: Kind::Test("compat"),
         args: &[],
     },
+    // Legacy clsact filters left by SIGKILLed agents are removed by the next one, and only
+    // those.
+    Step {
+        name: "legacy_tc",
+        kind: Kind::Test("legacy_tc"),
+        args: &[],
+    },
+    // Other programs on the same hooks (before/after tracer) are obeyed and see every packet.
+    Step {
+        name: "coexist",
+        kind: Kind::Test("coexist"),
+        args: &[],
+    },
     // A real iptables DROP reported with the kernel's reason.
     Step {
         name: "drops",
@@ -616,6 +629,10 @@ fn build_initramfs(
         PathBuf::from("/busybox/busybox"),
         (busybox.to_path_buf(), false),
     );
+    // busybox-static needs none; a dynamic busybox brings its libraries.
+    for lib in shared_libraries(busybox)? {
+        plan.host_file(&lib, false)?;
+    }
     for (link, target) in [
         ("/usr/bin/sh", "/busybox/busybox"),
         ("/usr/sbin/modprobe", "/busybox/busybox"),
