@@ -304,10 +304,14 @@ fn survives_rename_missing_ipsets_and_missing_tracefs() -> TestResult {
             .as_array()
             .is_some_and(|m| !m.is_empty()));
 
-        // Rename the pod's veth under the agent (still a cali* name: still a workload).
+        // Rename the pod's veth under the agent (still a cali* name: still a workload). Down
+        // first: kernels before 6.2 refuse to rename an interface that is up (EBUSY).
         let renamed = "calirenamed0001";
         lab.node
+            .ip(&["link", "set", "dev", &lab.pod.veth, "down"])?;
+        lab.node
             .ip(&["link", "set", "dev", &lab.pod.veth, "name", renamed])?;
+        lab.node.ip(&["link", "set", "dev", renamed, "up"])?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let (_, h) = common::http_get_in(&lab.node, "/healthz")?;

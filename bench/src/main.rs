@@ -6,6 +6,7 @@
 mod agent;
 mod alloc;
 mod datapath;
+mod floor;
 mod memory;
 mod records;
 mod report;
@@ -49,7 +50,8 @@ pub struct Opts {
     #[arg(long, value_name = "FLOWS", hide = true)]
     profile_query: Option<u64>,
     /// Profiling aid (root): the tc program's run time on a known flow's packets, from
-    /// BPF_PROG_TEST_RUN with this many repeats (nothing is sent anywhere).
+    /// BPF_PROG_TEST_RUN with this many repeats (nothing is sent anywhere), next to an empty
+    /// program's on the same frame.
     #[arg(long, value_name = "REPEAT", hide = true)]
     profile_tc: Option<u32>,
 }
@@ -274,8 +276,14 @@ fn main() -> ExitCode {
             Ok(timings) => {
                 for t in timings {
                     println!(
-                        "{}: median {:.0} ns per run (min {:.0}, max {:.0}; 5 x {n})",
-                        t.packet, t.median_ns, t.min_ns, t.max_ns
+                        "{}: median {:.0} ns per run (min {:.0}, max {:.0}; 5 x {n}); \
+                         empty-program floor {:.0} ns, ratio {:.2}",
+                        t.packet,
+                        t.median_ns,
+                        t.min_ns,
+                        t.max_ns,
+                        t.floor_ns,
+                        t.median_ns / t.floor_ns.max(1.0)
                     );
                 }
                 ExitCode::SUCCESS

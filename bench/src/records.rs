@@ -187,6 +187,8 @@ pub struct TcTiming {
     pub median_ns: f64,
     pub min_ns: f64,
     pub max_ns: f64,
+    /// Median of five runs of an empty tc program on the same frame (the test-run floor).
+    pub floor_ns: f64,
 }
 
 /// The programs' average run time (BPF_PROG_TEST_RUN) on packets of a flow they already know:
@@ -205,6 +207,7 @@ pub fn time_tc(repeat: u32) -> Result<Vec<TcTiming>> {
         payload: 64 - 42,
         ..base
     };
+    let floor = crate::floor::Floor::load()?;
     let mut out = Vec::new();
     for (name, p) in [("tcp ack", ack), ("udp 64 B", udp)] {
         let frame = workload::frame(&p);
@@ -214,11 +217,16 @@ pub fn time_tc(repeat: u32) -> Result<Vec<TcTiming>> {
             .map(|_| Ok(hooks.time_run(p.egress, &frame, repeat)?.as_nanos() as f64))
             .collect::<Result<_>>()?;
         ns.sort_by(f64::total_cmp);
+        let mut floor_ns: Vec<f64> = (0..5)
+            .map(|_| floor.time(&frame, repeat))
+            .collect::<Result<_>>()?;
+        floor_ns.sort_by(f64::total_cmp);
         out.push(TcTiming {
             packet: name,
             median_ns: ns[2],
             min_ns: ns[0],
             max_ns: ns[4],
+            floor_ns: floor_ns[2],
         });
     }
     Ok(out)

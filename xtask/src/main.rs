@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | lab | bench | hardening | fuzz`.
+//! Project tasks: `cargo xtask setup | build | test | vm-test | lab | bench | hardening | fuzz`.
 //!
 //! Every task first runs scripts/setup.sh, which installs what a fresh machine lacks
 //! (idempotent, quick when everything is present).
@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod decoys;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "tracer's project tasks")]
@@ -25,11 +26,26 @@ enum Task {
     Setup,
     /// Build the release binaries (the eBPF object is built and embedded by tracer's build.rs).
     Build,
-    /// Format check, clippy, and the whole test suite (real eBPF, real namespaces; needs root).
+    /// Format check, clippy, the whole test suite (real eBPF, real namespaces; needs root), then
+    /// the kernel-facing tests again on Debian 12's 6.1 kernel in a VM (`vm-test`).
     Test {
+        /// Local use only, never in CI: leave out the VM run on 6.1 (~4 minutes under TCG).
+        #[arg(long)]
+        skip_vm: bool,
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// The kernel-facing tests on Debian 12's own 6.1 kernel (clsact, no TCX) under qemu/TCG:
+    /// program loading and verification, clsact attachment, real packets, kfree_skb drops, BTF,
+    /// seed 002. Fails if the guest does not boot or does not finish.
+    VmTest {
+        /// Hard limit for the guest, in seconds; qemu is killed after it.
+        #[arg(long, default_value_t = 1200)]
+        timeout: u64,
+        /// Boot this kernel package instead of the newest linux-image-6.1.0-NN-amd64.
+        #[arg(long)]
+        package: Option<String>,
     },
     /// The main job: bring up the built-in Calico lab, run a scenario (all by default), and print
     /// what tracer diagnoses on each node.
@@ -130,10 +146,21 @@ fn main() -> ExitCode {
         Task::Build => setup().and_then(|_| {
             run(cargo().args(["build", "--release", "-p", "tracer", "-p", "tracer-lab"]))
         }),
-        Task::Test { args } => decoys::Decoys::start().and_then(|mut decoys| {
+        Task::Test { skip_vm, args } => decoys::Decoys::start().and_then(|mut decoys| {
             setup()?;
             test(&args)?;
+            if skip_vm {
+                eprintln!("xtask: --skip-vm: the 6.1 VM tests did NOT run (CI always runs them)");
+            } else {
+                vm::vm_test(&vm::Opts::default())?;
+            }
             decoys.check()
+        }),
+        Task::VmTest { timeout, package } => setup().and_then(|_| {
+            vm::vm_test(&vm::Opts {
+                timeout: std::time::Duration::from_secs(timeout),
+                package,
+            })
         }),
         Task::Hardening => setup().and_then(|_| {
             let mut t = cargo();

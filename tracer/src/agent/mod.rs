@@ -138,6 +138,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     tracing::info!(tc = hooks.backend().as_str(), "programs loaded");
     let shared = Arc::new(Shared::new(&cfg));
     shared.set_counters(counters);
+    shared.set_tc_backend(hooks.backend());
     // Drop tracing is a bonus: without tracefs or BTF the agent still traces paths.
     let drops = match hooks.enable_drops() {
         Ok(reasons) => {

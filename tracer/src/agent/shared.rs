@@ -44,6 +44,8 @@ pub struct NodeView {
     pub drops: DropTracing,
     /// Why the programs could not be loaded, when they could not.
     pub unsupported: Option<String>,
+    /// How the tc programs attach here.
+    pub tc: Option<crate::hooks::TcBackend>,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -161,6 +163,10 @@ impl Shared {
     pub(super) fn set_unsupported(&self, why: String) {
         self.liveness.set_unsupported();
         self.node_mut().unsupported = Some(why);
+    }
+
+    pub(super) fn set_tc_backend(&self, tc: crate::hooks::TcBackend) {
+        self.node_mut().tc = Some(tc);
     }
 
     pub(super) fn set_drop_tracing(&self, d: DropTracing) {
@@ -734,6 +740,7 @@ impl Shared {
             if let Some(why) = &node.unsupported {
                 v["unsupported"] = json!(why);
             }
+            v["tc"] = json!(node.tc);
             let table = lock(&self.table).stats();
             let reader = *lock(&self.reader);
             let mut reader = json!(reader);

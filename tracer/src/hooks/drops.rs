@@ -16,7 +16,10 @@ use super::HookError;
 use crate::btf::Btf;
 
 const TRACEFS_CANDIDATES: &[&str] = &["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-/// Reasons below this are routine frees (NOT_SPECIFIED and the like), not drops worth reporting.
+/// Reasons up to NOT_SPECIFIED (not dropped yet, consumed, unspecified) are routine frees, not
+/// drops worth reporting. Their numbers move between kernels (SKB_CONSUMED arrived in 6.2, so
+/// NO_SOCKET is 2 on 6.1 and 3 later): the threshold comes from the format's table, this is the
+/// fallback for a table without NOT_SPECIFIED.
 const MIN_REASON: u32 = 3;
 /// Reasons that are socket housekeeping or duplicates, not a packet lost on its path: a closing
 /// socket purges its queues, a capture filter rejects its copy, TCP discards data it already has.
@@ -69,6 +72,11 @@ pub enum DropError {
     NoTracefs(String),
     #[error("reading the kfree_skb format: {0}")]
     Format(String),
+    #[error(
+        "this kernel's skb:kfree_skb tracepoint has no drop reason (Linux 5.17 or later has it); \
+         packet paths are traced, kernel drops are not reported"
+    )]
+    NoReasons,
     #[error("BTF: {0}")]
     Btf(#[from] crate::btf::BtfError),
 }
@@ -91,6 +99,15 @@ impl DropReasons {
         DropReasons {
             names: parse_symbolic(format),
         }
+    }
+
+    /// The lowest reason worth reporting: the one after NOT_SPECIFIED.
+    pub fn min_reason(&self) -> u32 {
+        self.names
+            .iter()
+            .find(|(_, name)| name.as_str() == "NOT_SPECIFIED")
+            .map(|(n, _)| n + 1)
+            .unwrap_or(MIN_REASON)
     }
 
     /// The kernel-side bitmap of reasons to ignore.
@@ -185,6 +202,16 @@ fn tracefs() -> Result<&'static str, DropError> {
     find().ok_or_else(|| DropError::NoTracefs(TRACEFS_CANDIDATES.join(", ")))
 }
 
+/// Kernels before 5.17 (5.15 LTS among them) free skbs without a reason: say so, rather than
+/// "no field reason", since nothing short of a newer kernel fixes it.
+fn check_has_reason(fields: &HashMap<String, u32>) -> Result<(), DropError> {
+    if fields.contains_key("reason") {
+        Ok(())
+    } else {
+        Err(DropError::NoReasons)
+    }
+}
+
 /// Reads offsets, configures the kernel program and attaches it.
 pub fn enable(ebpf: &mut Ebpf, netns: NetnsFilter) -> Result<DropReasons, HookError> {
     let root = tracefs().map_err(HookError::Drops)?;
@@ -192,6 +219,7 @@ pub fn enable(ebpf: &mut Ebpf, netns: NetnsFilter) -> Result<DropReasons, HookEr
     let format = std::fs::read_to_string(&path)
         .map_err(|e| HookError::Drops(DropError::Format(format!("{path}: {e}"))))?;
     let fields = field_offsets(&format);
+    check_has_reason(&fields).map_err(HookError::Drops)?;
     let field = |n: &str| {
         fields
             .get(n)
@@ -206,7 +234,7 @@ pub fn enable(ebpf: &mut Ebpf, netns: NetnsFilter) -> Result<DropReasons, HookEr
     let reasons = DropReasons::from_format(&format);
     let conf = DropConf {
         enabled: 1,
-        min_reason: MIN_REASON,
+        min_reason: reasons.min_reason(),
         tp_skbaddr: field("skbaddr")?,
         tp_location: field("location")?,
         tp_protocol: field("protocol")?,
@@ -288,6 +316,7 @@ print fmt: \"skbaddr=%p reason: %s\", REC->skbaddr, __print_symbolic(REC->reason
         assert_eq!(f.get("protocol"), Some(&32));
         assert_eq!(f.get("reason"), Some(&36));
         let r = DropReasons::from_format(FORMAT);
+        assert_eq!(r.min_reason(), 3);
         assert_eq!(r.name(12), "NETFILTER_DROP");
         assert_eq!(r.name(16), "IP_RPFILTER");
         assert_eq!(r.name(999), "REASON_999");
@@ -298,10 +327,32 @@ print fmt: \"skbaddr=%p reason: %s\", REC->skbaddr, __print_symbolic(REC->reason
         let bits = DropReasons::from_format(&fmt).routine_bitmap();
         assert_eq!(bits, [0, 1 << (104 - 64), 0, 0]);
         assert!(field_offsets("garbage\nfield:;;;\n").is_empty());
+        // 6.1 (Debian 12) has no SKB_CONSUMED: NO_SOCKET is 2 there and must still be reported.
+        let v6_1 = DropReasons::from_format(
+            "__print_symbolic(REC->reason, { 1, \"NOT_SPECIFIED\" }, { 2, \"NO_SOCKET\" })",
+        );
+        assert_eq!((v6_1.min_reason(), v6_1.name(2).as_str()), (2, "NO_SOCKET"));
+        assert_eq!(DropReasons::default().min_reason(), MIN_REASON);
         assert_eq!(
             DropReasons::from_format("__print_symbolic({ x, y").name(1),
             "REASON_1"
         );
+    }
+
+    #[test]
+    fn kernel_without_drop_reasons_is_named() {
+        // 5.15's format: the same record without `reason`.
+        let v5_15: String = FORMAT
+            .lines()
+            .filter(|l| !l.contains("reason;"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let e = check_has_reason(&field_offsets(&v5_15));
+        assert!(
+            e.as_ref().is_err_and(|e| e.to_string().contains("5.17")),
+            "{e:?}"
+        );
+        assert!(check_has_reason(&field_offsets(FORMAT)).is_ok());
     }
 
     #[test]
@@ -312,6 +363,8 @@ print fmt: \"skbaddr=%p reason: %s\", REC->skbaddr, __print_symbolic(REC->reason
         let r = DropReasons::from_format(&fmt);
         let nf = (0..200).find(|i| r.name(*i) == "NETFILTER_DROP");
         assert!(nf.is_some(), "NETFILTER_DROP missing from {fmt}");
+        // The first reason reported is a real drop on every kernel (its number is not).
+        assert_eq!(r.name(r.min_reason()), "NO_SOCKET", "{fmt}");
         Ok(())
     }
 }
