@@ -180,11 +180,15 @@ pub fn veth_name(namespace: &str, pod: &str) -> String {
     veth_name_with_prefix("cali", namespace, pod)
 }
 
+/// As libcalico-go's `VethNameForWorkload`: the prefix, then always 11 hex digits of the sha1,
+/// whatever the prefix's length. `prefix` may be felix's whole comma-separated
+/// `FELIX_INTERFACEPREFIX` list: the first entry names new veths.
 pub fn veth_name_with_prefix(prefix: &str, namespace: &str, pod: &str) -> String {
+    let first = prefix.split(',').next().unwrap_or("").trim();
+    let first = if first.is_empty() { "cali" } else { first };
     let digest = Sha1::digest(format!("{namespace}.{pod}").as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    let keep = 15usize.saturating_sub(prefix.len()).min(hex.len());
-    format!("{prefix}{}", &hex[..keep])
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("{first}{}", &hex[..11])
 }
 
 /// Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', ':' or whitespace.
@@ -302,9 +306,24 @@ mod tests {
             veth_name("kube-system", "calico-kube-controllers-596576f79-j2pkg"),
             "calid92900560e3"
         );
+        // Any prefix length keeps 11 hex digits, as libcalico-go does.
         assert_eq!(
             veth_name_with_prefix("lxc", "default", "nginx"),
-            "lxcc440f455693b"
+            "lxcc440f455693"
+        );
+        // libcalico-go's own test: FELIX_INTERFACEPREFIX="eni,veth,foo" names
+        // namespace/podname "eni82111e10a96" (the first prefix of the list).
+        assert_eq!(
+            veth_name_with_prefix("eni,veth,foo", "namespace", "podname"),
+            "eni82111e10a96"
+        );
+        assert_eq!(
+            veth_name_with_prefix("", "namespace", "podname"),
+            "cali82111e10a96"
+        );
+        assert_eq!(
+            veth_name_with_prefix("azv", "namespace", "podname").len(),
+            14
         );
     }
 

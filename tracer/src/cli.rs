@@ -67,8 +67,9 @@ pub struct WatchArgs {
     /// The pod's namespace.
     #[arg(short, long, default_value = "default")]
     pub namespace: String,
-    /// felix's InterfacePrefix, to name the pod's veth.
-    #[arg(long, default_value = "cali")]
+    /// felix's InterfacePrefix (a comma-separated list, as FELIX_INTERFACEPREFIX): the first
+    /// entry names the pod's veth.
+    #[arg(long, env = "FELIX_INTERFACEPREFIX", default_value = "cali")]
     pub iface_prefix: String,
     #[command(flatten)]
     pub conn: AgentConn,
@@ -99,8 +100,15 @@ pub struct AgentArgs {
     /// Address to serve the API on (loopback by default; the DaemonSet uses the pod's host network).
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub listen: SocketAddr,
-    /// Workload interface prefix (felix's InterfacePrefix); repeat for several.
-    #[arg(long = "iface-prefix", default_values_t = vec!["cali".to_string()])]
+    /// Workload interface prefixes: felix's InterfacePrefix, a comma-separated list
+    /// (`cali,tap`), read from FELIX_INTERFACEPREFIX like felix does; or repeat the flag. The
+    /// first names pods' veths.
+    #[arg(
+        long = "iface-prefix",
+        env = "FELIX_INTERFACEPREFIX",
+        value_delimiter = ',',
+        default_values_t = vec!["cali".to_string()]
+    )]
     pub iface_prefixes: Vec<String>,
     /// Host NIC to observe; repeat for several. Default: interfaces with the default route, a
     /// host address, or vxlan.calico's parent.
@@ -195,6 +203,7 @@ impl AgentArgs {
                 datastore_ports: self.datastore_ports.clone(),
                 slow_ns: self.slow_threshold.as_nanos() as u64,
                 liveness_budget_ns: self.liveness_budget.map(|d| d.as_nanos() as u64),
+                workload_prefixes: self.iface_prefixes.clone(),
             },
             flow_cap: self.flow_cap,
             summary_interval: self.summary_interval,
@@ -281,5 +290,30 @@ impl FlowsArgs {
             }
         }
         s.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_prefixes_are_a_comma_separated_list_like_felixs() {
+        let cli = Cli::try_parse_from(["tracer", "agent", "--iface-prefix", "tap,cali"]);
+        let Ok(Cli {
+            command: Command::Agent(a),
+            ..
+        }) = cli
+        else {
+            panic!("agent flags did not parse");
+        };
+        assert_eq!(a.iface_prefixes, ["tap", "cali"]);
+        let cfg = a.to_config().ok();
+        let rules = cfg.map(|c| c.rules);
+        assert!(
+            rules.as_ref().is_some_and(
+                |r| r.is_workload_iface("tap82111e10a96") && !r.is_workload_iface("eth0")
+            )
+        );
     }
 }

@@ -93,6 +93,17 @@ pub struct Rules {
     pub slow_ns: u64,
     /// calico-node's liveness budget (initialDelaySeconds + failureThreshold x periodSeconds).
     pub liveness_budget_ns: Option<u64>,
+    /// felix's InterfacePrefix list: interfaces named so are pods' veths, never host networks.
+    pub workload_prefixes: Vec<String>,
+}
+
+impl Rules {
+    /// A pod's host-side veth, by felix's InterfacePrefix list.
+    pub fn is_workload_iface(&self, name: &str) -> bool {
+        self.workload_prefixes
+            .iter()
+            .any(|p| !p.is_empty() && name.starts_with(p.as_str()))
+    }
 }
 
 impl Default for Rules {
@@ -104,6 +115,7 @@ impl Default for Rules {
             datastore_ports: vec![2379, 6443, 5473],
             slow_ns: 100_000_000,
             liveness_budget_ns: None,
+            workload_prefixes: vec!["cali".into()],
         }
     }
 }
@@ -239,7 +251,7 @@ fn snat_skipped<'a>(flow: &'a Flow, cx: &Context<'_>) -> Option<Skipped<'a>> {
             return None;
         }
         let dst_pool = cx.pools.pool_of(hop.dst);
-        let host_subnet = host_subnet_of(cx.facts, hop.dst);
+        let host_subnet = host_subnet_of(cx, hop.dst);
         // A pool destination outside every host subnet is a pod routed without encapsulation:
         // no SNAT is the right thing there.
         if dst_pool.is_some() && host_subnet.is_none() {
@@ -254,10 +266,10 @@ fn snat_skipped<'a>(flow: &'a Flow, cx: &Context<'_>) -> Option<Skipped<'a>> {
     })
 }
 
-fn host_subnet_of(facts: &NodeFacts, ip: IpAddr) -> Option<(Cidr, String)> {
-    facts
+fn host_subnet_of(cx: &Context<'_>, ip: IpAddr) -> Option<(Cidr, String)> {
+    cx.facts
         .connected_subnets()
-        .filter(|(c, l)| c.contains(ip) && !l.name.starts_with("cali"))
+        .filter(|(c, l)| c.contains(ip) && !cx.rules.is_workload_iface(&l.name))
         .max_by_key(|(c, _)| c.prefix())
         .map(|(c, l)| (c, l.name.clone()))
 }
@@ -768,7 +780,7 @@ pub fn node_findings(cx: &Context<'_>) -> Vec<Diagnosis> {
         for (subnet, link) in cx.facts.connected_subnets() {
             let tunnel_or_pod = link.vxlan.is_some()
                 || crate::calico::TUNNEL_IFACES.contains(&link.name.as_str())
-                || link.name.starts_with("cali");
+                || cx.rules.is_workload_iface(&link.name);
             if tunnel_or_pod || !pool.overlaps(&subnet) {
                 continue;
             }
