@@ -125,7 +125,7 @@ fn seed_003_vxlan_parent_on_a_bridge() -> TestResult {
         f["diagnosis"]["fix"]
             .as_str()
             .unwrap_or("")
-            .contains(&format!("interface={}", n2.nic)),
+            .contains(&format!("interface=^{}$", n2.nic)),
         "{f}"
     );
     assert!(

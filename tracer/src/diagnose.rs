@@ -315,12 +315,7 @@ fn snat_diagnosis(
                 "pools_source": cx.pools.source,
                 "reply": reply,
             }),
-            fix: format!(
-                "Change the IPPool {pool} so it no longer overlaps the host network {subnet} \
-                 (`kubectl edit ippool default-ipv4-ippool`, or calicoctl; set CALICO_IPV4POOL_CIDR / \
-                 the Installation's ipPools for new clusters), then recreate the pods so they get \
-                 addresses from the new pool."
-            ),
+            fix: pool_migration_fix(&pool, subnet),
         });
     }
     if cx.pools.masq_pool_of(flow.src).is_none() {
@@ -510,10 +505,17 @@ fn service_name(port: u16) -> &'static str {
 
 fn autodetect_fix(good_iface: &str, peer: Option<IpAddr>) -> String {
     let can_reach = peer
-        .map(|p| format!(" or `can-reach={p}`"))
+        .map(|p| format!(", or `can-reach={p}`"))
         .unwrap_or_default();
     format!(
-        "Pin Calico's node address autodetection to the interface that reaches the other nodes: set IP_AUTODETECTION_METHOD=interface={good_iface}{can_reach} on the calico-node DaemonSet, or with the Tigera operator `spec.calicoNetwork.nodeAddressAutodetectionV4: {{interface: {good_iface}}}` in the Installation; then restart calico-node and check `calicoctl get node -o wide` (or the projectcalico.org/IPv4Address annotation) shows the {good_iface} address."
+        "Pin calico-node's node address autodetection to the interface that reaches the other nodes. Manifest installs: set IP_AUTODETECTION_METHOD=interface=^{good_iface}$ on the calico-node DaemonSet (the value is a regular expression: anchor it, or it also matches longer names){can_reach}; `skip-interface=<regex>` (exclude the wrong NIC), `cidr=<the nodes' subnet>` and `kubernetes-internal-ip` (the Node's InternalIP) work too. Operator installs (tigera-operator reverts edits to the DaemonSet): set `spec.calicoNetwork.nodeAddressAutodetectionV4` in the Installation, e.g. `{{interface: \"^{good_iface}$\"}}` (or canReach, skipInterface, cidrs, kubernetes: NodeInternalIP). An `IP=<address>` env on calico-node bypasses autodetection altogether: correct or remove it. Then restart calico-node on the node and check that `calicoctl get node <name> -o yaml` (spec.bgp.ipv4Address), or the projectcalico.org/IPv4Address annotation, shows the {good_iface} address."
+    )
+}
+
+/// How to get rid of a pool that overlaps a host network: an IPPool's CIDR cannot be edited.
+fn pool_migration_fix(pool: &Cidr, subnet: &Cidr) -> String {
+    format!(
+        "An IPPool's cidr cannot be changed (libcalico-go refuses the update): migrate the pods to a new pool. 1) Create an IPPool whose cidr overlaps no host network (not {subnet}), with the same natOutgoing, encapsulation and blockSize as {pool}. 2) Disable the old one: `calicoctl patch ippool <name of {pool}> -p '{{\"spec\":{{\"disabled\":true}}}}'` (`calicoctl get ippools -o wide` names it). 3) Recreate the pods that have {pool} addresses (e.g. `kubectl rollout restart` their workloads): they get addresses from the new pool. 4) Delete the old pool. On operator installs (tigera-operator) the operator owns the pools and reconciles them back to `Installation.spec.calicoNetwork.ipPools`: make the change there (add the new pool, set `disabled` on the old one, then remove it) instead of editing IPPools. For new clusters, pick a pod CIDR outside every host network (CALICO_IPV4POOL_CIDR, or the Installation's ipPools)."
     )
 }
 
@@ -791,7 +793,7 @@ pub fn node_findings(cx: &Context<'_>) -> Vec<Diagnosis> {
                     link.name
                 ),
                 evidence: json!({"pool": pool.to_string(), "host_subnet": subnet.to_string(), "host_iface": link.name}),
-                fix: format!("Change the IPPool {pool} so it no longer overlaps {subnet}, then recreate the pods."),
+                fix: pool_migration_fix(pool, &subnet),
             });
         }
     }
@@ -1267,7 +1269,7 @@ mod tests {
         assert_eq!(d.evidence["egress_subnets"][0], "10.51.0.0/24");
         assert!(d.summary.contains("BGP"), "{}", d.summary);
         assert!(
-            d.fix.contains("IP_AUTODETECTION_METHOD=interface=eth0"),
+            d.fix.contains("IP_AUTODETECTION_METHOD=interface=^eth0$"),
             "{}",
             d.fix
         );
@@ -1368,7 +1370,7 @@ mod tests {
         assert_eq!(d.evidence["parent_kind"], "bridge");
         assert_eq!(d.evidence["route_to_peers_via"], "eth0");
         assert_eq!(d.evidence["outer_packets_left"][0], "nerdctl0");
-        assert!(d.fix.contains("interface=eth0"));
+        assert!(d.fix.contains("interface=^eth0$"));
 
         // The healthy node sending to that peer's advertised VTEP 10.4.0.1 sees it off-link.
         let f1 = underlay_node("10.51.0.100", vec![vxlan_link(2, "10.51.0.100")]);
