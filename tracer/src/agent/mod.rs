@@ -1,5 +1,6 @@
 //! The agent: hooks -> events -> flows -> diagnoses -> API, wired together on tokio.
 mod control;
+mod footprint;
 mod shared;
 mod watch;
 
@@ -129,6 +130,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
     sync(&handle, &cfg, &mut hooks, &shared).await;
+    // Set when interfaces came or went: the syncs that followed freed their transient heap,
+    // which the next tick hands back to the system.
+    let mut trim_due = false;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -136,16 +140,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 // Coalesce a burst (a pod start creates a veth, addresses and routes at once).
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while changes.try_recv().is_ok() {}
-                sync(&handle, &cfg, &mut hooks, &shared).await;
+                trim_due |= sync(&handle, &cfg, &mut hooks, &shared).await;
             }
-            _ = resync.tick() => sync(&handle, &cfg, &mut hooks, &shared).await,
+            _ = resync.tick() => trim_due |= sync(&handle, &cfg, &mut hooks, &shared).await,
             Some(cmd) = cmds.recv() => {
                 // Act on the freshest view: the pod's veth may have just appeared.
-                sync(&handle, &cfg, &mut hooks, &shared).await;
+                trim_due |= sync(&handle, &cfg, &mut hooks, &shared).await;
                 control::handle(cmd, &cfg, &mut hooks, &shared);
             }
             _ = tick.tick() => {
                 shared.sweep(mono_now_ns());
+                if std::mem::take(&mut trim_due) {
+                    let released = footprint::release_free_heap();
+                    tracing::debug!(released, "returned free heap to the system");
+                }
             }
         }
     }
@@ -156,15 +164,22 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     Ok(())
 }
 
-/// Re-reads the node and makes the attachments match the roles.
-async fn sync(handle: &rtnetlink::Handle, cfg: &AgentConfig, hooks: &mut Hooks, shared: &Shared) {
+/// Re-reads the node and makes the attachments match the roles; true when interfaces came or
+/// went.
+async fn sync(
+    handle: &rtnetlink::Handle,
+    cfg: &AgentConfig,
+    hooks: &mut Hooks,
+    shared: &Shared,
+) -> bool {
     let facts = match netlink::snapshot(handle).await {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(error = %e, "reading interfaces failed; keeping the previous view");
-            return;
+            return false;
         }
     };
+    let links_changed = !facts.links.keys().eq(shared.node().facts.links.keys());
     let pools = calico::read_pools(&cfg.pools, &cfg.masq_pools);
     let mut wanted = BTreeSet::new();
     // On-demand attachments stay while their interface exists.
@@ -194,12 +209,36 @@ async fn sync(handle: &rtnetlink::Handle, cfg: &AgentConfig, hooks: &mut Hooks, 
             }
         }
     }
+    let mut detached = false;
     for a in hooks.attached() {
         if !wanted.contains(&a.ifindex) {
             hooks.detach(a.ifindex);
+            detached = true;
         }
     }
+    if detached {
+        purge_kernel_state(hooks, shared);
+    }
     shared.update_node(facts, pools, hooks.attached());
+    detached || links_changed
+}
+
+/// After letting go of interfaces, their entries in the kernel's per-hook maps go too.
+fn purge_kernel_state(hooks: &mut Hooks, shared: &Shared) {
+    let started = std::time::Instant::now();
+    match hooks.purge_unattached() {
+        Ok(p) => {
+            tracing::debug!(
+                flows = p.flows,
+                turns = p.turns,
+                scanned = p.scanned,
+                took = ?started.elapsed(),
+                "purged kernel state of detached interfaces"
+            );
+            shared.note_purged(p);
+        }
+        Err(e) => tracing::warn!(error = %e, "purging kernel state of detached interfaces"),
+    }
 }
 
 async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, shared: Arc<Shared>) {

@@ -2,6 +2,9 @@
 pub mod drops;
 mod tc;
 
+/// Kernel state of interfaces let go of.
+pub mod ifstate;
+
 use std::collections::BTreeMap;
 
 use aya::{
