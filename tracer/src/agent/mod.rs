@@ -151,8 +151,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             _ = tick.tick() => {
                 shared.sweep(mono_now_ns());
                 if std::mem::take(&mut trim_due) {
+                    let started = std::time::Instant::now();
                     let released = footprint::release_free_heap();
-                    tracing::debug!(released, "returned free heap to the system");
+                    tracing::debug!(released, took = ?started.elapsed(), "returned free heap to the system");
                 }
             }
         }
