@@ -57,7 +57,7 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
-    /// The hardening tests at full length: 500 veths of churn, 30 s of API load.
+    /// The hardening tests at full length: 5,000 veths of churn, 30 s of API load.
     Hardening,
     /// Fuzz the decoder, the query parser, BTF parsing and correlation (cargo-fuzz, nightly).
     Fuzz {
@@ -173,7 +173,7 @@ fn main() -> ExitCode {
                 "--",
                 "--nocapture",
             ])
-            .env("TRACER_CHURN", "500")
+            .env("TRACER_CHURN", "5000")
             .env("TRACER_LOAD_SECS", "30");
             run(&mut t)
         }),

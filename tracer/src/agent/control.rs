@@ -74,6 +74,7 @@ pub fn handle(cmd: Command, cfg: &AgentConfig, hooks: &mut Hooks, shared: &Share
                     // Another client (a second `tracer watch` of the same pod) may still hold it.
                     if hooks.release(ifindex) == 0 {
                         hooks.detach(ifindex);
+                        super::purge_kernel_state(hooks, shared);
                     }
                     Ok(())
                 }

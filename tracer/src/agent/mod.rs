@@ -1,5 +1,6 @@
 //! The agent: hooks -> events -> flows -> diagnoses -> API, wired together on tokio.
 mod control;
+mod footprint;
 pub mod health;
 mod shared;
 mod stream;
@@ -203,6 +204,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     tokio::pin!(shutdown);
     let mut syncs = Syncs { fault, done: 0 };
     syncs.run(&handle, &cfg, &mut hooks, &shared).await;
+    // Set when interfaces came or went: the syncs that followed freed their transient heap,
+    // which the next tick hands back to the system.
+    let mut trim_due = false;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -210,16 +214,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 // Coalesce a burst (a pod start creates a veth, addresses and routes at once).
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while changes.try_recv().is_ok() {}
-                syncs.run(&handle, &cfg, &mut hooks, &shared).await;
+                trim_due |= syncs.run(&handle, &cfg, &mut hooks, &shared).await;
             }
-            _ = resync.tick() => syncs.run(&handle, &cfg, &mut hooks, &shared).await,
+            _ = resync.tick() => trim_due |= syncs.run(&handle, &cfg, &mut hooks, &shared).await,
             Some(cmd) = cmds.recv() => {
                 // Act on the freshest view: the pod's veth may have just appeared.
-                syncs.run(&handle, &cfg, &mut hooks, &shared).await;
+                trim_due |= syncs.run(&handle, &cfg, &mut hooks, &shared).await;
                 control::handle(cmd, &cfg, &mut hooks, &shared);
             }
             _ = tick.tick() => {
                 shared.sweep(mono_now_ns());
+                if std::mem::take(&mut trim_due) {
+                    let started = std::time::Instant::now();
+                    let released = footprint::release_free_heap();
+                    tracing::debug!(released, took = ?started.elapsed(), "returned free heap to the system");
+                }
             }
         }
     }
@@ -293,13 +302,17 @@ impl Syncs {
         cfg: &AgentConfig,
         hooks: &mut Hooks,
         shared: &Shared,
-    ) {
+    ) -> bool {
         if self.fault == Some(Fault::SyncStuck) && self.done > 0 {
-            return;
+            return false;
         }
-        if sync(handle, cfg, hooks, shared).await {
-            self.done += 1;
-            shared.liveness().sync_done(mono_now_ns());
+        match sync(handle, cfg, hooks, shared).await {
+            Some(changed) => {
+                self.done += 1;
+                shared.liveness().sync_done(mono_now_ns());
+                changed
+            }
+            None => false,
         }
     }
 }
@@ -309,24 +322,26 @@ const POOLS_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the netlink dump of links, addresses and routes may take.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Re-reads the node and makes the attachments match the roles; false when it could not.
+/// Re-reads the node and makes the attachments match the roles; None when it could not, else
+/// whether interfaces came or went.
 async fn sync(
     handle: &rtnetlink::Handle,
     cfg: &AgentConfig,
     hooks: &mut Hooks,
     shared: &Shared,
-) -> bool {
+) -> Option<bool> {
     let facts = match tokio::time::timeout(SNAPSHOT_DEADLINE, netlink::snapshot(handle)).await {
         Ok(Ok(f)) => f,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "reading interfaces failed; keeping the previous view");
-            return false;
+            return None;
         }
         Err(_) => {
             tracing::warn!("reading interfaces timed out; keeping the previous view");
-            return false;
+            return None;
         }
     };
+    let links_changed = !facts.links.keys().eq(shared.node().facts.links.keys());
     let pools = calico::read_pools(&cfg.pools, &cfg.masq_pools, POOLS_DEADLINE).await;
     let mut wanted = BTreeSet::new();
     // On-demand attachments stay while their interface exists.
@@ -356,13 +371,36 @@ async fn sync(
             }
         }
     }
+    let mut detached = false;
     for a in hooks.attached() {
         if !wanted.contains(&a.ifindex) {
             hooks.detach(a.ifindex);
+            detached = true;
         }
     }
+    if detached {
+        purge_kernel_state(hooks, shared);
+    }
     shared.update_node(facts, pools, hooks.attached());
-    true
+    Some(detached || links_changed)
+}
+
+/// After letting go of interfaces, their entries in the kernel's per-hook maps go too.
+fn purge_kernel_state(hooks: &mut Hooks, shared: &Shared) {
+    let started = std::time::Instant::now();
+    match hooks.purge_unattached() {
+        Ok(p) => {
+            tracing::debug!(
+                flows = p.flows,
+                turns = p.turns,
+                scanned = p.scanned,
+                took = ?started.elapsed(),
+                "purged kernel state of detached interfaces"
+            );
+            shared.note_purged(p);
+        }
+        Err(e) => tracing::warn!(error = %e, "purging kernel state of detached interfaces"),
+    }
 }
 
 /// Drains the ring buffer into the flow table until `stop`; beats at every wake and batch, so

@@ -27,6 +27,7 @@ use crate::{
     flows::{Flow, FlowId, FlowTable, Gaps, Iface},
     hooks::{
         drops::{DropReasons, Symbols},
+        ifstate::Purged,
         AttachedIface, KernelCounters, KernelStats,
     },
     netlink::NodeFacts,
@@ -96,6 +97,8 @@ pub struct Shared {
     liveness: Liveness,
     resync: Duration,
     pub api: crate::api::ApiCounters,
+    /// Kernel map entries removed with the interfaces they were keyed with, so far.
+    purged: Mutex<Purged>,
 }
 
 /// Flows judged per hold of the flow table by endpoints that judge them all.
@@ -130,6 +133,7 @@ impl Shared {
             liveness: Liveness::default(),
             resync: cfg.resync,
             api: Default::default(),
+            purged: Mutex::new(Purged::default()),
         }
     }
 
@@ -199,6 +203,13 @@ impl Shared {
                 .entry(a.ifindex)
                 .or_insert_with(|| Iface::new(&a.name, a.ifindex, Some(a.role)));
         }
+    }
+
+    pub(super) fn note_purged(&self, p: Purged) {
+        let mut total = lock(&self.purged);
+        total.flows += p.flows;
+        total.turns += p.turns;
+        total.scanned += p.scanned;
     }
 
     pub(super) fn set_counters(&self, c: KernelCounters) {
@@ -594,7 +605,65 @@ impl Shared {
         };
         let k = self.kernel();
         let api = self.api.snapshot();
-        render(&[
+        let interned = self.names.read().unwrap_or_else(|e| e.into_inner()).len();
+        let fp = super::footprint::Footprint::now();
+        let gauge = |name, help, v: f64| Family {
+            name,
+            help,
+            kind: "gauge",
+            samples: vec![(String::new(), v)],
+        };
+        let purged = *lock(&self.purged);
+        let mut own = vec![
+            Family {
+                name: "tracer_kernel_entries_purged_total",
+                help: "Kernel map entries removed with the interface they were keyed with.",
+                kind: "counter",
+                samples: vec![
+                    ("map=\"flows\"".to_string(), purged.flows as f64),
+                    ("map=\"turns\"".to_string(), purged.turns as f64),
+                ],
+            },
+            gauge(
+                "process_resident_memory_bytes",
+                "Resident memory of the agent process.",
+                fp.rss_bytes as f64,
+            ),
+            gauge(
+                "process_open_fds",
+                "Open file descriptors of the agent process.",
+                fp.fds as f64,
+            ),
+            gauge(
+                "tracer_interfaces_interned",
+                "Interface records interned for naming hops: one per attached interface.",
+                interned as f64,
+            ),
+            gauge(
+                "tracer_interface_records",
+                "Interface records alive: the interned ones plus those only flows over renamed \
+                 or deleted interfaces still hold (freed as those flows are evicted).",
+                Iface::live() as f64,
+            ),
+            gauge(
+                "tracer_bpf_links",
+                "BPF link objects the agent holds open (two per interface under TCX).",
+                fp.bpf_links as f64,
+            ),
+        ];
+        if let (Some(used), Some(free)) = (fp.heap_bytes, fp.heap_free_bytes) {
+            own.push(gauge(
+                "tracer_heap_bytes",
+                "Heap bytes in use by the agent (malloc's view).",
+                used as f64,
+            ));
+            own.push(gauge(
+                "tracer_heap_free_bytes",
+                "Heap bytes malloc holds but are free (fragmentation, untrimmed).",
+                free as f64,
+            ));
+        }
+        let mut families = vec![
             Family {
                 name: "tracer_flows",
                 help: "Flows in the agent's table.",
@@ -712,7 +781,9 @@ impl Shared {
                 "Kernel drops attributed to a traced flow.",
                 table.drops,
             ),
-        ])
+        ];
+        families.extend(own);
+        render(&families)
     }
 
     /// `/healthz`: healthy (false: answer 503) and the body. Without `detail` (callers without

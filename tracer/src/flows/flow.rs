@@ -4,7 +4,14 @@
 //! shown relative to the flow's start are µs offsets, a hop refers to the flow's tuples instead
 //! of copying addresses, and what few flows have (drops, tunnel headers, second translations)
 //! lives behind one box.
-use std::{fmt, net::IpAddr, sync::Arc};
+use std::{
+    fmt,
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use serde::Serialize;
 
@@ -87,8 +94,13 @@ pub struct Iface {
     pub role: Option<Role>,
 }
 
+/// Interface records alive: interned for attached interfaces, or kept by the hops of flows
+/// over interfaces since renamed, deleted or never named.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
 impl Iface {
     pub fn new(name: &str, ifindex: u32, role: Option<Role>) -> Arc<Iface> {
+        LIVE.fetch_add(1, Ordering::Relaxed);
         Arc::new(Iface {
             name: name.into(),
             ifindex,
@@ -99,6 +111,17 @@ impl Iface {
     /// An interface the agent has no name for.
     pub fn unnamed(ifindex: u32) -> Arc<Iface> {
         Iface::new(&format!("if{ifindex}"), ifindex, None)
+    }
+
+    /// Interface records alive in this process (see `LIVE`).
+    pub fn live() -> usize {
+        LIVE.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Iface {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

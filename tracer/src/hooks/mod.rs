@@ -3,6 +3,9 @@ pub mod drops;
 pub mod kernel;
 mod tc;
 
+/// Kernel state of interfaces let go of.
+pub mod ifstate;
+
 use std::collections::BTreeMap;
 
 use aya::{
