@@ -528,26 +528,7 @@ fn watchers_beyond_the_cap_get_429() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
     let mut agent = Agent::start(&lab.node, &["--max-watchers", "2"])?;
     agent.wait_ready(&lab.node)?;
-    let open = |n: usize| -> Result<Vec<TcpStream>, Box<dyn std::error::Error>> {
-        let streams = lab.node.run(move || -> Result<Vec<TcpStream>, String> {
-            let mut v = Vec::new();
-            for _ in 0..n {
-                let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)))
-                    .map_err(|e| e.to_string())?;
-                write!(s, "GET /watch HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))
-                    .map_err(|e| e.to_string())?;
-                let mut head = [0u8; 12];
-                s.read_exact(&mut head).map_err(|e| e.to_string())?;
-                if &head[9..12] != b"200" {
-                    return Err(String::from_utf8_lossy(&head).to_string());
-                }
-                v.push(s);
-            }
-            Ok(v)
-        })??;
-        Ok(streams)
-    };
+    let open = |n: usize| common::open_watchers(&lab.node, n);
     let watchers = open(2)?;
     let (s, v) = agent.get(&lab.node, "/watch")?;
     assert_eq!(s, 429, "{v}");

@@ -3,10 +3,7 @@
 //! packet; one before tracer that drops or redirects is obeyed. Checked with real packets
 //! between two namespaces, under TCX and under forced legacy clsact filters, with the stand-in
 //! programs of tracer-ebpf/src/standins.rs playing the other programs.
-use std::{
-    collections::HashSet,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use aya::{
     maps::PerCpuArray,
@@ -268,77 +265,58 @@ fn a_program_after_tracer_sees_every_packet() -> R {
     Ok(())
 }
 
-#[test]
-fn a_program_before_tracer_that_drops_is_obeyed() -> R {
-    for (mode, backend) in backends() {
-        let p = pair()?;
-        let vb = ifindex(&p.b, "vb")?;
-        let mut t = tracer_on_vb(&p, mode)?;
-        // Replies leave through vb's egress, where tracer is last: a dropper before it wins.
-        let mut dropper = standin_on_vb(
-            &p,
-            backend,
-            "standin_drop",
-            TcAttachType::Egress,
-            Place::Before,
-            0,
-        )?;
-        records(&mut t, vb);
-        let replies = ping(&p, 10);
-        assert_eq!(replies, 0, "{backend:?}: the dropper's verdict must stand");
-        assert!(
-            seen(&mut dropper, 1)? >= 10,
-            "{backend:?}: dropper saw the replies"
-        );
-        let recs = records(&mut t, vb);
-        let dirs: HashSet<bool> = recs.iter().map(|o| o.dir == Dir::Egress).collect();
-        assert!(
-            dirs.contains(&false),
-            "{backend:?}: tracer saw the requests arrive: {recs:?}"
-        );
-        assert!(
-            !dirs.contains(&true),
-            "{backend:?}: tracer reported replies a program before it had dropped: {recs:?}"
-        );
-        drop_in_b(&p, (t, dropper))?;
-    }
-    Ok(())
+/// What a stand-in before tracer on vb's egress does with the echo replies.
+#[derive(Clone, Copy, Debug)]
+enum Takes {
+    /// Drops them (`standin_drop`, counted in slot 1).
+    Drop,
+    /// Redirects them to `sink` (`standin_redirect`, slot 2).
+    Redirect,
 }
 
 #[test]
-fn a_program_before_tracer_that_redirects_is_obeyed() -> R {
-    for (mode, backend) in backends() {
-        let p = pair()?;
-        let vb = ifindex(&p.b, "vb")?;
-        let sink = ifindex(&p.b, "sink")?;
-        let mut t = tracer_on_vb(&p, mode)?;
-        let mut redirector = standin_on_vb(
-            &p,
-            backend,
-            "standin_redirect",
-            TcAttachType::Egress,
-            Place::Before,
-            sink,
-        )?;
-        let before = rx_packets(&p.c, "sinkpeer")?;
-        records(&mut t, vb);
-        let replies = ping(&p, 10);
-        assert_eq!(
-            replies, 0,
-            "{backend:?}: replies were redirected away from a"
-        );
-        assert!(seen(&mut redirector, 2)? >= 10);
-        let arrived = rx_packets(&p.c, "sinkpeer")? - before;
-        assert!(
-            arrived >= 10,
-            "{backend:?}: only {arrived} redirected packets reached the sink"
-        );
-        let recs = records(&mut t, vb);
-        assert!(
-            recs.iter().all(|o| o.dir != Dir::Egress),
-            "{backend:?}: tracer reported redirected replies on vb's egress: {recs:?}"
-        );
-        drop_in_b(&p, (t, redirector))?;
+fn a_program_before_tracer_that_drops_or_redirects_is_obeyed() -> R {
+    for takes in [Takes::Drop, Takes::Redirect] {
+        for (mode, backend) in backends() {
+            let p = pair()?;
+            let vb = ifindex(&p.b, "vb")?;
+            let sink = ifindex(&p.b, "sink")?;
+            let mut t = tracer_on_vb(&p, mode)?;
+            // Replies leave through vb's egress, where tracer is last: a program before it wins.
+            let (program, slot) = match takes {
+                Takes::Drop => ("standin_drop", 1),
+                Takes::Redirect => ("standin_redirect", 2),
+            };
+            let mut other = standin_on_vb(
+                &p,
+                backend,
+                program,
+                TcAttachType::Egress,
+                Place::Before,
+                sink,
+            )?;
+            let sunk_before = rx_packets(&p.c, "sinkpeer")?;
+            records(&mut t, vb);
+            let replies = ping(&p, 10);
+            let what = format!("{takes:?} under {backend:?}");
+            assert_eq!(replies, 0, "{what}: the other program's verdict must stand");
+            assert!(seen(&mut other, slot)? >= 10, "{what}: it saw the replies");
+            let sunk = rx_packets(&p.c, "sinkpeer")? - sunk_before;
+            match takes {
+                Takes::Redirect => assert!(sunk >= 10, "{what}: only {sunk} reached the sink"),
+                Takes::Drop => assert!(sunk < 10, "{what}: dropped packets reached the sink"),
+            }
+            let recs = records(&mut t, vb);
+            assert!(
+                recs.iter().any(|o| o.dir == Dir::Ingress),
+                "{what}: tracer saw the requests arrive: {recs:?}"
+            );
+            assert!(
+                recs.iter().all(|o| o.dir != Dir::Egress),
+                "{what}: tracer reported replies the other program took away: {recs:?}"
+            );
+            drop_in_b(&p, (t, other))?;
+        }
     }
     Ok(())
 }

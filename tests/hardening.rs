@@ -1099,21 +1099,7 @@ fn half_open_connections_are_shed_and_probes_still_answer() -> TestResult {
         std::thread::sleep(Duration::from_millis(200));
     }
     // A pod started now still gets traced.
-    let veth = format!(
-        "cali{}slow",
-        &lab.prefix[lab.prefix.len().saturating_sub(6)..]
-    );
-    lab.node.ip(&[
-        "link",
-        "add",
-        &veth,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "slowpeer0",
-    ])?;
-    lab.node.ip(&["link", "set", &veth, "up"])?;
+    let veth = common::add_pod_veth(&lab.node, &lab.prefix, "slow")?;
     agent.wait_attached(&lab.node, &[veth.as_str()])?;
     // The agent closes every one of them itself (header timeout, or refused beyond the cap).
     let mut open: Vec<std::net::TcpStream> = attackers;
@@ -1167,27 +1153,7 @@ fn fifty_watchers_through_a_flood_stay_bounded() -> TestResult {
     agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
     std::thread::sleep(Duration::from_millis(300));
     let rss_before = agent.rss_kib();
-    let watchers = lab
-        .node
-        .run(|| -> Result<Vec<std::net::TcpStream>, String> {
-            use std::io::{Read, Write};
-            let mut v = Vec::new();
-            for _ in 0..50 {
-                let addr = SocketAddr::from(([127, 0, 0, 1], common::AGENT_PORT));
-                let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-                s.write_all(b"GET /watch HTTP/1.1\r\nHost: x\r\n\r\n")
-                    .map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))
-                    .map_err(|e| e.to_string())?;
-                let mut head = [0u8; 12];
-                s.read_exact(&mut head).map_err(|e| e.to_string())?;
-                if &head[9..12] != b"200" {
-                    return Err(String::from_utf8_lossy(&head).to_string());
-                }
-                v.push(s);
-            }
-            Ok(v)
-        })??;
+    let watchers = common::open_watchers(&lab.node, 50)?;
     let (s, _) = agent.get(&lab.node, "/watch")?;
     assert_eq!(s, 429, "the 51st watcher is refused");
     // Half the watchers read everything, half never read.
@@ -1408,21 +1374,7 @@ fn a_hung_ipset_does_not_hold_the_sync_loop() -> TestResult {
         assert_eq!(s, 200, "{h}");
         assert_eq!(h["pools"]["source"], "flags", "{h}");
         assert_eq!(h["checks"]["node_sync"], "ok", "{h}");
-        let veth = format!(
-            "cali{}hung",
-            &lab.prefix[lab.prefix.len().saturating_sub(6)..]
-        );
-        lab.node.ip(&[
-            "link",
-            "add",
-            &veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "hungpeer0",
-        ])?;
-        lab.node.ip(&["link", "set", &veth, "up"])?;
+        let veth = common::add_pod_veth(&lab.node, &lab.prefix, "hung")?;
         agent.wait_attached(&lab.node, &[veth.as_str()])?;
         assert!(
             agent.log().contains("ipset did not answer in time"),

@@ -383,3 +383,44 @@ pub fn http_get_in(ns: &Netns, path: &str) -> Result<(u16, Value), Box<dyn std::
     let r = ns.run(move || http_get(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)), &path))?;
     r.map_err(|e| e.into())
 }
+
+/// Opens `n` `/watch` streams to the agent in `ns` (on the default port) and waits for each one's
+/// `200`; the streams stay open until dropped.
+pub fn open_watchers(ns: &Netns, n: usize) -> Result<Vec<TcpStream>, Box<dyn std::error::Error>> {
+    let streams = ns.run(move || -> Result<Vec<TcpStream>, String> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)))
+                .map_err(|e| e.to_string())?;
+            s.write_all(b"GET /watch HTTP/1.1\r\nHost: x\r\n\r\n")
+                .map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).map_err(|e| e.to_string())?;
+            if &head[9..12] != b"200" {
+                return Err(String::from_utf8_lossy(&head).to_string());
+            }
+            v.push(s);
+        }
+        Ok(v)
+    })??;
+    Ok(streams)
+}
+
+/// Adds an up veth named like a pod's (`cali` + the lab prefix's tail + `tag`) to `node`, for
+/// tests that check a new pod is still attached; returns its name.
+pub fn add_pod_veth(
+    node: &Netns,
+    lab_prefix: &str,
+    tag: &str,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let veth = format!(
+        "cali{}{tag}",
+        &lab_prefix[lab_prefix.len().saturating_sub(6)..]
+    );
+    let peer = format!("{tag}peer0");
+    node.ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;
+    node.ip(&["link", "set", &veth, "up"])?;
+    Ok(veth)
+}
