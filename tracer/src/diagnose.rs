@@ -850,7 +850,7 @@ fn unacked_off_link_peer(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
             "peer_address": peer.to_string(),
             "dport": 179,
             "arrived_on": arrived.iface.to_string(),
-            "syn_retransmits": flow.retransmits(),
+            "retransmits": flow.retransmits(),
             "route": off.route_json(),
             "underlay_subnets": off.underlay.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
         }),
