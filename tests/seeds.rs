@@ -86,6 +86,49 @@ fn healthy_cluster_raises_no_alarm() -> TestResult {
     Ok(())
 }
 
+/// The BGP-routed healthy cluster under confd's v3.22+ mesh: ce-demo-2 (the greater address)
+/// dials, ce-demo-1 only answers. A session restarted while the agents watch is judged
+/// healthy on both nodes.
+#[test]
+fn healthy_bgp_passive_mesh_raises_no_alarm() -> TestResult {
+    let lab = Cluster::build(&scenario::healthy::bgp_config())?;
+    let agents = agents(&lab, &[])?;
+    lab.wait_bgp(Duration::from_secs(15))?;
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    // A new session, its handshake seen by both agents.
+    let sock = n2.bird_socket().ok_or("no BIRD on ce-demo-2")?;
+    let proto = tracer_lab::bird::mesh_protocol_name(n1.autodetected_ip);
+    tracer_lab::bird::birdc(sock, &["restart", &proto])?;
+    std::thread::sleep(Duration::from_secs(1));
+    lab.wait_bgp(Duration::from_secs(15))?;
+    let report = scenario::healthy::drive(&lab)?;
+    assert!(
+        report.attempts.iter().all(|a| a.ok()),
+        "{:?}",
+        report.attempts
+    );
+    let f = agents[0].wait_flow(
+        &n1.netns,
+        &format!("port=179&src={}", n2.ip),
+        Duration::from_secs(10),
+        |f| f["dport"] == 179 && has_verdict(f, "replied"),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, a) in agents.iter().enumerate() {
+        let ns = &lab.nodes[i].netns;
+        let (_, d) = a.get(ns, "/diagnoses")?;
+        assert!(causes(&d).is_empty(), "{}: {d}; {f}", lab.nodes[i].name);
+    }
+    let (_, v) = agents[0].get(&n1.netns, &format!("/flows?port=179&dst={}", n2.ip))?;
+    assert!(
+        v["flows"]
+            .as_array()
+            .is_some_and(|f| f.iter().all(|f| f["dport"] != 179)),
+        "ce-demo-1 is passive, it must not dial: {v}"
+    );
+    Ok(())
+}
+
 #[test]
 fn seed_001_far_datastore_is_datastore_latency() -> TestResult {
     let lab = Cluster::build(&scenario::seed_001::config())?;
