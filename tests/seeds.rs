@@ -52,6 +52,24 @@ fn healthy_cluster_raises_no_alarm() -> TestResult {
         assert!(causes(&d).is_empty(), "{}: {d}", lab.nodes[i].name);
         assert_eq!(d["node_findings"].as_array().map(Vec::len), Some(0), "{d}");
     }
+    // confd's v3.22+ mesh: ce-demo-2 (the greater address) dialed ce-demo-1, which only
+    // answered; a completed passive-side handshake is no fault. (The session may predate the
+    // agents: then BIRD's keepalives on it are all there is to see.)
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let (_, v) = agents[0].get(&n1.netns, &format!("/flows?port=179&src={}", n1.ip))?;
+    assert!(
+        v["flows"]
+            .as_array()
+            .is_some_and(|f| f.iter().all(|f| f["dport"] != 179)),
+        "ce-demo-1 must not dial ce-demo-2: {v}"
+    );
+    let (_, v) = agents[0].get(&n1.netns, &format!("/flows?port=179&src={}", n2.ip))?;
+    assert!(
+        v["flows"]
+            .as_array()
+            .is_some_and(|f| f.iter().all(|f| f["diagnosis"].is_null())),
+        "{v}"
+    );
     // Cross-node pod traffic was seen encapsulated and answered on node1.
     let (_, v) = agents[0].get(&lab.nodes[0].netns, "/flows?verdict=encapsulated")?;
     let f = v["flows"]
@@ -64,6 +82,49 @@ fn healthy_cluster_raises_no_alarm() -> TestResult {
             .as_array()
             .is_some_and(|p| p.iter().any(|h| h["encap"]["vni"] == 4096)),
         "{f}"
+    );
+    Ok(())
+}
+
+/// The BGP-routed healthy cluster under confd's v3.22+ mesh: ce-demo-2 (the greater address)
+/// dials, ce-demo-1 only answers. A session restarted while the agents watch is judged
+/// healthy on both nodes.
+#[test]
+fn healthy_bgp_passive_mesh_raises_no_alarm() -> TestResult {
+    let lab = Cluster::build(&scenario::healthy::bgp_config())?;
+    let agents = agents(&lab, &[])?;
+    lab.wait_bgp(Duration::from_secs(15))?;
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    // A new session, its handshake seen by both agents.
+    let sock = n2.bird_socket().ok_or("no BIRD on ce-demo-2")?;
+    let proto = tracer_lab::bird::mesh_protocol_name(n1.autodetected_ip);
+    tracer_lab::bird::birdc(sock, &["restart", &proto])?;
+    std::thread::sleep(Duration::from_secs(1));
+    lab.wait_bgp(Duration::from_secs(15))?;
+    let report = scenario::healthy::drive(&lab)?;
+    assert!(
+        report.attempts.iter().all(|a| a.ok()),
+        "{:?}",
+        report.attempts
+    );
+    let f = agents[0].wait_flow(
+        &n1.netns,
+        &format!("port=179&src={}", n2.ip),
+        Duration::from_secs(10),
+        |f| f["dport"] == 179 && has_verdict(f, "replied"),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, a) in agents.iter().enumerate() {
+        let ns = &lab.nodes[i].netns;
+        let (_, d) = a.get(ns, "/diagnoses")?;
+        assert!(causes(&d).is_empty(), "{}: {d}; {f}", lab.nodes[i].name);
+    }
+    let (_, v) = agents[0].get(&n1.netns, &format!("/flows?port=179&dst={}", n2.ip))?;
+    assert!(
+        v["flows"]
+            .as_array()
+            .is_some_and(|f| f.iter().all(|f| f["dport"] != 179)),
+        "ce-demo-1 is passive, it must not dial: {v}"
     );
     Ok(())
 }
@@ -172,7 +233,10 @@ fn seed_004_bgp_from_the_second_nic() -> TestResult {
     let lab = Cluster::build(&scenario::seed_004::config())?;
     let agents = agents(&lab, &[])?;
     let _ = scenario::seed_004::drive(&lab)?;
+    // k8smater1's 10.66.0.66 is the greater address: it dials, from the wrong NIC's address.
     let n2 = &lab.nodes[1];
+    let wrong = n2.autodetected_ip.to_string();
+    assert_eq!(scenario::seed_004::dialer(&lab), 1);
     let f = agents[1].wait_flow(
         &n2.netns,
         "port=179&verdict=wrong_source_address",
@@ -180,7 +244,7 @@ fn seed_004_bgp_from_the_second_nic() -> TestResult {
         |f| f["diagnosis"]["cause"] == "node_address_on_wrong_interface",
     )?;
     let ev = &f["diagnosis"]["evidence"];
-    assert_eq!(ev["source"], "10.0.0.66", "{f}");
+    assert_eq!(ev["source"], wrong.as_str(), "{f}");
     assert_eq!(ev["egress_iface"], n2.nic, "{f}");
     assert!(
         f["diagnosis"]["summary"]
@@ -189,16 +253,23 @@ fn seed_004_bgp_from_the_second_nic() -> TestResult {
             .contains("BGP"),
         "{f}"
     );
-    // node1 dials the advertised 10.0.0.66 through its gateway.
+    // k8smaster2 is passive: it never dials, it answers 10.66.0.66 through its gateway and the
+    // handshake never completes.
     let n1 = &lab.nodes[0];
     let f = agents[0].wait_flow(
         &n1.netns,
-        "port=179&dst=10.0.0.66",
+        &format!("port=179&src={wrong}"),
         Duration::from_secs(15),
         |f| f["diagnosis"]["cause"] == "node_address_on_wrong_interface",
     )?;
-    assert_eq!(
-        f["diagnosis"]["evidence"]["peer_address"], "10.0.0.66",
+    let ev = &f["diagnosis"]["evidence"];
+    assert_eq!(ev["peer_address"], wrong.as_str(), "{f}");
+    assert_eq!(ev["arrived_on"], n1.nic, "{f}");
+    assert!(
+        f["diagnosis"]["fix"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("owns {wrong}")),
         "{f}"
     );
 
@@ -242,6 +313,51 @@ fn seed_004_bgp_from_the_second_nic() -> TestResult {
     assert!(
         stderr.contains(&lab.gateway_ip()?.to_string()) && stderr.contains("did not answer"),
         "{stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn seed_004_passive_misdetected_node_is_dialed() -> TestResult {
+    let lab = Cluster::build(&scenario::seed_004::passive_config())?;
+    let agents = agents(&lab, &[])?;
+    let _ = scenario::seed_004::drive(&lab)?;
+    // k8smater1's 10.0.0.66 is the smaller address: k8smaster2 dials it, off its underlay.
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let wrong = n2.autodetected_ip.to_string();
+    assert_eq!(scenario::seed_004::dialer(&lab), 0);
+    let f = agents[0].wait_flow(
+        &n1.netns,
+        &format!("port=179&dst={wrong}"),
+        Duration::from_secs(15),
+        |f| f["diagnosis"]["cause"] == "node_address_on_wrong_interface",
+    )?;
+    assert!(has_verdict(&f, "no_reply"), "{f}");
+    let d = &f["diagnosis"];
+    assert_eq!(d["evidence"]["peer_address"], wrong.as_str(), "{f}");
+    assert_eq!(
+        d["evidence"]["route"]["via"],
+        lab.gateway_ip()?.to_string().as_str(),
+        "{f}"
+    );
+    assert!(
+        d["summary"].as_str().unwrap_or("").contains("BGP")
+            && d["fix"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("owns {wrong}")),
+        "{f}"
+    );
+    // k8smater1 is passive and nothing reaches 10.0.0.66: it sees no BGP at all, so it must not
+    // blame BGP itself; its pods' traffic only says the block route is missing.
+    let (_, v) = agents[1].get(&n2.netns, "/flows?port=179")?;
+    assert_eq!(v["flows"].as_array().map(Vec::len), Some(0), "{v}");
+    let (_, d) = agents[1].get(&n2.netns, "/diagnoses")?;
+    assert!(
+        causes(&d)
+            .iter()
+            .all(|c| c == "pod_route_missing" || c == "destination_unresponsive"),
+        "{d}"
     );
     Ok(())
 }

@@ -2,10 +2,19 @@
 //! calico's `bird.cfg`, `bird_aggr.cfg` and `bird_ipam.cfg` templates (node-to-node mesh), and
 //! `birdc show protocols` parsing.
 //!
+//! The mesh is the one confd renders since v3.22 (`confd/etc/calico/confd/templates/
+//! bird.cfg.template` at v3.22.0; `processMeshPeers` in `confd/pkg/backends/calico/
+//! bgp_processor.go` today): `passive on` toward every peer whose address is greater than the
+//! node's, compared as strings, so only the greater side dials ("10.51.0.101" dials
+//! "10.51.0.100"; "10.51.0.100" dials "10.0.0.66"). The template's timers are confd's:
+//! `graceful restart`, `connect delay time 2`, `connect retry time 5`, `error wait time 5,30`;
+//! no hold/keepalive time (BIRD's defaults, 240 s / 80 s) and no per-peer `graceful restart
+//! time` (confd renders one only when BGPConfiguration sets nodeMeshMaxRestartTime).
+//!
 //! Differences from calico's BIRD, all forced by upstream BIRD 1.6.8: no `krt_tunnel` (a calico
-//! patch; IPIP cannot exist in the lab anyway) and no BFD. The mesh is bidirectional (both
-//! sides connect), as in calico v3.9-v3.19 (seed 004's v3.9.5); newer calico makes the higher
-//! address passive.
+//! patch; IPIP cannot exist in the lab anyway) and no BFD. Recent confd's inline import/export
+//! filter blocks (BGPFilter, krt_metric/local_pref) are left out: the v3.22 shape (`import all`,
+//! `export filter calico_export_to_bgp_peers`) routes the same in a mesh without filters.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -31,6 +40,13 @@ pub struct BirdConfig {
     pub pools: Vec<(String, bool)>,
     /// Mesh peers: the other nodes' autodetected addresses.
     pub peers: Vec<Ipv4Addr>,
+}
+
+/// Whether confd (v3.22+) renders `passive on` for `peer` on the node whose address is
+/// `node_ip`: the peer's address is greater, compared as strings (`gt` in the v3.22 template,
+/// `peerIP > currentNodeIP` in bgp_processor.go), so the greater address dials.
+pub fn mesh_passive(node_ip: Ipv4Addr, peer: Ipv4Addr) -> bool {
+    peer.to_string() > node_ip.to_string()
 }
 
 /// The mesh protocol name for a peer, as confd names it (`Mesh_10_51_0_101`).
@@ -92,14 +108,21 @@ impl BirdConfig {
         );
         let _ = writeln!(
             c,
-            "# Template for all BGP clients\ntemplate bgp bgp_template {{\n  debug {{ states }};\n  description \"Connection to BGP peer\";\n  local as {};\n  multihop;\n  gateway recursive; # This should be the default, but just in case.\n  import all;        # Import all routes, since we don't know what the upstream\n                     # topology is and therefore have to trust the ToR/RR.\n  export filter calico_export_to_bgp_peers;  # Only want to export routes for workloads.\n  add paths on;\n  graceful restart;\n  connect delay time 1;\n  connect retry time 3;\n  error wait time 5,60;\n}}\n",
+            "# Template for all BGP clients\ntemplate bgp bgp_template {{\n  debug {{ states }};\n  description \"Connection to BGP peer\";\n  local as {};\n  multihop;\n  gateway recursive; # This should be the default, but just in case.\n  import all;        # Import all routes, since we don't know what the upstream\n                     # topology is and therefore have to trust the ToR/RR.\n  export filter calico_export_to_bgp_peers;  # Only want to export routes for workloads.\n  add paths on;\n  graceful restart;  # See comment in kernel section about graceful restart.\n  connect delay time 2;\n  connect retry time 5;\n  error wait time 5,30;\n}}\n",
             self.as_num
         );
         c.push_str("# ------------- Node-to-node mesh -------------\n");
         for peer in &self.peers {
+            // confd's comment: one side dials so that a peer's new connection cannot abort the
+            // other's graceful restart (a route flap).
+            let passive = if mesh_passive(self.node_ip, *peer) {
+                "  passive on; # Mesh is unidirectional, peer will connect to us.\n"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 c,
-                "# For peer /host/<node>/ip_addr_v4 = {peer}\nprotocol bgp {} from bgp_template {{\n  neighbor {peer} as {};\n  source address {};  # The local address we use for the TCP connection\n  graceful restart time 120;\n}}\n",
+                "# For peer /host/<node>/ip_addr_v4 = {peer}\nprotocol bgp {} from bgp_template {{\n  neighbor {peer} as {};\n  source address {};  # The local address we use for the TCP connection\n  ttl security off;\n{passive}}}\n",
                 mesh_protocol_name(*peer),
                 self.as_num,
                 self.node_ip
@@ -287,8 +310,42 @@ mod tests {
             "source address 10.51.0.100;",
             "local as 64512;",
             "# Don't program VXLAN routes into the kernel",
+            "connect delay time 2;",
+            "connect retry time 5;",
+            "error wait time 5,30;",
+            "passive on;",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+        assert!(!text.contains("graceful restart time"), "{text}");
+    }
+
+    #[test]
+    fn greater_address_dials_compared_as_strings() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        // healthy: .101 dials .100.
+        assert!(mesh_passive(ip("10.51.0.100"), ip("10.51.0.101")));
+        assert!(!mesh_passive(ip("10.51.0.101"), ip("10.51.0.100")));
+        // seed-004-passive: "10.0.0.66" < "10.51.0.100", so the good node dials the wrong one.
+        assert!(!mesh_passive(ip("10.51.0.100"), ip("10.0.0.66")));
+        assert!(mesh_passive(ip("10.0.0.66"), ip("10.51.0.100")));
+        // seed-004: "10.66.0.66" > "10.51.0.100", so the misdetected node dials.
+        assert!(mesh_passive(ip("10.51.0.100"), ip("10.66.0.66")));
+        // Strings, not numbers: 10.9.0.1 is numerically smaller than 10.10.0.1 but dials it.
+        assert!(mesh_passive(ip("10.10.0.1"), ip("10.9.0.1")));
+        let cfg = BirdConfig {
+            node: "node66".into(),
+            node_ip: ip("10.0.0.66"),
+            as_num: 64512,
+            blocks: vec![],
+            pools: vec![],
+            peers: vec![ip("10.51.0.100")],
+        };
+        assert!(cfg.render().contains("passive on;"));
+        let cfg = BirdConfig {
+            node_ip: ip("10.66.0.66"),
+            ..cfg
+        };
+        assert!(!cfg.render().contains("passive on;"));
     }
 }

@@ -11,7 +11,8 @@
 //! | `seed-001` | datastore 150 ms away: calico-node's startup outlives its liveness budget | `datastore_latency` |
 //! | `seed-002` | pool contains the host LAN: pod -> apiserver leaves un-SNATed | `ippool_overlaps_host_network` |
 //! | `seed-003` | node2's VXLAN parent is the bridge `nerdctl0` (10.4.0.1) | `node_address_on_wrong_interface` |
-//! | `seed-004` | node2's BGP address is its second NIC (10.0.0.66) | `node_address_on_wrong_interface` |
+//! | `seed-004` | node2's BGP address is its second NIC (10.66.0.66); node2 dials | `node_address_on_wrong_interface` |
+//! | `seed-004-passive` | the same with 10.0.0.66, which makes node2 passive; node1 dials it | `node_address_on_wrong_interface` |
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -99,15 +100,17 @@ pub enum Scenario {
     Seed002,
     Seed003,
     Seed004,
+    Seed004Passive,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Healthy,
         Scenario::Seed001,
         Scenario::Seed002,
         Scenario::Seed003,
         Scenario::Seed004,
+        Scenario::Seed004Passive,
     ];
 
     /// `healthy`, `seed-001`...
@@ -118,6 +121,7 @@ impl Scenario {
             Scenario::Seed002 => "seed-002",
             Scenario::Seed003 => "seed-003",
             Scenario::Seed004 => "seed-004",
+            Scenario::Seed004Passive => "seed-004-passive",
         }
     }
 
@@ -135,7 +139,10 @@ impl Scenario {
                 "autodetection picked bridge nerdctl0 (10.4.0.1) on ce-demo-2: VXLAN to that node goes nowhere"
             }
             Scenario::Seed004 => {
-                "autodetection picked second NIC eth1 (10.0.0.66) on node66: BGP never establishes, no pod routes"
+                "autodetection picked second NIC eth1 (10.66.0.66) on k8smater1, which dials from it: BGP never establishes, no pod routes"
+            }
+            Scenario::Seed004Passive => {
+                "autodetection picked second NIC eth1 (10.0.0.66) on k8smater1, passive: k8smaster2 dials 10.0.0.66, BGP never establishes"
             }
         }
     }
@@ -146,7 +153,9 @@ impl Scenario {
             Scenario::Healthy => None,
             Scenario::Seed001 => Some("datastore_latency"),
             Scenario::Seed002 => Some("ippool_overlaps_host_network"),
-            Scenario::Seed003 | Scenario::Seed004 => Some("node_address_on_wrong_interface"),
+            Scenario::Seed003 | Scenario::Seed004 | Scenario::Seed004Passive => {
+                Some("node_address_on_wrong_interface")
+            }
         }
     }
 
@@ -156,7 +165,8 @@ impl Scenario {
             Scenario::Seed002 => Some("snat_skipped"),
             Scenario::Seed003 => Some("wrong_parent_device"),
             Scenario::Seed004 => Some("wrong_source_address"),
-            Scenario::Healthy | Scenario::Seed001 => None,
+            // The other node's off-link-peer diagnosis has no verdict of its own.
+            Scenario::Healthy | Scenario::Seed001 | Scenario::Seed004Passive => None,
         }
     }
 
@@ -167,6 +177,7 @@ impl Scenario {
             Scenario::Seed002 => seed_002::config(),
             Scenario::Seed003 => seed_003::config(),
             Scenario::Seed004 => seed_004::config(),
+            Scenario::Seed004Passive => seed_004::passive_config(),
         }
     }
 
@@ -176,7 +187,7 @@ impl Scenario {
             Scenario::Seed001 => seed_001::drive(lab),
             Scenario::Seed002 => seed_002::drive(lab),
             Scenario::Seed003 => seed_003::drive(lab),
-            Scenario::Seed004 => seed_004::drive(lab),
+            Scenario::Seed004 | Scenario::Seed004Passive => seed_004::drive(lab),
         }
     }
 
@@ -193,7 +204,7 @@ impl Scenario {
             Scenario::Seed001 => seed_001::evidence(lab),
             Scenario::Seed002 => seed_002::evidence(lab),
             Scenario::Seed003 => seed_003::evidence(lab),
-            Scenario::Seed004 => seed_004::evidence(lab),
+            Scenario::Seed004 | Scenario::Seed004Passive => seed_004::evidence(lab),
         }
     }
 }
@@ -985,18 +996,37 @@ pub mod seed_003 {
     }
 }
 
-/// Seed 004: node66's BGP address is its second NIC's 10.0.0.66, which the other node cannot
-/// reach: BGP never establishes, and no pod routes are exchanged.
+/// Seed 004: k8smater1's BGP address is its second NIC's, which the other node cannot reach:
+/// BGP never establishes, and no pod routes are exchanged. Two variants, as confd's v3.22+ mesh
+/// lets only the greater address (compared as strings) dial: in `seed-004` the misdetected
+/// node dials from the wrong address; in `seed-004-passive` (the write-up's 10.0.0.66, smaller
+/// than any 10.51.x or 172.17.x address) it only listens, and the other node dials it.
 pub mod seed_004 {
     use super::*;
+    use crate::bird::mesh_passive;
 
-    /// How long the lab waits for a BGP session that must not come up (BIRD retries every
-    /// 3 s after a 1 s start delay).
+    /// How long the lab waits for a BGP session that must not come up (the dialing BIRD waits
+    /// confd's `connect delay time 2`, then retries every `connect retry time 5`).
     pub const BGP_WAIT: Duration = Duration::from_secs(8);
 
-    /// Two BGP-routed nodes, seed 004's names; node66 has eth1 10.0.0.66/24 on a LAN of its own,
-    /// and autodetection picked it.
+    /// `seed-004`'s second NIC: "10.66.0.66" > "10.51.0.100", so k8smater1 dials.
+    pub const ACTIVE_NIC: &str = "10.66.0.66/24";
+    /// `seed-004-passive`'s second NIC, the write-up's: "10.0.0.66" < "10.51.0.100", so
+    /// k8smater1 is passive and k8smaster2 dials 10.0.0.66.
+    pub const PASSIVE_NIC: &str = "10.0.0.66/24";
+
+    /// Two BGP-routed nodes, seed 004's names; k8smater1 has eth1 10.66.0.66/24 on a LAN of
+    /// its own, and autodetection picked it.
     pub fn config() -> ClusterConfig {
+        config_with(ACTIVE_NIC)
+    }
+
+    /// The same with eth1 10.0.0.66/24: the misdetected node is the passive side.
+    pub fn passive_config() -> ClusterConfig {
+        config_with(PASSIVE_NIC)
+    }
+
+    fn config_with(second_nic: &str) -> ClusterConfig {
         let mut cfg = ClusterConfig {
             routing: Routing::Bgp,
             ..ClusterConfig::two_nodes()
@@ -1016,7 +1046,7 @@ pub mod seed_004 {
         )];
         n2.extra_nic = Some(ExtraNic {
             name: "eth1".into(),
-            address: "10.0.0.66/24".into(),
+            address: second_nic.into(),
         });
         n2.autodetect_iface = Some("eth1".into());
         cfg
@@ -1038,21 +1068,35 @@ pub mod seed_004 {
         evidence(lab).map(|_| ())
     }
 
-    /// node66 sends BGP SYNs with source 10.0.0.66 out of its LAN NIC; neither side reaches
-    /// Established within [`BGP_WAIT`] of the build; neither node has a route to the other's
-    /// block, and pod -> pod across nodes fails.
+    /// The node (index) that dials in a two-node mesh, by confd's rule; the other is passive.
+    pub fn dialer(lab: &Cluster) -> usize {
+        let (a, b) = (lab.nodes[0].autodetected_ip, lab.nodes[1].autodetected_ip);
+        usize::from(mesh_passive(a, b))
+    }
+
+    /// The dialing node sends BGP SYNs from its advertised address to the other's out of its
+    /// LAN NIC (in `seed-004` from the wrong 10.66.0.66; in `seed-004-passive` to the wrong
+    /// 10.0.0.66); the passive node never sends a SYN, and BIRD there says `Passive`; neither
+    /// side reaches Established within [`BGP_WAIT`] of the build; neither node has a route to
+    /// the other's block, and pod -> pod across nodes fails.
     pub fn evidence(lab: &Cluster) -> Result<Vec<String>, LabError> {
         let (a, b) = cross_pair(lab)?;
         let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-        let wrong = n2.autodetected_ip;
+        let d = dialer(lab);
+        let (dn, pn) = (&lab.nodes[d], &lab.nodes[1 - d]);
+        let (from, to) = (dn.autodetected_ip, pn.autodetected_ip);
         let mut ev = Vec::new();
         let syn = Capture::start(
-            &n2.netns,
-            &n2.nic,
+            &dn.netns,
+            &dn.nic,
             Some("out"),
             Some(1),
-            &format!("tcp dst port 179 and src host {wrong} and tcp[tcpflags] & tcp-syn != 0"),
+            &format!(
+                "tcp dst port 179 and src host {from} and dst host {to} and tcp[tcpflags] & tcp-syn != 0"
+            ),
         )?;
+        // Everything BGP on the passive node, on every interface.
+        let listener = Capture::start(&pn.netns, "any", None, None, "tcp port 179")?;
         // The cross-node probe runs while BGP gets its chance to come up.
         let (states, att) = std::thread::scope(|scope| {
             let probe = scope
@@ -1074,17 +1118,42 @@ pub mod seed_004 {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
+        check(states[1 - d] == "Passive", || {
+            format!("{} is not passive toward {from}: {states:?}", pn.name)
+        })?;
         let syn = syn.finish(Duration::from_secs(5));
         check(
             syn.first()
-                .is_some_and(|l| l.contains(&format!("IP {wrong}."))),
-            || format!("no BGP SYN from {wrong} on {} {}: {syn:?}", n2.name, n2.nic),
+                .is_some_and(|l| l.contains(&format!("IP {from}."))),
+            || {
+                format!(
+                    "no BGP SYN from {from} to {to} on {} {}: {syn:?}",
+                    dn.name, dn.nic
+                )
+            },
         )?;
         ev.push(format!(
-            "{} {} out: {}",
-            n2.name,
-            n2.nic,
+            "{} (dials, {from} > {to} as strings) {} out: {}",
+            dn.name,
+            dn.nic,
             lines_summary(&syn, 1)
+        ));
+        let heard = listener.finish(Duration::ZERO);
+        let own_syn = format!("IP {to}.");
+        check(
+            !heard
+                .iter()
+                .any(|l| l.contains(&own_syn) && l.contains(".179: Flags [S],")),
+            || format!("passive {} dialed: {heard:?}", pn.name),
+        )?;
+        ev.push(format!(
+            "{} (passive) sent no SYN; saw: {}",
+            pn.name,
+            if heard.is_empty() {
+                "no BGP packet at all".to_string()
+            } else {
+                lines_summary(&heard, 2)
+            }
         ));
         let r1 = route_show(&n1.netns, &n2.block)?;
         let r2 = route_show(&n2.netns, &n1.block)?;
@@ -1166,5 +1235,6 @@ mod tests {
             Some("nerdctl0")
         );
         assert_eq!(seed_004::config().routing, Routing::Bgp);
+        assert_eq!(seed_004::passive_config().routing, Routing::Bgp);
     }
 }

@@ -151,7 +151,20 @@ fn seed_003_vxlan_parent_on_the_nerdctl_bridge_blackholes_the_node() {
 #[test]
 fn seed_004_bgp_from_the_second_nic_never_establishes() {
     with_lab(&seed_004::config(), "seed-004", |lab| {
+        assert_eq!(
+            seed_004::dialer(lab),
+            1,
+            "k8smater1 must dial from 10.66.0.66"
+        );
         show_evidence(Scenario::Seed004, lab);
+    });
+}
+
+#[test]
+fn seed_004_passive_misdetected_node_is_dialed_and_never_answers() {
+    with_lab(&seed_004::passive_config(), "seed-004-passive", |lab| {
+        assert_eq!(seed_004::dialer(lab), 0, "k8smaster2 must dial 10.0.0.66");
+        show_evidence(Scenario::Seed004Passive, lab);
     });
 }
 

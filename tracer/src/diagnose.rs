@@ -216,6 +216,11 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
         .or_else(|| (!drops.is_empty()).then(|| kernel_drop(flow, cx, &drops)))
         .or_else(|| slow.map(|s| slow_diagnosis(flow, cx, &s)))
         .or_else(|| no_reply.then(|| off_link_peer(flow, cx)).flatten())
+        .or_else(|| {
+            (lost_records == 0)
+                .then(|| unacked_off_link_peer(flow, cx))
+                .flatten()
+        })
         .or_else(|| no_reply.then(|| pod_route_missing(flow, cx)).flatten())
         .or_else(|| no_reply.then(|| unanswered_diagnosis(flow, cx)));
     Judgement {
@@ -740,8 +745,45 @@ fn off_link_peer(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
             None => None,
         }
     })?;
+    let off = off_link(cx, peer)?;
+    Some(Diagnosis {
+        cause: NODE_ADDRESS_ON_WRONG_INTERFACE,
+        summary: format!(
+            "The peer node's address {peer}{} is not on this node's underlay {} ({}): it is reached only through the gateway {}, and nothing came back. The peer most likely autodetected its node address on the wrong interface (a container bridge or a second NIC) and advertised it.",
+            service_name(port),
+            join(&off.underlay),
+            off.dev,
+            off.gateway,
+        ),
+        evidence: json!({
+            "peer_address": peer.to_string(),
+            "dport": port,
+            "left_via": iface,
+            "route": off.route_json(),
+            "underlay_subnets": off.underlay.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        }),
+        fix: off_link_fix(peer, &off.underlay),
+    })
+}
+
+/// A peer address this node reaches only through a gateway, off the underlay of the route's
+/// device.
+struct OffLink {
+    route_dst: Cidr,
+    gateway: IpAddr,
+    dev: String,
+    underlay: Vec<Cidr>,
+}
+
+impl OffLink {
+    fn route_json(&self) -> Value {
+        json!({"dst": self.route_dst.to_string(), "via": self.gateway.to_string(), "dev": self.dev})
+    }
+}
+
+fn off_link(cx: &Context<'_>, peer: IpAddr) -> Option<OffLink> {
     let route = cx.facts.route_to(peer)?;
-    let gw = route.gateway?;
+    let gateway = route.gateway?;
     let egress = cx.facts.link(route.oif?)?;
     let underlay: Vec<Cidr> = egress
         .addrs
@@ -749,29 +791,70 @@ fn off_link_peer(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
         .filter(|a| a.ip.is_ipv4() == peer.is_ipv4() && !a.is_host())
         .map(|a| a.network())
         .collect();
-    if underlay.is_empty() {
+    if underlay.is_empty() || underlay.iter().any(|c| c.contains(peer)) {
         return None;
     }
+    Some(OffLink {
+        route_dst: route.dst,
+        gateway,
+        dev: egress.name.clone(),
+        underlay,
+    })
+}
+
+fn off_link_fix(peer: IpAddr, underlay: &[Cidr]) -> String {
+    format!(
+        "On the node that owns {peer} (`calicoctl get nodes -o wide`, or the projectcalico.org/IPv4Address annotations), pin address autodetection to the interface on {}: {}",
+        join(underlay),
+        autodetect_fix("<its NIC>", None)
+    )
+}
+
+/// A BGP connection from a peer that this node answered but that never completed: the SYN came
+/// in from an address off the underlay, the SYN-ACK went out through the gateway, and no ACK
+/// came back within the no-reply timeout. confd's v3.22+ mesh makes the smaller address passive,
+/// so when the peer that dials uses the wrong source, this is all the passive node sees: it
+/// never dials, so [`off_link_peer`] has nothing to judge.
+fn unacked_off_link_peer(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
+    const ACK: u8 = 0x10;
+    if flow.dport != 179 || !flow.tcp.syn || !flow.tcp.syn_ack || flow.tcp.rst || flow.tcp.fin {
+        return None;
+    }
+    let answered = flow.first_reply_ns()?;
+    if cx.evidence_now_ns().saturating_sub(answered) < cx.rules.no_reply_after_ns {
+        return None;
+    }
+    // Any ACK from the peer means the handshake completed (or at least the path back works).
+    if flow
+        .hops
+        .iter()
+        .any(|h| h.side == Side::Forward && h.tcp_flags_seen & ACK != 0)
+    {
+        return None;
+    }
+    let arrived = flow
+        .path()
+        .find(|h| h.side == Side::Forward && h.dir == Dir::Ingress && h.role == Some(Role::Host))?;
+    let peer = arrived.src;
+    let off = off_link(cx, peer)?;
     Some(Diagnosis {
         cause: NODE_ADDRESS_ON_WRONG_INTERFACE,
         summary: format!(
-            "The peer node's address {peer}{} is not on this node's underlay {} ({}): it is reached only through the gateway {gw}, and nothing came back. The peer most likely autodetected its node address on the wrong interface (a container bridge or a second NIC) and advertised it.",
-            service_name(port),
-            join(&underlay),
-            egress.name,
+            "The peer at {peer} dials this node's BGP port on {}, but {peer} is not on this node's underlay {} ({}): the answer (SYN-ACK) goes through the gateway {} and the handshake never completes. The peer most likely autodetected its node address on the wrong interface (a container bridge or a second NIC) and uses it as its BGP source; this node is the mesh's passive side (confd renders `passive on` toward the greater address), so it never dials.",
+            arrived.iface,
+            join(&off.underlay),
+            off.dev,
+            off.gateway,
         ),
         evidence: json!({
             "peer_address": peer.to_string(),
-            "dport": port,
-            "left_via": iface,
-            "route": {"dst": route.dst.to_string(), "via": gw.to_string(), "dev": egress.name},
-            "underlay_subnets": underlay.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            "dport": 179,
+            "arrived_on": arrived.iface.to_string(),
+            "retransmits": flow.retransmits(),
+            "route": off.route_json(),
+            "underlay_subnets": off.underlay.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
         }),
-        fix: format!(
-            "On the node that owns {peer} (`calicoctl get nodes -o wide`, or the projectcalico.org/IPv4Address annotations), pin address autodetection to the interface on {}: {}",
-            join(&underlay),
-            autodetect_fix("<its NIC>", None)
-        ),
+        fix: off_link_fix(peer, &off.underlay),
     })
 }
 
@@ -1305,6 +1388,56 @@ mod tests {
         );
         assert_eq!(j.verdicts, vec![REPLIED]);
         assert!(j.diagnosis.is_none());
+    }
+
+    /// confd's v3.22+ mesh: the node with the smaller address is passive. When the peer dials
+    /// from an address off the underlay, the passive node only answers, through its gateway.
+    #[test]
+    fn seed_004_passive_side_answers_an_off_link_peer() {
+        let f = underlay_node("10.51.0.100", vec![]);
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        let ingest = |peer: &str, acked: bool| {
+            let mut t = FlowTable::new(10);
+            let s = syn(peer, "10.51.0.100", 179);
+            let id = t.ingest(&obs(1, 2, Dir::Ingress, s), &lookup2).unwrap_or(0);
+            let mut r = s;
+            std::mem::swap(&mut r.src, &mut r.dst);
+            std::mem::swap(&mut r.sport, &mut r.dport);
+            r.tcp_flags = 0x12;
+            t.ingest(&obs(2, 2, Dir::Egress, r), &lookup2);
+            if acked {
+                let mut a = s;
+                a.tcp_flags = 0x10;
+                a.seq = 100;
+                t.ingest(&obs(3, 2, Dir::Ingress, a), &lookup2);
+            }
+            (t, id)
+        };
+        let (t, id) = ingest("10.66.0.66", false);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        // Before the timeout: nothing yet.
+        assert!(judge(flow, &cx(&p, &f, 1_000_000_000)).diagnosis.is_none());
+        let j = judge(flow, &cx(&p, &f, 10_000_000_000));
+        assert_eq!(j.verdicts, vec![REPLIED]);
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, NODE_ADDRESS_ON_WRONG_INTERFACE);
+        assert_eq!(d.evidence["peer_address"], "10.66.0.66");
+        assert_eq!(d.evidence["arrived_on"], "eth0");
+        assert_eq!(d.evidence["route"]["via"], "10.51.0.1");
+        assert!(d.fix.contains("owns 10.66.0.66"), "{}", d.fix);
+        // Completed handshakes, and unanswered ones from peers on the underlay, are not it.
+        let (t, id) = ingest("10.66.0.66", true);
+        let j = judge(
+            t.get(id).unwrap_or_else(|| unreachable!()),
+            &cx(&p, &f, 10_000_000_000),
+        );
+        assert!(j.diagnosis.is_none(), "{j:?}");
+        let (t, id) = ingest("10.51.0.101", false);
+        let j = judge(
+            t.get(id).unwrap_or_else(|| unreachable!()),
+            &cx(&p, &f, 10_000_000_000),
+        );
+        assert!(j.diagnosis.is_none(), "{j:?}");
     }
 
     fn vxlan_link(parent: u32, local: &str) -> Link {

@@ -50,7 +50,7 @@ enum Task {
     /// The main job: bring up the built-in Calico lab, run a scenario (all by default), and print
     /// what tracer diagnoses on each node.
     Lab {
-        /// Scenario name (healthy, seed-001, seed-002, seed-003, seed-004); all when omitted.
+        /// Scenario name (healthy, seed-001, seed-002, seed-003, seed-004, seed-004-passive); all when omitted.
         #[arg(long)]
         scenario: Option<String>,
         /// Keep the lab up after the report until Ctrl-C, to query the agents by hand.

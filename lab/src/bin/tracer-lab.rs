@@ -19,11 +19,14 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 const AFTER_HELP: &str = "\
 Scenarios (default: all, in this order):
-  healthy    two Calico nodes over VXLAN, BGP up, etcd close by (tracer should report nothing)
-  seed-001   datastore 150 ms away: calico-node's startup outlives its liveness probe
-  seed-002   IPPool contains the host network: pod -> apiserver leaves un-SNATed
-  seed-003   VXLAN parent is the bridge nerdctl0 (autodetection picked the wrong interface)
-  seed-004   BGP source is a second NIC nobody can reach (autodetection picked the wrong interface)
+  healthy           two Calico nodes over VXLAN, BGP up, etcd close by (tracer should report nothing)
+  seed-001          datastore 150 ms away: calico-node's startup outlives its liveness probe
+  seed-002          IPPool contains the host network: pod -> apiserver leaves un-SNATed
+  seed-003          VXLAN parent is the bridge nerdctl0 (autodetection picked the wrong interface)
+  seed-004          BGP source is a second NIC nobody can reach; that node dials (its address is
+                    the greater: confd's v3.22+ mesh makes the smaller one passive)
+  seed-004-passive  the same, but the misdetected node is the passive side: the other node dials
+                    its unreachable address
 
 Exit status:
   0    every lab came up and reproduced its fault at the packet level (whether or not tracer's
@@ -62,7 +65,7 @@ struct RunArgs {
     /// The tracer binary, run as `tracer agent` on every node.
     #[arg(long, value_name = "PATH")]
     tracer: PathBuf,
-    /// Run only this scenario (healthy, seed-001, seed-002, seed-003, seed-004).
+    /// Run only this scenario (healthy, seed-001, seed-002, seed-003, seed-004, seed-004-passive).
     #[arg(long, value_name = "NAME", value_parser = parse_scenario)]
     scenario: Option<Scenario>,
     /// Leave the lab up after the report, print how to query the agents, and wait for Ctrl-C.
@@ -199,7 +202,7 @@ fn main() -> ExitCode {
         Command::List => {
             for s in Scenario::ALL {
                 println!(
-                    "{:<9} {}\n          expected: {}",
+                    "{:<16} {}\n                 expected: {}",
                     s.name(),
                     s.title(),
                     expected_text(s)
