@@ -818,7 +818,9 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /dev/net
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs tmpfs /tmp
+# A checkout under /tmp (CI clones anywhere) put the test binaries there: a tmpfs would hide
+# them. The initramfs root is writable, so /tmp only gets its own tmpfs when it is empty.
+[ -z "$(ls -A /tmp 2>/dev/null)" ] && mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mkdir -p /run/netns
 mount -t bpf bpf /sys/fs/bpf
