@@ -978,7 +978,7 @@ mod tests {
             all: all.iter().filter_map(|c| c.parse().ok()).collect(),
             masq: masq.iter().filter_map(|c| c.parse().ok()).collect(),
             source: "ipset".into(),
-            missing_sets: vec![],
+            ..Pools::default()
         }
     }
 
