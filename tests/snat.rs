@@ -352,3 +352,34 @@ fn loadbalancer_only_pool_is_not_a_fault() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn masquerade_not_applied_is_still_diagnosed_with_exclusions() -> TestResult {
+    // The exclusion is on but the apiserver is no node (not in all-hosts-net): felix's rule
+    // should masquerade, yet another tool's ACCEPT ahead of felix's jump takes the packet first.
+    let mut cfg = SingleNode::healthy();
+    cfg.felix.exclude_host_ips = true;
+    cfg.felix.out_iface = Some("eth+".into());
+    cfg.felix.host_ips = vec![cfg.node_ip.clone()];
+    let lab = SingleNode::build(&cfg)?;
+    lab.node.exec_with_stdin(
+        &["iptables-restore", "-w", "--noflush"],
+        "*nat\n-I POSTROUTING 1 -m comment --comment \"lab: rogue accept\" -j ACCEPT\nCOMMIT\n",
+    )?;
+    let (_agent, f) = unanswered_vip_flow(&lab)?;
+    assert!(
+        has_verdict(&f, "snat_skipped") && !has_verdict(&f, "snat_excluded"),
+        "{f}"
+    );
+    let d = &f["diagnosis"];
+    assert_eq!(d["cause"], "masquerade_not_applied", "{f}");
+    assert_eq!(
+        d["evidence"]["nat_outgoing_rule"]["excludes_host_ips"], true,
+        "{f}"
+    );
+    assert_eq!(
+        d["evidence"]["nat_outgoing_rule"]["out_iface"], "eth+",
+        "{f}"
+    );
+    Ok(())
+}
