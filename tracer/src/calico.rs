@@ -65,11 +65,18 @@ pub struct Pools {
     /// felix's IPv6 natOutgoing rule as read from the node; `None` when unknown.
     pub nat_outgoing_v6: Option<NatOutgoing>,
     /// Members of `cali40all-hosts-net` / `cali60all-hosts-net`, read only when the rule of that
-    /// family excludes host IPs; `None` when not read or unreadable.
+    /// family excludes host IPs; `None` when not read or unreadable. Shown as a count: a big
+    /// cluster has thousands of nodes.
+    #[serde(serialize_with = "member_count")]
     pub host_nets_v4: Option<Vec<Cidr>>,
+    #[serde(serialize_with = "member_count")]
     pub host_nets_v6: Option<Vec<Cidr>>,
     /// Why a natOutgoing rule is unknown, for the operator's benefit.
     pub nat_outgoing_errors: Vec<String>,
+}
+
+fn member_count<S: serde::Serializer>(v: &Option<Vec<Cidr>>, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&v.as_ref().map(Vec::len), s)
 }
 
 /// What felix's natOutgoing rule (`felix/rules/nat.go`) leaves alone on purpose, read from its
