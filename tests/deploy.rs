@@ -65,7 +65,7 @@ fn daemonset_matches_the_binary() -> TestResult {
     // running the agent with only these).
     let sc = &c["securityContext"];
     let add: BTreeSet<String> = strings(&sc["capabilities"]["add"]).into_iter().collect();
-    let want: BTreeSet<String> = ["BPF", "NET_ADMIN", "PERFMON"]
+    let want: BTreeSet<String> = ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -190,10 +190,10 @@ fn daemonset_matches_the_binary() -> TestResult {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .map(str::trim)
         .ok_or("no CapEff")?;
-    // CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
+    // CAP_NET_ADMIN 12, CAP_NET_RAW 13, CAP_PERFMON 38, CAP_BPF 39.
     assert_eq!(
         u64::from_str_radix(cap_eff, 16)?,
-        (1 << 12) | (1 << 38) | (1 << 39),
+        (1 << 12) | (1 << 13) | (1 << 38) | (1 << 39),
         "the agent holds more than the manifest's capabilities"
     );
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid()))?;
@@ -216,6 +216,12 @@ fn daemonset_matches_the_binary() -> TestResult {
     let (_, health) = agent.get(&lab.node, "/healthz")?;
     assert_eq!(health["drops"]["enabled"], true, "{health}");
     assert_eq!(health["pools"]["source"], "ipset", "{health}");
+    // felix's natOutgoing rule is readable with those capabilities too (`iptables-save`).
+    assert_eq!(
+        health["pools"]["nat_outgoing_v4"]["rules"], 1,
+        "{}",
+        health["pools"]
+    );
     probe_apiserver_and_wait(
         &agent,
         &lab,

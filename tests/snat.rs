@@ -229,3 +229,157 @@ fn bad_queries_get_json_400() -> TestResult {
     assert_eq!(status, 404);
     Ok(())
 }
+
+/// A flow felix left un-masqueraded on purpose: answered, `snat_excluded` naming `setting`, no
+/// fault verdict, no diagnosis, and nothing on the node's diagnoses page.
+fn assert_deliberate(
+    agent: &Agent,
+    lab: &SingleNode,
+    query: &str,
+    setting: &str,
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let f = agent.wait_flow(&lab.node, query, Duration::from_secs(10), |f| {
+        has_verdict(f, "replied") && has_verdict(f, "snat_excluded")
+    })?;
+    assert_eq!(f["src"], lab.pod.ip.to_string());
+    for v in ["snat_skipped", "snat_applied", "no_reply"] {
+        assert!(!has_verdict(&f, v), "{v}: {f}");
+    }
+    assert!(
+        f["diagnosis"].is_null(),
+        "deliberate exclusion diagnosed: {f}"
+    );
+    assert_eq!(f["snat_excluded"]["setting"], setting, "{f}");
+    assert_eq!(
+        f["snat_excluded"]["evidence"]["left_node_unmasqueraded"]["src"],
+        lab.pod.ip.to_string()
+    );
+    // felix's MASQUERADE rule really did not fire.
+    assert_eq!(tracer_lab::calico::nat_outgoing_packets(&lab.node)?, 0);
+    let (_, diag) = agent.get(&lab.node, "/diagnoses")?;
+    assert_eq!(diag["causes"].as_array().map(Vec::len), Some(0), "{diag}");
+    assert_eq!(
+        diag["node_findings"].as_array().map(Vec::len),
+        Some(0),
+        "{diag}"
+    );
+    let (_, v) = agent.get(&lab.node, "/flows?verdict=snat_excluded")?;
+    assert!(v["flows"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|g| g["id"] == f["id"])));
+    Ok(f)
+}
+
+#[test]
+fn host_ip_exclusion_is_not_a_fault() -> TestResult {
+    // NATOutgoingExclusions=IPPoolsAndHostIPs: the apiserver is a node (in all-hosts-net) that
+    // routes the pool back, so pod -> apiserver Service leaves un-masqueraded and is answered.
+    let mut cfg = SingleNode::healthy();
+    cfg.felix.exclude_host_ips = true;
+    cfg.felix.host_ips = vec![cfg.node_ip.clone(), cfg.apiserver_ip.clone()];
+    cfg.apiserver_routes_pool = true;
+    let lab = SingleNode::build(&cfg)?;
+    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    assert!(connect_via_vip(&lab)?, "excluded host must still answer");
+    let f = assert_deliberate(
+        &agent,
+        &lab,
+        &format!("dst={VIP}&proto=tcp"),
+        "NATOutgoingExclusions=IPPoolsAndHostIPs",
+    )?;
+    assert_eq!(f["nat"]["dst"], cfg.apiserver_ip);
+    assert_eq!(
+        f["snat_excluded"]["evidence"]["host_net"],
+        format!("{}/32", cfg.apiserver_ip)
+    );
+    Ok(())
+}
+
+#[test]
+fn interface_filter_is_not_a_fault() -> TestResult {
+    // IptablesNATOutgoingInterfaceFilter=eth1: traffic leaving eth0 is not masqueraded.
+    let mut cfg = SingleNode::healthy();
+    cfg.felix.out_iface = Some("eth1".into());
+    cfg.apiserver_routes_pool = true;
+    let lab = SingleNode::build(&cfg)?;
+    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    assert!(
+        connect_via_vip(&lab)?,
+        "filtered-out traffic must still be answered"
+    );
+    let f = assert_deliberate(
+        &agent,
+        &lab,
+        &format!("dst={VIP}&proto=tcp"),
+        "IptablesNATOutgoingInterfaceFilter=eth1",
+    )?;
+    assert_eq!(f["snat_excluded"]["evidence"]["out_iface_filter"], "eth1");
+    Ok(())
+}
+
+#[test]
+fn loadbalancer_only_pool_is_not_a_fault() -> TestResult {
+    // A LoadBalancer-only pool carved from the host LAN, in all-ipam-pools (v3.32.0's rule)
+    // with network-ip-pools beside it. The LoadBalancer address is held by the apiserver host
+    // (an external load balancer), which routes the pool back.
+    const LB_IP: &str = "192.168.21.200";
+    let mut cfg = SingleNode::healthy();
+    cfg.extra_pools = vec![tracer_lab::calico::Pool::load_balancer("192.168.21.192/27")];
+    cfg.felix.pool_sets = tracer_lab::calico::PoolSets::AllIpamPoolsBesideNetworkIpPools;
+    cfg.apiserver_routes_pool = true;
+    let lab = SingleNode::build(&cfg)?;
+    lab.apiserver
+        .ip(&["addr", "add", &format!("{LB_IP}/32"), "dev", "eth0"])?;
+    let lb: SocketAddr = format!("{LB_IP}:8443").parse()?;
+    let _lb_server = traffic::TcpServer::start(&lab.apiserver, lb)?;
+    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    assert!(
+        traffic::tcp_probe(&lab.pod.netns, lb, Duration::from_secs(2))?,
+        "the LoadBalancer address must answer"
+    );
+    let f = assert_deliberate(
+        &agent,
+        &lab,
+        &format!("dst={LB_IP}&proto=tcp"),
+        "IPPool allowedUses=[LoadBalancer]",
+    )?;
+    assert_eq!(
+        f["snat_excluded"]["evidence"]["lb_only_pool"],
+        "192.168.21.192/27"
+    );
+    Ok(())
+}
+
+#[test]
+fn masquerade_not_applied_is_still_diagnosed_with_exclusions() -> TestResult {
+    // The exclusion is on but the apiserver is no node (not in all-hosts-net): felix's rule
+    // should masquerade, yet another tool's ACCEPT ahead of felix's jump takes the packet first.
+    let mut cfg = SingleNode::healthy();
+    cfg.felix.exclude_host_ips = true;
+    cfg.felix.out_iface = Some("eth+".into());
+    cfg.felix.host_ips = vec![cfg.node_ip.clone()];
+    let lab = SingleNode::build(&cfg)?;
+    lab.node.exec_with_stdin(
+        &["iptables-restore", "-w", "--noflush"],
+        "*nat\n-I POSTROUTING 1 -m comment --comment \"lab: rogue accept\" -j ACCEPT\nCOMMIT\n",
+    )?;
+    let (_agent, f) = unanswered_vip_flow(&lab)?;
+    assert!(
+        has_verdict(&f, "snat_skipped") && !has_verdict(&f, "snat_excluded"),
+        "{f}"
+    );
+    let d = &f["diagnosis"];
+    assert_eq!(d["cause"], "masquerade_not_applied", "{f}");
+    assert_eq!(
+        d["evidence"]["nat_outgoing_rule"]["excludes_host_ips"], true,
+        "{f}"
+    );
+    assert_eq!(
+        d["evidence"]["nat_outgoing_rule"]["out_iface"], "eth+",
+        "{f}"
+    );
+    Ok(())
+}

@@ -16,8 +16,14 @@ use crate::addr::{ensure_lab_cidr, ensure_lab_ip, parse_ip, Cidr};
 use crate::netns::Netns;
 use crate::LabError;
 
-/// felix's ipset holding every IPv4 IPAM pool (`IPSetIDNATOutgoingAllPools`).
+/// felix's ipset holding every IPv4 IPAM pool, up to v3.32.0 (`IPSetIDAllPools` =
+/// "all-ipam-pools").
 pub const ALL_POOLS_SET: &str = "cali40all-ipam-pools";
+/// Its v3.32.1+ successor (`IPSetIDNetworkPools` = "network-ip-pools"): LoadBalancer-only pools
+/// are left out (felix/dataplane/linux/masq_mgr.go `isLoadBalancerOnly`).
+pub const NETWORK_POOLS_SET: &str = "cali40network-ip-pools";
+/// felix's ipset of every node's IPv4 address (`IPSetIDAllHostNets`).
+pub const ALL_HOSTS_SET: &str = "cali40all-hosts-net";
 /// felix's ipset holding the IPv4 pools with natOutgoing (`IPSetIDNATOutgoingMasqPools`).
 pub const MASQ_POOLS_SET: &str = "cali40masq-ipam-pools";
 /// felix's nat chain with the natOutgoing MASQUERADE rule.
@@ -49,6 +55,8 @@ pub struct Pool {
     pub cidr: String,
     /// IPPool `natOutgoing`: pod traffic leaving the pools is masqueraded.
     pub nat_outgoing: bool,
+    /// IPPool `allowedUses: [LoadBalancer]`: Service LoadBalancer addresses, no pods.
+    pub load_balancer_only: bool,
 }
 
 impl Pool {
@@ -56,6 +64,50 @@ impl Pool {
         Pool {
             cidr: cidr.to_string(),
             nat_outgoing,
+            load_balancer_only: false,
+        }
+    }
+
+    /// A LoadBalancer-only pool (no natOutgoing: it holds no pods to masquerade).
+    pub fn load_balancer(cidr: &str) -> Pool {
+        Pool {
+            load_balancer_only: true,
+            ..Pool::new(cidr, false)
+        }
+    }
+}
+
+/// Which pool set(s) felix programs and its natOutgoing rule names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolSets {
+    /// felix up to v3.32.0: `all-ipam-pools`, every pool (LoadBalancer-only ones too).
+    #[default]
+    AllIpamPools,
+    /// felix from v3.32.1: `network-ip-pools`, LoadBalancer-only pools left out.
+    NetworkIpPools,
+    /// v3.32.0's set and rule, with v3.32.1's `network-ip-pools` beside it: the difference is
+    /// the LoadBalancer-only pools, which the rule still leaves un-masqueraded.
+    AllIpamPoolsBesideNetworkIpPools,
+}
+
+/// felix configuration that shapes the natOutgoing rule (felix/rules/nat.go).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FelixNat {
+    pub pool_sets: PoolSets,
+    /// `NATOutgoingExclusions=IPPoolsAndHostIPs`: adds `! --match-set cali40all-hosts-net dst`.
+    pub exclude_host_ips: bool,
+    /// `IptablesNATOutgoingInterfaceFilter`: adds `--out-interface <this>`.
+    pub out_iface: Option<String>,
+    /// Every node's address, felix's `cali40all-hosts-net` (written when not empty).
+    pub host_ips: Vec<String>,
+}
+
+impl FelixNat {
+    /// The pool set the rule excludes.
+    fn rule_set(&self) -> &'static str {
+        match self.pool_sets {
+            PoolSets::NetworkIpPools => NETWORK_POOLS_SET,
+            _ => ALL_POOLS_SET,
         }
     }
 }
@@ -151,9 +203,9 @@ struct FelixNatTable {
     inserts: Vec<(&'static str, FelixRule)>,
 }
 
-/// The nat table of felix (iptables dataplane, default config, MASQUERADE --random-fully
-/// supported) for the given pools and encapsulation.
-fn felix_nat_table(pools: &[Pool], encap: Encapsulation) -> FelixNatTable {
+/// The nat table of felix (iptables dataplane, MASQUERADE --random-fully supported) for the
+/// given pools, encapsulation and natOutgoing settings.
+fn felix_nat_table(pools: &[Pool], encap: Encapsulation, felix: &FelixNat) -> FelixNatTable {
     let jump = |target: &str| FelixRule::new("", &format!("--jump {target}"));
     let mut postrouting = vec![jump("cali-fip-snat"), jump(NAT_OUTGOING_CHAIN)];
     let tunnel = match encap {
@@ -170,14 +222,20 @@ fn felix_nat_table(pools: &[Pool], encap: Encapsulation) -> FelixNatTable {
             "--jump MASQUERADE --random-fully",
         ));
     }
-    // felix leaves the chain empty when no pool has natOutgoing.
+    // felix leaves the chain empty when no pool has natOutgoing. Match order as
+    // makeNATOutgoingRuleIPTables: masq src, not pools dst, [not all-hosts dst], [out iface].
     let nat_outgoing = if pools.iter().any(|p| p.nat_outgoing) {
-        vec![FelixRule::new(
-            &format!(
-                "-m set --match-set {MASQ_POOLS_SET} src -m set ! --match-set {ALL_POOLS_SET} dst"
-            ),
-            "--jump MASQUERADE --random-fully",
-        )]
+        let mut matches = format!(
+            "-m set --match-set {MASQ_POOLS_SET} src -m set ! --match-set {} dst",
+            felix.rule_set()
+        );
+        if felix.exclude_host_ips {
+            let _ = write!(matches, " -m set ! --match-set {ALL_HOSTS_SET} dst");
+        }
+        if let Some(iface) = &felix.out_iface {
+            let _ = write!(matches, " --out-interface {iface}");
+        }
+        vec![FelixRule::new(&matches, "--jump MASQUERADE --random-fully")]
     } else {
         Vec::new()
     };
@@ -222,31 +280,77 @@ pub fn write_felix_nat_with(
     pools: &[Pool],
     encap: Encapsulation,
 ) -> Result<(), LabError> {
+    write_felix_nat_config(node, pools, encap, &FelixNat::default())
+}
+
+/// [`write_felix_nat_with`] under non-default felix settings: which pool sets (felix version),
+/// `NATOutgoingExclusions`, `IptablesNATOutgoingInterfaceFilter`, and `cali40all-hosts-net`.
+pub fn write_felix_nat_config(
+    node: &Netns,
+    pools: &[Pool],
+    encap: Encapsulation,
+    felix: &FelixNat,
+) -> Result<(), LabError> {
     let mut cidrs = Vec::new();
     for p in pools {
         let c = Cidr::parse(&p.cidr)?;
         ensure_lab_cidr(&c, "IPAM pool")?;
-        cidrs.push((format!("{}/{}", c.addr, c.prefix), p.nat_outgoing));
+        cidrs.push((format!("{}/{}", c.addr, c.prefix), p));
     }
+    let mut hosts = Vec::new();
+    for h in &felix.host_ips {
+        let ip = parse_ip(h, "host IP")?;
+        ensure_lab_ip(ip, "host IP")?;
+        hosts.push(ip);
+    }
+    if let Some(iface) = &felix.out_iface {
+        // felix's IfaceParamRegexp: ^[a-zA-Z0-9:._+-]{1,15}$
+        let ok = (1..=15).contains(&iface.len())
+            && iface
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ":._+-".contains(c));
+        if !ok {
+            return Err(LabError::Config(format!(
+                "bad IptablesNATOutgoingInterfaceFilter {iface:?}"
+            )));
+        }
+    }
+    let (old_set, new_set) = match felix.pool_sets {
+        PoolSets::AllIpamPools => (true, false),
+        PoolSets::NetworkIpPools => (false, true),
+        PoolSets::AllIpamPoolsBesideNetworkIpPools => (true, true),
+    };
 
     // ipsets first: iptables refuses rules referencing missing sets.
     let mut ipsets = String::new();
-    for set in [ALL_POOLS_SET, MASQ_POOLS_SET] {
+    let mut sets = vec![MASQ_POOLS_SET];
+    sets.extend(old_set.then_some(ALL_POOLS_SET));
+    sets.extend(new_set.then_some(NETWORK_POOLS_SET));
+    sets.extend((!hosts.is_empty() || felix.exclude_host_ips).then_some(ALL_HOSTS_SET));
+    for set in sets {
         let _ = writeln!(
             ipsets,
             "create {set} hash:net family inet hashsize 1024 maxelem 1048576"
         );
         let _ = writeln!(ipsets, "flush {set}");
     }
-    for (cidr, nat) in &cidrs {
-        let _ = writeln!(ipsets, "add {ALL_POOLS_SET} {cidr}");
-        if *nat {
+    for (cidr, p) in &cidrs {
+        if old_set {
+            let _ = writeln!(ipsets, "add {ALL_POOLS_SET} {cidr}");
+        }
+        if new_set && !p.load_balancer_only {
+            let _ = writeln!(ipsets, "add {NETWORK_POOLS_SET} {cidr}");
+        }
+        if p.nat_outgoing {
             let _ = writeln!(ipsets, "add {MASQ_POOLS_SET} {cidr}");
         }
     }
+    for ip in &hosts {
+        let _ = writeln!(ipsets, "add {ALL_HOSTS_SET} {ip}");
+    }
     node.exec_with_stdin(&["ipset", "-exist", "restore"], &ipsets)?;
 
-    let FelixNatTable { chains, inserts } = felix_nat_table(pools, encap);
+    let FelixNatTable { chains, inserts } = felix_nat_table(pools, encap, felix);
     let existing = node.exec(&["iptables-save", "-t", "nat"])?;
     let mut restore = String::from("*nat\n");
     // Under --noflush, declaring a chain creates it or flushes it: a clean rewrite.
@@ -497,7 +601,8 @@ mod tests {
                 .unwrap_or_default()
         };
         let pools = [Pool::new("192.168.0.0/16", true)];
-        let FelixNatTable { chains, inserts } = felix_nat_table(&pools, Encapsulation::Vxlan);
+        let FelixNatTable { chains, inserts } =
+            felix_nat_table(&pools, Encapsulation::Vxlan, &FelixNat::default());
         assert_eq!(
             comments(POSTROUTING_CHAIN, &find(&chains, POSTROUTING_CHAIN)),
             [
@@ -531,21 +636,29 @@ mod tests {
             ]
         );
 
-        let ipip = felix_nat_table(&pools, Encapsulation::Ipip).chains;
+        let ipip = felix_nat_table(&pools, Encapsulation::Ipip, &FelixNat::default()).chains;
         assert_eq!(
             comments(POSTROUTING_CHAIN, &find(&ipip, POSTROUTING_CHAIN))[2],
             "cali:SXWvdsbh4Mw7wOln"
         );
-        let plain =
-            felix_nat_table(&[Pool::new("10.244.0.0/16", false)], Encapsulation::None).chains;
+        let plain = felix_nat_table(
+            &[Pool::new("10.244.0.0/16", false)],
+            Encapsulation::None,
+            &FelixNat::default(),
+        )
+        .chains;
         assert_eq!(find(&plain, POSTROUTING_CHAIN).len(), 2);
         assert!(find(&plain, NAT_OUTGOING_CHAIN).is_empty());
     }
 
     #[test]
     fn rendered_masquerade_rule_is_felix_text() {
-        let chains =
-            felix_nat_table(&[Pool::new("192.168.0.0/16", true)], Encapsulation::Vxlan).chains;
+        let chains = felix_nat_table(
+            &[Pool::new("192.168.0.0/16", true)],
+            Encapsulation::Vxlan,
+            &FelixNat::default(),
+        )
+        .chains;
         let rules = chains
             .iter()
             .find(|(c, _)| *c == NAT_OUTGOING_CHAIN)
@@ -558,6 +671,34 @@ mod tests {
               --match-set cali40masq-ipam-pools src -m set ! --match-set cali40all-ipam-pools \
               dst --jump MASQUERADE --random-fully"
             ]
+        );
+        // v3.32.1+ set, NATOutgoingExclusions=IPPoolsAndHostIPs, interface filter: matches in
+        // makeNATOutgoingRuleIPTables' order.
+        let felix = FelixNat {
+            pool_sets: PoolSets::NetworkIpPools,
+            exclude_host_ips: true,
+            out_iface: Some("eth0".into()),
+            host_ips: vec![],
+        };
+        let chains = felix_nat_table(
+            &[Pool::new("10.244.0.0/16", true)],
+            Encapsulation::Vxlan,
+            &felix,
+        )
+        .chains;
+        let rules = chains
+            .iter()
+            .find(|(c, _)| *c == NAT_OUTGOING_CHAIN)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default();
+        let line = render_chain(NAT_OUTGOING_CHAIN, &rules, false).join("");
+        assert!(
+            line.ends_with(
+                "-m set --match-set cali40masq-ipam-pools src -m set ! --match-set \
+                 cali40network-ip-pools dst -m set ! --match-set cali40all-hosts-net dst \
+                 --out-interface eth0 --jump MASQUERADE --random-fully"
+            ),
+            "{line}"
         );
     }
 }

@@ -10,7 +10,7 @@ pub use cluster::{
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use crate::addr::{ensure_lab_cidr, ensure_lab_ip, parse_ip, Cidr};
-use crate::calico::{self, Pool};
+use crate::calico::{self, Encapsulation, FelixNat, Pool};
 use crate::netns::{unique_prefix, Netns};
 use crate::node::Pod;
 use crate::traffic::TcpServer;
@@ -42,6 +42,13 @@ pub struct SingleNodeConfig {
     pub pod_ip: String,
     /// A Service VIP and port DNATed on the node to apiserver_ip:apiserver_port.
     pub service_vip: Option<(String, u16)>,
+    /// More pools felix knows, e.g. a LoadBalancer-only one.
+    pub extra_pools: Vec<Pool>,
+    /// felix's natOutgoing settings (pool sets by version, exclusions, interface filter).
+    pub felix: FelixNat,
+    /// The apiserver host routes the pod pool via the node, as Calico nodes and BGP-peered
+    /// hosts do: un-masqueraded pod traffic is then answered.
+    pub apiserver_routes_pool: bool,
 }
 
 /// A built [`SingleNodeConfig`]. Dropping it stops the apiserver listener and deletes every
@@ -107,6 +114,9 @@ impl SingleNodeConfig {
         if let Some((vip, _)) = &self.service_vip {
             ensure_lab_ip(parse_ip(vip, "service VIP")?, "service VIP")?;
         }
+        for p in &self.extra_pools {
+            ensure_lab_cidr(&Cidr::parse(&p.cidr)?, "pool")?;
+        }
         Ok(plan)
     }
 }
@@ -126,6 +136,9 @@ impl SingleNode {
             pool: Pool::new("192.168.0.0/16", true),
             pod_ip: "192.168.236.10".into(),
             service_vip: Some(("10.96.0.1".into(), 443)),
+            extra_pools: Vec::new(),
+            felix: FelixNat::default(),
+            apiserver_routes_pool: false,
         }
     }
 
@@ -178,7 +191,21 @@ impl SingleNode {
         gateway.sysctl("net/ipv4/ip_forward", "1")?;
 
         let pod = Pod::create(&node, POD_NAMESPACE, POD_NAME, plan.pod_ip)?;
-        calico::write_felix_nat(&node, std::slice::from_ref(&cfg.pool))?;
+        let mut pools = vec![cfg.pool.clone()];
+        pools.extend(cfg.extra_pools.iter().cloned());
+        calico::write_felix_nat_config(&node, &pools, Encapsulation::Vxlan, &cfg.felix)?;
+        if cfg.apiserver_routes_pool {
+            let node_ip = plan.node_ip.to_string();
+            apiserver.ip(&[
+                "route",
+                "add",
+                &cfg.pool.cidr,
+                "via",
+                &node_ip,
+                "dev",
+                "eth0",
+            ])?;
+        }
         let api_ip = plan.apiserver_ip.to_string();
         if let Some((vip, port)) = &cfg.service_vip {
             calico::write_service_dnat(&node, vip, *port, &api_ip, cfg.apiserver_port)?;

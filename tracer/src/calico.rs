@@ -9,11 +9,18 @@ use crate::{
     netlink::{Link, NodeFacts},
 };
 
-/// felix's ipset of all IPv4 pools; `cali40network-ip-pools` is the same set in newer felix.
+/// felix's ipset of the IPv4 pools whose destinations are not masqueraded: `all-ipam-pools` up to
+/// v3.32.0 (every pool), `network-ip-pools` from v3.32.1 (LoadBalancer-only pools left out).
 pub const ALL_POOLS_SETS_V4: &[&str] = &["cali40all-ipam-pools", "cali40network-ip-pools"];
 pub const MASQ_POOLS_SETS_V4: &[&str] = &["cali40masq-ipam-pools"];
 pub const ALL_POOLS_SETS_V6: &[&str] = &["cali60all-ipam-pools", "cali60network-ip-pools"];
 pub const MASQ_POOLS_SETS_V6: &[&str] = &["cali60masq-ipam-pools"];
+/// felix's ipsets of every node's address (`IPSetIDAllHostNets`), which
+/// `NATOutgoingExclusions=IPPoolsAndHostIPs` adds to the natOutgoing rule's exclusions.
+pub const ALL_HOSTS_SET_V4: &str = "cali40all-hosts-net";
+pub const ALL_HOSTS_SET_V6: &str = "cali60all-hosts-net";
+/// felix's nat chain holding the natOutgoing MASQUERADE/SNAT rule(s) (`ChainNATOutgoing`).
+pub const NAT_OUTGOING_CHAIN: &str = "cali-nat-outgoing";
 
 /// Calico's tunnel devices. (`wg-v6.cali` is the IPv6 WireGuard device.)
 pub const TUNNEL_IFACES: &[&str] = &[
@@ -34,6 +41,8 @@ pub enum CalicoError {
     IpsetTimeout,
     #[error("bad pool {0}")]
     BadPool(#[from] NetError),
+    #[error("cannot read {NAT_OUTGOING_CHAIN}: {0}")]
+    NatChain(String),
 }
 
 /// The node's IP pools as felix programmed them.
@@ -47,6 +56,60 @@ pub struct Pools {
     pub source: String,
     /// Sets that were looked for and not found, for the operator's benefit.
     pub missing_sets: Vec<String>,
+    /// LoadBalancer-only pools that felix's natOutgoing rule still leaves un-masqueraded: in
+    /// `all-ipam-pools` (what v3.32.0's rule names) but not in `network-ip-pools`, where both
+    /// sets exist. Empty when that cannot be told.
+    pub lb_only: Vec<Cidr>,
+    /// felix's IPv4 natOutgoing rule as read from the node; `None` when unknown.
+    pub nat_outgoing_v4: Option<NatOutgoing>,
+    /// felix's IPv6 natOutgoing rule as read from the node; `None` when unknown.
+    pub nat_outgoing_v6: Option<NatOutgoing>,
+    /// Members of `cali40all-hosts-net` / `cali60all-hosts-net`, read only when the rule of that
+    /// family excludes host IPs; `None` when not read or unreadable. Shown as a count: a big
+    /// cluster has thousands of nodes.
+    #[serde(serialize_with = "member_count")]
+    pub host_nets_v4: Option<Vec<Cidr>>,
+    #[serde(serialize_with = "member_count")]
+    pub host_nets_v6: Option<Vec<Cidr>>,
+    /// Why a natOutgoing rule is unknown, for the operator's benefit.
+    pub nat_outgoing_errors: Vec<String>,
+}
+
+fn member_count<S: serde::Serializer>(v: &Option<Vec<Cidr>>, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&v.as_ref().map(Vec::len), s)
+}
+
+/// What felix's natOutgoing rule (`felix/rules/nat.go`) leaves alone on purpose, read from its
+/// `cali-nat-outgoing` chain.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct NatOutgoing {
+    /// MASQUERADE/SNAT rules in the chain; 0 when no pool has natOutgoing (felix leaves the
+    /// chain empty).
+    pub rules: usize,
+    /// The pool set whose destinations are not masqueraded (`! --match-set <set> dst`).
+    pub pool_set: Option<String>,
+    /// `NATOutgoingExclusions=IPPoolsAndHostIPs`: `! --match-set cali40all-hosts-net dst`.
+    pub excludes_host_ips: bool,
+    /// `IptablesNATOutgoingInterfaceFilter`: the rule's `-o` match, iptables spelling (a
+    /// trailing `+` matches any name with that prefix).
+    pub out_iface: Option<String>,
+    /// `! -o`: felix never writes it, but a hand-edited rule may.
+    pub out_iface_negated: bool,
+}
+
+impl NatOutgoing {
+    /// Whether the rule's interface match lets a packet leaving `iface` through (true when the
+    /// rule has none).
+    pub fn matches_iface(&self, iface: &str) -> bool {
+        let Some(m) = &self.out_iface else {
+            return true;
+        };
+        let hit = match m.strip_suffix('+') {
+            Some(prefix) => iface.starts_with(prefix),
+            None => iface == m,
+        };
+        hit != self.out_iface_negated
+    }
 }
 
 impl Pools {
@@ -65,40 +128,92 @@ impl Pools {
     pub fn is_empty(&self) -> bool {
         self.all.is_empty() && self.masq.is_empty()
     }
+
+    /// The LoadBalancer-only pool holding `ip`, if felix's rule still excludes it.
+    pub fn lb_only_pool_of(&self, ip: IpAddr) -> Option<Cidr> {
+        self.lb_only
+            .iter()
+            .filter(|c| c.contains(ip))
+            .max_by_key(|c| c.prefix())
+            .copied()
+    }
+
+    /// felix's natOutgoing rule for `ip`'s family, if it was read.
+    pub fn nat_outgoing_for(&self, ip: IpAddr) -> Option<&NatOutgoing> {
+        match ip {
+            IpAddr::V4(_) => self.nat_outgoing_v4.as_ref(),
+            IpAddr::V6(_) => self.nat_outgoing_v6.as_ref(),
+        }
+    }
+
+    /// `all-hosts-net` of `ip`'s family: `None` when it was not (or could not be) read.
+    pub fn host_nets_for(&self, ip: IpAddr) -> Option<&[Cidr]> {
+        match ip {
+            IpAddr::V4(_) => self.host_nets_v4.as_deref(),
+            IpAddr::V6(_) => self.host_nets_v6.as_deref(),
+        }
+    }
 }
 
-/// Reads felix's pool ipsets in the agent's network namespace. Pools given on the command line
-/// (`--pool`, `--masq-pool`) are added, which covers nodes where the sets do not exist.
-/// `ipset` runs at most `deadline` in all (then it is killed and the sets count as unreadable):
-/// a wedged netfilter must not stop the sync loop.
+/// Reads felix's pool ipsets and its natOutgoing rules in the agent's network namespace. Pools
+/// given on the command line (`--pool`, `--masq-pool`) are added, which covers nodes where the
+/// sets do not exist. `ipset` and `iptables` run at most `deadline` in all (then they are killed
+/// and what they would have told counts as unknown): a wedged netfilter must not stop the sync
+/// loop.
 pub async fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr], deadline: Duration) -> Pools {
     let mut pools = Pools::default();
     let until = tokio::time::Instant::now() + deadline;
-    for (sets, dst_all) in [
-        (ALL_POOLS_SETS_V4, true),
-        (ALL_POOLS_SETS_V6, true),
-        (MASQ_POOLS_SETS_V4, false),
-        (MASQ_POOLS_SETS_V6, false),
+    // The rules first: they name the pool set felix really uses.
+    for (cmd, hosts_set) in [
+        ("iptables", ALL_HOSTS_SET_V4),
+        ("ip6tables", ALL_HOSTS_SET_V6),
     ] {
+        let rule = match nat_outgoing_rule(cmd, until).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!(cmd, error = %e, "natOutgoing rule unknown");
+                pools.nat_outgoing_errors.push(format!("{cmd}: {e}"));
+                None
+            }
+        };
+        let hosts = match &rule {
+            Some(r) if r.excludes_host_ips => read_set(hosts_set, until).await,
+            _ => None,
+        };
+        if cmd == "iptables" {
+            pools.nat_outgoing_v4 = rule;
+            pools.host_nets_v4 = hosts;
+        } else {
+            pools.nat_outgoing_v6 = rule;
+            pools.host_nets_v6 = hosts;
+        }
+    }
+    for (sets, rule) in [
+        (ALL_POOLS_SETS_V4, pools.nat_outgoing_v4.clone()),
+        (ALL_POOLS_SETS_V6, pools.nat_outgoing_v6.clone()),
+    ] {
+        let (all_ipam, network) = (sets[0], sets[1]);
+        let old = read_set(all_ipam, until).await;
+        let new = read_set(network, until).await;
+        if old.is_none() && new.is_none() {
+            pools.missing_sets.push(sets.join("|"));
+        }
+        let rule_set = rule.as_ref().and_then(|r| r.pool_set.as_deref());
+        let (used, lb_only) = pool_sets(
+            old,
+            new,
+            rule_set == Some(all_ipam),
+            rule_set == Some(network),
+        );
+        pools.all.extend(used);
+        pools.lb_only.extend(lb_only);
+    }
+    for sets in [MASQ_POOLS_SETS_V4, MASQ_POOLS_SETS_V6] {
         let mut found = false;
         for set in sets {
-            match ipset_members(set, until).await {
-                Ok(Some(members)) => {
-                    found = true;
-                    let target = if dst_all {
-                        &mut pools.all
-                    } else {
-                        &mut pools.masq
-                    };
-                    target.extend(members);
-                }
-                Ok(None) => {}
-                Err(e @ CalicoError::IpsetTimeout) => {
-                    tracing::warn!(set, error = %e, "cannot read ipset");
-                }
-                Err(e) => {
-                    tracing::debug!(set, error = %e, "cannot read ipset");
-                }
+            if let Some(members) = read_set(set, until).await {
+                found = true;
+                pools.masq.extend(members);
             }
         }
         if !found {
@@ -120,6 +235,10 @@ pub async fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr], deadline: Duratio
             pools.all.push(*c);
         }
     }
+    // A pool named on the command line is the operator's word that it holds pods.
+    pools
+        .lb_only
+        .retain(|c| !flag_all.contains(c) && !flag_masq.contains(c));
     pools.source = match (from_ipset, flag_all.is_empty() && flag_masq.is_empty()) {
         (true, true) => "ipset",
         (true, false) => "ipset+flags",
@@ -128,6 +247,231 @@ pub async fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr], deadline: Duratio
     }
     .to_string();
     pools
+}
+
+/// The pools whose destinations felix's rule leaves un-masqueraded, and the LoadBalancer-only
+/// ones among them, from `all-ipam-pools` (`old`) and `network-ip-pools` (`new`). The rule
+/// decides which set counts; unknown, both do.
+fn pool_sets(
+    old: Option<Vec<Cidr>>,
+    new: Option<Vec<Cidr>>,
+    rule_uses_old: bool,
+    rule_uses_new: bool,
+) -> (Vec<Cidr>, Vec<Cidr>) {
+    // v3.32.1 left LoadBalancer-only pools out of the new set only; where both sets exist
+    // the difference is those pools.
+    let lb_only: Vec<Cidr> = match (&old, &new) {
+        (Some(o), Some(n)) if !rule_uses_new => {
+            o.iter().filter(|c| !n.contains(c)).copied().collect()
+        }
+        _ => Vec::new(),
+    };
+    let used = if rule_uses_new {
+        new.unwrap_or_default()
+    } else if rule_uses_old {
+        old.unwrap_or_default()
+    } else {
+        let mut all = old.unwrap_or_default();
+        for c in new.unwrap_or_default() {
+            if !all.contains(&c) {
+                all.push(c);
+            }
+        }
+        all
+    };
+    (used, lb_only)
+}
+
+/// One set's members, `None` when it is missing or unreadable (logged).
+async fn read_set(set: &str, until: tokio::time::Instant) -> Option<Vec<Cidr>> {
+    match ipset_members(set, until).await {
+        Ok(m) => m,
+        Err(e @ CalicoError::IpsetTimeout) => {
+            tracing::warn!(set, error = %e, "cannot read ipset");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(set, error = %e, "cannot read ipset");
+            None
+        }
+    }
+}
+
+/// felix's natOutgoing rule from `<cmd>-save -t nat`: unlike `iptables -S`, the save tools
+/// take no xtables lock, which a read-only container could not create. felix may program the
+/// nft or the legacy backend: the first tool whose output has the chain wins.
+async fn nat_outgoing_rule(
+    cmd: &str,
+    until: tokio::time::Instant,
+) -> Result<NatOutgoing, CalicoError> {
+    let mut why = Vec::new();
+    for bin in [
+        format!("{cmd}-save"),
+        format!("{cmd}-nft-save"),
+        format!("{cmd}-legacy-save"),
+    ] {
+        let run = tokio::process::Command::new(&bin)
+            .args(["-t", "nat"])
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = match tokio::time::timeout_at(until, run).await {
+            Err(_) => {
+                return Err(CalicoError::NatChain(format!(
+                    "{bin} did not answer in time; killed"
+                )))
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Ok(Err(e)) => {
+                why.push(format!("{bin}: {e}"));
+                continue;
+            }
+            Ok(Ok(out)) => out,
+        };
+        if out.status.success() {
+            match parse_nat_outgoing(&String::from_utf8_lossy(&out.stdout)) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    why.push(format!("{bin}: {e}"));
+                    continue;
+                }
+            }
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        why.push(format!(
+            "{bin}: {}",
+            err.trim().chars().take(160).collect::<String>()
+        ));
+    }
+    if why.is_empty() {
+        why.push(format!("no {cmd} binary"));
+    }
+    Err(CalicoError::NatChain(why.join("; ")))
+}
+
+/// Parses the `cali-nat-outgoing` rules out of `iptables-save -t nat` (or `iptables -S`) output;
+/// other chains' rules are skipped. Odd input is an error, never a guess: every MASQUERADE/SNAT
+/// rule must agree on what it excludes.
+pub fn parse_nat_outgoing(text: &str) -> Result<NatOutgoing, String> {
+    let mut seen_chain = false;
+    let mut found: Option<NatOutgoing> = None;
+    let mut rules = 0;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with('#') || line.starts_with('*') || line == "COMMIT" {
+            continue;
+        }
+        if let Some(decl) = line.strip_prefix(':') {
+            seen_chain |= decl.split_whitespace().next() == Some(NAT_OUTGOING_CHAIN);
+            continue;
+        }
+        // Other chains' rules (kube-proxy's, thousands of them) are skipped untokenized.
+        let mut head = line.split_whitespace();
+        match (head.next(), head.next()) {
+            (Some("-N") | Some("-P"), name) => {
+                seen_chain |= name == Some(NAT_OUTGOING_CHAIN);
+                continue;
+            }
+            (Some("-A"), Some(NAT_OUTGOING_CHAIN)) => {}
+            (Some("-A"), _) => continue,
+            _ => return Err(format!("unexpected line {:?}", clip(line))),
+        }
+        seen_chain = true;
+        let words = split_words(line)?;
+        let Some(rule) = parse_rule(words.get(2..).unwrap_or_default())? else {
+            continue;
+        };
+        rules += 1;
+        match &found {
+            Some(f) if *f != rule => {
+                return Err(format!(
+                    "its MASQUERADE/SNAT rules disagree on what they exclude ({:?})",
+                    clip(line)
+                ))
+            }
+            _ => found = Some(rule),
+        }
+    }
+    if !seen_chain {
+        return Err("no such chain in the output".into());
+    }
+    let mut r = found.unwrap_or_default();
+    r.rules = rules;
+    Ok(r)
+}
+
+/// One `-A` rule's matches: `Some` only for a MASQUERADE/SNAT rule.
+fn parse_rule(words: &[String]) -> Result<Option<NatOutgoing>, String> {
+    let mut r = NatOutgoing::default();
+    let mut target = None;
+    let mut negate = false;
+    let mut it = words.iter().map(String::as_str);
+    let missing = |opt: &str| format!("{opt} without a value");
+    while let Some(w) = it.next() {
+        match w {
+            "!" => {
+                negate = true;
+                continue;
+            }
+            "-o" | "--out-interface" => {
+                r.out_iface = Some(it.next().ok_or_else(|| missing(w))?.to_string());
+                r.out_iface_negated = negate;
+            }
+            "--match-set" => {
+                let set = it.next().ok_or_else(|| missing(w))?;
+                let dir = it.next().ok_or_else(|| missing(w))?;
+                if negate && dir.starts_with("dst") {
+                    if set.ends_with("all-hosts-net") {
+                        r.excludes_host_ips = true;
+                    } else if set.ends_with("ipam-pools") || set.ends_with("network-ip-pools") {
+                        r.pool_set = Some(set.to_string());
+                    }
+                }
+            }
+            "-j" | "--jump" => target = Some(it.next().ok_or_else(|| missing(w))?.to_string()),
+            _ => {}
+        }
+        negate = false;
+    }
+    Ok(matches!(target.as_deref(), Some("MASQUERADE") | Some("SNAT")).then_some(r))
+}
+
+/// Splits a rule into words; double quotes group (iptables-save quotes comments, `\"` inside).
+fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut quoted = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => cur.extend(chars.next()),
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if quoted {
+        return Err(format!("unterminated quote in {:?}", clip(line)));
+    }
+    if in_word {
+        words.push(cur);
+    }
+    Ok(words)
+}
+
+fn clip(line: &str) -> String {
+    line.chars().take(120).collect()
 }
 
 /// Members of one ipset, `None` when the set does not exist.
@@ -364,5 +708,97 @@ mod tests {
         assert_eq!(got[0].to_string(), "192.168.0.0/16");
         assert_eq!(got[1].to_string(), "10.0.0.1/32");
         assert!(parse_ipset_save("").is_empty());
+    }
+
+    /// `iptables -S cali-nat-outgoing` as felix's rules print (felix/rules/nat.go: masq set src,
+    /// not pool set dst, [not all-hosts-net dst], [-p], [-o]).
+    #[test]
+    fn nat_outgoing_rule_parsing() {
+        let plain = "-N cali-nat-outgoing\n\
+            -A cali-nat-outgoing -m comment --comment \"cali:flqWnvo8yq4ULQLa\" -m set --match-set cali40masq-ipam-pools src -m set ! --match-set cali40all-ipam-pools dst -j MASQUERADE --random-fully\n";
+        let r = parse_nat_outgoing(plain).unwrap_or_default();
+        assert_eq!(r.rules, 1);
+        assert_eq!(r.pool_set.as_deref(), Some("cali40all-ipam-pools"));
+        assert!(!r.excludes_host_ips && r.out_iface.is_none());
+        assert!(r.matches_iface("eth1"));
+
+        let both = "-N cali-nat-outgoing\n\
+            -A cali-nat-outgoing -o eth+ -m comment --comment \"cali:x \\\"q\\\"\" -m set --match-set cali40masq-ipam-pools src -m set ! --match-set cali40network-ip-pools dst -m set ! --match-set cali40all-hosts-net dst -j MASQUERADE --random-fully\n";
+        let r = parse_nat_outgoing(both).unwrap_or_default();
+        assert_eq!(r.pool_set.as_deref(), Some("cali40network-ip-pools"));
+        assert!(r.excludes_host_ips);
+        assert_eq!(r.out_iface.as_deref(), Some("eth+"));
+        assert!(r.matches_iface("eth0") && r.matches_iface("eth") && !r.matches_iface("bond0"));
+
+        // NATPortRange: tcp/udp SNAT + RETURN pairs, then the catch-all; natOutgoingAddress: SNAT.
+        let ports = "-N cali-nat-outgoing\n\
+            -A cali-nat-outgoing -o eth0 -p tcp -m set --match-set cali40masq-ipam-pools src -m set ! --match-set cali40all-ipam-pools dst -j SNAT --to-source 10.0.0.1:1000-2000\n\
+            -A cali-nat-outgoing -o eth0 -p tcp -m set --match-set cali40masq-ipam-pools src -m set ! --match-set cali40all-ipam-pools dst -j RETURN\n\
+            -A cali-nat-outgoing -o eth0 -m set --match-set cali40masq-ipam-pools src -m set ! --match-set cali40all-ipam-pools dst -j SNAT --to-source 10.0.0.1\n";
+        let r = parse_nat_outgoing(ports).unwrap_or_default();
+        assert_eq!(r.rules, 2);
+        assert!(r.matches_iface("eth0") && !r.matches_iface("eth1"));
+
+        // iptables-save -t nat of a whole table: other chains are skipped.
+        let save = "# Generated by iptables-save v1.8.9 (nf_tables)\n*nat\n\
+            :POSTROUTING ACCEPT [0:0]\n:cali-nat-outgoing - [0:0]\n\
+            -A POSTROUTING -m comment --comment \"cali:O3lYWMrLQYEMJtB5\" -j cali-POSTROUTING\n\
+            -A KUBE-SVC -p tcp -m comment --comment \"odd \\\"quote -j MASQUERADE\n\
+            -A cali-nat-outgoing -o eth1 -m set --match-set cali40masq-ipam-pools src -m set ! --match-set cali40all-ipam-pools dst -j MASQUERADE --random-fully\n\
+            COMMIT\n# Completed\n";
+        let r = parse_nat_outgoing(save).unwrap_or_default();
+        assert_eq!((r.rules, r.out_iface.as_deref()), (1, Some("eth1")));
+        assert!(parse_nat_outgoing("*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n").is_err());
+
+        // Empty chain: no pool has natOutgoing.
+        let empty = parse_nat_outgoing("-N cali-nat-outgoing\n").unwrap_or_default();
+        assert_eq!(empty, NatOutgoing::default());
+
+        let negated = "-A cali-nat-outgoing ! -o eth1 -m set --match-set cali40masq-ipam-pools src -j MASQUERADE\n";
+        let r = parse_nat_outgoing(negated).unwrap_or_default();
+        assert!(r.out_iface_negated && !r.matches_iface("eth1") && r.matches_iface("eth0"));
+    }
+
+    #[test]
+    fn odd_nat_outgoing_output_is_an_error() {
+        for bad in [
+            "",
+            "iptables: No chain/target/match by that name.",
+            "-A cali-nat-outgoing -m comment --comment \"unterminated -j MASQUERADE",
+            "-A cali-nat-outgoing -o",
+            "-A cali-nat-outgoing -j",
+            "-A cali-nat-outgoing -m set --match-set onlyname",
+            "-A cali-nat-outgoing -o eth0 -j MASQUERADE\n-A cali-nat-outgoing -o eth1 -j MASQUERADE",
+            "\u{0}\u{1}garbage",
+            "-N other-chain\n-A other-chain -j MASQUERADE",
+        ] {
+            assert!(parse_nat_outgoing(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lb_only_pools_from_both_sets() {
+        let c = |s: &str| s.parse::<Cidr>().ok();
+        let old: Vec<Cidr> = ["10.244.0.0/16", "10.10.10.0/24"]
+            .iter()
+            .filter_map(|s| c(s))
+            .collect();
+        let new: Vec<Cidr> = ["10.244.0.0/16"].iter().filter_map(|s| c(s)).collect();
+        // v3.32.0's rule (all-ipam-pools) with network-ip-pools also present.
+        let (used, lb) = pool_sets(Some(old.clone()), Some(new.clone()), true, false);
+        assert_eq!(used, old);
+        assert_eq!(lb, vec![old[1]]);
+        // v3.32.1's rule: the LoadBalancer pool is masqueraded, a stale old set is ignored.
+        let (used, lb) = pool_sets(Some(old.clone()), Some(new.clone()), false, true);
+        assert_eq!(used, new);
+        assert!(lb.is_empty());
+        // Rule unknown: the union, and the difference where both exist.
+        let (used, lb) = pool_sets(Some(old.clone()), Some(new.clone()), false, false);
+        assert_eq!(used, old);
+        assert_eq!(lb, vec![old[1]]);
+        // Only one set: nothing can be told about LoadBalancer-only pools.
+        let (used, lb) = pool_sets(Some(old.clone()), None, true, false);
+        assert_eq!(used, old);
+        assert!(lb.is_empty());
     }
 }

@@ -18,6 +18,10 @@ use crate::{
 
 pub const SNAT_APPLIED: &str = "snat_applied";
 pub const SNAT_SKIPPED: &str = "snat_skipped";
+/// A pod's packet left un-masqueraded because felix's own configuration says so
+/// (`NATOutgoingExclusions`, `IptablesNATOutgoingInterfaceFilter`, a LoadBalancer-only pool):
+/// healthy, and the flow carries `snat_excluded` naming the setting.
+pub const SNAT_EXCLUDED: &str = "snat_excluded";
 pub const REPLIED: &str = "replied";
 pub const NO_REPLY: &str = "no_reply";
 pub const ENCAPSULATED: &str = "encapsulated";
@@ -33,6 +37,7 @@ pub const EVIDENCE_INCOMPLETE: &str = "evidence_incomplete";
 pub const VERDICTS: &[&str] = &[
     SNAT_APPLIED,
     SNAT_SKIPPED,
+    SNAT_EXCLUDED,
     REPLIED,
     NO_REPLY,
     ENCAPSULATED,
@@ -144,10 +149,21 @@ impl Context<'_> {
     }
 }
 
+/// Why felix skipped masquerade on purpose: not a fault, so not a diagnosis.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SnatExclusion {
+    /// The felix setting that did it, e.g. `NATOutgoingExclusions=IPPoolsAndHostIPs`.
+    pub setting: String,
+    pub summary: String,
+    pub evidence: Value,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Judgement {
     pub verdicts: Vec<&'static str>,
     pub diagnosis: Option<Diagnosis>,
+    /// Set with the `snat_excluded` verdict.
+    pub snat_excluded: Option<SnatExclusion>,
     /// Records lost (ring buffer full) while the flow ran, if any.
     pub lost_records: u64,
 }
@@ -158,7 +174,17 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     if nat_src.is_some() {
         verdicts.push(SNAT_APPLIED);
     }
-    let skipped = snat_skipped(flow, cx);
+    let unmasqueraded = snat_skipped(flow, cx);
+    let (skipped, snat_excluded) = match unmasqueraded {
+        Some(Skipped {
+            deliberate: Deliberate::Yes(x),
+            ..
+        }) => (None, Some(x)),
+        other => (other, None),
+    };
+    if snat_excluded.is_some() {
+        verdicts.push(SNAT_EXCLUDED);
+    }
     if skipped.is_some() {
         verdicts.push(SNAT_SKIPPED);
     }
@@ -223,9 +249,18 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
         })
         .or_else(|| no_reply.then(|| pod_route_missing(flow, cx)).flatten())
         .or_else(|| no_reply.then(|| unanswered_diagnosis(flow, cx)));
+    // An unanswered flow felix left un-masqueraded on purpose: the destination must route the
+    // pod address back, which is worth saying next to whatever else went wrong.
+    let diagnosis = diagnosis.map(|mut d| {
+        if let (Some(x), Some(ev)) = (&snat_excluded, d.evidence.as_object_mut()) {
+            ev.insert("snat_excluded".into(), json!(x));
+        }
+        d
+    });
     Judgement {
         verdicts,
         diagnosis,
+        snat_excluded,
         lost_records,
     }
 }
@@ -237,6 +272,15 @@ struct Skipped<'a> {
     dst_pool: Option<Cidr>,
     /// The host subnet (and its interface) that also contains the destination.
     host_subnet: Option<(Cidr, String)>,
+    /// Whether felix's own configuration skips masquerade here.
+    deliberate: Deliberate,
+}
+
+enum Deliberate {
+    No,
+    Yes(SnatExclusion),
+    /// felix's rule excludes something the agent could not read (why): no confident diagnosis.
+    Unknown(String),
 }
 
 fn snat_skipped<'a>(flow: &'a Flow, cx: &Context<'_>) -> Option<Skipped<'a>> {
@@ -255,19 +299,118 @@ fn snat_skipped<'a>(flow: &'a Flow, cx: &Context<'_>) -> Option<Skipped<'a>> {
         if !leaving_host {
             return None;
         }
-        let dst_pool = cx.pools.pool_of(hop.dst);
         let host_subnet = host_subnet_of(cx, hop.dst);
+        // felix up to v3.32.0 puts LoadBalancer-only pools in all-ipam-pools: their addresses
+        // are never masqueraded, whether or not a host subnet holds them.
+        if let Some(lb) = cx.pools.lb_only_pool_of(hop.dst) {
+            let deliberate = Deliberate::Yes(lb_only_exclusion(flow, &hop, lb));
+            return Some(Skipped {
+                hop,
+                src_pool,
+                dst_pool: Some(lb),
+                host_subnet,
+                deliberate,
+            });
+        }
+        let dst_pool = cx.pools.pool_of(hop.dst);
         // A pool destination outside every host subnet is a pod routed without encapsulation:
         // no SNAT is the right thing there.
         if dst_pool.is_some() && host_subnet.is_none() {
             return None;
         }
+        let deliberate = rule_exclusion(flow, cx, &hop);
         Some(Skipped {
             hop,
             src_pool,
             dst_pool,
             host_subnet,
+            deliberate,
         })
+    })
+}
+
+/// felix's natOutgoing rule, as read from the node, leaves this packet alone on purpose. An
+/// unread rule excludes nothing that can be shown: the pool rules decide as before.
+fn rule_exclusion(flow: &Flow, cx: &Context<'_>, hop: &HopView<'_>) -> Deliberate {
+    let Some(rule) = cx.pools.nat_outgoing_for(hop.dst) else {
+        return Deliberate::No;
+    };
+    let iface: &str = &hop.iface.name;
+    if let Some(filter) = rule
+        .out_iface
+        .as_deref()
+        .filter(|_| !rule.matches_iface(iface))
+    {
+        let not = if rule.out_iface_negated { "not " } else { "" };
+        return Deliberate::Yes(SnatExclusion {
+            setting: format!("IptablesNATOutgoingInterfaceFilter={filter}"),
+            summary: format!(
+                "Pod {} left {iface} un-masqueraded on purpose: felix's natOutgoing rule only                  masquerades traffic leaving {not}{filter} (IptablesNATOutgoingInterfaceFilter).",
+                flow.src
+            ),
+            evidence: json!({
+                "rule_chain": crate::calico::NAT_OUTGOING_CHAIN,
+                "out_iface_filter": filter,
+                "out_iface_negated": rule.out_iface_negated,
+                "left_node_unmasqueraded": leaving_json(flow, hop),
+            }),
+        });
+    }
+    if rule.excludes_host_ips {
+        let Some(nets) = cx.pools.host_nets_for(hop.dst) else {
+            return Deliberate::Unknown(
+                "felix's rule excludes host IPs but its all-hosts-net ipset could not be read"
+                    .into(),
+            );
+        };
+        if let Some(net) = nets.iter().find(|c| c.contains(hop.dst)) {
+            let set = if hop.dst.is_ipv4() {
+                crate::calico::ALL_HOSTS_SET_V4
+            } else {
+                crate::calico::ALL_HOSTS_SET_V6
+            };
+            return Deliberate::Yes(SnatExclusion {
+                setting: "NATOutgoingExclusions=IPPoolsAndHostIPs".into(),
+                summary: format!(
+                    "Pod {} reached node address {} un-masqueraded on purpose: felix's natOutgoing                      rule skips destinations in {set} (NATOutgoingExclusions=IPPoolsAndHostIPs),                      so that host must route the pod address back.",
+                    flow.src, hop.dst
+                ),
+                evidence: json!({
+                    "rule_chain": crate::calico::NAT_OUTGOING_CHAIN,
+                    "ipset": set,
+                    "host_net": net.to_string(),
+                    "left_node_unmasqueraded": leaving_json(flow, hop),
+                }),
+            });
+        }
+    }
+    Deliberate::No
+}
+
+fn lb_only_exclusion(flow: &Flow, hop: &HopView<'_>, pool: Cidr) -> SnatExclusion {
+    SnatExclusion {
+        setting: "IPPool allowedUses=[LoadBalancer]".into(),
+        summary: format!(
+            "Pod {} reached {} un-masqueraded on purpose: it is in the LoadBalancer-only pool {pool},              which felix up to v3.32.0 keeps in all-ipam-pools, whose destinations its natOutgoing              rule skips (v3.32.1 masquerades them).",
+            flow.src, hop.dst
+        ),
+        evidence: json!({
+            "rule_chain": crate::calico::NAT_OUTGOING_CHAIN,
+            "lb_only_pool": pool.to_string(),
+            "left_node_unmasqueraded": leaving_json(flow, hop),
+        }),
+    }
+}
+
+fn leaving_json(flow: &Flow, hop: &HopView<'_>) -> Value {
+    json!({
+        "iface": hop.iface,
+        "dir": "egress",
+        "src": hop.src.to_string(),
+        "sport": hop.sport,
+        "dst": hop.dst.to_string(),
+        "dport": hop.dport,
+        "proto": proto_name(flow.proto),
     })
 }
 
@@ -285,15 +428,16 @@ fn snat_diagnosis(
     s: &Skipped<'_>,
     no_reply: bool,
 ) -> Option<Diagnosis> {
-    let leaving = json!({
-        "iface": s.hop.iface,
-        "dir": "egress",
-        "src": s.hop.src.to_string(),
-        "sport": s.hop.sport,
-        "dst": s.hop.dst.to_string(),
-        "dport": s.hop.dport,
-        "proto": proto_name(flow.proto),
-    });
+    match &s.deliberate {
+        Deliberate::No => {}
+        Deliberate::Unknown(why) => {
+            tracing::debug!(flow = flow.id, why, "un-masqueraded flow not diagnosed");
+            return None;
+        }
+        Deliberate::Yes(_) => return None,
+    }
+    let leaving = leaving_json(flow, &s.hop);
+    let rule = cx.pools.nat_outgoing_for(s.hop.dst);
     let reply = reply_evidence(flow, cx);
     if let (Some(pool), Some((subnet, iface))) = (s.dst_pool, &s.host_subnet) {
         return Some(Diagnosis {
@@ -341,6 +485,7 @@ fn snat_diagnosis(
                 "masq_pools": cx.pools.masq.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
                 "left_node_unmasqueraded": leaving,
                 "pools_source": cx.pools.source,
+                "nat_outgoing_rule": rule,
                 "reply": reply,
             }),
             fix: format!(
@@ -363,6 +508,7 @@ fn snat_diagnosis(
         evidence: json!({
             "pod_pool": s.src_pool.to_string(),
             "left_node_unmasqueraded": leaving,
+            "nat_outgoing_rule": rule,
             "reply": reply,
         }),
         fix: "Check `iptables -t nat -S cali-nat-outgoing` and the ipsets it names \
@@ -387,6 +533,10 @@ fn reply_evidence(flow: &Flow, cx: &Context<'_>) -> Value {
 fn pod_route_missing(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
     let dst = flow.nat.map(|n| n.dst).unwrap_or(flow.dst);
     let pool = cx.pools.pool_of(dst)?;
+    // LoadBalancer addresses have no IPAM block routes.
+    if cx.pools.lb_only_pool_of(dst).is_some() {
+        return None;
+    }
     let route = cx.facts.route_to(dst)?;
     if route.dst.prefix() != 0 || route.blackhole {
         return None;
@@ -861,7 +1011,13 @@ fn unacked_off_link_peer(flow: &Flow, cx: &Context<'_>) -> Option<Diagnosis> {
 /// Faults visible in the node's configuration alone, before any traffic.
 pub fn node_findings(cx: &Context<'_>) -> Vec<Diagnosis> {
     let mut out = Vec::new();
-    for pool in &cx.pools.all {
+    // A LoadBalancer-only pool holds no pods: carving it from a host network is common and fine.
+    for pool in cx
+        .pools
+        .all
+        .iter()
+        .filter(|p| !cx.pools.lb_only.contains(p))
+    {
         for (subnet, link) in cx.facts.connected_subnets() {
             let tunnel_or_pod = link.vxlan.is_some()
                 || crate::calico::TUNNEL_IFACES.contains(&link.name.as_str())
@@ -1061,7 +1217,7 @@ mod tests {
             all: all.iter().filter_map(|c| c.parse().ok()).collect(),
             masq: masq.iter().filter_map(|c| c.parse().ok()).collect(),
             source: "ipset".into(),
-            missing_sets: vec![],
+            ..Pools::default()
         }
     }
 
@@ -1180,6 +1336,124 @@ mod tests {
         let flow = t.get(id).unwrap_or_else(|| unreachable!());
         let j = judge(flow, &cx(&p, &f, 10_000_000_000));
         assert_eq!(j.diagnosis.map(|d| d.cause), Some(MASQUERADE_NOT_APPLIED));
+    }
+
+    fn with_rule(mut p: Pools, rule: crate::calico::NatOutgoing) -> Pools {
+        p.nat_outgoing_v4 = Some(crate::calico::NatOutgoing { rules: 1, ..rule });
+        p
+    }
+
+    /// Judges a pod SYN that left eth0 un-masqueraded, answered or not.
+    fn unmasqueraded(p: &Pools, src: &str, dst: &str, reply: bool) -> Judgement {
+        let f = facts();
+        let s = syn(src, dst, 6443);
+        let (t, id) = flow_of(s, s, reply);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        judge(flow, &cx(p, &f, 10_000_000_000))
+    }
+
+    #[test]
+    fn host_ip_exclusion_is_deliberate() {
+        let rule = crate::calico::NatOutgoing {
+            pool_set: Some("cali40all-ipam-pools".into()),
+            excludes_host_ips: true,
+            ..Default::default()
+        };
+        let mut p = with_rule(pools(&["10.244.0.0/16"], &["10.244.0.0/16"]), rule);
+        p.host_nets_v4 = Some(vec!["192.168.21.11/32"
+            .parse::<Cidr>()
+            .unwrap_or_else(|_| unreachable!())]);
+        let j = unmasqueraded(&p, "10.244.1.10", "192.168.21.11", true);
+        assert_eq!(j.verdicts, vec![SNAT_EXCLUDED, REPLIED]);
+        assert!(j.diagnosis.is_none(), "{j:?}");
+        let x = j.snat_excluded.unwrap_or_else(|| unreachable!());
+        assert_eq!(x.setting, "NATOutgoingExclusions=IPPoolsAndHostIPs");
+        assert_eq!(x.evidence["host_net"], "192.168.21.11/32");
+        // Unanswered: no SNAT cause; the missing reply is the destination's, with the note.
+        let j = unmasqueraded(&p, "10.244.1.10", "192.168.21.11", false);
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, DESTINATION_UNRESPONSIVE);
+        assert_eq!(
+            d.evidence["snat_excluded"]["setting"],
+            "NATOutgoingExclusions=IPPoolsAndHostIPs"
+        );
+        // A destination that is no node address is still felix's to masquerade.
+        let j = unmasqueraded(&p, "10.244.1.10", "8.8.8.8", false);
+        assert_eq!(j.diagnosis.map(|d| d.cause), Some(MASQUERADE_NOT_APPLIED));
+        // Excluded host IPs the agent could not read: no confident cause either way.
+        p.host_nets_v4 = None;
+        let j = unmasqueraded(&p, "10.244.1.10", "192.168.21.11", false);
+        assert!(j.verdicts.contains(&SNAT_SKIPPED), "{j:?}");
+        assert_eq!(j.diagnosis.map(|d| d.cause), Some(DESTINATION_UNRESPONSIVE));
+        // Seed 002 with the exclusion on: the pool overlap is no longer why this skipped.
+        let rule = crate::calico::NatOutgoing {
+            excludes_host_ips: true,
+            ..Default::default()
+        };
+        let mut p = with_rule(pools(&["192.168.0.0/16"], &["192.168.0.0/16"]), rule);
+        p.host_nets_v4 = Some(vec!["192.168.21.11/32"
+            .parse::<Cidr>()
+            .unwrap_or_else(|_| unreachable!())]);
+        let j = unmasqueraded(&p, "192.168.236.10", "192.168.21.11", true);
+        assert!(
+            j.diagnosis.is_none() && j.verdicts.contains(&SNAT_EXCLUDED),
+            "{j:?}"
+        );
+    }
+
+    #[test]
+    fn interface_filter_is_deliberate() {
+        let rule = |iface: &str| crate::calico::NatOutgoing {
+            out_iface: Some(iface.into()),
+            ..Default::default()
+        };
+        let p = with_rule(pools(&["10.244.0.0/16"], &["10.244.0.0/16"]), rule("eth1"));
+        let j = unmasqueraded(&p, "10.244.1.10", "8.8.8.8", false);
+        assert!(j.verdicts.contains(&SNAT_EXCLUDED) && !j.verdicts.contains(&SNAT_SKIPPED));
+        assert_ne!(
+            j.diagnosis.as_ref().map(|d| d.cause),
+            Some(MASQUERADE_NOT_APPLIED)
+        );
+        let x = j.snat_excluded.unwrap_or_else(|| unreachable!());
+        assert_eq!(x.setting, "IptablesNATOutgoingInterfaceFilter=eth1");
+        assert_eq!(x.evidence["left_node_unmasqueraded"]["iface"], "eth0");
+        // Even with natOutgoing off, turning it on would not masquerade traffic leaving eth0.
+        let p = with_rule(pools(&["10.244.0.0/16"], &[]), rule("eth1"));
+        let j = unmasqueraded(&p, "10.244.1.10", "8.8.8.8", false);
+        assert_ne!(j.diagnosis.map(|d| d.cause), Some(NAT_OUTGOING_DISABLED));
+        // The filter matches eth0 (iptables' `+` wildcard): the rule should have applied.
+        let p = with_rule(pools(&["10.244.0.0/16"], &["10.244.0.0/16"]), rule("eth+"));
+        let j = unmasqueraded(&p, "10.244.1.10", "8.8.8.8", false);
+        assert_eq!(j.diagnosis.map(|d| d.cause), Some(MASQUERADE_NOT_APPLIED));
+        // An empty chain (no pool has natOutgoing) is still natOutgoing disabled.
+        let p = with_rule(pools(&["10.244.0.0/16"], &[]), Default::default());
+        let j = unmasqueraded(&p, "10.244.1.10", "8.8.8.8", false);
+        assert_eq!(j.diagnosis.map(|d| d.cause), Some(NAT_OUTGOING_DISABLED));
+    }
+
+    #[test]
+    fn loadbalancer_only_pool_is_deliberate() {
+        let f = facts();
+        let mut p = pools(&["10.244.0.0/16", "192.168.21.192/27"], &["10.244.0.0/16"]);
+        // Without knowing it is LoadBalancer-only, it looks like seed 002.
+        let j = unmasqueraded(&p, "10.244.1.10", "192.168.21.200", true);
+        assert_eq!(
+            j.diagnosis.map(|d| d.cause),
+            Some(IPPOOL_OVERLAPS_HOST_NETWORK)
+        );
+        assert_eq!(node_findings(&cx(&p, &f, 0)).len(), 1);
+        p.lb_only = vec!["192.168.21.192/27"
+            .parse::<Cidr>()
+            .unwrap_or_else(|_| unreachable!())];
+        let j = unmasqueraded(&p, "10.244.1.10", "192.168.21.200", true);
+        assert_eq!(j.verdicts, vec![SNAT_EXCLUDED, REPLIED]);
+        assert!(j.diagnosis.is_none(), "{j:?}");
+        let x = j.snat_excluded.unwrap_or_else(|| unreachable!());
+        assert_eq!(x.evidence["lb_only_pool"], "192.168.21.192/27");
+        assert!(node_findings(&cx(&p, &f, 0)).is_empty());
+        // Unanswered: not a pod without a route, nor a skipped SNAT.
+        let j = unmasqueraded(&p, "10.244.1.10", "192.168.21.200", false);
+        assert_eq!(j.diagnosis.map(|d| d.cause), Some(DESTINATION_UNRESPONSIVE));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::{
     calico::Role,
     clock::Clock,
-    diagnose::{Context, Diagnosis, Judgement},
+    diagnose::{Context, Diagnosis, Judgement, SnatExclusion},
     events::Dir,
     flows::{Flow, HopEncap, HopView, Iface, Nat, Side},
     net::proto_name,
@@ -36,6 +36,9 @@ pub struct FlowView<'a> {
     drops: Vec<DropJson>,
     verdicts: &'a [&'static str],
     diagnosis: &'a Option<Diagnosis>,
+    /// Present only with the `snat_excluded` verdict: which felix setting skipped masquerade.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snat_excluded: Option<&'a SnatExclusion>,
     /// Present only when records were lost while the flow ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     evidence_incomplete: Option<EvidenceGap>,
@@ -176,6 +179,7 @@ impl<'a> FlowView<'a> {
                 .collect(),
             verdicts: &j.verdicts,
             diagnosis: &j.diagnosis,
+            snat_excluded: j.snat_excluded.as_ref(),
             evidence_incomplete: (j.lost_records > 0).then_some(EvidenceGap {
                 lost_records: j.lost_records,
             }),
