@@ -131,3 +131,31 @@ fn a_live_agents_filters_are_never_removed() -> TestResult {
     assert_eq!(census(&node)?, (1, 1, 1, true), "only A's filters remain");
     Ok(())
 }
+
+#[test]
+fn a_clsact_priority_someone_else_holds_does_not_stop_observing() -> TestResult {
+    let (node, _pod) = node()?;
+    // Another program's filter at tracer's ingress priority, for another protocol: the kernel
+    // will not put a protocol-all filter beside it.
+    node.exec(&[
+        "tc", "filter", "add", "dev", VETH, "ingress", "prio", "1", "protocol", "ip", "u32",
+        "match", "u32", "0", "0", "classid", "1:1",
+    ])?;
+    let mut a = agent(&node, 9464)?;
+    let (t_in, t_out, foreign, qdisc) = census(&node)?;
+    assert_eq!(
+        (t_in, t_out, foreign, qdisc),
+        (1, 1, 1, true),
+        "log:\n{}",
+        a.log()
+    );
+    let ingress = node.exec(&["tc", "filter", "show", "dev", VETH, "ingress"])?;
+    assert!(ingress.contains("u32"), "the other filter stays: {ingress}");
+    assert!(
+        a.log().contains("clsact priority taken"),
+        "the kernel refused the shared priority and tracer took another: {}",
+        a.log()
+    );
+    a.signal_and_wait(libc::SIGTERM)?;
+    Ok(())
+}

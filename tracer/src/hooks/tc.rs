@@ -119,7 +119,15 @@ fn attach_one(
             ..Default::default()
         }),
     };
-    prog.attach_with_options(iface, kind, options)
+    match prog.attach_with_options(iface, kind, options) {
+        Err(e) if backend == TcBackend::Clsact => {
+            // Another program's filter may hold that priority with another protocol, which the
+            // kernel refuses to share: observing from another position beats not observing.
+            tracing::warn!(iface, error = %e, "clsact priority taken; letting the kernel pick one");
+            prog.attach_with_options(iface, kind, TcAttachOptions::Netlink(NlOptions::default()))
+        }
+        other => other,
+    }
 }
 
 /// A clsact filter running one of tracer's programs that no live process holds any more: left
