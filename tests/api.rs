@@ -226,13 +226,23 @@ fn on_demand_attach_and_detach() -> TestResult {
     Ok(())
 }
 
+/// An agent on `lab`'s node that requires `token`; returns it and the token file (the caller
+/// removes it).
+fn agent_with_token(
+    lab: &SingleNode,
+    token: &str,
+) -> Result<(Agent, std::path::PathBuf), Box<dyn std::error::Error>> {
+    let token_file = std::env::temp_dir().join(format!("tracer-token-{}", lab.prefix));
+    std::fs::write(&token_file, format!("{token}\n"))?;
+    let token_arg = token_file.to_string_lossy().to_string();
+    let agent = Agent::start(&lab.node, &["--token-file", &token_arg])?;
+    Ok((agent, token_file))
+}
+
 #[test]
 fn bearer_token_guards_everything_but_healthz() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let token_file = std::env::temp_dir().join(format!("tracer-token-{}", lab.prefix));
-    std::fs::write(&token_file, "s3cret-token\n")?;
-    let token_arg = token_file.to_string_lossy().to_string();
-    let mut agent = Agent::start(&lab.node, &["--token-file", &token_arg])?;
+    let (mut agent, token_file) = agent_with_token(&lab, "s3cret-token")?;
     // Waiting for readiness itself proves /readyz needs no token.
     agent.wait_ready(&lab.node)?;
     // Kubelet probes carry no token: liveness and readiness stay open.
@@ -358,10 +368,7 @@ fn keys(v: &serde_json::Value) -> Vec<String> {
 #[test]
 fn probes_without_the_token_tell_status_only() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let token_file = std::env::temp_dir().join(format!("tracer-token-{}", lab.prefix));
-    std::fs::write(&token_file, "probe-token\n")?;
-    let token_arg = token_file.to_string_lossy().to_string();
-    let mut agent = Agent::start(&lab.node, &["--token-file", &token_arg])?;
+    let (mut agent, token_file) = agent_with_token(&lab, "probe-token")?;
     // With the token the detail is there: wait until the pod's veth is attached.
     agent.token = Some("probe-token".into());
     agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;

@@ -847,6 +847,21 @@ fn interface_churn_attaches_releases_and_does_not_leak() -> TestResult {
     Ok(())
 }
 
+/// Waits up to 20 s until the agent's table holds at least `min` flows.
+fn wait_flow_count(agent: &Agent, lab: &SingleNode, min: u64) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, h) = agent.get(&lab.node, "/healthz")?;
+        if h["flows"]["flows"].as_u64().unwrap_or(0) >= min {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("flows never reached {min}: {}", h["flows"]).into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn wait_attached_count(agent: &Agent, lab: &SingleNode, want: usize) -> TestResult {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -869,17 +884,7 @@ fn api_under_load_answers_without_errors_and_keeps_tracing() -> TestResult {
     let mut agent = Agent::start(&lab.node, &[])?;
     agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
     udp_flows(&lab, &lab.config.apiserver_ip, 10_000)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, h) = agent.get(&lab.node, "/healthz")?;
-        if h["flows"]["flows"].as_u64().unwrap_or(0) >= 9_000 {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("flows never reached 10k: {}", h["flows"]).into());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_flow_count(&agent, &lab, 9_000)?;
     let url = format!(
         "http://127.0.0.1:{}/flows?dst={}&limit=10",
         common::AGENT_PORT,
@@ -1226,17 +1231,7 @@ fn largest_queries_at_100k_flows_lose_nothing_and_fit_the_memory_limit() -> Test
     let mut agent = Agent::start(&lab.node, &[])?;
     agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
     udp_flows_paced(&lab, 100_000)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, h) = agent.get(&lab.node, "/healthz")?;
-        if h["flows"]["flows"].as_u64().unwrap_or(0) >= 95_000 {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("flows never reached 100k: {}", h["flows"]).into());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_flow_count(&agent, &lab, 95_000)?;
     assert_eq!(
         lost_records(&agent, &lab)?,
         0.0,

@@ -12,6 +12,18 @@ use tracer_lab::{topo::SingleNode, traffic};
 
 const VIP: &str = "10.96.0.1";
 
+/// Nothing wrong on this node: no diagnosis group, no configuration finding.
+fn assert_nothing_wrong(agent: &Agent, lab: &SingleNode) -> TestResult {
+    let (_, diag) = agent.get(&lab.node, "/diagnoses")?;
+    assert_eq!(diag["causes"].as_array().map(Vec::len), Some(0), "{diag}");
+    assert_eq!(
+        diag["node_findings"].as_array().map(Vec::len),
+        Some(0),
+        "{diag}"
+    );
+    Ok(())
+}
+
 fn connect_via_vip(lab: &SingleNode) -> Result<bool, Box<dyn std::error::Error>> {
     let vip: SocketAddr = format!("{VIP}:443").parse()?;
     Ok(traffic::tcp_probe(
@@ -81,14 +93,7 @@ fn healthy_pool_is_masqueraded_and_replied() -> TestResult {
     assert!(has("eth0", "ingress", "reverse"), "{path:?}");
     assert!(has(&lab.pod.veth, "egress", "reverse"), "{path:?}");
 
-    // Nothing wrong on this node: no diagnosis group, no configuration finding.
-    let (_, diag) = agent.get(&lab.node, "/diagnoses")?;
-    assert_eq!(diag["causes"].as_array().map(Vec::len), Some(0), "{diag}");
-    assert_eq!(
-        diag["node_findings"].as_array().map(Vec::len),
-        Some(0),
-        "{diag}"
-    );
+    assert_nothing_wrong(&agent, &lab)?;
 
     // The translated destination finds the same flow.
     let by_real = agent.wait_flow(
@@ -256,13 +261,7 @@ fn assert_deliberate(
     );
     // felix's MASQUERADE rule really did not fire.
     assert_eq!(tracer_lab::calico::nat_outgoing_packets(&lab.node)?, 0);
-    let (_, diag) = agent.get(&lab.node, "/diagnoses")?;
-    assert_eq!(diag["causes"].as_array().map(Vec::len), Some(0), "{diag}");
-    assert_eq!(
-        diag["node_findings"].as_array().map(Vec::len),
-        Some(0),
-        "{diag}"
-    );
+    assert_nothing_wrong(agent, lab)?;
     let (_, v) = agent.get(&lab.node, "/flows?verdict=snat_excluded")?;
     assert!(v["flows"]
         .as_array()

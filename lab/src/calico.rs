@@ -651,19 +651,19 @@ mod tests {
         assert!(find(&plain, NAT_OUTGOING_CHAIN).is_empty());
     }
 
-    #[test]
-    fn rendered_masquerade_rule_is_felix_text() {
-        let chains = felix_nat_table(
-            &[Pool::new("192.168.0.0/16", true)],
-            Encapsulation::Vxlan,
-            &FelixNat::default(),
-        )
-        .chains;
-        let rules = chains
+    /// felix's cali-nat-outgoing rules for `pools` with `felix`'s settings (VXLAN).
+    fn nat_outgoing_rules(pools: &[Pool], felix: &FelixNat) -> Vec<FelixRule> {
+        felix_nat_table(pools, Encapsulation::Vxlan, felix)
+            .chains
             .iter()
             .find(|(c, _)| *c == NAT_OUTGOING_CHAIN)
             .map(|(_, r)| r.clone())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn rendered_masquerade_rule_is_felix_text() {
+        let rules = nat_outgoing_rules(&[Pool::new("192.168.0.0/16", true)], &FelixNat::default());
         assert_eq!(
             render_chain(NAT_OUTGOING_CHAIN, &rules, false),
             [
@@ -680,17 +680,7 @@ mod tests {
             out_iface: Some("eth0".into()),
             host_ips: vec![],
         };
-        let chains = felix_nat_table(
-            &[Pool::new("10.244.0.0/16", true)],
-            Encapsulation::Vxlan,
-            &felix,
-        )
-        .chains;
-        let rules = chains
-            .iter()
-            .find(|(c, _)| *c == NAT_OUTGOING_CHAIN)
-            .map(|(_, r)| r.clone())
-            .unwrap_or_default();
+        let rules = nat_outgoing_rules(&[Pool::new("10.244.0.0/16", true)], &felix);
         let line = render_chain(NAT_OUTGOING_CHAIN, &rules, false).join("");
         assert!(
             line.ends_with(
