@@ -1,7 +1,24 @@
 //! tracer's wire vocabulary, shared by the agent (server), the CLI, the lab, the tests and the
-//! benchmark. serde only: no aya, no hyper, nothing about how the answers are computed.
+//! benchmark. No aya, no hyper, nothing about how the answers are computed: serde types, their
+//! wire names, and the query strings that select them.
 //!
 //! Every wire name here is part of the API: add new ones, never rename.
+pub mod attach;
+pub mod diagnoses;
+pub mod diagnosis;
+pub mod flow;
+pub mod health;
+pub mod net;
+pub mod query;
 pub mod vocab;
+pub mod watch;
 
-pub use vocab::{AttachHow, Cause, Role, Verdict};
+pub use attach::{Attached, Attachment};
+pub use diagnoses::DiagnosesAnswer;
+pub use diagnosis::{Diagnosis, SnatExclusion};
+pub use flow::{FlowView, FlowsPage};
+pub use health::{Health, Readiness};
+pub use net::Cidr;
+pub use query::FlowQuery;
+pub use vocab::{AttachHow, Cause, Dir, Encap, Role, Side, UnknownName, Verdict};
+pub use watch::{ApiErrorBody, WatchLine};

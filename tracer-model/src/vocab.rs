@@ -132,6 +132,32 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// Which tc hook of an interface saw a packet.
+    Dir, "direction" {
+        Ingress => "ingress",
+        Egress => "egress",
+    }
+}
+
+wire_enum! {
+    /// Which way a packet went, relative to the flow's first packet.
+    Side, "side" {
+        /// The direction of the flow's first packet (the request).
+        Forward => "forward",
+        /// Replies.
+        Reverse => "reverse",
+    }
+}
+
+wire_enum! {
+    /// The tunnel a packet was carried in.
+    Encap, "encapsulation" {
+        Vxlan => "vxlan",
+        Ipip => "ipip",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -518,10 +518,13 @@ pub fn parse_ipset_save(text: &str) -> Vec<Cidr> {
         .collect()
 }
 
+/// felix's default InterfacePrefix.
+pub const DEFAULT_IFACE_PREFIX: &str = "cali";
+
 /// Calico's host-side veth name for a pod: "cali" + the first 11 hex digits of
 /// sha1("<namespace>.<pod>") (felix's default InterfacePrefix).
 pub fn veth_name(namespace: &str, pod: &str) -> String {
-    veth_name_with_prefix("cali", namespace, pod)
+    veth_name_with_prefix(DEFAULT_IFACE_PREFIX, namespace, pod)
 }
 
 /// As libcalico-go's `VethNameForWorkload`: the prefix, then always 11 hex digits of the sha1,
@@ -529,7 +532,11 @@ pub fn veth_name(namespace: &str, pod: &str) -> String {
 /// `FELIX_INTERFACEPREFIX` list: the first entry names new veths.
 pub fn veth_name_with_prefix(prefix: &str, namespace: &str, pod: &str) -> String {
     let first = prefix.split(',').next().unwrap_or("").trim();
-    let first = if first.is_empty() { "cali" } else { first };
+    let first = if first.is_empty() {
+        DEFAULT_IFACE_PREFIX
+    } else {
+        first
+    };
     let digest = Sha1::digest(format!("{namespace}.{pod}").as_bytes());
     let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
     format!("{first}{}", &hex[..11])
@@ -551,27 +558,8 @@ pub fn check_iface_name(name: &str) -> Result<(), CalicoError> {
     }
 }
 
-/// The part an interface plays on the packet path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// A pod's host-side veth (`cali*`).
-    Workload,
-    /// tunl0, vxlan.calico, vxlan-v6.calico, wireguard.cali.
-    Tunnel,
-    /// A host NIC (or any interface holding a host address, such as a stray bridge).
-    Host,
-}
-
-impl Role {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Role::Workload => "workload",
-            Role::Tunnel => "tunnel",
-            Role::Host => "host",
-        }
-    }
-}
+/// The part an interface plays on the packet path (wire names in the model).
+pub use tracer_model::Role;
 
 /// How the agent decides which interfaces to observe.
 #[derive(Debug, Clone)]
@@ -585,7 +573,7 @@ pub struct RoleConfig {
 impl Default for RoleConfig {
     fn default() -> Self {
         RoleConfig {
-            workload_prefixes: vec!["cali".into()],
+            workload_prefixes: vec![DEFAULT_IFACE_PREFIX.into()],
             host_ifaces: Vec::new(),
         }
     }

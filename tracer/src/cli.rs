@@ -69,7 +69,7 @@ pub struct WatchArgs {
     pub namespace: String,
     /// felix's InterfacePrefix (a comma-separated list, as FELIX_INTERFACEPREFIX): the first
     /// entry names the pod's veth.
-    #[arg(long, env = "FELIX_INTERFACEPREFIX", default_value = "cali")]
+    #[arg(long, env = "FELIX_INTERFACEPREFIX", default_value = crate::calico::DEFAULT_IFACE_PREFIX)]
     pub iface_prefix: String,
     #[command(flatten)]
     pub conn: AgentConn,
@@ -107,7 +107,7 @@ pub struct AgentArgs {
         long = "iface-prefix",
         env = "FELIX_INTERFACEPREFIX",
         value_delimiter = ',',
-        default_values_t = vec!["cali".to_string()]
+        default_values_t = vec![crate::calico::DEFAULT_IFACE_PREFIX.to_string()]
     )]
     pub iface_prefixes: Vec<String>,
     /// Host NIC to observe; repeat for several. Default: interfaces with the default route, a

@@ -2,7 +2,9 @@
 //!
 //! The modules follow the packet path: [`hooks`] (kernel programs on interfaces) ->
 //! [`events`] (records they emit) -> [`flows`] (correlated connections) -> [`diagnose`]
-//! (verdicts and causes) -> [`api`] (HTTP). [`netlink`] and [`calico`] describe the node.
+//! (verdicts and causes) -> [`state`] (what the agent knows, answered in the model's wire
+//! types) -> [`api`] (HTTP). [`netlink`] and [`calico`] describe the node; [`agent`] wires
+//! them together. The wire vocabulary is the `tracer_model` crate.
 pub mod agent;
 pub mod api;
 pub mod btf;
@@ -18,6 +20,7 @@ pub mod hooks;
 pub mod net;
 pub mod netlink;
 pub mod report;
+pub mod state;
 pub mod synth;
 #[cfg(test)]
 mod testutil;

@@ -1,10 +1,6 @@
-//! The agent: hooks -> events -> flows -> diagnoses -> API, wired together on tokio.
+//! The agent: hooks -> events -> flows -> state -> API, wired together on tokio. It owns the
+//! kernel programs (the sync loop) and the ring reader thread; the API reads the state.
 mod control;
-mod footprint;
-pub mod health;
-mod shared;
-mod stream;
-mod watch;
 
 use std::{
     collections::BTreeSet,
@@ -20,15 +16,13 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use tokio::sync::mpsc;
+use tracer_model::AttachHow;
 
-pub use control::{AttachError, AttachTarget, Command};
-pub use health::Fault;
-pub use shared::{DropTracing, FlowsAnswer, NodeView, ReaderStats, Shared};
-pub use stream::FlowCursor;
-pub use watch::WatchState;
+pub use crate::state::Fault;
 
 use crate::{
     api,
+    state::{footprint, health, Command, DropTracing, Shared, StateConfig},
     calico::{self, RoleConfig},
     clock::mono_now_ns,
     diagnose::Rules,
@@ -90,6 +84,23 @@ pub struct AgentConfig {
     pub api: api::ApiLimits,
 }
 
+impl AgentConfig {
+    /// What the state needs of it.
+    pub fn state(&self) -> StateConfig {
+        StateConfig {
+            flow_cap: self.flow_cap,
+            rules: self.rules.clone(),
+            workload_prefix: self
+                .roles
+                .workload_prefixes
+                .first()
+                .cloned()
+                .unwrap_or_else(|| crate::calico::DEFAULT_IFACE_PREFIX.into()),
+            resync: self.resync,
+        }
+    }
+}
+
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
@@ -137,7 +148,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         Err(e) => return Err(e.into()),
     };
     tracing::info!(tc = hooks.backend().as_str(), "programs loaded");
-    let shared = Arc::new(Shared::new(&cfg));
+    let shared = Arc::new(Shared::new(&cfg.state()));
     shared.set_counters(counters);
     shared.set_tc_backend(hooks.backend());
     // Drop tracing is a bonus: without tracefs or BTF the agent still traces paths.
@@ -197,7 +208,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             })
             .map_err(AgentError::RingBuf)?
     };
-    let server = tokio::spawn(api::serve(listener, shared.clone(), cfg.api.clone()));
+    let server = tokio::spawn(api::serve(
+        listener,
+        shared.clone(),
+        cfg.api.clone(),
+        cfg.token.clone(),
+    ));
 
     let mut resync = tokio::time::interval(cfg.resync);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -257,10 +273,10 @@ async fn run_unsupported(
         "tracer's programs cannot run on this kernel; serving /healthz with status `unsupported` \
          and staying not ready (see docs/compatibility.md)"
     );
-    let shared = Arc::new(Shared::new(cfg));
+    let shared = Arc::new(Shared::new(&cfg.state()));
     shared.set_unsupported(reason);
     let listener = api::bind(cfg.listen).await?;
-    let server = tokio::spawn(api::serve(listener, shared, cfg.api.clone()));
+    let server = tokio::spawn(api::serve(listener, shared, cfg.api.clone(), cfg.token.clone()));
     shutdown.await;
     server.abort();
     Ok(())
@@ -346,7 +362,7 @@ async fn sync(
     let mut wanted = BTreeSet::new();
     // On-demand attachments stay while their interface exists.
     for a in hooks.attached() {
-        if a.how == control::ON_DEMAND {
+        if a.how == AttachHow::OnDemand {
             if let Some(link) = facts.link(a.ifindex) {
                 wanted.insert(a.ifindex);
                 hooks.rename(a.ifindex, &link.name);
@@ -365,7 +381,7 @@ async fn sync(
         if !hooks.is_attached(link.index) {
             // Name the interface for the reader before its first record can arrive.
             shared.announce(link.index, &link.name, role);
-            if let Err(e) = hooks.attach(link, role, "auto") {
+            if let Err(e) = hooks.attach(link, role, AttachHow::Auto) {
                 tracing::warn!(error = %e, "attach failed; will retry on the next sync");
                 wanted.remove(&link.index);
             }

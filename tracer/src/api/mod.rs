@@ -1,8 +1,8 @@
-//! The agent's HTTP API (hyper). See docs/api.md for the contract.
+//! The agent's HTTP API (hyper): routing, authentication, limits, and the rendering of the
+//! state's answers (JSON of the model's wire types, Prometheus text, pcapng). See docs/api.md
+//! for the contract.
 pub mod metrics;
 pub mod pcap;
-pub mod query;
-pub mod view;
 
 use std::{
     convert::Infallible,
@@ -28,7 +28,7 @@ use hyper::{
     Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -36,8 +36,14 @@ use tokio::{
     time::Sleep,
 };
 
-use crate::agent::{AttachTarget, FlowCursor, Shared, WatchState};
-use query::{FlowQuery, DEFAULT_LIMIT};
+use serde::Serialize;
+use tracer_model::{
+    attach::AttachRequest,
+    query::{FlowQuery, DEFAULT_LIMIT},
+    ApiErrorBody, Attached, WatchLine,
+};
+
+use crate::state::{AttachError, AttachTarget, FlowCursor, Shared, WatchEvent, WatchState};
 
 /// Largest request body accepted (only POST /attach has one).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -92,34 +98,6 @@ impl Default for ApiLimits {
     }
 }
 
-/// What the API is doing, for /metrics and /healthz.
-#[derive(Debug, Default)]
-pub struct ApiCounters {
-    connections: AtomicU64,
-    connections_rejected: AtomicU64,
-    watchers: AtomicU64,
-    watchers_rejected: AtomicU64,
-}
-
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct ApiStats {
-    pub connections: u64,
-    pub connections_rejected: u64,
-    pub watchers: u64,
-    pub watchers_rejected: u64,
-}
-
-impl ApiCounters {
-    pub fn snapshot(&self) -> ApiStats {
-        ApiStats {
-            connections: self.connections.load(Ordering::Relaxed),
-            connections_rejected: self.connections_rejected.load(Ordering::Relaxed),
-            watchers: self.watchers.load(Ordering::Relaxed),
-            watchers_rejected: self.watchers_rejected.load(Ordering::Relaxed),
-        }
-    }
-}
-
 /// Counts one of `gauge` while alive.
 struct Held<'a>(&'a AtomicU64);
 
@@ -138,6 +116,8 @@ impl Drop for Held<'_> {
 
 struct ApiState {
     shared: Arc<Shared>,
+    /// The bearer token clients must send; none: anyone may ask.
+    token: Option<String>,
     watchers: Arc<Semaphore>,
     heavy: Arc<Semaphore>,
 }
@@ -149,11 +129,17 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ApiError> {
 }
 
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: ApiLimits) {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limits: ApiLimits,
+    token: Option<String>,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let reserve = Arc::new(Semaphore::new(NODE_RESERVE));
     let state = Arc::new(ApiState {
         shared,
+        token,
         watchers: Arc::new(Semaphore::new(limits.max_watchers)),
         heavy: Arc::new(Semaphore::new(HEAVY_JOBS)),
     });
@@ -301,7 +287,8 @@ async fn handle(req: Request<Incoming>, st: Arc<ApiState>) -> Result<Response<Bo
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
-    let authorized = st.shared.authorized(
+    let authorized = authorized(
+        st.token.as_deref(),
         req.headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
@@ -337,6 +324,23 @@ async fn handle(req: Request<Incoming>, st: Arc<ApiState>) -> Result<Response<Bo
         Bytes::new()
     };
     Ok(route(&method, &path, query.as_deref(), &body, authorized, &st).await)
+}
+
+/// True when no token is configured or `header` carries it.
+fn authorized(token: Option<&str>, header: Option<&str>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    // Constant time in the token's length, so a timing probe learns nothing of its prefix.
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// Runs judging or rendering work on the blocking pool, [`HEAVY_JOBS`] at a time: the runtime's
@@ -380,13 +384,13 @@ async fn route(
     match (method.clone(), segments.as_slice()) {
         (Method::GET, ["healthz"]) => {
             let (healthy, v) = shared.health(authorized);
-            respond(ok_or_503(healthy), v)
+            respond_sorted(ok_or_503(healthy), &v)
         }
         (Method::GET, ["readyz"]) => {
-            let (ready, v) = shared.readiness(authorized);
-            respond(ok_or_503(ready), v)
+            let v = shared.readiness(authorized);
+            respond_sorted(ok_or_503(v.ready), &v)
         }
-        (Method::GET, ["metrics"]) => match heavy(st, Shared::metrics).await {
+        (Method::GET, ["metrics"]) => match heavy(st, |s| metrics::exposition(&s.census())).await {
             Some(m) => text(StatusCode::OK, "text/plain; version=0.0.4", m),
             None => internal(),
         },
@@ -395,7 +399,7 @@ async fn route(
                 error(StatusCode::BAD_REQUEST, "/diagnoses takes no parameters")
             }
             _ => match heavy(st, Shared::diagnoses).await {
-                Some(v) => respond(StatusCode::OK, v),
+                Some(v) => respond_sorted(StatusCode::OK, &v),
                 None => internal(),
             },
         },
@@ -405,7 +409,7 @@ async fn route(
         },
         (Method::GET, ["flows", id]) => match id.parse::<u64>() {
             Ok(id) => match heavy(st, move |s| s.flow(id)).await {
-                Some(Some(v)) => respond(StatusCode::OK, v),
+                Some(Some(v)) => respond_sorted(StatusCode::OK, &v),
                 Some(None) => error(StatusCode::NOT_FOUND, &format!("no flow {id}")),
                 None => internal(),
             },
@@ -415,7 +419,18 @@ async fn route(
             ),
         },
         (Method::GET, ["flows", id, "pcap"]) => match id.parse::<u64>() {
-            Ok(id) => match heavy(st, move |s| s.pcap(id)).await {
+            Ok(id) => match heavy(st, move |s| {
+                s.samples(id).map(|(samples, names)| {
+                    pcap::flow_pcapng(
+                        &samples,
+                        |i| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}")),
+                        &s.clock,
+                    )
+                })
+            })
+            .await
+            .map(Option::transpose)
+            {
                 Some(Ok(Some(bytes))) => {
                     let mut r = Response::new(full(bytes));
                     r.headers_mut().insert(
@@ -459,11 +474,8 @@ async fn route(
         },
         (Method::POST, ["attach"]) => match parse_attach(body) {
             Ok(target) => match shared.attach(target).await {
-                Ok(a) => respond(
-                    StatusCode::CREATED,
-                    json!({"id": a.ifindex, "iface": a.name, "ifindex": a.ifindex, "role": a.role, "how": a.how}),
-                ),
-                Err(e) => error(e.status(), &e.to_string()),
+                Ok(a) => respond_sorted(StatusCode::CREATED, &Attached::from(&a)),
+                Err(e) => error(attach_status(&e), &e.to_string()),
             },
             Err(msg) => error(StatusCode::BAD_REQUEST, &msg),
         },
@@ -474,7 +486,7 @@ async fn route(
                     *r.status_mut() = StatusCode::NO_CONTENT;
                     r
                 }
-                Err(e) => error(e.status(), &e.to_string()),
+                Err(e) => error(attach_status(&e), &e.to_string()),
             },
             Err(_) => error(
                 StatusCode::BAD_REQUEST,
@@ -497,27 +509,42 @@ async fn route(
     }
 }
 
+/// The status code of a failed attach or detach.
+fn attach_status(e: &AttachError) -> StatusCode {
+    match e {
+        AttachError::NoIface(_) | AttachError::NoPod { .. } | AttachError::NoAttachment(_) => {
+            StatusCode::NOT_FOUND
+        }
+        AttachError::NotOnDemand(_) => StatusCode::CONFLICT,
+        AttachError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        AttachError::NotRunning => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 fn parse_attach(body: &[u8]) -> Result<AttachTarget, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("body must be JSON: {e}"))?;
-    let obj = v.as_object().ok_or("body must be a JSON object")?;
-    match (obj.get("iface"), obj.get("pod")) {
-        (Some(Value::String(i)), None) => crate::calico::check_iface_name(i)
-            .map(|_| AttachTarget::Iface(i.clone()))
+    if !v.is_object() {
+        return Err("body must be a JSON object".into());
+    }
+    let exactly_one =
+        "give exactly one of {\"iface\": \"<name>\"} or {\"pod\": \"<namespace>/<name>\"}";
+    if v.get("iface").is_some() && v.get("pod").is_some() {
+        return Err(exactly_one.into());
+    }
+    match serde_json::from_value::<AttachRequest>(v).map_err(|_| exactly_one.to_string())? {
+        AttachRequest::Iface { iface } => crate::calico::check_iface_name(&iface)
+            .map(|_| AttachTarget::Iface(iface.clone()))
             .map_err(|e| e.to_string()),
-        (None, Some(Value::String(p))) => {
-            let (ns, name) = p
+        AttachRequest::Pod { pod } => {
+            let (ns, name) = pod
                 .split_once('/')
                 .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('/'))
-                .ok_or_else(|| format!("pod {p:?} must be namespace/name"))?;
+                .ok_or_else(|| format!("pod {pod:?} must be namespace/name"))?;
             Ok(AttachTarget::Pod {
                 namespace: ns.to_string(),
                 name: name.to_string(),
             })
         }
-        _ => Err(
-            "give exactly one of {\"iface\": \"<name>\"} or {\"pod\": \"<namespace>/<name>\"}"
-                .into(),
-        ),
     }
 }
 
@@ -528,20 +555,49 @@ async fn flows(q: FlowQuery, st: &Arc<ApiState>) -> Response<Body> {
         && q.verdict.is_none()
         && q.cause.is_none();
     if small {
-        return match heavy(st, move |s| s.flows(&q).json).await {
-            Some(json) => json_bytes(StatusCode::OK, json),
-            None => internal(),
+        return match heavy(st, move |s| serde_json::to_vec(&s.flows(&q))).await {
+            Some(Ok(json)) => json_bytes(StatusCode::OK, json),
+            _ => internal(),
         };
     }
     let (tx, rx) = mpsc::channel::<Bytes>(2);
     let st = st.clone();
     tokio::spawn(async move {
+        // The body is framed here, `{"flows":[`, the flows of each part, then the counts, so
+        // that each part goes out before the next is built.
         let mut cur = Some(FlowCursor::new(q));
         while let Some(mut c) = cur.take() {
             if c.done() {
                 return;
             }
-            let Some((part, c)) = heavy(&st, move |s| (s.flows_chunk(&mut c), c)).await else {
+            let Some((part, c)) = heavy(&st, move |s| {
+                let before = c.shown();
+                let flows = s.flows_chunk(&mut c);
+                let mut out = Vec::new();
+                if before == 0 {
+                    out.extend_from_slice(b"{\"flows\":[");
+                }
+                for (i, f) in flows.iter().enumerate() {
+                    if before + i > 0 {
+                        out.push(b',');
+                    }
+                    // A flow that cannot be written is left out rather than breaking the body.
+                    let _ = serde_json::to_writer(&mut out, f);
+                }
+                if c.done() {
+                    out.extend_from_slice(
+                        format!(
+                            "],\"matched\":{},\"truncated\":{}}}",
+                            c.matched(),
+                            c.matched() > c.shown()
+                        )
+                        .as_bytes(),
+                    );
+                }
+                (out, c)
+            })
+            .await
+            else {
                 return;
             };
             // The client went away: stop walking.
@@ -600,8 +656,12 @@ fn watch(q: FlowQuery, st: Arc<ApiState>, permit: OwnedSemaphorePermit) -> Respo
                 state = Some(s);
                 q = Some(query);
                 for l in lines {
+                    let line = match l {
+                        WatchEvent::Flow(f) => ndjson_sorted(&f),
+                        WatchEvent::Skipped(n) => ndjson_sorted(&WatchLine::Skipped { skipped: n }),
+                    };
                     // Waits while the client is slow: the queue, not the agent, absorbs it.
-                    if tx.send(Bytes::from(l)).await.is_err() {
+                    if tx.send(Bytes::from(line)).await.is_err() {
                         return;
                     }
                 }
@@ -611,10 +671,11 @@ fn watch(q: FlowQuery, st: Arc<ApiState>, permit: OwnedSemaphorePermit) -> Respo
             }
             if last_beat.elapsed() >= WATCH_HEARTBEAT {
                 last_beat = tokio::time::Instant::now();
-                let beat = json!({"heartbeat": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()});
-                let mut b = serde_json::to_vec(&beat).unwrap_or_default();
-                b.push(b'\n');
-                if tx.send(Bytes::from(b)).await.is_err() {
+                let beat = WatchLine::Heartbeat {
+                    heartbeat: humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                        .to_string(),
+                };
+                if tx.send(Bytes::from(ndjson_sorted(&beat))).await.is_err() {
                     return;
                 }
             }
@@ -632,11 +693,23 @@ fn full(bytes: Vec<u8>) -> Body {
     BodyExt::boxed(Full::new(Bytes::from(bytes)))
 }
 
-fn respond(status: StatusCode, body: Value) -> Response<Body> {
-    json_bytes(
-        status,
-        serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec()),
-    )
+/// JSON with every object's keys in sorted order (through `serde_json::Value`), as the API has
+/// always sent every answer but `/flows` (whose flows keep the model's field order).
+fn sorted_json<T: Serialize>(body: &T) -> Vec<u8> {
+    serde_json::to_value(body)
+        .and_then(|v| serde_json::to_vec(&v))
+        .unwrap_or_else(|_| b"{}".to_vec())
+}
+
+fn respond_sorted<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
+    json_bytes(status, sorted_json(body))
+}
+
+/// One NDJSON line (`/watch`).
+fn ndjson_sorted<T: Serialize>(body: &T) -> Vec<u8> {
+    let mut b = sorted_json(body);
+    b.push(b'\n');
+    b
 }
 
 fn json_bytes(status: StatusCode, bytes: Vec<u8>) -> Response<Body> {
@@ -660,5 +733,11 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 }
 
 pub fn error(status: StatusCode, msg: &str) -> Response<Body> {
-    respond(status, json!({"error": msg, "status": status.as_u16()}))
+    respond_sorted(
+        status,
+        &ApiErrorBody {
+            error: msg.to_string(),
+            status: status.as_u16(),
+        },
+    )
 }

@@ -82,7 +82,7 @@ fn packet_bytes(s: &Sample) -> Vec<u8> {
 
 /// Writes the samples of one flow as pcapng. `iface` names an ifindex.
 pub fn flow_pcapng(
-    samples: &[&Sample],
+    samples: &[Sample],
     iface: impl Fn(u32) -> String,
     clock: &Clock,
 ) -> Result<Vec<u8>, PcapError> {

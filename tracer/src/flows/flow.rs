@@ -78,12 +78,7 @@ fn ports_for_flow(p: &Packet) -> (u16, u16) {
 }
 
 /// Which way a packet travels relative to the connection's initiator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    Forward,
-    Reverse,
-}
+pub use tracer_model::Side;
 
 /// An interface as it was when a flow crossed it. Shared by every hop over it (one allocation
 /// per interface), and kept by those hops after the interface is renamed or gone.

@@ -144,18 +144,7 @@ impl<F: Fn(u32) -> Arc<Iface>> IfaceLookup for F {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
-pub struct TableStats {
-    pub flows: usize,
-    pub observations: u64,
-    pub nat_matches: u64,
-    pub evicted: u64,
-    /// Neighbour discovery / link-scope multicast records, not tracked.
-    pub ignored: u64,
-    /// Kernel drops attributed to a flow, and those of packets no hook had seen.
-    pub drops: u64,
-    pub unmatched_drops: u64,
-}
+pub use tracer_model::health::TableStats;
 
 pub struct FlowTable {
     flows: FlowStore,

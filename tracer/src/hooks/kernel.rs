@@ -15,22 +15,8 @@ pub enum TcMode {
     Clsact,
 }
 
-/// The attachment mechanism actually in use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TcBackend {
-    Tcx,
-    Clsact,
-}
-
-impl TcBackend {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TcBackend::Tcx => "tcx",
-            TcBackend::Clsact => "clsact",
-        }
-    }
-}
+/// The attachment mechanism actually in use (wire type of the model).
+pub use tracer_model::health::TcBackend;
 
 /// TCX (bpf_mprog on tc ingress/egress) arrived in Linux 6.6.
 pub fn has_tcx() -> bool {

@@ -12,11 +12,12 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
-use serde::Serialize;
 use tracer_common::{
     EVENTS_MAP, FLOWS_MAP, STATS_MAP, STAT_COUNT, STAT_DROPS, STAT_LOST, STAT_MALFORMED,
     STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS, SUMMARY_INTERVAL_GLOBAL, TURNS_MAP,
 };
+
+use tracer_model::AttachHow;
 
 use crate::{calico::Role, netlink::Link};
 pub use kernel::{TcBackend, TcMode};
@@ -88,28 +89,11 @@ impl HookError {
     }
 }
 
-/// An interface tracer observes.
-#[derive(Debug, Clone, Serialize)]
-pub struct AttachedIface {
-    pub ifindex: u32,
-    pub name: String,
-    pub role: Role,
-    /// Why it was attached: "auto" (matched a role) or "on-demand" (asked for by a client).
-    pub how: &'static str,
-}
+/// An interface tracer observes (wire type of the model).
+pub use tracer_model::Attachment as AttachedIface;
 
-/// Kernel-side counters, summed over CPUs.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
-pub struct KernelStats {
-    pub packets: u64,
-    pub records: u64,
-    pub lost: u64,
-    pub malformed: u64,
-    /// Kernel drops seen by the tracepoint (of any packet, traced or not).
-    pub drops: u64,
-    /// Ring-buffer bytes the agent had not consumed yet, as last seen by the kernel.
-    pub ringbuf_pending_bytes: u64,
-}
+/// Kernel-side counters, summed over CPUs (wire type of the model).
+pub use tracer_model::health::KernelStats;
 
 /// Owns the loaded object and the tc attachments.
 pub struct Hooks {
@@ -304,7 +288,7 @@ impl Hooks {
     }
 
     /// Attaches ingress and egress observers to `link`.
-    pub fn attach(&mut self, link: &Link, role: Role, how: &'static str) -> Result<(), HookError> {
+    pub fn attach(&mut self, link: &Link, role: Role, how: AttachHow) -> Result<(), HookError> {
         if self.attached.contains_key(&link.index) {
             return Ok(());
         }
@@ -315,7 +299,7 @@ impl Hooks {
                     source,
                 }
             })?;
-        tracing::info!(iface = %link.name, ifindex = link.index, role = role.as_str(), how, "attached");
+        tracing::info!(iface = %link.name, ifindex = link.index, role = role.as_str(), how = how.as_str(), "attached");
         self.attached.insert(
             link.index,
             (

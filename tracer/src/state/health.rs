@@ -5,6 +5,8 @@ use std::{
     time::Duration,
 };
 
+pub use tracer_model::health::{Checks, ReaderCheck, SyncCheck};
+
 /// The reader wakes at least this often, records or not: an idle reader still beats.
 pub const READER_WAKE: Duration = Duration::from_millis(250);
 /// A reader that has not woken for this long is stuck (a wake is 250 ms; a table hold by the API
@@ -100,8 +102,8 @@ impl Liveness {
         if self.unsupported() {
             // Nothing runs, by decision: a restart would not change the kernel.
             return Checks {
-                reader: "unsupported",
-                node_sync: "unsupported",
+                reader: ReaderCheck::Unsupported,
+                node_sync: SyncCheck::Unsupported,
             };
         }
         checks(
@@ -126,36 +128,21 @@ struct Stamps {
     sync_done_ns: u64,
 }
 
-/// What `/healthz` says about each part: fixed words, never error text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Checks {
-    /// `ok`, `starting`, `stalled`, `stopped` or `unsupported`.
-    pub reader: &'static str,
-    /// `ok`, `starting`, `stuck` or `unsupported`.
-    pub node_sync: &'static str,
-}
-
-impl Checks {
-    pub fn failing(&self) -> bool {
-        matches!(self.reader, "stalled" | "stopped") || self.node_sync == "stuck"
-    }
-}
-
 fn checks(s: Stamps, now_ns: u64, start_ns: u64, resync: Duration) -> Checks {
     let ns = |d: Duration| d.as_nanos() as u64;
     let reader = if s.reader_exited {
-        "stopped"
+        ReaderCheck::Stopped
     } else if !s.reader_started {
         // Started before the API serves; a reader that never beats is as stuck as one that stops.
         if now_ns.saturating_sub(start_ns) > ns(READER_STALL_AFTER) {
-            "stalled"
+            ReaderCheck::Stalled
         } else {
-            "starting"
+            ReaderCheck::Starting
         }
     } else if now_ns.saturating_sub(s.reader_beat_ns) > ns(READER_STALL_AFTER) {
-        "stalled"
+        ReaderCheck::Stalled
     } else {
-        "ok"
+        ReaderCheck::Ok
     };
     let stuck_after = (resync * SYNC_STUCK_PERIODS).max(SYNC_STUCK_MIN);
     let since = if s.sync_done_ns > 0 {
@@ -164,11 +151,11 @@ fn checks(s: Stamps, now_ns: u64, start_ns: u64, resync: Duration) -> Checks {
         start_ns
     };
     let node_sync = if now_ns.saturating_sub(since) > ns(stuck_after) {
-        "stuck"
+        SyncCheck::Stuck
     } else if s.sync_done_ns == 0 {
-        "starting"
+        SyncCheck::Starting
     } else {
-        "ok"
+        SyncCheck::Ok
     };
     Checks { reader, node_sync }
 }
@@ -195,19 +182,19 @@ mod tests {
         assert_eq!(
             at(beating, 101),
             Checks {
-                reader: "ok",
-                node_sync: "ok"
+                reader: ReaderCheck::Ok,
+                node_sync: SyncCheck::Ok
             }
         );
         assert!(!at(beating, 101).failing());
         // No beat for over 5 s: stalled, whatever the traffic.
-        assert_eq!(at(beating, 106).reader, "stalled");
+        assert_eq!(at(beating, 106).reader, ReaderCheck::Stalled);
         assert!(at(beating, 106).failing());
         let exited = Stamps {
             reader_exited: true,
             ..beating
         };
-        assert_eq!(at(exited, 100).reader, "stopped");
+        assert_eq!(at(exited, 100).reader, ReaderCheck::Stopped);
         assert!(at(exited, 100).failing());
     }
 
@@ -217,13 +204,13 @@ mod tests {
         assert_eq!(
             at(fresh, 2),
             Checks {
-                reader: "starting",
-                node_sync: "starting"
+                reader: ReaderCheck::Starting,
+                node_sync: SyncCheck::Starting
             }
         );
         assert!(!at(fresh, 2).failing());
-        assert_eq!(at(fresh, 10).reader, "stalled");
-        assert_eq!(at(fresh, 62).node_sync, "stuck");
+        assert_eq!(at(fresh, 10).reader, ReaderCheck::Stalled);
+        assert_eq!(at(fresh, 62).node_sync, SyncCheck::Stuck);
     }
 
     #[test]
@@ -234,12 +221,12 @@ mod tests {
             sync_done_ns: 100 * S,
             ..Stamps::default()
         };
-        assert_eq!(at(s, 159).node_sync, "ok");
-        assert_eq!(at(s, 161).node_sync, "stuck");
+        assert_eq!(at(s, 159).node_sync, SyncCheck::Ok);
+        assert_eq!(at(s, 161).node_sync, SyncCheck::Stuck);
         // A long --resync stretches the budget.
         assert_eq!(
             checks(s, 250 * S, S, Duration::from_secs(30)).node_sync,
-            "ok"
+            SyncCheck::Ok
         );
     }
 }

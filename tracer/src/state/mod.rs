@@ -1,30 +1,41 @@
-//! State shared between the ring-buffer reader, the sync loop and the API.
+//! The agent's state: the flow table, the node as last read, the attachments and the
+//! liveness evidence. The ring reader and the sync loop write it; the API reads it. Every
+//! answer is a wire type of `tracer_model`: this module knows nothing of HTTP.
+mod control;
+pub mod footprint;
+pub mod health;
+mod stream;
+mod view;
+mod watch;
+
 use std::{
     collections::HashMap,
+    sync::atomic::{AtomicU64, Ordering},
     sync::Arc,
     sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::Duration,
 };
 
-use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
-
-use super::{
-    control::{AttachError, AttachTarget, Command},
-    health::Liveness,
-    AgentConfig,
+use tracer_model::{
+    diagnoses::{CauseGroup, EvidenceSummary},
+    health::{ApiStats, HealthDetail, Status},
+    query::{FlowQuery, Since, DEFAULT_LIMIT},
+    Cause, DiagnosesAnswer, FlowView, FlowsPage, Health, Readiness, Verdict,
 };
+
+pub use control::{AttachError, AttachTarget, Command};
+pub use health::{Fault, Liveness};
+pub use stream::FlowCursor;
+pub use tracer_model::health::DropTracing;
+pub use watch::{WatchEvent, WatchState};
+
 use crate::{
-    api::{
-        metrics::{label, render, Family},
-        query::{FlowQuery, Since, DEFAULT_LIMIT},
-        view::{flow_json, FlowView},
-    },
     calico::{Pools, Role},
     clock::{mono_now_ns, Clock},
-    diagnose::{judge, Context, Judgement, Rules, CAUSES, VERDICTS},
+    diagnose::{judge, Context, Rules},
     events::Observation,
-    flows::{Flow, FlowId, FlowTable, Gaps, Iface},
+    flows::{Flow, FlowId, FlowTable, Gaps, Iface, Sample, TableStats},
     hooks::{
         drops::{DropReasons, Symbols},
         ifstate::Purged,
@@ -49,45 +60,72 @@ pub struct NodeView {
     pub tc: Option<crate::hooks::TcBackend>,
 }
 
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct DropTracing {
-    pub enabled: bool,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+/// What the ring reader has read.
+#[derive(Debug, Default, Clone, Copy)]
 pub struct ReaderStats {
     pub records: u64,
     pub decode_errors: u64,
 }
 
-/// The body of GET /flows.
-#[derive(serde::Serialize)]
-struct FlowsPage<'a> {
-    flows: Vec<FlowView<'a>>,
-    matched: usize,
-    truncated: bool,
+/// What the state needs from the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// Most flows kept.
+    pub flow_cap: usize,
+    pub rules: Rules,
+    /// felix's InterfacePrefix (the first of the list), to resolve pods to their veth.
+    pub workload_prefix: String,
+    /// How often the sync loop reads the node, for the liveness checks.
+    pub resync: Duration,
 }
 
-/// GET /flows's answer: the JSON body, and how many flows matched (of which `limit` are in it).
-pub struct FlowsAnswer {
-    pub json: Vec<u8>,
-    pub matched: usize,
+/// What the API is doing, counted by the API and reported by `/metrics` and `/healthz`.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    pub connections: AtomicU64,
+    pub connections_rejected: AtomicU64,
+    pub watchers: AtomicU64,
+    pub watchers_rejected: AtomicU64,
+}
+
+impl ApiCounters {
+    pub fn snapshot(&self) -> ApiStats {
+        ApiStats {
+            connections: self.connections.load(Ordering::Relaxed),
+            connections_rejected: self.connections_rejected.load(Ordering::Relaxed),
+            watchers: self.watchers.load(Ordering::Relaxed),
+            watchers_rejected: self.watchers_rejected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What `/metrics` reports, gathered in one pass.
+#[derive(Debug, Default)]
+pub struct Census {
+    pub flows: usize,
+    pub by_verdict: HashMap<Verdict, u64>,
+    pub by_cause: HashMap<Cause, u64>,
+    pub table: TableStats,
+    pub reader: ReaderStats,
+    pub attached_by_role: HashMap<Role, u64>,
+    pub kernel: KernelStats,
+    pub api: ApiStats,
+    pub interned: usize,
+    pub purged: Purged,
 }
 
 /// State shared between the reader, the sync loop and the API.
 pub struct Shared {
-    pub(super) table: Mutex<FlowTable>,
+    pub(crate) table: Mutex<FlowTable>,
     reasons: RwLock<DropReasons>,
     /// Loaded on first use: only drops need it, and it is a few MB.
     symbols: OnceLock<Symbols>,
     node: RwLock<NodeView>,
     reader: Mutex<ReaderStats>,
-    pub(super) clock: Clock,
+    pub(crate) clock: Clock,
     rules: Rules,
     /// felix's InterfacePrefix, to resolve pods to their veth.
     workload_prefix: String,
-    token: Option<String>,
     commands: OnceLock<mpsc::Sender<Command>>,
     counters: Mutex<Option<KernelCounters>>,
     /// Attached interfaces by ifindex, shared by the hops that cross them.
@@ -96,7 +134,7 @@ pub struct Shared {
     gaps: Mutex<Gaps>,
     liveness: Liveness,
     resync: Duration,
-    pub api: crate::api::ApiCounters,
+    pub api: ApiCounters,
     /// Kernel map entries removed with the interfaces they were keyed with, so far.
     purged: Mutex<Purged>,
 }
@@ -104,13 +142,13 @@ pub struct Shared {
 /// Flows judged per hold of the flow table by endpoints that judge them all.
 const VISIT_CHUNK: usize = 4096;
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere must not take the API down with it.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
-    pub fn new(cfg: &AgentConfig) -> Shared {
+    pub fn new(cfg: &StateConfig) -> Shared {
         Shared {
             table: Mutex::new(FlowTable::new(cfg.flow_cap)),
             reasons: RwLock::new(DropReasons::default()),
@@ -119,13 +157,7 @@ impl Shared {
             reader: Mutex::new(ReaderStats::default()),
             clock: Clock::new(),
             rules: cfg.rules.clone(),
-            workload_prefix: cfg
-                .roles
-                .workload_prefixes
-                .first()
-                .cloned()
-                .unwrap_or_else(|| "cali".into()),
-            token: cfg.token.clone(),
+            workload_prefix: cfg.workload_prefix.clone(),
             commands: OnceLock::new(),
             counters: Mutex::new(None),
             names: RwLock::new(HashMap::new()),
@@ -142,12 +174,12 @@ impl Shared {
     }
 
     /// Whether the reader and the sync loop are alive, judged now.
-    pub fn checks(&self) -> super::health::Checks {
+    pub fn checks(&self) -> tracer_model::health::Checks {
         self.liveness
             .checks(mono_now_ns(), self.clock.start_ns(), self.resync)
     }
 
-    pub(super) fn node(&self) -> RwLockReadGuard<'_, NodeView> {
+    pub(crate) fn node(&self) -> RwLockReadGuard<'_, NodeView> {
         self.node.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -155,35 +187,35 @@ impl Shared {
         self.node.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn set_commands(&self, tx: mpsc::Sender<Command>) {
+    pub(crate) fn set_commands(&self, tx: mpsc::Sender<Command>) {
         let _ = self.commands.set(tx);
     }
 
-    pub(super) fn set_reasons(&self, r: DropReasons) {
+    pub(crate) fn set_reasons(&self, r: DropReasons) {
         *self.reasons.write().unwrap_or_else(|e| e.into_inner()) = r;
     }
 
     /// The programs cannot run here: say why, stay up, never become ready.
-    pub(super) fn set_unsupported(&self, why: String) {
+    pub(crate) fn set_unsupported(&self, why: String) {
         self.liveness.set_unsupported();
         self.node_mut().unsupported = Some(why);
     }
 
-    pub(super) fn set_tc_backend(&self, tc: crate::hooks::TcBackend) {
+    pub(crate) fn set_tc_backend(&self, tc: crate::hooks::TcBackend) {
         self.node_mut().tc = Some(tc);
     }
 
-    pub(super) fn set_drop_tracing(&self, d: DropTracing) {
+    pub(crate) fn set_drop_tracing(&self, d: DropTracing) {
         self.node_mut().drops = d;
     }
 
-    pub(super) fn set_attached(&self, attached: Vec<AttachedIface>) {
+    pub(crate) fn set_attached(&self, attached: Vec<AttachedIface>) {
         self.intern(&attached);
         self.node_mut().attached = attached;
     }
 
     /// Names an interface about to be attached, so its first records carry its name and role.
-    pub(super) fn announce(&self, ifindex: u32, name: &str, role: Role) {
+    pub(crate) fn announce(&self, ifindex: u32, name: &str, role: Role) {
         self.names
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -205,14 +237,14 @@ impl Shared {
         }
     }
 
-    pub(super) fn note_purged(&self, p: Purged) {
+    pub(crate) fn note_purged(&self, p: Purged) {
         let mut total = lock(&self.purged);
         total.flows += p.flows;
         total.turns += p.turns;
         total.scanned += p.scanned;
     }
 
-    pub(super) fn set_counters(&self, c: KernelCounters) {
+    pub(crate) fn set_counters(&self, c: KernelCounters) {
         *lock(&self.counters) = Some(c);
     }
 
@@ -224,36 +256,19 @@ impl Shared {
             .unwrap_or_default()
     }
 
-    pub(super) fn sweep(&self, now_ns: u64) {
+    pub(crate) fn sweep(&self, now_ns: u64) {
         lock(&self.table).sweep(now_ns);
         // Follow wall-clock steps (NTP) in rendered times and since= filters.
         self.clock.resync();
     }
 
-    pub(super) fn update_node(&self, facts: NodeFacts, pools: Pools, attached: Vec<AttachedIface>) {
+    pub(crate) fn update_node(&self, facts: NodeFacts, pools: Pools, attached: Vec<AttachedIface>) {
         self.intern(&attached);
         let mut node = self.node_mut();
         node.facts = facts;
         node.pools = pools;
         node.attached = attached;
         node.ready = true;
-    }
-
-    /// True when no token is configured or `header` carries it.
-    pub fn authorized(&self, header: Option<&str>) -> bool {
-        let Some(token) = &self.token else {
-            return true;
-        };
-        let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
-            return false;
-        };
-        // Constant time in the token's length, so a timing probe learns nothing of its prefix.
-        given.len() == token.len()
-            && given
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
     }
 
     /// The veth Calico gives `namespace/name`.
@@ -281,7 +296,7 @@ impl Shared {
 
     /// The reader has emptied the ring at `now_ns`: notes how far the evidence reaches and
     /// whether the kernel had to drop records since the last time.
-    pub(super) fn reader_drained(&self, now_ns: u64) {
+    pub(crate) fn reader_drained(&self, now_ns: u64) {
         let lost = lock(&self.counters).as_ref().map(KernelCounters::lost);
         let mut gaps = lock(&self.gaps);
         match lost {
@@ -291,7 +306,7 @@ impl Shared {
     }
 
     /// The reader has been idle a while with the ring empty.
-    pub(super) fn reader_idle(&self, now_ns: u64) {
+    pub(crate) fn reader_idle(&self, now_ns: u64) {
         if let Some(c) = lock(&self.counters).as_mut() {
             c.clear_pending();
         }
@@ -323,7 +338,7 @@ impl Shared {
     }
 
     /// Runs `f` with everything the diagnosis rules need, consistent for one answer.
-    pub(super) fn with_context<T>(&self, f: impl FnOnce(&Context<'_>, &FlowTable) -> T) -> T {
+    pub(crate) fn with_context<T>(&self, f: impl FnOnce(&Context<'_>, &FlowTable) -> T) -> T {
         static NO_SYMBOLS: OnceLock<Symbols> = OnceLock::new();
         let node = self.node();
         let reasons = self.reasons.read().unwrap_or_else(|e| e.into_inner());
@@ -375,7 +390,7 @@ impl Shared {
 
     /// The query as a predicate over flows. The pod's veth name (a sha1) and the `since`
     /// threshold are worked out once per query, not once per flow.
-    pub(super) fn matcher<'q>(&self, q: &'q FlowQuery, now_ns: u64) -> impl Fn(&Flow) -> bool + 'q {
+    pub(crate) fn matcher<'q>(&self, q: &'q FlowQuery, now_ns: u64) -> impl Fn(&Flow) -> bool + 'q {
         let veth = q.pod.as_ref().map(|(ns, name)| self.pod_veth(ns, name));
         let since_ns = match q.since {
             Some(Since::Ago(d)) => now_ns.saturating_sub(d.as_nanos() as u64),
@@ -383,7 +398,7 @@ impl Shared {
             None => 0,
         };
         move |f: &Flow| {
-            q.matches_tuple(f)
+            matches_tuple(q, f)
                 && f.last_ns >= since_ns
                 && veth
                     .as_deref()
@@ -391,15 +406,16 @@ impl Shared {
         }
     }
 
-    /// GET /flows: the answer's JSON, serialized while the table is held (no copy of the flows).
-    pub fn flows(&self, q: &FlowQuery) -> FlowsAnswer {
+    /// `GET /flows` answered in one go (the API streams large or judging queries through
+    /// [`FlowCursor`] instead).
+    pub fn flows(&self, q: &FlowQuery) -> FlowsPage {
         let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
         if q.verdict.is_some() || q.cause.is_some() {
-            return self.flows_judged(q, limit);
+            return self.flows_judged(q);
         }
         // Judging is the expensive part: only the flows rendered are judged, the rest counted.
         self.with_context(|cx, table| {
-            let mut shown = Vec::new();
+            let mut flows = Vec::new();
             let mut matched = 0usize;
             let matches = self.matcher(q, cx.now_ns);
             let (src, dst) = q.hosts();
@@ -408,56 +424,46 @@ impl Shared {
                     continue;
                 }
                 matched += 1;
-                if shown.len() < limit {
-                    shown.push((f, judge(f, cx)));
+                if flows.len() < limit {
+                    flows.push(view::flow_view(f, judge(f, cx), &self.clock, cx));
                 }
             }
-            self.page(cx, &shown, matched)
+            FlowsPage {
+                truncated: matched > flows.len(),
+                flows,
+                matched,
+            }
         })
     }
 
     /// `/flows` with a verdict or cause filter: every candidate must be judged, a part of the
-    /// table at a time (see [`super::FlowCursor`]).
-    fn flows_judged(&self, q: &FlowQuery, _limit: usize) -> FlowsAnswer {
-        let mut cur = super::FlowCursor::new(q.clone());
-        let mut json = Vec::new();
+    /// table at a time (see [`FlowCursor`]).
+    fn flows_judged(&self, q: &FlowQuery) -> FlowsPage {
+        let mut cur = FlowCursor::new(q.clone());
+        let mut flows = Vec::new();
         while !cur.done() {
-            json.extend(self.flows_chunk(&mut cur));
+            flows.extend(self.flows_chunk(&mut cur));
         }
-        FlowsAnswer {
-            json,
+        FlowsPage {
+            truncated: cur.matched() > flows.len(),
             matched: cur.matched(),
-        }
-    }
-
-    fn page(&self, cx: &Context<'_>, shown: &[(&Flow, Judgement)], matched: usize) -> FlowsAnswer {
-        let page = FlowsPage {
-            truncated: matched > shown.len(),
-            flows: shown
-                .iter()
-                .map(|(f, j)| FlowView::new(f, j, &self.clock, cx))
-                .collect(),
-            matched,
-        };
-        FlowsAnswer {
-            json: serde_json::to_vec(&page).unwrap_or_else(|_| b"{}".to_vec()),
-            matched,
+            flows,
         }
     }
 
     /// Faulty flows grouped by cause, plus what the node's configuration alone shows.
-    pub fn diagnoses(&self) -> Value {
+    pub fn diagnoses(&self) -> DiagnosesAnswer {
         #[derive(Default)]
         struct Group {
             count: u64,
             first_ns: u64,
             last_ns: u64,
-            latest: Option<(u64, crate::diagnose::Diagnosis)>,
+            latest: Option<(u64, tracer_model::Diagnosis)>,
             examples: Vec<u64>,
             /// Flows of the group whose records may be partial.
             incomplete: u64,
         }
-        let mut groups: std::collections::BTreeMap<&'static str, Group> = Default::default();
+        let mut groups: std::collections::BTreeMap<Cause, Group> = Default::default();
         let mut judged = 0u64;
         let mut incomplete = 0u64;
         self.visit_chunked(|cx, f| {
@@ -488,67 +494,67 @@ impl Shared {
             true
         });
         self.with_context(|cx, table| {
-            let mut causes: Vec<Value> = groups
+            let mut causes: Vec<CauseGroup> = groups
                 .into_iter()
                 .filter_map(|(cause, g)| {
                     let (_, d) = g.latest?;
-                    Some(json!({
-                        "cause": cause,
-                        "count": g.count,
-                        "first_seen": self.clock.rfc3339(g.first_ns),
-                        "last_seen": self.clock.rfc3339(g.last_ns),
-                        "summary": d.summary,
-                        "evidence": d.evidence,
-                        "fix": d.fix,
-                        "example_flows": g.examples,
-                        "evidence_incomplete": g.incomplete,
-                    }))
+                    Some(CauseGroup {
+                        cause,
+                        count: g.count,
+                        first_seen: self.clock.rfc3339(g.first_ns),
+                        last_seen: self.clock.rfc3339(g.last_ns),
+                        summary: d.summary,
+                        evidence: d.evidence,
+                        fix: d.fix,
+                        example_flows: g.examples,
+                        evidence_incomplete: g.incomplete,
+                    })
                 })
                 .collect();
-            causes.sort_by(|a, b| b["count"].as_u64().cmp(&a["count"].as_u64()));
+            // Stable: equal counts keep the causes' wire-name order.
+            causes.sort_by(|a, b| b.count.cmp(&a.count));
             let gaps = cx.gaps;
             let evicted = table.stats().evicted;
-            json!({
-                "causes": causes,
-                "node_findings": crate::diagnose::node_findings(cx),
-                "flows_judged": judged,
+            DiagnosesAnswer {
+                causes,
+                node_findings: crate::diagnose::node_findings(cx),
+                flows_judged: judged,
                 // What the answer may be missing: lost records make flows partial (they are
                 // never called unanswered for it); evicted flows are gone from the answer.
-                "evidence": {
-                    "complete": gaps.total_lost() == 0 && evicted == 0,
-                    "lost_records": gaps.total_lost(),
-                    "flows_with_incomplete_evidence": incomplete,
-                    "flows_evicted": evicted,
-                    "reader_lag_ms": cx.now_ns.saturating_sub(cx.evidence_now_ns()) / 1_000_000,
+                evidence: EvidenceSummary {
+                    complete: gaps.total_lost() == 0 && evicted == 0,
+                    lost_records: gaps.total_lost(),
+                    flows_with_incomplete_evidence: incomplete,
+                    flows_evicted: evicted,
+                    reader_lag_ms: cx.now_ns.saturating_sub(cx.evidence_now_ns()) / 1_000_000,
                 },
-            })
+            }
         })
     }
 
-    pub fn flow(&self, id: u64) -> Option<Value> {
+    pub fn flow(&self, id: u64) -> Option<FlowView> {
         self.with_context(|cx, table| {
             table
                 .get(id)
-                .map(|f| flow_json(f, &judge(f, cx), &self.clock, cx))
+                .map(|f| view::flow_view(f, judge(f, cx), &self.clock, cx))
         })
     }
 
     /// Ready once the programs are loaded and the first interface sync is done, while healthy.
     /// `detail` (authorized callers only) adds what is attached and whether drops are traced.
-    pub fn readiness(&self, detail: bool) -> (bool, Value) {
+    pub fn readiness(&self, detail: bool) -> Readiness {
         let healthy = !self.checks().failing();
         let node = self.node();
-        let ready = node.ready && healthy;
-        let mut v = json!({"ready": ready});
-        if detail {
-            v["attached"] = json!(node.attached.len());
-            v["drops"] = json!(node.drops);
+        Readiness {
+            ready: node.ready && healthy,
+            attached: detail.then_some(node.attached.len()),
+            drops: detail.then(|| node.drops.clone()),
         }
-        (ready, v)
     }
 
-    /// The flow's kept records as pcapng; None when there is no such flow or no record left.
-    pub fn pcap(&self, id: u64) -> Result<Option<Vec<u8>>, crate::api::pcap::PcapError> {
+    /// The flow's kept records and the names of the interfaces they were seen on; None when
+    /// there is no such flow or no record left.
+    pub fn samples(&self, id: u64) -> Option<(Vec<Sample>, HashMap<u32, String>)> {
         let names: HashMap<u32, String> = {
             let node = self.node();
             node.facts
@@ -558,277 +564,112 @@ impl Shared {
                 .collect()
         };
         let table = lock(&self.table);
-        if table.get(id).is_none() {
-            return Ok(None);
-        }
-        let samples = table.samples().of(id);
-        if samples.is_empty() {
-            return Ok(None);
-        }
-        crate::api::pcap::flow_pcapng(
-            &samples,
-            |i| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}")),
-            &self.clock,
-        )
-        .map(Some)
+        table.get(id)?;
+        let samples: Vec<Sample> = table.samples().of(id).into_iter().cloned().collect();
+        (!samples.is_empty()).then_some((samples, names))
     }
 
-    /// Prometheus exposition of the agent's state.
-    pub fn metrics(&self) -> String {
-        let mut by_verdict: HashMap<&'static str, u64> = HashMap::new();
-        let mut by_cause: HashMap<&'static str, u64> = HashMap::new();
+    /// Everything `/metrics` reports. Judges every flow.
+    pub fn census(&self) -> Census {
+        let mut c = Census::default();
         self.visit_chunked(|cx, f| {
             let j = judge(f, cx);
             for x in &j.verdicts {
-                *by_verdict.entry(x).or_default() += 1;
+                *c.by_verdict.entry(*x).or_default() += 1;
             }
             if let Some(d) = j.diagnosis {
-                *by_cause.entry(d.cause).or_default() += 1;
+                *c.by_cause.entry(d.cause).or_default() += 1;
             }
             true
         });
-        let (flows, table) = {
+        {
             let t = lock(&self.table);
-            (t.len(), t.stats())
-        };
-        let node = self.node();
-        let reader = *lock(&self.reader);
-        let mut roles: HashMap<&'static str, u64> = HashMap::new();
-        for a in &node.attached {
-            *roles.entry(a.role.as_str()).or_default() += 1;
+            c.flows = t.len();
+            c.table = t.stats();
         }
-        let counter = |name, help, v: u64| Family {
-            name,
-            help,
-            kind: "counter",
-            samples: vec![(String::new(), v as f64)],
-        };
-        let k = self.kernel();
-        let api = self.api.snapshot();
-        let interned = self.names.read().unwrap_or_else(|e| e.into_inner()).len();
-        let fp = super::footprint::Footprint::now();
-        let gauge = |name, help, v: f64| Family {
-            name,
-            help,
-            kind: "gauge",
-            samples: vec![(String::new(), v)],
-        };
-        let purged = *lock(&self.purged);
-        let mut own = vec![
-            Family {
-                name: "tracer_kernel_entries_purged_total",
-                help: "Kernel map entries removed with the interface they were keyed with.",
-                kind: "counter",
-                samples: vec![
-                    ("map=\"flows\"".to_string(), purged.flows as f64),
-                    ("map=\"turns\"".to_string(), purged.turns as f64),
-                ],
-            },
-            gauge(
-                "process_resident_memory_bytes",
-                "Resident memory of the agent process.",
-                fp.rss_bytes as f64,
-            ),
-            gauge(
-                "process_open_fds",
-                "Open file descriptors of the agent process.",
-                fp.fds as f64,
-            ),
-            gauge(
-                "tracer_interfaces_interned",
-                "Interface records interned for naming hops: one per attached interface.",
-                interned as f64,
-            ),
-            gauge(
-                "tracer_interface_records",
-                "Interface records alive: the interned ones plus those only flows over renamed \
-                 or deleted interfaces still hold (freed as those flows are evicted).",
-                Iface::live() as f64,
-            ),
-            gauge(
-                "tracer_bpf_links",
-                "BPF link objects the agent holds open (two per interface under TCX).",
-                fp.bpf_links as f64,
-            ),
-        ];
-        if let (Some(used), Some(free)) = (fp.heap_bytes, fp.heap_free_bytes) {
-            own.push(gauge(
-                "tracer_heap_bytes",
-                "Heap bytes in use by the agent (malloc's view).",
-                used as f64,
-            ));
-            own.push(gauge(
-                "tracer_heap_free_bytes",
-                "Heap bytes malloc holds but are free (fragmentation, untrimmed).",
-                free as f64,
-            ));
+        for a in &self.node().attached {
+            *c.attached_by_role.entry(a.role).or_default() += 1;
         }
-        let mut families = vec![
-            Family {
-                name: "tracer_flows",
-                help: "Flows in the agent's table.",
-                kind: "gauge",
-                samples: vec![(String::new(), flows as f64)],
-            },
-            Family {
-                name: "tracer_flows_by_verdict",
-                help: "Flows in the table by verdict.",
-                kind: "gauge",
-                samples: VERDICTS
-                    .iter()
-                    .map(|v| {
-                        (
-                            format!("verdict=\"{}\"", label(v)),
-                            *by_verdict.get(v).unwrap_or(&0) as f64,
-                        )
-                    })
-                    .collect(),
-            },
-            Family {
-                name: "tracer_flows_by_cause",
-                help: "Flows in the table by diagnosed cause.",
-                kind: "gauge",
-                samples: CAUSES
-                    .iter()
-                    .map(|c| {
-                        (
-                            format!("cause=\"{}\"", label(c)),
-                            *by_cause.get(c).unwrap_or(&0) as f64,
-                        )
-                    })
-                    .collect(),
-            },
-            counter(
-                "tracer_kernel_packets_total",
-                "Packets the tc programs saw.",
-                k.packets,
-            ),
-            counter(
-                "tracer_kernel_records_total",
-                "Records the kernel wrote to the ring buffer.",
-                k.records,
-            ),
-            counter(
-                "tracer_kernel_records_lost_total",
-                "Records lost because the ring buffer was full.",
-                k.lost,
-            ),
-            counter(
-                "tracer_kernel_malformed_total",
-                "Packets whose headers could not be parsed.",
-                k.malformed,
-            ),
-            counter(
-                "tracer_kernel_drops_total",
-                "Kernel drops with a reportable reason (any packet).",
-                k.drops,
-            ),
-            Family {
-                name: "tracer_ringbuf_pending_bytes",
-                help:
-                    "Ring-buffer bytes not yet consumed by the agent, as last seen by the kernel.",
-                kind: "gauge",
-                samples: vec![(String::new(), k.ringbuf_pending_bytes as f64)],
-            },
-            Family {
-                name: "tracer_attached_interfaces",
-                help: "Interfaces with tracer's tc programs, by role.",
-                kind: "gauge",
-                samples: ["workload", "tunnel", "host"]
-                    .iter()
-                    .map(|r| (format!("role=\"{r}\""), *roles.get(r).unwrap_or(&0) as f64))
-                    .collect(),
-            },
-            counter(
-                "tracer_records_decoded_total",
-                "Ring-buffer records the agent read.",
-                reader.records,
-            ),
-            counter(
-                "tracer_decode_errors_total",
-                "Ring-buffer records the agent could not decode.",
-                reader.decode_errors,
-            ),
-            Family {
-                name: "tracer_api_connections",
-                help: "API connections open now.",
-                kind: "gauge",
-                samples: vec![(String::new(), api.connections as f64)],
-            },
-            counter(
-                "tracer_api_connections_rejected_total",
-                "API connections refused because all connection slots were taken.",
-                api.connections_rejected,
-            ),
-            Family {
-                name: "tracer_api_watchers",
-                help: "/watch streams open now.",
-                kind: "gauge",
-                samples: vec![(String::new(), api.watchers as f64)],
-            },
-            counter(
-                "tracer_api_watchers_rejected_total",
-                "/watch requests refused (429) because --max-watchers streams were open.",
-                api.watchers_rejected,
-            ),
-            counter(
-                "tracer_flows_evicted_total",
-                "Flows evicted because the table was full.",
-                table.evicted,
-            ),
-            counter(
-                "tracer_drops_matched_total",
-                "Kernel drops attributed to a traced flow.",
-                table.drops,
-            ),
-        ];
-        families.extend(own);
-        render(&families)
+        c.reader = *lock(&self.reader);
+        c.kernel = self.kernel();
+        c.api = self.api.snapshot();
+        c.interned = self.names.read().unwrap_or_else(|e| e.into_inner()).len();
+        c.purged = *lock(&self.purged);
+        c
     }
 
     /// `/healthz`: healthy (false: answer 503) and the body. Without `detail` (callers without
     /// the token) the body holds fixed words only: no interface names (they tell which pod runs
     /// where), no pools, no error text.
-    pub fn health(&self, detail: bool) -> (bool, Value) {
+    pub fn health(&self, detail: bool) -> (bool, Health) {
         let checks = self.checks();
         let now = mono_now_ns();
         let node = self.node();
         let status = if node.unsupported.is_some() {
-            "unsupported"
+            Status::Unsupported
         } else if checks.failing() {
-            "failing"
+            Status::Failing
         } else if node.ready {
-            "ok"
+            Status::Ok
         } else {
-            "starting"
+            Status::Starting
         };
-        let mut v = json!({
-            "status": status,
-            "ready": node.ready,
-            "checks": checks,
-        });
-        if detail {
-            if let Some(why) = &node.unsupported {
-                v["unsupported"] = json!(why);
-            }
-            v["tc"] = json!(node.tc);
-            let table = lock(&self.table).stats();
+        let detail = detail.then(|| {
             let reader = *lock(&self.reader);
-            let mut reader = json!(reader);
-            reader["idle_ms"] = json!(self.liveness.reader_idle_ms(now));
-            v["drops"] = json!(node.drops);
-            v["attached"] = json!(node.attached);
-            v["pools"] = json!(node.pools);
-            v["kernel"] = json!(self.kernel());
-            v["reader"] = reader;
-            v["node_sync_age_ms"] = json!(self.liveness.sync_age_ms(now));
-            v["flows"] = json!(table);
-            v["api"] = json!(self.api.snapshot());
-            v["uptime_s"] =
-                json!(Duration::from_nanos(now.saturating_sub(self.clock.start_ns())).as_secs());
-        }
-        (!checks.failing(), v)
+            HealthDetail {
+                tc: node.tc,
+                drops: node.drops.clone(),
+                attached: node.attached.clone(),
+                pools: (&node.pools).into(),
+                kernel: self.kernel(),
+                reader: tracer_model::health::ReaderStats {
+                    records: reader.records,
+                    decode_errors: reader.decode_errors,
+                    idle_ms: self.liveness.reader_idle_ms(now),
+                },
+                node_sync_age_ms: self.liveness.sync_age_ms(now),
+                flows: lock(&self.table).stats(),
+                api: self.api.snapshot(),
+                uptime_s: Duration::from_nanos(now.saturating_sub(self.clock.start_ns()))
+                    .as_secs(),
+            }
+        });
+        let health = Health {
+            status,
+            ready: node.ready,
+            checks,
+            unsupported: detail.as_ref().and(node.unsupported.clone()),
+            detail,
+        };
+        (!checks.failing(), health)
     }
+}
+
+/// The filters that need no judgement: addresses match the original or the translated tuple.
+pub fn matches_tuple(q: &FlowQuery, f: &Flow) -> bool {
+    let dsts = [Some(f.dst), f.nat.map(|n| n.dst)];
+    let srcs = [Some(f.src), f.nat.map(|n| n.src)];
+    let any = |set: &[Option<std::net::IpAddr>], c: &crate::net::Cidr| {
+        set.iter().flatten().any(|ip| c.contains(*ip))
+    };
+    if q.dst.as_ref().is_some_and(|c| !any(&dsts, c)) {
+        return false;
+    }
+    if q.src.as_ref().is_some_and(|c| !any(&srcs, c)) {
+        return false;
+    }
+    if let Some(p) = q.port {
+        let ports = [
+            Some(f.sport),
+            Some(f.dport),
+            f.nat.map(|n| n.sport),
+            f.nat.map(|n| n.dport),
+        ];
+        if !ports.iter().flatten().any(|x| *x == p) {
+            return false;
+        }
+    }
+    q.proto.is_none_or(|p| f.proto == p)
 }
 
 #[cfg(test)]

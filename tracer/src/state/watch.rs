@@ -1,10 +1,10 @@
 //! `/watch`: streaming new and changed flows that match a query.
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use serde_json::Value;
+use tracer_model::{FlowQuery, FlowView, Verdict};
 
-use super::{shared::lock, Shared};
-use crate::{api::query::FlowQuery, api::view::flow_json, diagnose::judge, flows::FlowId};
+use super::{lock, view::flow_view, Shared};
+use crate::{diagnose::judge, flows::FlowId};
 
 // A watcher's memory is bounded by these, whatever the flood (about 0.5 MiB each).
 /// Most flows a watcher remembers having sent (older memories are dropped wholesale).
@@ -47,20 +47,27 @@ impl WatchState {
     }
 }
 
-fn signature(v: &Value) -> u64 {
+/// What a watcher sends: a new or changed flow, or how many changes it had to skip.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchEvent {
+    Flow(Box<FlowView>),
+    Skipped(u64),
+}
+
+fn signature(v: &FlowView) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    v["verdicts"].to_string().hash(&mut h);
-    v["diagnosis"]["cause"].to_string().hash(&mut h);
-    v["last_seen"].to_string().hash(&mut h);
-    v["path"].as_array().map(Vec::len).hash(&mut h);
+    v.verdicts.hash(&mut h);
+    v.diagnosis.as_ref().map(|d| d.cause).hash(&mut h);
+    v.last_seen.hash(&mut h);
+    v.path.len().hash(&mut h);
     h.finish()
 }
 
 impl Shared {
-    /// NDJSON lines for flows matching `q` that are new or changed since the last call, at most
-    /// [`BATCH`] flows per call: call again while [`WatchState::has_backlog`].
-    pub fn watch_poll(&self, q: &FlowQuery, st: &mut WatchState) -> Vec<Vec<u8>> {
+    /// Flows matching `q` that are new or changed since the last call, at most [`BATCH`] flows
+    /// per call: call again while [`WatchState::has_backlog`].
+    pub fn watch_poll(&self, q: &FlowQuery, st: &mut WatchState) -> Vec<WatchEvent> {
         let mut out = Vec::new();
         self.with_context(|cx, table| {
             if st.backlog.is_empty() {
@@ -105,7 +112,7 @@ impl Shared {
                 let j = judge(f, cx);
                 let waiting = f.expects_reply
                     && f.first_reply_ns().is_none()
-                    && !j.verdicts.contains(&crate::diagnose::NO_REPLY);
+                    && !j.verdicts.contains(&Verdict::NoReply);
                 if waiting {
                     if st.pending.len() < PENDING_MAX {
                         st.pending.insert(id);
@@ -121,27 +128,21 @@ impl Shared {
                 {
                     continue;
                 }
-                let v = flow_json(f, &j, &self.clock, cx);
+                let v = flow_view(f, j, &self.clock, cx);
                 let sig = signature(&v);
                 if st.sent.get(&id) != Some(&sig) {
                     if st.sent.len() >= REMEMBERED {
                         st.sent.clear();
                     }
                     st.sent.insert(id, sig);
-                    out.push(line(&v));
+                    out.push(WatchEvent::Flow(Box::new(v)));
                 }
             }
         });
         if st.skipped > 0 {
-            out.push(line(&serde_json::json!({"skipped": st.skipped})));
+            out.push(WatchEvent::Skipped(st.skipped));
             st.skipped = 0;
         }
         out
     }
-}
-
-fn line(v: &Value) -> Vec<u8> {
-    let mut b = serde_json::to_vec(v).unwrap_or_default();
-    b.push(b'\n');
-    b
 }

@@ -2,12 +2,13 @@
 //! judges every flow): walked newest first and rendered a part at a time, so that neither the
 //! ring reader (waiting for the table) nor the agent's memory (holding the whole answer) pays
 //! for a large query. The API sends each part as it comes.
-use super::Shared;
+use tracer_model::{
+    query::{FlowQuery, DEFAULT_LIMIT},
+    FlowView,
+};
+
+use super::{view::flow_view, Shared};
 use crate::{
-    api::{
-        query::{FlowQuery, DEFAULT_LIMIT},
-        view::FlowView,
-    },
     diagnose::{judge, Judgement},
     flows::FlowId,
 };
@@ -25,7 +26,6 @@ pub struct FlowCursor {
     bound: FlowId,
     matched: usize,
     shown: usize,
-    started: bool,
     done: bool,
 }
 
@@ -37,7 +37,6 @@ impl FlowCursor {
             bound: FlowId::MAX,
             matched: 0,
             shown: 0,
-            started: false,
             done: false,
         }
     }
@@ -51,17 +50,20 @@ impl FlowCursor {
     }
 }
 
+impl FlowCursor {
+    /// Flows shown so far.
+    pub fn shown(&self) -> usize {
+        self.shown
+    }
+}
+
 impl Shared {
-    /// The next part of the `/flows` body (`{"flows": [...], "matched": N, "truncated": B}`),
-    /// or nothing once the cursor is done.
-    pub fn flows_chunk(&self, cur: &mut FlowCursor) -> Vec<u8> {
+    /// The next flows of the walk (none once the cursor is done). The API frames them as
+    /// `{"flows": [...], "matched": N, "truncated": B}`.
+    pub fn flows_chunk(&self, cur: &mut FlowCursor) -> Vec<FlowView> {
         let mut out = Vec::new();
         if cur.done {
             return out;
-        }
-        if !cur.started {
-            out.extend_from_slice(b"{\"flows\":[");
-            cur.started = true;
         }
         let judged = cur.q.verdict.is_some() || cur.q.cause.is_some();
         let (verdict, cause) = (cur.q.verdict, cur.q.cause);
@@ -72,7 +74,6 @@ impl Shared {
         let finished = self.with_context(|cx, table| {
             let matches = self.matcher(&cur.q, cx.now_ns);
             let (mut examined, mut rendered) = (0, 0);
-            let mut one = Vec::new();
             for (slot, f) in table.iter_newest_below(cur.bound) {
                 cur.bound = slot;
                 examined += 1;
@@ -86,16 +87,9 @@ impl Shared {
                         if wanted(&j) {
                             cur.matched += 1;
                             if show {
-                                one.clear();
-                                let view = FlowView::new(f, &j, &self.clock, cx);
-                                if serde_json::to_writer(&mut one, &view).is_ok() {
-                                    if cur.shown > 0 {
-                                        out.push(b',');
-                                    }
-                                    out.extend_from_slice(&one);
-                                    cur.shown += 1;
-                                    rendered += 1;
-                                }
+                                out.push(flow_view(f, j, &self.clock, cx));
+                                cur.shown += 1;
+                                rendered += 1;
                             }
                         }
                     }
@@ -107,14 +101,6 @@ impl Shared {
             true
         });
         if finished {
-            out.extend_from_slice(
-                format!(
-                    "],\"matched\":{},\"truncated\":{}}}",
-                    cur.matched,
-                    cur.matched > cur.shown
-                )
-                .as_bytes(),
-            );
             cur.done = true;
         }
         out

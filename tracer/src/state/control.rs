@@ -1,0 +1,45 @@
+//! On-demand attach/detach requests from the API, carried out by the sync loop (which owns the
+//! kernel programs): the messages, and why a request failed.
+use tokio::sync::oneshot;
+
+use crate::hooks::AttachedIface;
+
+/// What a client asks to observe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachTarget {
+    Iface(String),
+    Pod { namespace: String, name: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("no interface {0} on this node")]
+    NoIface(String),
+    #[error("pod {namespace}/{name} has no interface {veth} on this node (is it scheduled here?)")]
+    NoPod {
+        namespace: String,
+        name: String,
+        veth: String,
+    },
+    #[error("no attachment {0}")]
+    NoAttachment(u32),
+    #[error(
+        "attachment {0} was made automatically; it follows the interface's role, not requests"
+    )]
+    NotOnDemand(u32),
+    #[error("attaching failed: {0}")]
+    Failed(String),
+    #[error("the agent is shutting down")]
+    NotRunning,
+}
+
+pub enum Command {
+    Attach {
+        target: AttachTarget,
+        reply: oneshot::Sender<Result<AttachedIface, AttachError>>,
+    },
+    Detach {
+        ifindex: u32,
+        reply: oneshot::Sender<Result<(), AttachError>>,
+    },
+}
