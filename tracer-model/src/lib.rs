@@ -4,6 +4,7 @@
 //!
 //! Every wire name here is part of the API: add new ones, never rename.
 pub mod attach;
+pub mod defaults;
 pub mod diagnoses;
 pub mod diagnosis;
 pub mod flow;

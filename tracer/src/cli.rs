@@ -3,6 +3,13 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use tracer_model::{
+    defaults,
+    query::{self, FlowQuery, Since},
+    Cause, Verdict,
+};
+
 use crate::{calico::RoleConfig, net::Cidr};
 
 #[derive(Debug, Parser)]
@@ -42,7 +49,7 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct AgentConn {
     /// Agent base URL.
-    #[arg(long, env = "TRACER_AGENT", default_value = "http://127.0.0.1:9464")]
+    #[arg(long, env = "TRACER_AGENT", default_value = defaults::AGENT_URL)]
     pub agent: String,
     /// File with the agent's bearer token (the agent's --token-file).
     #[arg(long, env = "TRACER_TOKEN_FILE")]
@@ -87,9 +94,9 @@ pub struct DiagnosesArgs {
     /// Ask every agent of the DaemonSet (headless Service DNS name, see --service).
     #[arg(long)]
     pub all_nodes: bool,
-    #[arg(long, default_value = "tracer.kube-system.svc.cluster.local")]
+    #[arg(long, default_value = defaults::SERVICE)]
     pub service: String,
-    #[arg(long, default_value_t = 9464)]
+    #[arg(long, default_value_t = defaults::API_PORT)]
     pub agent_port: u16,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -98,7 +105,7 @@ pub struct DiagnosesArgs {
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Address to serve the API on (loopback by default; the DaemonSet uses the pod's host network).
-    #[arg(long, default_value = "127.0.0.1:9464")]
+    #[arg(long, default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
     /// Workload interface prefixes: felix's InterfacePrefix, a comma-separated list
     /// (`cali,tap`), read from FELIX_INTERFACEPREFIX like felix does; or repeat the flag. The
@@ -234,63 +241,70 @@ pub struct FlowsArgs {
     #[arg(long)]
     pub all_nodes: bool,
     /// The DaemonSet's headless Service, for --all-nodes.
-    #[arg(long, default_value = "tracer.kube-system.svc.cluster.local")]
+    #[arg(long, default_value = defaults::SERVICE)]
     pub service: String,
     /// Port the agents listen on, for --all-nodes.
-    #[arg(long, default_value_t = 9464)]
+    #[arg(long, default_value_t = defaults::API_PORT)]
     pub agent_port: u16,
     /// Explicit agent URLs to merge (comma separated) instead of DNS discovery.
     #[arg(long, value_delimiter = ',')]
     pub agents: Vec<String>,
     /// Pod as namespace/name: flows through its veth.
-    #[arg(long)]
-    pub pod: Option<String>,
+    #[arg(long, value_parser = |s: &str| query::pod(s).map_err(|e| e.to_string()))]
+    pub pod: Option<(String, String)>,
     /// Only flows active since this long ago (5m) or this RFC 3339 time.
-    #[arg(long)]
-    pub since: Option<String>,
+    #[arg(long, value_parser = |s: &str| Since::parse(s).map_err(|e| e.to_string()))]
+    pub since: Option<Since>,
     /// Destination IP or CIDR (matches before or after NAT).
     #[arg(long)]
-    pub dst: Option<String>,
+    pub dst: Option<Cidr>,
     /// Source IP or CIDR (matches before or after NAT).
     #[arg(long)]
-    pub src: Option<String>,
+    pub src: Option<Cidr>,
     #[arg(long)]
     pub port: Option<u16>,
     /// tcp, udp, icmp, icmpv6 or a number.
-    #[arg(long)]
-    pub proto: Option<String>,
+    #[arg(long, value_parser = |s: &str| crate::net::parse_proto(s).map_err(|e| e.to_string()))]
+    pub proto: Option<u8>,
     /// Only flows with this verdict, e.g. no_reply.
-    #[arg(long)]
-    pub verdict: Option<String>,
+    #[arg(long, value_parser = verdict_parser())]
+    pub verdict: Option<Verdict>,
     /// Only flows diagnosed with this cause.
-    #[arg(long)]
-    pub cause: Option<String>,
-    #[arg(long)]
-    pub limit: Option<usize>,
+    #[arg(long, value_parser = cause_parser())]
+    pub cause: Option<Cause>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=query::MAX_LIMIT as u64))]
+    pub limit: Option<u64>,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
 
 impl FlowsArgs {
-    pub fn query_string(&self) -> String {
-        let mut s = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in [
-            ("dst", self.dst.clone()),
-            ("src", self.src.clone()),
-            ("pod", self.pod.clone()),
-            ("since", self.since.clone()),
-            ("port", self.port.map(|p| p.to_string())),
-            ("proto", self.proto.clone()),
-            ("verdict", self.verdict.clone()),
-            ("cause", self.cause.clone()),
-            ("limit", self.limit.map(|l| l.to_string())),
-        ] {
-            if let Some(v) = v {
-                s.append_pair(k, &v);
-            }
+    /// The query the flags ask for.
+    pub fn query(&self) -> FlowQuery {
+        FlowQuery {
+            pod: self.pod.clone(),
+            since: self.since,
+            dst: self.dst,
+            src: self.src,
+            port: self.port,
+            proto: self.proto,
+            verdict: self.verdict,
+            cause: self.cause,
+            limit: self.limit.map(|l| l as usize),
         }
-        s.finish()
     }
+}
+
+/// `--verdict`: the wire names, offered to shell completion.
+fn verdict_parser() -> impl TypedValueParser<Value = Verdict> {
+    PossibleValuesParser::new(Verdict::ALL.iter().map(|v| v.as_str()))
+        .try_map(|s| s.parse::<Verdict>())
+}
+
+/// `--cause`: the wire names, offered to shell completion.
+fn cause_parser() -> impl TypedValueParser<Value = Cause> {
+    PossibleValuesParser::new(Cause::ALL.iter().map(|c| c.as_str()))
+        .try_map(|s| s.parse::<Cause>())
 }
 
 #[cfg(test)]

@@ -1,12 +1,17 @@
-//! A small HTTP client for the agent's API (used by `tracer flows`, `tracer watch` and the lab).
+//! A small HTTP client for the agent's API, answering in the model's wire types (used by
+//! `tracer flows|watch|diagnoses`, the tests and the bench).
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, Method, Request, Response, Uri};
 use hyper_util::rt::TokioIo;
+use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use tokio::net::TcpStream;
+use tracer_model::{
+    Attached, DiagnosesAnswer, FlowQuery, FlowView, FlowsPage, Health, WatchLine,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -128,6 +133,62 @@ impl Agent {
         self.json(Method::GET, path, None).await
     }
 
+    /// GETs `path` and reads the answer as `T`.
+    pub async fn get_as<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        Ok(serde_json::from_value(self.get(path).await?)?)
+    }
+
+    /// `GET /flows?<q>`.
+    pub async fn flows(&self, q: &FlowQuery) -> Result<FlowsPage, ClientError> {
+        self.get_as(&flows_path("/flows", q)).await
+    }
+
+    /// `GET /flows/{id}`.
+    pub async fn flow(&self, id: u64) -> Result<FlowView, ClientError> {
+        self.get_as(&format!("/flows/{id}")).await
+    }
+
+    /// `GET /diagnoses`.
+    pub async fn diagnoses(&self) -> Result<DiagnosesAnswer, ClientError> {
+        self.get_as("/diagnoses").await
+    }
+
+    /// `GET /healthz` (the detail sections need the token).
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get_as("/healthz").await
+    }
+
+    /// `POST /attach` with `body` (an [`tracer_model::attach::AttachRequest`]).
+    pub async fn attach<B: Serialize>(&self, body: &B) -> Result<Attached, ClientError> {
+        let v = serde_json::to_value(body)?;
+        Ok(serde_json::from_value(
+            self.json(Method::POST, "/attach", Some(v)).await?,
+        )?)
+    }
+
+    /// `DELETE /attach/{id}`.
+    pub async fn detach(&self, id: u32) -> Result<(), ClientError> {
+        self.json(Method::DELETE, &format!("/attach/{id}"), None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Follows `GET /watch?<q>`, calling `line` for each line until the stream ends or `line`
+    /// returns false. Lines that are not one of the [`WatchLine`] shapes are skipped.
+    pub async fn watch(
+        &self,
+        q: &FlowQuery,
+        mut line: impl FnMut(WatchLine) -> bool,
+    ) -> Result<(), ClientError> {
+        self.stream(&flows_path("/watch", q), |v| {
+            match serde_json::from_value::<WatchLine>(v) {
+                Ok(l) => line(l),
+                Err(_) => true,
+            }
+        })
+        .await
+    }
+
     /// Follows an NDJSON stream, calling `line` for each object until the stream ends or
     /// `line` returns false.
     pub async fn stream(
@@ -165,7 +226,12 @@ impl Agent {
     }
 }
 
-/// GETs `base` + `path_and_query` and parses the JSON answer.
-pub async fn get_json(base: &str, path_and_query: &str) -> Result<Value, ClientError> {
-    Agent::new(base, None).get(path_and_query).await
+/// `path`, with `q`'s query string when it has one.
+pub fn flows_path(path: &str, q: &FlowQuery) -> String {
+    let qs = q.to_query_string();
+    if qs.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{qs}")
+    }
 }

@@ -12,14 +12,12 @@ pub mod calico;
 pub mod cli;
 pub mod client;
 pub mod clock;
-pub mod commands;
 pub mod diagnose;
 pub mod events;
 pub mod flows;
 pub mod hooks;
 pub mod net;
 pub mod netlink;
-pub mod report;
 pub mod state;
 pub mod synth;
 #[cfg(test)]

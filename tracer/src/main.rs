@@ -2,6 +2,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracer::cli::{Cli, Command};
+
+mod cmd;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -41,14 +43,12 @@ fn main() -> ExitCode {
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             },
-            Command::Flows(args) => tracer::commands::flows(args).await,
-            Command::Watch(args) => tracer::commands::watch(args, shutdown_signal()).await,
-            Command::Diagnoses(args) => tracer::commands::diagnoses(args).await,
             Command::Completions { shell } => {
-                let mut cmd = <Cli as clap::CommandFactory>::command();
-                clap_complete::generate(shell, &mut cmd, "tracer", &mut std::io::stdout());
+                let mut command = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut command, "tracer", &mut std::io::stdout());
                 Ok(())
             }
+            client => cmd::execute(client, shutdown_signal()).await,
         }
     });
     match result {

@@ -104,7 +104,7 @@ impl AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            listen: SocketAddr::from(([127, 0, 0, 1], tracer_model::defaults::API_PORT)),
             roles: RoleConfig::default(),
             pools: Vec::new(),
             masq_pools: Vec::new(),

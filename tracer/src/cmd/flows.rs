@@ -1,0 +1,119 @@
+//! `tracer flows`: one agent's flows, or every agent's merged.
+use serde::Serialize;
+use tracer::{
+    cli::{FlowsArgs, Output},
+    client::Agent,
+};
+use tracer_model::FlowView;
+
+use super::{nodes, render};
+
+/// A flow of a merged answer, with the agent that has it (ids are only unique per node).
+#[derive(Debug, Serialize)]
+pub struct NodeFlow {
+    /// The agent's URL.
+    pub node: String,
+    #[serde(flatten)]
+    pub flow: FlowView,
+}
+
+/// Flows of one or more agents.
+#[derive(Debug, Default)]
+pub struct Merged {
+    pub flows: Vec<NodeFlow>,
+    pub matched: usize,
+    /// Agents that did not answer, and why.
+    pub unreachable: Vec<(String, String)>,
+    /// Whether the answer came from several agents (the table then names the node).
+    pub multi: bool,
+}
+
+pub async fn run(args: FlowsArgs) -> Result<(), String> {
+    let token = args.conn.token()?;
+    let q = args.query();
+    let answer = if args.all_nodes || !args.agents.is_empty() {
+        let agents = if args.agents.is_empty() {
+            nodes::discover(&args.service, args.agent_port).await?
+        } else {
+            args.agents.clone()
+        };
+        fan_out(&agents, token, &q).await?
+    } else {
+        let page = Agent::new(&args.conn.agent, token)
+            .flows(&q)
+            .await
+            .map_err(|e| e.to_string())?;
+        Merged {
+            matched: page.matched,
+            flows: page
+                .flows
+                .into_iter()
+                .map(|flow| NodeFlow {
+                    node: args.conn.agent.clone(),
+                    flow,
+                })
+                .collect(),
+            ..Merged::default()
+        }
+    };
+    match args.output {
+        Output::Json => {
+            for f in &answer.flows {
+                let line = if answer.multi {
+                    render::sorted_json(f)
+                } else {
+                    render::sorted_json(&f.flow)
+                };
+                println!("{line}");
+            }
+        }
+        Output::Table => print!("{}", render::flows_table(&answer)),
+    }
+    for (agent, error) in &answer.unreachable {
+        eprintln!("tracer: node {agent:?} did not answer: {error:?}");
+    }
+    Ok(())
+}
+
+/// Asks every agent at once and merges; agents that fail are listed under `unreachable`,
+/// which is not fatal unless every agent failed.
+async fn fan_out(
+    agents: &[String],
+    token: Option<String>,
+    q: &tracer_model::FlowQuery,
+) -> Result<Merged, String> {
+    let answers = nodes::ask_all(agents, token, |a| {
+        let q = q.clone();
+        async move { a.flows(&q).await }
+    })
+    .await;
+    let mut merged = Merged {
+        multi: true,
+        ..Merged::default()
+    };
+    for (node, result) in answers {
+        match result {
+            Ok(page) => {
+                merged.matched += page.matched;
+                merged.flows.extend(page.flows.into_iter().map(|flow| NodeFlow {
+                    node: node.clone(),
+                    flow,
+                }));
+            }
+            Err(e) => merged.unreachable.push((node, e.to_string())),
+        }
+    }
+    if !agents.is_empty() && merged.unreachable.len() == agents.len() {
+        let why: Vec<String> = merged
+            .unreachable
+            .iter()
+            .map(|(a, e)| format!("{a}: {e}"))
+            .collect();
+        return Err(format!("no agent answered: {}", why.join("; ")));
+    }
+    // Newest first across nodes (RFC 3339 strings of one format sort as time).
+    merged
+        .flows
+        .sort_by(|a, b| b.flow.last_seen.cmp(&a.flow.last_seen));
+    Ok(merged)
+}
