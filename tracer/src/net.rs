@@ -6,6 +6,7 @@ use std::{
 };
 
 use serde::{Serialize, Serializer};
+use tracer_common::{Family, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NetError {
@@ -140,20 +141,20 @@ impl Serialize for Cidr {
 /// Transport protocol name for the API; unknown numbers print as digits.
 pub fn proto_name(proto: u8) -> String {
     match proto {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        58 => "icmpv6".into(),
+        PROTO_ICMP => "icmp".into(),
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        PROTO_ICMPV6 => "icmpv6".into(),
         n => n.to_string(),
     }
 }
 
 pub fn parse_proto(s: &str) -> Result<u8, NetError> {
     match s.to_ascii_lowercase().as_str() {
-        "icmp" => Ok(1),
-        "tcp" => Ok(6),
-        "udp" => Ok(17),
-        "icmpv6" | "ipv6-icmp" => Ok(58),
+        "icmp" => Ok(PROTO_ICMP),
+        "tcp" => Ok(PROTO_TCP),
+        "udp" => Ok(PROTO_UDP),
+        "icmpv6" | "ipv6-icmp" => Ok(PROTO_ICMPV6),
         other => other
             .parse::<u8>()
             .map_err(|_| NetError::BadProto(s.to_string())),
@@ -161,11 +162,10 @@ pub fn parse_proto(s: &str) -> Result<u8, NetError> {
 }
 
 /// Rebuilds an address from the kernel's 16-byte representation.
-pub fn ip_from_raw(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
+pub fn ip_from_raw(family: Family, raw: &[u8; 16]) -> IpAddr {
     match family {
-        tracer_common::FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
-        tracer_common::FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
-        _ => None,
+        Family::V4 => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(*raw)),
     }
 }
 

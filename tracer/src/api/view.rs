@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 use serde_json::Value;
+use tracer_common::{PROTO_TCP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
 
 use crate::{
     calico::Role,
@@ -151,7 +152,7 @@ impl<'a> FlowView<'a> {
                 bytes: rb,
             },
             reply_after_ms: f.first_reply_ns().map(since_start),
-            tcp: (f.proto == 6).then(|| TcpJson {
+            tcp: (f.proto == PROTO_TCP).then(|| TcpJson {
                 syn: f.tcp.syn,
                 syn_ack: f.tcp.syn_ack,
                 fin: f.tcp.fin,
@@ -200,11 +201,11 @@ fn ms_f(ns: u64) -> f64 {
 pub fn tcp_flags(f: u8) -> String {
     let mut s = String::new();
     for (bit, c) in [
-        (0x02, 'S'),
-        (0x10, '.'),
-        (0x08, 'P'),
-        (0x01, 'F'),
-        (0x04, 'R'),
+        (TCP_SYN, 'S'),
+        (TCP_ACK, '.'),
+        (TCP_PSH, 'P'),
+        (TCP_FIN, 'F'),
+        (TCP_RST, 'R'),
     ] {
         if f & bit != 0 {
             s.push(c);
