@@ -28,7 +28,7 @@ proptest! {
         let mut ev = PacketEvent { ts_ns: ts, dir, pkts: 1, ..Default::default() };
         ev.outer.src[..4].copy_from_slice(&src);
         ev.outer.dst[..4].copy_from_slice(&dst);
-        ev.outer.family = tracer_common::FAMILY_V4;
+        ev.outer.family = tracer_common::Family::V4 as u8;
         ev.outer.proto = tracer_common::PROTO_TCP;
         ev.outer.sport = sport;
         ev.outer.dport = dport;

@@ -15,6 +15,7 @@ use tracer::{
     flows::Iface,
     synth::{ether, ip_packet, L4},
 };
+use tracer_common::{PROTO_TCP, PROTO_UDP};
 
 /// ifindex of the node's eth0 in observations built in-process.
 pub const ETH0: u32 = 2;
@@ -255,7 +256,7 @@ pub fn observation(i: u64, p: &Pkt, ts_ns: u64) -> Observation {
             dst: IpAddr::V4(p.dst),
             sport: p.sport,
             dport: p.dport,
-            proto: if p.udp { 17 } else { 6 },
+            proto: if p.udp { PROTO_UDP } else { PROTO_TCP },
             tcp_flags: if p.udp { 0 } else { p.flags },
             seq: p.seq,
             ack: p.ack,

@@ -1,7 +1,9 @@
-//! The record layout shared by tracer's kernel programs and its agent.
+//! The kernel ABI: what tracer's kernel programs and its agent both read or write.
 //!
-//! Every type here is `#[repr(C)]` plain data: the kernel writes it into a ring buffer and the
-//! agent reads the same bytes back, so field order and padding are part of the ABI.
+//! Every struct here is `#[repr(C)]` plain data: the kernel writes it into a ring buffer or a
+//! map and the agent reads the same bytes back, so field order and padding are part of the ABI.
+//! A one-byte field that names a kind holds a `#[repr(u8)]` enum below, stored as `u8` (a record
+//! must stay valid for any bytes) and converted back once, by the agent's decoder.
 #![no_std]
 
 /// Ring buffer the tc programs write [`PacketEvent`]s into.
@@ -30,11 +32,6 @@ pub const PROG_TC_L3_INGRESS: &str = "tracer_tc_l3_ingress";
 pub const PROG_TC_L3_EGRESS: &str = "tracer_tc_l3_egress";
 pub const PROG_KFREE_SKB: &str = "tracer_kfree_skb";
 
-/// Record kinds.
-pub const KIND_PACKET: u8 = 0;
-/// A packet the kernel dropped (`skb:kfree_skb` with a reason).
-pub const KIND_DROP: u8 = 1;
-
 pub const STAT_LOST: u32 = 0;
 pub const STAT_MALFORMED: u32 = 1;
 pub const STAT_PACKETS: u32 = 2;
@@ -45,24 +42,79 @@ pub const STAT_DROPS: u32 = 4;
 pub const STAT_RB_PENDING: u32 = 5;
 pub const STAT_COUNT: u32 = 6;
 
-pub const DIR_INGRESS: u8 = 0;
-pub const DIR_EGRESS: u8 = 1;
+/// A record byte that names no variant of its enum: the kernel and the agent disagree on the ABI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownValue(pub u8);
 
-pub const ENCAP_NONE: u8 = 0;
-pub const ENCAP_VXLAN: u8 = 1;
-pub const ENCAP_IPIP: u8 = 2;
+/// A `#[repr(u8)]` enum for a one-byte record field. The kernel stores `variant as u8`; the
+/// agent converts the byte back once, with `TryFrom<u8>` (by hand rather than num_enum's derive:
+/// the kernel build then needs no further crate).
+macro_rules! abi_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $n:literal,)+ }) => {
+        $(#[$m])*
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vm])* $v = $n,)+
+        }
 
-/// Why the kernel emitted a record instead of only counting the packet.
-pub const EMIT_FIRST: u8 = 1;
-pub const EMIT_TCP_CONTROL: u8 = 2;
-pub const EMIT_RETRANSMIT: u8 = 3;
-pub const EMIT_PERIODIC: u8 = 4;
-/// TCP payload started flowing the other way: a request/response turn.
-pub const EMIT_TURN: u8 = 5;
+        impl TryFrom<u8> for $name {
+            type Error = UnknownValue;
+            fn try_from(b: u8) -> Result<Self, UnknownValue> {
+                match b {
+                    $($n => Ok($name::$v),)+
+                    other => Err(UnknownValue(other)),
+                }
+            }
+        }
+    };
+}
 
-pub const FAMILY_NONE: u8 = 0;
-pub const FAMILY_V4: u8 = 4;
-pub const FAMILY_V6: u8 = 6;
+abi_enum! {
+    /// `PacketEvent::kind`.
+    RecordKind {
+        Packet = 0,
+        /// A packet the kernel dropped (`skb:kfree_skb` with a reason).
+        Drop = 1,
+    }
+}
+
+abi_enum! {
+    /// `PacketEvent::dir`: the tc hook that saw the packet.
+    Direction {
+        Ingress = 0,
+        Egress = 1,
+    }
+}
+
+abi_enum! {
+    /// `PacketEvent::encap`: what `PacketEvent::inner` holds.
+    Encapsulation {
+        None = 0,
+        Vxlan = 1,
+        Ipip = 2,
+    }
+}
+
+abi_enum! {
+    /// `PacketEvent::emit`: why the kernel emitted a record instead of only counting the packet.
+    EmitReason {
+        First = 1,
+        TcpControl = 2,
+        Retransmit = 3,
+        Periodic = 4,
+        /// TCP payload started flowing the other way: a request/response turn.
+        Turn = 5,
+    }
+}
+
+abi_enum! {
+    /// `Tuple::family`; a cleared tuple (0) carries no IP packet.
+    Family {
+        V4 = 4,
+        V6 = 6,
+    }
+}
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_IPIP: u8 = 4;
@@ -93,8 +145,11 @@ pub struct Tuple {
     pub seq: u32,
     pub ack: u32,
     pub ip_id: u16,
+    /// IP protocol number (`PROTO_*` for those tracer parses).
     pub proto: u8,
+    /// A [`Family`].
     pub family: u8,
+    /// `TCP_*` bits.
     pub tcp_flags: u8,
     pub ttl: u8,
     /// TCP/UDP payload bytes of this packet.
@@ -114,12 +169,15 @@ pub struct PacketEvent {
     pub len: u32,
     /// Packets summarised in this record (including this packet).
     pub pkts: u32,
-    /// VXLAN network identifier when `encap == ENCAP_VXLAN`.
+    /// VXLAN network identifier when `encap` is [`Encapsulation::Vxlan`].
     pub vni: u32,
+    /// A [`Direction`].
     pub dir: u8,
+    /// An [`Encapsulation`].
     pub encap: u8,
+    /// An [`EmitReason`].
     pub emit: u8,
-    /// `KIND_PACKET` or `KIND_DROP`.
+    /// A [`RecordKind`].
     pub kind: u8,
     /// For drops: the kernel's `enum skb_drop_reason`.
     pub drop_reason: u32,
@@ -127,7 +185,7 @@ pub struct PacketEvent {
     pub location: u64,
     /// The packet as the device carries it.
     pub outer: Tuple,
-    /// The encapsulated packet, valid when `encap != ENCAP_NONE`.
+    /// The encapsulated packet, valid when `encap` is not [`Encapsulation::None`].
     pub inner: Tuple,
 }
 
@@ -161,8 +219,7 @@ pub struct DropConf {
     pub net_inum: u32,
 }
 
-/// What the agent tells the kernel about an interface.
-/// Key of the kernel's per-flow summary state.
+/// Key of the kernel's per-flow summary state (FLOWS). The agent purges entries by `ifindex`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FlowKey {
@@ -172,12 +229,15 @@ pub struct FlowKey {
     pub dport: u16,
     pub ifindex: u32,
     pub proto: u8,
+    /// A [`Direction`].
     pub dir: u8,
+    /// An [`Encapsulation`].
     pub encap: u8,
     pub _pad: u8,
 }
 
-/// Key of the kernel's per-connection turn state: both directions on one interface.
+/// Key of the kernel's per-connection turn state (TURNS): both directions on one interface. Its
+/// value is the side (0: a->b, 1: b->a) that sent payload last. The agent purges by `ifindex`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConvKey {
@@ -189,7 +249,7 @@ pub struct ConvKey {
     pub ifindex: u32,
 }
 
-/// Value of the kernel's per-flow summary state.
+/// Value of the kernel's per-flow summary state (FLOWS); the agent needs only its size.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FlowState {
@@ -201,6 +261,36 @@ pub struct FlowState {
     pub seq_end: u32,
 }
 
+// The kernel writes these bytes and the agent reads them: a size change is an ABI change.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<Tuple>() == 52);
+    assert!(size_of::<PacketEvent>() == 152);
+    assert!(size_of::<DropConf>() == 96);
+    assert!(size_of::<FlowKey>() == 44);
+    assert!(size_of::<ConvKey>() == 40);
+    assert!(size_of::<FlowState>() == 24);
+};
+
 // SAFETY: plain-old-data, u32 fields only; every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for DropConf {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_convert_back_to_the_variant_the_kernel_stored() {
+        for d in [Direction::Ingress, Direction::Egress] {
+            assert_eq!(Direction::try_from(d as u8), Ok(d));
+        }
+        assert_eq!(Encapsulation::try_from(2), Ok(Encapsulation::Ipip));
+        assert_eq!(EmitReason::try_from(5), Ok(EmitReason::Turn));
+        assert_eq!(RecordKind::try_from(1), Ok(RecordKind::Drop));
+        assert_eq!(Family::try_from(6), Ok(Family::V6));
+        assert_eq!(EmitReason::try_from(0), Err(UnknownValue(0)));
+        assert_eq!(Family::try_from(0), Err(UnknownValue(0)));
+        assert_eq!(Direction::try_from(9), Err(UnknownValue(9)));
+    }
+}

@@ -3,8 +3,8 @@
 //! reads kernel memory.
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TcContext};
 use tracer_common::{
-    PacketEvent, Tuple, ENCAP_IPIP, ENCAP_NONE, ENCAP_VXLAN, FAMILY_V4, FAMILY_V6, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6_IN_IP, PROTO_TCP, PROTO_UDP, VXLAN_PORT,
+    Encapsulation, Family, PacketEvent, Tuple, PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP,
+    PROTO_IPV6_IN_IP, PROTO_TCP, PROTO_UDP, VXLAN_PORT,
 };
 
 const ETH_HLEN: usize = 14;
@@ -84,7 +84,7 @@ pub enum Outcome {
 
 /// Offset of the IP header and its version, after Ethernet and up to one VLAN tag.
 #[inline(always)]
-fn l2<S: Source>(ctx: &S, off: usize) -> Result<(usize, u8), Outcome> {
+fn l2<S: Source>(ctx: &S, off: usize) -> Result<(usize, Family), Outcome> {
     let mut proto = be16(ctx, off + 12)?;
     let mut l3 = off + ETH_HLEN;
     if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
@@ -92,8 +92,8 @@ fn l2<S: Source>(ctx: &S, off: usize) -> Result<(usize, u8), Outcome> {
         l3 += 4;
     }
     match proto {
-        ETH_P_IP => Ok((l3, FAMILY_V4)),
-        ETH_P_IPV6 => Ok((l3, FAMILY_V6)),
+        ETH_P_IP => Ok((l3, Family::V4)),
+        ETH_P_IPV6 => Ok((l3, Family::V6)),
         _ => Err(Outcome::Skip(NotIp)),
     }
 }
@@ -112,13 +112,13 @@ fn be16<S: Source>(ctx: &S, off: usize) -> Result<u16, Outcome> {
 pub fn l3l4<S: Source>(
     ctx: &S,
     off: usize,
-    family: u8,
+    family: Family,
     t: &mut Tuple,
 ) -> Result<(usize, bool), Outcome> {
     let l4;
     let ip_payload: usize;
     let mut fragment = false;
-    if family == FAMILY_V4 {
+    if family == Family::V4 {
         let h: [u8; 20] = ctx.load(off).map_err(|_| Outcome::Bad(Malformed))?;
         if h[0] >> 4 != 4 {
             return Err(Outcome::Bad(Malformed));
@@ -136,7 +136,7 @@ pub fn l3l4<S: Source>(
         if total < ihl {
             return Err(Outcome::Bad(Malformed));
         }
-        t.family = FAMILY_V4;
+        t.family = Family::V4 as u8;
         t.ip_id = u16::from_be_bytes([h[4], h[5]]);
         // A non-first fragment carries no transport header.
         fragment = (u16::from_be_bytes([h[6], h[7]]) & 0x1fff) != 0;
@@ -151,7 +151,7 @@ pub fn l3l4<S: Source>(
         if h[0] >> 4 != 6 {
             return Err(Outcome::Bad(Malformed));
         }
-        t.family = FAMILY_V6;
+        t.family = Family::V6 as u8;
         ip_payload = u16::from_be_bytes([h[4], h[5]]) as usize;
         // Extension headers are left unparsed: the tuple then has no ports.
         t.proto = h[6];
@@ -199,7 +199,7 @@ pub fn l3l4<S: Source>(
 pub fn parse<S: Source>(ctx: &S, l3_device: bool, p: &mut PacketEvent) -> Result<(), Outcome> {
     clear(&mut p.outer);
     clear(&mut p.inner);
-    p.encap = ENCAP_NONE;
+    p.encap = Encapsulation::None as u8;
     p.vni = 0;
     let (l3, family) = if l3_device {
         // tunl0 and wireguard.cali frames start at the IP header. Two bytes, not one: a one-byte
@@ -207,8 +207,8 @@ pub fn parse<S: Source>(ctx: &S, l3_device: bool, p: &mut PacketEvent) -> Result
         // take as proof of a readable byte.
         let b: [u8; 2] = ctx.load(0).map_err(|_| Outcome::Bad(Malformed))?;
         match b[0] >> 4 {
-            4 => (0, FAMILY_V4),
-            6 => (0, FAMILY_V6),
+            4 => (0, Family::V4),
+            6 => (0, Family::V6),
             _ => return Err(Outcome::Skip(NotIp)),
         }
     } else {
@@ -235,7 +235,7 @@ pub fn parse<S: Source>(ctx: &S, l3_device: bool, p: &mut PacketEvent) -> Result
         match l2(ctx, inner_l2) {
             Ok((inner_l3, inner_family)) => {
                 if l3l4(ctx, inner_l3, inner_family, &mut p.inner).is_ok() {
-                    p.encap = ENCAP_VXLAN;
+                    p.encap = Encapsulation::Vxlan as u8;
                 } else {
                     clear(&mut p.inner);
                     crate::maps::count(tracer_common::STAT_MALFORMED);
@@ -245,12 +245,12 @@ pub fn parse<S: Source>(ctx: &S, l3_device: bool, p: &mut PacketEvent) -> Result
         }
     } else if p.outer.proto == PROTO_IPIP || p.outer.proto == PROTO_IPV6_IN_IP {
         let inner_family = if p.outer.proto == PROTO_IPIP {
-            FAMILY_V4
+            Family::V4
         } else {
-            FAMILY_V6
+            Family::V6
         };
         if l3l4(ctx, l4, inner_family, &mut p.inner).is_ok() {
-            p.encap = ENCAP_IPIP;
+            p.encap = Encapsulation::Ipip as u8;
         } else {
             clear(&mut p.inner);
             crate::maps::count(tracer_common::STAT_MALFORMED);

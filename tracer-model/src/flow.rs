@@ -148,13 +148,14 @@ pub struct FlowsPage {
 
 /// tcpdump-style flag letters.
 pub fn tcp_flag_letters(f: u8) -> String {
+    use tracer_common::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
     let mut s = String::new();
     for (bit, c) in [
-        (0x02, 'S'),
-        (0x10, '.'),
-        (0x08, 'P'),
-        (0x01, 'F'),
-        (0x04, 'R'),
+        (TCP_SYN, 'S'),
+        (TCP_ACK, '.'),
+        (TCP_PSH, 'P'),
+        (TCP_FIN, 'F'),
+        (TCP_RST, 'R'),
     ] {
         if f & bit != 0 {
             s.push(c);

@@ -7,11 +7,8 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// IP protocol numbers tracer names.
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_ICMPV6: u8 = 58;
+/// IP protocol numbers tracer names: the values of the kernel record's `proto` field.
+pub use tracer_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetError {

@@ -3,8 +3,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 use tracer_common::{
-    PacketEvent, Tuple, DIR_EGRESS, DIR_INGRESS, EMIT_FIRST, EMIT_PERIODIC, EMIT_RETRANSMIT,
-    EMIT_TCP_CONTROL, EMIT_TURN, ENCAP_IPIP, ENCAP_NONE, ENCAP_VXLAN, KIND_DROP, KIND_PACKET,
+    Direction, EmitReason, Encapsulation, Family, PacketEvent, RecordKind, Tuple, UnknownValue,
 };
 
 use crate::net::ip_from_raw;
@@ -28,6 +27,15 @@ pub enum DecodeError {
 pub enum Dir {
     Ingress,
     Egress,
+}
+
+impl From<Direction> for Dir {
+    fn from(d: Direction) -> Dir {
+        match d {
+            Direction::Ingress => Dir::Ingress,
+            Direction::Egress => Dir::Egress,
+        }
+    }
 }
 
 impl Dir {
@@ -56,7 +64,20 @@ pub enum Emit {
     Periodic,
     /// TCP payload changed direction: a request/response turn.
     Turn,
+    /// A reason this agent does not know (none the kernel writes today).
     Other,
+}
+
+impl From<EmitReason> for Emit {
+    fn from(e: EmitReason) -> Emit {
+        match e {
+            EmitReason::First => Emit::First,
+            EmitReason::TcpControl => Emit::TcpControl,
+            EmitReason::Retransmit => Emit::Retransmit,
+            EmitReason::Periodic => Emit::Periodic,
+            EmitReason::Turn => Emit::Turn,
+        }
+    }
 }
 
 /// An IP packet's identity.
@@ -77,8 +98,10 @@ pub struct Packet {
 
 impl Packet {
     fn from_tuple(t: &Tuple) -> Result<Packet, DecodeError> {
-        let src = ip_from_raw(t.family, &t.src).ok_or(DecodeError::Family(t.family))?;
-        let dst = ip_from_raw(t.family, &t.dst).ok_or(DecodeError::Family(t.family))?;
+        let family =
+            Family::try_from(t.family).map_err(|UnknownValue(f)| DecodeError::Family(f))?;
+        let src = ip_from_raw(family, &t.src);
+        let dst = ip_from_raw(family, &t.dst);
         Ok(Packet {
             src,
             dst,
@@ -148,38 +171,29 @@ pub fn decode(bytes: &[u8]) -> Result<Observation, DecodeError> {
 }
 
 pub fn from_event(ev: &PacketEvent) -> Result<Observation, DecodeError> {
-    let dir = match ev.dir {
-        DIR_INGRESS => Dir::Ingress,
-        DIR_EGRESS => Dir::Egress,
-        d => return Err(DecodeError::Direction(d)),
-    };
+    let dir = Direction::try_from(ev.dir).map_err(|UnknownValue(d)| DecodeError::Direction(d))?;
     let outer = Packet::from_tuple(&ev.outer)?;
-    let inner = match ev.encap {
-        ENCAP_NONE => None,
-        ENCAP_VXLAN => Some((Encap::Vxlan, ev.vni, Packet::from_tuple(&ev.inner)?)),
-        ENCAP_IPIP => Some((Encap::Ipip, 0, Packet::from_tuple(&ev.inner)?)),
-        e => return Err(DecodeError::Encap(e)),
+    let encap =
+        Encapsulation::try_from(ev.encap).map_err(|UnknownValue(e)| DecodeError::Encap(e))?;
+    let inner = match encap {
+        Encapsulation::None => None,
+        Encapsulation::Vxlan => Some((Encap::Vxlan, ev.vni, Packet::from_tuple(&ev.inner)?)),
+        Encapsulation::Ipip => Some((Encap::Ipip, 0, Packet::from_tuple(&ev.inner)?)),
     };
-    let drop = match ev.kind {
-        KIND_PACKET => None,
-        KIND_DROP => Some(KernelDrop {
-            reason: ev.drop_reason,
-            location: ev.location,
-        }),
-        k => return Err(DecodeError::Kind(k)),
-    };
-    let emit = match ev.emit {
-        EMIT_FIRST => Emit::First,
-        EMIT_TCP_CONTROL => Emit::TcpControl,
-        EMIT_RETRANSMIT => Emit::Retransmit,
-        EMIT_PERIODIC => Emit::Periodic,
-        EMIT_TURN => Emit::Turn,
-        _ => Emit::Other,
-    };
+    let drop =
+        match RecordKind::try_from(ev.kind).map_err(|UnknownValue(k)| DecodeError::Kind(k))? {
+            RecordKind::Packet => None,
+            RecordKind::Drop => Some(KernelDrop {
+                reason: ev.drop_reason,
+                location: ev.location,
+            }),
+        };
+    // Unlike the fields above, an unknown reason leaves the record usable.
+    let emit = EmitReason::try_from(ev.emit).map_or(Emit::Other, Emit::from);
     Ok(Observation {
         ts_ns: ev.ts_ns,
         ifindex: ev.ifindex,
-        dir,
+        dir: dir.into(),
         len: ev.len,
         pkts: ev.pkts.max(1),
         bytes: ev.bytes,
@@ -202,7 +216,7 @@ pub fn encode(ev: &PacketEvent) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracer_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, TCP_SYN};
+    use tracer_common::{PROTO_TCP, TCP_SYN};
 
     fn v4(a: [u8; 4]) -> [u8; 16] {
         let mut r = [0u8; 16];
@@ -214,8 +228,8 @@ mod tests {
         PacketEvent {
             ts_ns: 42,
             ifindex: 7,
-            dir: DIR_INGRESS,
-            emit: EMIT_FIRST,
+            dir: Direction::Ingress as u8,
+            emit: EmitReason::First as u8,
             pkts: 1,
             outer: Tuple {
                 src: v4([192, 168, 236, 10]),
@@ -223,7 +237,7 @@ mod tests {
                 sport: 59894,
                 dport: 443,
                 proto: PROTO_TCP,
-                family: FAMILY_V4,
+                family: Family::V4 as u8,
                 tcp_flags: TCP_SYN,
                 seq: 1000,
                 ..Default::default()
@@ -246,12 +260,12 @@ mod tests {
     #[test]
     fn decodes_vxlan_inner_and_v6() -> Result<(), DecodeError> {
         let mut ev = syn();
-        ev.encap = ENCAP_VXLAN;
+        ev.encap = Encapsulation::Vxlan as u8;
         ev.vni = 4096;
         ev.inner = Tuple {
             src: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
             dst: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
-            family: FAMILY_V6,
+            family: Family::V6 as u8,
             proto: PROTO_TCP,
             ..Default::default()
         };
@@ -265,7 +279,7 @@ mod tests {
     #[test]
     fn decodes_a_drop() -> Result<(), DecodeError> {
         let mut ev = syn();
-        ev.kind = KIND_DROP;
+        ev.kind = RecordKind::Drop as u8;
         ev.drop_reason = 12;
         ev.location = 0xffff_ffff_8100_0000;
         let o = decode(&encode(&ev))?;

@@ -1,12 +1,16 @@
-//! Small address helpers: CIDRs and protocol names.
+//! Small address helpers: interface addresses and kernel address bytes. CIDRs and protocol
+//! names are wire vocabulary (`tracer_model::net`), re-exported here.
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use serde::Serialize;
+use tracer_common::Family;
 
-pub use tracer_model::net::{parse_proto, proto_name, Cidr, NetError, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+pub use tracer_model::net::{
+    parse_proto, proto_name, Cidr, NetError, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+};
 
 /// An address configured on an interface: the address itself and its subnet's prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -33,10 +37,9 @@ impl fmt::Display for IfAddr {
 }
 
 /// Rebuilds an address from the kernel's 16-byte representation.
-pub fn ip_from_raw(family: u8, raw: &[u8; 16]) -> Option<IpAddr> {
+pub fn ip_from_raw(family: Family, raw: &[u8; 16]) -> IpAddr {
     match family {
-        tracer_common::FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
-        tracer_common::FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
-        _ => None,
+        Family::V4 => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(*raw)),
     }
 }

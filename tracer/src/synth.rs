@@ -175,7 +175,7 @@ pub fn vxlan(
     let mut udp = vec![0u8; 8 + vx.len()];
     if let Some(mut u) = MutableUdpPacket::new(&mut udp) {
         u.set_source(sport);
-        u.set_destination(4789);
+        u.set_destination(tracer_common::VXLAN_PORT);
         u.set_length((8 + vx.len()) as u16);
         u.set_payload(&vx);
     }

@@ -14,7 +14,7 @@ pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8, seq: u32, ac
         dst: ip(dst),
         sport,
         dport,
-        proto: 6,
+        proto: tracer_common::PROTO_TCP,
         tcp_flags: flags,
         seq,
         ack,

@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    PacketEvent, DIR_INGRESS, EMIT_FIRST, ENCAP_NONE, FAMILY_V4, FAMILY_V6, KIND_DROP, STAT_DROPS,
-    STAT_LOST, STAT_RECORDS,
+    Direction, EmitReason, Encapsulation, Family, PacketEvent, RecordKind, STAT_DROPS, STAT_LOST,
+    STAT_RECORDS,
 };
 
 use crate::{
@@ -47,8 +47,8 @@ fn observe_drop(ctx: &TracePointContext) -> Result<(), ()> {
     let proto: u16 = unsafe { ctx.read_at(conf.tp_protocol as usize) }.map_err(|_| ())?;
     // The tracepoint stores ntohs(skb->protocol): already host order.
     let family = match proto {
-        0x0800 => FAMILY_V4,
-        0x86dd => FAMILY_V6,
+        0x0800 => Family::V4,
+        0x86dd => Family::V6,
         _ => return Ok(()),
     };
     let skb: u64 = unsafe { ctx.read_at(conf.tp_skbaddr as usize) }.map_err(|_| ())?;
@@ -104,10 +104,10 @@ fn observe_drop(ctx: &TracePointContext) -> Result<(), ()> {
     p.len = 0;
     p.pkts = 1;
     p.vni = 0;
-    p.dir = DIR_INGRESS;
-    p.encap = ENCAP_NONE;
-    p.emit = EMIT_FIRST;
-    p.kind = KIND_DROP;
+    p.dir = Direction::Ingress as u8;
+    p.encap = Encapsulation::None as u8;
+    p.emit = EmitReason::First as u8;
+    p.kind = RecordKind::Drop as u8;
     p.drop_reason = reason;
     p.location = location;
     if EVENTS.output::<PacketEvent>(&*p, 0).is_err() {

@@ -5,10 +5,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracer_common::{
-    ConvKey, FlowKey, FlowState, PacketEvent, Tuple, DIR_EGRESS, DIR_INGRESS, EMIT_FIRST,
-    EMIT_PERIODIC, EMIT_RETRANSMIT, EMIT_TCP_CONTROL, EMIT_TURN, ENCAP_NONE, KIND_PACKET,
-    PROTO_TCP, STAT_LOST, STAT_MALFORMED, STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS, TCP_FIN,
-    TCP_RST, TCP_SYN,
+    ConvKey, Direction, EmitReason, Encapsulation, FlowKey, FlowState, PacketEvent, RecordKind,
+    Tuple, PROTO_TCP, STAT_LOST, STAT_MALFORMED, STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS,
+    TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -25,31 +24,31 @@ pub const PASS_ON: i32 = tracer_common::TC_PASS_ON;
 
 #[classifier]
 pub fn tracer_tc_ingress(ctx: TcContext) -> i32 {
-    observe::<false>(&ctx, DIR_INGRESS);
+    observe::<false>(&ctx, Direction::Ingress);
     PASS_ON
 }
 
 #[classifier]
 pub fn tracer_tc_egress(ctx: TcContext) -> i32 {
-    observe::<false>(&ctx, DIR_EGRESS);
+    observe::<false>(&ctx, Direction::Egress);
     PASS_ON
 }
 
 /// For devices whose frames start at the IP header (tunl0, wireguard.cali).
 #[classifier]
 pub fn tracer_tc_l3_ingress(ctx: TcContext) -> i32 {
-    observe::<true>(&ctx, DIR_INGRESS);
+    observe::<true>(&ctx, Direction::Ingress);
     PASS_ON
 }
 
 #[classifier]
 pub fn tracer_tc_l3_egress(ctx: TcContext) -> i32 {
-    observe::<true>(&ctx, DIR_EGRESS);
+    observe::<true>(&ctx, Direction::Egress);
     PASS_ON
 }
 
 #[inline(always)]
-fn observe<const L3: bool>(ctx: &TcContext, dir: u8) {
+fn observe<const L3: bool>(ctx: &TcContext, dir: Direction) {
     count(STAT_PACKETS);
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(p) = SCRATCH.get_ptr_mut(0) else {
@@ -67,7 +66,7 @@ fn observe<const L3: bool>(ctx: &TcContext, dir: u8) {
         Err(Outcome::Skip(_)) => return,
     };
     // Summarise on the innermost packet: that is the flow an operator asks about.
-    let t: &Tuple = if p.encap != ENCAP_NONE {
+    let t: &Tuple = if p.encap != Encapsulation::None as u8 {
         &p.inner
     } else {
         &p.outer
@@ -79,7 +78,7 @@ fn observe<const L3: bool>(ctx: &TcContext, dir: u8) {
         dport: t.dport,
         ifindex,
         proto: t.proto,
-        dir,
+        dir: dir as u8,
         encap: p.encap,
         _pad: 0,
     };
@@ -101,31 +100,31 @@ fn observe<const L3: bool>(ctx: &TcContext, dir: u8) {
                 seq_end,
             };
             let _ = FLOWS.insert(&key, &st, 0);
-            (EMIT_FIRST, 1u32, len as u64)
+            (Some(EmitReason::First), 1u32, len as u64)
         }
         Some(st) => {
             // Racy across CPUs by design: these are counters for a summary, not accounting.
             let st = unsafe { &mut *st };
             let pkts = st.pkts + 1;
             let bytes = st.bytes + len as u64;
-            let mut emit = 0u8;
+            let mut emit = None;
             if t.proto == PROTO_TCP {
                 if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-                    emit = EMIT_TCP_CONTROL;
+                    emit = Some(EmitReason::TcpControl);
                 } else if t.payload_len > 0 && (seq_end.wrapping_sub(st.seq_end) as i32) <= 0 {
-                    emit = EMIT_RETRANSMIT;
+                    emit = Some(EmitReason::Retransmit);
                 }
                 if (seq_end.wrapping_sub(st.seq_end) as i32) > 0 {
                     st.seq_end = seq_end;
                 }
             }
-            if emit == 0 && turn {
-                emit = EMIT_TURN;
+            if emit.is_none() && turn {
+                emit = Some(EmitReason::Turn);
             }
-            if emit == 0 && coarse.wrapping_sub(st.last_emit_ns) >= summary_interval_ns() {
-                emit = EMIT_PERIODIC;
+            if emit.is_none() && coarse.wrapping_sub(st.last_emit_ns) >= summary_interval_ns() {
+                emit = Some(EmitReason::Periodic);
             }
-            if emit == 0 {
+            if emit.is_none() {
                 st.pkts = pkts;
                 st.bytes = bytes;
             } else {
@@ -136,17 +135,17 @@ fn observe<const L3: bool>(ctx: &TcContext, dir: u8) {
             (emit, pkts, bytes)
         }
     };
-    if emit == 0 {
+    let Some(emit) = emit else {
         return;
-    }
+    };
     p.ts_ns = unsafe { bpf_ktime_get_ns() };
     p.bytes = bytes;
     p.ifindex = ifindex;
     p.len = len;
     p.pkts = pkts;
-    p.dir = dir;
-    p.emit = emit;
-    p.kind = KIND_PACKET;
+    p.dir = dir as u8;
+    p.emit = emit as u8;
+    p.kind = RecordKind::Packet as u8;
     p.drop_reason = 0;
     p.location = 0;
     if EVENTS.output::<PacketEvent>(&*p, 0).is_err() {

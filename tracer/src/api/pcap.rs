@@ -15,6 +15,7 @@ use pcap_file::{
     },
     DataLink,
 };
+use tracer_common::{PROTO_TCP, PROTO_UDP};
 
 use crate::{
     clock::Clock,
@@ -35,7 +36,7 @@ const MAX_PAYLOAD: usize = 64;
 fn rebuild(p: &Packet) -> Vec<u8> {
     let payload = usize::from(p.payload_len).min(MAX_PAYLOAD);
     let l4 = match p.proto {
-        6 => L4::Tcp {
+        PROTO_TCP => L4::Tcp {
             sport: p.sport,
             dport: p.dport,
             flags: p.tcp_flags,
@@ -43,7 +44,7 @@ fn rebuild(p: &Packet) -> Vec<u8> {
             ack: p.ack,
             payload,
         },
-        17 => L4::Udp {
+        PROTO_UDP => L4::Udp {
             sport: p.sport,
             dport: p.dport,
             payload,

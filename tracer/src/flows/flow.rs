@@ -14,6 +14,7 @@ use std::{
 };
 
 use serde::Serialize;
+use tracer_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     calico::Role,
@@ -72,7 +73,7 @@ impl DirTuple {
 /// identifier on both sides and drops the type/code the kernel put in `dport`.
 fn ports_for_flow(p: &Packet) -> (u16, u16) {
     match p.proto {
-        1 | 58 => (p.sport, p.sport),
+        PROTO_ICMP | PROTO_ICMPV6 => (p.sport, p.sport),
         _ => (p.sport, p.dport),
     }
 }
@@ -577,19 +578,19 @@ impl Flow {
         if side == Side::Reverse && self.reply_us == NO_US {
             self.reply_us = self.offset_us(obs.ts_ns);
         }
-        let syn = p.proto == 6 && p.tcp_flags & 0x02 != 0;
+        let syn = p.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0;
         let idx = self
             .hops
             .iter()
             .position(|h| h.is(obs.ifindex, obs.dir, side));
         // A SYN (or SYN-ACK) again at a hop that already saw it, with the same sequence number.
         let syn_again = syn
-            && idx.is_some_and(|i| self.hops[i].tcp_flags_seen & 0x02 != 0)
+            && idx.is_some_and(|i| self.hops[i].tcp_flags_seen & TCP_SYN != 0)
             && match side {
                 Side::Forward => self.tcp.syn && self.tcp.syn_seq == p.seq,
                 Side::Reverse => self.tcp.syn_ack && self.tcp.syn_ack_seq == p.seq,
             };
-        if p.proto == 6 {
+        if p.proto == PROTO_TCP {
             self.record_tcp(&p, side, obs.ts_ns);
             if p.payload_len > 0 {
                 self.exchanges.observe(obs.ifindex, side, obs.ts_ns);
@@ -643,8 +644,8 @@ impl Flow {
     }
 
     fn record_tcp(&mut self, p: &Packet, side: Side, ts: u64) {
-        let syn = p.tcp_flags & 0x02 != 0;
-        let ack = p.tcp_flags & 0x10 != 0;
+        let syn = p.tcp_flags & TCP_SYN != 0;
+        let ack = p.tcp_flags & TCP_ACK != 0;
         if syn && !ack && side == Side::Forward {
             if !self.tcp.syn {
                 self.tcp.syn_us = self.offset_us(ts);
@@ -660,10 +661,10 @@ impl Flow {
             self.tcp.syn_ack = true;
             self.tcp.syn_ack_seq = p.seq;
         }
-        if p.tcp_flags & 0x01 != 0 {
+        if p.tcp_flags & TCP_FIN != 0 {
             self.tcp.fin = true;
         }
-        if p.tcp_flags & 0x04 != 0 {
+        if p.tcp_flags & TCP_RST != 0 {
             self.tcp.rst = true;
         }
     }

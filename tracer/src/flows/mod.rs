@@ -26,6 +26,9 @@ pub use samples::{Sample, Samples};
 
 use crate::events::{Emit, Observation};
 use store::FlowStore;
+use tracer_common::{
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
 
 /// How long a packet's fingerprint waits for the same packet at a later hook (record time). A
 /// packet crosses a node's hooks within microseconds; the slack covers a first packet held
@@ -83,7 +86,7 @@ impl Ident {
 
     /// Distinctive enough to match on alone (both addresses rewritten): TCP's 32-bit sequence.
     fn strong(&self) -> bool {
-        self.proto == 6 && (self.seq != 0 || self.ack != 0)
+        self.proto == PROTO_TCP && (self.seq != 0 || self.ack != 0)
     }
 
     /// Worth matching at all. Without TCP sequence numbers only a non-zero IPv4 ID tells packets
@@ -98,7 +101,8 @@ fn is_link_control(p: &crate::events::Packet) -> bool {
     match p.dst {
         IpAddr::V6(d) => {
             let icmp_type = (p.dport >> 8) as u8;
-            d.segments()[0] == 0xff02 || (p.proto == 58 && matches!(icmp_type, 130..=137 | 143))
+            d.segments()[0] == 0xff02
+                || (p.proto == PROTO_ICMPV6 && matches!(icmp_type, 130..=137 | 143))
         }
         IpAddr::V4(_) => false,
     }
@@ -352,7 +356,7 @@ impl FlowTable {
         // Only records that may meet a translated copy at a later hook: the first at each hook,
         // TCP control and retransmissions. Later packets of a known flow find the translated
         // tuple in the index.
-        let control = p.proto == 6 && p.tcp_flags & 0x07 != 0;
+        let control = p.proto == PROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_SYN | TCP_RST) != 0;
         if usable && (new_hop || control || obs.emit == Emit::Retransmit) {
             self.remember(ident, id, side, obs.ts_ns);
         }
@@ -364,7 +368,10 @@ impl FlowTable {
     /// A pure SYN with a new initial sequence on a known tuple is a new connection reusing it.
     fn is_new_connection(&self, id: FlowId, side: Side, obs: &Observation) -> bool {
         let p = obs.packet();
-        if p.proto != 6 || side != Side::Forward || p.tcp_flags & 0x12 != 0x02 {
+        if p.proto != PROTO_TCP
+            || side != Side::Forward
+            || p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+        {
             return false;
         }
         match self.flows.get(id) {
@@ -380,7 +387,9 @@ impl FlowTable {
         let mut flow = Flow::new(id, fwd, obs.ts_ns);
         let p = obs.packet();
         // ICMP echo request (v4 type 8, v6 type 128) owes a reply.
-        if (p.proto == 1 && p.dport >> 8 == 8) || (p.proto == 58 && p.dport >> 8 == 128) {
+        if (p.proto == PROTO_ICMP && p.dport >> 8 == 8)
+            || (p.proto == PROTO_ICMPV6 && p.dport >> 8 == 128)
+        {
             flow.expects_reply = true;
         }
         self.index.insert(self.pair_key(&fwd), id);
@@ -488,9 +497,9 @@ impl FlowTable {
 fn initiator_side(obs: &Observation) -> Side {
     let p = obs.packet();
     match p.proto {
-        6 => {
-            let syn = p.tcp_flags & 0x02 != 0;
-            let ack = p.tcp_flags & 0x10 != 0;
+        PROTO_TCP => {
+            let syn = p.tcp_flags & TCP_SYN != 0;
+            let ack = p.tcp_flags & TCP_ACK != 0;
             if syn && !ack {
                 Side::Forward
             } else if syn && ack {
@@ -503,9 +512,9 @@ fn initiator_side(obs: &Observation) -> Side {
             }
         }
         // Echo reply (v4 type 0, v6 type 129).
-        1 if p.dport >> 8 == 0 => Side::Reverse,
-        58 if p.dport >> 8 == 129 => Side::Reverse,
-        17 if p.sport < 1024 && p.dport >= 1024 => Side::Reverse,
+        PROTO_ICMP if p.dport >> 8 == 0 => Side::Reverse,
+        PROTO_ICMPV6 if p.dport >> 8 == 129 => Side::Reverse,
+        PROTO_UDP if p.sport < 1024 && p.dport >= 1024 => Side::Reverse,
         _ => Side::Forward,
     }
 }

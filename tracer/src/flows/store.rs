@@ -272,7 +272,7 @@ mod tests {
     fn flow(id: FlowId) -> Flow {
         let ip = std::net::IpAddr::from([10, 0, 0, 1]);
         let t = DirTuple {
-            proto: 6,
+            proto: tracer_common::PROTO_TCP,
             src: ip,
             sport: 1,
             dst: ip,
@@ -333,7 +333,7 @@ mod clock_tests {
     fn flow(id: FlowId, ts: u64) -> Flow {
         let ip = std::net::IpAddr::from([10, 0, 0, 1]);
         let t = DirTuple {
-            proto: 6,
+            proto: tracer_common::PROTO_TCP,
             src: ip,
             sport: (id % 60_000) as u16,
             dst: ip,
@@ -395,7 +395,7 @@ mod tag_tests {
         let ip = |a: u8| IpAddr::from([10, 0, 0, a]);
         for a in 1..=200u8 {
             let t = DirTuple {
-                proto: 6,
+                proto: tracer_common::PROTO_TCP,
                 src: ip(a),
                 sport: 1000,
                 dst: ip(250),
