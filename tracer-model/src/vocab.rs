@@ -140,6 +140,15 @@ wire_enum! {
     }
 }
 
+impl From<tracer_common::Direction> for Dir {
+    fn from(d: tracer_common::Direction) -> Dir {
+        match d {
+            tracer_common::Direction::Ingress => Dir::Ingress,
+            tracer_common::Direction::Egress => Dir::Egress,
+        }
+    }
+}
+
 wire_enum! {
     /// Which way a packet went, relative to the flow's first packet.
     Side, "side" {

@@ -22,37 +22,9 @@ pub enum DecodeError {
     Kind(u8),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Dir {
-    Ingress,
-    Egress,
-}
-
-impl From<Direction> for Dir {
-    fn from(d: Direction) -> Dir {
-        match d {
-            Direction::Ingress => Dir::Ingress,
-            Direction::Egress => Dir::Egress,
-        }
-    }
-}
-
-impl Dir {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Dir::Ingress => "ingress",
-            Dir::Egress => "egress",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Encap {
-    Vxlan,
-    Ipip,
-}
+/// The hook and the tunnel of a record, in the wire vocabulary (converted from the kernel's
+/// `Direction`/`Encapsulation` once, in [`from_event`]).
+pub use tracer_model::{Dir, Encap};
 
 /// Why the kernel reported this packet rather than only counting it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

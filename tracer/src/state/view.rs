@@ -8,7 +8,6 @@ use tracer_model::flow::{
 use crate::{
     clock::Clock,
     diagnose::{Context, Judgement},
-    events::{Dir, Encap},
     flows::{self, Flow, HopView, Side},
     net::{proto_name, PROTO_TCP},
 };
@@ -36,7 +35,7 @@ pub fn flow_view(f: &Flow, j: Judgement, clock: &Clock, cx: &Context<'_>) -> Flo
                 iface: h.iface.name.to_string(),
                 ifindex: h.ifindex,
                 role: h.role,
-                dir: dir(h.dir),
+                dir: h.dir,
                 side: h.side,
                 src: h.src,
                 sport: h.sport,
@@ -123,22 +122,12 @@ fn nat(n: flows::Nat) -> Nat {
 
 fn encap(e: &flows::HopEncap) -> HopEncap {
     HopEncap {
-        kind: match e.kind {
-            Encap::Vxlan => tracer_model::Encap::Vxlan,
-            Encap::Ipip => tracer_model::Encap::Ipip,
-        },
+        kind: e.kind,
         vni: e.vni,
         outer_src: e.outer_src,
         outer_dst: e.outer_dst,
         outer_sport: e.outer_sport,
         outer_dport: e.outer_dport,
-    }
-}
-
-fn dir(d: Dir) -> tracer_model::Dir {
-    match d {
-        Dir::Ingress => tracer_model::Dir::Ingress,
-        Dir::Egress => tracer_model::Dir::Egress,
     }
 }
 
