@@ -242,11 +242,6 @@ impl ClusterNode {
     pub fn bird_socket(&self) -> Option<&Path> {
         self.bird.as_ref().map(|b| b.socket.as_path())
     }
-
-    /// True if autodetection picked something other than the LAN NIC.
-    pub fn misdetected(&self) -> bool {
-        self.autodetected_iface != self.nic
-    }
 }
 
 /// The datastore: etcd on the external host, possibly behind a delay proxy.
@@ -782,11 +777,6 @@ impl Cluster {
         })
     }
 
-    /// The node named `name`.
-    pub fn node_by_name(&self, name: &str) -> Option<&ClusterNode> {
-        self.nodes.iter().find(|n| n.name == name)
-    }
-
     /// The pods on node `node` (index into [`Cluster::nodes`]).
     pub fn pods_on(&self, node: usize) -> impl Iterator<Item = &ClusterPod> {
         self.pods.iter().filter(move |p| p.node == node)
@@ -856,11 +846,6 @@ impl Cluster {
     /// The gateway's LAN address.
     pub fn gateway_ip(&self) -> Result<Ipv4Addr, LabError> {
         parse_ip(&self.config.gateway_ip, "gateway IP")
-    }
-
-    /// The external host's LAN address (apiserver and datastore).
-    pub fn external_ip(&self) -> Result<Ipv4Addr, LabError> {
-        parse_ip(&self.config.external_ip, "external host IP")
     }
 
     /// Names of every namespace of this instance.
