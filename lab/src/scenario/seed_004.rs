@@ -89,7 +89,7 @@ impl ScenarioSpec for Seed004 {
     /// The dialing node sends BGP SYNs from its advertised address to the other's out of its
     /// LAN NIC (in `seed-004` from the wrong 10.66.0.66; in `seed-004-passive` to the wrong
     /// 10.0.0.66); the passive node never sends a SYN, and BIRD there says `Passive`; neither
-    /// side reaches Established within [`BGP_WAIT`] of the build; neither node has a route to
+    /// side reaches Established within `BGP_WAIT` of the build; neither node has a route to
     /// the other's block, and pod -> pod across nodes fails.
     fn evidence(&self, lab: &Cluster) -> Result<Vec<String>, LabError> {
         let (a, b) = cross_pair(lab)?;
