@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 use serde_json::Value;
+use tracer_model::Verdict;
 
 use crate::{
     calico::Role,
@@ -34,7 +35,7 @@ pub struct FlowView<'a> {
     tcp: Option<TcpJson>,
     exchanges: Option<ExchangesJson>,
     drops: Vec<DropJson>,
-    verdicts: &'a [&'static str],
+    verdicts: &'a [Verdict],
     diagnosis: &'a Option<Diagnosis>,
     /// Present only with the `snat_excluded` verdict: which felix setting skipped masquerade.
     #[serde(skip_serializing_if = "Option::is_none")]
