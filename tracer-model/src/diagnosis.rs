@@ -401,3 +401,216 @@ pub struct HopSeen {
     pub iface: String,
     pub src: IpAddr,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
+    fn leaving() -> Leaving {
+        Leaving {
+            dir: Dir::Egress,
+            dport: 6443,
+            dst: ip("192.168.21.11"),
+            iface: "eth0".into(),
+            proto: "tcp".into(),
+            sport: 40000,
+            src: ip("10.244.1.10"),
+        }
+    }
+
+    fn route() -> Route {
+        Route {
+            dev: Some("eth0".into()),
+            dst: "0.0.0.0/0".into(),
+            via: Some(ip("10.51.0.1")),
+        }
+    }
+
+    fn exclusion() -> SnatExclusion {
+        SnatExclusion {
+            setting: "NATOutgoingExclusions=IPPoolsAndHostIPs".into(),
+            summary: "on purpose".into(),
+            evidence: ExclusionEvidence::HostIps {
+                host_net: "192.168.21.11/32".into(),
+                ipset: "cali40all-hosts-net".into(),
+                left_node_unmasqueraded: leaving(),
+                rule_chain: "cali-nat-outgoing".into(),
+            },
+        }
+    }
+
+    /// One value of every shape, as the rules fill them.
+    fn every_shape() -> Vec<Evidence> {
+        let rule = NatOutgoingRule {
+            excludes_host_ips: false,
+            out_iface: Some("eth+".into()),
+            out_iface_negated: false,
+            pool_set: None,
+            rules: 1,
+        };
+        vec![
+            Evidence::PoolOverlap(PoolOverlap {
+                host_iface: "eth0".into(),
+                host_subnet: "192.168.21.0/24".into(),
+                left_node_unmasqueraded: leaving(),
+                masq_pools: vec!["192.168.0.0/16".into()],
+                pod_pool: "192.168.0.0/16".into(),
+                pool: "192.168.0.0/16".into(),
+                pools_source: "ipset".into(),
+                reply: Reply::unanswered(9999, 0),
+            }),
+            Evidence::NatOutgoingDisabled(NatOutgoingDisabled {
+                left_node_unmasqueraded: leaving(),
+                masq_pools: vec![],
+                nat_outgoing_rule: None,
+                pod_pool: "10.244.0.0/16".into(),
+                pools_source: "ipset".into(),
+                reply: Reply::unanswered(9999, 2),
+            }),
+            Evidence::MasqueradeNotApplied(MasqueradeNotApplied {
+                left_node_unmasqueraded: leaving(),
+                nat_outgoing_rule: Some(rule),
+                pod_pool: "10.244.0.0/16".into(),
+                reply: Reply::unanswered(9999, 0),
+            }),
+            Evidence::WrongSource(WrongSource {
+                destination: ip("10.51.0.100"),
+                dport: 179,
+                egress_iface: "eth0".into(),
+                egress_subnets: vec!["10.51.0.0/24".into()],
+                retransmits: 3,
+                snat_excluded: None,
+                source: ip("10.0.0.66"),
+                source_iface: "eth1".into(),
+                source_subnet: "10.0.0.0/24".into(),
+                tunnel_outer_header: false,
+            }),
+            Evidence::WrongParent(WrongParent {
+                outer_packets_left: vec!["nerdctl0".into()],
+                parent_addresses: vec!["10.4.0.1/24".into()],
+                parent_device: "nerdctl0".into(),
+                parent_kind: Some("bridge".into()),
+                peer_vtep: None,
+                route_to_peers_via: Some("eth0".into()),
+                snat_excluded: None,
+                tunnel_device: "vxlan.calico".into(),
+                vtep_local: Some(ip("10.4.0.1")),
+            }),
+            Evidence::BridgeParent(BridgeParent {
+                bridge_ports: vec!["veth1".into()],
+                default_route_via: "eth0".into(),
+                parent_addresses: vec!["10.4.0.1/24".into()],
+                parent_device: "nerdctl0".into(),
+                tunnel_device: "vxlan.calico".into(),
+            }),
+            Evidence::DatastoreLatency(DatastoreLatency {
+                budget: Some(LivenessBudget {
+                    liveness_budget_s: 3.0,
+                    sequential_reads_that_fit: 20,
+                }),
+                datastore: "10.51.0.10:2379".into(),
+                exchanges: 20,
+                handshake_ms: None,
+                max_ms: 150.0,
+                p50_ms: 150.0,
+                p90_ms: 150.0,
+                snat_excluded: None,
+                total_wait_ms: 3000,
+            }),
+            Evidence::UnackedOffLinkPeer(UnackedOffLinkPeer {
+                arrived_on: "eth0".into(),
+                dport: 179,
+                peer_address: ip("10.66.0.66"),
+                retransmits: 0,
+                route: route(),
+                snat_excluded: None,
+                underlay_subnets: vec!["10.51.0.0/24".into()],
+            }),
+            Evidence::OffLinkPeer(OffLinkPeer {
+                dport: 4789,
+                left_via: "eth0".into(),
+                peer_address: ip("10.4.0.1"),
+                route: route(),
+                snat_excluded: None,
+                underlay_subnets: vec!["10.51.0.0/24".into()],
+            }),
+            Evidence::KernelDrop(KernelDrop {
+                drops: vec![Drop {
+                    after_ms: 0,
+                    count: 1,
+                    function: None,
+                    iface: Some("eth0".into()),
+                    reason: "NETFILTER_DROP".into(),
+                    reason_code: 12,
+                    side: Side::Reverse,
+                }],
+                reply: Reply::answered(1),
+                snat_excluded: None,
+            }),
+            Evidence::PodRouteMissing(PodRouteMissing {
+                destination: ip("10.244.228.139"),
+                pool: "10.244.0.0/16".into(),
+                route_used: route(),
+                snat_excluded: None,
+            }),
+            Evidence::NodePoolOverlap(NodePoolOverlap {
+                host_iface: "eth0".into(),
+                host_subnet: "10.51.0.0/24".into(),
+                pool: "10.0.0.0/8".into(),
+            }),
+            Evidence::DestinationUnresponsive(DestinationUnresponsive {
+                last_forward_hop: None,
+                reply: Reply::unanswered(9999, 0),
+                route: None,
+                snat_excluded: Some(exclusion()),
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_shape_reads_back_as_itself() {
+        for e in every_shape() {
+            let json = serde_json::to_string(&e).unwrap_or_default();
+            let back: Result<Evidence, _> = serde_json::from_str(&json);
+            assert_eq!(back.ok().as_ref(), Some(&e), "{json}");
+        }
+        let d = Diagnosis {
+            cause: Cause::KernelDrop,
+            summary: "s".into(),
+            evidence: every_shape().swap_remove(9),
+            fix: "f".into(),
+        };
+        let json = serde_json::to_string(&d).unwrap_or_default();
+        assert!(json.starts_with(r#"{"cause":"kernel_drop","summary":"s","evidence":{"drops":"#));
+        let back: Option<Diagnosis> = serde_json::from_str(&json).ok();
+        assert_eq!(back, Some(d));
+    }
+
+    #[test]
+    fn an_exclusion_noted_in_evidence_has_its_keys_sorted() {
+        let mut e = every_shape().swap_remove(3);
+        e.note_exclusion(exclusion());
+        let json = serde_json::to_string(&e).unwrap_or_default();
+        assert!(
+            json.contains(r#""snat_excluded":{"evidence":{"host_net""#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""summary":"on purpose"},"source":"#),
+            "{json}"
+        );
+        // The flow's own exclusion keeps declaration order.
+        let own = serde_json::to_string(&exclusion()).unwrap_or_default();
+        assert!(own.starts_with(r#"{"setting":"#), "{own}");
+        // SNAT shapes never meet an exclusion: the note is not theirs to carry.
+        let mut overlap = every_shape().swap_remove(0);
+        let before = overlap.clone();
+        overlap.note_exclusion(exclusion());
+        assert_eq!(overlap, before);
+    }
+}

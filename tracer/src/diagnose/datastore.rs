@@ -141,6 +141,19 @@ mod tests {
         assert_eq!(ev(&d.evidence)["exchanges"], 20);
         assert_eq!(ev(&d.evidence)["p50_ms"], 150.0);
         assert_eq!(ev(&d.evidence)["budget"]["sequential_reads_that_fit"], 20);
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "datastore": "10.51.0.10:2379",
+                "exchanges": 20,
+                "p50_ms": 150.0,
+                "p90_ms": 150.0,
+                "max_ms": 150.0,
+                "total_wait_ms": 3000,
+                "handshake_ms": 1.0,
+                "budget": {"liveness_budget_s": 3.0, "sequential_reads_that_fit": 20},
+            }),
+        );
         assert!(d.fix.contains("initialDelaySeconds"));
         // A near datastore is healthy.
         let (t, id) = run(2_000_000);

@@ -16,6 +16,19 @@ pub use crate::{
     testutil::{ip, obs},
 };
 
+/// `left_node_unmasqueraded` of a pod's TCP SYN from port 40000 out of eth0, as `json!` built it.
+pub fn left_eth0(src: &str, dst: &str, dport: u16) -> Value {
+    json!({
+        "iface": "eth0", "dir": "egress", "src": src, "sport": 40000, "dst": dst, "dport": dport,
+        "proto": "tcp",
+    })
+}
+
+/// `reply` of a request unanswered since 1 µs after the flow began, judged at 10 s.
+pub fn no_reply_after_10s() -> Value {
+    json!({"replied": false, "waited_ms": 9999, "retransmits": 0})
+}
+
 /// Evidence (or anything) as the JSON the API serves.
 pub fn ev<T: Serialize>(t: &T) -> Value {
     serde_json::to_value(t).unwrap_or(Value::Null)

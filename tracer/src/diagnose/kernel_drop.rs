@@ -111,6 +111,21 @@ mod tests {
         assert_eq!(dg.cause, Cause::KernelDrop);
         assert_eq!(ev(&dg.evidence)["drops"][0]["reason"], "NETFILTER_DROP");
         assert_eq!(ev(&dg.evidence)["drops"][0]["iface"], "calid92900560e3");
+        assert_same_json(
+            &dg.evidence,
+            json!({
+                "drops": [{
+                    "reason": "NETFILTER_DROP",
+                    "reason_code": 12,
+                    "iface": "calid92900560e3",
+                    "function": null,
+                    "side": "forward",
+                    "count": 1,
+                    "after_ms": 0,
+                }],
+                "reply": no_reply_after_10s(),
+            }),
+        );
         assert!(dg.fix.contains("NetworkPolicy"));
 
         // An overlapping pool explains an un-SNATed, dropped flow better than the drop alone.

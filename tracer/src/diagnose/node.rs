@@ -128,6 +128,16 @@ mod tests {
         let found = node_findings(&cx(&p, &f, 0));
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(ev(&found[0].evidence)["parent_device"], "nerdctl0");
+        assert_same_json(
+            &found[0].evidence,
+            json!({
+                "tunnel_device": "vxlan.calico",
+                "parent_device": "nerdctl0",
+                "parent_addresses": ["10.4.0.1/24"],
+                "bridge_ports": ["port9"],
+                "default_route_via": "eth0",
+            }),
+        );
         // A host bridge with a physical NIC in it is a legitimate parent.
         let f = underlay_node(
             "10.51.0.101",
@@ -144,6 +154,10 @@ mod tests {
         let found = node_findings(&cx(&p2, &f, 0));
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].cause, Cause::IppoolOverlapsHostNetwork);
+        assert_same_json(
+            &found[0].evidence,
+            json!({"pool": "10.0.0.0/8", "host_subnet": "10.51.0.0/24", "host_iface": "eth0"}),
+        );
         assert!(node_findings(&cx(&p, &f, 0)).is_empty());
     }
 }

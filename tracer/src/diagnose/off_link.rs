@@ -196,6 +196,17 @@ mod tests {
         assert_eq!(ev(&d.evidence)["peer_address"], "10.66.0.66");
         assert_eq!(ev(&d.evidence)["arrived_on"], "eth0");
         assert_eq!(ev(&d.evidence)["route"]["via"], "10.51.0.1");
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "peer_address": "10.66.0.66",
+                "dport": 179,
+                "arrived_on": "eth0",
+                "retransmits": 0,
+                "route": {"dst": "0.0.0.0/0", "via": "10.51.0.1", "dev": "eth0"},
+                "underlay_subnets": ["10.51.0.0/24"],
+            }),
+        );
         assert!(d.fix.contains("owns 10.66.0.66"), "{}", d.fix);
         // Completed handshakes, and unanswered ones from peers on the underlay, are not it.
         let (t, id) = ingest("10.66.0.66", true);

@@ -57,5 +57,13 @@ mod tests {
         let d = j.diagnosis.unwrap_or_else(|| unreachable!());
         assert_eq!(d.cause, Cause::PodRouteMissing);
         assert_eq!(ev(&d.evidence)["route_used"]["via"], "10.51.0.1");
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "destination": "10.244.228.139",
+                "pool": "10.244.0.0/16",
+                "route_used": {"dst": "0.0.0.0/0", "via": "10.51.0.1", "dev": "eth0"},
+            }),
+        );
     }
 }

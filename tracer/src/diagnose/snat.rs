@@ -296,6 +296,19 @@ mod tests {
         assert_eq!(ev(&d.evidence)["host_iface"], "eth0");
         assert_eq!(ev(&d.evidence)["left_node_unmasqueraded"]["iface"], "eth0");
         assert_eq!(ev(&d.evidence)["reply"]["replied"], false);
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "pool": "192.168.0.0/16",
+                "pod_pool": "192.168.0.0/16",
+                "host_subnet": "192.168.21.0/24",
+                "host_iface": "eth0",
+                "left_node_unmasqueraded": left_eth0("192.168.236.10", "192.168.21.11", 6443),
+                "masq_pools": ["192.168.0.0/16"],
+                "pools_source": "ipset",
+                "reply": no_reply_after_10s(),
+            }),
+        );
         assert!(d.fix.contains("192.168.21.0/24"));
     }
 
@@ -322,9 +335,18 @@ mod tests {
         let (t, id) = flow_of(s, s, false);
         let flow = t.get(id).unwrap_or_else(|| unreachable!());
         let j = judge(flow, &cx(&p, &f, 10_000_000_000));
-        assert_eq!(
-            j.diagnosis.map(|d| d.cause),
-            Some(Cause::NatOutgoingDisabled)
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, Cause::NatOutgoingDisabled);
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "pod_pool": "10.244.0.0/16",
+                "masq_pools": [],
+                "left_node_unmasqueraded": left_eth0("10.244.1.10", "8.8.8.8", 53),
+                "pools_source": "ipset",
+                "nat_outgoing_rule": null,
+                "reply": no_reply_after_10s(),
+            }),
         );
         // Routable pod network: un-NATed and answered is fine.
         let (t, id) = flow_of(s, s, true);
@@ -342,9 +364,16 @@ mod tests {
         let (t, id) = flow_of(s, s, false);
         let flow = t.get(id).unwrap_or_else(|| unreachable!());
         let j = judge(flow, &cx(&p, &f, 10_000_000_000));
-        assert_eq!(
-            j.diagnosis.map(|d| d.cause),
-            Some(Cause::MasqueradeNotApplied)
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, Cause::MasqueradeNotApplied);
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "pod_pool": "10.244.0.0/16",
+                "left_node_unmasqueraded": left_eth0("10.244.1.10", "8.8.8.8", 443),
+                "nat_outgoing_rule": null,
+                "reply": no_reply_after_10s(),
+            }),
         );
     }
 
@@ -365,6 +394,13 @@ mod tests {
         let x = j.snat_excluded.unwrap_or_else(|| unreachable!());
         assert_eq!(x.setting, "NATOutgoingExclusions=IPPoolsAndHostIPs");
         assert_eq!(ev(&x.evidence)["host_net"], "192.168.21.11/32");
+        let host_ips = json!({
+            "rule_chain": "cali-nat-outgoing",
+            "ipset": "cali40all-hosts-net",
+            "host_net": "192.168.21.11/32",
+            "left_node_unmasqueraded": left_eth0("10.244.1.10", "192.168.21.11", 6443),
+        });
+        assert_same_json(&x.evidence, host_ips.clone());
         // Unanswered: no SNAT cause; the missing reply is the destination's, with the note.
         let j = unmasqueraded(&p, "10.244.1.10", "192.168.21.11", false);
         let d = j.diagnosis.unwrap_or_else(|| unreachable!());
@@ -372,6 +408,20 @@ mod tests {
         assert_eq!(
             ev(&d.evidence)["snat_excluded"]["setting"],
             "NATOutgoingExclusions=IPPoolsAndHostIPs"
+        );
+        // The note was a `json!` copy of the exclusion: its keys come sorted, unlike the flow's.
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "last_forward_hop": {
+                    "iface": "eth0", "dir": "egress", "src": "10.244.1.10", "dst": "192.168.21.11",
+                },
+                "route": null,
+                "reply": no_reply_after_10s(),
+                "snat_excluded": {
+                    "setting": x.setting, "summary": x.summary, "evidence": host_ips,
+                },
+            }),
         );
         // A destination that is no node address is still felix's to masquerade.
         let j = unmasqueraded(&p, "10.244.1.10", "8.8.8.8", false);
@@ -422,6 +472,15 @@ mod tests {
         let x = j.snat_excluded.unwrap_or_else(|| unreachable!());
         assert_eq!(x.setting, "IptablesNATOutgoingInterfaceFilter=eth1");
         assert_eq!(ev(&x.evidence)["left_node_unmasqueraded"]["iface"], "eth0");
+        assert_same_json(
+            &x.evidence,
+            json!({
+                "rule_chain": "cali-nat-outgoing",
+                "out_iface_filter": "eth1",
+                "out_iface_negated": false,
+                "left_node_unmasqueraded": left_eth0("10.244.1.10", "8.8.8.8", 6443),
+            }),
+        );
         // Even with natOutgoing off, turning it on would not masquerade traffic leaving eth0.
         let p = with_rule(pools(&["10.244.0.0/16"], &[]), rule("eth1"));
         let j = unmasqueraded(&p, "10.244.1.10", "8.8.8.8", false);
@@ -432,9 +491,19 @@ mod tests {
         // The filter matches eth0 (iptables' `+` wildcard): the rule should have applied.
         let p = with_rule(pools(&["10.244.0.0/16"], &["10.244.0.0/16"]), rule("eth+"));
         let j = unmasqueraded(&p, "10.244.1.10", "8.8.8.8", false);
-        assert_eq!(
-            j.diagnosis.map(|d| d.cause),
-            Some(Cause::MasqueradeNotApplied)
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, Cause::MasqueradeNotApplied);
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "pod_pool": "10.244.0.0/16",
+                "left_node_unmasqueraded": left_eth0("10.244.1.10", "8.8.8.8", 6443),
+                "nat_outgoing_rule": {
+                    "rules": 1, "pool_set": null, "excludes_host_ips": false, "out_iface": "eth+",
+                    "out_iface_negated": false,
+                },
+                "reply": no_reply_after_10s(),
+            }),
         );
         // An empty chain (no pool has natOutgoing) is still natOutgoing disabled.
         let p = with_rule(pools(&["10.244.0.0/16"], &[]), Default::default());
@@ -464,6 +533,14 @@ mod tests {
         assert!(j.diagnosis.is_none(), "{j:?}");
         let x = j.snat_excluded.unwrap_or_else(|| unreachable!());
         assert_eq!(ev(&x.evidence)["lb_only_pool"], "192.168.21.192/27");
+        assert_same_json(
+            &x.evidence,
+            json!({
+                "rule_chain": "cali-nat-outgoing",
+                "lb_only_pool": "192.168.21.192/27",
+                "left_node_unmasqueraded": left_eth0("10.244.1.10", "192.168.21.200", 6443),
+            }),
+        );
         assert!(node_findings(&cx(&p, &f, 0)).is_empty());
         // Unanswered: not a pod without a route, nor a skipped SNAT.
         let j = unmasqueraded(&p, "10.244.1.10", "192.168.21.200", false);

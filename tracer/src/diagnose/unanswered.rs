@@ -68,5 +68,15 @@ mod tests {
         let d = j.diagnosis.unwrap_or_else(|| unreachable!());
         assert_eq!(d.cause, Cause::DestinationUnresponsive);
         assert_eq!(ev(&d.evidence)["last_forward_hop"]["iface"], "eth0");
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "last_forward_hop": {
+                    "iface": "eth0", "dir": "egress", "src": "192.168.21.10", "dst": "192.168.21.50",
+                },
+                "route": null,
+                "reply": no_reply_after_10s(),
+            }),
+        );
     }
 }

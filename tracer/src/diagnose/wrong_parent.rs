@@ -148,6 +148,19 @@ mod tests {
         assert_eq!(ev(&d.evidence)["parent_kind"], "bridge");
         assert_eq!(ev(&d.evidence)["route_to_peers_via"], "eth0");
         assert_eq!(ev(&d.evidence)["outer_packets_left"][0], "nerdctl0");
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "tunnel_device": "vxlan.calico",
+                "parent_device": "nerdctl0",
+                "parent_kind": "bridge",
+                "parent_addresses": ["10.4.0.1/24"],
+                "vtep_local": "10.4.0.1",
+                "peer_vtep": "10.51.0.100",
+                "route_to_peers_via": "eth0",
+                "outer_packets_left": ["nerdctl0"],
+            }),
+        );
         assert!(d.fix.contains("interface=^eth0$"));
 
         // The healthy node sending to that peer's advertised VTEP 10.4.0.1 sees it off-link.

@@ -151,6 +151,20 @@ mod tests {
         assert_eq!(ev(&d.evidence)["source_iface"], "eth1");
         assert_eq!(ev(&d.evidence)["egress_iface"], "eth0");
         assert_eq!(ev(&d.evidence)["egress_subnets"][0], "10.51.0.0/24");
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "egress_iface": "eth0",
+                "egress_subnets": ["10.51.0.0/24"],
+                "source": "10.0.0.66",
+                "source_iface": "eth1",
+                "source_subnet": "10.0.0.0/24",
+                "destination": "10.51.0.100",
+                "dport": 179,
+                "tunnel_outer_header": false,
+                "retransmits": 0,
+            }),
+        );
         assert!(d.summary.contains("BGP"), "{}", d.summary);
         assert!(
             d.fix.contains("IP_AUTODETECTION_METHOD=interface=^eth0$"),
@@ -173,6 +187,16 @@ mod tests {
         let d = j.diagnosis.unwrap_or_else(|| unreachable!());
         assert_eq!(d.cause, Cause::NodeAddressOnWrongInterface);
         assert_eq!(ev(&d.evidence)["route"]["via"], "10.51.0.1");
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "peer_address": "10.0.0.66",
+                "dport": 179,
+                "left_via": "eth0",
+                "route": {"dst": "0.0.0.0/0", "via": "10.51.0.1", "dev": "eth0"},
+                "underlay_subnets": ["10.51.0.0/24"],
+            }),
+        );
 
         // Answered BGP from the right address: nothing to say.
         let mut t = FlowTable::new(10);
