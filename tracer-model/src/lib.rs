@@ -2,6 +2,8 @@
 //! benchmark. serde only: no aya, no hyper, nothing about how the answers are computed.
 //!
 //! Every wire name here is part of the API: add new ones, never rename.
+pub mod diagnosis;
 pub mod vocab;
 
-pub use vocab::{AttachHow, Cause, Role, Verdict};
+pub use diagnosis::{Diagnosis, Evidence, SnatExclusion};
+pub use vocab::{AttachHow, Cause, Dir, Role, Side, Verdict};

@@ -1,4 +1,5 @@
-//! Verdicts, causes, interface roles and attach modes, with their stable wire names.
+//! Verdicts, causes, interface roles, attach modes and packet directions, with their stable wire
+//! names.
 use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};
@@ -129,6 +130,22 @@ wire_enum! {
         Auto => "auto",
         /// A client asked for it (`POST /attach`, `tracer watch`).
         OnDemand => "on-demand",
+    }
+}
+
+wire_enum! {
+    /// Which way a packet crossed an interface.
+    Dir, "direction" {
+        Ingress => "ingress",
+        Egress => "egress",
+    }
+}
+
+wire_enum! {
+    /// Which way a packet travels relative to the connection's initiator.
+    Side, "side" {
+        Forward => "forward",
+        Reverse => "reverse",
     }
 }
 

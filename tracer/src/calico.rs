@@ -9,6 +9,9 @@ use crate::{
     netlink::{Link, NodeFacts},
 };
 
+/// felix's default InterfacePrefix: pods' host-side veths are named `cali<11 hex digits>`.
+pub const DEFAULT_INTERFACE_PREFIX: &str = "cali";
+
 /// felix's ipset of the IPv4 pools whose destinations are not masqueraded: `all-ipam-pools` up to
 /// v3.32.0 (every pool), `network-ip-pools` from v3.32.1 (LoadBalancer-only pools left out).
 pub const ALL_POOLS_SETS_V4: &[&str] = &["cali40all-ipam-pools", "cali40network-ip-pools"];
@@ -521,7 +524,7 @@ pub fn parse_ipset_save(text: &str) -> Vec<Cidr> {
 /// Calico's host-side veth name for a pod: "cali" + the first 11 hex digits of
 /// sha1("<namespace>.<pod>") (felix's default InterfacePrefix).
 pub fn veth_name(namespace: &str, pod: &str) -> String {
-    veth_name_with_prefix("cali", namespace, pod)
+    veth_name_with_prefix(DEFAULT_INTERFACE_PREFIX, namespace, pod)
 }
 
 /// As libcalico-go's `VethNameForWorkload`: the prefix, then always 11 hex digits of the sha1,
@@ -529,7 +532,11 @@ pub fn veth_name(namespace: &str, pod: &str) -> String {
 /// `FELIX_INTERFACEPREFIX` list: the first entry names new veths.
 pub fn veth_name_with_prefix(prefix: &str, namespace: &str, pod: &str) -> String {
     let first = prefix.split(',').next().unwrap_or("").trim();
-    let first = if first.is_empty() { "cali" } else { first };
+    let first = if first.is_empty() {
+        DEFAULT_INTERFACE_PREFIX
+    } else {
+        first
+    };
     let digest = Sha1::digest(format!("{namespace}.{pod}").as_bytes());
     let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
     format!("{first}{}", &hex[..11])
@@ -585,7 +592,7 @@ pub struct RoleConfig {
 impl Default for RoleConfig {
     fn default() -> Self {
         RoleConfig {
-            workload_prefixes: vec!["cali".into()],
+            workload_prefixes: vec![DEFAULT_INTERFACE_PREFIX.into()],
             host_ifaces: Vec::new(),
         }
     }

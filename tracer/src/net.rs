@@ -6,7 +6,8 @@ use std::{
 };
 
 use serde::{Serialize, Serializer};
-use tracer_common::{Family, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use tracer_common::Family;
+pub use tracer_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NetError {

@@ -2,6 +2,7 @@
 use std::fmt::Write;
 
 use serde_json::Value;
+use tracer_model::Verdict;
 
 fn s(v: &Value, k: &str) -> String {
     match v.get(k) {
@@ -113,7 +114,7 @@ pub fn watch_line(f: &Value, color: bool) -> String {
         .unwrap_or_default();
     let faulty = verdicts
         .iter()
-        .any(|v| crate::diagnose::FAULT_VERDICTS.contains(v));
+        .any(|v| v.parse::<Verdict>().is_ok_and(Verdict::is_fault));
     let (on, off) = match (color, faulty) {
         (false, _) => ("", ""),
         (true, true) => (RED, RESET),

@@ -8,6 +8,7 @@ use std::{
 
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
+use tracer_model::{Cause, Verdict};
 
 use super::{
     control::{AttachError, AttachTarget, Command},
@@ -22,14 +23,11 @@ use crate::{
     },
     calico::{Pools, Role},
     clock::{mono_now_ns, Clock},
-    diagnose::{judge, Context, Judgement, Rules, CAUSES, VERDICTS},
+    diagnose::{judge, Context, Judgement, Rules},
     events::Observation,
     flows::{Flow, FlowId, FlowTable, Gaps, Iface},
-    hooks::{
-        drops::{DropReasons, Symbols},
-        ifstate::Purged,
-        AttachedIface, KernelCounters, KernelStats,
-    },
+    hooks::{ifstate::Purged, AttachedIface, KernelCounters, KernelStats},
+    kernel_names::{DropReasons, Symbols},
     netlink::NodeFacts,
 };
 
@@ -124,7 +122,7 @@ impl Shared {
                 .workload_prefixes
                 .first()
                 .cloned()
-                .unwrap_or_else(|| "cali".into()),
+                .unwrap_or_else(|| crate::calico::DEFAULT_INTERFACE_PREFIX.into()),
             token: cfg.token.clone(),
             commands: OnceLock::new(),
             counters: Mutex::new(None),
@@ -467,7 +465,8 @@ impl Shared {
                 incomplete += 1;
             }
             if let Some(d) = j.diagnosis {
-                let g = groups.entry(d.cause).or_default();
+                // Keyed by name: causes with equal counts stay in alphabetical order.
+                let g = groups.entry(d.cause.as_str()).or_default();
                 g.count += 1;
                 if j.lost_records > 0 {
                     g.incomplete += 1;
@@ -575,12 +574,12 @@ impl Shared {
 
     /// Prometheus exposition of the agent's state.
     pub fn metrics(&self) -> String {
-        let mut by_verdict: HashMap<&'static str, u64> = HashMap::new();
-        let mut by_cause: HashMap<&'static str, u64> = HashMap::new();
+        let mut by_verdict: HashMap<Verdict, u64> = HashMap::new();
+        let mut by_cause: HashMap<Cause, u64> = HashMap::new();
         self.visit_chunked(|cx, f| {
             let j = judge(f, cx);
             for x in &j.verdicts {
-                *by_verdict.entry(x).or_default() += 1;
+                *by_verdict.entry(*x).or_default() += 1;
             }
             if let Some(d) = j.diagnosis {
                 *by_cause.entry(d.cause).or_default() += 1;
@@ -674,11 +673,11 @@ impl Shared {
                 name: "tracer_flows_by_verdict",
                 help: "Flows in the table by verdict.",
                 kind: "gauge",
-                samples: VERDICTS
+                samples: Verdict::ALL
                     .iter()
                     .map(|v| {
                         (
-                            format!("verdict=\"{}\"", label(v)),
+                            format!("verdict=\"{}\"", label(v.as_str())),
                             *by_verdict.get(v).unwrap_or(&0) as f64,
                         )
                     })
@@ -688,11 +687,11 @@ impl Shared {
                 name: "tracer_flows_by_cause",
                 help: "Flows in the table by diagnosed cause.",
                 kind: "gauge",
-                samples: CAUSES
+                samples: Cause::ALL
                     .iter()
                     .map(|c| {
                         (
-                            format!("cause=\"{}\"", label(c)),
+                            format!("cause=\"{}\"", label(c.as_str())),
                             *by_cause.get(c).unwrap_or(&0) as f64,
                         )
                     })

@@ -105,7 +105,7 @@ impl Shared {
                 let j = judge(f, cx);
                 let waiting = f.expects_reply
                     && f.first_reply_ns().is_none()
-                    && !j.verdicts.contains(&crate::diagnose::NO_REPLY);
+                    && !j.verdicts.contains(&tracer_model::Verdict::NoReply);
                 if waiting {
                     if st.pending.len() < PENDING_MAX {
                         st.pending.insert(id);

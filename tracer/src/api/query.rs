@@ -1,8 +1,9 @@
 //! `/flows` query parameters: parsed strictly, so a typo is a 400 rather than a silent no-op.
-use std::net::IpAddr;
+use std::{fmt::Display, net::IpAddr, str::FromStr};
+
+use tracer_model::{Cause, Verdict};
 
 use crate::{
-    diagnose::{CAUSES, VERDICTS},
     flows::Flow,
     net::{parse_proto, Cidr},
 };
@@ -42,8 +43,8 @@ pub struct FlowQuery {
     pub src: Option<Cidr>,
     pub port: Option<u16>,
     pub proto: Option<u8>,
-    pub verdict: Option<&'static str>,
-    pub cause: Option<&'static str>,
+    pub verdict: Option<Verdict>,
+    pub cause: Option<Cause>,
     pub limit: Option<usize>,
 }
 
@@ -81,7 +82,7 @@ impl FlowQuery {
                         msg: e.to_string(),
                     })?)
                 }
-                "verdict" => q.verdict = Some(known("verdict", v, VERDICTS)?),
+                "verdict" => q.verdict = Some(known("verdict", v, Verdict::ALL)?),
                 "pod" => {
                     let (ns, name) = v
                         .split_once('/')
@@ -105,7 +106,7 @@ impl FlowQuery {
                             })?,
                     )
                 }
-                "cause" => q.cause = Some(known("cause", v, CAUSES)?),
+                "cause" => q.cause = Some(known("cause", v, Cause::ALL)?),
                 "limit" => {
                     let n: usize = v.parse().map_err(|_| QueryError::Invalid {
                         param: "limit",
@@ -188,14 +189,18 @@ fn cidr(param: &'static str, v: &str) -> Result<Cidr, QueryError> {
     })
 }
 
-fn known(param: &'static str, v: &str, set: &[&'static str]) -> Result<&'static str, QueryError> {
-    set.iter()
-        .copied()
-        .find(|s| *s == v)
-        .ok_or_else(|| QueryError::Invalid {
-            param,
-            msg: format!("unknown {param} {v:?}; known: {}", set.join(", ")),
-        })
+/// One of a wire enum's names; the error lists them all.
+fn known<T: FromStr + Display>(param: &'static str, v: &str, all: &[T]) -> Result<T, QueryError> {
+    v.parse().map_err(|_| QueryError::Invalid {
+        param,
+        msg: format!(
+            "unknown {param} {v:?}; known: {}",
+            all.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -213,7 +218,7 @@ mod tests {
         );
         assert_eq!(q.port, Some(443));
         assert_eq!(q.proto, Some(6));
-        assert_eq!(q.verdict, Some("no_reply"));
+        assert_eq!(q.verdict, Some(Verdict::NoReply));
         assert_eq!(q.limit, Some(5));
         let q = FlowQuery::parse(Some(
             "pod=kube-system/calico-kube-controllers-596576f79-j2pkg&since=5m",

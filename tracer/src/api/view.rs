@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 use serde_json::Value;
 use tracer_common::{PROTO_TCP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
+use tracer_model::Verdict;
 
 use crate::{
     calico::Role,
@@ -35,7 +36,7 @@ pub struct FlowView<'a> {
     tcp: Option<TcpJson>,
     exchanges: Option<ExchangesJson>,
     drops: Vec<DropJson>,
-    verdicts: &'a [&'static str],
+    verdicts: &'a [Verdict],
     diagnosis: &'a Option<Diagnosis>,
     /// Present only with the `snat_excluded` verdict: which felix setting skipped masquerade.
     #[serde(skip_serializing_if = "Option::is_none")]
