@@ -7,7 +7,8 @@ use tracer::{
     btf::Btf,
     calico::{check_iface_name, parse_ipset_save},
     events::{decode, encode},
-    hooks::drops::{field_offsets, DropReasons},
+    hooks::drops::field_offsets,
+    kernel_names::DropReasons,
     net::Cidr,
 };
 use tracer_common::PacketEvent;

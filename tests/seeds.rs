@@ -7,7 +7,10 @@ use std::{process::Command, time::Duration};
 
 use common::{has_verdict, Agent, TestResult, AGENT_PORT};
 use serde_json::Value;
-use tracer_lab::{scenario, topo::Cluster};
+use tracer_lab::{
+    scenario::{self, ScenarioSpec},
+    topo::Cluster,
+};
 
 /// Agents on every node, reachable across the underlay (for `tracer flows --agents`).
 fn agents(lab: &Cluster, extra: &[&str]) -> Result<Vec<Agent>, Box<dyn std::error::Error>> {
@@ -36,10 +39,10 @@ fn causes(d: &Value) -> Vec<String> {
 
 #[test]
 fn healthy_cluster_raises_no_alarm() -> TestResult {
-    let lab = Cluster::build(&scenario::healthy::config())?;
+    let lab = Cluster::build(&scenario::healthy::Healthy.config())?;
     let agents = agents(&lab, &[])?;
     lab.wait_bgp(Duration::from_secs(15))?;
-    let report = scenario::healthy::drive(&lab)?;
+    let report = scenario::healthy::Healthy.drive(&lab)?;
     assert!(
         report.attempts.iter().all(|a| a.ok()),
         "{:?}",
@@ -101,7 +104,7 @@ fn healthy_bgp_passive_mesh_raises_no_alarm() -> TestResult {
     tracer_lab::bird::birdc(sock, &["restart", &proto])?;
     std::thread::sleep(Duration::from_secs(1));
     lab.wait_bgp(Duration::from_secs(15))?;
-    let report = scenario::healthy::drive(&lab)?;
+    let report = scenario::healthy::Healthy.drive(&lab)?;
     assert!(
         report.attempts.iter().all(|a| a.ok()),
         "{:?}",
@@ -131,10 +134,10 @@ fn healthy_bgp_passive_mesh_raises_no_alarm() -> TestResult {
 
 #[test]
 fn seed_001_far_datastore_is_datastore_latency() -> TestResult {
-    let lab = Cluster::build(&scenario::seed_001::config())?;
+    let lab = Cluster::build(&scenario::seed_001::Seed001.config())?;
     // The lab's startup budget, as an operator would pass calico-node's liveness budget.
     let agents = agents(&lab, &["--liveness-budget", "3500ms"])?;
-    let report = scenario::seed_001::drive(&lab)?;
+    let report = scenario::seed_001::Seed001.drive(&lab)?;
     let startup = report.startup.ok_or("no startup report")?;
     assert!(
         !startup.finished_in_budget,
@@ -168,9 +171,9 @@ fn seed_001_far_datastore_is_datastore_latency() -> TestResult {
 
 #[test]
 fn seed_003_vxlan_parent_on_a_bridge() -> TestResult {
-    let lab = Cluster::build(&scenario::seed_003::config())?;
+    let lab = Cluster::build(&scenario::seed_003::Seed003.config())?;
     let agents = agents(&lab, &[])?;
-    let _ = scenario::seed_003::drive(&lab)?;
+    let _ = scenario::seed_003::Seed003.drive(&lab)?;
     // node2 (the misdetected one): its tunnel traffic carries the bridge's address.
     let n2 = &lab.nodes[1];
     let f = agents[1].wait_flow(
@@ -230,9 +233,9 @@ fn seed_003_vxlan_parent_on_a_bridge() -> TestResult {
 
 #[test]
 fn seed_004_bgp_from_the_second_nic() -> TestResult {
-    let lab = Cluster::build(&scenario::seed_004::config())?;
+    let lab = Cluster::build(&scenario::seed_004::Seed004::Active.config())?;
     let agents = agents(&lab, &[])?;
-    let _ = scenario::seed_004::drive(&lab)?;
+    let _ = scenario::seed_004::Seed004::Active.drive(&lab)?;
     // k8smater1's 10.66.0.66 is the greater address: it dials, from the wrong NIC's address.
     let n2 = &lab.nodes[1];
     let wrong = n2.autodetected_ip.to_string();
@@ -319,9 +322,9 @@ fn seed_004_bgp_from_the_second_nic() -> TestResult {
 
 #[test]
 fn seed_004_passive_misdetected_node_is_dialed() -> TestResult {
-    let lab = Cluster::build(&scenario::seed_004::passive_config())?;
+    let lab = Cluster::build(&scenario::seed_004::Seed004::Passive.config())?;
     let agents = agents(&lab, &[])?;
-    let _ = scenario::seed_004::drive(&lab)?;
+    let _ = scenario::seed_004::Seed004::Passive.drive(&lab)?;
     // k8smater1's 10.0.0.66 is the smaller address: k8smaster2 dials it, off its underlay.
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
     let wrong = n2.autodetected_ip.to_string();

@@ -198,15 +198,6 @@ impl Bird {
     pub fn pid(&self) -> u32 {
         self.daemon.pid()
     }
-
-    pub fn log_path(&self) -> &Path {
-        self.daemon.log_path()
-    }
-
-    /// `birdc show protocols`, parsed.
-    pub fn protocols(&self) -> Result<Vec<Protocol>, LabError> {
-        show_protocols(&self.socket)
-    }
 }
 
 /// One line of `birdc show protocols`.

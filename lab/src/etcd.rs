@@ -307,9 +307,6 @@ pub fn run_startup(
 /// datastore far away. Runs inside a namespace; stops on drop.
 #[derive(Debug)]
 pub struct DelayProxy {
-    listen: SocketAddr,
-    upstream: SocketAddr,
-    delay: Duration,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), LabError>>>,
 }
@@ -337,24 +334,9 @@ impl DelayProxy {
             accept_loop(&listener, upstream, delay, &stop2);
         })?;
         Ok(DelayProxy {
-            listen,
-            upstream,
-            delay,
             stop,
             thread: Some(thread),
         })
-    }
-
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.listen
-    }
-
-    pub fn upstream(&self) -> SocketAddr {
-        self.upstream
-    }
-
-    pub fn delay(&self) -> Duration {
-        self.delay
     }
 }
 

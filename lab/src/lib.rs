@@ -39,10 +39,10 @@
 //! use tracer_lab::{scenario::Scenario, topo::Cluster};
 //!
 //! # fn main() -> Result<(), tracer_lab::LabError> {
-//! let seed = Scenario::Seed003;
+//! let seed: Scenario = "seed-003".parse()?;
 //! let lab = Cluster::build(&seed.config())?;
 //! println!("{}", seed.drive(&lab)?); // the incident's traffic: cross-node connects hang
-//! seed.verify(&lab)?; // tcpdump: VXLAN for ce-demo-2 goes to 10.4.0.1 and dies at the gateway
+//! seed.evidence(&lab)?; // tcpdump: VXLAN for ce-demo-2 goes to 10.4.0.1 and dies at the gateway
 //! # Ok(())
 //! # }
 //! ```

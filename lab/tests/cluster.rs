@@ -7,7 +7,12 @@ use std::time::Instant;
 
 use tracer_lab::calico;
 use tracer_lab::netns;
-use tracer_lab::scenario::{healthy, seed_001, seed_002, seed_003, seed_004, Scenario};
+use tracer_lab::scenario::healthy::{self, Healthy};
+use tracer_lab::scenario::seed_001::Seed001;
+use tracer_lab::scenario::seed_002::Seed002;
+use tracer_lab::scenario::seed_003::Seed003;
+use tracer_lab::scenario::seed_004::{self, Seed004};
+use tracer_lab::scenario::ScenarioSpec;
 use tracer_lab::topo::{Cluster, ClusterConfig};
 
 /// Builds, prints how long it took, runs `f`.
@@ -22,9 +27,10 @@ fn with_lab(cfg: &ClusterConfig, what: &str, f: impl FnOnce(&Cluster)) {
     );
 }
 
-fn show_evidence(s: Scenario, lab: &Cluster) {
+fn show_evidence(spec: &dyn ScenarioSpec, lab: &Cluster) {
+    let s = spec.name();
     let t = Instant::now();
-    match s.evidence(lab) {
+    match spec.evidence(lab) {
         Ok(ev) => {
             for line in ev {
                 eprintln!("  {s}: {line}");
@@ -37,9 +43,9 @@ fn show_evidence(s: Scenario, lab: &Cluster) {
 
 #[test]
 fn healthy_vxlan_cluster_works_end_to_end() {
-    with_lab(&healthy::config(), "healthy", |lab| {
-        show_evidence(Scenario::Healthy, lab);
-        let report = healthy::drive(lab).unwrap();
+    with_lab(&Healthy.config(), "healthy", |lab| {
+        show_evidence(&Healthy, lab);
+        let report = Healthy.drive(lab).unwrap();
         eprintln!("{report}");
         assert!(report.attempts.iter().all(|a| a.ok()), "{report}");
         assert!(report.startup.as_ref().unwrap().finished_in_budget);
@@ -49,7 +55,7 @@ fn healthy_vxlan_cluster_works_end_to_end() {
 #[test]
 fn healthy_bgp_routed_pod_traffic_follows_birds_routes() {
     with_lab(&healthy::bgp_config(), "healthy bgp-routed", |lab| {
-        show_evidence(Scenario::Healthy, lab);
+        show_evidence(&Healthy, lab);
         // No overlay at all: the peer's block is reachable only through BIRD's route.
         assert!(lab.nodes[0]
             .netns
@@ -68,7 +74,7 @@ fn healthy_bgp_routed_pod_traffic_follows_birds_routes() {
 
 #[test]
 fn vxlan_device_fdb_and_routes_are_felixs() {
-    with_lab(&healthy::config(), "felix vxlan", |lab| {
+    with_lab(&Healthy.config(), "felix vxlan", |lab| {
         let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
         let link = n1
             .netns
@@ -124,17 +130,17 @@ fn vxlan_device_fdb_and_routes_are_felixs() {
 
 #[test]
 fn seed_001_far_datastore_outlives_the_liveness_budget() {
-    with_lab(&seed_001::config(), "seed-001", |lab| {
-        show_evidence(Scenario::Seed001, lab);
+    with_lab(&Seed001.config(), "seed-001", |lab| {
+        show_evidence(&Seed001, lab);
     });
 }
 
 #[test]
 fn seed_002_pool_overlapping_the_lan_skips_snat() {
-    with_lab(&seed_002::config(), "seed-002", |lab| {
-        show_evidence(Scenario::Seed002, lab);
+    with_lab(&Seed002.config(), "seed-002", |lab| {
+        show_evidence(&Seed002, lab);
         // Within the pool, across nodes, traffic is fine: only the host network is hit.
-        let r = seed_002::drive(lab).unwrap();
+        let r = Seed002.drive(lab).unwrap();
         eprintln!("{r}");
         let ok: Vec<bool> = r.attempts.iter().map(|a| a.ok()).collect();
         assert_eq!(ok, [false, true, false, true], "{r}");
@@ -143,28 +149,28 @@ fn seed_002_pool_overlapping_the_lan_skips_snat() {
 
 #[test]
 fn seed_003_vxlan_parent_on_the_nerdctl_bridge_blackholes_the_node() {
-    with_lab(&seed_003::config(), "seed-003", |lab| {
-        show_evidence(Scenario::Seed003, lab);
+    with_lab(&Seed003.config(), "seed-003", |lab| {
+        show_evidence(&Seed003, lab);
     });
 }
 
 #[test]
 fn seed_004_bgp_from_the_second_nic_never_establishes() {
-    with_lab(&seed_004::config(), "seed-004", |lab| {
+    with_lab(&Seed004::Active.config(), "seed-004", |lab| {
         assert_eq!(
             seed_004::dialer(lab),
             1,
             "k8smater1 must dial from 10.66.0.66"
         );
-        show_evidence(Scenario::Seed004, lab);
+        show_evidence(&Seed004::Active, lab);
     });
 }
 
 #[test]
 fn seed_004_passive_misdetected_node_is_dialed_and_never_answers() {
-    with_lab(&seed_004::passive_config(), "seed-004-passive", |lab| {
+    with_lab(&Seed004::Passive.config(), "seed-004-passive", |lab| {
         assert_eq!(seed_004::dialer(lab), 0, "k8smaster2 must dial 10.0.0.66");
-        show_evidence(Scenario::Seed004Passive, lab);
+        show_evidence(&Seed004::Passive, lab);
     });
 }
 
@@ -178,7 +184,7 @@ fn daemons_mentioning(path: &str) -> String {
 
 #[test]
 fn teardown_leaves_no_namespaces_processes_or_files() {
-    let lab = Cluster::build(&seed_001::config()).unwrap();
+    let lab = Cluster::build(&Seed001.config()).unwrap();
     let names = lab.netns_names();
     let prefix = format!("{}-", lab.prefix);
     let dir = lab.dir.path().to_path_buf();
@@ -207,7 +213,7 @@ fn teardown_leaves_no_namespaces_processes_or_files() {
     let seen = std::sync::Arc::new(std::sync::Mutex::new((Vec::new(), String::new())));
     let seen2 = seen.clone();
     let result = std::panic::catch_unwind(move || {
-        let lab = Cluster::build(&healthy::config()).unwrap();
+        let lab = Cluster::build(&Healthy.config()).unwrap();
         *seen2.lock().unwrap() = (
             lab.netns_names(),
             lab.dir.path().to_string_lossy().into_owned(),
@@ -224,16 +230,16 @@ fn teardown_leaves_no_namespaces_processes_or_files() {
 
 #[test]
 fn build_rejects_bad_configs_before_creating_anything() {
-    let mut cfg = healthy::config();
+    let mut cfg = Healthy.config();
     cfg.lan = "172.16.0.0/24".into();
     assert!(Cluster::build(&cfg).is_err());
-    let mut cfg = healthy::config();
+    let mut cfg = Healthy.config();
     cfg.nodes[1].pods[0].ip = "10.244.142.50".into(); // in node1's block
     assert!(Cluster::build(&cfg).is_err());
-    let mut cfg = healthy::config();
+    let mut cfg = Healthy.config();
     cfg.nodes[1].autodetect_iface = Some("nerdctl0".into()); // no such interface
     assert!(Cluster::build(&cfg).is_err());
-    let mut cfg = healthy::config();
+    let mut cfg = Healthy.config();
     cfg.nodes[1].block = "10.244.228.130/26".into(); // unaligned
     assert!(Cluster::build(&cfg).is_err());
 }

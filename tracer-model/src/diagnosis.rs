@@ -1,10 +1,16 @@
-//! Diagnoses: a cause, what shows it, and what to change.
-use serde::{Deserialize, Serialize};
+//! A diagnosis: why a flow (or the node) went wrong, what shows it, and what to change.
+//!
+//! Evidence is typed per cause. Its JSON is the agent's API and was first written as sorted
+//! `serde_json` objects, so every struct here declares its fields in alphabetical order, and a
+//! key that was absent is skipped, never `null`.
+//!
+//! Addresses are [`IpAddr`]s (they serialise as strings); prefixes (`10.244.0.0/16`) and
+//! interface addresses (`10.4.0.1/24`) are strings, as this crate has no CIDR type.
+use std::net::IpAddr;
 
-use crate::Cause;
+use serde::{Deserialize, Serialize, Serializer};
 
-/// What shows a cause (typed per cause by the diagnose split).
-pub type Evidence = serde_json::Value;
+use crate::{Cause, Dir, Side};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Diagnosis {
@@ -14,11 +20,597 @@ pub struct Diagnosis {
     pub fix: String,
 }
 
+/// What shows a diagnosis, one shape per rule. Untagged: the JSON is the shape's fields alone.
+///
+/// Deserialising tries the variants in declaration order and takes the first whose required
+/// keys are all present, so a shape whose keys contain another's comes before it
+/// (`PoolOverlap` before `NodePoolOverlap`, everything with a `reply` before
+/// `DestinationUnresponsive`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Evidence {
+    /// `ippool_overlaps_host_network`, seen on a flow.
+    PoolOverlap(PoolOverlap),
+    /// `nat_outgoing_disabled`.
+    NatOutgoingDisabled(NatOutgoingDisabled),
+    /// `masquerade_not_applied`.
+    MasqueradeNotApplied(MasqueradeNotApplied),
+    /// `node_address_on_wrong_interface`: a packet left with another interface's address.
+    WrongSource(WrongSource),
+    /// `node_address_on_wrong_interface`: the VXLAN device's parent does not reach the peers.
+    WrongParent(WrongParent),
+    /// `node_address_on_wrong_interface`, from the node alone: the VXLAN parent is a container
+    /// bridge.
+    BridgeParent(BridgeParent),
+    /// `datastore_latency`.
+    DatastoreLatency(DatastoreLatency),
+    /// `node_address_on_wrong_interface`: a peer dials in from an address off the underlay.
+    UnackedOffLinkPeer(UnackedOffLinkPeer),
+    /// `node_address_on_wrong_interface`: an unanswered peer off the underlay.
+    OffLinkPeer(OffLinkPeer),
+    /// `kernel_drop`.
+    KernelDrop(KernelDrop),
+    /// `pod_route_missing`.
+    PodRouteMissing(PodRouteMissing),
+    /// `ippool_overlaps_host_network`, from the node alone.
+    NodePoolOverlap(NodePoolOverlap),
+    /// `destination_unresponsive`.
+    DestinationUnresponsive(DestinationUnresponsive),
+}
+
+impl Evidence {
+    /// Notes that felix left the flow un-masqueraded on purpose, next to another cause (the
+    /// destination must then route the pod address back). The SNAT and node shapes never meet
+    /// an exclusion: they are left alone.
+    pub fn note_exclusion(&mut self, x: SnatExclusion) {
+        let slot = match self {
+            Evidence::WrongSource(e) => &mut e.snat_excluded,
+            Evidence::WrongParent(e) => &mut e.snat_excluded,
+            Evidence::DatastoreLatency(e) => &mut e.snat_excluded,
+            Evidence::UnackedOffLinkPeer(e) => &mut e.snat_excluded,
+            Evidence::OffLinkPeer(e) => &mut e.snat_excluded,
+            Evidence::KernelDrop(e) => &mut e.snat_excluded,
+            Evidence::PodRouteMissing(e) => &mut e.snat_excluded,
+            Evidence::DestinationUnresponsive(e) => &mut e.snat_excluded,
+            Evidence::PoolOverlap(_)
+            | Evidence::NatOutgoingDisabled(_)
+            | Evidence::MasqueradeNotApplied(_)
+            | Evidence::BridgeParent(_)
+            | Evidence::NodePoolOverlap(_) => return,
+        };
+        *slot = Some(x);
+    }
+}
+
 /// Why felix skipped masquerade on purpose: not a fault, so not a diagnosis.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnatExclusion {
     /// The felix setting that did it, e.g. `NATOutgoingExclusions=IPPoolsAndHostIPs`.
     pub setting: String,
     pub summary: String,
-    pub evidence: Evidence,
+    pub evidence: ExclusionEvidence,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ExclusionEvidence {
+    /// `IptablesNATOutgoingInterfaceFilter`: the rule only masquerades traffic leaving some
+    /// interfaces.
+    InterfaceFilter {
+        left_node_unmasqueraded: Leaving,
+        out_iface_filter: String,
+        out_iface_negated: bool,
+        rule_chain: String,
+    },
+    /// `NATOutgoingExclusions=IPPoolsAndHostIPs`: the destination is a node address.
+    HostIps {
+        host_net: String,
+        ipset: String,
+        left_node_unmasqueraded: Leaving,
+        rule_chain: String,
+    },
+    /// A LoadBalancer-only pool, which felix up to v3.32.0 never masquerades to.
+    LbOnlyPool {
+        lb_only_pool: String,
+        left_node_unmasqueraded: Leaving,
+        rule_chain: String,
+    },
+}
+
+/// An exclusion noted in evidence was a `json!` copy, whose keys serialise sorted: `evidence`
+/// first, where a flow's own `snat_excluded` has it last.
+fn exclusion_sorted<S: Serializer>(x: &Option<SnatExclusion>, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Sorted<'a> {
+        evidence: &'a ExclusionEvidence,
+        setting: &'a str,
+        summary: &'a str,
+    }
+    x.as_ref()
+        .map(|x| Sorted {
+            evidence: &x.evidence,
+            setting: &x.setting,
+            summary: &x.summary,
+        })
+        .serialize(s)
+}
+
+/// A pod's packet as it left a host interface without masquerade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Leaving {
+    pub dir: Dir,
+    pub dport: u16,
+    pub dst: IpAddr,
+    pub iface: String,
+    pub proto: String,
+    pub sport: u16,
+    pub src: IpAddr,
+}
+
+/// Whether the flow was answered, and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Answered {
+        after_ms: u64,
+        /// Always true.
+        replied: bool,
+    },
+    Unanswered {
+        /// Always false.
+        replied: bool,
+        retransmits: u32,
+        waited_ms: u64,
+    },
+}
+
+impl Reply {
+    pub fn answered(after_ms: u64) -> Reply {
+        Reply::Answered {
+            after_ms,
+            replied: true,
+        }
+    }
+
+    pub fn unanswered(waited_ms: u64, retransmits: u32) -> Reply {
+        Reply::Unanswered {
+            replied: false,
+            retransmits,
+            waited_ms,
+        }
+    }
+}
+
+/// felix's natOutgoing rule as read from its `cali-nat-outgoing` chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatOutgoingRule {
+    pub excludes_host_ips: bool,
+    pub out_iface: Option<String>,
+    pub out_iface_negated: bool,
+    pub pool_set: Option<String>,
+    pub rules: u64,
+}
+
+/// A route of the node's table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub dev: Option<String>,
+    pub dst: String,
+    pub via: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolOverlap {
+    pub host_iface: String,
+    pub host_subnet: String,
+    pub left_node_unmasqueraded: Leaving,
+    pub masq_pools: Vec<String>,
+    pub pod_pool: String,
+    pub pool: String,
+    pub pools_source: String,
+    pub reply: Reply,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NatOutgoingDisabled {
+    pub left_node_unmasqueraded: Leaving,
+    pub masq_pools: Vec<String>,
+    pub nat_outgoing_rule: Option<NatOutgoingRule>,
+    pub pod_pool: String,
+    pub pools_source: String,
+    pub reply: Reply,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MasqueradeNotApplied {
+    pub left_node_unmasqueraded: Leaving,
+    pub nat_outgoing_rule: Option<NatOutgoingRule>,
+    pub pod_pool: String,
+    pub reply: Reply,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WrongSource {
+    pub destination: IpAddr,
+    pub dport: u16,
+    pub egress_iface: String,
+    pub egress_subnets: Vec<String>,
+    pub retransmits: u32,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exclusion_sorted"
+    )]
+    pub snat_excluded: Option<SnatExclusion>,
+    pub source: IpAddr,
+    pub source_iface: String,
+    pub source_subnet: String,
+    /// Whether `source` is a tunnel packet's outer source.
+    pub tunnel_outer_header: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WrongParent {
+    /// Host interfaces the encapsulated packets left by.
+    pub outer_packets_left: Vec<String>,
+    pub parent_addresses: Vec<String>,
+    pub parent_device: String,
+    pub parent_kind: Option<String>,
+    pub peer_vtep: Option<IpAddr>,
+    pub route_to_peers_via: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exclusion_sorted"
+    )]
+    pub snat_excluded: Option<SnatExclusion>,
+    pub tunnel_device: String,
+    pub vtep_local: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BridgeParent {
+    pub bridge_ports: Vec<String>,
+    pub default_route_via: String,
+    pub parent_addresses: Vec<String>,
+    pub parent_device: String,
+    pub tunnel_device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatastoreLatency {
+    pub budget: Option<LivenessBudget>,
+    /// `address:port`.
+    pub datastore: String,
+    pub exchanges: u64,
+    pub handshake_ms: Option<f64>,
+    pub max_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exclusion_sorted"
+    )]
+    pub snat_excluded: Option<SnatExclusion>,
+    pub total_wait_ms: u64,
+}
+
+/// How many datastore reads of the median latency fit in calico-node's liveness budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LivenessBudget {
+    pub liveness_budget_s: f64,
+    pub sequential_reads_that_fit: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnackedOffLinkPeer {
+    pub arrived_on: String,
+    pub dport: u16,
+    pub peer_address: IpAddr,
+    pub retransmits: u32,
+    pub route: Route,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exclusion_sorted"
+    )]
+    pub snat_excluded: Option<SnatExclusion>,
+    pub underlay_subnets: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OffLinkPeer {
+    pub dport: u16,
+    pub left_via: String,
+    pub peer_address: IpAddr,
+    pub route: Route,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exclusion_sorted"
+    )]
+    pub snat_excluded: Option<SnatExclusion>,
+    pub underlay_subnets: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelDrop {
+    pub drops: Vec<Drop>,
+    pub reply: Reply,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exclusion_sorted"
+    )]
+    pub snat_excluded: Option<SnatExclusion>,
+}
+
+/// Packets the kernel dropped with one reason at one place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drop {
+    pub after_ms: u64,
+    pub count: u32,
+    /// The kernel function, `symbol+0xoffset`, when kallsyms is readable.
+    pub function: Option<String>,
+    pub iface: Option<String>,
+    /// The kernel's name, e.g. `NETFILTER_DROP` (`REASON_<n>` when unknown).
+    pub reason: String,
+    pub reason_code: u32,
+    pub side: Side,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PodRouteMissing {
+    pub destination: IpAddr,
+    pub pool: String,
+    pub route_used: Route,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exclusion_sorted"
+    )]
+    pub snat_excluded: Option<SnatExclusion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodePoolOverlap {
+    pub host_iface: String,
+    pub host_subnet: String,
+    pub pool: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DestinationUnresponsive {
+    pub last_forward_hop: Option<HopSeen>,
+    pub reply: Reply,
+    pub route: Option<Route>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exclusion_sorted"
+    )]
+    pub snat_excluded: Option<SnatExclusion>,
+}
+
+/// Where a packet was seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopSeen {
+    pub dir: Dir,
+    pub dst: IpAddr,
+    pub iface: String,
+    pub src: IpAddr,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
+    fn leaving() -> Leaving {
+        Leaving {
+            dir: Dir::Egress,
+            dport: 6443,
+            dst: ip("192.168.21.11"),
+            iface: "eth0".into(),
+            proto: "tcp".into(),
+            sport: 40000,
+            src: ip("10.244.1.10"),
+        }
+    }
+
+    fn route() -> Route {
+        Route {
+            dev: Some("eth0".into()),
+            dst: "0.0.0.0/0".into(),
+            via: Some(ip("10.51.0.1")),
+        }
+    }
+
+    fn exclusion() -> SnatExclusion {
+        SnatExclusion {
+            setting: "NATOutgoingExclusions=IPPoolsAndHostIPs".into(),
+            summary: "on purpose".into(),
+            evidence: ExclusionEvidence::HostIps {
+                host_net: "192.168.21.11/32".into(),
+                ipset: "cali40all-hosts-net".into(),
+                left_node_unmasqueraded: leaving(),
+                rule_chain: "cali-nat-outgoing".into(),
+            },
+        }
+    }
+
+    /// One value of every shape, as the rules fill them.
+    fn every_shape() -> Vec<Evidence> {
+        let rule = NatOutgoingRule {
+            excludes_host_ips: false,
+            out_iface: Some("eth+".into()),
+            out_iface_negated: false,
+            pool_set: None,
+            rules: 1,
+        };
+        vec![
+            Evidence::PoolOverlap(PoolOverlap {
+                host_iface: "eth0".into(),
+                host_subnet: "192.168.21.0/24".into(),
+                left_node_unmasqueraded: leaving(),
+                masq_pools: vec!["192.168.0.0/16".into()],
+                pod_pool: "192.168.0.0/16".into(),
+                pool: "192.168.0.0/16".into(),
+                pools_source: "ipset".into(),
+                reply: Reply::unanswered(9999, 0),
+            }),
+            Evidence::NatOutgoingDisabled(NatOutgoingDisabled {
+                left_node_unmasqueraded: leaving(),
+                masq_pools: vec![],
+                nat_outgoing_rule: None,
+                pod_pool: "10.244.0.0/16".into(),
+                pools_source: "ipset".into(),
+                reply: Reply::unanswered(9999, 2),
+            }),
+            Evidence::MasqueradeNotApplied(MasqueradeNotApplied {
+                left_node_unmasqueraded: leaving(),
+                nat_outgoing_rule: Some(rule),
+                pod_pool: "10.244.0.0/16".into(),
+                reply: Reply::unanswered(9999, 0),
+            }),
+            Evidence::WrongSource(WrongSource {
+                destination: ip("10.51.0.100"),
+                dport: 179,
+                egress_iface: "eth0".into(),
+                egress_subnets: vec!["10.51.0.0/24".into()],
+                retransmits: 3,
+                snat_excluded: None,
+                source: ip("10.0.0.66"),
+                source_iface: "eth1".into(),
+                source_subnet: "10.0.0.0/24".into(),
+                tunnel_outer_header: false,
+            }),
+            Evidence::WrongParent(WrongParent {
+                outer_packets_left: vec!["nerdctl0".into()],
+                parent_addresses: vec!["10.4.0.1/24".into()],
+                parent_device: "nerdctl0".into(),
+                parent_kind: Some("bridge".into()),
+                peer_vtep: None,
+                route_to_peers_via: Some("eth0".into()),
+                snat_excluded: None,
+                tunnel_device: "vxlan.calico".into(),
+                vtep_local: Some(ip("10.4.0.1")),
+            }),
+            Evidence::BridgeParent(BridgeParent {
+                bridge_ports: vec!["veth1".into()],
+                default_route_via: "eth0".into(),
+                parent_addresses: vec!["10.4.0.1/24".into()],
+                parent_device: "nerdctl0".into(),
+                tunnel_device: "vxlan.calico".into(),
+            }),
+            Evidence::DatastoreLatency(DatastoreLatency {
+                budget: Some(LivenessBudget {
+                    liveness_budget_s: 3.0,
+                    sequential_reads_that_fit: 20,
+                }),
+                datastore: "10.51.0.10:2379".into(),
+                exchanges: 20,
+                handshake_ms: None,
+                max_ms: 150.0,
+                p50_ms: 150.0,
+                p90_ms: 150.0,
+                snat_excluded: None,
+                total_wait_ms: 3000,
+            }),
+            Evidence::UnackedOffLinkPeer(UnackedOffLinkPeer {
+                arrived_on: "eth0".into(),
+                dport: 179,
+                peer_address: ip("10.66.0.66"),
+                retransmits: 0,
+                route: route(),
+                snat_excluded: None,
+                underlay_subnets: vec!["10.51.0.0/24".into()],
+            }),
+            Evidence::OffLinkPeer(OffLinkPeer {
+                dport: 4789,
+                left_via: "eth0".into(),
+                peer_address: ip("10.4.0.1"),
+                route: route(),
+                snat_excluded: None,
+                underlay_subnets: vec!["10.51.0.0/24".into()],
+            }),
+            Evidence::KernelDrop(KernelDrop {
+                drops: vec![Drop {
+                    after_ms: 0,
+                    count: 1,
+                    function: None,
+                    iface: Some("eth0".into()),
+                    reason: "NETFILTER_DROP".into(),
+                    reason_code: 12,
+                    side: Side::Reverse,
+                }],
+                reply: Reply::answered(1),
+                snat_excluded: None,
+            }),
+            Evidence::PodRouteMissing(PodRouteMissing {
+                destination: ip("10.244.228.139"),
+                pool: "10.244.0.0/16".into(),
+                route_used: route(),
+                snat_excluded: None,
+            }),
+            Evidence::NodePoolOverlap(NodePoolOverlap {
+                host_iface: "eth0".into(),
+                host_subnet: "10.51.0.0/24".into(),
+                pool: "10.0.0.0/8".into(),
+            }),
+            Evidence::DestinationUnresponsive(DestinationUnresponsive {
+                last_forward_hop: None,
+                reply: Reply::unanswered(9999, 0),
+                route: None,
+                snat_excluded: Some(exclusion()),
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_shape_reads_back_as_itself() {
+        for e in every_shape() {
+            let json = serde_json::to_string(&e).unwrap_or_default();
+            let back: Result<Evidence, _> = serde_json::from_str(&json);
+            assert_eq!(back.ok().as_ref(), Some(&e), "{json}");
+        }
+        let d = Diagnosis {
+            cause: Cause::KernelDrop,
+            summary: "s".into(),
+            evidence: every_shape().swap_remove(9),
+            fix: "f".into(),
+        };
+        let json = serde_json::to_string(&d).unwrap_or_default();
+        assert!(json.starts_with(r#"{"cause":"kernel_drop","summary":"s","evidence":{"drops":"#));
+        let back: Option<Diagnosis> = serde_json::from_str(&json).ok();
+        assert_eq!(back, Some(d));
+    }
+
+    #[test]
+    fn an_exclusion_noted_in_evidence_has_its_keys_sorted() {
+        let mut e = every_shape().swap_remove(3);
+        e.note_exclusion(exclusion());
+        let json = serde_json::to_string(&e).unwrap_or_default();
+        assert!(
+            json.contains(r#""snat_excluded":{"evidence":{"host_net""#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#""summary":"on purpose"},"source":"#),
+            "{json}"
+        );
+        // The flow's own exclusion keeps declaration order.
+        let own = serde_json::to_string(&exclusion()).unwrap_or_default();
+        assert!(own.starts_with(r#"{"setting":"#), "{own}");
+        // SNAT shapes never meet an exclusion: the note is not theirs to carry.
+        let mut overlap = every_shape().swap_remove(0);
+        let before = overlap.clone();
+        overlap.note_exclusion(exclusion());
+        assert_eq!(overlap, before);
+    }
 }

@@ -16,7 +16,7 @@ pub mod watch;
 
 pub use attach::{Attached, Attachment};
 pub use diagnoses::DiagnosesAnswer;
-pub use diagnosis::{Diagnosis, SnatExclusion};
+pub use diagnosis::{Diagnosis, Evidence, SnatExclusion};
 pub use flow::{FlowView, FlowsPage};
 pub use health::{Health, Readiness};
 pub use net::Cidr;

@@ -1,4 +1,5 @@
-//! Verdicts, causes, interface roles and attach modes, with their stable wire names.
+//! Verdicts, causes, interface roles, attach modes and packet directions, with their stable wire
+//! names.
 use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};

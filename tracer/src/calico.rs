@@ -9,6 +9,9 @@ use crate::{
     netlink::{Link, NodeFacts},
 };
 
+/// felix's default InterfacePrefix: pods' host-side veths are named `cali<11 hex digits>`.
+pub const DEFAULT_INTERFACE_PREFIX: &str = "cali";
+
 /// felix's ipset of the IPv4 pools whose destinations are not masqueraded: `all-ipam-pools` up to
 /// v3.32.0 (every pool), `network-ip-pools` from v3.32.1 (LoadBalancer-only pools left out).
 pub const ALL_POOLS_SETS_V4: &[&str] = &["cali40all-ipam-pools", "cali40network-ip-pools"];
@@ -73,6 +76,32 @@ pub struct Pools {
     pub host_nets_v6: Option<Vec<Cidr>>,
     /// Why a natOutgoing rule is unknown, for the operator's benefit.
     pub nat_outgoing_errors: Vec<String>,
+}
+
+impl From<&Pools> for tracer_model::health::PoolsView {
+    fn from(p: &Pools) -> Self {
+        let nat = |n: &Option<NatOutgoing>| {
+            n.as_ref().map(|n| tracer_model::health::NatOutgoingView {
+                rules: n.rules,
+                pool_set: n.pool_set.clone(),
+                excludes_host_ips: n.excludes_host_ips,
+                out_iface: n.out_iface.clone(),
+                out_iface_negated: n.out_iface_negated,
+            })
+        };
+        tracer_model::health::PoolsView {
+            all: p.all.clone(),
+            masq: p.masq.clone(),
+            source: p.source.clone(),
+            missing_sets: p.missing_sets.clone(),
+            lb_only: p.lb_only.clone(),
+            nat_outgoing_v4: nat(&p.nat_outgoing_v4),
+            nat_outgoing_v6: nat(&p.nat_outgoing_v6),
+            host_nets_v4: p.host_nets_v4.as_ref().map(Vec::len),
+            host_nets_v6: p.host_nets_v6.as_ref().map(Vec::len),
+            nat_outgoing_errors: p.nat_outgoing_errors.clone(),
+        }
+    }
 }
 
 fn member_count<S: serde::Serializer>(v: &Option<Vec<Cidr>>, s: S) -> Result<S::Ok, S::Error> {
@@ -518,13 +547,10 @@ pub fn parse_ipset_save(text: &str) -> Vec<Cidr> {
         .collect()
 }
 
-/// felix's default InterfacePrefix.
-pub const DEFAULT_IFACE_PREFIX: &str = "cali";
-
 /// Calico's host-side veth name for a pod: "cali" + the first 11 hex digits of
 /// sha1("<namespace>.<pod>") (felix's default InterfacePrefix).
 pub fn veth_name(namespace: &str, pod: &str) -> String {
-    veth_name_with_prefix(DEFAULT_IFACE_PREFIX, namespace, pod)
+    veth_name_with_prefix(DEFAULT_INTERFACE_PREFIX, namespace, pod)
 }
 
 /// As libcalico-go's `VethNameForWorkload`: the prefix, then always 11 hex digits of the sha1,
@@ -533,7 +559,7 @@ pub fn veth_name(namespace: &str, pod: &str) -> String {
 pub fn veth_name_with_prefix(prefix: &str, namespace: &str, pod: &str) -> String {
     let first = prefix.split(',').next().unwrap_or("").trim();
     let first = if first.is_empty() {
-        DEFAULT_IFACE_PREFIX
+        DEFAULT_INTERFACE_PREFIX
     } else {
         first
     };
@@ -573,7 +599,7 @@ pub struct RoleConfig {
 impl Default for RoleConfig {
     fn default() -> Self {
         RoleConfig {
-            workload_prefixes: vec![DEFAULT_IFACE_PREFIX.into()],
+            workload_prefixes: vec![DEFAULT_INTERFACE_PREFIX.into()],
             host_ifaces: Vec::new(),
         }
     }

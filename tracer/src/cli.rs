@@ -10,7 +10,11 @@ use tracer_model::{
     Cause, Verdict,
 };
 
-use crate::{calico::RoleConfig, net::Cidr};
+use crate::{
+    calico::{RoleConfig, DEFAULT_INTERFACE_PREFIX},
+    diagnose::{DEFAULT_DATASTORE_PORTS, DEFAULT_NO_REPLY_TIMEOUT, DEFAULT_SLOW_THRESHOLD},
+    net::Cidr,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -76,7 +80,7 @@ pub struct WatchArgs {
     pub namespace: String,
     /// felix's InterfacePrefix (a comma-separated list, as FELIX_INTERFACEPREFIX): the first
     /// entry names the pod's veth.
-    #[arg(long, env = "FELIX_INTERFACEPREFIX", default_value = crate::calico::DEFAULT_IFACE_PREFIX)]
+    #[arg(long, env = "FELIX_INTERFACEPREFIX", default_value = DEFAULT_INTERFACE_PREFIX)]
     pub iface_prefix: String,
     #[command(flatten)]
     pub conn: AgentConn,
@@ -114,7 +118,7 @@ pub struct AgentArgs {
         long = "iface-prefix",
         env = "FELIX_INTERFACEPREFIX",
         value_delimiter = ',',
-        default_values_t = vec![crate::calico::DEFAULT_IFACE_PREFIX.to_string()]
+        default_values_t = vec![DEFAULT_INTERFACE_PREFIX.to_string()]
     )]
     pub iface_prefixes: Vec<String>,
     /// Host NIC to observe; repeat for several. Default: interfaces with the default route, a
@@ -128,14 +132,14 @@ pub struct AgentArgs {
     #[arg(long = "masq-pool")]
     pub masq_pools: Vec<Cidr>,
     /// How long a request may wait for its first reply before the flow is `no_reply`.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    pub no_reply_timeout: Duration,
+    #[arg(long, default_value_t = DEFAULT_NO_REPLY_TIMEOUT.into())]
+    pub no_reply_timeout: humantime::Duration,
     /// Datastore ports whose exchanges are timed for slow_response (etcd, apiserver, Typha).
-    #[arg(long = "datastore-port", default_values_t = vec![2379u16, 6443, 5473])]
+    #[arg(long = "datastore-port", default_values_t = DEFAULT_DATASTORE_PORTS)]
     pub datastore_ports: Vec<u16>,
     /// Median exchange latency above which a datastore flow is slow_response.
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
-    pub slow_threshold: Duration,
+    #[arg(long, default_value_t = DEFAULT_SLOW_THRESHOLD.into())]
+    pub slow_threshold: humantime::Duration,
     /// calico-node's liveness budget (initialDelaySeconds + failureThreshold x periodSeconds,
     /// e.g. 70s for 10 + 6 x 10), to say whether startup at the measured latency fits.
     #[arg(long, value_parser = humantime::parse_duration)]

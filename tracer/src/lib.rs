@@ -16,6 +16,7 @@ pub mod diagnose;
 pub mod events;
 pub mod flows;
 pub mod hooks;
+pub mod kernel_names;
 pub mod net;
 pub mod netlink;
 pub mod state;

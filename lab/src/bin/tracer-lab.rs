@@ -2,7 +2,6 @@
 //! in network namespaces, runs a tracer agent on every node, drives the scenario's traffic,
 //! proves the fault at the packet level, and reports what tracer diagnosed.
 
-use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -78,12 +77,8 @@ struct RunArgs {
 }
 
 fn parse_scenario(s: &str) -> Result<Scenario, String> {
-    s.parse().map_err(|_| {
-        format!(
-            "unknown scenario (known: {})",
-            Scenario::ALL.map(Scenario::name).join(", ")
-        )
-    })
+    s.parse()
+        .map_err(|_| format!("unknown scenario (known: {})", Scenario::names()))
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -169,7 +164,7 @@ impl Outcome {
         }
         match self.scenario.expected_cause() {
             None => self.reported.is_empty(),
-            Some(c) => self.reported.iter().any(|(r, _)| r == c),
+            Some(c) => self.reported.iter().any(|(r, _)| r == c.as_str()),
         }
     }
 
@@ -188,14 +183,6 @@ impl Outcome {
     }
 }
 
-fn expected_text(s: Scenario) -> String {
-    match (s.expected_cause(), s.expected_verdict()) {
-        (None, _) => "none".into(),
-        (Some(c), Some(v)) if s != Scenario::Seed002 => format!("{c} ({v})"),
-        (Some(c), _) => c.into(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -205,7 +192,7 @@ fn main() -> ExitCode {
                     "{:<16} {}\n                 expected: {}",
                     s.name(),
                     s.title(),
-                    expected_text(s)
+                    s.expected_text()
                 );
             }
             ExitCode::SUCCESS
@@ -395,7 +382,7 @@ fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
             }
         }
         if let Some(v) = s.expected_verdict() {
-            if let Ok(Some(count)) = a.flows_with_verdict(&n.netns, v) {
+            if let Ok(Some(count)) = a.flows_with_verdict(&n.netns, v.as_str()) {
                 println!("  flows with verdict {v}: {count}");
             }
         }
@@ -408,7 +395,7 @@ fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
     };
     println!(
         "\n[lab] {s}: expected {}, tracer reported {} -> {}",
-        expected_text(s),
+        s.expected_text(),
         outcome.reported_text(),
         if outcome.matched() {
             "match"
@@ -462,18 +449,9 @@ fn sleep_interruptible(d: Duration) -> Result<(), Stop> {
     checkpoint()
 }
 
-/// The address worth querying the agents about in each scenario.
-fn focus(s: Scenario, lab: &Cluster) -> Option<IpAddr> {
-    match s {
-        Scenario::Seed001 => Some(lab.etcd_endpoint().ip()),
-        Scenario::Seed002 => Some(lab.apiserver_addr().ip()),
-        _ => lab.pods_on(1).next().map(|p| IpAddr::V4(p.ip())),
-    }
-}
-
 fn print_keep_help(s: Scenario, lab: &Cluster, tracer_bin: &Path) {
     println!("\n[lab] {s}'s lab is up. Query the agents:");
-    let dst = focus(s, lab).map(|ip| ip.to_string()).unwrap_or_default();
+    let dst = s.focus(lab).map(|ip| ip.to_string()).unwrap_or_default();
     for n in &lab.nodes {
         let ns = n.netns.name();
         println!(
@@ -525,7 +503,7 @@ fn print_summary(outcomes: &[Outcome]) {
                     Ok(()) => "yes".into(),
                     Err(_) => "NO".into(),
                 },
-                expected_text(o.scenario),
+                o.scenario.expected_text(),
                 o.reported_text(),
                 if o.matched() { "yes" } else { "no" }.into(),
             ]

@@ -242,11 +242,6 @@ impl ClusterNode {
     pub fn bird_socket(&self) -> Option<&Path> {
         self.bird.as_ref().map(|b| b.socket.as_path())
     }
-
-    /// True if autodetection picked something other than the LAN NIC.
-    pub fn misdetected(&self) -> bool {
-        self.autodetected_iface != self.nic
-    }
 }
 
 /// The datastore: etcd on the external host, possibly behind a delay proxy.
@@ -464,327 +459,37 @@ impl Cluster {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Cluster, LabError> {
         let plan = cfg.plan()?;
+        let b = Build { cfg, plan: &plan };
         let prefix = unique_prefix();
         let dir = LabDir::create(&prefix)?;
-        let lan_len = plan.lan.prefix;
-
-        progress(&format!(
-            "creating namespaces (underlay, gateway, external host, {}) with prefix {prefix}...",
-            cfg.nodes
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        let underlay = Netns::create(&format!("{prefix}-underlay"))?;
-        let gateway = Netns::create(&format!("{prefix}-gw"))?;
-        let external = Netns::create(&format!("{prefix}-ext"))?;
-        let mut node_ns = Vec::new();
-        for n in &cfg.nodes {
-            node_ns.push(Netns::create(&format!("{prefix}-{}", n.name))?);
-        }
-        for ns in [&underlay, &gateway, &external].into_iter().chain(&node_ns) {
-            ns.disable_ipv6()?;
-        }
-
-        progress(&format!(
-            "wiring the LAN {} (gateway {}, external host {}, nodes on {})...",
-            cfg.lan, plan.gateway_ip, plan.external_ip, cfg.nic
-        ));
-        underlay.ip(&["link", "add", LAN_BRIDGE, "type", "bridge"])?;
-        underlay.ip(&["link", "set", LAN_BRIDGE, "up"])?;
-        lan_attach(
-            &underlay,
-            &gateway,
-            "eth0",
-            LAN_BRIDGE,
-            "gw",
-            plan.gateway_ip,
-            lan_len,
-        )?;
-        lan_attach(
-            &underlay,
-            &external,
-            "eth0",
-            LAN_BRIDGE,
-            "ext",
-            plan.external_ip,
-            lan_len,
-        )?;
-        // The gateway forwards but has nothing beyond its LAN address: replies to pod or
-        // foreign source addresses die there, as on the seeds' networks.
-        gateway.sysctl("net/ipv4/ip_forward", "1")?;
-        let gw = plan.gateway_ip.to_string();
-        external.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
-
-        let mut extra_lans = 0;
-        for (i, (n, p)) in cfg.nodes.iter().zip(&plan.nodes).enumerate() {
-            let ns = &node_ns[i];
-            lan_attach(
-                &underlay,
-                ns,
-                &cfg.nic,
-                LAN_BRIDGE,
-                &format!("node{}", i + 1),
-                p.ip,
-                lan_len,
-            )?;
-            // New namespaces start from kernel defaults unless the host sets
-            // devconf_inherit_init_net; pin what a node needs: forwarding, and no reverse-path
-            // filtering on host interfaces (felix only sets strict mode on workload veths).
-            ns.sysctl("net/ipv4/ip_forward", "1")?;
-            for conf in ["all", "default", cfg.nic.as_str()] {
-                ns.sysctl(&format!("net/ipv4/conf/{conf}/rp_filter"), "0")?;
-            }
-            ns.ip(&["route", "add", "default", "via", &gw, "dev", &cfg.nic])?;
-            if let (Some(x), Some(c)) = (&n.extra_nic, &p.extra_nic) {
-                extra_lans += 1;
-                let bridge = format!("br{extra_lans}");
-                progress(&format!(
-                    "{}: second NIC {} {} on its own LAN ({bridge}, no other node on it)...",
-                    n.name, x.name, x.address
-                ));
-                underlay.ip(&["link", "add", &bridge, "type", "bridge"])?;
-                underlay.ip(&["link", "set", &bridge, "up"])?;
-                lan_attach(
-                    &underlay,
-                    ns,
-                    &x.name,
-                    &bridge,
-                    &format!("node{}-x", i + 1),
-                    c.addr,
-                    c.prefix,
-                )?;
-            }
-        }
-
-        let mut containers: Vec<Option<Netns>> = Vec::new();
-        for (i, (n, p)) in cfg.nodes.iter().zip(&plan.nodes).enumerate() {
-            let ns = &node_ns[i];
-            let (Some(b), Some((c, ctr_ip))) = (&n.extra_bridge, &p.bridge) else {
-                containers.push(None);
-                continue;
-            };
-            progress(&format!(
-                "{}: bridge {} {} with a container on {}...",
-                n.name, b.name, b.address, b.container_veth
-            ));
-            ns.ip(&["link", "add", &b.name, "type", "bridge"])?;
-            ns.ip(&["addr", "add", &cidr_text(c), "dev", &b.name])?;
-            ns.ip(&["link", "set", &b.name, "up"])?;
-            let ctr = Netns::create(&format!("{}-ctr", ns.name()))?;
-            ctr.disable_ipv6()?;
-            ctr.ip(&[
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &b.container_veth,
-                "netns",
-                ns.name(),
-            ])?;
-            ns.ip(&["link", "set", &b.container_veth, "master", &b.name])?;
-            ns.ip(&["link", "set", &b.container_veth, "up"])?;
-            ctr.ip(&[
-                "addr",
-                "add",
-                &format!("{ctr_ip}/{}", c.prefix),
-                "dev",
-                "eth0",
-            ])?;
-            ctr.ip(&["link", "set", "eth0", "up"])?;
-            ctr.ip(&["route", "add", "default", "via", &c.addr.to_string()])?;
-            containers.push(Some(ctr));
-        }
-
-        let mut pods = Vec::new();
-        for (i, (n, p)) in cfg.nodes.iter().zip(&plan.nodes).enumerate() {
-            let ns = &node_ns[i];
-            progress(&format!(
-                "{}: {} pod(s) on cali* veths in block {} ({})...",
-                n.name,
-                n.pods.len(),
-                n.block,
-                n.pods
-                    .iter()
-                    .map(|p| format!("{} {}", p.name, p.ip))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-            for (pc, ip) in n.pods.iter().zip(&p.pods) {
-                let pod = Pod::create(ns, &pc.namespace, &pc.name, *ip)?;
-                let server = TcpServer::start(
-                    &pod.netns,
-                    SocketAddr::V4(SocketAddrV4::new(*ip, cfg.pod_port)),
-                )?;
-                pods.push(ClusterPod {
-                    server,
-                    pod,
-                    node: i,
-                });
-            }
-        }
-
-        let encap = match cfg.routing {
-            Routing::Vxlan => Encapsulation::Vxlan,
-            Routing::Bgp => Encapsulation::None,
-        };
-        let vteps: Vec<Vtep> = cfg
-            .nodes
-            .iter()
-            .zip(&plan.nodes)
-            .map(|(n, p)| Vtep {
-                node: n.name.clone(),
-                mac: p.mac.clone(),
-                tunnel_ip: p.tunnel_ip,
-                parent_ip: p.autodetected_ip,
-                blocks: vec![n.block.clone()],
-            })
-            .collect();
-        for (i, (n, p)) in cfg.nodes.iter().zip(&plan.nodes).enumerate() {
-            let ns = &node_ns[i];
-            let what = match cfg.routing {
-                Routing::Vxlan => format!(
-                    ", blackhole {}, vxlan.calico (dev {} local {})",
-                    n.block, p.autodetect_iface, p.autodetected_ip
-                ),
-                Routing::Bgp => String::new(),
-            };
-            progress(&format!(
-                "{}: felix: ipsets and NAT for pool {}{what}...",
-                n.name, cfg.pool.cidr
-            ));
-            calico::write_felix_nat_with(ns, std::slice::from_ref(&cfg.pool), encap)?;
-            if let Some((vip, port)) = &cfg.service_vip {
-                calico::write_service_dnat(
-                    ns,
-                    vip,
-                    *port,
-                    &plan.external_ip.to_string(),
-                    cfg.apiserver_port,
-                )?;
-            }
-            if cfg.routing == Routing::Vxlan {
-                // With BGP-routed pools BIRD exports the static blackhole instead.
-                calico::write_block_blackhole(ns, &n.block)?;
-                calico::write_vxlan_device(ns, &p.autodetect_iface, &vteps[i])?;
-                for (j, peer) in vteps.iter().enumerate() {
-                    if j != i {
-                        calico::write_vxlan_peer(ns, peer)?;
-                    }
-                }
-            }
-        }
-
-        let mut birds = Vec::new();
-        for (i, (n, p)) in cfg.nodes.iter().zip(&plan.nodes).enumerate() {
-            let peers: Vec<Ipv4Addr> = plan
-                .nodes
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, q)| q.autodetected_ip)
-                .collect();
-            progress(&format!(
-                "starting BIRD on {} (AS {}, router id {}, mesh peers {})...",
-                n.name,
-                cfg.as_num,
-                p.autodetected_ip,
-                peers
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-            let bird_cfg = BirdConfig {
-                node: n.name.clone(),
-                node_ip: p.autodetected_ip,
-                as_num: cfg.as_num,
-                blocks: vec![n.block.clone()],
-                pools: vec![(cfg.pool.cidr.clone(), cfg.routing == Routing::Vxlan)],
-                peers,
-            };
-            birds.push(Bird::start(&node_ns[i], &dir, &bird_cfg)?);
-        }
-
-        let endpoint = SocketAddr::V4(SocketAddrV4::new(plan.external_ip, cfg.etcd_port));
-        let peer = SocketAddr::V4(SocketAddrV4::new(
-            plan.external_ip,
-            cfg.etcd_port.wrapping_add(1),
-        ));
-        let etcd_client = if cfg.datastore_delay.is_some() {
-            ETCD_BEHIND_PROXY
-        } else {
-            endpoint
-        };
-        progress(&format!(
-            "starting etcd on the external host (clients {etcd_client}, peers {peer})..."
-        ));
-        let etcd = Etcd::start(&external, &dir, "master", etcd_client, peer)?;
-        let kvs = etcd::startup_keys(&etcd::seed_001_hosts(8));
-        etcd.put_all(&external, &kvs)?;
-        let proxy = match cfg.datastore_delay {
-            Some(delay) => {
-                progress(&format!(
-                    "delaying datastore answers by {delay:?}: proxy {endpoint} -> {etcd_client}..."
-                ));
-                Some(DelayProxy::start(&external, endpoint, etcd_client, delay)?)
-            }
-            None => None,
-        };
-        let datastore = Datastore {
-            proxy,
-            etcd,
-            endpoint,
-            startup_keys: kvs.into_iter().map(|(k, _)| k).collect(),
-        };
-
+        // Each step's results are locals, so an error drops (tears down) them in reverse order.
+        let ns = b.namespaces(&prefix, progress)?;
+        b.underlay(&ns, progress)?;
+        let containers = b.containers(&ns.nodes, progress)?;
+        let pods = b.pods(&ns.nodes, progress)?;
+        let vteps = b.vteps();
+        b.felix(&ns.nodes, &vteps, progress)?;
+        let birds = b.birds(&ns.nodes, &dir, progress)?;
+        let datastore = b.datastore(&ns.external, &dir, progress)?;
         let apiserver = TcpServer::start(
-            &external,
+            &ns.external,
             SocketAddr::V4(SocketAddrV4::new(plan.external_ip, cfg.apiserver_port)),
         )?;
-
-        let nodes = node_ns
-            .into_iter()
-            .zip(containers)
-            .zip(birds)
-            .zip(cfg.nodes.iter().zip(&plan.nodes))
-            .enumerate()
-            .map(|(i, (((netns, container), bird), (n, p)))| ClusterNode {
-                bird: Some(bird),
-                container,
-                name: n.name.clone(),
-                nic: cfg.nic.clone(),
-                ip: p.ip,
-                autodetected_ip: p.autodetected_ip,
-                autodetected_iface: p.autodetect_iface.clone(),
-                block: n.block.clone(),
-                vtep: (cfg.routing == Routing::Vxlan).then(|| vteps[i].clone()),
-                netns,
-            })
-            .collect();
+        let nodes = b.cluster_nodes(ns.nodes, containers, birds, &vteps);
         tracing::info!(%prefix, nodes = cfg.nodes.len(), "lab: cluster built");
         Ok(Cluster {
             pods,
             apiserver,
             datastore,
             nodes,
-            external,
-            gateway,
-            underlay,
+            external: ns.external,
+            gateway: ns.gateway,
+            underlay: ns.underlay,
             config: cfg.clone(),
             prefix,
             dir,
             built_at: Instant::now(),
         })
-    }
-
-    /// The node named `name`.
-    pub fn node_by_name(&self, name: &str) -> Option<&ClusterNode> {
-        self.nodes.iter().find(|n| n.name == name)
     }
 
     /// The pods on node `node` (index into [`Cluster::nodes`]).
@@ -858,11 +563,6 @@ impl Cluster {
         parse_ip(&self.config.gateway_ip, "gateway IP")
     }
 
-    /// The external host's LAN address (apiserver and datastore).
-    pub fn external_ip(&self) -> Result<Ipv4Addr, LabError> {
-        parse_ip(&self.config.external_ip, "external host IP")
-    }
-
     /// Names of every namespace of this instance.
     pub fn netns_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -885,5 +585,406 @@ impl Cluster {
     /// Time left until `since_build` has passed since the build (for timer-based waits).
     pub fn remaining_since_build(&self, since_build: Duration) -> Duration {
         since_build.saturating_sub(self.built_at.elapsed())
+    }
+}
+
+/// The namespaces of a cluster being built; fields drop in the order [`Cluster`]'s do.
+struct Namespaces {
+    nodes: Vec<Netns>,
+    external: Netns,
+    gateway: Netns,
+    underlay: Netns,
+}
+
+/// The steps of [`Cluster::build_with_progress`], in the order it runs them.
+struct Build<'a> {
+    cfg: &'a ClusterConfig,
+    plan: &'a Plan,
+}
+
+impl Build<'_> {
+    /// Every node's config with its validated plan, and its index.
+    fn each_node(&self) -> impl Iterator<Item = (usize, &NodeConfig, &NodePlan)> {
+        self.cfg
+            .nodes
+            .iter()
+            .zip(&self.plan.nodes)
+            .enumerate()
+            .map(|(i, (n, p))| (i, n, p))
+    }
+
+    /// Underlay, gateway, external host and one namespace per node, IPv6 off.
+    fn namespaces(
+        &self,
+        prefix: &str,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Namespaces, LabError> {
+        progress(&format!(
+            "creating namespaces (underlay, gateway, external host, {}) with prefix {prefix}...",
+            self.cfg
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let underlay = Netns::create(&format!("{prefix}-underlay"))?;
+        let gateway = Netns::create(&format!("{prefix}-gw"))?;
+        let external = Netns::create(&format!("{prefix}-ext"))?;
+        let mut nodes = Vec::new();
+        for n in &self.cfg.nodes {
+            nodes.push(Netns::create(&format!("{prefix}-{}", n.name))?);
+        }
+        for ns in [&underlay, &gateway, &external].into_iter().chain(&nodes) {
+            ns.disable_ipv6()?;
+        }
+        Ok(Namespaces {
+            nodes,
+            external,
+            gateway,
+            underlay,
+        })
+    }
+
+    /// The LAN bridge with the gateway, the external host and every node on it, and each
+    /// node's second NIC on a LAN of its own.
+    fn underlay(&self, ns: &Namespaces, progress: &mut dyn FnMut(&str)) -> Result<(), LabError> {
+        let (cfg, plan) = (self.cfg, self.plan);
+        let lan_len = plan.lan.prefix;
+        progress(&format!(
+            "wiring the LAN {} (gateway {}, external host {}, nodes on {})...",
+            cfg.lan, plan.gateway_ip, plan.external_ip, cfg.nic
+        ));
+        let underlay = &ns.underlay;
+        underlay.ip(&["link", "add", LAN_BRIDGE, "type", "bridge"])?;
+        underlay.ip(&["link", "set", LAN_BRIDGE, "up"])?;
+        lan_attach(
+            underlay,
+            &ns.gateway,
+            "eth0",
+            LAN_BRIDGE,
+            "gw",
+            plan.gateway_ip,
+            lan_len,
+        )?;
+        lan_attach(
+            underlay,
+            &ns.external,
+            "eth0",
+            LAN_BRIDGE,
+            "ext",
+            plan.external_ip,
+            lan_len,
+        )?;
+        // The gateway forwards but has nothing beyond its LAN address: replies to pod or
+        // foreign source addresses die there, as on the seeds' networks.
+        ns.gateway.sysctl("net/ipv4/ip_forward", "1")?;
+        let gw = plan.gateway_ip.to_string();
+        ns.external
+            .ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+
+        let mut extra_lans = 0;
+        for (i, n, p) in self.each_node() {
+            let node = &ns.nodes[i];
+            lan_attach(
+                underlay,
+                node,
+                &cfg.nic,
+                LAN_BRIDGE,
+                &format!("node{}", i + 1),
+                p.ip,
+                lan_len,
+            )?;
+            // New namespaces start from kernel defaults unless the host sets
+            // devconf_inherit_init_net; pin what a node needs: forwarding, and no reverse-path
+            // filtering on host interfaces (felix only sets strict mode on workload veths).
+            node.sysctl("net/ipv4/ip_forward", "1")?;
+            for conf in ["all", "default", cfg.nic.as_str()] {
+                node.sysctl(&format!("net/ipv4/conf/{conf}/rp_filter"), "0")?;
+            }
+            node.ip(&["route", "add", "default", "via", &gw, "dev", &cfg.nic])?;
+            if let (Some(x), Some(c)) = (&n.extra_nic, &p.extra_nic) {
+                extra_lans += 1;
+                let bridge = format!("br{extra_lans}");
+                progress(&format!(
+                    "{}: second NIC {} {} on its own LAN ({bridge}, no other node on it)...",
+                    n.name, x.name, x.address
+                ));
+                underlay.ip(&["link", "add", &bridge, "type", "bridge"])?;
+                underlay.ip(&["link", "set", &bridge, "up"])?;
+                lan_attach(
+                    underlay,
+                    node,
+                    &x.name,
+                    &bridge,
+                    &format!("node{}-x", i + 1),
+                    c.addr,
+                    c.prefix,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Each node's [`ExtraBridge`] with its container (`None` for nodes without one).
+    fn containers(
+        &self,
+        nodes: &[Netns],
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Vec<Option<Netns>>, LabError> {
+        let mut containers = Vec::new();
+        for (i, n, p) in self.each_node() {
+            let ns = &nodes[i];
+            let (Some(b), Some((c, ctr_ip))) = (&n.extra_bridge, &p.bridge) else {
+                containers.push(None);
+                continue;
+            };
+            progress(&format!(
+                "{}: bridge {} {} with a container on {}...",
+                n.name, b.name, b.address, b.container_veth
+            ));
+            ns.ip(&["link", "add", &b.name, "type", "bridge"])?;
+            ns.ip(&["addr", "add", &cidr_text(c), "dev", &b.name])?;
+            ns.ip(&["link", "set", &b.name, "up"])?;
+            let ctr = Netns::create(&format!("{}-ctr", ns.name()))?;
+            ctr.disable_ipv6()?;
+            ctr.ip(&[
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b.container_veth,
+                "netns",
+                ns.name(),
+            ])?;
+            ns.ip(&["link", "set", &b.container_veth, "master", &b.name])?;
+            ns.ip(&["link", "set", &b.container_veth, "up"])?;
+            ctr.ip(&[
+                "addr",
+                "add",
+                &format!("{ctr_ip}/{}", c.prefix),
+                "dev",
+                "eth0",
+            ])?;
+            ctr.ip(&["link", "set", "eth0", "up"])?;
+            ctr.ip(&["route", "add", "default", "via", &c.addr.to_string()])?;
+            containers.push(Some(ctr));
+        }
+        Ok(containers)
+    }
+
+    /// Every node's pods on cali* veths, each serving TCP on [`ClusterConfig::pod_port`].
+    fn pods(
+        &self,
+        nodes: &[Netns],
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Vec<ClusterPod>, LabError> {
+        let mut pods = Vec::new();
+        for (i, n, p) in self.each_node() {
+            progress(&format!(
+                "{}: {} pod(s) on cali* veths in block {} ({})...",
+                n.name,
+                n.pods.len(),
+                n.block,
+                n.pods
+                    .iter()
+                    .map(|p| format!("{} {}", p.name, p.ip))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            for (pc, ip) in n.pods.iter().zip(&p.pods) {
+                let pod = Pod::create(&nodes[i], &pc.namespace, &pc.name, *ip)?;
+                let server = TcpServer::start(
+                    &pod.netns,
+                    SocketAddr::V4(SocketAddrV4::new(*ip, self.cfg.pod_port)),
+                )?;
+                pods.push(ClusterPod {
+                    server,
+                    pod,
+                    node: i,
+                });
+            }
+        }
+        Ok(pods)
+    }
+
+    /// Every node's VTEP, as felix would publish it (parent: the autodetected address).
+    fn vteps(&self) -> Vec<Vtep> {
+        self.each_node()
+            .map(|(_, n, p)| Vtep {
+                node: n.name.clone(),
+                mac: p.mac.clone(),
+                tunnel_ip: p.tunnel_ip,
+                parent_ip: p.autodetected_ip,
+                blocks: vec![n.block.clone()],
+            })
+            .collect()
+    }
+
+    /// felix's dataplane on every node: ipsets and NAT for the pool, the Service DNAT, and
+    /// with VXLAN routing the block blackhole, `vxlan.calico` and the peers' VTEPs.
+    fn felix(
+        &self,
+        nodes: &[Netns],
+        vteps: &[Vtep],
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), LabError> {
+        let cfg = self.cfg;
+        let encap = match cfg.routing {
+            Routing::Vxlan => Encapsulation::Vxlan,
+            Routing::Bgp => Encapsulation::None,
+        };
+        for (i, n, p) in self.each_node() {
+            let ns = &nodes[i];
+            let what = match cfg.routing {
+                Routing::Vxlan => format!(
+                    ", blackhole {}, vxlan.calico (dev {} local {})",
+                    n.block, p.autodetect_iface, p.autodetected_ip
+                ),
+                Routing::Bgp => String::new(),
+            };
+            progress(&format!(
+                "{}: felix: ipsets and NAT for pool {}{what}...",
+                n.name, cfg.pool.cidr
+            ));
+            calico::write_felix_nat_with(ns, std::slice::from_ref(&cfg.pool), encap)?;
+            if let Some((vip, port)) = &cfg.service_vip {
+                calico::write_service_dnat(
+                    ns,
+                    vip,
+                    *port,
+                    &self.plan.external_ip.to_string(),
+                    cfg.apiserver_port,
+                )?;
+            }
+            if cfg.routing == Routing::Vxlan {
+                // With BGP-routed pools BIRD exports the static blackhole instead.
+                calico::write_block_blackhole(ns, &n.block)?;
+                calico::write_vxlan_device(ns, &p.autodetect_iface, &vteps[i])?;
+                for (j, peer) in vteps.iter().enumerate() {
+                    if j != i {
+                        calico::write_vxlan_peer(ns, peer)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// BIRD on every node, meshed with every other node's autodetected address.
+    fn birds(
+        &self,
+        nodes: &[Netns],
+        dir: &LabDir,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Vec<Bird>, LabError> {
+        let cfg = self.cfg;
+        let mut birds = Vec::new();
+        for (i, n, p) in self.each_node() {
+            let peers: Vec<Ipv4Addr> = self
+                .plan
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, q)| q.autodetected_ip)
+                .collect();
+            progress(&format!(
+                "starting BIRD on {} (AS {}, router id {}, mesh peers {})...",
+                n.name,
+                cfg.as_num,
+                p.autodetected_ip,
+                peers
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            let bird_cfg = BirdConfig {
+                node: n.name.clone(),
+                node_ip: p.autodetected_ip,
+                as_num: cfg.as_num,
+                blocks: vec![n.block.clone()],
+                pools: vec![(cfg.pool.cidr.clone(), cfg.routing == Routing::Vxlan)],
+                peers,
+            };
+            birds.push(Bird::start(&nodes[i], dir, &bird_cfg)?);
+        }
+        Ok(birds)
+    }
+
+    /// etcd on the external host, loaded with calico-node's startup keys, behind a delay
+    /// proxy when the config asks for one.
+    fn datastore(
+        &self,
+        external: &Netns,
+        dir: &LabDir,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Datastore, LabError> {
+        let cfg = self.cfg;
+        let external_ip = self.plan.external_ip;
+        let endpoint = SocketAddr::V4(SocketAddrV4::new(external_ip, cfg.etcd_port));
+        let peer = SocketAddr::V4(SocketAddrV4::new(
+            external_ip,
+            cfg.etcd_port.wrapping_add(1),
+        ));
+        let etcd_client = if cfg.datastore_delay.is_some() {
+            ETCD_BEHIND_PROXY
+        } else {
+            endpoint
+        };
+        progress(&format!(
+            "starting etcd on the external host (clients {etcd_client}, peers {peer})..."
+        ));
+        let etcd = Etcd::start(external, dir, "master", etcd_client, peer)?;
+        let kvs = etcd::startup_keys(&etcd::seed_001_hosts(8));
+        etcd.put_all(external, &kvs)?;
+        let proxy = match cfg.datastore_delay {
+            Some(delay) => {
+                progress(&format!(
+                    "delaying datastore answers by {delay:?}: proxy {endpoint} -> {etcd_client}..."
+                ));
+                Some(DelayProxy::start(external, endpoint, etcd_client, delay)?)
+            }
+            None => None,
+        };
+        Ok(Datastore {
+            proxy,
+            etcd,
+            endpoint,
+            startup_keys: kvs.into_iter().map(|(k, _)| k).collect(),
+        })
+    }
+
+    /// The built nodes, each with its namespace, container, BIRD and (VXLAN) VTEP.
+    fn cluster_nodes(
+        &self,
+        nodes: Vec<Netns>,
+        containers: Vec<Option<Netns>>,
+        birds: Vec<Bird>,
+        vteps: &[Vtep],
+    ) -> Vec<ClusterNode> {
+        let cfg = self.cfg;
+        nodes
+            .into_iter()
+            .zip(containers)
+            .zip(birds)
+            .zip(self.each_node())
+            .map(|(((netns, container), bird), (i, n, p))| ClusterNode {
+                bird: Some(bird),
+                container,
+                name: n.name.clone(),
+                nic: cfg.nic.clone(),
+                ip: p.ip,
+                autodetected_ip: p.autodetected_ip,
+                autodetected_iface: p.autodetect_iface.clone(),
+                block: n.block.clone(),
+                vtep: (cfg.routing == Routing::Vxlan).then(|| vteps[i].clone()),
+                netns,
+            })
+            .collect()
     }
 }

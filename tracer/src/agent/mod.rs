@@ -95,7 +95,7 @@ impl AgentConfig {
                 .workload_prefixes
                 .first()
                 .cloned()
-                .unwrap_or_else(|| crate::calico::DEFAULT_IFACE_PREFIX.into()),
+                .unwrap_or_else(|| crate::calico::DEFAULT_INTERFACE_PREFIX.into()),
             resync: self.resync,
         }
     }

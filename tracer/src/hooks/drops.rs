@@ -13,7 +13,7 @@ use aya::{
 use tracer_common::{DropConf, DROP_CONF_MAP, PROG_KFREE_SKB};
 
 use super::HookError;
-use crate::btf::Btf;
+use crate::{btf::Btf, kernel_names::DropReasons};
 
 const TRACEFS_CANDIDATES: &[&str] = &["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 /// Reasons up to NOT_SPECIFIED (not dropped yet, consumed, unspecified) are routine frees, not
@@ -81,45 +81,24 @@ pub enum DropError {
     Btf(#[from] crate::btf::BtfError),
 }
 
-/// What the agent learned while enabling drop tracing.
-#[derive(Debug, Clone, Default)]
-pub struct DropReasons {
-    names: HashMap<u32, String>,
+/// The lowest reason worth reporting: the one after NOT_SPECIFIED.
+fn min_reason(reasons: &DropReasons) -> u32 {
+    reasons
+        .iter()
+        .find(|(_, name)| *name == "NOT_SPECIFIED")
+        .map(|(n, _)| n + 1)
+        .unwrap_or(MIN_REASON)
 }
 
-impl DropReasons {
-    pub fn name(&self, reason: u32) -> String {
-        self.names
-            .get(&reason)
-            .cloned()
-            .unwrap_or_else(|| format!("REASON_{reason}"))
-    }
-
-    pub fn from_format(format: &str) -> DropReasons {
-        DropReasons {
-            names: parse_symbolic(format),
+/// The kernel-side bitmap of reasons to ignore.
+fn routine_bitmap(reasons: &DropReasons) -> [u64; 4] {
+    let mut bits = [0u64; 4];
+    for (n, name) in reasons.iter() {
+        if n < 256 && ROUTINE_REASONS.contains(&name) {
+            bits[(n / 64) as usize] |= 1 << (n % 64);
         }
     }
-
-    /// The lowest reason worth reporting: the one after NOT_SPECIFIED.
-    pub fn min_reason(&self) -> u32 {
-        self.names
-            .iter()
-            .find(|(_, name)| name.as_str() == "NOT_SPECIFIED")
-            .map(|(n, _)| n + 1)
-            .unwrap_or(MIN_REASON)
-    }
-
-    /// The kernel-side bitmap of reasons to ignore.
-    pub fn routine_bitmap(&self) -> [u64; 4] {
-        let mut bits = [0u64; 4];
-        for (n, name) in &self.names {
-            if *n < 256 && ROUTINE_REASONS.contains(&name.as_str()) {
-                bits[(*n / 64) as usize] |= 1 << (n % 64);
-            }
-        }
-        bits
-    }
+    bits
 }
 
 /// Tracepoint field offsets from a tracefs `format` file.
@@ -146,29 +125,6 @@ pub fn field_offsets(format: &str) -> HashMap<String, u32> {
         if let (Some(d), Some(o)) = (decl, offset) {
             out.insert(d, o);
         }
-    }
-    out
-}
-
-/// `{ 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, ...` from the print fmt line.
-fn parse_symbolic(format: &str) -> HashMap<u32, String> {
-    let mut out = HashMap::new();
-    let Some(start) = format.find("__print_symbolic(") else {
-        return out;
-    };
-    let mut rest = &format[start..];
-    while let Some(open) = rest.find('{') {
-        rest = &rest[open + 1..];
-        let Some(close) = rest.find('}') else {
-            break;
-        };
-        let entry = &rest[..close];
-        if let Some((num, name)) = entry.split_once(',') {
-            if let Ok(n) = num.trim().parse::<u32>() {
-                out.insert(n, name.trim().trim_matches('"').to_string());
-            }
-        }
-        rest = &rest[close + 1..];
     }
     out
 }
@@ -234,7 +190,7 @@ pub fn enable(ebpf: &mut Ebpf, netns: NetnsFilter) -> Result<DropReasons, HookEr
     let reasons = DropReasons::from_format(&format);
     let conf = DropConf {
         enabled: 1,
-        min_reason: reasons.min_reason(),
+        min_reason: min_reason(&reasons),
         tp_skbaddr: field("skbaddr")?,
         tp_location: field("location")?,
         tp_protocol: field("protocol")?,
@@ -243,7 +199,7 @@ pub fn enable(ebpf: &mut Ebpf, netns: NetnsFilter) -> Result<DropReasons, HookEr
         skb_network_header: off("sk_buff", "network_header")?,
         skb_dev: off("sk_buff", "dev")?,
         dev_ifindex: off("net_device", "ifindex")?,
-        ignore: reasons.routine_bitmap(),
+        ignore: routine_bitmap(&reasons),
         netns_inum: netns.inode().map_err(HookError::Drops)?,
         skb_sk: off("sk_buff", "sk")?,
         sk_net: off("sock_common", "skc_net")?,
@@ -263,37 +219,6 @@ pub fn enable(ebpf: &mut Ebpf, netns: NetnsFilter) -> Result<DropReasons, HookEr
     prog.load()?;
     prog.attach("skb", "kfree_skb")?;
     Ok(reasons)
-}
-
-/// Kernel text symbols, to name the function that dropped a packet.
-#[derive(Debug, Default)]
-pub struct Symbols {
-    syms: Vec<(u64, String)>,
-}
-
-impl Symbols {
-    /// Reads /proc/kallsyms (addresses are zero without CAP_SYSLOG: then names are unknown).
-    pub fn load() -> Symbols {
-        let text = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
-        let mut syms: Vec<(u64, String)> = text
-            .lines()
-            .filter_map(|l| {
-                let mut it = l.split_whitespace();
-                let addr = u64::from_str_radix(it.next()?, 16).ok()?;
-                let kind = it.next()?;
-                let name = it.next()?;
-                (addr != 0 && matches!(kind, "t" | "T")).then(|| (addr, name.to_string()))
-            })
-            .collect();
-        syms.sort_unstable_by_key(|(a, _)| *a);
-        Symbols { syms }
-    }
-
-    pub fn name(&self, addr: u64) -> Option<String> {
-        let i = self.syms.partition_point(|(a, _)| *a <= addr);
-        let (base, name) = self.syms.get(i.checked_sub(1)?)?;
-        Some(format!("{name}+0x{:x}", addr - base))
-    }
 }
 
 #[cfg(test)]
@@ -316,7 +241,7 @@ print fmt: \"skbaddr=%p reason: %s\", REC->skbaddr, __print_symbolic(REC->reason
         assert_eq!(f.get("protocol"), Some(&32));
         assert_eq!(f.get("reason"), Some(&36));
         let r = DropReasons::from_format(FORMAT);
-        assert_eq!(r.min_reason(), 3);
+        assert_eq!(min_reason(&r), 3);
         assert_eq!(r.name(12), "NETFILTER_DROP");
         assert_eq!(r.name(16), "IP_RPFILTER");
         assert_eq!(r.name(999), "REASON_999");
@@ -324,15 +249,15 @@ print fmt: \"skbaddr=%p reason: %s\", REC->skbaddr, __print_symbolic(REC->reason
             "{ 16, \"IP_RPFILTER\" }",
             "{ 16, \"IP_RPFILTER\" }, { 104, \"QUEUE_PURGE\" }",
         );
-        let bits = DropReasons::from_format(&fmt).routine_bitmap();
+        let bits = routine_bitmap(&DropReasons::from_format(&fmt));
         assert_eq!(bits, [0, 1 << (104 - 64), 0, 0]);
         assert!(field_offsets("garbage\nfield:;;;\n").is_empty());
         // 6.1 (Debian 12) has no SKB_CONSUMED: NO_SOCKET is 2 there and must still be reported.
         let v6_1 = DropReasons::from_format(
             "__print_symbolic(REC->reason, { 1, \"NOT_SPECIFIED\" }, { 2, \"NO_SOCKET\" })",
         );
-        assert_eq!((v6_1.min_reason(), v6_1.name(2).as_str()), (2, "NO_SOCKET"));
-        assert_eq!(DropReasons::default().min_reason(), MIN_REASON);
+        assert_eq!((min_reason(&v6_1), v6_1.name(2).as_str()), (2, "NO_SOCKET"));
+        assert_eq!(min_reason(&DropReasons::default()), MIN_REASON);
         assert_eq!(
             DropReasons::from_format("__print_symbolic({ x, y").name(1),
             "REASON_1"
@@ -364,7 +289,7 @@ print fmt: \"skbaddr=%p reason: %s\", REC->skbaddr, __print_symbolic(REC->reason
         let nf = (0..200).find(|i| r.name(*i) == "NETFILTER_DROP");
         assert!(nf.is_some(), "NETFILTER_DROP missing from {fmt}");
         // The first reason reported is a real drop on every kernel (its number is not).
-        assert_eq!(r.name(r.min_reason()), "NO_SOCKET", "{fmt}");
+        assert_eq!(r.name(min_reason(&r)), "NO_SOCKET", "{fmt}");
         Ok(())
     }
 }

@@ -19,7 +19,7 @@ use tracer_common::{
 
 use tracer_model::AttachHow;
 
-use crate::{calico::Role, netlink::Link};
+use crate::{calico::Role, kernel_names::DropReasons, netlink::Link};
 pub use kernel::{TcBackend, TcMode};
 pub use tc::{StaleFilter, CLSACT_EGRESS_PRIORITY, CLSACT_INGRESS_PRIORITY};
 
@@ -156,15 +156,12 @@ impl KernelCounters {
 impl Hooks {
     /// Starts reporting kernel drops (`skb:kfree_skb`) in the agent's own network namespace; the
     /// agent runs on without it on failure.
-    pub fn enable_drops(&mut self) -> Result<drops::DropReasons, HookError> {
+    pub fn enable_drops(&mut self) -> Result<DropReasons, HookError> {
         drops::enable(&mut self.ebpf, drops::NetnsFilter::Current)
     }
 
     /// Like [`Hooks::enable_drops`] for another namespace (or all of them).
-    pub fn enable_drops_in(
-        &mut self,
-        netns: drops::NetnsFilter,
-    ) -> Result<drops::DropReasons, HookError> {
+    pub fn enable_drops_in(&mut self, netns: drops::NetnsFilter) -> Result<DropReasons, HookError> {
         drops::enable(&mut self.ebpf, netns)
     }
 

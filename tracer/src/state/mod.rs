@@ -36,11 +36,8 @@ use crate::{
     diagnose::{judge, Context, Rules},
     events::Observation,
     flows::{Flow, FlowId, FlowTable, Gaps, Iface, Sample, TableStats},
-    hooks::{
-        drops::{DropReasons, Symbols},
-        ifstate::Purged,
-        AttachedIface, KernelCounters, KernelStats,
-    },
+    hooks::{ifstate::Purged, AttachedIface, KernelCounters, KernelStats},
+    kernel_names::{DropReasons, Symbols},
     netlink::NodeFacts,
 };
 
@@ -463,7 +460,9 @@ impl Shared {
             /// Flows of the group whose records may be partial.
             incomplete: u64,
         }
-        let mut groups: std::collections::BTreeMap<Cause, Group> = Default::default();
+        // Keyed by wire name: causes with equal counts are listed alphabetically.
+        let mut groups: std::collections::BTreeMap<&'static str, (Cause, Group)> =
+            Default::default();
         let mut judged = 0u64;
         let mut incomplete = 0u64;
         self.visit_chunked(|cx, f| {
@@ -473,7 +472,9 @@ impl Shared {
                 incomplete += 1;
             }
             if let Some(d) = j.diagnosis {
-                let g = groups.entry(d.cause).or_default();
+                let (_, g) = groups
+                    .entry(d.cause.as_str())
+                    .or_insert_with(|| (d.cause, Group::default()));
                 g.count += 1;
                 if j.lost_records > 0 {
                     g.incomplete += 1;
@@ -495,7 +496,7 @@ impl Shared {
         });
         self.with_context(|cx, table| {
             let mut causes: Vec<CauseGroup> = groups
-                .into_iter()
+                .into_values()
                 .filter_map(|(cause, g)| {
                     let (_, d) = g.latest?;
                     Some(CauseGroup {

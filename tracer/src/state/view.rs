@@ -1,5 +1,4 @@
 //! Fills the wire type of a flow ([`tracer_model::FlowView`]) from the flow table.
-use serde_json::Value;
 use tracer_model::flow::{
     tcp_flag_letters, Counters, DropView, EvidenceGap, Exchanges, FlowView, Hop, HopEncap, Nat,
     TcpSummary,
@@ -87,28 +86,10 @@ pub fn flow_view(f: &Flow, j: Judgement, clock: &Clock, cx: &Context<'_>) -> Flo
         evidence_incomplete: (j.lost_records > 0).then_some(EvidenceGap {
             lost_records: j.lost_records,
         }),
-        // MERGE-GLUE: the typed Judgement of the diagnose split replaces these conversions.
-        verdicts: j.verdicts.iter().filter_map(|v| v.parse().ok()).collect(),
-        diagnosis: j.diagnosis.and_then(|d| {
-            Some(tracer_model::Diagnosis {
-                cause: d.cause.parse().ok()?,
-                summary: d.summary,
-                evidence: d.evidence,
-                fix: d.fix,
-            })
-        }),
-        snat_excluded: j.snat_excluded.map(|x| tracer_model::SnatExclusion {
-            setting: x.setting,
-            summary: x.summary,
-            evidence: x.evidence,
-        }),
+        verdicts: j.verdicts,
+        diagnosis: j.diagnosis,
+        snat_excluded: j.snat_excluded,
     }
-}
-
-/// The flow as a JSON value (single flows and watch streams, which compare answers): keys
-/// sorted, as `serde_json::Value` keeps them.
-pub fn flow_json(f: &Flow, j: Judgement, clock: &Clock, cx: &Context<'_>) -> Value {
-    serde_json::to_value(flow_view(f, j, clock, cx)).unwrap_or(Value::Null)
 }
 
 fn nat(n: flows::Nat) -> Nat {
