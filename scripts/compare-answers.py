@@ -1,28 +1,32 @@
 #!/usr/bin/env python3
 """Compare two `tracer-lab run --save-answers DIR` trees: same files, same JSON shape, and the
-same stable vocabulary (verdicts, causes, roles, statuses, interface names, summary and fix
-texts with numbers and addresses blanked). Volatile values (times, ids, ports, counters,
-latencies) are not compared, only their types.
+same strings and booleans (verdicts, causes, roles, statuses, interface names, evidence; summary
+and fix texts with numbers and addresses blanked). Volatile values (times, ids, ports, counters,
+latencies) are not compared, only their types. Flows are matched by tuple, causes by name.
 
 usage: compare-answers.py BEFORE AFTER    (exit 1 if they differ)
 """
+import ipaddress
 import json
 import re
 import sys
 from pathlib import Path
 
-# Keys whose values are the API's vocabulary: compared (as sets per path), not just typed.
-VOCAB = {"verdicts", "cause", "role", "how", "status", "reader", "node_sync", "iface", "name",
-         "reason", "side", "dir", "proto", "setting", "source", "tc", "summary", "fix"}
-# Numbers, addresses, CIDRs, ports, durations: "10.244.1.10:443 after 150.2 ms" -> "#:# after # ms".
-NUMBERS = re.compile(r"[0-9a-f]*:[0-9a-f:]*[0-9a-f]+|\d+(?:\.\d+)*")
+# Every string and boolean is compared (verdicts, causes, roles, how, status, interface names,
+# addresses, evidence), as a set per path, except these; numbers are compared by type only
+# (ids, ports, counters, latencies).
+VOLATILE = {"first_seen", "last_seen", "heartbeat"}
+TEXT = {"summary", "fix"}
+NUMBERS = re.compile(r"(?<![\w-])(?:[0-9a-f]*:[0-9a-f:]+|\d+(?:\.\d+)*)")
 
 
 def schema(v, into=None):
-    """The inferred schema of v: JSON types seen, keys of objects, merged item schema of arrays."""
-    s = into if into is not None else {"types": set(), "keys": {}, "items": None}
+    """The inferred schema of v: JSON types seen, keys of objects (and their orders: the bytes
+    follow them), merged item schema of arrays."""
+    s = into if into is not None else {"types": set(), "keys": {}, "orders": set(), "items": None}
     if isinstance(v, dict):
         s["types"].add("object")
+        s["orders"].add(tuple(v))
         for k, x in v.items():
             s["keys"][k] = schema(x, s["keys"].get(k))
     elif isinstance(v, list):
@@ -39,31 +43,61 @@ def schema_diff(a, b, path, out):
         if (a is None) != (b is None):
             out.append(f"{path}[]: items only on the {'after' if a is None else 'before'} side")
         return
-    if a["types"] != b["types"]:
+    # A null next to values is timing (a flow not judged yet): only the non-null types count.
+    ta, tb = (t["types"] - {"null"} or t["types"] for t in (a, b))
+    if ta != tb:
         out.append(f"{path}: types {sorted(a['types'])} != {sorted(b['types'])}")
     for k in sorted(a["keys"].keys() | b["keys"].keys()):
         if k not in b["keys"] or k not in a["keys"]:
             out.append(f"{path}.{k}: key only {'before' if k in a['keys'] else 'after'}")
         else:
             schema_diff(a["keys"][k], b["keys"][k], f"{path}.{k}", out)
+    if a["keys"].keys() == b["keys"].keys() and a["orders"] != b["orders"]:
+        out.append(f"{path}: key order {sorted(a['orders'] - b['orders'])} became "
+                   f"{sorted(b['orders'] - a['orders'])}")
     schema_diff(a["items"], b["items"], f"{path}[]", out)
 
 
+def label(x):
+    """How an array element is told apart across runs: a cause by name, a flow by its tuple
+    (less the ephemeral source port)."""
+    if not isinstance(x, dict):
+        return ""
+    if "cause" in x:
+        return x["cause"]
+    if "verdicts" in x:
+        return f"{x.get('proto')} {x.get('src')}->{x.get('dst')}:{x.get('dport')}"
+    return ""
+
+
 def vocab(v, path="", out=None):
-    """{(path, normalised value)} of every vocabulary field; causes are keyed by name."""
+    """{(path, normalised value)} of every string and boolean, array elements labelled."""
     out = set() if out is None else out
     if isinstance(v, dict):
         for k, x in v.items():
-            if k in VOCAB and isinstance(x, (str, list)):
-                for w in x if isinstance(x, list) else [x]:
-                    out.add((f"{path}.{k}", NUMBERS.sub("#", w) if isinstance(w, str) else repr(w)))
+            if k in VOLATILE:
+                continue
+            if isinstance(x, str):
+                out.add((f"{path}.{k}", NUMBERS.sub("#", x) if k in TEXT else x))
+            elif isinstance(x, bool):
+                out.add((f"{path}.{k}", str(x).lower()))
             else:
                 vocab(x, f"{path}.{k}", out)
     elif isinstance(v, list):
         for x in v:
-            key = x.get("cause") if isinstance(x, dict) else None
-            vocab(x, f"{path}[{key}]" if key else f"{path}[]", out)
+            if isinstance(x, str):
+                out.add((f"{path}[]", x))
+            else:
+                vocab(x, f"{path}[{label(x)}]", out)
     return out
+
+
+def quiet(doc):
+    """Without multicast flows (IGMP reports as interfaces come up: there or not by timing)."""
+    if isinstance(doc, dict) and isinstance(doc.get("flows"), list):
+        doc["flows"] = [f for f in doc["flows"]
+                        if not ipaddress.ip_address(f.get("dst", "0.0.0.0")).is_multicast]
+    return doc
 
 
 def compare(before: Path, after: Path):
@@ -73,7 +107,7 @@ def compare(before: Path, after: Path):
     diffs += [f"{f}: only in {after}" for f in sorted(fb - fa)]
     for f in sorted(fa & fb):
         try:
-            a, b = (json.loads((d / f).read_text()) for d in (before, after))
+            a, b = (quiet(json.loads((d / f).read_text())) for d in (before, after))
         except ValueError as e:
             diffs.append(f"{f}: not JSON ({e})")
             continue
