@@ -2,11 +2,11 @@
 """Compare two `tracer-lab run --save-answers DIR` trees: same files, same JSON shape, and the
 same strings and booleans (verdicts, causes, roles, statuses, interface names, evidence; summary
 and fix texts with numbers and addresses blanked). Volatile values (times, ids, ports, counters,
-latencies) are not compared, only their types. Flows are matched by tuple, causes by name.
+latencies) are not compared, only their types. Flows are matched by tuple (a healthy flow that
+only one run caught is timing: noted, not compared), causes by name.
 
 usage: compare-answers.py BEFORE AFTER    (exit 1 if they differ)
 """
-import ipaddress
 import json
 import re
 import sys
@@ -17,6 +17,7 @@ from pathlib import Path
 # (ids, ports, counters, latencies).
 VOLATILE = {"first_seen", "last_seen", "heartbeat"}
 TEXT = {"summary", "fix"}
+HEALTHY = {"replied", "encapsulated", "snat_applied", "snat_excluded"}
 NUMBERS = re.compile(r"(?<![\w-])(?:[0-9a-f]*:[0-9a-f:]+|\d+(?:\.\d+)*)")
 
 
@@ -92,12 +93,22 @@ def vocab(v, path="", out=None):
     return out
 
 
-def quiet(doc):
-    """Without multicast flows (IGMP reports as interfaces come up: there or not by timing)."""
-    if isinstance(doc, dict) and isinstance(doc.get("flows"), list):
-        doc["flows"] = [f for f in doc["flows"]
-                        if not ipaddress.ip_address(f.get("dst", "0.0.0.0")).is_multicast]
-    return doc
+def align_flows(a, b, notes):
+    """Keeps the flows whose tuple both answers have. A healthy flow on one side only is timing
+    (BGP connected before the agent attached, an IGMP report as an interface came up): noted.
+    A faulty one is what the scenario is about: returned as a difference."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return []
+    fa, fb = ({label(f) for f in d.get("flows", [])} for d in (a, b))
+    diffs = []
+    for d, side, other in ((a, "before", fb), (b, "after", fa)):
+        for f in [f for f in d.get("flows", []) if label(f) not in other]:
+            faulty = f.get("diagnosis") or set(f.get("verdicts", [])) - HEALTHY
+            what = f"flow {label(f)} {f.get('verdicts')} only {side}"
+            (diffs if faulty else notes).append(what)
+        if "flows" in d:
+            d["flows"] = [f for f in d["flows"] if label(f) in other]
+    return sorted(set(diffs))
 
 
 def compare(before: Path, after: Path):
@@ -105,25 +116,30 @@ def compare(before: Path, after: Path):
     fa, fb = files(before), files(after)
     diffs = [f"{f}: only in {before}" for f in sorted(fa - fb)]
     diffs += [f"{f}: only in {after}" for f in sorted(fb - fa)]
+    notes = []
     for f in sorted(fa & fb):
         try:
-            a, b = (quiet(json.loads((d / f).read_text())) for d in (before, after))
+            a, b = (json.loads((d / f).read_text()) for d in (before, after))
         except ValueError as e:
             diffs.append(f"{f}: not JSON ({e})")
             continue
-        out = []
+        timing = []
+        out = align_flows(a, b, timing)
+        notes += [f"{f}: {n}" for n in sorted(set(timing))]
         schema_diff(schema(a), schema(b), "$", out)
         va, vb = vocab(a), vocab(b)
         out += [f"{p} = {w!r} only before" for p, w in sorted(va - vb)]
         out += [f"{p} = {w!r} only after" for p, w in sorted(vb - va)]
         diffs += [f"{f}: {d}" for d in out]
-    return diffs
+    return diffs, notes
 
 
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
-    diffs = compare(Path(sys.argv[1]), Path(sys.argv[2]))
+    diffs, notes = compare(Path(sys.argv[1]), Path(sys.argv[2]))
+    for n in notes:
+        print(f"note (timing, not compared): {n}")
     for d in diffs:
         print(d)
     print(f"{len(diffs)} difference(s)" if diffs else "same answers")
