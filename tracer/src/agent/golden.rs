@@ -93,10 +93,10 @@ fn answers_match_the_golden_files() {
     }
     FIXED_NOW_NS.with(|n| n.set(None));
 
-    for v in crate::diagnose::VERDICTS {
+    for v in tracer_model::Verdict::ALL {
         assert!(verdicts.contains(&json!(v)), "no case has verdict {v}");
     }
-    for c in crate::diagnose::CAUSES {
+    for c in tracer_model::Cause::ALL {
         assert!(causes.contains(&json!(c)), "no case has cause {c}");
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
