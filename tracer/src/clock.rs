@@ -4,8 +4,18 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+#[cfg(test)]
+thread_local! {
+    /// Pins [`mono_now_ns`] on this thread, for tests that compare answers byte for byte.
+    pub static FIXED_NOW_NS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
 /// Nanoseconds on CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads.
 pub fn mono_now_ns() -> u64 {
+    #[cfg(test)]
+    if let Some(now) = FIXED_NOW_NS.with(std::cell::Cell::get) {
+        return now;
+    }
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -1,4 +1,4 @@
-//! `tracer-lab run --tracer PATH [--scenario NAME] [--keep]`: builds each scenario's Calico lab
+//! `tracer-lab run --tracer PATH [--scenario NAME] [--keep] [--save-answers DIR]`: builds each scenario's Calico lab
 //! in network namespaces, runs a tracer agent on every node, drives the scenario's traffic,
 //! proves the fault at the packet level, and reports what tracer diagnosed.
 
@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use tracer_lab::netns::Netns;
 use tracer_lab::scenario::Scenario;
 use tracer_lab::topo::Cluster;
 use tracer_lab::tracer::{self, Agent, NodeDiagnoses};
@@ -74,7 +75,20 @@ struct RunArgs {
     /// with a 2 s no-reply timeout).
     #[arg(long, value_name = "SECS", default_value_t = 3)]
     settle: u64,
+    /// Write every agent's JSON answers, as received, to DIR/<scenario>/<node>/*.json (compare
+    /// two builds with scripts/compare-answers.py).
+    #[arg(long, value_name = "DIR")]
+    save_answers: Option<PathBuf>,
 }
+
+/// What `--save-answers` keeps of each agent: file name and request. (POST /attach is left
+/// out: it would change what the agent traces.)
+const ANSWERS: [(&str, &str); 4] = [
+    ("diagnoses.json", "/diagnoses"),
+    ("flows.json", "/flows?limit=1000"),
+    ("healthz.json", "/healthz"),
+    ("readyz.json", "/readyz"),
+];
 
 fn parse_scenario(s: &str) -> Result<Scenario, String> {
     s.parse()
@@ -381,6 +395,9 @@ fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
                 agent_errors.push(n.name.clone());
             }
         }
+        if let Some(dir) = &args.save_answers {
+            save_answers(&dir.join(s.name()).join(&n.name), a, &n.netns)?;
+        }
         if let Some(v) = s.expected_verdict() {
             if let Ok(Some(count)) = a.flows_with_verdict(&n.netns, v.as_str()) {
                 println!("  flows with verdict {v}: {count}");
@@ -438,6 +455,20 @@ fn note_causes(reported: &mut Vec<(String, Vec<String>)>, node: &str, d: &NodeDi
             None => reported.push((c.to_string(), vec![node.to_string()])),
         }
     }
+}
+
+/// Writes the agent's answers (see [`ANSWERS`]) into `dir`, bodies exactly as received.
+fn save_answers(dir: &Path, a: &Agent, ns: &Netns) -> Result<(), Stop> {
+    let io = |e: std::io::Error| Stop::Lab(format!("--save-answers {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    for (file, path) in ANSWERS {
+        let r = a.get(ns, path)?;
+        if r.status != 200 {
+            println!("  {path} on {} answered {} (saved as is)", a.node, r.status);
+        }
+        std::fs::write(dir.join(file), &r.body).map_err(io)?;
+    }
+    Ok(())
 }
 
 fn sleep_interruptible(d: Duration) -> Result<(), Stop> {

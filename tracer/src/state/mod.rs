@@ -780,3 +780,8 @@ mod tests {
         Ok(())
     }
 }
+
+/// The API's answers for every verdict and cause, against tracer/tests/golden.
+#[cfg(test)]
+#[path = "golden.rs"]
+mod golden;

@@ -1,0 +1,571 @@
+//! Golden answers: the API's exact bytes for synthetic flows that cover every verdict and every
+//! cause, compared with the files in tracer/tests/golden/. Those files are the contract: any
+//! difference fails. A missing file is written, and `TRACER_BLESS=1` rewrites them all.
+//!
+//! Everything is fixed: observation times, "now" (pinned with [`FIXED_NOW_NS`]) and the
+//! wall-clock anchor, so two runs render the same bytes.
+use std::{
+    path::PathBuf,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use super::*;
+use crate::{
+    calico::NatOutgoing,
+    clock::FIXED_NOW_NS,
+    events::{Dir, Encap, KernelDrop, Packet},
+    hooks::TcBackend,
+    net::{Cidr, IfAddr},
+    netlink::{Link, Route, VxlanInfo},
+    testutil::{ip, obs, tcp},
+};
+
+const S: u64 = 1_000_000_000;
+const MS: u64 = 1_000_000;
+/// The agent started at 10 s (monotonic), at this wall-clock time.
+const START: u64 = 10 * S;
+const START_WALL_S: u64 = 1_750_000_000;
+/// Flows start at 20 s; every answer is rendered at 100 s.
+const T0: u64 = 20 * S;
+const NOW: u64 = 100 * S;
+
+const ETH0: u32 = 2;
+const ETH1: u32 = 3;
+const VETH: u32 = 5;
+const BRIDGE: u32 = 7;
+const VXLAN: u32 = 8;
+
+/// A case: its name (of its files) and the agent it builds (a node and its traffic).
+type Case = (&'static str, fn() -> Shared);
+
+const CASES: &[Case] = &[
+    ("snat-applied", snat_applied),
+    ("ippool-overlaps-host-network", ippool_overlap),
+    ("nat-outgoing-disabled", nat_outgoing_disabled),
+    ("masquerade-not-applied", masquerade_not_applied),
+    ("snat-excluded", snat_excluded),
+    ("kernel-drop", kernel_drop),
+    ("wrong-source-address", wrong_source_address),
+    ("off-link-peer-unacked", off_link_peer_unacked),
+    ("wrong-parent-device", wrong_parent_device),
+    ("vxlan-healthy", vxlan_healthy),
+    ("datastore-latency", datastore_latency),
+    ("pod-route-missing", pod_route_missing),
+    ("destination-unresponsive", destination_unresponsive),
+    ("evidence-incomplete", evidence_incomplete),
+];
+
+#[test]
+fn answers_match_the_golden_files() {
+    FIXED_NOW_NS.with(|n| n.set(Some(NOW)));
+    let mut answers = Vec::new();
+    let (mut verdicts, mut causes) = (Vec::new(), Vec::new());
+    for (name, build) in CASES {
+        let s = build();
+        let all = FlowQuery::parse(None).unwrap_or_else(|e| panic!("{e}"));
+        let flows = s.flows(&all).json;
+        let page: Value = serde_json::from_slice(&flows).unwrap_or_default();
+        for f in page["flows"].as_array().into_iter().flatten() {
+            verdicts.extend(f["verdicts"].as_array().into_iter().flatten().cloned());
+            causes.push(f["diagnosis"]["cause"].clone());
+        }
+        let newest = page["flows"][0]["id"].as_u64().unwrap_or(0);
+        let diagnoses = s.diagnoses();
+        for d in diagnoses["node_findings"].as_array().into_iter().flatten() {
+            causes.push(d["cause"].clone());
+        }
+        answers.push((format!("{name}.flows"), flows));
+        answers.push((format!("{name}.flow"), bytes(&s.flow(newest))));
+        answers.push((format!("{name}.diagnoses"), bytes(&diagnoses)));
+    }
+    // /healthz and /readyz of a running agent, with and without the token.
+    let s = vxlan_healthy();
+    s.liveness().reader_beat(NOW - 200 * MS);
+    s.liveness().sync_done(NOW - 4 * S);
+    s.set_tc_backend(TcBackend::Tcx);
+    s.set_drop_tracing(DropTracing {
+        enabled: true,
+        error: None,
+    });
+    for (name, detail) in [("", true), ("-open", false)] {
+        answers.push((format!("healthz{name}"), bytes(&s.health(detail).1)));
+        answers.push((format!("readyz{name}"), bytes(&s.readiness(detail).1)));
+    }
+    FIXED_NOW_NS.with(|n| n.set(None));
+
+    for v in tracer_model::Verdict::ALL {
+        assert!(verdicts.contains(&json!(v)), "no case has verdict {v}");
+    }
+    for c in tracer_model::Cause::ALL {
+        assert!(causes.contains(&json!(c)), "no case has cause {c}");
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let bless = std::env::var_os("TRACER_BLESS").is_some_and(|v| v == "1");
+    let mut failed = Vec::new();
+    for (name, got) in answers {
+        let path = dir.join(format!("{name}.json"));
+        match std::fs::read(&path) {
+            Ok(want) if !bless => {
+                if want != got {
+                    failed.push(mismatch(&path, &want, &got));
+                }
+            }
+            _ => {
+                std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+                std::fs::write(&path, &got).unwrap_or_else(|e| panic!("{e}"));
+                eprintln!("golden: wrote {}", path.display());
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{}\n{} answer(s) differ from the golden files. If the change is intended (an API \
+         change, documented), rerun with TRACER_BLESS=1 and commit the files.",
+        failed.join("\n"),
+        failed.len()
+    );
+}
+
+/// The body `respond` sends for a JSON value.
+fn bytes(v: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Where two answers part, with some context of each.
+fn mismatch(path: &std::path::Path, want: &[u8], got: &[u8]) -> String {
+    let at = want
+        .iter()
+        .zip(got)
+        .position(|(a, b)| a != b)
+        .unwrap_or(want.len().min(got.len()));
+    let around = |b: &[u8]| {
+        let from = at.saturating_sub(80);
+        String::from_utf8_lossy(&b[from..(at + 80).min(b.len())]).into_owned()
+    };
+    format!(
+        "{}: differs at byte {at}\n  want ...{}...\n  got  ...{}...",
+        path.display(),
+        around(want),
+        around(got)
+    )
+}
+
+// ---- nodes ----
+
+fn link(index: u32, name: &str, kind: Option<&str>, addr: Option<(&str, u8)>) -> Link {
+    Link {
+        index,
+        name: name.into(),
+        kind: kind.map(str::to_string),
+        master: None,
+        up: true,
+        l3: false,
+        vxlan: None,
+        addrs: addr
+            .map(|(a, prefix)| IfAddr { ip: ip(a), prefix })
+            .into_iter()
+            .collect(),
+    }
+}
+
+fn cidr(s: &str) -> Cidr {
+    s.parse().unwrap_or_else(|_| Cidr::host(ip("0.0.0.0")))
+}
+
+fn route(dst: &str, gateway: Option<&str>) -> Route {
+    Route {
+        dst: cidr(dst),
+        oif: Some(ETH0),
+        gateway: gateway.map(ip),
+        pref_src: None,
+        table: 254,
+        blackhole: false,
+    }
+}
+
+/// A node with `eth0` at `node_ip`/24 (and routes: that subnet, default via `gateway`), a
+/// pod's veth, and `extra` links.
+fn node(node_ip: &str, gateway: Option<&str>, extra: Vec<Link>) -> NodeFacts {
+    let mut f = NodeFacts::default();
+    for l in [
+        link(ETH0, "eth0", None, Some((node_ip, 24))),
+        link(VETH, "calid92900560e3", Some("veth"), None),
+    ]
+    .into_iter()
+    .chain(extra)
+    {
+        f.links.insert(l.index, l);
+    }
+    if let Some(gw) = gateway {
+        let net = node_ip.rsplit_once('.').map_or(node_ip, |(net, _)| net);
+        f.routes = vec![
+            route("0.0.0.0/0", Some(gw)),
+            route(&format!("{net}.0/24"), None),
+        ];
+    }
+    f
+}
+
+fn pools(all: &[&str], masq: &[&str]) -> Pools {
+    Pools {
+        all: all.iter().map(|c| cidr(c)).collect(),
+        masq: masq.iter().map(|c| cidr(c)).collect(),
+        source: "ipset".into(),
+        ..Pools::default()
+    }
+}
+
+fn vxlan_link(parent: u32, local: &str) -> Link {
+    Link {
+        vxlan: Some(VxlanInfo {
+            vni: Some(4096),
+            parent_index: Some(parent),
+            local: Some(ip(local)),
+            port: Some(4789),
+        }),
+        ..link(
+            VXLAN,
+            "vxlan.calico",
+            Some("vxlan"),
+            Some(("10.244.228.128", 32)),
+        )
+    }
+}
+
+/// An agent on `facts` and `pools`, traced interfaces attached, clock anchored.
+fn agent(facts: NodeFacts, pools: Pools, rules: Rules) -> Shared {
+    let mut s = Shared::new(&AgentConfig {
+        rules,
+        ..AgentConfig::default()
+    });
+    s.clock = Clock::anchored(START, UNIX_EPOCH + Duration::from_secs(START_WALL_S));
+    let _ = s.symbols.set(Symbols::default());
+    s.set_reasons(DropReasons::from_format(
+        "__print_symbolic(REC->reason, { 2, \"NOT_SPECIFIED\" }, { 12, \"NETFILTER_DROP\" })",
+    ));
+    let attached = [
+        (ETH0, "eth0", Role::Host),
+        (ETH1, "eth1", Role::Host),
+        (VETH, "calid92900560e3", Role::Workload),
+        (BRIDGE, "nerdctl0", Role::Host),
+        (VXLAN, "vxlan.calico", Role::Tunnel),
+    ]
+    .into_iter()
+    .filter(|(i, ..)| facts.links.contains_key(i))
+    .map(|(ifindex, name, role)| crate::hooks::AttachedIface {
+        ifindex,
+        name: name.into(),
+        role,
+        how: "auto",
+    })
+    .collect();
+    s.update_node(facts, pools, attached);
+    s
+}
+
+// ---- traffic ----
+
+/// A SYN; its sequence number and IP ID follow the source port, so that two flows' packets
+/// never look like one packet translated.
+fn syn(src: &str, sport: u16, dst: &str, dport: u16) -> Packet {
+    Packet {
+        ip_id: sport,
+        ..tcp(src, sport, dst, dport, 0x02, u32::from(sport) * 10, 0)
+    }
+}
+
+/// `p` the other way, with `flags`.
+fn back(p: Packet, flags: u8) -> Packet {
+    Packet {
+        src: p.dst,
+        dst: p.src,
+        sport: p.dport,
+        dport: p.sport,
+        tcp_flags: flags,
+        seq: 5000,
+        ack: p.seq + 1,
+        ..p
+    }
+}
+
+/// Observations `(ms after T0, interface, direction, packet)`.
+fn send(s: &Shared, seen: &[(u64, u32, Dir, Packet)]) {
+    let batch: Vec<_> = seen
+        .iter()
+        .map(|&(ms, i, d, p)| obs(T0 + ms * MS, i, d, p))
+        .collect();
+    s.ingest(&batch, 0);
+}
+
+/// A pod's SYN at its veth, leaving eth0 as `out`, answered or not.
+fn pod_syn(s: &Shared, pod: Packet, out: Packet, answered: bool) {
+    send(
+        s,
+        &[(0, VETH, Dir::Ingress, pod), (1, ETH0, Dir::Egress, out)],
+    );
+    if answered {
+        send(
+            s,
+            &[
+                (3, ETH0, Dir::Ingress, back(out, 0x12)),
+                (4, VETH, Dir::Egress, back(pod, 0x12)),
+            ],
+        );
+    }
+}
+
+const POD: &str = "10.244.1.10";
+
+// ---- cases ----
+
+fn snat_applied() -> Shared {
+    let s = agent(
+        node("192.168.21.10", None, vec![]),
+        pools(&["10.244.0.0/16"], &["10.244.0.0/16"]),
+        Rules::default(),
+    );
+    let pod = syn(POD, 40000, "192.168.21.11", 6443);
+    // Masqueraded: same packet (sequence number, IP ID), the node's address and port.
+    let out = Packet {
+        src: ip("192.168.21.10"),
+        sport: 61000,
+        ..pod
+    };
+    pod_syn(&s, pod, out, true);
+    // The handshake completes and one request is answered, at eth0.
+    let mut ack = out;
+    (ack.tcp_flags, ack.seq) = (0x10, out.seq + 1);
+    let mut req = out;
+    (req.tcp_flags, req.seq, req.payload_len) = (0x18, out.seq + 1, 120);
+    let mut resp = back(req, 0x18);
+    resp.payload_len = 900;
+    send(
+        &s,
+        &[
+            (5, ETH0, Dir::Egress, ack),
+            (6, ETH0, Dir::Egress, req),
+            (9, ETH0, Dir::Ingress, resp),
+        ],
+    );
+    s
+}
+
+fn ippool_overlap() -> Shared {
+    let s = agent(
+        node("192.168.21.10", None, vec![]),
+        pools(&["192.168.0.0/16"], &["192.168.0.0/16"]),
+        Rules::default(),
+    );
+    let p = syn("192.168.236.10", 40000, "192.168.21.11", 6443);
+    pod_syn(&s, p, p, false);
+    s
+}
+
+fn nat_outgoing_disabled() -> Shared {
+    let s = agent(
+        node("192.168.21.10", None, vec![]),
+        pools(&["10.244.0.0/16"], &[]),
+        Rules::default(),
+    );
+    let p = syn(POD, 40000, "8.8.8.8", 53);
+    pod_syn(&s, p, p, false);
+    // A routable pod network: un-NATed and answered is no fault.
+    let p = syn(POD, 40001, "1.1.1.1", 443);
+    pod_syn(&s, p, p, true);
+    s
+}
+
+fn masquerade_not_applied() -> Shared {
+    let s = agent(
+        node("192.168.21.10", None, vec![]),
+        pools(&["10.244.0.0/16"], &["10.244.0.0/16"]),
+        Rules::default(),
+    );
+    let p = syn(POD, 40000, "8.8.8.8", 443);
+    pod_syn(&s, p, p, false);
+    s
+}
+
+fn snat_excluded() -> Shared {
+    let mut p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+    p.nat_outgoing_v4 = Some(NatOutgoing {
+        rules: 1,
+        pool_set: Some("cali40all-ipam-pools".into()),
+        excludes_host_ips: true,
+        ..NatOutgoing::default()
+    });
+    p.host_nets_v4 = Some(vec![cidr("192.168.21.11/32")]);
+    let s = agent(node("192.168.21.10", None, vec![]), p, Rules::default());
+    let a = syn(POD, 40000, "192.168.21.11", 6443);
+    pod_syn(&s, a, a, true);
+    // Unanswered: the destination's fault, with the exclusion noted.
+    let b = syn(POD, 40001, "192.168.21.11", 10250);
+    pod_syn(&s, b, b, false);
+    s
+}
+
+fn kernel_drop() -> Shared {
+    let s = agent(
+        node("192.168.21.10", None, vec![]),
+        pools(&["10.244.0.0/16"], &["10.244.0.0/16"]),
+        Rules::default(),
+    );
+    let p = syn(POD, 40000, "10.244.2.20", 8080);
+    let mut dropped = obs(T0 + MS, VETH, Dir::Ingress, p);
+    dropped.drop = Some(KernelDrop {
+        reason: 12,
+        location: 0,
+    });
+    s.ingest(&[obs(T0, VETH, Dir::Ingress, p), dropped], 0);
+    s
+}
+
+/// Seed 004: BGP dialled from a second NIC's address.
+fn wrong_source_address() -> Shared {
+    let eth1 = link(ETH1, "eth1", None, Some(("10.0.0.66", 24)));
+    let s = agent(
+        node("10.51.0.101", Some("10.51.0.1"), vec![eth1]),
+        pools(&["10.244.0.0/16"], &["10.244.0.0/16"]),
+        Rules::default(),
+    );
+    let p = syn("10.0.0.66", 40000, "10.51.0.100", 179);
+    send(&s, &[(0, ETH0, Dir::Egress, p)]);
+    s
+}
+
+/// Seed 004, the passive side: an off-link peer never acknowledges the SYN-ACK.
+fn off_link_peer_unacked() -> Shared {
+    let s = agent(
+        node("10.51.0.100", Some("10.51.0.1"), vec![]),
+        pools(&["10.244.0.0/16"], &["10.244.0.0/16"]),
+        Rules::default(),
+    );
+    let p = syn("10.66.0.66", 40000, "10.51.0.100", 179);
+    send(
+        &s,
+        &[
+            (0, ETH0, Dir::Ingress, p),
+            (1, ETH0, Dir::Egress, back(p, 0x12)),
+        ],
+    );
+    s
+}
+
+/// A pod's SYN through vxlan.calico, the outer packet leaving `outer_iface`.
+fn vxlan_syn(s: &Shared, outer_iface: u32, outer_src: &str, outer_dst: &str) -> Packet {
+    let p = syn("10.244.228.139", 40000, "10.244.142.36", 8090);
+    let mut outer = obs(
+        T0 + 2 * MS,
+        outer_iface,
+        Dir::Egress,
+        syn(outer_src, 51000, outer_dst, 4789),
+    );
+    outer.outer.proto = 17;
+    outer.inner = Some((Encap::Vxlan, 4096, p));
+    s.ingest(
+        &[
+            obs(T0, VETH, Dir::Ingress, p),
+            obs(T0 + MS, VXLAN, Dir::Egress, p),
+            outer,
+        ],
+        0,
+    );
+    p
+}
+
+/// Seed 003: the VXLAN parent is a container bridge.
+fn wrong_parent_device() -> Shared {
+    let bridge = link(BRIDGE, "nerdctl0", Some("bridge"), Some(("10.4.0.1", 24)));
+    let port = Link {
+        master: Some(BRIDGE),
+        ..link(9, "veth-ctr", Some("veth"), None)
+    };
+    let s = agent(
+        node(
+            "10.51.0.101",
+            Some("10.51.0.1"),
+            vec![bridge, port, vxlan_link(BRIDGE, "10.4.0.1")],
+        ),
+        pools(&["10.244.0.0/16"], &["10.244.0.0/16"]),
+        Rules::default(),
+    );
+    vxlan_syn(&s, BRIDGE, "10.4.0.1", "10.51.0.100");
+    s
+}
+
+fn vxlan_healthy() -> Shared {
+    let s = agent(
+        node(
+            "10.51.0.100",
+            Some("10.51.0.1"),
+            vec![vxlan_link(ETH0, "10.51.0.100")],
+        ),
+        pools(&["10.244.0.0/16"], &["10.244.0.0/16"]),
+        Rules::default(),
+    );
+    let p = vxlan_syn(&s, ETH0, "10.51.0.100", "10.51.0.101");
+    send(&s, &[(4, VETH, Dir::Egress, back(p, 0x12))]);
+    s
+}
+
+/// Seed 001: etcd 150 ms away, with calico-node's liveness budget known.
+fn datastore_latency() -> Shared {
+    let s = agent(
+        node("10.51.0.100", Some("10.51.0.1"), vec![]),
+        pools(&[], &[]),
+        Rules {
+            liveness_budget_ns: Some(3 * S),
+            ..Rules::default()
+        },
+    );
+    let p = syn("10.51.0.100", 40000, "10.51.0.10", 2379);
+    let mut seen = vec![
+        (0, ETH0, Dir::Egress, p),
+        (1, ETH0, Dir::Ingress, back(p, 0x12)),
+    ];
+    for i in 0..20u32 {
+        let at = 2 + 151 * u64::from(i);
+        let mut q = p;
+        (q.tcp_flags, q.seq, q.payload_len) = (0x18, 10 + i, 80);
+        let mut a = back(p, 0x18);
+        (a.seq, a.payload_len) = (100 + i, 400);
+        seen.extend([
+            (at, ETH0, Dir::Egress, q),
+            (at + 150, ETH0, Dir::Ingress, a),
+        ]);
+    }
+    send(&s, &seen);
+    s
+}
+
+fn pod_route_missing() -> Shared {
+    let s = agent(
+        node("10.51.0.100", Some("10.51.0.1"), vec![]),
+        pools(&["10.244.0.0/16"], &["10.244.0.0/16"]),
+        Rules::default(),
+    );
+    let p = syn("10.244.142.36", 40000, "10.244.228.139", 8090);
+    pod_syn(&s, p, p, false);
+    s
+}
+
+fn destination_unresponsive() -> Shared {
+    let s = agent(
+        node("192.168.21.10", None, vec![]),
+        pools(&[], &[]),
+        Rules::default(),
+    );
+    let p = syn("192.168.21.10", 40000, "192.168.21.50", 2379);
+    send(&s, &[(0, ETH0, Dir::Egress, p)]);
+    s
+}
+
+/// The ring overflowed while the reply was due.
+fn evidence_incomplete() -> Shared {
+    let s = destination_unresponsive();
+    let mut gaps = lock(&s.gaps);
+    gaps.look(T0 - S, 0);
+    gaps.look(T0 + 2 * S, 7);
+    drop(gaps);
+    s
+}
