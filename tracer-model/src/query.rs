@@ -205,11 +205,7 @@ fn limit(v: &str) -> Result<usize, QueryError> {
     Ok(n)
 }
 
-fn known<T: Copy + fmt::Display>(
-    param: &'static str,
-    v: &str,
-    all: &[T],
-) -> Result<T, QueryError> {
+fn known<T: Copy + fmt::Display>(param: &'static str, v: &str, all: &[T]) -> Result<T, QueryError> {
     all.iter()
         .copied()
         .find(|x| x.to_string() == v)
@@ -217,7 +213,10 @@ fn known<T: Copy + fmt::Display>(
             param,
             msg: format!(
                 "unknown {param} {v:?}; known: {}",
-                all.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+                all.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         })
 }

@@ -307,8 +307,7 @@ fn verdict_parser() -> impl TypedValueParser<Value = Verdict> {
 
 /// `--cause`: the wire names, offered to shell completion.
 fn cause_parser() -> impl TypedValueParser<Value = Cause> {
-    PossibleValuesParser::new(Cause::ALL.iter().map(|c| c.as_str()))
-        .try_map(|s| s.parse::<Cause>())
+    PossibleValuesParser::new(Cause::ALL.iter().map(|c| c.as_str())).try_map(|s| s.parse::<Cause>())
 }
 
 #[cfg(test)]

@@ -9,9 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tracer_model::{
-    Attached, DiagnosesAnswer, FlowQuery, FlowView, FlowsPage, Health, WatchLine,
-};
+use tracer_model::{Attached, DiagnosesAnswer, FlowQuery, FlowView, FlowsPage, Health, WatchLine};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -9,7 +9,6 @@ use crate::{
     state::{AttachError, AttachTarget, Command, Shared},
 };
 
-
 pub fn handle(cmd: Command, cfg: &AgentConfig, hooks: &mut Hooks, shared: &Shared) {
     match cmd {
         Command::Attach { target, reply } => {

@@ -22,13 +22,13 @@ pub use crate::state::Fault;
 
 use crate::{
     api,
-    state::{footprint, health, Command, DropTracing, Shared, StateConfig},
     calico::{self, RoleConfig},
     clock::mono_now_ns,
     diagnose::Rules,
     hooks::{HookError, Hooks, LoadOptions, TcBackend, TcMode},
     net::Cidr,
     netlink,
+    state::{footprint, health, Command, DropTracing, Shared, StateConfig},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +276,12 @@ async fn run_unsupported(
     let shared = Arc::new(Shared::new(&cfg.state()));
     shared.set_unsupported(reason);
     let listener = api::bind(cfg.listen).await?;
-    let server = tokio::spawn(api::serve(listener, shared, cfg.api.clone(), cfg.token.clone()));
+    let server = tokio::spawn(api::serve(
+        listener,
+        shared,
+        cfg.api.clone(),
+        cfg.token.clone(),
+    ));
     shutdown.await;
     server.abort();
     Ok(())

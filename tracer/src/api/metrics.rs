@@ -58,7 +58,11 @@ pub fn exposition(c: &Census) -> String {
     let api = &c.api;
     let fp = Footprint::now();
     let mut families = vec![
-        gauge("tracer_flows", "Flows in the agent's table.", c.flows as f64),
+        gauge(
+            "tracer_flows",
+            "Flows in the agent's table.",
+            c.flows as f64,
+        ),
         Family {
             name: "tracer_flows_by_verdict",
             help: "Flows in the table by verdict.",

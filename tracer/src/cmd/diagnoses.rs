@@ -25,7 +25,12 @@ pub async fn run(args: DiagnosesArgs) -> Result<(), String> {
     } else {
         vec![args.conn.agent.clone()]
     };
-    let answers = nodes::ask_all(&agents, token, |a: Agent| async move { a.diagnoses().await }).await;
+    let answers = nodes::ask_all(
+        &agents,
+        token,
+        |a: Agent| async move { a.diagnoses().await },
+    )
+    .await;
     let mut failed = 0;
     for (node, result) in &answers {
         match result {

@@ -95,10 +95,12 @@ async fn fan_out(
         match result {
             Ok(page) => {
                 merged.matched += page.matched;
-                merged.flows.extend(page.flows.into_iter().map(|flow| NodeFlow {
-                    node: node.clone(),
-                    flow,
-                }));
+                merged
+                    .flows
+                    .extend(page.flows.into_iter().map(|flow| NodeFlow {
+                        node: node.clone(),
+                        flow,
+                    }));
             }
             Err(e) => merged.unreachable.push((node, e.to_string())),
         }

@@ -26,6 +26,7 @@ pub struct FlowCursor {
     bound: FlowId,
     matched: usize,
     shown: usize,
+    started: bool,
     done: bool,
 }
 
@@ -37,6 +38,7 @@ impl FlowCursor {
             bound: FlowId::MAX,
             matched: 0,
             shown: 0,
+            started: false,
             done: false,
         }
     }
@@ -55,6 +57,11 @@ impl FlowCursor {
     pub fn shown(&self) -> usize {
         self.shown
     }
+
+    /// Whether a part has been taken yet.
+    pub fn started(&self) -> bool {
+        self.started
+    }
 }
 
 impl Shared {
@@ -65,6 +72,7 @@ impl Shared {
         if cur.done {
             return out;
         }
+        cur.started = true;
         let judged = cur.q.verdict.is_some() || cur.q.cause.is_some();
         let (verdict, cause) = (cur.q.verdict, cur.q.cause);
         let wanted = |j: &Judgement| {
