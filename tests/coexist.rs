@@ -115,7 +115,7 @@ fn tracer_on_vb(p: &Pair, mode: TcMode) -> Result<Tracer, Box<dyn std::error::Er
             vxlan: None,
             addrs: Vec::new(),
         };
-        hooks.attach(&link, Role::Workload, "auto")?;
+        hooks.attach(&link, Role::Workload, tracer_model::AttachHow::Auto)?;
         Ok(Tracer { hooks, ring })
     })?;
     Ok(t.map_err(|e| e.to_string())?)

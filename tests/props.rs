@@ -3,7 +3,6 @@
 //! round-trip.
 use proptest::prelude::*;
 use tracer::{
-    api::query::FlowQuery,
     btf::Btf,
     calico::{check_iface_name, parse_ipset_save},
     events::{decode, encode},
@@ -12,6 +11,7 @@ use tracer::{
     net::Cidr,
 };
 use tracer_common::PacketEvent;
+use tracer_model::FlowQuery;
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]

@@ -12,10 +12,11 @@ use std::{
 use anyhow::{bail, Result};
 use aya::maps::{MapData, RingBuf};
 use tracer::{
-    agent::{AgentConfig, Shared},
+    agent::AgentConfig,
     events::{decode, Observation},
     flows::{FlowTable, Iface},
     hooks::{Hooks, KernelCounters},
+    state::Shared,
 };
 
 use crate::{
@@ -98,7 +99,7 @@ struct Consumer {
 impl Consumer {
     fn new() -> Consumer {
         Consumer {
-            shared: Shared::new(&AgentConfig::default()),
+            shared: Shared::new(&AgentConfig::default().state()),
             table: FlowTable::new(AgentConfig::default().flow_cap),
             batch: Vec::with_capacity(BATCH),
             name: Iface::new("lo", 1, None),

@@ -700,13 +700,13 @@ fn full(bytes: Vec<u8>) -> Body {
 
 /// The body of `GET /flows`: the flows in the model's field order (they are rendered in bulk,
 /// without the detour through `serde_json::Value`).
-fn flows_page_json(page: &tracer_model::FlowsPage) -> Vec<u8> {
+pub fn flows_page_json(page: &tracer_model::FlowsPage) -> Vec<u8> {
     serde_json::to_vec(page).unwrap_or_else(|_| b"{}".to_vec())
 }
 
 /// JSON with every object's keys in sorted order (through `serde_json::Value`), as the API has
 /// always sent every answer but `/flows` (whose flows keep the model's field order).
-fn sorted_json<T: Serialize>(body: &T) -> Vec<u8> {
+pub fn sorted_json<T: Serialize>(body: &T) -> Vec<u8> {
     serde_json::to_value(body)
         .and_then(|v| serde_json::to_vec(&v))
         .unwrap_or_else(|_| b"{}".to_vec())

@@ -513,7 +513,7 @@ impl Shared {
                 })
                 .collect();
             // Stable: equal counts keep the causes' wire-name order.
-            causes.sort_by(|a, b| b.count.cmp(&a.count));
+            causes.sort_by_key(|c| std::cmp::Reverse(c.count));
             let gaps = cx.gaps;
             let evicted = table.stats().evicted;
             DiagnosesAnswer {
@@ -672,6 +672,23 @@ pub fn matches_tuple(q: &FlowQuery, f: &Flow) -> bool {
     q.proto.is_none_or(|p| f.proto == p)
 }
 
+/// Hooks for tests elsewhere in the crate (the API's golden answers) that build a state at
+/// fixed times.
+#[cfg(test)]
+impl Shared {
+    pub(crate) fn anchor_clock(&mut self, clock: Clock) {
+        self.clock = clock;
+    }
+
+    pub(crate) fn preload_symbols(&self, symbols: Symbols) {
+        let _ = self.symbols.set(symbols);
+    }
+
+    pub(crate) fn gaps_mut(&self) -> MutexGuard<'_, Gaps> {
+        lock(&self.gaps)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use tracer_model::query::QueryError;
@@ -754,22 +771,5 @@ pub(crate) mod tests {
             }
         }
         Ok(())
-    }
-}
-
-/// Hooks for tests elsewhere in the crate (the API's golden answers) that build a state at
-/// fixed times.
-#[cfg(test)]
-impl Shared {
-    pub(crate) fn anchor_clock(&mut self, clock: Clock) {
-        self.clock = clock;
-    }
-
-    pub(crate) fn preload_symbols(&self, symbols: Symbols) {
-        let _ = self.symbols.set(symbols);
-    }
-
-    pub(crate) fn gaps_mut(&self) -> MutexGuard<'_, Gaps> {
-        lock(&self.gaps)
     }
 }
