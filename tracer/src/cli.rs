@@ -145,7 +145,7 @@ pub struct AgentArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub liveness_budget: Option<Duration>,
     /// Most flows kept in memory; the oldest are evicted beyond it.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = crate::state::DEFAULT_FLOW_CAP)]
     pub flow_cap: usize,
     /// `auto` attaches to every interface with a role; `on-demand` only to those asked for
     /// with POST /attach (or `tracer watch`).
@@ -160,24 +160,24 @@ pub struct AgentArgs {
     pub insecure: bool,
     /// API connections served at once; more are answered 503 and closed. 32 more are kept
     /// for peers on the node itself (the kubelet's probes).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    #[arg(long, default_value_t = crate::api::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections: u32,
     /// `/watch` streams open at once; more are refused with 429.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    #[arg(long, default_value_t = crate::api::DEFAULT_MAX_WATCHERS, value_parser = clap::value_parser!(u32).range(0..=4096))]
     pub max_watchers: u32,
     /// Ring buffer between kernel and agent, in bytes (power of two, >= 4096). Default 8 MiB.
     #[arg(long)]
     pub ringbuf_bytes: Option<u32>,
     /// How often the kernel re-reports a busy flow's counters.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    pub summary_interval: Duration,
+    #[arg(long, default_value_t = crate::hooks::DEFAULT_SUMMARY_INTERVAL.into())]
+    pub summary_interval: humantime::Duration,
     /// How tc programs attach: `auto` (TCX on Linux 6.6+, clsact filters before), `tcx`, or
     /// `clsact` (the legacy path, forced: what 5.11-6.5 kernels use).
     #[arg(long, value_enum, default_value_t = crate::hooks::TcMode::Auto)]
     pub tc_mode: crate::hooks::TcMode,
     /// Entries in each of the kernel's per-hook maps (flow summaries, request/response turns;
     /// LRU, ~100 B each). Size it to the concurrent flows x hooks a packet crosses (2-4).
-    #[arg(long, default_value_t = 65_536)]
+    #[arg(long, default_value_t = crate::hooks::DEFAULT_KERNEL_FLOW_ENTRIES)]
     pub kernel_flow_entries: u32,
 }
 
@@ -217,7 +217,7 @@ impl AgentArgs {
                 workload_prefixes: self.iface_prefixes.clone(),
             },
             flow_cap: self.flow_cap,
-            summary_interval: self.summary_interval,
+            summary_interval: self.summary_interval.into(),
             tc_mode: self.tc_mode,
             kernel_flow_entries: self.kernel_flow_entries,
             insecure: self.insecure,

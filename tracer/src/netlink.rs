@@ -23,6 +23,9 @@ use tokio::sync::mpsc;
 
 use crate::net::{Cidr, IfAddr};
 
+/// How often the node is read again even without a netlink notification.
+pub const DEFAULT_RESYNC: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
     #[error("opening a netlink socket: {0}")]

@@ -241,7 +241,7 @@ fn vxlan_link(parent: u32, local: &str) -> Link {
 fn agent(facts: NodeFacts, pools: Pools, rules: Rules) -> Shared {
     let mut s = Shared::new(&StateConfig {
         rules,
-        ..crate::agent::AgentConfig::default().state()
+        ..StateConfig::default()
     });
     s.anchor_clock(Clock::anchored(
         START,

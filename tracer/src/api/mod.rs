@@ -82,6 +82,11 @@ pub enum ApiError {
     },
 }
 
+/// `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
+/// `--max-watchers`.
+pub const DEFAULT_MAX_WATCHERS: u32 = 32;
+
 /// Limits on what clients may hold.
 #[derive(Debug, Clone)]
 pub struct ApiLimits {
@@ -94,8 +99,8 @@ pub struct ApiLimits {
 impl Default for ApiLimits {
     fn default() -> Self {
         ApiLimits {
-            max_connections: 256,
-            max_watchers: 32,
+            max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+            max_watchers: DEFAULT_MAX_WATCHERS as usize,
         }
     }
 }

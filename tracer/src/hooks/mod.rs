@@ -95,6 +95,11 @@ pub use tracer_model::Attachment as AttachedIface;
 /// Kernel-side counters, summed over CPUs (wire type of the model).
 pub use tracer_model::health::KernelStats;
 
+/// `--kernel-flow-entries`: entries of each per-hook kernel map.
+pub const DEFAULT_KERNEL_FLOW_ENTRIES: u32 = 65_536;
+/// `--summary-interval`: how often a busy flow re-reports its counters.
+pub const DEFAULT_SUMMARY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Owns the loaded object and the tc attachments.
 pub struct Hooks {
     ebpf: Ebpf,

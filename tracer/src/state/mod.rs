@@ -64,6 +64,9 @@ pub struct ReaderStats {
     pub decode_errors: u64,
 }
 
+/// `--flow-cap`: most flows kept.
+pub const DEFAULT_FLOW_CAP: usize = 100_000;
+
 /// What the state needs from the agent's configuration.
 #[derive(Debug, Clone)]
 pub struct StateConfig {
@@ -74,6 +77,17 @@ pub struct StateConfig {
     pub workload_prefix: String,
     /// How often the sync loop reads the node, for the liveness checks.
     pub resync: Duration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            flow_cap: DEFAULT_FLOW_CAP,
+            rules: Rules::default(),
+            workload_prefix: crate::calico::DEFAULT_INTERFACE_PREFIX.into(),
+            resync: crate::netlink::DEFAULT_RESYNC,
+        }
+    }
 }
 
 /// What the API is doing, counted by the API and reported by `/metrics` and `/healthz`.
@@ -703,7 +717,7 @@ pub(crate) mod tests {
     pub(crate) fn unanswered(n: u32) -> Shared {
         let shared = Shared::new(&StateConfig {
             flow_cap: n as usize,
-            ..crate::agent::AgentConfig::default().state()
+            ..StateConfig::default()
         });
         let batch: Vec<_> = (0..n)
             .map(|i| {
