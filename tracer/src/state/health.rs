@@ -6,6 +6,13 @@ use std::{
 };
 
 pub use tracer_model::health::{Checks, ReaderCheck, SyncCheck};
+use tracer_model::{
+    health::{HealthDetail, Status},
+    Health, Readiness,
+};
+
+use super::{lock, Shared};
+use crate::clock::mono_now_ns;
 
 /// The reader wakes at least this often, records or not: an idle reader still beats.
 pub const READER_WAKE: Duration = Duration::from_millis(250);
@@ -158,6 +165,71 @@ fn checks(s: Stamps, now_ns: u64, start_ns: u64, resync: Duration) -> Checks {
         SyncCheck::Ok
     };
     Checks { reader, node_sync }
+}
+
+impl Shared {
+    /// Whether the reader and the sync loop are alive, judged now.
+    pub fn checks(&self) -> tracer_model::health::Checks {
+        self.liveness
+            .checks(mono_now_ns(), self.clock.start_ns(), self.resync)
+    }
+
+    /// Ready once the programs are loaded and the first interface sync is done, while healthy.
+    /// `detail` (authorized callers only) adds what is attached and whether drops are traced.
+    pub fn readiness(&self, detail: bool) -> Readiness {
+        let healthy = !self.checks().failing();
+        let node = self.node();
+        Readiness {
+            ready: node.ready && healthy,
+            attached: detail.then_some(node.attached.len()),
+            drops: detail.then(|| node.drops.clone()),
+        }
+    }
+
+    /// `/healthz`: healthy (false: answer 503) and the body. Without `detail` (callers without
+    /// the token) the body holds fixed words only: no interface names (they tell which pod runs
+    /// where), no pools, no error text.
+    pub fn health(&self, detail: bool) -> (bool, Health) {
+        let checks = self.checks();
+        let now = mono_now_ns();
+        let node = self.node();
+        let status = if node.unsupported.is_some() {
+            Status::Unsupported
+        } else if checks.failing() {
+            Status::Failing
+        } else if node.ready {
+            Status::Ok
+        } else {
+            Status::Starting
+        };
+        let detail = detail.then(|| {
+            let reader = *lock(&self.reader);
+            HealthDetail {
+                tc: node.tc,
+                drops: node.drops.clone(),
+                attached: node.attached.clone(),
+                pools: (&node.pools).into(),
+                kernel: self.kernel(),
+                reader: tracer_model::health::ReaderStats {
+                    records: reader.records,
+                    decode_errors: reader.decode_errors,
+                    idle_ms: self.liveness.reader_idle_ms(now),
+                },
+                node_sync_age_ms: self.liveness.sync_age_ms(now),
+                flows: lock(&self.table).stats(),
+                api: self.api.snapshot(),
+                uptime_s: Duration::from_nanos(now.saturating_sub(self.clock.start_ns())).as_secs(),
+            }
+        });
+        let health = Health {
+            status,
+            ready: node.ready,
+            checks,
+            unsupported: detail.as_ref().and(node.unsupported.clone()),
+            detail,
+        };
+        (!checks.failing(), health)
+    }
 }
 
 #[cfg(test)]

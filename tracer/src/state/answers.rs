@@ -1,0 +1,246 @@
+//! The state's answers about flows, in the model's wire types: `/flows` (one go), `/flows/{id}`,
+//! `/diagnoses`, the census behind `/metrics`, and a flow's kept records for pcap.
+use std::collections::HashMap;
+
+use tracer_model::{
+    diagnoses::{CauseGroup, EvidenceSummary},
+    query::{FlowQuery, Since, DEFAULT_LIMIT},
+    Cause, DiagnosesAnswer, FlowView, FlowsPage,
+};
+
+use super::{lock, view, Census, FlowCursor, Shared};
+use crate::{
+    diagnose::judge,
+    flows::{Flow, Sample},
+};
+
+impl Shared {
+    /// The query as a predicate over flows. The pod's veth name (a sha1) and the `since`
+    /// threshold are worked out once per query, not once per flow.
+    pub(crate) fn matcher<'q>(&self, q: &'q FlowQuery, now_ns: u64) -> impl Fn(&Flow) -> bool + 'q {
+        let veth = q.pod.as_ref().map(|(ns, name)| self.pod_veth(ns, name));
+        let since_ns = match q.since {
+            Some(Since::Ago(d)) => now_ns.saturating_sub(d.as_nanos() as u64),
+            Some(Since::At(t)) => self.clock.mono_of(t),
+            None => 0,
+        };
+        move |f: &Flow| {
+            matches_tuple(q, f)
+                && f.last_ns >= since_ns
+                && veth
+                    .as_deref()
+                    .is_none_or(|v| f.hops.iter().any(|h| *h.iface.name == *v))
+        }
+    }
+
+    /// `GET /flows` answered in one go (the API streams large or judging queries through
+    /// [`FlowCursor`] instead).
+    pub fn flows(&self, q: &FlowQuery) -> FlowsPage {
+        let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+        if q.verdict.is_some() || q.cause.is_some() {
+            return self.flows_judged(q);
+        }
+        // Judging is the expensive part: only the flows rendered are judged, the rest counted.
+        self.with_context(|cx, table| {
+            let mut flows = Vec::new();
+            let mut matched = 0usize;
+            let matches = self.matcher(q, cx.now_ns);
+            let (src, dst) = q.hosts();
+            for f in table.iter_newest_with(src, dst) {
+                if !matches(f) {
+                    continue;
+                }
+                matched += 1;
+                if flows.len() < limit {
+                    flows.push(view::flow_view(f, judge(f, cx), &self.clock, cx));
+                }
+            }
+            FlowsPage {
+                truncated: matched > flows.len(),
+                flows,
+                matched,
+            }
+        })
+    }
+
+    /// `/flows` with a verdict or cause filter: every candidate must be judged, a part of the
+    /// table at a time (see [`FlowCursor`]).
+    fn flows_judged(&self, q: &FlowQuery) -> FlowsPage {
+        let mut cur = FlowCursor::new(q.clone());
+        let mut flows = Vec::new();
+        while !cur.done() {
+            flows.extend(self.flows_chunk(&mut cur));
+        }
+        FlowsPage {
+            truncated: cur.matched() > flows.len(),
+            matched: cur.matched(),
+            flows,
+        }
+    }
+
+    /// Faulty flows grouped by cause, plus what the node's configuration alone shows.
+    pub fn diagnoses(&self) -> DiagnosesAnswer {
+        #[derive(Default)]
+        struct Group {
+            count: u64,
+            first_ns: u64,
+            last_ns: u64,
+            latest: Option<(u64, tracer_model::Diagnosis)>,
+            examples: Vec<u64>,
+            /// Flows of the group whose records may be partial.
+            incomplete: u64,
+        }
+        // Keyed by wire name: causes with equal counts are listed alphabetically.
+        let mut groups: std::collections::BTreeMap<&'static str, (Cause, Group)> =
+            Default::default();
+        let mut judged = 0u64;
+        let mut incomplete = 0u64;
+        self.visit_chunked(|cx, f| {
+            judged += 1;
+            let j = judge(f, cx);
+            if j.lost_records > 0 {
+                incomplete += 1;
+            }
+            if let Some(d) = j.diagnosis {
+                let (_, g) = groups
+                    .entry(d.cause.as_str())
+                    .or_insert_with(|| (d.cause, Group::default()));
+                g.count += 1;
+                if j.lost_records > 0 {
+                    g.incomplete += 1;
+                }
+                g.first_ns = if g.first_ns == 0 {
+                    f.first_ns
+                } else {
+                    g.first_ns.min(f.first_ns)
+                };
+                g.last_ns = g.last_ns.max(f.last_ns);
+                if g.examples.len() < 5 {
+                    g.examples.push(f.id);
+                }
+                if g.latest.as_ref().is_none_or(|(t, _)| f.last_ns > *t) {
+                    g.latest = Some((f.last_ns, d));
+                }
+            }
+            true
+        });
+        self.with_context(|cx, table| {
+            let mut causes: Vec<CauseGroup> = groups
+                .into_values()
+                .filter_map(|(cause, g)| {
+                    let (_, d) = g.latest?;
+                    Some(CauseGroup {
+                        cause,
+                        count: g.count,
+                        first_seen: self.clock.rfc3339(g.first_ns),
+                        last_seen: self.clock.rfc3339(g.last_ns),
+                        summary: d.summary,
+                        evidence: d.evidence,
+                        fix: d.fix,
+                        example_flows: g.examples,
+                        evidence_incomplete: g.incomplete,
+                    })
+                })
+                .collect();
+            // Stable: equal counts keep the causes' wire-name order.
+            causes.sort_by_key(|c| std::cmp::Reverse(c.count));
+            let gaps = cx.gaps;
+            let evicted = table.stats().evicted;
+            DiagnosesAnswer {
+                causes,
+                node_findings: crate::diagnose::node_findings(cx),
+                flows_judged: judged,
+                // What the answer may be missing: lost records make flows partial (they are
+                // never called unanswered for it); evicted flows are gone from the answer.
+                evidence: EvidenceSummary {
+                    complete: gaps.total_lost() == 0 && evicted == 0,
+                    lost_records: gaps.total_lost(),
+                    flows_with_incomplete_evidence: incomplete,
+                    flows_evicted: evicted,
+                    reader_lag_ms: cx.now_ns.saturating_sub(cx.evidence_now_ns()) / 1_000_000,
+                },
+            }
+        })
+    }
+
+    pub fn flow(&self, id: u64) -> Option<FlowView> {
+        self.with_context(|cx, table| {
+            table
+                .get(id)
+                .map(|f| view::flow_view(f, judge(f, cx), &self.clock, cx))
+        })
+    }
+
+    /// The flow's kept records and the names of the interfaces they were seen on; None when
+    /// there is no such flow or no record left.
+    pub fn samples(&self, id: u64) -> Option<(Vec<Sample>, HashMap<u32, String>)> {
+        let names: HashMap<u32, String> = {
+            let node = self.node();
+            node.facts
+                .links
+                .values()
+                .map(|l| (l.index, l.name.clone()))
+                .collect()
+        };
+        let table = lock(&self.table);
+        table.get(id)?;
+        let samples: Vec<Sample> = table.samples().of(id).into_iter().cloned().collect();
+        (!samples.is_empty()).then_some((samples, names))
+    }
+
+    /// Everything `/metrics` reports. Judges every flow.
+    pub fn census(&self) -> Census {
+        let mut c = Census::default();
+        self.visit_chunked(|cx, f| {
+            let j = judge(f, cx);
+            for x in &j.verdicts {
+                *c.by_verdict.entry(*x).or_default() += 1;
+            }
+            if let Some(d) = j.diagnosis {
+                *c.by_cause.entry(d.cause).or_default() += 1;
+            }
+            true
+        });
+        {
+            let t = lock(&self.table);
+            c.flows = t.len();
+            c.table = t.stats();
+        }
+        for a in &self.node().attached {
+            *c.attached_by_role.entry(a.role).or_default() += 1;
+        }
+        c.reader = *lock(&self.reader);
+        c.kernel = self.kernel();
+        c.api = self.api.snapshot();
+        c.interned = self.names.read().unwrap_or_else(|e| e.into_inner()).len();
+        c.purged = *lock(&self.purged);
+        c
+    }
+}
+
+/// The filters that need no judgement: addresses match the original or the translated tuple.
+pub fn matches_tuple(q: &FlowQuery, f: &Flow) -> bool {
+    let dsts = [Some(f.dst), f.nat.map(|n| n.dst)];
+    let srcs = [Some(f.src), f.nat.map(|n| n.src)];
+    let any = |set: &[Option<std::net::IpAddr>], c: &crate::net::Cidr| {
+        set.iter().flatten().any(|ip| c.contains(*ip))
+    };
+    if q.dst.as_ref().is_some_and(|c| !any(&dsts, c)) {
+        return false;
+    }
+    if q.src.as_ref().is_some_and(|c| !any(&srcs, c)) {
+        return false;
+    }
+    if let Some(p) = q.port {
+        let ports = [
+            Some(f.sport),
+            Some(f.dport),
+            f.nat.map(|n| n.sport),
+            f.nat.map(|n| n.dport),
+        ];
+        if !ports.iter().flatten().any(|x| *x == p) {
+            return false;
+        }
+    }
+    q.proto.is_none_or(|p| f.proto == p)
+}
