@@ -133,16 +133,8 @@ impl Serialize for Iface {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct HopEncap {
-    #[serde(rename = "type")]
-    pub kind: Encap,
-    pub vni: Option<u32>,
-    pub outer_src: IpAddr,
-    pub outer_dst: IpAddr,
-    pub outer_sport: u16,
-    pub outer_dport: u16,
-}
+/// The outer header of an encapsulated hop (the wire type itself).
+pub use tracer_model::flow::HopEncap;
 
 /// Packet counts kept in one word: 40 bits of packets, 24 of retransmissions.
 const PKT_BITS: u32 = 40;
@@ -359,14 +351,9 @@ const MAX_DROPS: usize = 8;
 /// Most translated tuples kept per flow beyond the first.
 const MAX_EXTRA_TRANSLATIONS: usize = 8;
 
-/// Translation a flow went through on this node, as the forward packet left it.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-pub struct Nat {
-    pub src: IpAddr,
-    pub sport: u16,
-    pub dst: IpAddr,
-    pub dport: u16,
-}
+/// Translation a flow went through on this node, as the forward packet left it (the wire type
+/// itself).
+pub use tracer_model::flow::Nat;
 
 /// TCP handshake and teardown as seen at the first hop that saw each.
 #[derive(Debug, Clone, Copy)]

@@ -1,13 +1,12 @@
 //! Fills the wire type of a flow ([`tracer_model::FlowView`]) from the flow table.
 use tracer_model::flow::{
-    tcp_flag_letters, Counters, DropView, EvidenceGap, Exchanges, FlowView, Hop, HopEncap, Nat,
-    TcpSummary,
+    tcp_flag_letters, Counters, DropView, EvidenceGap, Exchanges, FlowView, Hop, TcpSummary,
 };
 
 use crate::{
     clock::Clock,
     diagnose::{Context, Judgement},
-    flows::{self, Flow, HopView, Side},
+    flows::{Flow, HopView, Side},
     net::{proto_name, PROTO_TCP},
 };
 
@@ -27,7 +26,7 @@ pub fn flow_view(f: &Flow, j: Judgement, clock: &Clock, cx: &Context<'_>) -> Flo
         dport: f.dport,
         first_seen: clock.rfc3339(f.first_ns),
         last_seen: clock.rfc3339(f.last_ns),
-        nat: f.nat.map(nat),
+        nat: f.nat,
         path: hops
             .iter()
             .map(|h| Hop {
@@ -40,7 +39,7 @@ pub fn flow_view(f: &Flow, j: Judgement, clock: &Clock, cx: &Context<'_>) -> Flo
                 sport: h.sport,
                 dst: h.dst,
                 dport: h.dport,
-                encap: h.encap.map(encap),
+                encap: h.encap.cloned(),
                 pkts: h.hop.pkts(),
                 bytes: h.hop.bytes,
                 retransmits: h.hop.retransmits(),
@@ -89,26 +88,6 @@ pub fn flow_view(f: &Flow, j: Judgement, clock: &Clock, cx: &Context<'_>) -> Flo
         verdicts: j.verdicts,
         diagnosis: j.diagnosis,
         snat_excluded: j.snat_excluded,
-    }
-}
-
-fn nat(n: flows::Nat) -> Nat {
-    Nat {
-        src: n.src,
-        sport: n.sport,
-        dst: n.dst,
-        dport: n.dport,
-    }
-}
-
-fn encap(e: &flows::HopEncap) -> HopEncap {
-    HopEncap {
-        kind: e.kind,
-        vni: e.vni,
-        outer_src: e.outer_src,
-        outer_dst: e.outer_dst,
-        outer_sport: e.outer_sport,
-        outer_dport: e.outer_dport,
     }
 }
 
