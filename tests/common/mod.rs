@@ -90,3 +90,7 @@ pub fn add_pod_veth(node: &Netns, lab_prefix: &str, tag: &str) -> Res<String> {
     node.ip(&["link", "set", &veth, "up"])?;
     Ok(veth)
 }
+
+pub fn has_verdict(f: &FlowView, v: Verdict) -> bool {
+    f.verdicts.contains(&v)
+}
