@@ -94,3 +94,16 @@ pub fn add_pod_veth(node: &Netns, lab_prefix: &str, tag: &str) -> Res<String> {
 pub fn has_verdict(f: &FlowView, v: Verdict) -> bool {
     f.verdicts.contains(&v)
 }
+
+/// Wire-format tests: any request, status and body as JSON.
+pub fn request_json(
+    c: &Client,
+    ns: &Netns,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[&str],
+) -> Res<(u16, Value)> {
+    let r = c.request(ns, method, path, body, headers)?;
+    Ok((r.status, json(&r)?))
+}
