@@ -186,23 +186,16 @@ impl Agent {
         done: impl Fn(&Health) -> bool,
     ) -> Result<Health, LabError> {
         let mut last = String::from("no answer");
-        let mut exited = None;
-        let found = poll(timeout, Duration::from_millis(100), || {
-            if let Err(e) = self.daemon.check_running() {
-                exited = Some(e);
-                return Some(None);
-            }
+        let found = poll_or_fail(timeout, Duration::from_millis(100), || {
+            self.daemon.check_running()?;
             match self.client.health(ns) {
-                Ok(h) if done(&h) => return Some(Some(h)),
+                Ok(h) if done(&h) => return Ok(Some(h)),
                 Ok(h) => last = format!("{h:?}"),
                 Err(e) => last = e.to_string(),
             }
-            None
-        });
-        if let Some(e) = exited {
-            return Err(e);
-        }
-        found.flatten().ok_or_else(|| {
+            Ok(None)
+        })?;
+        found.ok_or_else(|| {
             LabError::Unexpected(format!(
                 "{} not {what} within {timeout:?}; last /healthz: {}; log:\n{}",
                 self.name(),
@@ -393,24 +386,13 @@ impl Client {
         pred: impl Fn(&FlowView) -> bool,
     ) -> Result<FlowView, LabError> {
         let mut last = None;
-        let mut failed = None;
-        let found = poll(timeout, Duration::from_millis(200), || {
-            match self.flows(ns, query) {
-                Ok(page) => {
-                    let hit = page.flows.iter().find(|f| pred(f)).cloned();
-                    last = Some(page);
-                    hit.map(Some)
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    Some(None)
-                }
-            }
-        });
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        found.flatten().ok_or_else(|| {
+        let found = poll_or_fail(timeout, Duration::from_millis(200), || {
+            let page = self.flows(ns, query)?;
+            let hit = page.flows.iter().find(|f| pred(f)).cloned();
+            last = Some(page);
+            Ok(hit)
+        })?;
+        found.ok_or_else(|| {
             LabError::Unexpected(format!(
                 "no flow matched /flows?{} on {} within {timeout:?}; last answer: {}",
                 query.to_query_string(),
@@ -449,6 +431,20 @@ impl Client {
         })?
         .map_err(|e| LabError::io(format!("opening /watch streams to {addr}"), e))
     }
+}
+
+/// [`poll`] for a check that can fail: its first error ends the wait.
+fn poll_or_fail<T>(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> Result<Option<T>, LabError>,
+) -> Result<Option<T>, LabError> {
+    poll(timeout, interval, || match f() {
+        Ok(None) => None,
+        Ok(Some(v)) => Some(Ok(Some(v))),
+        Err(e) => Some(Err(e)),
+    })
+    .unwrap_or(Ok(None))
 }
 
 /// Resident memory of process `pid` (this process with `None`), in KiB.
