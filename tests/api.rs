@@ -9,29 +9,38 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{has_verdict, probe_apiserver_and_wait, Agent, TestResult, AGENT_PORT};
+use common::{
+    get_json, has_verdict, probe_apiserver_and_wait, query, request_json, Agent, FlowView, Launch,
+    TestResult, API_PORT, READY,
+};
 use tracer_lab::{topo::SingleNode, traffic};
+use tracer_model::{
+    attach::AttachRequest,
+    health::{ReaderCheck, Status},
+    AttachHow, Role, Verdict,
+};
 
 #[test]
 fn readiness_metrics_and_pcap() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
-    let (status, ready) = agent.get(&lab.node, "/readyz")?;
+    let mut agent = common::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
+    // Wire format: /readyz's body.
+    let (status, ready) = get_json(&agent, &lab.node, "/readyz")?;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["ready"], true);
 
     let f = probe_apiserver_and_wait(
         &agent,
         &lab,
-        &format!("dst={}&proto=tcp", lab.config.apiserver_ip),
+        &query(&format!("dst={}&proto=tcp", lab.config.apiserver_ip))?,
         Duration::from_secs(10),
-        |f| has_verdict(f, "replied"),
+        |f| has_verdict(f, Verdict::Replied),
     )?;
 
-    let (status, metrics) = agent.raw(&lab.node, "GET", "/metrics", None, &[])?;
-    assert_eq!(status, 200);
-    let metrics = String::from_utf8(metrics)?;
+    let metrics = agent.get(&lab.node, "/metrics")?;
+    assert_eq!(metrics.status, 200);
+    let metrics = String::from_utf8(metrics.body)?;
     let value = |line: &str| -> Option<f64> {
         metrics
             .lines()
@@ -60,10 +69,9 @@ fn readiness_metrics_and_pcap() -> TestResult {
     assert!(metrics.contains("# TYPE tracer_kernel_records_total counter"));
 
     // The flow as pcapng: one interface per hook, a packet per record, real TCP headers.
-    let id = f["id"].as_u64().ok_or("no id")?;
-    let (status, pcap) = agent.raw(&lab.node, "GET", &format!("/flows/{id}/pcap"), None, &[])?;
-    assert_eq!(status, 200);
-    let mut reader = pcap_file::pcapng::PcapNgReader::new(&pcap[..])?;
+    let pcap = agent.get(&lab.node, &format!("/flows/{}/pcap", f.id))?;
+    assert_eq!(pcap.status, 200);
+    let mut reader = pcap_file::pcapng::PcapNgReader::new(&pcap.body[..])?;
     let mut ifaces = Vec::new();
     let mut syn_seen = false;
     let mut packets = 0;
@@ -95,22 +103,21 @@ fn readiness_metrics_and_pcap() -> TestResult {
     assert!(ifaces.contains(&"eth0 egress".to_string()), "{ifaces:?}");
     assert!(packets >= 4, "{packets} packets");
     assert!(syn_seen);
-    let (status, _) = agent.get(&lab.node, "/flows/987654/pcap")?;
-    assert_eq!(status, 404);
+    assert_eq!(agent.get(&lab.node, "/flows/987654/pcap")?.status, 404);
     Ok(())
 }
 
 #[test]
 fn watch_streams_new_flows_as_ndjson() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let mut agent = Agent::start(&lab.node, &[])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     let dst = lab.config.apiserver_ip.clone();
     let addr = lab.apiserver_addr();
     let pod_ns = lab.pod.netns.name().to_string();
     // Open the stream inside the node namespace, then make traffic from the pod.
     let stream = lab.node.run(move || -> Result<TcpStream, String> {
-        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)))
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], API_PORT)))
             .map_err(|e| e.to_string())?;
         write!(s, "GET /watch?dst={dst} HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(15)))
@@ -132,23 +139,23 @@ fn watch_streams_new_flows_as_ndjson() -> TestResult {
             break;
         }
         // Chunk-size lines and blank lines interleave with the NDJSON objects.
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim()) {
-            if v.get("src").is_some() && has_verdict(&v, "replied") {
+        if let Ok(v) = serde_json::from_str::<FlowView>(line.trim()) {
+            if has_verdict(&v, Verdict::Replied) {
                 got = Some(v);
             }
         }
     }
     let v = got.ok_or("no replied flow on the watch stream")?;
-    assert_eq!(v["src"], lab.pod.ip.to_string());
-    let (status, body) = agent.get(&lab.node, "/watch?limit=5")?;
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(v.src.to_string(), lab.pod.ip.to_string());
+    let r = agent.get(&lab.node, "/watch?limit=5")?;
+    assert_eq!(r.status, 400, "{}", r.text());
     Ok(())
 }
 
 /// An agent that attaches nothing until asked, once it is ready.
 fn on_demand_agent(lab: &SingleNode) -> Result<Agent, Box<dyn std::error::Error>> {
-    let mut agent = Agent::start(&lab.node, &["--attach", "on-demand"])?;
-    agent.wait_ready(&lab.node)?;
+    let mut agent = common::start(&lab.node, &["--attach", "on-demand"])?;
+    agent.wait_ready(&lab.node, READY)?;
     Ok(agent)
 }
 
@@ -157,8 +164,9 @@ fn on_demand_attach_and_detach() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
     let agent = on_demand_agent(&lab)?;
     // Ready, but nothing attached until asked.
-    let (_, v) = agent.get(&lab.node, "/readyz")?;
-    assert_eq!(v["attached"], 0, "{v}");
+    let v: tracer_model::Readiness =
+        serde_json::from_slice(&agent.get(&lab.node, "/readyz")?.body)?;
+    assert_eq!(v.attached, Some(0), "{v:?}");
     let pod = format!("{}/{}", lab.pod.namespace, lab.pod.name);
     for (body, status) in [
         ("{}", 400),
@@ -168,61 +176,42 @@ fn on_demand_attach_and_detach() -> TestResult {
         ("{\"iface\": \"nosuchif0\"}", 404),
         ("{\"pod\": \"default/not-here\"}", 404),
     ] {
-        let (s, v) = agent.request(&lab.node, "POST", "/attach", Some(body), &[])?;
-        assert_eq!(s, status, "{body}: {v}");
-        assert!(v["error"].is_string(), "{v}");
+        // Wire format: bad bodies and their error bodies.
+        let (s, v) = request_json(&agent, &lab.node, "POST", "/attach", Some(body), &[])?;
+        assert_eq!(s, status, "{body}: {v:?}");
+        assert!(v["error"].is_string(), "{v:?}");
     }
-    let (s, a) = agent.request(
-        &lab.node,
-        "POST",
-        "/attach",
-        Some(&format!("{{\"pod\": \"{pod}\"}}")),
-        &[],
-    )?;
-    assert_eq!(s, 201, "{a}");
-    assert_eq!(a["iface"], lab.pod.veth);
-    assert_eq!(a["how"], "on-demand");
-    assert_eq!(a["role"], "workload");
-    let id = a["id"].as_u64().ok_or("no id")?;
+    let a = agent.attach(&lab.node, &AttachRequest::Pod { pod: pod.clone() })?;
+    assert_eq!(a.iface, lab.pod.veth);
+    assert_eq!(a.how, AttachHow::OnDemand);
+    assert_eq!(a.role, Role::Workload);
+    let id = a.id;
 
     let f = probe_apiserver_and_wait(
         &agent,
         &lab,
-        &format!("pod={pod}"),
+        &query(&format!("pod={pod}"))?,
         Duration::from_secs(10),
-        |f| f["src"] == lab.pod.ip.to_string(),
+        |f| f.src.to_string() == lab.pod.ip.to_string(),
     )?;
     // Only the pod's veth is attached: its path has that hook and no host NIC.
-    assert!(
-        f["path"]
-            .as_array()
-            .is_some_and(|p| p.iter().all(|h| h["iface"] == lab.pod.veth)),
-        "{f}"
-    );
+    assert!(f.path.iter().all(|h| h.iface == lab.pod.veth), "{f:?}");
 
     // A second client holds the same attachment: the first one letting go keeps it attached.
-    let (s, again) = agent.request(
-        &lab.node,
-        "POST",
-        "/attach",
-        Some(&format!("{{\"pod\": \"{pod}\"}}")),
-        &[],
-    )?;
-    assert_eq!((s, again["id"].as_u64()), (201, Some(id)), "{again}");
-    let (s, v) = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
-    assert_eq!(s, 204, "{v}");
-    let (_, h) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(
-        h["attached"].as_array().map(Vec::len),
-        Some(1),
-        "still held: {h}"
-    );
-    let (s, v) = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
-    assert_eq!(s, 204, "{v}");
-    let (_, h) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(h["attached"].as_array().map(Vec::len), Some(0), "{h}");
-    let (s, _) = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
-    assert_eq!(s, 404);
+    let again = agent.attach(&lab.node, &AttachRequest::Pod { pod })?;
+    assert_eq!(again.id, id, "{again:?}");
+    // Wire format: the status of DELETE itself.
+    let r = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let attached = |agent: &Agent| -> Result<usize, Box<dyn std::error::Error>> {
+        let h = agent.health(&lab.node)?;
+        Ok(h.detail.map_or(0, |d| d.attached.len()))
+    };
+    assert_eq!(attached(&agent)?, 1, "still held");
+    agent.detach(&lab.node, id)?;
+    assert_eq!(attached(&agent)?, 0);
+    let r = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
+    assert_eq!(r.status, 404);
     Ok(())
 }
 
@@ -235,49 +224,49 @@ fn agent_with_token(
     let token_file = std::env::temp_dir().join(format!("tracer-token-{}", lab.prefix));
     std::fs::write(&token_file, format!("{token}\n"))?;
     let token_arg = token_file.to_string_lossy().to_string();
-    let agent = Agent::start(&lab.node, &["--token-file", &token_arg])?;
+    let agent = common::start(&lab.node, &["--token-file", &token_arg])?;
     Ok((agent, token_file))
 }
 
 #[test]
+// A wire-format test: statuses of requests with and without the token.
 fn bearer_token_guards_everything_but_healthz() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
     let (mut agent, token_file) = agent_with_token(&lab, "s3cret-token")?;
     // Waiting for readiness itself proves /readyz needs no token.
-    agent.wait_ready(&lab.node)?;
+    agent.wait_ready(&lab.node, READY)?;
     // Kubelet probes carry no token: liveness and readiness stay open.
-    let (s, _) = agent.request(&lab.node, "GET", "/readyz", None, &[])?;
-    assert_eq!(s, 200);
+    assert_eq!(agent.get(&lab.node, "/readyz")?.status, 200);
     for path in ["/flows", "/diagnoses", "/metrics", "/flows/1", "/watch"] {
-        let (s, v) = agent.request(&lab.node, "GET", path, None, &[])?;
-        assert_eq!(s, 401, "{path}: {v}");
-        let (s, _) = agent.request(
+        let (s, v) = request_json(&agent, &lab.node, "GET", path, None, &[])?;
+        assert_eq!(s, 401, "{path}: {v:?}");
+        let s = agent.request(
             &lab.node,
             "GET",
             path,
             None,
             &["Authorization: Bearer wrong-token!"],
         )?;
-        assert_eq!(s, 401, "{path}");
+        assert_eq!(s.status, 401, "{path}");
     }
-    let (s, _) = agent.request(
+    let s = agent.request(
         &lab.node,
         "GET",
         "/flows",
         None,
         &["Authorization: Bearer s3cret-token"],
     )?;
-    assert_eq!(s, 200);
+    assert_eq!(s.status, 200);
     // Oversized bodies are refused outright.
     let big = format!("{{\"iface\": \"{}\"}}", "x".repeat(70 * 1024));
-    let (s, _) = agent.request(
+    let s = agent.request(
         &lab.node,
         "POST",
         "/attach",
         Some(&big),
         &["Authorization: Bearer s3cret-token"],
     )?;
-    assert_eq!(s, 413);
+    assert_eq!(s.status, 413);
     let _ = std::fs::remove_file(&token_file);
     Ok(())
 }
@@ -302,16 +291,16 @@ fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
     // Wait for the attachment the watch asked for.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, h) = agent.get(&lab.node, "/healthz")?;
-        if h["attached"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x["name"] == lab.pod.veth))
+        let h = agent.health(&lab.node)?;
+        if h.detail
+            .as_ref()
+            .is_some_and(|d| d.attached.iter().any(|x| x.name == lab.pod.veth))
         {
             break;
         }
         if Instant::now() > deadline {
             let _ = watch.kill();
-            return Err(format!("watch never attached: {h}").into());
+            return Err(format!("watch never attached: {h:?}").into());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -335,8 +324,8 @@ fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !found && Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            let v: serde_json::Value = serde_json::from_str(&line)?;
-            found = v["src"] == pod_ip.as_str();
+            let v: FlowView = serde_json::from_str(&line)?;
+            found = v.src.to_string() == pod_ip;
         }
     }
     // SIGINT, as Ctrl-C: the watch detaches and exits cleanly.
@@ -350,8 +339,8 @@ fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
     assert!(found, "no flow of the pod on the watch; stderr: {err}");
     assert!(status.success(), "{status}: {err}");
     assert!(err.contains("detached"), "{err}");
-    let (_, h) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(h["attached"].as_array().map(Vec::len), Some(0), "{h}");
+    let h = agent.health(&lab.node)?;
+    assert_eq!(h.detail.map(|d| d.attached.len()), Some(0));
     Ok(())
 }
 
@@ -366,22 +355,23 @@ fn keys(v: &serde_json::Value) -> Vec<String> {
 }
 
 #[test]
+// A wire-format test: which keys a caller without the token gets.
 fn probes_without_the_token_tell_status_only() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
     let (mut agent, token_file) = agent_with_token(&lab, "probe-token")?;
     // With the token the detail is there: wait until the pod's veth is attached.
     agent.token = Some("probe-token".into());
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
-    let (_, full) = agent.get(&lab.node, "/healthz")?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
+    let (_, full) = get_json(&agent, &lab.node, "/healthz")?;
     assert!(full["pools"].is_object(), "{full}");
     agent.token = None;
-    let (s, h) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(s, 200, "{h}");
-    assert_eq!(keys(&h), ["checks", "ready", "status"], "{h}");
-    assert_eq!(h["status"], "ok", "{h}");
-    assert_eq!(h["checks"]["reader"], "ok", "{h}");
-    assert_eq!(h["checks"]["node_sync"], "ok", "{h}");
-    let (s, r) = agent.get(&lab.node, "/readyz")?;
+    let (s, h) = get_json(&agent, &lab.node, "/healthz")?;
+    assert_eq!(s, 200, "{h:?}");
+    assert_eq!(keys(&h), ["checks", "ready", "status"], "{h:?}");
+    assert_eq!(h["status"], "ok", "{h:?}");
+    assert_eq!(h["checks"]["reader"], "ok", "{h:?}");
+    assert_eq!(h["checks"]["node_sync"], "ok", "{h:?}");
+    let (s, r) = get_json(&agent, &lab.node, "/readyz")?;
     assert_eq!((s, keys(&r)), (200, vec!["ready".to_string()]), "{r}");
     // Nothing of the node: no interface (which pod runs here), no pool, no error text.
     for body in [h.to_string(), r.to_string()] {
@@ -392,7 +382,7 @@ fn probes_without_the_token_tell_status_only() -> TestResult {
     // A client without the token is refused before its body is read: a promised body that
     // never comes costs the agent nothing and gets its 401 at once.
     let (status, waited) = lab.node.run(|| -> Result<(String, Duration), String> {
-        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)))
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], API_PORT)))
             .map_err(|e| e.to_string())?;
         s.write_all(b"POST /attach HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n{")
             .map_err(|e| e.to_string())?;
@@ -416,25 +406,21 @@ fn probes_without_the_token_tell_status_only() -> TestResult {
 /// The failure is injected with the test hook TRACER_TEST_FAULT (docs/api.md).
 #[test]
 fn healthz_fails_when_the_ring_reader_dies_or_stalls() -> TestResult {
-    for (fault, state) in [("reader-exits", "stopped"), ("reader-stalls", "stalled")] {
+    for (fault, state) in [
+        ("reader-exits", ReaderCheck::Stopped),
+        ("reader-stalls", ReaderCheck::Stalled),
+    ] {
         let lab = SingleNode::build(&SingleNode::healthy())?;
-        let mut agent = Agent::launch(
-            &lab.node,
-            &format!("127.0.0.1:{AGENT_PORT}"),
-            &[],
-            &common::Launch {
-                env: &[("TRACER_TEST_FAULT", fault)],
-                ..Default::default()
-            },
-        )?;
+        let mut agent =
+            common::launch(&lab.node, Launch::default().env("TRACER_TEST_FAULT", fault))?;
         let deadline = Instant::now() + Duration::from_secs(15);
         let last = loop {
             if let Some(st) = agent.exited() {
                 return Err(format!("{fault}: agent exited ({st}): {}", agent.log()).into());
             }
-            let answer = agent.get(&lab.node, "/healthz");
-            if let Ok((503, h)) = &answer {
-                if h["checks"]["reader"] == state {
+            let answer = agent.health(&lab.node);
+            if let Ok(h) = &answer {
+                if h.checks.reader == state {
                     break h.clone();
                 }
             }
@@ -443,12 +429,18 @@ fn healthz_fails_when_the_ring_reader_dies_or_stalls() -> TestResult {
             }
             std::thread::sleep(Duration::from_millis(200));
         };
-        assert_eq!(last["status"], "failing", "{fault}: {last}");
-        let (s, r) = agent.get(&lab.node, "/readyz")?;
-        assert_eq!(s, 503, "{fault}: not ready while failing: {r}");
+        assert_eq!(last.status, Status::Failing, "{fault}: {last:?}");
+        // Wire format: /healthz's status code.
+        assert_eq!(agent.get(&lab.node, "/healthz")?.status, 503, "{fault}");
+        let r = agent.get(&lab.node, "/readyz")?;
+        assert_eq!(
+            r.status,
+            503,
+            "{fault}: not ready while failing: {}",
+            r.text()
+        );
         // The API itself still answers.
-        let (s, _) = agent.raw(&lab.node, "GET", "/metrics", None, &[])?;
-        assert_eq!(s, 200, "{fault}");
+        assert_eq!(agent.get(&lab.node, "/metrics")?.status, 200, "{fault}");
     }
     Ok(())
 }
@@ -460,32 +452,30 @@ fn healthz_fails_when_the_ring_reader_dies_or_stalls() -> TestResult {
 #[test]
 fn an_unsupported_kernel_is_reported_not_crash_looped() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let mut agent = Agent::launch(
+    let mut agent = common::launch(
         &lab.node,
-        &format!("127.0.0.1:{AGENT_PORT}"),
-        &[],
-        &common::Launch {
-            env: &[("TRACER_TEST_FAULT", "kernel-unsupported")],
-            ..Default::default()
-        },
+        Launch::default().env("TRACER_TEST_FAULT", "kernel-unsupported"),
     )?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let health = loop {
-        if let Ok((status, h)) = agent.get(&lab.node, "/healthz") {
-            break (status, h);
+        if let Ok(r) = agent.get(&lab.node, "/healthz") {
+            let h: tracer_model::Health = serde_json::from_slice(&r.body)?;
+            break (r.status, h);
         }
         if Instant::now() > deadline {
             return Err(format!("the agent never served /healthz: {}", agent.log()).into());
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(health.0, 200, "a restart would not help: {}", health.1);
-    assert_eq!(health.1["status"], "unsupported");
+    assert_eq!(health.0, 200, "a restart would not help: {:?}", health.1);
+    assert_eq!(health.1.status, Status::Unsupported);
     assert!(
-        health.1["unsupported"]
-            .as_str()
+        health
+            .1
+            .unsupported
+            .as_ref()
             .is_some_and(|s| s.contains("5.11")),
-        "the reason is said: {}",
+        "the reason is said: {:?}",
         health.1
     );
     // Past the reader-stall threshold it is still not failing, and never ready.
@@ -495,10 +485,10 @@ fn an_unsupported_kernel_is_reported_not_crash_looped() -> TestResult {
         "the agent exited: {}",
         agent.log()
     );
-    let (s, h) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!((s, &h["status"]), (200, &serde_json::json!("unsupported")));
-    let (s, r) = agent.get(&lab.node, "/readyz")?;
-    assert_eq!(s, 503, "never ready: {r}");
+    assert_eq!(agent.get(&lab.node, "/healthz")?.status, 200);
+    assert_eq!(agent.health(&lab.node)?.status, Status::Unsupported);
+    let r = agent.get(&lab.node, "/readyz")?;
+    assert_eq!(r.status, 503, "never ready: {}", r.text());
     assert!(agent.log().contains("cannot run on this kernel"));
     Ok(())
 }
@@ -509,8 +499,8 @@ fn non_loopback_listen_needs_a_token_or_insecure() -> TestResult {
         "{}-insecure",
         tracer_lab::netns::unique_prefix()
     ))?;
-    let listen = format!("0.0.0.0:{AGENT_PORT}");
-    let mut refused = Agent::start_on(&ns, &listen, &[])?;
+    let listen = format!("0.0.0.0:{API_PORT}");
+    let mut refused = common::start_on(&ns, &listen, &[])?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(st) = refused.exited() {
@@ -525,28 +515,29 @@ fn non_loopback_listen_needs_a_token_or_insecure() -> TestResult {
     assert!(refused.log().contains("--insecure"), "{}", refused.log());
     drop(refused);
     // The operator's explicit choice is honoured.
-    let mut agent = Agent::start_on(&ns, &listen, &["--insecure"])?;
-    agent.wait_ready(&ns)?;
+    let mut agent = common::start_on(&ns, &listen, &["--insecure"])?;
+    agent.wait_ready(&ns, READY)?;
     Ok(())
 }
 
 #[test]
 fn watchers_beyond_the_cap_get_429() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let mut agent = Agent::start(&lab.node, &["--max-watchers", "2"])?;
-    agent.wait_ready(&lab.node)?;
-    let open = |n: usize| common::open_watchers(&lab.node, n);
+    let mut agent = common::start(&lab.node, &["--max-watchers", "2"])?;
+    agent.wait_ready(&lab.node, READY)?;
+    let open = |n: usize| agent.watchers(&lab.node, n);
     let watchers = open(2)?;
-    let (s, v) = agent.get(&lab.node, "/watch")?;
-    assert_eq!(s, 429, "{v}");
-    assert_eq!(v["status"], 429, "{v}");
+    // Wire format: the 429's error body.
+    let (s, v) = get_json(&agent, &lab.node, "/watch")?;
+    assert_eq!(s, 429, "{v:?}");
+    assert_eq!(v["status"], 429, "{v:?}");
     // A watcher that hangs up frees its slot.
     drop(watchers);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match open(1) {
             Ok(_) => break,
-            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
@@ -556,10 +547,10 @@ fn watchers_beyond_the_cap_get_429() -> TestResult {
 #[test]
 fn idle_keep_alive_connections_are_closed() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let mut agent = Agent::start(&lab.node, &[])?;
-    agent.wait_ready(&lab.node)?;
+    let mut agent = common::start(&lab.node, &[])?;
+    agent.wait_ready(&lab.node, READY)?;
     let closed_after = lab.node.run(|| -> Result<Duration, String> {
-        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], AGENT_PORT)))
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], API_PORT)))
             .map_err(|e| e.to_string())?;
         // One keep-alive request, then silence.
         write!(s, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;

@@ -6,8 +6,12 @@ mod common;
 use std::time::Duration;
 
 use aya::util::KernelVersion;
-use common::{has_verdict, probe_apiserver_and_wait, Agent, TestResult};
+use common::{probe_apiserver_and_wait, query, TestResult, READY};
 use tracer_lab::topo::SingleNode;
+use tracer_model::{
+    health::{Status, TcBackend},
+    Verdict,
+};
 
 /// Names of tracer's programs on `dev` (ingress and egress), from TCX or from tc's filter list.
 fn tracer_programs_on(
@@ -57,10 +61,15 @@ fn attaches_with_what_the_kernel_offers_and_detaches_on_sigterm() -> TestResult 
     let tcx = KernelVersion::current()? >= KernelVersion::new(6, 6, 0);
     let lab = SingleNode::build(&SingleNode::healthy())?;
     let veth = lab.pod.veth.clone();
-    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
-    agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"])?;
-    let (_, health) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(health["tc"], if tcx { "tcx" } else { "clsact" }, "{health}");
+    let mut agent = common::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    let health = agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"], READY)?;
+    let tc = health.detail.and_then(|d| d.tc);
+    let want = if tcx {
+        TcBackend::Tcx
+    } else {
+        TcBackend::Clsact
+    };
+    assert_eq!(tc, Some(want));
     for dev in [veth.as_str(), "eth0"] {
         let names = tracer_programs_on(&lab, dev, tcx)?;
         assert_eq!(
@@ -71,9 +80,13 @@ fn attaches_with_what_the_kernel_offers_and_detaches_on_sigterm() -> TestResult 
         );
     }
     // Real packets through these attachments.
-    probe_apiserver_and_wait(&agent, &lab, "proto=tcp", Duration::from_secs(10), |f| {
-        has_verdict(f, "replied")
-    })?;
+    probe_apiserver_and_wait(
+        &agent,
+        &lab,
+        &query("proto=tcp")?,
+        Duration::from_secs(10),
+        |f| f.verdicts.contains(&Verdict::Replied),
+    )?;
     let status = agent.signal_and_wait(libc::SIGTERM)?;
     assert!(status.success(), "{status}; log:\n{}", agent.log());
     for dev in [veth.as_str(), "eth0"] {
@@ -89,17 +102,16 @@ fn attaches_with_what_the_kernel_offers_and_detaches_on_sigterm() -> TestResult 
 fn tcx_where_the_kernel_lacks_it_is_unsupported_not_a_crash_loop() -> TestResult {
     let tcx = KernelVersion::current()? >= KernelVersion::new(6, 6, 0);
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let mut agent = Agent::start(&lab.node, &["--tc-mode", "tcx"])?;
+    let mut agent = common::start(&lab.node, &["--tc-mode", "tcx"])?;
     if tcx {
-        agent.wait_attached(&lab.node, &[lab.pod.veth.as_str()])?;
-        let (_, health) = agent.get(&lab.node, "/healthz")?;
-        assert_eq!(health["tc"], "tcx");
+        let health = agent.wait_attached(&lab.node, &[lab.pod.veth.as_str()], READY)?;
+        assert_eq!(health.detail.and_then(|d| d.tc), Some(TcBackend::Tcx));
         return Ok(());
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let health = loop {
-        if let Ok((200, h)) = agent.get(&lab.node, "/healthz") {
-            if h["status"] == "unsupported" {
+        if let Ok(h) = agent.health(&lab.node) {
+            if h.status == Status::Unsupported {
                 break h;
             }
         }
@@ -109,15 +121,15 @@ fn tcx_where_the_kernel_lacks_it_is_unsupported_not_a_crash_loop() -> TestResult
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(
-        health["unsupported"]
-            .as_str()
+        health
+            .unsupported
+            .as_ref()
             .is_some_and(|s| s.contains("6.6")),
-        "{health}"
+        "{health:?}"
     );
     std::thread::sleep(Duration::from_secs(6));
-    let (status, h) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(status, 200, "no restart asked for: {h}");
-    let (status, _) = agent.get(&lab.node, "/readyz")?;
-    assert_eq!(status, 503);
+    let h = agent.get(&lab.node, "/healthz")?;
+    assert_eq!(h.status, 200, "no restart asked for: {}", h.text());
+    assert_eq!(agent.get(&lab.node, "/readyz")?.status, 503);
     Ok(())
 }

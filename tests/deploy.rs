@@ -8,8 +8,9 @@ mod common;
 use std::collections::BTreeSet;
 
 use clap::Parser;
-use common::{has_verdict, probe_apiserver_and_wait, Agent, Launch, TestResult};
+use common::{probe_apiserver_and_wait, query, Launch, TestResult, READY};
 use tracer_lab::topo::SingleNode;
+use tracer_model::Verdict;
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn docs() -> Result<Vec<Yaml>, Box<dyn std::error::Error>> {
@@ -174,16 +175,11 @@ fn daemonset_matches_the_binary() -> TestResult {
         "-all",
         "--",
     ];
-    let mut agent = Agent::launch(
+    let mut agent = common::launch(
         &lab.node,
-        "127.0.0.1:9464",
-        &["--token-file", &token_arg],
-        &Launch {
-            wrapper: &wrapper,
-            ..Default::default()
-        },
+        Launch::with_args(&["--token-file", &token_arg]).wrapper(&wrapper),
     )?;
-    agent.wait_ready(&lab.node)?;
+    agent.wait_ready(&lab.node, READY)?;
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
     let cap_eff = status
         .lines()
@@ -207,27 +203,28 @@ fn daemonset_matches_the_binary() -> TestResult {
         let get = &c[probe]["httpGet"];
         assert_eq!(get["port"].as_i64(), Some(i64::from(port)), "{probe}");
         let path = get["path"].as_str().ok_or("probe path")?;
-        let (status, body) = agent.get(&lab.node, path)?;
-        assert_eq!(status, 200, "{probe} {path}: {body}");
+        let r = agent.get(&lab.node, path)?;
+        assert_eq!(r.status, 200, "{probe} {path}: {}", r.text());
     }
     // With only those capabilities it attaches, traces drops, and follows a flow through NAT.
     agent.token = Some("deploy-test-token".into());
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
-    let (_, health) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(health["drops"]["enabled"], true, "{health}");
-    assert_eq!(health["pools"]["source"], "ipset", "{health}");
+    let health = agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
+    let health = health.detail.ok_or("/healthz without its detail")?;
+    assert!(health.drops.enabled, "{health:?}");
+    assert_eq!(health.pools.source, "ipset", "{health:?}");
     // felix's natOutgoing rule is readable with those capabilities too (`iptables-save`).
     assert_eq!(
-        health["pools"]["nat_outgoing_v4"]["rules"], 1,
-        "{}",
-        health["pools"]
+        health.pools.nat_outgoing_v4.as_ref().map(|n| n.rules),
+        Some(1),
+        "{:?}",
+        health.pools
     );
     probe_apiserver_and_wait(
         &agent,
         &lab,
-        &format!("dst={}&proto=tcp", lab.config.apiserver_ip),
+        &query(&format!("dst={}&proto=tcp", lab.config.apiserver_ip))?,
         std::time::Duration::from_secs(10),
-        |f| has_verdict(f, "snat_applied"),
+        |f| f.verdicts.contains(&Verdict::SnatApplied),
     )?;
     let _ = std::fs::remove_file(&token_file);
     Ok(())

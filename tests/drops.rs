@@ -4,8 +4,9 @@ mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
-use common::{has_verdict, Agent, TestResult};
+use common::{query, TestResult, READY};
 use tracer_lab::{topo::SingleNode, traffic};
+use tracer_model::{Cause, Evidence, Side, Verdict};
 
 #[test]
 fn policy_drop_is_reported_with_kernel_reason() -> TestResult {
@@ -55,10 +56,10 @@ fn policy_drop_is_reported_with_kernel_reason() -> TestResult {
         args.extend(rule);
         lab.node.exec(&args)?;
     }
-    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
-    let (_, health) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(health["drops"]["enabled"], true, "{health}");
+    let mut agent = common::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    let health = agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
+    let detail = health.detail.ok_or("/healthz without its detail")?;
+    assert!(detail.drops.enabled, "{detail:?}");
 
     let dst: SocketAddr = format!("{}:{}", cfg.apiserver_ip, cfg.apiserver_port).parse()?;
     assert!(!traffic::tcp_probe(
@@ -69,29 +70,33 @@ fn policy_drop_is_reported_with_kernel_reason() -> TestResult {
 
     let f = agent.wait_flow(
         &lab.node,
-        &format!("dst={}&verdict=dropped", cfg.apiserver_ip),
+        &query(&format!("dst={}&verdict=dropped", cfg.apiserver_ip))?,
         Duration::from_secs(10),
-        |f| has_verdict(f, "no_reply"),
+        |f| f.verdicts.contains(&Verdict::NoReply),
     )?;
-    let d = &f["diagnosis"];
-    assert_eq!(d["cause"], "kernel_drop", "{f}");
-    let drop = &d["evidence"]["drops"][0];
-    assert_eq!(drop["reason"], "NETFILTER_DROP", "{f}");
+    let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+    assert_eq!(d.cause, Cause::KernelDrop, "{f:?}");
+    let Evidence::KernelDrop(e) = &d.evidence else {
+        return Err(format!("not kernel drop evidence: {f:?}").into());
+    };
+    let drop = e.drops.first().ok_or("no drops in the evidence")?;
+    assert_eq!(drop.reason, "NETFILTER_DROP", "{f:?}");
     assert_eq!(
-        drop["iface"], lab.pod.veth,
-        "dropped as it arrived from the pod: {f}"
+        drop.iface.as_deref(),
+        Some(lab.pod.veth.as_str()),
+        "dropped as it arrived from the pod: {f:?}"
     );
-    assert!(drop["count"].as_u64().unwrap_or(0) >= 1);
+    assert!(drop.count >= 1);
     assert!(
-        drop["function"].as_str().is_some_and(|s| !s.is_empty()),
-        "kernel function named: {f}"
+        drop.function.as_ref().is_some_and(|s| !s.is_empty()),
+        "kernel function named: {f:?}"
     );
-    assert!(d["fix"].as_str().unwrap_or("").contains("NetworkPolicy"));
+    assert!(d.fix.contains("NetworkPolicy"));
     // It never left the node.
-    let left = f["path"].as_array().is_some_and(|p| {
-        p.iter()
-            .any(|h| h["iface"] == "eth0" && h["side"] == "forward")
-    });
-    assert!(!left, "{f}");
+    let left = f
+        .path
+        .iter()
+        .any(|h| h.iface == "eth0" && h.side == Side::Forward);
+    assert!(!left, "{f:?}");
     Ok(())
 }

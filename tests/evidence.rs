@@ -5,18 +5,22 @@ mod common;
 
 use std::{net::TcpStream, time::Duration};
 
-use common::{Agent, TestResult};
+use common::{query, Agent, TestResult, READY};
 use tracer_lab::topo::SingleNode;
 
 #[test]
 fn a_tiny_ring_with_healthy_traffic_yields_no_unflagged_fault() -> TestResult {
     let cfg = SingleNode::healthy();
     let lab = SingleNode::build(&cfg)?;
-    let mut agent = Agent::start(
+    let mut agent = common::start(
         &lab.node,
         &["--ringbuf-bytes", "4096", "--no-reply-timeout", "1s"],
     )?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), lab.node_nic.as_str()])?;
+    agent.wait_attached(
+        &lab.node,
+        &[lab.pod.veth.as_str(), lab.node_nic.as_str()],
+        READY,
+    )?;
 
     // Bursts of short connections from the pod to the apiserver, all answered.
     let addr = lab.apiserver_addr();
@@ -44,33 +48,31 @@ fn a_tiny_ring_with_healthy_traffic_yields_no_unflagged_fault() -> TestResult {
 
     // Past the no-reply timeout and a reader tick.
     std::thread::sleep(Duration::from_millis(2_500));
-    let (status, d) = agent.get(&lab.node, "/diagnoses")?;
-    assert_eq!(status, 200);
-    let lost = d["evidence"]["lost_records"].as_u64().unwrap_or(0);
+    let d = agent.diagnoses(&lab.node)?;
+    let lost = d.evidence.lost_records;
     assert!(
         lost > 0,
-        "the 4 KiB ring never overflowed, so this test proved nothing: {d}"
+        "the 4 KiB ring never overflowed, so this test proved nothing: {d:?}"
     );
-    assert_eq!(d["evidence"]["complete"], false);
-    let causes = d["causes"].as_array().cloned().unwrap_or_default();
-    for c in &causes {
+    assert!(!d.evidence.complete);
+    for c in &d.causes {
         assert_eq!(
-            c["evidence_incomplete"], c["count"],
-            "a fault diagnosed on healthy traffic without saying records were lost: {c}"
+            c.evidence_incomplete, c.count,
+            "a fault diagnosed on healthy traffic without saying records were lost: {c:?}"
         );
     }
     // No flow is called unanswered: those whose reply may be lost say so instead.
-    let (_, flows) = agent.get(&lab.node, "/flows?verdict=no_reply&limit=1000")?;
-    for f in flows["flows"].as_array().cloned().unwrap_or_default() {
+    let flows = agent.flows(&lab.node, &query("verdict=no_reply&limit=1000")?)?;
+    for f in &flows.flows {
         assert!(
-            f.get("evidence_incomplete").is_some(),
-            "no_reply asserted although {lost} records were lost: {f}"
+            f.evidence_incomplete.is_some(),
+            "no_reply asserted although {lost} records were lost: {f:?}"
         );
     }
-    let (_, partial) = agent.get(&lab.node, "/flows?verdict=evidence_incomplete&limit=5")?;
+    let partial = agent.flows(&lab.node, &query("verdict=evidence_incomplete&limit=5")?)?;
     assert!(
-        partial["matched"].as_u64().unwrap_or(0) > 0,
-        "lost records left no flow marked: {partial}"
+        partial.matched > 0,
+        "lost records left no flow marked: {partial:?}"
     );
     Ok(())
 }
@@ -80,8 +82,7 @@ fn pending(
     agent: &Agent,
     ns: &tracer_lab::netns::Netns,
 ) -> Result<f64, Box<dyn std::error::Error>> {
-    let (_, text) = agent.raw(ns, "GET", "/metrics", None, &[])?;
-    let text = String::from_utf8_lossy(&text).into_owned();
+    let text = agent.get(ns, "/metrics")?.text();
     text.lines()
         .find_map(|l| l.strip_prefix("tracer_ringbuf_pending_bytes "))
         .and_then(|v| v.trim().parse().ok())
@@ -92,8 +93,12 @@ fn pending(
 fn the_pending_bytes_gauge_returns_to_zero_after_a_burst() -> TestResult {
     let cfg = SingleNode::healthy();
     let lab = SingleNode::build(&cfg)?;
-    let mut agent = Agent::start(&lab.node, &[])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), lab.node_nic.as_str()])?;
+    let mut agent = common::start(&lab.node, &[])?;
+    agent.wait_attached(
+        &lab.node,
+        &[lab.pod.veth.as_str(), lab.node_nic.as_str()],
+        READY,
+    )?;
     let addr = lab.apiserver_addr();
     lab.pod.netns.run(move || {
         for _ in 0..300 {

@@ -11,8 +11,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{has_verdict, probe_apiserver_and_wait, Agent, TestResult};
+use common::{
+    has_verdict, probe_apiserver_and_wait, query, Agent, Client, Launch, TestResult, API_PORT,
+    READY,
+};
 use tracer_lab::{netns::Netns, topo::SingleNode, traffic};
+use tracer_model::{
+    health::{HealthDetail, SyncCheck},
+    Dir, Role, Verdict,
+};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -41,9 +48,10 @@ fn still_traces(
     lab: &SingleNode,
     query: &str,
     timeout: Duration,
-    verdict: &str,
+    verdict: Verdict,
 ) -> TestResult {
-    probe_apiserver_and_wait(agent, lab, query, timeout, |f| has_verdict(f, verdict))?;
+    let q = common::query(query)?;
+    probe_apiserver_and_wait(agent, lab, &q, timeout, |f| has_verdict(f, verdict))?;
     Ok(())
 }
 
@@ -83,7 +91,7 @@ fn tracer_programs_on(
 fn overload_loses_counted_records_and_stays_bounded() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
     // A one-page ring and per-packet records: a burst must overflow it.
-    let mut agent = Agent::start(
+    let mut agent = common::start(
         &lab.node,
         &[
             "--ringbuf-bytes",
@@ -94,14 +102,13 @@ fn overload_loses_counted_records_and_stays_bounded() -> TestResult {
             "200",
         ],
     )?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     let rss_before = agent.rss_kib();
     for _ in 0..5 {
         udp_flows(&lab, &lab.config.apiserver_ip, 2000)?;
         // Still answering while the ring overflows.
         let t = Instant::now();
-        let (status, _) = agent.get(&lab.node, "/healthz")?;
-        assert_eq!(status, 200);
+        assert_eq!(agent.get(&lab.node, "/healthz")?.status, 200);
         assert!(
             t.elapsed() < Duration::from_secs(2),
             "healthz took {:?}",
@@ -109,25 +116,15 @@ fn overload_loses_counted_records_and_stays_bounded() -> TestResult {
         );
     }
     std::thread::sleep(Duration::from_millis(800));
-    let (_, metrics) = agent.raw(&lab.node, "GET", "/metrics", None, &[])?;
-    let metrics = String::from_utf8(metrics)?;
+    let metrics = String::from_utf8(agent.get(&lab.node, "/metrics")?.body)?;
     let lost = metric(&metrics, "tracer_kernel_records_lost_total").unwrap_or(0.0);
     let evicted = metric(&metrics, "tracer_flows_evicted_total").unwrap_or(0.0);
     let flows = metric(&metrics, "tracer_flows").unwrap_or(f64::MAX);
     assert!(lost > 0.0, "a 4 KiB ring must overflow: {metrics}");
     assert!(evicted > 0.0, "{metrics}");
-    assert!(flows <= 200.0, "flow cap holds: {flows}");
-    let (_, health) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(
-        health["kernel"]["lost"].as_f64(),
-        Some(lost)
-            .filter(|l| *l > 0.0)
-            .map(|_| health["kernel"]["lost"].as_f64().unwrap_or(0.0))
-    );
-    assert!(
-        health["kernel"]["lost"].as_u64().unwrap_or(0) > 0,
-        "{health}"
-    );
+    assert!(flows <= 200.0, "flow cap holds: {flows:?}");
+    let health = detail(&agent, &lab)?;
+    assert!(health.kernel.lost > 0, "{health:?}");
     let growth = agent.rss_kib().saturating_sub(rss_before);
     assert!(growth < 64 * 1024, "RSS grew by {growth} KiB");
     // And it still traces: a new connection is correlated end to end.
@@ -136,7 +133,7 @@ fn overload_loses_counted_records_and_stays_bounded() -> TestResult {
         &lab,
         &format!("dst={}&proto=tcp", lab.config.apiserver_ip),
         Duration::from_secs(10),
-        "snat_applied",
+        Verdict::SnatApplied,
     )?;
     Ok(())
 }
@@ -145,8 +142,8 @@ fn overload_loses_counted_records_and_stays_bounded() -> TestResult {
 fn sigterm_detaches_and_kill9_leaves_nothing_to_double_attach() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
     let veth = lab.pod.veth.clone();
-    let mut agent = Agent::start(&lab.node, &[])?;
-    agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"], READY)?;
     assert_eq!(
         tracer_programs_on(&lab, &veth)?.len(),
         2,
@@ -158,12 +155,12 @@ fn sigterm_detaches_and_kill9_leaves_nothing_to_double_attach() -> TestResult {
     assert_eq!(tracer_programs_on(&lab, &veth)?.len(), 0);
     assert_eq!(tracer_programs_on(&lab, "eth0")?.len(), 0);
 
-    let mut agent = Agent::start(&lab.node, &[])?;
-    agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"], READY)?;
     let _ = agent.signal_and_wait(libc::SIGKILL)?;
     // A new agent after a crash: exactly one set of programs, and it works.
-    let mut agent = Agent::start(&lab.node, &[])?;
-    agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &[veth.as_str(), "eth0"], READY)?;
     assert_eq!(tracer_programs_on(&lab, &veth)?.len(), 2);
     assert_eq!(tracer_programs_on(&lab, "eth0")?.len(), 2);
     still_traces(
@@ -171,7 +168,7 @@ fn sigterm_detaches_and_kill9_leaves_nothing_to_double_attach() -> TestResult {
         &lab,
         "proto=tcp",
         Duration::from_secs(10),
-        "replied",
+        Verdict::Replied,
     )?;
     Ok(())
 }
@@ -218,8 +215,8 @@ fn device_without_ethernet_header_is_traced_by_the_l3_programs() -> TestResult {
     lab.node
         .ip(&["tuntap", "add", "dev", "wireguard.cali", "mode", "tun"])?;
     lab.node.ip(&["link", "set", "wireguard.cali", "up"])?;
-    let mut agent = Agent::start(&lab.node, &[])?;
-    agent.wait_attached(&lab.node, &["wireguard.cali"])?;
+    let mut agent = common::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &["wireguard.cali"], READY)?;
     let names = tracer_programs_on(&lab, "wireguard.cali")?;
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(
@@ -238,18 +235,17 @@ fn device_without_ethernet_header_is_traced_by_the_l3_programs() -> TestResult {
     );
     lab.node
         .run(move || inject_into_tun("wireguard.cali", &packet))??;
-    let flow = agent.wait_flow(&lab.node, "dst=10.77.0.1", Duration::from_secs(10), |f| {
-        f["sport"] == 5555 && f["dport"] == 7777
-    })?;
-    let hop = &flow["path"][0];
+    let flow = agent.wait_flow(
+        &lab.node,
+        &query("dst=10.77.0.1")?,
+        Duration::from_secs(10),
+        |f| f.sport == 5555 && f.dport == 7777,
+    )?;
+    let hop = flow.path.first().ok_or("no hop")?;
     assert_eq!(
-        (&hop["iface"], &hop["dir"], &hop["role"]),
-        (
-            &serde_json::json!("wireguard.cali"),
-            &serde_json::json!("ingress"),
-            &serde_json::json!("tunnel")
-        ),
-        "{flow}"
+        (hop.iface.as_str(), hop.dir, hop.role),
+        ("wireguard.cali", Dir::Ingress, Some(Role::Tunnel)),
+        "{flow:?}"
     );
     Ok(())
 }
@@ -271,16 +267,16 @@ fn survives_rename_missing_ipsets_and_missing_tracefs() -> TestResult {
         .args(["netns", "exec", lab.node.name(), "unshare", "-m", "sh", "-c"])
         .arg(format!(
             "mount --make-rprivate / && mount -t tmpfs none /sys/kernel && exec {tracer} agent --listen 127.0.0.1:{} --pool 10.244.0.0/16 2>{}",
-            common::AGENT_PORT,
+            API_PORT,
             log.display()
         ))
         .spawn()?;
     let result = (|| -> TestResult {
         let deadline = Instant::now() + Duration::from_secs(20);
         let health = loop {
-            if let Ok((200, h)) = common::http_get_in(&lab.node, "/healthz") {
-                if h["ready"] == true {
-                    break h;
+            if let Ok(h) = Client::local().health(&lab.node) {
+                if h.ready {
+                    break h.detail.ok_or("no detail")?;
                 }
             }
             if Instant::now() > deadline {
@@ -292,17 +288,17 @@ fn survives_rename_missing_ipsets_and_missing_tracefs() -> TestResult {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        assert_eq!(health["drops"]["enabled"], false, "{health}");
+        assert!(!health.drops.enabled, "{health:?}");
         assert!(
-            health["drops"]["error"]
-                .as_str()
+            health
+                .drops
+                .error
+                .as_ref()
                 .is_some_and(|e| e.contains("tracefs")),
-            "{health}"
+            "{health:?}"
         );
-        assert_eq!(health["pools"]["source"], "flags", "{health}");
-        assert!(health["pools"]["missing_sets"]
-            .as_array()
-            .is_some_and(|m| !m.is_empty()));
+        assert_eq!(health.pools.source, "flags", "{health:?}");
+        assert!(!health.pools.missing_sets.is_empty());
 
         // Rename the pod's veth under the agent (still a cali* name: still a workload). Down
         // first: kernels before 6.2 refuse to rename an interface that is up (EBUSY).
@@ -314,15 +310,12 @@ fn survives_rename_missing_ipsets_and_missing_tracefs() -> TestResult {
         lab.node.ip(&["link", "set", "dev", renamed, "up"])?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let (_, h) = common::http_get_in(&lab.node, "/healthz")?;
-            if h["attached"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|x| x["name"] == renamed))
-            {
+            let h = detail(&Client::local(), &lab)?;
+            if h.attached.iter().any(|x| x.name == renamed) {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!("rename not followed: {h}").into());
+                return Err(format!("rename not followed: {h:?}").into());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -337,19 +330,16 @@ fn survives_rename_missing_ipsets_and_missing_tracefs() -> TestResult {
         let _ = traffic::tcp_probe(&lab.pod.netns, lab.apiserver_addr(), Duration::from_secs(1))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let (_, v) = common::http_get_in(&lab.node, "/flows?proto=tcp")?;
-            let hit = v["flows"].as_array().is_some_and(|fs| {
-                fs.iter().any(|f| {
-                    f["path"]
-                        .as_array()
-                        .is_some_and(|p| p.iter().any(|h| h["iface"] == renamed))
-                })
-            });
+            let v = Client::local().flows(&lab.node, &query("proto=tcp")?)?;
+            let hit = v
+                .flows
+                .iter()
+                .any(|f| f.path.iter().any(|h| h.iface == renamed));
             if hit {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!("no flow through {renamed}: {v}").into());
+                return Err(format!("no flow through {renamed}: {v:?}").into());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -405,8 +395,7 @@ fn footprint(
     agent: &Agent,
     lab: &SingleNode,
 ) -> Result<Vec<(&'static str, f64)>, Box<dyn std::error::Error>> {
-    let (_, text) = agent.raw(&lab.node, "GET", "/metrics", None, &[])?;
-    let text = String::from_utf8(text)?;
+    let text = String::from_utf8(agent.get(&lab.node, "/metrics")?.body)?;
     Ok([
         "process_resident_memory_bytes",
         "tracer_heap_bytes",
@@ -588,15 +577,11 @@ fn attached_ifindexes(
     agent: &Agent,
     lab: &SingleNode,
 ) -> Result<std::collections::HashSet<u32>, Box<dyn std::error::Error>> {
-    let (_, h) = agent.get(&lab.node, "/healthz")?;
-    Ok(h["attached"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x["ifindex"].as_u64().map(|i| i as u32))
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(detail(agent, lab)?
+        .attached
+        .iter()
+        .map(|x| x.ifindex)
+        .collect())
 }
 
 /// Creating and deleting veths (pods coming and going), with traffic on the veths that stay:
@@ -613,8 +598,8 @@ fn interface_churn_attaches_releases_and_does_not_leak() -> TestResult {
     let warmup = (rounds / 5).max(4);
     let lab = SingleNode::build(&SingleNode::healthy())?;
     let cap = CHURN_FLOW_CAP.to_string();
-    let mut agent = Agent::start(&lab.node, &["--flow-cap", &cap])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &["--flow-cap", &cap])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     let baseline = 2;
     let fds_before = agent.fds();
     let before = footprint(&agent, &lab)?;
@@ -781,7 +766,7 @@ fn interface_churn_attaches_releases_and_does_not_leak() -> TestResult {
         &lab,
         "proto=tcp",
         Duration::from_secs(10),
-        "snat_applied",
+        Verdict::SnatApplied,
     )?;
     let fds_after = agent.fds();
     assert!(
@@ -847,16 +832,24 @@ fn interface_churn_attaches_releases_and_does_not_leak() -> TestResult {
     Ok(())
 }
 
+/// `/healthz`'s detail (the test agents have no token, or the client carries it).
+fn detail(agent: &Client, lab: &SingleNode) -> Result<HealthDetail, Box<dyn std::error::Error>> {
+    Ok(agent
+        .health(&lab.node)?
+        .detail
+        .ok_or("/healthz without its detail")?)
+}
+
 /// Waits up to 20 s until the agent's table holds at least `min` flows.
 fn wait_flow_count(agent: &Agent, lab: &SingleNode, min: u64) -> TestResult {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, h) = agent.get(&lab.node, "/healthz")?;
-        if h["flows"]["flows"].as_u64().unwrap_or(0) >= min {
+        let h = detail(agent, lab)?;
+        if h.flows.flows as u64 >= min {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("flows never reached {min}: {}", h["flows"]).into());
+            return Err(format!("flows never reached {min}: {:?}", h.flows).into());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -865,8 +858,7 @@ fn wait_flow_count(agent: &Agent, lab: &SingleNode, min: u64) -> TestResult {
 fn wait_attached_count(agent: &Agent, lab: &SingleNode, want: usize) -> TestResult {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, h) = agent.get(&lab.node, "/healthz")?;
-        let n = h["attached"].as_array().map(Vec::len).unwrap_or(0);
+        let n = detail(agent, lab)?.attached.len();
         if n == want {
             return Ok(());
         }
@@ -881,14 +873,13 @@ fn wait_attached_count(agent: &Agent, lab: &SingleNode, want: usize) -> TestResu
 fn api_under_load_answers_without_errors_and_keeps_tracing() -> TestResult {
     let secs = env_num("TRACER_LOAD_SECS", 5);
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let mut agent = Agent::start(&lab.node, &[])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     udp_flows(&lab, &lab.config.apiserver_ip, 10_000)?;
     wait_flow_count(&agent, &lab, 9_000)?;
     let url = format!(
         "http://127.0.0.1:{}/flows?dst={}&limit=10",
-        common::AGENT_PORT,
-        lab.config.apiserver_ip
+        API_PORT, lab.config.apiserver_ip
     );
     let wrk = std::thread::spawn({
         let ns = lab.node.name().to_string();
@@ -915,7 +906,7 @@ fn api_under_load_answers_without_errors_and_keeps_tracing() -> TestResult {
         &lab,
         "proto=tcp&limit=5",
         Duration::from_secs(secs + 10),
-        "replied",
+        Verdict::Replied,
     )?;
     let out = wrk.join().map_err(|_| "wrk thread panicked")??;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -959,18 +950,13 @@ fn get_counted(
     token: Option<&str>,
 ) -> Result<(u16, usize, String), Box<dyn std::error::Error>> {
     use std::io::{Read, Write};
-    let req = common::build_request(
-        "GET",
-        path,
-        None,
-        &token
-            .map(|t| format!("Authorization: Bearer {t}"))
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    // A raw socket: the body is counted as it streams, never held.
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\r\n");
     let r = ns.run(move || -> Result<(u16, usize, String), String> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], common::AGENT_PORT));
+        let addr = SocketAddr::from(([127, 0, 0, 1], API_PORT));
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(30)))
@@ -1050,8 +1036,7 @@ fn daemonset_memory_limit_kib() -> Result<u64, Box<dyn std::error::Error>> {
 }
 
 fn lost_records(agent: &Agent, lab: &SingleNode) -> Result<f64, Box<dyn std::error::Error>> {
-    let (_, m) = agent.raw(&lab.node, "GET", "/metrics", None, &[])?;
-    let m = String::from_utf8(m)?;
+    let m = String::from_utf8(agent.get(&lab.node, "/metrics")?.body)?;
     metric(&m, "tracer_kernel_records_lost_total")
         .ok_or_else(|| format!("no lost counter: {m}").into())
 }
@@ -1066,16 +1051,16 @@ fn half_open_connections_are_shed_and_probes_still_answer() -> TestResult {
     let token_file = std::env::temp_dir().join(format!("tracer-slow-token-{}", lab.prefix));
     std::fs::write(&token_file, "slow-token")?;
     let token_arg = token_file.to_string_lossy().to_string();
-    let mut agent = Agent::start_on(
+    let mut agent = common::start_on(
         &lab.node,
-        &format!("0.0.0.0:{}", common::AGENT_PORT),
+        &format!("0.0.0.0:{}", API_PORT),
         &["--token-file", &token_arg],
     )?;
     agent.token = Some("slow-token".into());
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     let fds_before = agent.fds();
     // The attackers: the apiserver's host, a neighbour on the node's LAN.
-    let target = SocketAddr::new(lab.node_ip()?.into(), common::AGENT_PORT);
+    let target = SocketAddr::new(lab.node_ip()?.into(), API_PORT);
     let opened = Instant::now();
     let attackers = lab
         .apiserver
@@ -1094,8 +1079,8 @@ fn half_open_connections_are_shed_and_probes_still_answer() -> TestResult {
     // Probes from the node itself keep answering, and quickly.
     for _ in 0..5 {
         let t = Instant::now();
-        let (s, h) = agent.get(&lab.node, "/healthz")?;
-        assert_eq!(s, 200, "{h}");
+        let r = agent.get(&lab.node, "/healthz")?;
+        assert_eq!(r.status, 200, "{}", r.text());
         assert!(
             t.elapsed() < Duration::from_secs(1),
             "healthz took {:?}",
@@ -1105,7 +1090,7 @@ fn half_open_connections_are_shed_and_probes_still_answer() -> TestResult {
     }
     // A pod started now still gets traced.
     let veth = common::add_pod_veth(&lab.node, &lab.prefix, "slow")?;
-    agent.wait_attached(&lab.node, &[veth.as_str()])?;
+    agent.wait_attached(&lab.node, &[veth.as_str()], READY)?;
     // The agent closes every one of them itself (header timeout, or refused beyond the cap).
     let mut open: Vec<std::net::TcpStream> = attackers;
     for s in &open {
@@ -1132,8 +1117,7 @@ fn half_open_connections_are_shed_and_probes_still_answer() -> TestResult {
         opened.elapsed()
     );
     assert_eq!(lost_records(&agent, &lab)?, 0.0);
-    let (_, m) = agent.raw(&lab.node, "GET", "/metrics", None, &[])?;
-    let m = String::from_utf8(m)?;
+    let m = String::from_utf8(agent.get(&lab.node, "/metrics")?.body)?;
     assert!(
         metric(&m, "tracer_api_connections_rejected_total").unwrap_or(0.0) > 0.0,
         "beyond the cap, connections are refused: {m}"
@@ -1154,13 +1138,16 @@ fn half_open_connections_are_shed_and_probes_still_answer() -> TestResult {
 fn fifty_watchers_through_a_flood_stay_bounded() -> TestResult {
     raise_fd_limit();
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let mut agent = Agent::start(&lab.node, &["--max-watchers", "50"])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &["--max-watchers", "50"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     std::thread::sleep(Duration::from_millis(300));
     let rss_before = agent.rss_kib();
-    let watchers = common::open_watchers(&lab.node, 50)?;
-    let (s, _) = agent.get(&lab.node, "/watch")?;
-    assert_eq!(s, 429, "the 51st watcher is refused");
+    let watchers = agent.watchers(&lab.node, 50)?;
+    assert_eq!(
+        agent.get(&lab.node, "/watch")?.status,
+        429,
+        "the 51st watcher is refused"
+    );
     // Half the watchers read everything, half never read.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut readers = Vec::new();
@@ -1196,9 +1183,8 @@ fn fifty_watchers_through_a_flood_stay_bounded() -> TestResult {
         std::thread::sleep(Duration::from_millis(300));
         peak = peak.max(agent.rss_kib());
     }
-    let (s, h) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(s, 200, "{h}");
-    let flows = h["flows"]["flows"].as_u64().unwrap_or(0);
+    assert_eq!(agent.get(&lab.node, "/healthz")?.status, 200);
+    let flows = detail(&agent, &lab)?.flows.flows;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for r in readers {
         let _ = r.join();
@@ -1210,9 +1196,9 @@ fn fifty_watchers_through_a_flood_stay_bounded() -> TestResult {
         .sum();
     let growth = peak.saturating_sub(rss_before);
     eprintln!(
-        "50 watchers, {flows} flows: RSS {rss_before} KiB -> peak {peak} KiB; readers got {got} bytes"
+        "50 watchers, {flows:?} flows: RSS {rss_before} KiB -> peak {peak} KiB; readers got {got} bytes"
     );
-    assert!(flows >= 30_000, "the flood made {flows} flows");
+    assert!(flows >= 30_000, "the flood made {flows:?} flows");
     assert!(
         got > 1_000_000,
         "the reading watchers were served: {got} bytes"
@@ -1228,8 +1214,8 @@ fn fifty_watchers_through_a_flood_stay_bounded() -> TestResult {
 fn largest_queries_at_100k_flows_lose_nothing_and_fit_the_memory_limit() -> TestResult {
     let limit_kib = daemonset_memory_limit_kib()?;
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let mut agent = Agent::start(&lab.node, &[])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     udp_flows_paced(&lab, 100_000)?;
     wait_flow_count(&agent, &lab, 95_000)?;
     assert_eq!(
@@ -1311,7 +1297,7 @@ fn largest_queries_at_100k_flows_lose_nothing_and_fit_the_memory_limit() -> Test
         &lab,
         &format!("dst={}&proto=tcp", lab.config.apiserver_ip),
         Duration::from_secs(10),
-        "snat_applied",
+        Verdict::SnatApplied,
     )?;
     assert_eq!(results.len(), 5);
     for (path, r) in &results {
@@ -1355,22 +1341,18 @@ fn a_hung_ipset_does_not_hold_the_sync_loop() -> TestResult {
         std::env::var("PATH").unwrap_or_default()
     );
     let result = (|| -> TestResult {
-        let mut agent = Agent::launch(
+        let mut agent = common::launch(
             &lab.node,
-            &format!("127.0.0.1:{}", common::AGENT_PORT),
-            &["--pool", "10.244.0.0/16"],
-            &common::Launch {
-                env: &[("PATH", path.as_str())],
-                ..Default::default()
-            },
+            Launch::with_args(&["--pool", "10.244.0.0/16"]).env("PATH", &path),
         )?;
-        agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
-        let (s, h) = agent.get(&lab.node, "/healthz")?;
-        assert_eq!(s, 200, "{h}");
-        assert_eq!(h["pools"]["source"], "flags", "{h}");
-        assert_eq!(h["checks"]["node_sync"], "ok", "{h}");
+        agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
+        assert_eq!(agent.get(&lab.node, "/healthz")?.status, 200);
+        let h = agent.health(&lab.node)?;
+        assert_eq!(h.checks.node_sync, SyncCheck::Ok, "{h:?}");
+        let pools = &h.detail.as_ref().ok_or("no detail")?.pools;
+        assert_eq!(pools.source, "flags", "{h:?}");
         let veth = common::add_pod_veth(&lab.node, &lab.prefix, "hung")?;
-        agent.wait_attached(&lab.node, &[veth.as_str()])?;
+        agent.wait_attached(&lab.node, &[veth.as_str()], READY)?;
         assert!(
             agent.log().contains("ipset did not answer in time"),
             "{}",

@@ -5,7 +5,7 @@
 //! loop each hook runs tracer once.
 mod common;
 
-use common::{Agent, TestResult};
+use common::{Agent, TestResult, API_PORT, READY};
 use tracer_lab::netns::{unique_prefix, Netns};
 
 const VETH: &str = "cali0123456789a";
@@ -57,8 +57,8 @@ fn census(ns: &Netns) -> Result<(usize, usize, usize, bool), Box<dyn std::error:
 }
 
 fn agent(ns: &Netns, port: u16) -> Result<Agent, Box<dyn std::error::Error>> {
-    let mut a = Agent::start_on(ns, &format!("127.0.0.1:{port}"), &["--tc-mode", "clsact"])?;
-    a.wait_ready(ns)?;
+    let mut a = common::start_on(ns, &format!("127.0.0.1:{port}"), &["--tc-mode", "clsact"])?;
+    a.wait_ready(ns, READY)?;
     wait_census(ns, |c| c.0 >= 1 && c.1 >= 1)?;
     Ok(a)
 }
@@ -80,7 +80,7 @@ fn wait_census(
 #[test]
 fn sigkilled_agents_leave_no_duplicate_filters() -> TestResult {
     let (node, _pod) = node()?;
-    let mut first = agent(&node, 9464)?;
+    let mut first = agent(&node, API_PORT)?;
     assert_eq!(census(&node)?, (1, 1, 1, true));
     first.signal_and_wait(libc::SIGKILL)?;
     // The kernel keeps a killed agent's filters (and their programs) in place.
@@ -92,7 +92,7 @@ fn sigkilled_agents_leave_no_duplicate_filters() -> TestResult {
 
     // A crash loop: every new agent cleans up after the last one.
     for round in 0..3 {
-        let mut next = agent(&node, 9464)?;
+        let mut next = agent(&node, API_PORT)?;
         let c = wait_census(&node, |c| c.0 == 1 && c.1 == 1)?;
         assert_eq!(
             c,
@@ -104,7 +104,7 @@ fn sigkilled_agents_leave_no_duplicate_filters() -> TestResult {
     }
 
     // A clean stop removes its own filters and nothing else; the clsact it did not create stays.
-    let mut last = agent(&node, 9464)?;
+    let mut last = agent(&node, API_PORT)?;
     last.signal_and_wait(libc::SIGTERM)?;
     assert_eq!(census(&node)?, (0, 0, 1, true));
     Ok(())
@@ -114,12 +114,12 @@ fn sigkilled_agents_leave_no_duplicate_filters() -> TestResult {
 fn a_live_agents_filters_are_never_removed() -> TestResult {
     let (node, _pod) = node()?;
     // Agent A keeps running; agent B is killed; agent C starts: C removes B's filters only.
-    let _a = agent(&node, 9464)?;
-    let mut b = agent(&node, 9465)?;
+    let _a = agent(&node, API_PORT)?;
+    let mut b = agent(&node, API_PORT + 1)?;
     let c = wait_census(&node, |c| c.0 == 2 && c.1 == 2)?;
     assert_eq!(c, (2, 2, 1, true), "two live agents, two filters per hook");
     b.signal_and_wait(libc::SIGKILL)?;
-    let mut c_agent = agent(&node, 9466)?;
+    let mut c_agent = agent(&node, API_PORT + 2)?;
     let c = wait_census(&node, |c| c.0 == 2 && c.1 == 2)?;
     assert_eq!(
         c,
@@ -141,7 +141,7 @@ fn a_clsact_priority_someone_else_holds_does_not_stop_observing() -> TestResult 
         "tc", "filter", "add", "dev", VETH, "ingress", "prio", "1", "protocol", "ip", "u32",
         "match", "u32", "0", "0", "classid", "1:1",
     ])?;
-    let mut a = agent(&node, 9464)?;
+    let mut a = agent(&node, API_PORT)?;
     let (t_in, t_out, foreign, qdisc) = census(&node)?;
     assert_eq!(
         (t_in, t_out, foreign, qdisc),

@@ -5,12 +5,13 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{has_verdict, Agent, TestResult, AGENT_PORT};
+use common::{has_verdict, query, Agent, FlowView, TestResult, API_PORT, READY};
 use serde_json::Value;
 use tracer_lab::{
     scenario::{self, ScenarioSpec},
     topo::Cluster,
 };
+use tracer_model::{Cause, DiagnosesAnswer, Evidence, Verdict};
 
 /// Agents on every node, reachable across the underlay (for `tracer flows --agents`).
 fn agents(lab: &Cluster, extra: &[&str]) -> Result<Vec<Agent>, Box<dyn std::error::Error>> {
@@ -19,22 +20,19 @@ fn agents(lab: &Cluster, extra: &[&str]) -> Result<Vec<Agent>, Box<dyn std::erro
         // Reachable from the other lab nodes without a token: say so explicitly.
         let mut args = vec!["--no-reply-timeout", "2s", "--insecure"];
         args.extend_from_slice(extra);
-        let mut a = Agent::start_on(&n.netns, &format!("0.0.0.0:{AGENT_PORT}"), &args)?;
-        a.wait_ready(&n.netns)?;
+        let mut a = common::start_on(&n.netns, &format!("0.0.0.0:{API_PORT}"), &args)?;
+        a.wait_ready(&n.netns, READY)?;
         out.push(a);
     }
     Ok(out)
 }
 
-fn causes(d: &Value) -> Vec<String> {
-    d["causes"]
-        .as_array()
-        .map(|c| {
-            c.iter()
-                .filter_map(|g| g["cause"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
+fn causes(d: &DiagnosesAnswer) -> Vec<Cause> {
+    d.causes.iter().map(|g| g.cause).collect()
+}
+
+fn cause(f: &FlowView) -> Option<Cause> {
+    f.diagnosis.as_ref().map(|d| d.cause)
 }
 
 #[test]
@@ -51,40 +49,33 @@ fn healthy_cluster_raises_no_alarm() -> TestResult {
     std::thread::sleep(Duration::from_secs(3));
     for (i, a) in agents.iter().enumerate() {
         let ns = &lab.nodes[i].netns;
-        let (_, d) = a.get(ns, "/diagnoses")?;
-        assert!(causes(&d).is_empty(), "{}: {d}", lab.nodes[i].name);
-        assert_eq!(d["node_findings"].as_array().map(Vec::len), Some(0), "{d}");
+        let d = a.diagnoses(ns)?;
+        assert!(causes(&d).is_empty(), "{}: {d:?}", lab.nodes[i].name);
+        assert!(d.node_findings.is_empty(), "{d:?}");
     }
     // confd's v3.22+ mesh: ce-demo-2 (the greater address) dialed ce-demo-1, which only
     // answered; a completed passive-side handshake is no fault. (The session may predate the
     // agents: then BIRD's keepalives on it are all there is to see.)
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let (_, v) = agents[0].get(&n1.netns, &format!("/flows?port=179&src={}", n1.ip))?;
+    let v = agents[0].flows(&n1.netns, &query(&format!("port=179&src={}", n1.ip))?)?;
     assert!(
-        v["flows"]
-            .as_array()
-            .is_some_and(|f| f.iter().all(|f| f["dport"] != 179)),
-        "ce-demo-1 must not dial ce-demo-2: {v}"
+        v.flows.iter().all(|f| f.dport != 179),
+        "ce-demo-1 must not dial ce-demo-2: {v:?}"
     );
-    let (_, v) = agents[0].get(&n1.netns, &format!("/flows?port=179&src={}", n2.ip))?;
-    assert!(
-        v["flows"]
-            .as_array()
-            .is_some_and(|f| f.iter().all(|f| f["diagnosis"].is_null())),
-        "{v}"
-    );
+    let v = agents[0].flows(&n1.netns, &query(&format!("port=179&src={}", n2.ip))?)?;
+    assert!(v.flows.iter().all(|f| f.diagnosis.is_none()), "{v:?}");
     // Cross-node pod traffic was seen encapsulated and answered on node1.
-    let (_, v) = agents[0].get(&lab.nodes[0].netns, "/flows?verdict=encapsulated")?;
-    let f = v["flows"]
-        .as_array()
-        .and_then(|f| f.first())
-        .ok_or_else(|| format!("no encapsulated flow: {v}"))?;
-    assert!(has_verdict(f, "replied"), "{f}");
+    let v = agents[0].flows(&lab.nodes[0].netns, &query("verdict=encapsulated")?)?;
+    let f = v
+        .flows
+        .first()
+        .ok_or_else(|| format!("no encapsulated flow: {v:?}"))?;
+    assert!(has_verdict(f, Verdict::Replied), "{f:?}");
     assert!(
-        f["path"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|h| h["encap"]["vni"] == 4096)),
-        "{f}"
+        f.path
+            .iter()
+            .any(|h| h.encap.as_ref().and_then(|e| e.vni) == Some(4096)),
+        "{f:?}"
     );
     Ok(())
 }
@@ -112,22 +103,20 @@ fn healthy_bgp_passive_mesh_raises_no_alarm() -> TestResult {
     );
     let f = agents[0].wait_flow(
         &n1.netns,
-        &format!("port=179&src={}", n2.ip),
+        &query(&format!("port=179&src={}", n2.ip))?,
         Duration::from_secs(10),
-        |f| f["dport"] == 179 && has_verdict(f, "replied"),
+        |f| f.dport == 179 && has_verdict(f, Verdict::Replied),
     )?;
     std::thread::sleep(Duration::from_secs(3));
     for (i, a) in agents.iter().enumerate() {
         let ns = &lab.nodes[i].netns;
-        let (_, d) = a.get(ns, "/diagnoses")?;
-        assert!(causes(&d).is_empty(), "{}: {d}; {f}", lab.nodes[i].name);
+        let d = a.diagnoses(ns)?;
+        assert!(causes(&d).is_empty(), "{}: {d:?}; {f:?}", lab.nodes[i].name);
     }
-    let (_, v) = agents[0].get(&n1.netns, &format!("/flows?port=179&dst={}", n2.ip))?;
+    let v = agents[0].flows(&n1.netns, &query(&format!("port=179&dst={}", n2.ip))?)?;
     assert!(
-        v["flows"]
-            .as_array()
-            .is_some_and(|f| f.iter().all(|f| f["dport"] != 179)),
-        "ce-demo-1 is passive, it must not dial: {v}"
+        v.flows.iter().all(|f| f.dport != 179),
+        "ce-demo-1 is passive, it must not dial: {v:?}"
     );
     Ok(())
 }
@@ -145,27 +134,19 @@ fn seed_001_far_datastore_is_datastore_latency() -> TestResult {
     );
     let f = agents[0].wait_flow(
         &lab.nodes[0].netns,
-        "port=2379&verdict=slow_response",
+        &query("port=2379&verdict=slow_response")?,
         Duration::from_secs(10),
         |_| true,
     )?;
-    let d = &f["diagnosis"];
-    assert_eq!(d["cause"], "datastore_latency", "{f}");
-    assert!(
-        d["evidence"]["p50_ms"].as_f64().unwrap_or(0.0) >= 140.0,
-        "{f}"
-    );
-    assert!(d["evidence"]["exchanges"].as_u64().unwrap_or(0) >= 5, "{f}");
-    assert!(
-        d["evidence"]["budget"]["sequential_reads_that_fit"]
-            .as_u64()
-            .is_some(),
-        "{f}"
-    );
-    assert!(
-        d["fix"].as_str().unwrap_or("").contains("livenessProbe"),
-        "{f}"
-    );
+    let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+    assert_eq!(d.cause, Cause::DatastoreLatency, "{f:?}");
+    let Evidence::DatastoreLatency(e) = &d.evidence else {
+        return Err(format!("not datastore evidence: {f:?}").into());
+    };
+    assert!(e.p50_ms >= 140.0, "{f:?}");
+    assert!(e.exchanges >= 5, "{f:?}");
+    assert!(e.budget.is_some(), "{f:?}");
+    assert!(d.fix.contains("livenessProbe"), "{f:?}");
     Ok(())
 }
 
@@ -178,55 +159,53 @@ fn seed_003_vxlan_parent_on_a_bridge() -> TestResult {
     let n2 = &lab.nodes[1];
     let f = agents[1].wait_flow(
         &n2.netns,
-        "cause=node_address_on_wrong_interface",
+        &query("cause=node_address_on_wrong_interface")?,
         Duration::from_secs(10),
         |_| true,
     )?;
-    let ev = &f["diagnosis"]["evidence"];
-    let named_bridge = ev["source_iface"] == "nerdctl0" || ev["parent_device"] == "nerdctl0";
-    assert!(named_bridge, "{f}");
+    let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+    let named_bridge = match &d.evidence {
+        Evidence::WrongSource(e) => e.source_iface == "nerdctl0",
+        Evidence::WrongParent(e) => e.parent_device == "nerdctl0",
+        _ => false,
+    };
+    assert!(named_bridge, "{f:?}");
+    assert!(d.fix.contains(&format!("interface=^{}$", n2.nic)), "{f:?}");
     assert!(
-        f["diagnosis"]["fix"]
-            .as_str()
-            .unwrap_or("")
-            .contains(&format!("interface=^{}$", n2.nic)),
-        "{f}"
+        has_verdict(&f, Verdict::WrongSourceAddress) || has_verdict(&f, Verdict::WrongParentDevice),
+        "{f:?}"
     );
-    assert!(
-        has_verdict(&f, "wrong_source_address") || has_verdict(&f, "wrong_parent_device"),
-        "{f}"
-    );
-    let (_, d) = agents[1].get(&n2.netns, "/diagnoses")?;
-    let finding = d["node_findings"]
-        .as_array()
-        .and_then(|f| {
-            f.iter()
-                .find(|x| x["evidence"]["parent_device"] == "nerdctl0")
-        })
-        .ok_or_else(|| format!("no bridge finding: {d}"))?;
-    assert_eq!(finding["cause"], "node_address_on_wrong_interface");
+    let d = agents[1].diagnoses(&n2.netns)?;
+    let finding = d
+        .node_findings
+        .iter()
+        .find(|x| matches!(&x.evidence, Evidence::BridgeParent(e) if e.parent_device == "nerdctl0"))
+        .ok_or_else(|| format!("no bridge finding: {d:?}"))?;
+    assert_eq!(finding.cause, Cause::NodeAddressOnWrongInterface);
     // node1: its VXLAN goes to the peer's advertised 10.4.0.1, off its underlay.
     let n1 = &lab.nodes[0];
+    // Wire format: the agent itself refuses it (the client-side query type cannot say it).
+    let r = agents[0].get(&n1.netns, "/flows?verdict=encapsulated&verdict_ignored=0")?;
+    assert_eq!(r.status, 400, "unknown parameters are refused");
     let f = agents[0].wait_flow(
         &n1.netns,
-        "verdict=encapsulated&verdict_ignored=0",
-        Duration::from_secs(1),
-        |_| true,
-    );
-    assert!(f.is_err(), "unknown parameters are refused");
-    let f = agents[0].wait_flow(
-        &n1.netns,
-        "cause=node_address_on_wrong_interface",
+        &query("cause=node_address_on_wrong_interface")?,
         Duration::from_secs(10),
         |_| true,
     )?;
+    let peer = match f.diagnosis.as_ref().map(|d| &d.evidence) {
+        Some(Evidence::OffLinkPeer(e)) => Some(e.peer_address),
+        Some(Evidence::UnackedOffLinkPeer(e)) => Some(e.peer_address),
+        _ => None,
+    };
     assert_eq!(
-        f["diagnosis"]["evidence"]["peer_address"], "10.4.0.1",
-        "{f}"
+        peer.map(|p| p.to_string()).as_deref(),
+        Some("10.4.0.1"),
+        "{f:?}"
     );
     assert!(
-        has_verdict(&f, "encapsulated") && has_verdict(&f, "no_reply"),
-        "{f}"
+        has_verdict(&f, Verdict::Encapsulated) && has_verdict(&f, Verdict::NoReply),
+        "{f:?}"
     );
     Ok(())
 }
@@ -242,48 +221,42 @@ fn seed_004_bgp_from_the_second_nic() -> TestResult {
     assert_eq!(scenario::seed_004::dialer(&lab), 1);
     let f = agents[1].wait_flow(
         &n2.netns,
-        "port=179&verdict=wrong_source_address",
+        &query("port=179&verdict=wrong_source_address")?,
         Duration::from_secs(15),
-        |f| f["diagnosis"]["cause"] == "node_address_on_wrong_interface",
+        |f| cause(f) == Some(Cause::NodeAddressOnWrongInterface),
     )?;
-    let ev = &f["diagnosis"]["evidence"];
-    assert_eq!(ev["source"], wrong.as_str(), "{f}");
-    assert_eq!(ev["egress_iface"], n2.nic, "{f}");
-    assert!(
-        f["diagnosis"]["summary"]
-            .as_str()
-            .unwrap_or("")
-            .contains("BGP"),
-        "{f}"
-    );
+    let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+    let Evidence::WrongSource(e) = &d.evidence else {
+        return Err(format!("not wrong source evidence: {f:?}").into());
+    };
+    assert_eq!(e.source.to_string(), wrong, "{f:?}");
+    assert_eq!(e.egress_iface, n2.nic, "{f:?}");
+    assert!(d.summary.contains("BGP"), "{f:?}");
     // k8smaster2 is passive: it never dials, it answers 10.66.0.66 through its gateway and the
     // handshake never completes.
     let n1 = &lab.nodes[0];
     let f = agents[0].wait_flow(
         &n1.netns,
-        &format!("port=179&src={wrong}"),
+        &query(&format!("port=179&src={wrong}"))?,
         Duration::from_secs(15),
-        |f| f["diagnosis"]["cause"] == "node_address_on_wrong_interface",
+        |f| cause(f) == Some(Cause::NodeAddressOnWrongInterface),
     )?;
-    let ev = &f["diagnosis"]["evidence"];
-    assert_eq!(ev["peer_address"], wrong.as_str(), "{f}");
-    assert_eq!(ev["arrived_on"], n1.nic, "{f}");
-    assert!(
-        f["diagnosis"]["fix"]
-            .as_str()
-            .unwrap_or("")
-            .contains(&format!("owns {wrong}")),
-        "{f}"
-    );
+    let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+    let Evidence::UnackedOffLinkPeer(e) = &d.evidence else {
+        return Err(format!("not unacked peer evidence: {f:?}").into());
+    };
+    assert_eq!(e.peer_address.to_string(), wrong, "{f:?}");
+    assert_eq!(e.arrived_on, n1.nic, "{f:?}");
+    assert!(d.fix.contains(&format!("owns {wrong}")), "{f:?}");
 
     // One query across both nodes: merged, each flow naming its node; a dead agent is reported,
     // not fatal.
     let urls = lab
         .nodes
         .iter()
-        .map(|n| format!("http://{}:{AGENT_PORT}", n.ip))
+        .map(|n| format!("http://{}:{API_PORT}", n.ip))
         .chain(std::iter::once(format!(
-            "http://{}:{AGENT_PORT}",
+            "http://{}:{API_PORT}",
             lab.gateway_ip()?
         )))
         .collect::<Vec<_>>()
@@ -302,12 +275,13 @@ fn seed_004_bgp_from_the_second_nic() -> TestResult {
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    // The CLI's JSON lines (flows plus `node`), read as JSON.
     let flows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     for n in &lab.nodes {
-        let url = format!("http://{}:{AGENT_PORT}", n.ip);
+        let url = format!("http://{}:{API_PORT}", n.ip);
         assert!(
             flows.iter().any(|f| f["node"] == url.as_str()),
             "no flow from {url}: {flows:?}"
@@ -331,36 +305,35 @@ fn seed_004_passive_misdetected_node_is_dialed() -> TestResult {
     assert_eq!(scenario::seed_004::dialer(&lab), 0);
     let f = agents[0].wait_flow(
         &n1.netns,
-        &format!("port=179&dst={wrong}"),
+        &query(&format!("port=179&dst={wrong}"))?,
         Duration::from_secs(15),
-        |f| f["diagnosis"]["cause"] == "node_address_on_wrong_interface",
+        |f| cause(f) == Some(Cause::NodeAddressOnWrongInterface),
     )?;
-    assert!(has_verdict(&f, "no_reply"), "{f}");
-    let d = &f["diagnosis"];
-    assert_eq!(d["evidence"]["peer_address"], wrong.as_str(), "{f}");
+    assert!(has_verdict(&f, Verdict::NoReply), "{f:?}");
+    let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+    let Evidence::OffLinkPeer(e) = &d.evidence else {
+        return Err(format!("not off-link peer evidence: {f:?}").into());
+    };
+    assert_eq!(e.peer_address.to_string(), wrong, "{f:?}");
     assert_eq!(
-        d["evidence"]["route"]["via"],
-        lab.gateway_ip()?.to_string().as_str(),
-        "{f}"
+        e.route.via.map(|v| v.to_string()),
+        Some(lab.gateway_ip()?.to_string()),
+        "{f:?}"
     );
     assert!(
-        d["summary"].as_str().unwrap_or("").contains("BGP")
-            && d["fix"]
-                .as_str()
-                .unwrap_or("")
-                .contains(&format!("owns {wrong}")),
-        "{f}"
+        d.summary.contains("BGP") && d.fix.contains(&format!("owns {wrong}")),
+        "{f:?}"
     );
     // k8smater1 is passive and nothing reaches 10.0.0.66: it sees no BGP at all, so it must not
     // blame BGP itself; its pods' traffic only says the block route is missing.
-    let (_, v) = agents[1].get(&n2.netns, "/flows?port=179")?;
-    assert_eq!(v["flows"].as_array().map(Vec::len), Some(0), "{v}");
-    let (_, d) = agents[1].get(&n2.netns, "/diagnoses")?;
+    let v = agents[1].flows(&n2.netns, &query("port=179")?)?;
+    assert!(v.flows.is_empty(), "{v:?}");
+    let d = agents[1].diagnoses(&n2.netns)?;
     assert!(
         causes(&d)
             .iter()
-            .all(|c| c == "pod_route_missing" || c == "destination_unresponsive"),
-        "{d}"
+            .all(|c| matches!(c, Cause::PodRouteMissing | Cause::DestinationUnresponsive)),
+        "{d:?}"
     );
     Ok(())
 }

@@ -7,20 +7,20 @@ mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
-use common::{has_verdict, Agent, TestResult};
+use common::{get_json, has_verdict, query, Agent, FlowView, Res, TestResult, API_PORT, READY};
 use tracer_lab::{topo::SingleNode, traffic};
+use tracer_model::{
+    diagnosis::{ExclusionEvidence, SnatExclusion},
+    Cause, Dir, Evidence, Side, Verdict,
+};
 
 const VIP: &str = "10.96.0.1";
 
 /// Nothing wrong on this node: no diagnosis group, no configuration finding.
 fn assert_nothing_wrong(agent: &Agent, lab: &SingleNode) -> TestResult {
-    let (_, diag) = agent.get(&lab.node, "/diagnoses")?;
-    assert_eq!(diag["causes"].as_array().map(Vec::len), Some(0), "{diag}");
-    assert_eq!(
-        diag["node_findings"].as_array().map(Vec::len),
-        Some(0),
-        "{diag}"
-    );
+    let diag = agent.diagnoses(&lab.node)?;
+    assert!(diag.causes.is_empty(), "{diag:?}");
+    assert!(diag.node_findings.is_empty(), "{diag:?}");
     Ok(())
 }
 
@@ -35,20 +35,18 @@ fn connect_via_vip(lab: &SingleNode) -> Result<bool, Box<dyn std::error::Error>>
 
 /// Starts an agent, has the pod call the VIP (which must fail here), and returns the agent and
 /// the flow once it is `no_reply`.
-fn unanswered_vip_flow(
-    lab: &SingleNode,
-) -> Result<(Agent, serde_json::Value), Box<dyn std::error::Error>> {
-    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+fn unanswered_vip_flow(lab: &SingleNode) -> Res<(Agent, FlowView)> {
+    let mut agent = common::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     assert!(
         !connect_via_vip(lab)?,
         "the VIP must not answer in this lab"
     );
     let f = agent.wait_flow(
         &lab.node,
-        &format!("dst={VIP}"),
+        &query(&format!("dst={VIP}"))?,
         Duration::from_secs(10),
-        |f| has_verdict(f, "no_reply"),
+        |f| has_verdict(f, Verdict::NoReply),
     )?;
     Ok((agent, f))
 }
@@ -57,52 +55,44 @@ fn unanswered_vip_flow(
 fn healthy_pool_is_masqueraded_and_replied() -> TestResult {
     let cfg = SingleNode::healthy();
     let lab = SingleNode::build(&cfg)?;
-    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
 
     assert!(connect_via_vip(&lab)?, "healthy lab must connect");
 
     let f = agent.wait_flow(
         &lab.node,
-        &format!("dst={VIP}&proto=tcp"),
+        &query(&format!("dst={VIP}&proto=tcp"))?,
         Duration::from_secs(10),
-        |f| has_verdict(f, "replied") && has_verdict(f, "snat_applied"),
+        |f| has_verdict(f, Verdict::Replied) && has_verdict(f, Verdict::SnatApplied),
     )?;
-    assert_eq!(f["src"], lab.pod.ip.to_string());
-    assert_eq!(f["nat"]["src"], cfg.node_ip);
-    assert_eq!(f["nat"]["dst"], cfg.apiserver_ip);
-    assert!(!has_verdict(&f, "snat_skipped") && !has_verdict(&f, "no_reply"));
-    assert!(f["diagnosis"].is_null(), "healthy flow diagnosed: {f}");
-    let path: Vec<(String, String, String)> = f["path"]
-        .as_array()
-        .map(|p| {
-            p.iter()
-                .map(|h| {
-                    (
-                        h["iface"].as_str().unwrap_or("").into(),
-                        h["dir"].as_str().unwrap_or("").into(),
-                        h["side"].as_str().unwrap_or("").into(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let has = |i: &str, d: &str, s: &str| path.iter().any(|(a, b, c)| a == i && b == d && c == s);
-    assert!(has(&lab.pod.veth, "ingress", "forward"), "{path:?}");
-    assert!(has("eth0", "egress", "forward"), "{path:?}");
-    assert!(has("eth0", "ingress", "reverse"), "{path:?}");
-    assert!(has(&lab.pod.veth, "egress", "reverse"), "{path:?}");
+    assert_eq!(f.src.to_string(), lab.pod.ip.to_string());
+    let nat = f.nat.ok_or("no NAT")?;
+    assert_eq!(nat.src.to_string(), cfg.node_ip);
+    assert_eq!(nat.dst.to_string(), cfg.apiserver_ip);
+    assert!(!has_verdict(&f, Verdict::SnatSkipped) && !has_verdict(&f, Verdict::NoReply));
+    assert!(f.diagnosis.is_none(), "healthy flow diagnosed: {f:?}");
+    let path: Vec<(&str, Dir, Side)> = f
+        .path
+        .iter()
+        .map(|h| (h.iface.as_str(), h.dir, h.side))
+        .collect();
+    let has = |i: &str, d: Dir, s: Side| path.iter().any(|&(a, b, c)| a == i && b == d && c == s);
+    assert!(has(&lab.pod.veth, Dir::Ingress, Side::Forward), "{path:?}");
+    assert!(has("eth0", Dir::Egress, Side::Forward), "{path:?}");
+    assert!(has("eth0", Dir::Ingress, Side::Reverse), "{path:?}");
+    assert!(has(&lab.pod.veth, Dir::Egress, Side::Reverse), "{path:?}");
 
     assert_nothing_wrong(&agent, &lab)?;
 
     // The translated destination finds the same flow.
     let by_real = agent.wait_flow(
         &lab.node,
-        &format!("dst={}", cfg.apiserver_ip),
+        &query(&format!("dst={}", cfg.apiserver_ip))?,
         Duration::from_secs(2),
-        |g| g["id"] == f["id"],
+        |g| g.id == f.id,
     )?;
-    assert_eq!(by_real["id"], f["id"]);
+    assert_eq!(by_real.id, f.id);
     Ok(())
 }
 
@@ -111,62 +101,58 @@ fn seed_002_overlapping_pool_is_diagnosed() -> TestResult {
     let cfg = SingleNode::seed_002();
     let lab = SingleNode::build(&cfg)?;
     let (agent, f) = unanswered_vip_flow(&lab)?;
-    assert!(has_verdict(&f, "snat_skipped"), "{f}");
+    assert!(has_verdict(&f, Verdict::SnatSkipped), "{f:?}");
     assert!(
-        !has_verdict(&f, "snat_applied") && !has_verdict(&f, "replied"),
-        "{f}"
+        !has_verdict(&f, Verdict::SnatApplied) && !has_verdict(&f, Verdict::Replied),
+        "{f:?}"
     );
-    let d = &f["diagnosis"];
-    assert_eq!(d["cause"], "ippool_overlaps_host_network", "{f}");
-    assert_eq!(d["evidence"]["pool"], "192.168.0.0/16");
-    assert_eq!(d["evidence"]["host_subnet"], cfg.host_subnet);
-    assert_eq!(d["evidence"]["host_iface"], "eth0");
-    assert_eq!(d["evidence"]["left_node_unmasqueraded"]["src"], cfg.pod_ip);
-    assert_eq!(
-        d["evidence"]["left_node_unmasqueraded"]["dst"],
-        cfg.apiserver_ip
-    );
-    assert_eq!(d["evidence"]["pools_source"], "ipset");
-    assert!(
-        d["fix"].as_str().unwrap_or("").contains("192.168.21.0/24"),
-        "{d}"
-    );
+    let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+    assert_eq!(d.cause, Cause::IppoolOverlapsHostNetwork, "{f:?}");
+    let Evidence::PoolOverlap(e) = &d.evidence else {
+        return Err(format!("not pool overlap evidence: {d:?}").into());
+    };
+    assert_eq!(e.pool, "192.168.0.0/16");
+    assert_eq!(e.host_subnet, cfg.host_subnet);
+    assert_eq!(e.host_iface, "eth0");
+    assert_eq!(e.left_node_unmasqueraded.src.to_string(), cfg.pod_ip);
+    assert_eq!(e.left_node_unmasqueraded.dst.to_string(), cfg.apiserver_ip);
+    assert_eq!(e.pools_source, "ipset");
+    assert!(d.fix.contains("192.168.21.0/24"), "{d:?}");
     // DNAT happened (kube-proxy) but no SNAT: the nat view shows the real destination, pod source.
-    assert_eq!(f["nat"]["dst"], cfg.apiserver_ip);
-    assert_eq!(f["nat"]["src"], cfg.pod_ip);
+    let nat = f.nat.ok_or("no NAT")?;
+    assert_eq!(nat.dst.to_string(), cfg.apiserver_ip);
+    assert_eq!(nat.src.to_string(), cfg.pod_ip);
 
     // The node view groups it by cause and flags the pool from configuration alone.
-    let (_, diag) = agent.get(&lab.node, "/diagnoses")?;
-    let group = diag["causes"]
-        .as_array()
-        .and_then(|c| {
-            c.iter()
-                .find(|g| g["cause"] == "ippool_overlaps_host_network")
-        })
-        .ok_or_else(|| format!("no group in {diag}"))?;
-    assert!(group["count"].as_u64().unwrap_or(0) >= 1);
-    assert!(group["example_flows"]
-        .as_array()
-        .is_some_and(|e| e.contains(&f["id"])));
-    let finding = diag["node_findings"]
-        .as_array()
-        .and_then(|c| {
-            c.iter()
-                .find(|g| g["cause"] == "ippool_overlaps_host_network")
-        })
-        .ok_or_else(|| format!("no finding in {diag}"))?;
-    assert_eq!(finding["evidence"]["host_subnet"], cfg.host_subnet);
+    let diag = agent.diagnoses(&lab.node)?;
+    let group = diag
+        .causes
+        .iter()
+        .find(|g| g.cause == Cause::IppoolOverlapsHostNetwork)
+        .ok_or_else(|| format!("no group in {diag:?}"))?;
+    assert!(group.count >= 1);
+    assert!(group.example_flows.contains(&f.id));
+    let finding = diag
+        .node_findings
+        .iter()
+        .find(|g| g.cause == Cause::IppoolOverlapsHostNetwork)
+        .ok_or_else(|| format!("no finding in {diag:?}"))?;
+    let Evidence::NodePoolOverlap(e) = &finding.evidence else {
+        return Err(format!("not node pool overlap evidence: {finding:?}").into());
+    };
+    assert_eq!(e.host_subnet, cfg.host_subnet);
 
     // Filtering by verdict and cause finds it; the healthy verdict does not.
-    let (_, v) = agent.get(
+    let v = agent.flows(
         &lab.node,
-        "/flows?verdict=snat_skipped&cause=ippool_overlaps_host_network",
+        &query("verdict=snat_skipped&cause=ippool_overlaps_host_network")?,
     )?;
-    assert!(v["flows"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|g| g["id"] == f["id"])));
-    let (_, v) = agent.get(&lab.node, &format!("/flows?dst={VIP}&verdict=snat_applied"))?;
-    assert_eq!(v["flows"].as_array().map(Vec::len), Some(0), "{v}");
+    assert!(v.flows.iter().any(|g| g.id == f.id));
+    let v = agent.flows(
+        &lab.node,
+        &query(&format!("dst={VIP}&verdict=snat_applied"))?,
+    )?;
+    assert!(v.flows.is_empty(), "{v:?}");
     Ok(())
 }
 
@@ -176,16 +162,21 @@ fn pool_without_nat_outgoing_is_diagnosed() -> TestResult {
     cfg.pool.nat_outgoing = false;
     let lab = SingleNode::build(&cfg)?;
     let (_agent, f) = unanswered_vip_flow(&lab)?;
-    assert!(has_verdict(&f, "snat_skipped"), "{f}");
-    assert_eq!(f["diagnosis"]["cause"], "nat_outgoing_disabled", "{f}");
+    assert!(has_verdict(&f, Verdict::SnatSkipped), "{f:?}");
+    assert_eq!(
+        f.diagnosis.as_ref().map(|d| d.cause),
+        Some(Cause::NatOutgoingDisabled),
+        "{f:?}"
+    );
     Ok(())
 }
 
 #[test]
+// A wire-format test: error bodies are read as raw JSON.
 fn bad_queries_get_json_400() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
-    let mut agent = Agent::start(&lab.node, &[])?;
-    agent.wait_attached(&lab.node, &["eth0"])?;
+    let mut agent = common::start(&lab.node, &[])?;
+    agent.wait_attached(&lab.node, &["eth0"], READY)?;
     for q in [
         "/flows?dst=10.0.0.300",
         "/flows?port=99999",
@@ -194,15 +185,15 @@ fn bad_queries_get_json_400() -> TestResult {
         "/flows?x=1",
         "/flows/abc",
     ] {
-        let (status, v) = agent.get(&lab.node, q)?;
-        assert_eq!(status, 400, "{q}: {v}");
+        let (status, v) = get_json(&agent, &lab.node, q)?;
+        assert_eq!(status, 400, "{q}: {v:?}");
         assert!(
             v["error"].as_str().is_some_and(|e| !e.is_empty()),
-            "{q}: {v}"
+            "{q}: {v:?}"
         );
     }
-    let (status, v) = agent.get(&lab.node, "/nope")?;
-    assert_eq!(status, 404, "{v}");
+    let (status, v) = get_json(&agent, &lab.node, "/nope")?;
+    assert_eq!(status, 404, "{v:?}");
     // Huge query strings and odd paths: clear JSON errors, never a 5xx.
     let huge = format!("/flows?dst={}", "9".repeat(5000));
     for q in [
@@ -213,14 +204,14 @@ fn bad_queries_get_json_400() -> TestResult {
         "/%2e%2e/etc/passwd",
         "/flows?dst=1.1.1.1%00",
     ] {
-        let (status, v) = agent.get(&lab.node, q)?;
-        assert!((400..500).contains(&status), "{q}: {status} {v}");
-        assert!(v["error"].is_string(), "{q}: {v}");
+        let (status, v) = get_json(&agent, &lab.node, q)?;
+        assert!((400..500).contains(&status), "{q}: {status} {v:?}");
+        assert!(v["error"].is_string(), "{q}: {v:?}");
     }
     // Garbage instead of HTTP: the connection is dropped, the agent keeps serving.
     let garbage = lab.node.run(|| {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", common::AGENT_PORT))?;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", API_PORT))?;
         s.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n")?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut buf = Vec::new();
@@ -228,10 +219,8 @@ fn bad_queries_get_json_400() -> TestResult {
         Ok::<_, std::io::Error>(buf)
     })??;
     assert!(!String::from_utf8_lossy(&garbage).contains(" 500 "));
-    let (status, _) = agent.get(&lab.node, "/healthz")?;
-    assert_eq!(status, 200);
-    let (status, _) = agent.get(&lab.node, "/flows/999999")?;
-    assert_eq!(status, 404);
+    assert_eq!(agent.get(&lab.node, "/healthz")?.status, 200);
+    assert_eq!(agent.get(&lab.node, "/flows/999999")?.status, 404);
     Ok(())
 }
 
@@ -242,31 +231,42 @@ fn assert_deliberate(
     lab: &SingleNode,
     query: &str,
     setting: &str,
-) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    let f = agent.wait_flow(&lab.node, query, Duration::from_secs(10), |f| {
-        has_verdict(f, "replied") && has_verdict(f, "snat_excluded")
+) -> Res<(FlowView, SnatExclusion)> {
+    let q = common::query(query)?;
+    let f = agent.wait_flow(&lab.node, &q, Duration::from_secs(10), |f| {
+        has_verdict(f, Verdict::Replied) && has_verdict(f, Verdict::SnatExcluded)
     })?;
-    assert_eq!(f["src"], lab.pod.ip.to_string());
-    for v in ["snat_skipped", "snat_applied", "no_reply"] {
-        assert!(!has_verdict(&f, v), "{v}: {f}");
+    assert_eq!(f.src.to_string(), lab.pod.ip.to_string());
+    for v in [Verdict::SnatSkipped, Verdict::SnatApplied, Verdict::NoReply] {
+        assert!(!has_verdict(&f, v), "{v:?}: {f:?}");
     }
     assert!(
-        f["diagnosis"].is_null(),
-        "deliberate exclusion diagnosed: {f}"
+        f.diagnosis.is_none(),
+        "deliberate exclusion diagnosed: {f:?}"
     );
-    assert_eq!(f["snat_excluded"]["setting"], setting, "{f}");
-    assert_eq!(
-        f["snat_excluded"]["evidence"]["left_node_unmasqueraded"]["src"],
-        lab.pod.ip.to_string()
-    );
+    let x = f.snat_excluded.clone().ok_or("no snat_excluded")?;
+    assert_eq!(x.setting, setting, "{f:?}");
+    let leaving = match &x.evidence {
+        ExclusionEvidence::InterfaceFilter {
+            left_node_unmasqueraded,
+            ..
+        }
+        | ExclusionEvidence::HostIps {
+            left_node_unmasqueraded,
+            ..
+        }
+        | ExclusionEvidence::LbOnlyPool {
+            left_node_unmasqueraded,
+            ..
+        } => left_node_unmasqueraded,
+    };
+    assert_eq!(leaving.src.to_string(), lab.pod.ip.to_string());
     // felix's MASQUERADE rule really did not fire.
     assert_eq!(tracer_lab::calico::nat_outgoing_packets(&lab.node)?, 0);
     assert_nothing_wrong(agent, lab)?;
-    let (_, v) = agent.get(&lab.node, "/flows?verdict=snat_excluded")?;
-    assert!(v["flows"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|g| g["id"] == f["id"])));
-    Ok(f)
+    let v = agent.flows(&lab.node, &common::query("verdict=snat_excluded")?)?;
+    assert!(v.flows.iter().any(|g| g.id == f.id));
+    Ok((f, x))
 }
 
 #[test]
@@ -278,20 +278,23 @@ fn host_ip_exclusion_is_not_a_fault() -> TestResult {
     cfg.felix.host_ips = vec![cfg.node_ip.clone(), cfg.apiserver_ip.clone()];
     cfg.apiserver_routes_pool = true;
     let lab = SingleNode::build(&cfg)?;
-    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     assert!(connect_via_vip(&lab)?, "excluded host must still answer");
-    let f = assert_deliberate(
+    let (f, x) = assert_deliberate(
         &agent,
         &lab,
         &format!("dst={VIP}&proto=tcp"),
         "NATOutgoingExclusions=IPPoolsAndHostIPs",
     )?;
-    assert_eq!(f["nat"]["dst"], cfg.apiserver_ip);
     assert_eq!(
-        f["snat_excluded"]["evidence"]["host_net"],
-        format!("{}/32", cfg.apiserver_ip)
+        f.nat.map(|n| n.dst.to_string()),
+        Some(cfg.apiserver_ip.clone())
     );
+    let ExclusionEvidence::HostIps { host_net, .. } = &x.evidence else {
+        return Err(format!("not a host IP exclusion: {x:?}").into());
+    };
+    assert_eq!(*host_net, format!("{}/32", cfg.apiserver_ip));
     Ok(())
 }
 
@@ -302,19 +305,25 @@ fn interface_filter_is_not_a_fault() -> TestResult {
     cfg.felix.out_iface = Some("eth1".into());
     cfg.apiserver_routes_pool = true;
     let lab = SingleNode::build(&cfg)?;
-    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     assert!(
         connect_via_vip(&lab)?,
         "filtered-out traffic must still be answered"
     );
-    let f = assert_deliberate(
+    let (_, x) = assert_deliberate(
         &agent,
         &lab,
         &format!("dst={VIP}&proto=tcp"),
         "IptablesNATOutgoingInterfaceFilter=eth1",
     )?;
-    assert_eq!(f["snat_excluded"]["evidence"]["out_iface_filter"], "eth1");
+    let ExclusionEvidence::InterfaceFilter {
+        out_iface_filter, ..
+    } = &x.evidence
+    else {
+        return Err(format!("not an interface filter exclusion: {x:?}").into());
+    };
+    assert_eq!(out_iface_filter, "eth1");
     Ok(())
 }
 
@@ -333,22 +342,22 @@ fn loadbalancer_only_pool_is_not_a_fault() -> TestResult {
         .ip(&["addr", "add", &format!("{LB_IP}/32"), "dev", "eth0"])?;
     let lb: SocketAddr = format!("{LB_IP}:8443").parse()?;
     let _lb_server = traffic::TcpServer::start(&lab.apiserver, lb)?;
-    let mut agent = Agent::start(&lab.node, &["--no-reply-timeout", "2s"])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"])?;
+    let mut agent = common::start(&lab.node, &["--no-reply-timeout", "2s"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
     assert!(
         traffic::tcp_probe(&lab.pod.netns, lb, Duration::from_secs(2))?,
         "the LoadBalancer address must answer"
     );
-    let f = assert_deliberate(
+    let (_, x) = assert_deliberate(
         &agent,
         &lab,
         &format!("dst={LB_IP}&proto=tcp"),
         "IPPool allowedUses=[LoadBalancer]",
     )?;
-    assert_eq!(
-        f["snat_excluded"]["evidence"]["lb_only_pool"],
-        "192.168.21.192/27"
-    );
+    let ExclusionEvidence::LbOnlyPool { lb_only_pool, .. } = &x.evidence else {
+        return Err(format!("not a LoadBalancer-only pool exclusion: {x:?}").into());
+    };
+    assert_eq!(lb_only_pool, "192.168.21.192/27");
     Ok(())
 }
 
@@ -367,18 +376,16 @@ fn masquerade_not_applied_is_still_diagnosed_with_exclusions() -> TestResult {
     )?;
     let (_agent, f) = unanswered_vip_flow(&lab)?;
     assert!(
-        has_verdict(&f, "snat_skipped") && !has_verdict(&f, "snat_excluded"),
-        "{f}"
+        has_verdict(&f, Verdict::SnatSkipped) && !has_verdict(&f, Verdict::SnatExcluded),
+        "{f:?}"
     );
-    let d = &f["diagnosis"];
-    assert_eq!(d["cause"], "masquerade_not_applied", "{f}");
-    assert_eq!(
-        d["evidence"]["nat_outgoing_rule"]["excludes_host_ips"], true,
-        "{f}"
-    );
-    assert_eq!(
-        d["evidence"]["nat_outgoing_rule"]["out_iface"], "eth+",
-        "{f}"
-    );
+    let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+    assert_eq!(d.cause, Cause::MasqueradeNotApplied, "{f:?}");
+    let Evidence::MasqueradeNotApplied(e) = &d.evidence else {
+        return Err(format!("not masquerade evidence: {d:?}").into());
+    };
+    let rule = e.nat_outgoing_rule.as_ref().ok_or("no natOutgoing rule")?;
+    assert!(rule.excludes_host_ips, "{f:?}");
+    assert_eq!(rule.out_iface.as_deref(), Some("eth+"), "{f:?}");
     Ok(())
 }

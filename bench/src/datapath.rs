@@ -18,7 +18,7 @@ use tracer_lab::{
 };
 
 use crate::{
-    agent::{output_in, wait_log, Agent},
+    agent::{self, output_in, wait_log},
     report::{fmt_num, median, On, Row, Target},
     Opts,
 };
@@ -46,7 +46,7 @@ impl Probe {
 /// What is running for one configuration; dropping it stops it.
 enum Running {
     None,
-    Agent(Agent),
+    Agent(tracer_lab::agent::Agent),
     Tcpdump(Vec<Daemon>, Vec<PathBuf>),
 }
 
@@ -101,8 +101,8 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
             let udp = iperf(&lab.pod.netns, &server_ip, secs, true)?;
             if let Running::Agent(a) = &running {
                 // The programs really were in the path: count what they saw.
-                let h = a.get(&lab.node, "/healthz")?;
-                agent_packets = agent_packets.max(h["kernel"]["packets"].as_u64().unwrap_or(0));
+                let packets = a.health(&lab.node)?.detail.map_or(0, |d| d.kernel.packets);
+                agent_packets = agent_packets.max(packets);
             }
             drop(running);
             eprintln!(
@@ -255,8 +255,7 @@ fn start(probe: Probe, lab: &SingleNode, dir: &LabDir, opts: &Opts) -> Result<Ru
     match probe {
         Probe::None => Ok(Running::None),
         Probe::Agent => {
-            let mut a = Agent::start(&lab.node, &opts.tracer, &dir.join("agent-dp.log"), &[])?;
-            a.wait_attached(&lab.node, &[lab.pod.veth.as_str(), lab.node_nic.as_str()])?;
+            let a = agent::start(lab, &opts.tracer, &dir.join("agent-dp.log"), &[])?;
             Ok(Running::Agent(a))
         }
         Probe::Tcpdump => {

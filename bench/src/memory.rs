@@ -17,11 +17,10 @@ use tracer::{
     state::Shared,
 };
 use tracer_lab::{daemon::LabDir, http::Connection, topo::SingleNode};
-use tracer_model::FlowQuery;
+use tracer_model::{FlowQuery, FlowsPage};
 
 use crate::{
-    agent::{rss_bytes, Agent, API},
-    alloc,
+    agent, alloc,
     report::{quantile, On, Row, Target},
     workload, Opts,
 };
@@ -308,10 +307,10 @@ fn real_agent(opts: &Opts) -> Result<Vec<Row>> {
     let n: u64 = if opts.quick { 20_000 } else { 100_000 };
     let lab = SingleNode::build(&SingleNode::healthy())?;
     let dir = LabDir::create(&lab.prefix)?;
-    let mut agent = Agent::start(&lab.node, &opts.tracer, &dir.join("agent-mem.log"), &[])?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), lab.node_nic.as_str()])?;
+    let agent = agent::start(&lab, &opts.tracer, &dir.join("agent-mem.log"), &[])?;
+    let rss_bytes = |pid| tracer_lab::agent::rss_kib(Some(pid)).map(|kib| kib * 1024);
     std::thread::sleep(Duration::from_millis(300));
-    let rss_idle = rss_bytes(Some(agent.pid()))?;
+    let rss_idle = rss_bytes(agent.pid())?;
 
     let t = Instant::now();
     let sent = lab.pod.netns.run(move || udp_flows(n))??;
@@ -320,18 +319,20 @@ fn real_agent(opts: &Opts) -> Result<Vec<Row>> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last_obs = 0;
     let health = loop {
-        let h = agent.get(&lab.node, "/healthz")?;
-        let obs = h["flows"]["observations"].as_u64().unwrap_or(0);
-        let flows = h["flows"]["flows"].as_u64().unwrap_or(0);
-        if (flows >= n * 95 / 100 && obs == last_obs) || Instant::now() > deadline {
+        let h = agent
+            .health(&lab.node)?
+            .detail
+            .ok_or_else(|| anyhow!("/healthz without its detail"))?;
+        let obs = h.flows.observations;
+        if (h.flows.flows as u64 >= n * 95 / 100 && obs == last_obs) || Instant::now() > deadline {
             break h;
         }
         last_obs = obs;
         std::thread::sleep(Duration::from_millis(200));
     };
-    let flows = health["flows"]["flows"].as_u64().unwrap_or(0);
-    let lost = health["kernel"]["lost"].as_u64().unwrap_or(0);
-    let rss_full = rss_bytes(Some(agent.pid()))?;
+    let flows = health.flows.flows;
+    let lost = health.kernel.lost;
+    let rss_full = rss_bytes(agent.pid())?;
     eprintln!(
         "  real agent: {sent} UDP flows sent in {send_time:.2?}; table {flows} flows, kernel \
          lost {lost}; RSS {:.1} -> {:.1} MiB",
@@ -339,8 +340,8 @@ fn real_agent(opts: &Opts) -> Result<Vec<Row>> {
         rss_full as f64 / 1048576.0
     );
 
-    let drops = health["flows"]["drops"].as_u64().unwrap_or(0);
-    let mut conn = Connection::open(&lab.node, API, Duration::from_secs(10))?;
+    let drops = health.flows.drops;
+    let mut conn = Connection::open(&lab.node, agent.addr, Duration::from_secs(10))?;
     let iters = if opts.quick { 30 } else { 100 };
     let mut ms = Vec::with_capacity(iters);
     let mut matched = 0;
@@ -356,7 +357,7 @@ fn real_agent(opts: &Opts) -> Result<Vec<Row>> {
         if r.status != 200 {
             bail!("GET {path}: HTTP {}", r.status);
         }
-        matched = r.json()?["matched"].as_u64().unwrap_or(0);
+        matched = serde_json::from_str::<FlowsPage>(&r.body)?.matched;
     }
     eprintln!(
         "  HTTP /flows: first {first:.1} ms ({drops} kernel drops matched to flows), then p50 \

@@ -277,9 +277,12 @@ fn throughput(
         bail!("{lost} records lost while filling the ring in bursts of {FILL}; lower FILL");
     }
     let rate = |m: usize| count[m] as f64 / time[m].as_secs_f64().max(1e-9);
-    let flows = consumers[2].shared.health(true).1["flows"]["flows"]
-        .as_u64()
-        .unwrap_or(0);
+    let flows = consumers[2]
+        .shared
+        .health(true)
+        .1
+        .detail
+        .map_or(0, |d| d.flows.flows);
     eprintln!(
         "  produced {produced} records with test_run at {:.0} rec/s; agent path: {} records, \
          table at {flows} flows",

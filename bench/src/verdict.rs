@@ -7,15 +7,15 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Result};
-use serde_json::Value;
 use tracer_lab::{
     daemon::LabDir,
     http::Connection,
     topo::{SingleNode, SingleNodeConfig},
 };
+use tracer_model::{FlowsPage, Verdict};
 
 use crate::{
-    agent::{Agent, API},
+    agent,
     report::{median, quantile, On, Row, Target},
     Opts,
 };
@@ -27,8 +27,8 @@ const NO_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     let n_ok = if opts.quick { 3 } else { 10 };
     let n_fail = if opts.quick { 2 } else { 5 };
-    let (snat, rtt_a) = measure(opts, SingleNode::healthy(), "snat_applied", n_ok)?;
-    let (no_reply, rtt_b) = measure(opts, SingleNode::seed_002(), "no_reply", n_fail)?;
+    let (snat, rtt_a) = measure(opts, SingleNode::healthy(), Verdict::SnatApplied, n_ok)?;
+    let (no_reply, rtt_b) = measure(opts, SingleNode::seed_002(), Verdict::NoReply, n_fail)?;
     let no_reply: Vec<f64> = no_reply
         .iter()
         .map(|t| t - NO_REPLY_TIMEOUT.as_secs_f64() * 1e3)
@@ -66,20 +66,24 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
 /// Connects `n` times from the pod to the apiserver and times each until a new flow with
 /// `verdict` is listed. Returns the times (ms) and the median /flows round trip (ms): the
 /// baseline, i.e. how fast an answer can be seen at all.
-fn measure(opts: &Opts, cfg: SingleNodeConfig, verdict: &str, n: usize) -> Result<(Vec<f64>, f64)> {
+fn measure(
+    opts: &Opts,
+    cfg: SingleNodeConfig,
+    verdict: Verdict,
+    n: usize,
+) -> Result<(Vec<f64>, f64)> {
     let lab = SingleNode::build(&cfg)?;
     let dir = LabDir::create(&lab.prefix)?;
     let timeout = format!("{}s", NO_REPLY_TIMEOUT.as_secs());
-    let mut agent = Agent::start(
-        &lab.node,
+    let agent = agent::start(
+        &lab,
         &opts.tracer,
         &dir.join("agent-verdict.log"),
         &["--no-reply-timeout", &timeout],
     )?;
-    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), lab.node_nic.as_str()])?;
     let target = lab.apiserver_addr();
     let path = format!("/flows?dst={}", target.ip());
-    let mut conn = Connection::open(&lab.node, API, Duration::from_secs(5))?;
+    let mut conn = Connection::open(&lab.node, agent.addr, Duration::from_secs(5))?;
     let mut rtts = Vec::new();
     let mut times = Vec::new();
     for _ in 0..n {
@@ -91,15 +95,11 @@ fn measure(opts: &Opts, cfg: SingleNodeConfig, verdict: &str, n: usize) -> Resul
             .spawn_thread("bench-connect", move || connect(target))?;
         let deadline = t0 + NO_REPLY_TIMEOUT + Duration::from_secs(5);
         let found = loop {
-            let v = query(&mut conn, &path, &mut rtts)?;
-            let hit = v["flows"].as_array().is_some_and(|fs| {
-                fs.iter().any(|f| {
-                    f["id"].as_u64().unwrap_or(0) > known
-                        && f["verdicts"]
-                            .as_array()
-                            .is_some_and(|vs| vs.iter().any(|x| x == verdict))
-                })
-            });
+            let page = query(&mut conn, &path, &mut rtts)?;
+            let hit = page
+                .flows
+                .iter()
+                .any(|f| f.id > known && f.verdicts.contains(&verdict));
             if hit {
                 break Some(t0.elapsed());
             }
@@ -119,24 +119,16 @@ fn connect(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()
 }
 
-fn query(conn: &mut Connection, path: &str, rtts: &mut Vec<f64>) -> Result<Value> {
+fn query(conn: &mut Connection, path: &str, rtts: &mut Vec<f64>) -> Result<FlowsPage> {
     let t = Instant::now();
     let r = conn.request("GET", path, None)?;
     rtts.push(t.elapsed().as_secs_f64() * 1e3);
     if r.status != 200 {
         bail!("GET {path}: HTTP {}: {}", r.status, r.body);
     }
-    Ok(r.json()?)
+    Ok(serde_json::from_str(&r.body)?)
 }
 
-fn max_id(v: &Value) -> u64 {
-    v["flows"]
-        .as_array()
-        .map(|fs| {
-            fs.iter()
-                .filter_map(|f| f["id"].as_u64())
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
+fn max_id(page: &FlowsPage) -> u64 {
+    page.flows.iter().map(|f| f.id).max().unwrap_or(0)
 }

@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::netns::{owner_pid, Netns};
@@ -163,6 +163,27 @@ impl Daemon {
             ))),
             Err(e) => Err(LabError::io(format!("waiting for {}", self.name), e)),
         }
+    }
+
+    /// The exit status, if the process has exited (it is then reaped).
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Sends `signal` and waits for the exit status, however long it takes.
+    pub fn signal_and_wait(&mut self, signal: libc::c_int) -> Result<ExitStatus, LabError> {
+        if let Some(status) = self.exit_status() {
+            return Ok(status);
+        }
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) on our own, not yet reaped child: the pid cannot be reused.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+        self.child
+            .wait()
+            .map_err(|e| LabError::io(format!("waiting for {}", self.name), e))
     }
 
     /// SIGTERM, wait up to the grace period, then SIGKILL. Idempotent.

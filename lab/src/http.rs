@@ -70,10 +70,30 @@ impl Connection {
         path: &str,
         body: Option<&str>,
     ) -> Result<Response, LabError> {
+        let (status, body) = self.exchange(method, path, body, &[])?;
+        Ok(Response {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    /// Like [`Connection::request`], with extra header lines (`Name: value`), the body as
+    /// received.
+    pub fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[&str],
+    ) -> Result<(u16, Vec<u8>), LabError> {
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: tracer-lab\r\nAccept: */*\r\n",
             self.addr
         );
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
         if let Some(b) = body {
             req.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
@@ -91,7 +111,7 @@ impl Connection {
             .map_err(|e| LabError::io(ctx("reading the response to"), e))
     }
 
-    fn read_response(&mut self) -> std::io::Result<Response> {
+    fn read_response(&mut self) -> std::io::Result<(u16, Vec<u8>)> {
         let mut buf = std::mem::take(&mut self.pending);
         let head_end = loop {
             if let Some(i) = find(&buf, b"\r\n\r\n") {
@@ -157,10 +177,7 @@ impl Connection {
                 rest
             }
         };
-        Ok(Response {
-            status: parsed.status,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })
+        Ok((parsed.status, body))
     }
 
     fn fill(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
@@ -256,7 +273,8 @@ fn invalid(msg: &str) -> std::io::Error {
     std::io::Error::new(ErrorKind::InvalidData, msg.to_string())
 }
 
-pub(crate) fn truncate(s: &str, max: usize) -> String {
+/// `s` cut to at most `max` bytes (on a character boundary), `...` marking a cut.
+pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }

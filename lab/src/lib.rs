@@ -14,7 +14,10 @@
 //! - [`bird`], [`etcd`]: calico-node's BIRD and the datastore (plus a delay line), as daemons
 //!   ([`daemon`]) confined to lab namespaces and a per-lab directory.
 //! - [`scenario`]: the seed incidents on a two-node [`topo::Cluster`], each with its traffic and
-//!   a packet-level proof of the fault; [`tracer`] drives tracer agents on the lab's nodes.
+//!   a packet-level proof of the fault.
+//! - [`agent`]: the one harness for a real `tracer agent` (start, wait ready, typed client),
+//!   shared by the lab, tracer's integration tests and its benchmark; [`diagnoses`] reads and
+//!   renders what the agents diagnosed.
 //! - [`http`]: a small HTTP/1.1 client for etcd's JSON gateway and tracer's API.
 //!
 //! Seed 002 in a few lines (needs root):
@@ -47,9 +50,11 @@
 //! # }
 //! ```
 
+pub mod agent;
 pub mod bird;
 pub mod calico;
 pub mod daemon;
+pub mod diagnoses;
 pub mod etcd;
 pub mod http;
 pub mod iptables;
@@ -57,7 +62,6 @@ pub mod netns;
 pub mod node;
 pub mod scenario;
 pub mod topo;
-pub mod tracer;
 pub mod traffic;
 
 mod addr;

@@ -9,10 +9,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use tracer_lab::agent::{Agent, Launch};
+use tracer_lab::diagnoses::{self, NodeDiagnoses};
 use tracer_lab::netns::Netns;
 use tracer_lab::scenario::Scenario;
 use tracer_lab::topo::Cluster;
-use tracer_lab::tracer::{self, Agent, NodeDiagnoses};
+use tracer_model::{defaults::API_PORT, FlowQuery};
+
+/// The agents' no-reply timeout in the lab (short, so failed connects are judged quickly).
+const NO_REPLY_TIMEOUT: &str = "2s";
 
 const EXIT_LAB_ERROR: u8 = 1;
 const EXIT_INTERRUPTED: u8 = 130;
@@ -341,11 +346,18 @@ fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
             n.name,
             n.netns.name(),
             args.tracer.display(),
-            tracer::AGENT_PORT,
-            tracer::NO_REPLY_TIMEOUT,
+            API_PORT,
+            NO_REPLY_TIMEOUT,
             log.display()
         );
-        agents.push(Agent::start(&n.netns, &n.name, &args.tracer, &log)?);
+        agents.push(
+            Launch::with_args(&["--no-reply-timeout", NO_REPLY_TIMEOUT]).start(
+                &n.netns,
+                &format!("tracer agent on {}", n.name),
+                &args.tracer,
+                &log,
+            )?,
+        );
     }
     println!("[lab] waiting for the agents' /healthz to say ready...");
     for (a, n) in agents.iter_mut().zip(&lab.nodes) {
@@ -385,9 +397,9 @@ fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
     let mut agent_errors = Vec::new();
     println!();
     for (a, n) in agents.iter().zip(&lab.nodes) {
-        match a.diagnoses(&n.netns) {
+        match diagnoses::read(a, &n.netns) {
             Ok(d) => {
-                print!("{}", tracer::render(&n.name, &d));
+                print!("{}", diagnoses::render(&n.name, &d));
                 note_causes(&mut reported, &n.name, &d);
             }
             Err(e) => {
@@ -396,11 +408,17 @@ fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
             }
         }
         if let Some(dir) = &args.save_answers {
-            save_answers(&dir.join(s.name()).join(&n.name), a, &n.netns)?;
+            save_answers(&dir.join(s.name()).join(&n.name), a, &n.name, &n.netns)?;
         }
         if let Some(v) = s.expected_verdict() {
-            if let Ok(Some(count)) = a.flows_with_verdict(&n.netns, v.as_str()) {
-                println!("  flows with verdict {v}: {count}");
+            let q = FlowQuery {
+                verdict: Some(v),
+                limit: Some(1),
+                ..FlowQuery::default()
+            };
+            // An agent that does not know the verdict answers 400: nothing to count.
+            if let Ok(page) = a.flows(&n.netns, &q) {
+                println!("  flows with verdict {v}: {}", page.matched);
             }
         }
     }
@@ -458,13 +476,13 @@ fn note_causes(reported: &mut Vec<(String, Vec<String>)>, node: &str, d: &NodeDi
 }
 
 /// Writes the agent's answers (see [`ANSWERS`]) into `dir`, bodies exactly as received.
-fn save_answers(dir: &Path, a: &Agent, ns: &Netns) -> Result<(), Stop> {
+fn save_answers(dir: &Path, a: &Agent, node: &str, ns: &Netns) -> Result<(), Stop> {
     let io = |e: std::io::Error| Stop::Lab(format!("--save-answers {}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(io)?;
     for (file, path) in ANSWERS {
         let r = a.get(ns, path)?;
         if r.status != 200 {
-            println!("  {path} on {} answered {} (saved as is)", a.node, r.status);
+            println!("  {path} on {node} answered {} (saved as is)", r.status);
         }
         std::fs::write(dir.join(file), &r.body).map_err(io)?;
     }
@@ -487,7 +505,7 @@ fn print_keep_help(s: Scenario, lab: &Cluster, tracer_bin: &Path) {
         let ns = n.netns.name();
         println!(
             "  ip netns exec {ns} curl -s '127.0.0.1:{}/flows?dst={dst}'",
-            tracer::AGENT_PORT
+            API_PORT
         );
         println!(
             "  ip netns exec {ns} {} flows --dst {dst}",
@@ -495,7 +513,7 @@ fn print_keep_help(s: Scenario, lab: &Cluster, tracer_bin: &Path) {
         );
         println!(
             "  ip netns exec {ns} curl -s 127.0.0.1:{}/diagnoses",
-            tracer::AGENT_PORT
+            API_PORT
         );
         if let Some(sock) = n.bird_socket() {
             println!("  birdc -s {} show protocols", sock.display());
