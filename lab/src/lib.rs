@@ -56,6 +56,7 @@ pub mod iptables;
 pub mod netns;
 pub mod node;
 pub mod scenario;
+pub mod startup;
 pub mod topo;
 pub mod tracer;
 pub mod traffic;
