@@ -124,8 +124,8 @@ fn healthy_bgp_passive_mesh_raises_no_alarm() -> TestResult {
 #[test]
 fn seed_001_far_datastore_is_datastore_latency() -> TestResult {
     let lab = Cluster::build(&scenario::seed_001::Seed001.config())?;
-    // The lab's startup budget, as an operator would pass calico-node's liveness budget.
-    let agents = agents(&lab, &["--liveness-budget", "3500ms"])?;
+    // The manifests' liveness budget, as an operator would pass it.
+    let agents = agents(&lab, &["--liveness-budget", "70s"])?;
     let report = scenario::seed_001::Seed001.drive(&lab)?;
     let startup = report.startup.ok_or("no startup report")?;
     assert!(

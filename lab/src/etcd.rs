@@ -1,6 +1,6 @@
-//! The datastore: a real etcd 3.4 in a lab namespace, a userspace delay line in front of it
-//! (the lab's stand-in for a datastore in another region: no netem here), and a calico-node-like
-//! startup that reads the datastore sequentially under a liveness-probe budget (seed 001).
+//! The datastore: a real etcd 3.4 in a lab namespace, its v3 JSON gateway's client, and a
+//! userspace delay line in front of it (the lab's stand-in for a datastore in another region:
+//! no netem here). What calico-node reads from it is in [`crate::startup`].
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -10,6 +10,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 use serde_json::json;
 
@@ -92,29 +94,31 @@ impl Etcd {
         self.daemon.pid()
     }
 
-    /// Writes all `kvs` in one transaction (one fsync) through etcd's v3 JSON gateway.
+    /// Writes all `kvs`, in transactions of at most 100 puts (etcd's default limit is 128).
     pub fn put_all(&self, ns: &Netns, kvs: &[(String, String)]) -> Result<(), LabError> {
-        let ops: Vec<_> = kvs
-            .iter()
-            .map(|(k, v)| {
-                json!({"request_put": {"key": base64_encode(k.as_bytes()),
-                                        "value": base64_encode(v.as_bytes())}})
-            })
-            .collect();
-        let body = json!({ "success": ops }).to_string();
-        let r = http::post(
-            ns,
-            self.client,
-            "/v3/kv/txn",
-            &body,
-            Duration::from_secs(10),
-        )?;
-        if r.status != 200 {
-            return Err(LabError::Unexpected(format!(
-                "etcd txn answered {}: {}",
-                r.status,
-                http::truncate(&r.body, 300)
-            )));
+        for chunk in kvs.chunks(100) {
+            let ops: Vec<_> = chunk
+                .iter()
+                .map(|(k, v)| {
+                    json!({"request_put": {"key": base64_encode(k.as_bytes()),
+                                            "value": base64_encode(v.as_bytes())}})
+                })
+                .collect();
+            let body = json!({ "success": ops }).to_string();
+            let r = http::post(
+                ns,
+                self.client,
+                "/v3/kv/txn",
+                &body,
+                Duration::from_secs(10),
+            )?;
+            if r.status != 200 {
+                return Err(LabError::Unexpected(format!(
+                    "etcd txn answered {}: {}",
+                    r.status,
+                    http::truncate(&r.body, 300)
+                )));
+            }
         }
         Ok(())
     }
@@ -134,18 +138,26 @@ impl EtcdClient {
         })
     }
 
-    /// `POST /v3/kv/range` for one key: its value, `None` if absent.
-    pub fn get(&mut self, key: &str) -> Result<Option<String>, LabError> {
-        let body = json!({ "key": base64_encode(key.as_bytes()) }).to_string();
-        let r = self.conn.request("POST", "/v3/kv/range", Some(&body))?;
+    /// One request to the gateway; its JSON answer.
+    fn call(&mut self, path: &str, body: Value, what: &str) -> Result<Value, LabError> {
+        let r = self.conn.request("POST", path, Some(&body.to_string()))?;
         if r.status != 200 {
             return Err(LabError::Unexpected(format!(
-                "etcd range {key} answered {}: {}",
+                "etcd {what} answered {}: {}",
                 r.status,
                 http::truncate(&r.body, 300)
             )));
         }
-        let v = r.json()?;
+        r.json()
+    }
+
+    /// `POST /v3/kv/range` for one key: its value, `None` if absent.
+    pub fn get(&mut self, key: &str) -> Result<Option<String>, LabError> {
+        let v = self.call(
+            "/v3/kv/range",
+            json!({ "key": base64_encode(key.as_bytes()) }),
+            &format!("range {key}"),
+        )?;
         Ok(v["kvs"]
             .as_array()
             .and_then(|kvs| kvs.first())
@@ -153,153 +165,87 @@ impl EtcdClient {
             .and_then(base64_decode)
             .map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
-}
 
-/// calico-node's liveness probe, scaled down. Startup must finish before
-/// `initial_delay + failure_threshold x period`, or the kubelet restarts the container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Liveness {
-    pub initial_delay: Duration,
-    pub period: Duration,
-    pub failure_threshold: u32,
-}
-
-impl Liveness {
-    /// Seed 001's probe (initialDelaySeconds 10, periodSeconds 10, failureThreshold 6: 70 s)
-    /// scaled 1:20 to 3.5 s.
-    pub fn seed_001_scaled() -> Liveness {
-        Liveness {
-            initial_delay: Duration::from_millis(500),
-            period: Duration::from_millis(500),
-            failure_threshold: 6,
-        }
+    /// A prefix Get (what Calico's etcdv3 List is): every key under `prefix`, with its value
+    /// unless `keys_only`.
+    pub fn list(
+        &mut self,
+        prefix: &str,
+        keys_only: bool,
+    ) -> Result<Vec<(String, String)>, LabError> {
+        let v = self.call(
+            "/v3/kv/range",
+            json!({
+                "key": base64_encode(prefix.as_bytes()),
+                "range_end": base64_encode(&prefix_end(prefix.as_bytes())),
+                "keys_only": keys_only,
+            }),
+            &format!("range {prefix}*"),
+        )?;
+        let text = |kv: &Value, f: &str| {
+            kv[f]
+                .as_str()
+                .and_then(base64_decode)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        Ok(v["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter()
+                    .map(|kv| (text(kv, "key"), text(kv, "value")))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
-    /// How long startup may take before the probe kills it.
-    pub fn budget(&self) -> Duration {
-        self.initial_delay + self.period * self.failure_threshold
-    }
-}
-
-/// What one calico-node-like startup did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StartupReport {
-    pub endpoint: SocketAddr,
-    /// Reads startup needs before it is live.
-    pub reads_needed: usize,
-    /// Reads done before it finished or was killed.
-    pub reads_done: usize,
-    /// Latency of each read.
-    pub latencies: Vec<Duration>,
-    /// From connect to the last read (or to the kill).
-    pub elapsed: Duration,
-    pub budget: Duration,
-    /// All reads done within the budget.
-    pub finished_in_budget: bool,
-}
-
-impl StartupReport {
-    pub fn min_latency(&self) -> Duration {
-        self.latencies.iter().min().copied().unwrap_or_default()
+    /// Creates `key` unless it exists (Calico's Create: a txn on `create_revision == 0`).
+    /// Whether it was created.
+    pub fn create(&mut self, key: &str, value: &str) -> Result<bool, LabError> {
+        let k = base64_encode(key.as_bytes());
+        let v = self.call(
+            "/v3/kv/txn",
+            json!({
+                "compare": [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+                "success": [{"request_put": {"key": k, "value": base64_encode(value.as_bytes())}}],
+            }),
+            &format!("create {key}"),
+        )?;
+        Ok(v["succeeded"].as_bool().unwrap_or(false))
     }
 
-    pub fn mean_latency(&self) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        self.latencies.iter().sum::<Duration>() / self.latencies.len() as u32
-    }
-
-    /// Projected startup time at the measured mean latency.
-    pub fn projected(&self) -> Duration {
-        self.mean_latency() * self.reads_needed as u32
-    }
-}
-
-impl std::fmt::Display for StartupReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} of {} sequential datastore reads from {} in {:.2?} (budget {:.2?}): \
-             per read min {:.1?} mean {:.1?}, projected startup {:.2?} -> {}",
-            self.reads_done,
-            self.reads_needed,
-            self.endpoint,
-            self.elapsed,
-            self.budget,
-            self.min_latency(),
-            self.mean_latency(),
-            self.projected(),
-            if self.finished_in_budget {
-                "live in time"
-            } else {
-                "killed by the liveness probe"
-            }
+    /// `POST /v3/kv/put`.
+    pub fn put(&mut self, key: &str, value: &str) -> Result<(), LabError> {
+        self.call(
+            "/v3/kv/put",
+            json!({"key": base64_encode(key.as_bytes()), "value": base64_encode(value.as_bytes())}),
+            &format!("put {key}"),
         )
+        .map(|_| ())
+    }
+
+    /// `POST /v3/kv/deleterange` for one key (absent is fine).
+    pub fn delete(&mut self, key: &str) -> Result<(), LabError> {
+        self.call(
+            "/v3/kv/deleterange",
+            json!({"key": base64_encode(key.as_bytes())}),
+            &format!("delete {key}"),
+        )
+        .map(|_| ())
     }
 }
 
-/// The keys a calico-node startup reads (seed 001's debug log: per host metadata, BGP address,
-/// network, AS number, orchestrator refs), for `hosts` hosts.
-pub fn startup_keys(hosts: &[String]) -> Vec<(String, String)> {
-    let mut kvs = Vec::new();
-    for (i, h) in hosts.iter().enumerate() {
-        let ip = format!("10.12.{}.{}", 13 + i / 200, 10 + i % 200);
-        kvs.push((format!("/calico/v1/host/{h}/metadata"), "{}".to_string()));
-        kvs.push((format!("/calico/bgp/v1/host/{h}/ip_addr_v4"), ip));
-        kvs.push((
-            format!("/calico/bgp/v1/host/{h}/network_v4"),
-            "10.12.13.0/24".into(),
-        ));
-        kvs.push((format!("/calico/bgp/v1/host/{h}/as_num"), "64512".into()));
-        kvs.push((
-            format!("/calico/v1/host/{h}/orchestrator_refs"),
-            "[]".into(),
-        ));
-    }
-    kvs
-}
-
-/// Host names of seed 001's cluster, for [`startup_keys`].
-pub fn seed_001_hosts(n: usize) -> Vec<String> {
-    const REGIONS: [&str; 4] = ["AMZ-SIN8", "AMZ-IAD12", "AMZ-OR39", "AMZ-NRT3"];
-    (0..n)
-        .map(|i| format!("{}-OpsResPool-{}-{}", REGIONS[i % 4], 13 + i / 4, 31 + i))
-        .collect()
-}
-
-/// A calico-node-like startup on `ns`'s host network: reads `keys` one after the other over one
-/// keep-alive connection to `endpoint`, and gives up ("killed by the liveness probe") once
-/// `liveness.budget()` has passed.
-pub fn run_startup(
-    ns: &Netns,
-    endpoint: SocketAddr,
-    keys: &[String],
-    liveness: Liveness,
-) -> Result<StartupReport, LabError> {
-    let budget = liveness.budget();
-    let start = Instant::now();
-    let mut client = EtcdClient::connect(ns, endpoint, Duration::from_secs(5))?;
-    let mut latencies = Vec::with_capacity(keys.len());
-    for key in keys {
-        if start.elapsed() >= budget {
-            break;
+/// The end of a prefix range: the prefix with its last byte incremented (etcd's `WithPrefix`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
         }
-        let t = Instant::now();
-        client.get(key)?;
-        latencies.push(t.elapsed());
     }
-    let elapsed = start.elapsed();
-    let reads_done = latencies.len();
-    Ok(StartupReport {
-        endpoint,
-        reads_needed: keys.len(),
-        reads_done,
-        latencies,
-        elapsed,
-        budget,
-        finished_in_budget: reads_done == keys.len() && elapsed <= budget,
-    })
+    // All 0xff: to the end of the keyspace.
+    vec![0]
 }
 
 /// A TCP proxy that holds every byte coming back from the upstream for `delay` before passing
@@ -466,24 +412,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn liveness_budget_is_scaled_seed_001() {
-        let l = Liveness::seed_001_scaled();
-        assert_eq!(l.budget(), Duration::from_millis(3500));
-        // The unscaled probe: 10 s + 6 x 10 s.
-        let real = Liveness {
-            initial_delay: Duration::from_secs(10),
-            period: Duration::from_secs(10),
-            failure_threshold: 6,
-        };
-        assert_eq!(real.budget(), l.budget() * 20);
-    }
-
-    #[test]
-    fn startup_keys_follow_calicos_layout() {
-        let hosts = seed_001_hosts(2);
-        let kvs = startup_keys(&hosts);
-        assert_eq!(kvs.len(), 10);
-        assert!(kvs[1].0.starts_with("/calico/bgp/v1/host/AMZ-SIN8-"));
-        assert!(kvs[1].0.ends_with("/ip_addr_v4"));
+    fn prefix_end_is_etcds() {
+        assert_eq!(prefix_end(b"/calico/"), b"/calico0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
     }
 }

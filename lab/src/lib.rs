@@ -61,6 +61,7 @@ pub mod iptables;
 pub mod netns;
 pub mod node;
 pub mod scenario;
+pub mod startup;
 pub mod topo;
 pub mod traffic;
 

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::startup::StartupProjection;
 use crate::{Cause, Dir, Side};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,6 +294,10 @@ pub struct DatastoreLatency {
         serialize_with = "exclusion_sorted"
     )]
     pub snat_excluded: Option<SnatExclusion>,
+    /// calico-node's start-up projected from `p50_ms` and Calico's read patterns, against the
+    /// probe budgets of the install kinds it may be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<StartupProjection>,
     pub total_wait_ms: u64,
 }
 
@@ -520,6 +525,7 @@ mod tests {
                 p50_ms: 150.0,
                 p90_ms: 150.0,
                 snat_excluded: None,
+                startup: None,
                 total_wait_ms: 3000,
             }),
             Evidence::UnackedOffLinkPeer(UnackedOffLinkPeer {

@@ -11,6 +11,7 @@ pub mod flow;
 pub mod health;
 pub mod net;
 pub mod query;
+pub mod startup;
 pub mod vocab;
 pub mod watch;
 

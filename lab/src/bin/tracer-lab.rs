@@ -25,7 +25,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 const AFTER_HELP: &str = "\
 Scenarios (default: all, in this order):
   healthy           two Calico nodes over VXLAN, BGP up, etcd close by (tracer should report nothing)
-  seed-001          datastore 150 ms away: calico-node's startup outlives its liveness probe
+  seed-001          datastore 220 ms away: calico 2.6 startup (6 Gets per node) outlives its liveness probe
   seed-002          IPPool contains the host network: pod -> apiserver leaves un-SNATed
   seed-003          VXLAN parent is the bridge nerdctl0 (autodetection picked the wrong interface)
   seed-004          BGP source is a second NIC nobody can reach; that node dials (its address is

@@ -5,11 +5,12 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::etcd::{self, Liveness, StartupReport};
 use crate::netns::Netns;
+use crate::startup::{self, StartupReport};
 use crate::topo::{Cluster, ClusterPod};
 use crate::traffic::{self, Capture, ProbeOutcome};
 use crate::LabError;
+use tracer_model::startup::ReadPattern;
 
 /// Connects expected to work get this long.
 pub(super) const WORKING: Duration = Duration::from_secs(5);
@@ -172,13 +173,17 @@ pub(super) fn cross_pair(lab: &Cluster) -> Result<(&ClusterPod, &ClusterPod), La
     Ok((lab.first_pod_on(0)?, lab.first_pod_on(1)?))
 }
 
-/// A calico-node-like startup from node1 against etcd, under the scaled liveness budget.
-pub(super) fn startup(lab: &Cluster) -> Result<StartupReport, LabError> {
-    etcd::run_startup(
-        &lab.nodes[0].netns,
+/// The calico-node start-up stand-in of `pattern` on node1, joining the lab's datastore (its
+/// 53 nodes), stopped at the lab's cap with the rest projected.
+pub(super) fn startup(lab: &Cluster, pattern: ReadPattern) -> Result<StartupReport, LabError> {
+    let node = &lab.nodes[0];
+    let hosts = &lab.datastore.hosts;
+    startup::run(
+        &node.netns,
         lab.etcd_endpoint(),
-        &lab.datastore.startup_keys,
-        Liveness::seed_001_scaled(),
+        pattern,
+        hosts.len() as u32,
+        &startup::steps(pattern, &node.name, hosts),
     )
 }
 

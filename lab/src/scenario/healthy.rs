@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use tracer_model::startup::ReadPattern;
 use tracer_model::{Cause, Verdict};
 
 use super::common::{
@@ -11,6 +12,7 @@ use super::common::{
 use super::ScenarioSpec;
 use crate::calico;
 use crate::etcd::EtcdClient;
+use crate::startup::v3_key;
 use crate::topo::{Cluster, ClusterConfig, Routing};
 use crate::traffic::Capture;
 use crate::LabError;
@@ -62,7 +64,7 @@ impl ScenarioSpec for Healthy {
         let attempts = run_probes(probes)?;
         Ok(TrafficReport {
             attempts,
-            startup: Some(startup(lab)?),
+            startup: Some(startup(lab, ReadPattern::CalicoV3Etcdv3)?),
         })
     }
 
@@ -165,14 +167,9 @@ impl ScenarioSpec for Healthy {
         ));
 
         let mut client = EtcdClient::connect(&n1.netns, lab.etcd_endpoint(), WORKING)?;
-        let key = lab
-            .datastore
-            .startup_keys
-            .first()
-            .cloned()
-            .unwrap_or_default();
+        let key = v3_key("clusterinformations", None, "default");
         check(client.get(&key)?.is_some(), || format!("etcd has no {key}"))?;
-        let s = startup(lab)?;
+        let s = startup(lab, ReadPattern::CalicoV3Etcdv3)?;
         check(s.finished_in_budget, || format!("startup did not fit: {s}"))?;
         ev.push(format!("{} -> etcd {}: {s}", n1.name, lab.etcd_endpoint()));
         Ok(ev)

@@ -9,7 +9,7 @@
 //! | scenario | what breaks | expected tracer cause |
 //! |---|---|---|
 //! | `healthy` | nothing | none |
-//! | `seed-001` | datastore 150 ms away: calico-node's startup outlives its liveness budget | `datastore_latency` |
+//! | `seed-001` | datastore 220 ms away: calico 2.6's per-node startup reads outlive its liveness probe | `datastore_latency` |
 //! | `seed-002` | pool contains the host LAN: pod -> apiserver leaves un-SNATed | `ippool_overlaps_host_network` |
 //! | `seed-003` | node2's VXLAN parent is the bridge `nerdctl0` (10.4.0.1) | `node_address_on_wrong_interface` |
 //! | `seed-004` | node2's BGP address is its second NIC (10.66.0.66); node2 dials | `node_address_on_wrong_interface` |

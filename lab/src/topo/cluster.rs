@@ -23,9 +23,10 @@ use crate::addr::{ensure_lab_cidr, ensure_lab_ip, parse_ip, Cidr};
 use crate::bird::{self, Bird, BirdConfig};
 use crate::calico::{self, Encapsulation, Pool, Vtep};
 use crate::daemon::{poll, LabDir};
-use crate::etcd::{self, DelayProxy, Etcd};
+use crate::etcd::{DelayProxy, Etcd};
 use crate::netns::{unique_prefix, Netns};
 use crate::node::Pod;
+use crate::startup;
 use crate::topo::lan_attach;
 use crate::traffic::TcpServer;
 use crate::LabError;
@@ -252,8 +253,9 @@ pub struct Datastore {
     pub etcd: Etcd,
     /// What clients use: external_ip:etcd_port (the proxy when there is one).
     pub endpoint: SocketAddr,
-    /// The keys a calico-node-like startup reads ([`etcd::run_startup`]).
-    pub startup_keys: Vec<String>,
+    /// The cluster's other nodes, whose Calico keys (v3 and 2.x layouts) etcd holds
+    /// ([`crate::startup`]).
+    pub hosts: Vec<String>,
 }
 
 /// A built [`ClusterConfig`]. Dropping it stops servers, proxy, etcd and BIRD, deletes every
@@ -916,7 +918,7 @@ impl Build<'_> {
         Ok(birds)
     }
 
-    /// etcd on the external host, loaded with calico-node's startup keys, behind a delay
+    /// etcd on the external host, loaded with Calico's keys for seed 001's 53 nodes, behind a delay
     /// proxy when the config asks for one.
     fn datastore(
         &self,
@@ -940,7 +942,9 @@ impl Build<'_> {
             "starting etcd on the external host (clients {etcd_client}, peers {peer})..."
         ));
         let etcd = Etcd::start(external, dir, "master", etcd_client, peer)?;
-        let kvs = etcd::startup_keys(&etcd::seed_001_hosts(8));
+        let hosts = startup::seed_001_hosts(startup::SEED_001_NODES);
+        let mut kvs = startup::v3_layout(&hosts);
+        kvs.extend(startup::v2_layout(&hosts));
         etcd.put_all(external, &kvs)?;
         let proxy = match cfg.datastore_delay {
             Some(delay) => {
@@ -955,7 +959,7 @@ impl Build<'_> {
             proxy,
             etcd,
             endpoint,
-            startup_keys: kvs.into_iter().map(|(k, _)| k).collect(),
+            hosts,
         })
     }
 
