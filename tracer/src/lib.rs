@@ -19,6 +19,7 @@ pub mod hooks;
 pub mod kernel_names;
 pub mod net;
 pub mod netlink;
+pub mod nftables;
 pub mod state;
 pub mod synth;
 #[cfg(test)]
