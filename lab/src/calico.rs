@@ -109,6 +109,14 @@ impl Dataplane {
             Dataplane::Nftables => "nftables",
         }
     }
+
+    /// felix's natOutgoing chain in this dataplane, for messages.
+    pub fn nat_outgoing_chain(self) -> &'static str {
+        match self {
+            Dataplane::Iptables => NAT_OUTGOING_CHAIN,
+            Dataplane::Nftables => NFT_NAT_OUTGOING_CHAIN,
+        }
+    }
 }
 
 impl std::fmt::Display for Dataplane {

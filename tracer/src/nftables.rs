@@ -668,13 +668,13 @@ pub fn nat_outgoing_of(rules: &[Vec<Expr>], family: Family) -> Result<NatOutgoin
                     r.out_iface = Some(iface_match(data));
                     r.out_iface_negated = negated;
                 }
-                Expr::Lookup { set, sreg, inv } => {
-                    if *inv && regs.get(sreg) == Some(&Loaded::Daddr) {
-                        if set.ends_with("all-hosts-net") {
-                            r.excludes_host_ips = true;
-                        } else if set.ends_with("ipam-pools") || set.ends_with("network-ip-pools") {
-                            r.pool_set = Some(set.clone());
-                        }
+                Expr::Lookup { set, sreg, inv }
+                    if *inv && regs.get(sreg) == Some(&Loaded::Daddr) =>
+                {
+                    if set.ends_with("all-hosts-net") {
+                        r.excludes_host_ips = true;
+                    } else if set.ends_with("ipam-pools") || set.ends_with("network-ip-pools") {
+                        r.pool_set = Some(set.clone());
                     }
                 }
                 Expr::Masq | Expr::Snat => nat = true,
@@ -924,10 +924,10 @@ mod tests {
         let mut exact = b"eth0".to_vec();
         exact.resize(16, 0);
         let (_, exprs) = decode_rule(&rule_msg(&exact))?;
-        let r = nat_outgoing_of(&[exprs.clone()], Family::Ip).unwrap_or_default();
+        let r = nat_outgoing_of(std::slice::from_ref(&exprs), Family::Ip).unwrap_or_default();
         assert_eq!(r.out_iface.as_deref(), Some("eth0"));
         // In an ip6 table the same offsets are not addresses: no pool set is named.
-        let r6 = nat_outgoing_of(&[exprs.clone()], Family::Ip6).unwrap_or_default();
+        let r6 = nat_outgoing_of(std::slice::from_ref(&exprs), Family::Ip6).unwrap_or_default();
         assert_eq!(r6.pool_set, None);
         // A second rule that excludes something else: an error, not a guess.
         let (_, other) = decode_rule(&rule_msg(b"bond"))?;
@@ -979,7 +979,7 @@ mod tests {
                 let _ = elems_to_cidrs(&e, false, Family::Ip);
             }
             if let Ok((_, e)) = decode_rule(b) {
-                let _ = nat_outgoing_of(&[e.clone()], Family::Ip);
+                let _ = nat_outgoing_of(std::slice::from_ref(&e), Family::Ip);
                 let _ = nat_outgoing_of(&[e], Family::Ip6);
             }
         };
