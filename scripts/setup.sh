@@ -8,7 +8,7 @@ log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
 BPF_LINKER_VERSION=0.13.0
 APT_PACKAGES=(
   rustc-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
-  iproute2 iptables ipset conntrack tcpdump iputils-ping curl bird etcd-server etcd-client iperf3 wrk ethtool bpftool
+  iproute2 iptables ipset nftables conntrack tcpdump iputils-ping curl bird etcd-server etcd-client iperf3 wrk ethtool bpftool
   qemu-system-x86 cpio busybox-static
 )
 

@@ -90,9 +90,59 @@ pub enum PoolSets {
     AllIpamPoolsBesideNetworkIpPools,
 }
 
+/// Which dataplane felix programs (`NFTablesMode`; `Auto` follows kube-proxy since v3.32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Dataplane {
+    /// ipsets and iptables chains (`ipset restore`, `iptables-restore`).
+    #[default]
+    Iptables,
+    /// nft sets and chains of `table ip calico` (`nft -f -`), felix/nftables/.
+    Nftables,
+}
+
+impl Dataplane {
+    pub const ALL: [Dataplane; 2] = [Dataplane::Iptables, Dataplane::Nftables];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dataplane::Iptables => "iptables",
+            Dataplane::Nftables => "nftables",
+        }
+    }
+
+    /// felix's natOutgoing chain in this dataplane, for messages.
+    pub fn nat_outgoing_chain(self) -> &'static str {
+        match self {
+            Dataplane::Iptables => NAT_OUTGOING_CHAIN,
+            Dataplane::Nftables => NFT_NAT_OUTGOING_CHAIN,
+        }
+    }
+}
+
+impl std::fmt::Display for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Dataplane {
+    type Err = LabError;
+
+    fn from_str(s: &str) -> Result<Dataplane, LabError> {
+        Dataplane::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| {
+                LabError::Config(format!("unknown dataplane {s:?} (iptables, nftables)"))
+            })
+    }
+}
+
 /// felix configuration that shapes the natOutgoing rule (felix/rules/nat.go).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FelixNat {
+    /// The dataplane felix writes the sets and rules into.
+    pub dataplane: Dataplane,
     pub pool_sets: PoolSets,
     /// `NATOutgoingExclusions=IPPoolsAndHostIPs`: adds `! --match-set cali40all-hosts-net dst`.
     pub exclude_host_ips: bool,
@@ -100,6 +150,17 @@ pub struct FelixNat {
     pub out_iface: Option<String>,
     /// Every node's address, felix's `cali40all-hosts-net` (written when not empty).
     pub host_ips: Vec<String>,
+}
+
+impl PoolSets {
+    /// Whether felix programs (`all-ipam-pools`, `network-ip-pools`).
+    fn sets(self) -> (bool, bool) {
+        match self {
+            PoolSets::AllIpamPools => (true, false),
+            PoolSets::NetworkIpPools => (false, true),
+            PoolSets::AllIpamPoolsBesideNetworkIpPools => (true, true),
+        }
+    }
 }
 
 impl FelixNat {
@@ -315,11 +376,13 @@ pub fn write_felix_nat_config(
             )));
         }
     }
-    let (old_set, new_set) = match felix.pool_sets {
-        PoolSets::AllIpamPools => (true, false),
-        PoolSets::NetworkIpPools => (false, true),
-        PoolSets::AllIpamPoolsBesideNetworkIpPools => (true, true),
-    };
+    let (old_set, new_set) = felix.pool_sets.sets();
+    if felix.dataplane == Dataplane::Nftables {
+        let script = felix_nft_table(pools, encap, felix, &cidrs, &hosts);
+        tracing::debug!(netns = node.name(), %script, "lab: felix nftables");
+        node.exec_with_stdin(&["nft", "-f", "-"], &script)?;
+        return Ok(());
+    }
 
     // ipsets first: iptables refuses rules referencing missing sets.
     let mut ipsets = String::new();
@@ -377,6 +440,169 @@ pub fn write_felix_nat_config(
     Ok(())
 }
 
+/// felix's table in nftables mode (`table ip calico`).
+pub const NFT_TABLE: &str = "calico";
+/// felix's natOutgoing chain in nftables mode: chains carry their hook's prefix.
+pub const NFT_NAT_OUTGOING_CHAIN: &str = "nat-cali-nat-outgoing";
+
+/// felix's rule hashes in nftables mode (felix/generictables/rules.go with the nft renderer):
+/// as [`felix_rule_hashes`], but each step hashes the rule's nft rendering alone (match,
+/// `counter`, action) under the prefixed chain name.
+pub fn felix_nft_rule_hashes(chain: &str, bodies: &[&str]) -> Vec<String> {
+    let mut prev = Sha224::digest(chain.as_bytes()).to_vec();
+    bodies
+        .iter()
+        .map(|body| {
+            let mut h = Sha224::new();
+            h.update(&prev);
+            h.update(body.as_bytes());
+            prev = h.finalize().to_vec();
+            base64url(&prev[..12])
+        })
+        .collect()
+}
+
+/// One nft chain's rules with felix's `comment "cali:<hash>;"`.
+fn render_nft_chain(chain: &str, bodies: &[String]) -> Vec<String> {
+    let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+    felix_nft_rule_hashes(chain, &refs)
+        .into_iter()
+        .zip(bodies)
+        .map(|(hash, body)| format!("{body} comment \"cali:{hash};\""))
+        .collect()
+}
+
+/// felix's nat part of `table ip calico` (nftables mode, knftables' rendering) as an `nft -f`
+/// script that replaces the table: sets with felix's names, `flags interval` for its
+/// `hash:net` sets; base chains `nat-PREROUTING` (dstnat), `nat-OUTPUT` (110) and
+/// `nat-POSTROUTING` (`srcnat + 10`) jumping to `nat-cali-*`; in `nat-cali-nat-outgoing`
+/// `ip saddr @cali40masq-ipam-pools ip daddr != @<pools> [ip daddr != @cali40all-hosts-net]
+/// [oifname <filter>] counter masquerade fully-random`. Comments as in
+/// felix/fv/cali-nftables-dump.txt (the base chains' jump hashes are taken from it).
+fn felix_nft_table(
+    pools: &[Pool],
+    encap: Encapsulation,
+    felix: &FelixNat,
+    cidrs: &[(String, &Pool)],
+    hosts: &[std::net::Ipv4Addr],
+) -> String {
+    let (old_set, new_set) = felix.pool_sets.sets();
+    let mut sets: Vec<(&str, Vec<String>)> = vec![(
+        MASQ_POOLS_SET,
+        cidrs
+            .iter()
+            .filter(|(_, p)| p.nat_outgoing)
+            .map(|(c, _)| c.clone())
+            .collect(),
+    )];
+    if old_set {
+        sets.push((
+            ALL_POOLS_SET,
+            cidrs.iter().map(|(c, _)| c.clone()).collect(),
+        ));
+    }
+    if new_set {
+        sets.push((
+            NETWORK_POOLS_SET,
+            cidrs
+                .iter()
+                .filter(|(_, p)| !p.load_balancer_only)
+                .map(|(c, _)| c.clone())
+                .collect(),
+        ));
+    }
+    if !hosts.is_empty() || felix.exclude_host_ips {
+        sets.push((
+            ALL_HOSTS_SET,
+            hosts.iter().map(ToString::to_string).collect(),
+        ));
+    }
+    let jump = |target: &str| format!("counter jump {target}");
+    let mut postrouting = vec![jump("nat-cali-fip-snat"), jump(NFT_NAT_OUTGOING_CHAIN)];
+    let tunnel = match encap {
+        Encapsulation::Vxlan => Some("vxlan.calico"),
+        Encapsulation::Ipip => Some("tunl0"),
+        Encapsulation::None => None,
+    };
+    if let Some(dev) = tunnel {
+        postrouting.push(format!(
+            "oifname {dev} fib saddr . oif type != local fib saddr type local counter \
+             masquerade fully-random"
+        ));
+    }
+    let nat_outgoing = if pools.iter().any(|p| p.nat_outgoing) {
+        let mut m = format!(
+            "ip saddr @{MASQ_POOLS_SET} ip daddr != @{}",
+            felix.rule_set()
+        );
+        if felix.exclude_host_ips {
+            let _ = write!(m, " ip daddr != @{ALL_HOSTS_SET}");
+        }
+        if let Some(iface) = &felix.out_iface {
+            // nft's wildcard is `*` where iptables' is `+`.
+            let _ = write!(m, " oifname {}", iface.replace('+', "*"));
+        }
+        vec![format!("{m} counter masquerade fully-random")]
+    } else {
+        Vec::new()
+    };
+    let mut t = String::new();
+    // Declaring then deleting the table makes the rewrite work whether or not it exists.
+    let _ = writeln!(t, "table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}");
+    let _ = writeln!(t, "table ip {NFT_TABLE} {{");
+    for (name, members) in &sets {
+        let _ = writeln!(t, "\tset {name} {{\n\t\ttype ipv4_addr\n\t\tflags interval");
+        if !members.is_empty() {
+            let _ = writeln!(t, "\t\telements = {{ {} }}", members.join(", "));
+        }
+        let _ = writeln!(t, "\t}}");
+    }
+    let base = [
+        (
+            "nat-PREROUTING",
+            "type nat hook prerouting priority dstnat; policy accept;",
+            "nat-cali-PREROUTING",
+            "8sk3stC_vMHYORJg",
+        ),
+        (
+            "nat-OUTPUT",
+            "type nat hook output priority 110; policy accept;",
+            "nat-cali-OUTPUT",
+            "MUvsO-9-Ry3DQcZV",
+        ),
+        (
+            "nat-POSTROUTING",
+            "type nat hook postrouting priority srcnat + 10; policy accept;",
+            "nat-cali-POSTROUTING",
+            "z057H0Z77Fcko47w",
+        ),
+    ];
+    for (chain, head, target, hash) in base {
+        let _ = writeln!(
+            t,
+            "\tchain {chain} {{\n\t\t{head}\n\t\t{} comment \"cali:{hash};\"\n\t}}",
+            jump(target)
+        );
+    }
+    let chains: Vec<(&str, Vec<String>)> = vec![
+        ("nat-cali-PREROUTING", vec![jump("nat-cali-fip-dnat")]),
+        ("nat-cali-OUTPUT", vec![jump("nat-cali-fip-dnat")]),
+        ("nat-cali-POSTROUTING", postrouting),
+        ("nat-cali-fip-dnat", Vec::new()),
+        ("nat-cali-fip-snat", Vec::new()),
+        (NFT_NAT_OUTGOING_CHAIN, nat_outgoing),
+    ];
+    for (chain, rules) in &chains {
+        let _ = writeln!(t, "\tchain {chain} {{");
+        for r in render_nft_chain(chain, rules) {
+            let _ = writeln!(t, "\t\t{r}");
+        }
+        let _ = writeln!(t, "\t}}");
+    }
+    t.push_str("}\n");
+    t
+}
+
 /// kube-proxy-like (iptables mode) DNAT of a Service VIP: chain `KUBE-SERVICES`, jumped to from
 /// nat PREROUTING (pods' traffic) and OUTPUT (the node's own), with
 /// `-d VIP/32 -p tcp --dport PORT -j DNAT --to-destination ENDPOINT:ENDPOINT_PORT`.
@@ -415,14 +641,53 @@ pub fn write_service_dnat(
     Ok(())
 }
 
-/// Packets that hit the MASQUERADE rule(s) of `cali-nat-outgoing` in `node` (first packets of
-/// connections only: nat rules see one packet per conntrack entry).
+/// Packets that hit the MASQUERADE rule(s) of felix's natOutgoing chain in `node` (first
+/// packets of connections only: nat rules see one packet per conntrack entry):
+/// `nat-cali-nat-outgoing` of `table ip calico` where felix runs in nftables mode, else
+/// `cali-nat-outgoing`.
 pub fn nat_outgoing_packets(node: &Netns) -> Result<u64, LabError> {
+    if node
+        .exec(&["nft", "list", "table", "ip", NFT_TABLE])
+        .is_ok()
+    {
+        return nft_nat_outgoing_packets(node);
+    }
     Ok(crate::iptables::counters(node, "nat", NAT_OUTGOING_CHAIN)?
         .iter()
         .filter(|c| c.target == "MASQUERADE")
         .map(|c| c.packets)
         .sum())
+}
+
+/// The counters of the masquerade/SNAT rules of `nat-cali-nat-outgoing`, from
+/// `nft -j list chain ip calico nat-cali-nat-outgoing`.
+fn nft_nat_outgoing_packets(node: &Netns) -> Result<u64, LabError> {
+    let out = node.exec(&[
+        "nft",
+        "-j",
+        "list",
+        "chain",
+        "ip",
+        NFT_TABLE,
+        NFT_NAT_OUTGOING_CHAIN,
+    ])?;
+    let json: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| LabError::Unexpected(format!("nft -j output: {e}")))?;
+    Ok(nft_masq_packets(&json))
+}
+
+fn nft_masq_packets(json: &serde_json::Value) -> u64 {
+    json["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["rule"]["expr"].as_array())
+        .filter(|e| {
+            e.iter()
+                .any(|x| x.get("masquerade").is_some() || x.get("snat").is_some())
+        })
+        .flat_map(|e| e.iter().filter_map(|x| x["counter"]["packets"].as_u64()))
+        .sum()
 }
 
 /// felix's VXLAN device (`VXLANTunnelDevice`... `vxlan.calico`).
@@ -675,6 +940,7 @@ mod tests {
         // v3.32.1+ set, NATOutgoingExclusions=IPPoolsAndHostIPs, interface filter: matches in
         // makeNATOutgoingRuleIPTables' order.
         let felix = FelixNat {
+            dataplane: Dataplane::Iptables,
             pool_sets: PoolSets::NetworkIpPools,
             exclude_host_ips: true,
             out_iface: Some("eth0".into()),
@@ -690,5 +956,88 @@ mod tests {
             ),
             "{line}"
         );
+    }
+
+    /// felix's nftables comments, checked against felix/fv/cali-nftables-dump.txt (its
+    /// masquerade rule's hash is that of the `all-ipam-pools` rendering: the dump was edited
+    /// when the set was renamed, not regenerated).
+    #[test]
+    fn felix_nft_hashes_match_the_dump() {
+        assert_eq!(
+            felix_nft_rule_hashes(
+                "nat-cali-POSTROUTING",
+                &[
+                    "counter jump nat-cali-fip-snat",
+                    "counter jump nat-cali-nat-outgoing",
+                    "oifname vxlan.calico fib saddr . oif type != local fib saddr type local \
+                     counter masquerade fully-random",
+                ]
+            ),
+            ["tyzVzs_JgnIisxS6", "_Ye9aC74uuE93XON", "2Er8attV1nLNdKXr"]
+        );
+        assert_eq!(
+            felix_nft_rule_hashes(
+                NFT_NAT_OUTGOING_CHAIN,
+                &[
+                    "ip saddr @cali40masq-ipam-pools ip daddr != @cali40all-ipam-pools counter \
+                   masquerade fully-random"
+                ]
+            ),
+            ["JjuWIaIfSLZi41Xk"]
+        );
+        assert_eq!(
+            felix_nft_rule_hashes("nat-cali-PREROUTING", &["counter jump nat-cali-fip-dnat"]),
+            ["4l5hoyVny05ifNh_"]
+        );
+    }
+
+    #[test]
+    fn nft_table_is_felix_text() {
+        let pools = [
+            Pool::new("10.244.0.0/16", true),
+            Pool::load_balancer("10.10.10.0/24"),
+        ];
+        let felix = FelixNat {
+            dataplane: Dataplane::Nftables,
+            pool_sets: PoolSets::NetworkIpPools,
+            exclude_host_ips: true,
+            out_iface: Some("eth+".into()),
+            host_ips: vec![],
+        };
+        let cidrs: Vec<(String, &Pool)> = pools.iter().map(|p| (p.cidr.clone(), p)).collect();
+        let hosts = ["10.51.0.100"
+            .parse()
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST)];
+        let t = felix_nft_table(&pools, Encapsulation::Vxlan, &felix, &cidrs, &hosts);
+        for want in [
+            "\tset cali40network-ip-pools {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.244.0.0/16 }\n\t}",
+            "\tset cali40masq-ipam-pools {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.244.0.0/16 }",
+            "elements = { 10.51.0.100 }",
+            "type nat hook postrouting priority srcnat + 10; policy accept;\n\t\tcounter jump nat-cali-POSTROUTING comment \"cali:z057H0Z77Fcko47w;\"",
+            "\t\tip saddr @cali40masq-ipam-pools ip daddr != @cali40network-ip-pools ip daddr != @cali40all-hosts-net oifname eth* counter masquerade fully-random comment \"cali:",
+        ] {
+            assert!(t.contains(want), "{want:?} not in\n{t}");
+        }
+        assert!(!t.contains(ALL_POOLS_SET), "{t}");
+        // No natOutgoing pool: the chain is empty.
+        let t = felix_nft_table(
+            &[Pool::new("10.244.0.0/16", false)],
+            Encapsulation::None,
+            &FelixNat::default(),
+            &[],
+            &[],
+        );
+        assert!(t.contains("\tchain nat-cali-nat-outgoing {\n\t}"), "{t}");
+    }
+
+    #[test]
+    fn nft_counters_are_summed_for_masquerade_rules() {
+        let j: serde_json::Value = serde_json::from_str(
+            r#"{"nftables": [{"metainfo": {}}, {"chain": {"name": "nat-cali-nat-outgoing"}},
+            {"rule": {"expr": [{"counter": {"packets": 3, "bytes": 180}}, {"masquerade": {"flags": "fully-random"}}]}},
+            {"rule": {"expr": [{"counter": {"packets": 7, "bytes": 1}}, {"return": null}]}}]}"#,
+        )
+        .unwrap_or_default();
+        assert_eq!(nft_masq_packets(&j), 3);
     }
 }

@@ -1,4 +1,5 @@
-//! Calico's view of the node: IP pools (from felix's ipsets) and which interface plays which role.
+//! Calico's view of the node: IP pools (from felix's nft sets or ipsets) and which interface
+//! plays which role.
 use std::{net::IpAddr, time::Duration};
 
 use serde::Serialize;
@@ -7,6 +8,7 @@ use sha1::{Digest, Sha1};
 use crate::{
     net::{Cidr, NetError},
     netlink::{Link, NodeFacts},
+    nftables,
 };
 
 /// felix's default InterfacePrefix: pods' host-side veths are named `cali<11 hex digits>`.
@@ -55,8 +57,12 @@ pub struct Pools {
     pub all: Vec<Cidr>,
     /// Pools with natOutgoing (felix's `masq-ipam-pools` sets).
     pub masq: Vec<Cidr>,
-    /// Where the pools came from: "ipset", "flags", or "none".
+    /// Where the pools came from: "nftables", "ipset", either with "+flags", "flags", or
+    /// "none".
     pub source: String,
+    /// The felix dataplane the sets and rules were read from (which commands a fix names).
+    #[serde(skip)]
+    pub dataplane: Dataplane,
     /// Sets that were looked for and not found, for the operator's benefit.
     pub missing_sets: Vec<String>,
     /// LoadBalancer-only pools that felix's natOutgoing rule still leaves un-masqueraded: in
@@ -184,37 +190,192 @@ impl Pools {
     }
 }
 
-/// Reads felix's pool ipsets and its natOutgoing rules in the agent's network namespace. Pools
-/// given on the command line (`--pool`, `--masq-pool`) are added, which covers nodes where the
-/// sets do not exist. `ipset` and `iptables` run at most `deadline` in all (then they are killed
-/// and what they would have told counts as unknown): a wedged netfilter must not stop the sync
-/// loop.
+/// Which of felix's dataplanes the pools and the natOutgoing rule were read from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dataplane {
+    /// ipsets and the iptables `cali-nat-outgoing` chain (also the answer when neither was
+    /// found: it is what the commands of a fix text then name).
+    #[default]
+    Iptables,
+    /// nft sets and the `nat-cali-nat-outgoing` chain of `table ip calico` / `table ip6 calico`.
+    Nftables,
+}
+
+impl Dataplane {
+    /// felix's natOutgoing chain in this dataplane.
+    pub fn nat_outgoing_chain(self) -> &'static str {
+        match self {
+            Dataplane::Iptables => NAT_OUTGOING_CHAIN,
+            Dataplane::Nftables => nftables::NAT_OUTGOING_CHAIN,
+        }
+    }
+
+    /// The command that lists felix's natOutgoing chain of `ip`'s family.
+    pub fn show_nat_outgoing(self, ipv6: bool) -> String {
+        match (self, ipv6) {
+            (Dataplane::Iptables, false) => format!("iptables -t nat -S {NAT_OUTGOING_CHAIN}"),
+            (Dataplane::Iptables, true) => format!("ip6tables -t nat -S {NAT_OUTGOING_CHAIN}"),
+            (Dataplane::Nftables, v6) => format!(
+                "nft list chain {} {} {}",
+                if v6 { "ip6" } else { "ip" },
+                nftables::TABLE,
+                nftables::NAT_OUTGOING_CHAIN
+            ),
+        }
+    }
+
+    /// The command that lists one of felix's sets.
+    pub fn show_set(self, set: &str) -> String {
+        match self {
+            Dataplane::Iptables => format!("ipset list {set}"),
+            Dataplane::Nftables => {
+                let family = nftables::Family::of_set(set).unwrap_or(nftables::Family::Ip);
+                format!("nft list set {} {} {set}", family.name(), nftables::TABLE)
+            }
+        }
+    }
+
+    /// What felix's sets are called in this dataplane, for prose.
+    pub fn set_kind(self) -> &'static str {
+        match self {
+            Dataplane::Iptables => "ipset",
+            Dataplane::Nftables => "nft set",
+        }
+    }
+}
+
+/// Where felix's sets and rule are read from: nfnetlink for the nftables dataplane, the
+/// `ipset` and `iptables-save` tools for the iptables one.
+enum Reader {
+    Iptables,
+    Nftables(nftables::Nft),
+}
+
+impl Reader {
+    /// nftables when felix's `calico` table exists in either family, else iptables (also when
+    /// nfnetlink cannot be read: the tools may still work).
+    async fn detect(until: tokio::time::Instant) -> Reader {
+        let mut nft = match nftables::Nft::open() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "no nfnetlink; reading ipsets");
+                return Reader::Iptables;
+            }
+        };
+        for family in [nftables::Family::Ip, nftables::Family::Ip6] {
+            match tokio::time::timeout_at(until, nft.has_table(family)).await {
+                Ok(Ok(true)) => return Reader::Nftables(nft),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "cannot list nftables; reading ipsets");
+                    return Reader::Iptables;
+                }
+                Err(_) => {
+                    tracing::warn!("nfnetlink did not answer in time; reading ipsets");
+                    return Reader::Iptables;
+                }
+            }
+        }
+        Reader::Iptables
+    }
+
+    fn dataplane(&self) -> Dataplane {
+        match self {
+            Reader::Iptables => Dataplane::Iptables,
+            Reader::Nftables(_) => Dataplane::Nftables,
+        }
+    }
+
+    /// felix's natOutgoing rule of one family; the error names what was asked.
+    async fn rule(&mut self, v6: bool, until: tokio::time::Instant) -> Result<NatOutgoing, String> {
+        match self {
+            Reader::Iptables => {
+                let cmd = if v6 { "ip6tables" } else { "iptables" };
+                nat_outgoing_rule(cmd, until)
+                    .await
+                    .map_err(|e| format!("{cmd}: {e}"))
+            }
+            Reader::Nftables(nft) => {
+                let family = if v6 {
+                    nftables::Family::Ip6
+                } else {
+                    nftables::Family::Ip
+                };
+                let what = format!(
+                    "nft {} {} {}",
+                    family.name(),
+                    nftables::TABLE,
+                    nftables::NAT_OUTGOING_CHAIN
+                );
+                match tokio::time::timeout_at(
+                    until,
+                    nft.chain_rules(family, nftables::NAT_OUTGOING_CHAIN),
+                )
+                .await
+                {
+                    Err(_) => Err(format!("{what}: nfnetlink did not answer in time")),
+                    Ok(Err(e)) => Err(format!("{what}: {e}")),
+                    Ok(Ok(None)) => Err(format!("{what}: no such chain")),
+                    Ok(Ok(Some(rules))) => nftables::nat_outgoing_of(&rules, family)
+                        .map_err(|e| format!("{what}: {e}")),
+                }
+            }
+        }
+    }
+
+    /// One set's members, `None` when it is missing or unreadable (logged).
+    async fn set(&mut self, set: &str, until: tokio::time::Instant) -> Option<Vec<Cidr>> {
+        match self {
+            Reader::Iptables => read_set(set, until).await,
+            Reader::Nftables(nft) => {
+                let family = nftables::Family::of_set(set)?;
+                match tokio::time::timeout_at(until, nft.set_members(family, set)).await {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => {
+                        tracing::warn!(set, error = %e, "cannot read nft set");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!(set, "nfnetlink did not answer in time");
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads felix's pool sets and its natOutgoing rules in the agent's network namespace, from
+/// its nftables dataplane when `table ip calico` (or `ip6`) exists, else from its ipsets and
+/// iptables. Pools given on the command line (`--pool`, `--masq-pool`) are added, which covers
+/// nodes where the sets do not exist. Everything runs within `deadline` (tools are killed,
+/// netlink reads abandoned, and what they would have told counts as unknown): a wedged
+/// netfilter must not stop the sync loop.
 pub async fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr], deadline: Duration) -> Pools {
     let mut pools = Pools::default();
     let until = tokio::time::Instant::now() + deadline;
+    let mut reader = Reader::detect(until).await;
+    pools.dataplane = reader.dataplane();
     // The rules first: they name the pool set felix really uses.
-    for (cmd, hosts_set) in [
-        ("iptables", ALL_HOSTS_SET_V4),
-        ("ip6tables", ALL_HOSTS_SET_V6),
-    ] {
-        let rule = match nat_outgoing_rule(cmd, until).await {
+    for (v6, hosts_set) in [(false, ALL_HOSTS_SET_V4), (true, ALL_HOSTS_SET_V6)] {
+        let rule = match reader.rule(v6, until).await {
             Ok(r) => Some(r),
             Err(e) => {
-                tracing::debug!(cmd, error = %e, "natOutgoing rule unknown");
-                pools.nat_outgoing_errors.push(format!("{cmd}: {e}"));
+                tracing::debug!(error = %e, "natOutgoing rule unknown");
+                pools.nat_outgoing_errors.push(e);
                 None
             }
         };
         let hosts = match &rule {
-            Some(r) if r.excludes_host_ips => read_set(hosts_set, until).await,
+            Some(r) if r.excludes_host_ips => reader.set(hosts_set, until).await,
             _ => None,
         };
-        if cmd == "iptables" {
-            pools.nat_outgoing_v4 = rule;
-            pools.host_nets_v4 = hosts;
-        } else {
+        if v6 {
             pools.nat_outgoing_v6 = rule;
             pools.host_nets_v6 = hosts;
+        } else {
+            pools.nat_outgoing_v4 = rule;
+            pools.host_nets_v4 = hosts;
         }
     }
     for (sets, rule) in [
@@ -222,8 +383,8 @@ pub async fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr], deadline: Duratio
         (ALL_POOLS_SETS_V6, pools.nat_outgoing_v6.clone()),
     ] {
         let (all_ipam, network) = (sets[0], sets[1]);
-        let old = read_set(all_ipam, until).await;
-        let new = read_set(network, until).await;
+        let old = reader.set(all_ipam, until).await;
+        let new = reader.set(network, until).await;
         if old.is_none() && new.is_none() {
             pools.missing_sets.push(sets.join("|"));
         }
@@ -240,7 +401,7 @@ pub async fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr], deadline: Duratio
     for sets in [MASQ_POOLS_SETS_V4, MASQ_POOLS_SETS_V6] {
         let mut found = false;
         for set in sets {
-            if let Some(members) = read_set(set, until).await {
+            if let Some(members) = reader.set(set, until).await {
                 found = true;
                 pools.masq.extend(members);
             }
@@ -249,7 +410,7 @@ pub async fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr], deadline: Duratio
             pools.missing_sets.push(sets.join("|"));
         }
     }
-    let from_ipset = !pools.is_empty();
+    let from_sets = !pools.is_empty();
     for c in flag_all {
         if !pools.all.contains(c) {
             pools.all.push(*c);
@@ -268,13 +429,16 @@ pub async fn read_pools(flag_all: &[Cidr], flag_masq: &[Cidr], deadline: Duratio
     pools
         .lb_only
         .retain(|c| !flag_all.contains(c) && !flag_masq.contains(c));
-    pools.source = match (from_ipset, flag_all.is_empty() && flag_masq.is_empty()) {
-        (true, true) => "ipset",
-        (true, false) => "ipset+flags",
-        (false, false) => "flags",
-        (false, true) => "none",
-    }
-    .to_string();
+    let sets = match pools.dataplane {
+        Dataplane::Iptables => "ipset",
+        Dataplane::Nftables => "nftables",
+    };
+    pools.source = match (from_sets, flag_all.is_empty() && flag_masq.is_empty()) {
+        (true, true) => sets.to_string(),
+        (true, false) => format!("{sets}+flags"),
+        (false, false) => "flags".to_string(),
+        (false, true) => "none".to_string(),
+    };
     pools
 }
 

@@ -3,8 +3,8 @@
 //! The modules follow the packet path: [`hooks`] (kernel programs on interfaces) ->
 //! [`events`] (records they emit) -> [`flows`] (correlated connections) -> [`diagnose`]
 //! (verdicts and causes) -> [`state`] (what the agent knows, answered in the model's wire
-//! types) -> [`api`] (HTTP). [`netlink`] and [`calico`] describe the node; [`agent`] wires
-//! them together. The wire vocabulary is the `tracer_model` crate.
+//! types) -> [`api`] (HTTP). [`netlink`], [`calico`] and [`nftables`] describe the node;
+//! [`agent`] wires them together. The wire vocabulary is the `tracer_model` crate.
 pub mod agent;
 pub mod api;
 pub mod btf;
@@ -19,6 +19,7 @@ pub mod hooks;
 pub mod kernel_names;
 pub mod net;
 pub mod netlink;
+pub mod nftables;
 pub mod state;
 pub mod synth;
 #[cfg(test)]

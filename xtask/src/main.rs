@@ -53,6 +53,9 @@ enum Task {
         /// Scenario name (healthy, seed-001, seed-002, seed-003, seed-004, seed-004-passive); all when omitted.
         #[arg(long)]
         scenario: Option<String>,
+        /// felix's dataplane (iptables, nftables); every scenario runs in both when omitted.
+        #[arg(long)]
+        dataplane: Option<String>,
         /// Keep the lab up after the report until Ctrl-C, to query the agents by hand.
         #[arg(long)]
         keep: bool,
@@ -206,13 +209,20 @@ fn main() -> ExitCode {
             }
             run(&mut c)
         }),
-        Task::Lab { scenario, keep } => setup().and_then(|_| {
+        Task::Lab {
+            scenario,
+            dataplane,
+            keep,
+        } => setup().and_then(|_| {
             run(cargo().args(["build", "--release", "-p", "tracer", "-p", "tracer-lab"]))?;
             let target = root().join("target/release");
             let mut c = Command::new(target.join("tracer-lab"));
             c.arg("run").arg("--tracer").arg(target.join("tracer"));
             if let Some(s) = scenario {
                 c.arg("--scenario").arg(s);
+            }
+            if let Some(d) = dataplane {
+                c.arg("--dataplane").arg(d);
             }
             if keep {
                 c.arg("--keep");

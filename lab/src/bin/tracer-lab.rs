@@ -1,6 +1,7 @@
-//! `tracer-lab run --tracer PATH [--scenario NAME] [--keep] [--save-answers DIR]`: builds each scenario's Calico lab
-//! in network namespaces, runs a tracer agent on every node, drives the scenario's traffic,
-//! proves the fault at the packet level, and reports what tracer diagnosed.
+//! `tracer-lab run --tracer PATH [--scenario NAME] [--dataplane iptables|nftables] [--keep]
+//! [--save-answers DIR]`: builds each scenario's Calico lab in network namespaces, in each of
+//! felix's dataplanes, runs a tracer agent on every node, drives the scenario's traffic, proves
+//! the fault at the packet level, and reports what tracer diagnosed.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use tracer_lab::agent::{Agent, Launch};
+use tracer_lab::calico::Dataplane;
 use tracer_lab::diagnoses::{self, NodeDiagnoses};
 use tracer_lab::netns::Netns;
 use tracer_lab::scenario::Scenario;
@@ -33,6 +35,11 @@ Scenarios (default: all, in this order):
   seed-004-passive  the same, but the misdetected node is the passive side: the other node dials
                     its unreachable address
 
+Dataplanes (default: both, each scenario in iptables then nftables mode; with --keep: iptables):
+  iptables          felix's ipsets and iptables chains (cali-nat-outgoing)
+  nftables          felix's nft sets and chains in `table ip calico` (nat-cali-nat-outgoing), as
+                    Calico v3.32+ programs them with NFTablesMode=Auto on an nftables kube-proxy
+
 Exit status:
   0    every lab came up and reproduced its fault at the packet level (whether or not tracer's
        diagnosis matched: see the summary table)
@@ -40,7 +47,7 @@ Exit status:
   2    usage error
   130  interrupted (Ctrl-C / SIGTERM); the lab was torn down
 
-Needs root, and bird, birdc, etcd, tcpdump, ip, bridge, iptables and ipset in PATH
+Needs root, and bird, birdc, etcd, tcpdump, ip, bridge, iptables, ipset and nft in PATH
 (`cargo xtask setup` installs them). Everything runs in network namespaces named tr<pid>...;
 nothing is configured in the root namespace.";
 
@@ -73,6 +80,9 @@ struct RunArgs {
     /// Run only this scenario (healthy, seed-001, seed-002, seed-003, seed-004, seed-004-passive).
     #[arg(long, value_name = "NAME", value_parser = parse_scenario)]
     scenario: Option<Scenario>,
+    /// Run only in this felix dataplane (iptables, nftables); both by default.
+    #[arg(long, value_name = "DATAPLANE", value_parser = parse_dataplane)]
+    dataplane: Option<Dataplane>,
     /// Leave the lab up after the report, print how to query the agents, and wait for Ctrl-C.
     #[arg(long, requires = "scenario")]
     keep: bool,
@@ -80,8 +90,9 @@ struct RunArgs {
     /// with a 2 s no-reply timeout).
     #[arg(long, value_name = "SECS", default_value_t = 3)]
     settle: u64,
-    /// Write every agent's JSON answers, as received, to DIR/<scenario>/<node>/*.json (compare
-    /// two builds with scripts/compare-answers.py).
+    /// Write every agent's JSON answers, as received, to DIR/<scenario>/<node>/*.json
+    /// (nftables runs: DIR/<scenario>-nftables/...; compare two builds with
+    /// scripts/compare-answers.py).
     #[arg(long, value_name = "DIR")]
     save_answers: Option<PathBuf>,
 }
@@ -98,6 +109,10 @@ const ANSWERS: [(&str, &str); 4] = [
 fn parse_scenario(s: &str) -> Result<Scenario, String> {
     s.parse()
         .map_err(|_| format!("unknown scenario (known: {})", Scenario::names()))
+}
+
+fn parse_dataplane(s: &str) -> Result<Dataplane, String> {
+    s.parse().map_err(|e: tracer_lab::LabError| e.to_string())
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -168,6 +183,7 @@ fn checkpoint() -> Result<(), Stop> {
 #[derive(Debug)]
 struct Outcome {
     scenario: Scenario,
+    dataplane: Dataplane,
     /// `Ok` if verify proved the fault (or, for healthy, its absence); the reason otherwise.
     reproduced: Result<(), String>,
     /// Cause names reported, with the nodes that reported them.
@@ -233,37 +249,51 @@ fn run(args: &RunArgs) -> ExitCode {
         Some(s) => vec![s],
         None => Scenario::ALL.to_vec(),
     };
+    let dataplanes: Vec<Dataplane> = match (args.dataplane, args.keep) {
+        (Some(d), _) => vec![d],
+        (None, true) => vec![Dataplane::Iptables],
+        (None, false) => Dataplane::ALL.to_vec(),
+    };
     println!(
-        "[lab] tracer {} on every node; scenarios: {}",
+        "[lab] tracer {} on every node; scenarios: {}; dataplanes: {}",
         args.tracer.display(),
         scenarios
             .iter()
             .map(|s| s.name())
             .collect::<Vec<_>>()
+            .join(", "),
+        dataplanes
+            .iter()
+            .map(|d| d.as_str())
+            .collect::<Vec<_>>()
             .join(", ")
     );
     let mut outcomes = Vec::new();
     let mut lab_errors = 0;
-    for s in scenarios {
+    let runs = scenarios
+        .iter()
+        .flat_map(|s| dataplanes.iter().map(move |d| (*s, *d)));
+    for (s, dp) in runs {
         let t = Instant::now();
-        match run_scenario(s, args) {
+        match run_scenario(s, dp, args) {
             Ok(o) => {
                 if o.reproduced.is_err() {
                     lab_errors += 1;
                 }
-                println!("[lab] {s} done in {:.1?}", t.elapsed());
+                println!("[lab] {s} ({dp}) done in {:.1?}", t.elapsed());
                 outcomes.push(o);
             }
             Err(Stop::Interrupted) => {
-                println!("[lab] {s}: interrupted; lab torn down");
+                println!("[lab] {s} ({dp}): interrupted; lab torn down");
                 print_summary(&outcomes);
                 return ExitCode::from(EXIT_INTERRUPTED);
             }
             Err(Stop::Lab(e)) => {
-                eprintln!("[lab] {s}: lab error: {e}");
+                eprintln!("[lab] {s} ({dp}): lab error: {e}");
                 lab_errors += 1;
                 outcomes.push(Outcome {
                     scenario: s,
+                    dataplane: dp,
                     reproduced: Err(format!("lab error: {e}")),
                     reported: Vec::new(),
                     agent_errors: Vec::new(),
@@ -313,6 +343,7 @@ fn preflight(tracer: &Path) -> Result<(), String> {
         "iptables-save",
         "iptables-restore",
         "ipset",
+        "nft",
         "tcpdump",
         "bird",
         "birdc",
@@ -330,9 +361,10 @@ fn preflight(tracer: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
-    println!("\n=== {s}: {} ===", s.title());
-    let cfg = s.config();
+fn run_scenario(s: Scenario, dataplane: Dataplane, args: &RunArgs) -> Result<Outcome, Stop> {
+    println!("\n=== {s} ({dataplane}): {} ===", s.title());
+    let mut cfg = s.config();
+    cfg.dataplane = dataplane;
     let lab = Cluster::build_with_progress(&cfg, &mut |m| println!("[lab] {m}"))
         .map_err(|e| Stop::from(e).context("building the lab"))?;
     checkpoint()?;
@@ -372,7 +404,7 @@ fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
     }
     checkpoint()?;
 
-    println!("[lab] proving the fault at the packet level (tcpdump, BIRD, iptables; no tracer)...");
+    println!("[lab] proving the fault at the packet level (tcpdump, BIRD, {dataplane} counters; no tracer)...");
     let reproduced = match s.evidence(&lab) {
         Ok(ev) => {
             for line in ev {
@@ -408,7 +440,11 @@ fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
             }
         }
         if let Some(dir) = &args.save_answers {
-            save_answers(&dir.join(s.name()).join(&n.name), a, &n.name, &n.netns)?;
+            let run = match dataplane {
+                Dataplane::Iptables => s.name().to_string(),
+                Dataplane::Nftables => format!("{s}-{dataplane}"),
+            };
+            save_answers(&dir.join(run).join(&n.name), a, &n.name, &n.netns)?;
         }
         if let Some(v) = s.expected_verdict() {
             let q = FlowQuery {
@@ -424,12 +460,13 @@ fn run_scenario(s: Scenario, args: &RunArgs) -> Result<Outcome, Stop> {
     }
     let outcome = Outcome {
         scenario: s,
+        dataplane,
         reproduced,
         reported,
         agent_errors,
     };
     println!(
-        "\n[lab] {s}: expected {}, tracer reported {} -> {}",
+        "\n[lab] {s} ({dataplane}): expected {}, tracer reported {} -> {}",
         s.expected_text(),
         outcome.reported_text(),
         if outcome.matched() {
@@ -538,16 +575,18 @@ fn print_summary(outcomes: &[Outcome]) {
     }
     let header = [
         "scenario",
+        "dataplane",
         "fault reproduced",
         "expected cause",
         "tracer reported",
         "match",
     ];
-    let rows: Vec<[String; 5]> = outcomes
+    let rows: Vec<[String; 6]> = outcomes
         .iter()
         .map(|o| {
             [
                 o.scenario.name().to_string(),
+                o.dataplane.to_string(),
                 match &o.reproduced {
                     Ok(()) => "yes".into(),
                     Err(_) => "NO".into(),
@@ -564,7 +603,7 @@ fn print_summary(outcomes: &[Outcome]) {
             *w = (*w).max(c.len());
         }
     }
-    let line = |cells: [&str; 5]| {
+    let line = |cells: [&str; 6]| {
         cells
             .iter()
             .zip(widths)
@@ -582,11 +621,11 @@ fn print_summary(outcomes: &[Outcome]) {
             .join("-|-")
     );
     for r in &rows {
-        println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
+        println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]));
     }
     for o in outcomes {
         if let Err(e) = &o.reproduced {
-            println!("  {}: {e}", o.scenario);
+            println!("  {} ({}): {e}", o.scenario, o.dataplane);
         }
     }
 }

@@ -159,9 +159,10 @@ impl ScenarioSpec for Healthy {
             },
         )?;
         ev.push(format!(
-            "{} -> {} masqueraded (cali-nat-outgoing +{}), apiserver saw {}",
+            "{} -> {} masqueraded ({} +{}), apiserver saw {}",
             a.ip(),
             lab.apiserver_addr(),
+            lab.config.dataplane.nat_outgoing_chain(),
             after - before,
             n1.ip
         ));

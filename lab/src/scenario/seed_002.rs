@@ -174,14 +174,19 @@ impl ScenarioSpec for Seed002 {
         ));
         let masq_after = calico::nat_outgoing_packets(&n1.netns)?;
         check(masq_after == masq_before, || {
-            format!("cali-nat-outgoing MASQUERADE fired ({masq_before} -> {masq_after})")
+            format!(
+                "{} masquerade fired ({masq_before} -> {masq_after})",
+                lab.config.dataplane.nat_outgoing_chain()
+            )
         })?;
         check(
             !lab.apiserver.peers().iter().any(|p| p.ip() == pod_ip),
             || "the apiserver accepted the pod's connection".into(),
         )?;
         ev.push(format!(
-            "cali-nat-outgoing MASQUERADE: {masq_after} packets (pool {} contains {}); {}",
+            "{} ({}) masquerade: {masq_after} packets (pool {} contains {}); {}",
+            lab.config.dataplane.nat_outgoing_chain(),
+            lab.config.dataplane,
             lab.config.pool.cidr,
             api.ip(),
             att[0]

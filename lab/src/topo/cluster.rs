@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::addr::{ensure_lab_cidr, ensure_lab_ip, parse_ip, Cidr};
 use crate::bird::{self, Bird, BirdConfig};
-use crate::calico::{self, Encapsulation, Pool, Vtep};
+use crate::calico::{self, Dataplane, Encapsulation, FelixNat, Pool, Vtep};
 use crate::daemon::{poll, LabDir};
 use crate::etcd::{DelayProxy, Etcd};
 use crate::netns::{unique_prefix, Netns};
@@ -128,6 +128,8 @@ pub struct ClusterConfig {
     /// The nodes' LAN interface name ("eth0", "ens160"...).
     pub nic: String,
     pub pool: Pool,
+    /// felix's dataplane on every node: ipsets and iptables, or `table ip calico`.
+    pub dataplane: Dataplane,
     pub routing: Routing,
     /// The cluster's BGP AS number.
     pub as_num: u32,
@@ -152,6 +154,7 @@ impl ClusterConfig {
             datastore_delay: None,
             nic: "eth0".into(),
             pool: Pool::new("10.244.0.0/16", true),
+            dataplane: Dataplane::Iptables,
             routing: Routing::Vxlan,
             as_num: 64512,
             pod_port: 8090,
@@ -849,10 +852,18 @@ impl Build<'_> {
                 Routing::Bgp => String::new(),
             };
             progress(&format!(
-                "{}: felix: ipsets and NAT for pool {}{what}...",
-                n.name, cfg.pool.cidr
+                "{}: felix ({}): sets and NAT for pool {}{what}...",
+                n.name, cfg.dataplane, cfg.pool.cidr
             ));
-            calico::write_felix_nat_with(ns, std::slice::from_ref(&cfg.pool), encap)?;
+            calico::write_felix_nat_config(
+                ns,
+                std::slice::from_ref(&cfg.pool),
+                encap,
+                &FelixNat {
+                    dataplane: cfg.dataplane,
+                    ..FelixNat::default()
+                },
+            )?;
             if let Some((vip, port)) = &cfg.service_vip {
                 calico::write_service_dnat(
                     ns,

@@ -3,6 +3,7 @@ use tracer_model::{diagnosis, Cause, Diagnosis, Evidence};
 
 use super::{model_side, ms, reply_evidence, Context, Findings};
 use crate::{
+    calico::Dataplane,
     flows::{DropRecord, Flow, Side},
     net::{proto_name, PROTO_ICMP, PROTO_ICMPV6},
 };
@@ -66,15 +67,19 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
             reply: reply_evidence(flow, cx),
             snat_excluded: None,
         }),
-        fix: drop_fix(&reason),
+        fix: drop_fix(&reason, cx.pools.dataplane),
     })
 }
 
 /// What an operator does about the common drop reasons on a Calico node.
-fn drop_fix(reason: &str) -> String {
+fn drop_fix(reason: &str, dataplane: Dataplane) -> String {
     match reason {
-        "NETFILTER_DROP" => "An iptables/nftables rule dropped it. With Calico's iptables dataplane that is usually a NetworkPolicy (felix's cali-pi-*/cali-po-* chains end in DROP): check `calicoctl get networkpolicy,globalnetworkpolicy -A` and `iptables-save -c | grep DROP` for the rule whose counter rises."
-            .into(),
+        "NETFILTER_DROP" => match dataplane {
+            Dataplane::Iptables => "An iptables/nftables rule dropped it. With Calico's iptables dataplane that is usually a NetworkPolicy (felix's cali-pi-*/cali-po-* chains end in DROP): check `calicoctl get networkpolicy,globalnetworkpolicy -A` and `iptables-save -c | grep DROP` for the rule whose counter rises."
+                .into(),
+            Dataplane::Nftables => "An nftables/iptables rule dropped it. With Calico's nftables dataplane that is usually a NetworkPolicy (felix's filter-cali-pi-*/filter-cali-po-* chains of `table ip calico` end in drop): check `calicoctl get networkpolicy,globalnetworkpolicy -A` and `nft list table ip calico | grep drop` for the rule whose counter rises."
+                .into(),
+        },
         "IP_RPFILTER" => "Reverse-path filtering: the source is not routed back through the interface it arrived on. Check rp_filter and asymmetric routes (a node address autodetected on the wrong interface produces exactly this)."
             .into(),
         "NO_SOCKET" => "Nothing listens on the destination port: check the pod/service is running and its targetPort."

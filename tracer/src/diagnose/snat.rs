@@ -12,7 +12,10 @@ use tracer_model::{
 
 use super::{leaving, reply_evidence, strings, Context, Findings};
 use crate::{
-    calico::{NatOutgoing, Role, ALL_HOSTS_SET_V4, ALL_HOSTS_SET_V6, NAT_OUTGOING_CHAIN},
+    calico::{
+        Dataplane, NatOutgoing, Role, ALL_HOSTS_SET_V4, ALL_HOSTS_SET_V6, MASQ_POOLS_SETS_V4,
+        MASQ_POOLS_SETS_V6,
+    },
     events::Dir,
     flows::{Flow, HopView, Side},
     net::Cidr,
@@ -57,7 +60,8 @@ pub fn skipped<'a>(flow: &'a Flow, cx: &Context<'_>) -> Option<Skipped<'a>> {
         // felix up to v3.32.0 puts LoadBalancer-only pools in all-ipam-pools: their addresses
         // are never masqueraded, whether or not a host subnet holds them.
         if let Some(lb) = cx.pools.lb_only_pool_of(hop.dst) {
-            let deliberate = Deliberate::Yes(lb_only_exclusion(flow, &hop, lb));
+            let chain = cx.pools.dataplane.nat_outgoing_chain();
+            let deliberate = Deliberate::Yes(lb_only_exclusion(flow, &hop, lb, chain));
             return Some(Skipped {
                 hop,
                 src_pool,
@@ -106,16 +110,16 @@ fn rule_exclusion(flow: &Flow, cx: &Context<'_>, hop: &HopView<'_>) -> Deliberat
                 left_node_unmasqueraded: leaving(flow, hop),
                 out_iface_filter: filter.to_string(),
                 out_iface_negated: rule.out_iface_negated,
-                rule_chain: NAT_OUTGOING_CHAIN.into(),
+                rule_chain: cx.pools.dataplane.nat_outgoing_chain().into(),
             },
         });
     }
     if rule.excludes_host_ips {
         let Some(nets) = cx.pools.host_nets_for(hop.dst) else {
-            return Deliberate::Unknown(
-                "felix's rule excludes host IPs but its all-hosts-net ipset could not be read"
-                    .into(),
-            );
+            return Deliberate::Unknown(format!(
+                "felix's rule excludes host IPs but its all-hosts-net {} could not be read",
+                cx.pools.dataplane.set_kind()
+            ));
         };
         if let Some(net) = nets.iter().find(|c| c.contains(hop.dst)) {
             let set = if hop.dst.is_ipv4() {
@@ -133,7 +137,7 @@ fn rule_exclusion(flow: &Flow, cx: &Context<'_>, hop: &HopView<'_>) -> Deliberat
                     host_net: net.to_string(),
                     ipset: set.into(),
                     left_node_unmasqueraded: leaving(flow, hop),
-                    rule_chain: NAT_OUTGOING_CHAIN.into(),
+                    rule_chain: cx.pools.dataplane.nat_outgoing_chain().into(),
                 },
             });
         }
@@ -141,7 +145,7 @@ fn rule_exclusion(flow: &Flow, cx: &Context<'_>, hop: &HopView<'_>) -> Deliberat
     Deliberate::No
 }
 
-fn lb_only_exclusion(flow: &Flow, hop: &HopView<'_>, pool: Cidr) -> SnatExclusion {
+fn lb_only_exclusion(flow: &Flow, hop: &HopView<'_>, pool: Cidr, chain: &str) -> SnatExclusion {
     SnatExclusion {
         setting: "IPPool allowedUses=[LoadBalancer]".into(),
         summary: format!(
@@ -151,7 +155,7 @@ fn lb_only_exclusion(flow: &Flow, hop: &HopView<'_>, pool: Cidr) -> SnatExclusio
         evidence: ExclusionEvidence::LbOnlyPool {
             lb_only_pool: pool.to_string(),
             left_node_unmasqueraded: leaving(flow, hop),
-            rule_chain: NAT_OUTGOING_CHAIN.into(),
+            rule_chain: chain.into(),
         },
     }
 }
@@ -216,9 +220,13 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
             cause: Cause::NatOutgoingDisabled,
             summary: format!(
                 "Pod {} sent to {} outside every IP pool, but its pool {} has natOutgoing disabled \
-                 (it is not in felix's masq ipset), so the packet left {} with the pod address and \
+                 (it is not in felix's masq {}), so the packet left {} with the pod address and \
                  no reply came back.",
-                flow.src, s.hop.dst, s.src_pool, s.hop.iface
+                flow.src,
+                s.hop.dst,
+                s.src_pool,
+                cx.pools.dataplane.set_kind(),
+                s.hop.iface
             ),
             evidence: Evidence::NatOutgoingDisabled(NatOutgoingDisabled {
                 left_node_unmasqueraded: leaving,
@@ -242,8 +250,15 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
         cause: Cause::MasqueradeNotApplied,
         summary: format!(
             "Pod {}'s pool {} is marked for natOutgoing, yet its packet to {} left {} with the pod \
-             address: felix's cali-nat-outgoing MASQUERADE rule did not apply.",
-            flow.src, s.src_pool, s.hop.dst, s.hop.iface
+             address: felix's {} rule did not apply.",
+            flow.src,
+            s.src_pool,
+            s.hop.dst,
+            s.hop.iface,
+            match cx.pools.dataplane {
+                Dataplane::Iptables => "cali-nat-outgoing MASQUERADE",
+                Dataplane::Nftables => "nat-cali-nat-outgoing masquerade",
+            }
         ),
         evidence: Evidence::MasqueradeNotApplied(MasqueradeNotApplied {
             left_node_unmasqueraded: leaving,
@@ -251,10 +266,23 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
             pod_pool: s.src_pool.to_string(),
             reply,
         }),
-        fix: "Check `iptables -t nat -S cali-nat-outgoing` and the ipsets it names \
-              (`ipset list cali40masq-ipam-pools`); restart calico-node if felix's rules are missing."
-            .to_string(),
+        fix: masquerade_fix(cx.pools.dataplane, s.hop.dst.is_ipv6()),
     })
+}
+
+/// Where to look when felix's masquerade rule did not apply, in the node's dataplane.
+fn masquerade_fix(dataplane: Dataplane, ipv6: bool) -> String {
+    let masq_set = if ipv6 {
+        MASQ_POOLS_SETS_V6[0]
+    } else {
+        MASQ_POOLS_SETS_V4[0]
+    };
+    format!(
+        "Check `{}` and the {}s it names (`{}`); restart calico-node if felix's rules are missing.",
+        dataplane.show_nat_outgoing(ipv6),
+        dataplane.set_kind(),
+        dataplane.show_set(masq_set)
+    )
 }
 
 fn rule_evidence(r: &NatOutgoing) -> NatOutgoingRule {
@@ -560,5 +588,45 @@ mod tests {
         let j = judge(flow, &cx(&p, &f, 10_000_000_000));
         assert_eq!(j.verdicts, vec![Verdict::Replied]);
         assert!(j.diagnosis.is_none());
+    }
+
+    /// The fix names the commands of the node's dataplane (iptables' text is unchanged).
+    #[test]
+    fn masquerade_fix_names_the_dataplanes_commands() {
+        assert_eq!(
+            super::masquerade_fix(crate::calico::Dataplane::Iptables, false),
+            "Check `iptables -t nat -S cali-nat-outgoing` and the ipsets it names \
+             (`ipset list cali40masq-ipam-pools`); restart calico-node if felix's rules are missing."
+        );
+        assert_eq!(
+            super::masquerade_fix(crate::calico::Dataplane::Nftables, false),
+            "Check `nft list chain ip calico nat-cali-nat-outgoing` and the nft sets it names \
+             (`nft list set ip calico cali40masq-ipam-pools`); restart calico-node if felix's \
+             rules are missing."
+        );
+        assert!(
+            super::masquerade_fix(crate::calico::Dataplane::Nftables, true)
+                .contains("`nft list chain ip6 calico nat-cali-nat-outgoing`")
+        );
+        assert!(
+            super::masquerade_fix(crate::calico::Dataplane::Iptables, true)
+                .contains("`ip6tables -t nat -S cali-nat-outgoing`")
+        );
+        let f = facts();
+        let mut p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        p.dataplane = crate::calico::Dataplane::Nftables;
+        let s = syn("10.244.1.10", "8.8.8.8", 443);
+        let (t, id) = flow_of(s, s, false);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        let d = judge(flow, &cx(&p, &f, 10_000_000_000))
+            .diagnosis
+            .unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, Cause::MasqueradeNotApplied);
+        assert!(
+            d.summary.contains("nat-cali-nat-outgoing masquerade"),
+            "{}",
+            d.summary
+        );
+        assert!(d.fix.contains("nft list chain ip calico"), "{}", d.fix);
     }
 }
