@@ -103,7 +103,7 @@ fn rule_exclusion(flow: &Flow, cx: &Context<'_>, hop: &HopView<'_>) -> Deliberat
         return Deliberate::Yes(SnatExclusion {
             setting: format!("IptablesNATOutgoingInterfaceFilter={filter}"),
             summary: format!(
-                "Pod {} left {iface} un-masqueraded on purpose: felix's natOutgoing rule only                  masquerades traffic leaving {not}{filter} (IptablesNATOutgoingInterfaceFilter).",
+                "Pod {} left {iface} un-masqueraded on purpose: felix's natOutgoing rule only masquerades traffic leaving {not}{filter} (IptablesNATOutgoingInterfaceFilter).",
                 flow.src
             ),
             evidence: ExclusionEvidence::InterfaceFilter {
@@ -130,7 +130,7 @@ fn rule_exclusion(flow: &Flow, cx: &Context<'_>, hop: &HopView<'_>) -> Deliberat
             return Deliberate::Yes(SnatExclusion {
                 setting: "NATOutgoingExclusions=IPPoolsAndHostIPs".into(),
                 summary: format!(
-                    "Pod {} reached node address {} un-masqueraded on purpose: felix's natOutgoing                      rule skips destinations in {set} (NATOutgoingExclusions=IPPoolsAndHostIPs),                      so that host must route the pod address back.",
+                    "Pod {} reached node address {} un-masqueraded on purpose: felix's natOutgoing rule skips destinations in {set} (NATOutgoingExclusions=IPPoolsAndHostIPs), so that host must route the pod address back.",
                     flow.src, hop.dst
                 ),
                 evidence: ExclusionEvidence::HostIps {
@@ -149,7 +149,7 @@ fn lb_only_exclusion(flow: &Flow, hop: &HopView<'_>, pool: Cidr, chain: &str) ->
     SnatExclusion {
         setting: "IPPool allowedUses=[LoadBalancer]".into(),
         summary: format!(
-            "Pod {} reached {} un-masqueraded on purpose: it is in the LoadBalancer-only pool {pool},              which felix up to v3.32.0 keeps in all-ipam-pools, whose destinations its natOutgoing              rule skips (v3.32.1 masquerades them).",
+            "Pod {} reached {} un-masqueraded on purpose: it is in the LoadBalancer-only pool {pool}, which felix up to v3.32.0 keeps in all-ipam-pools, whose destinations its natOutgoing rule skips (v3.32.1 masquerades them).",
             flow.src, hop.dst
         ),
         evidence: ExclusionEvidence::LbOnlyPool {
