@@ -4,19 +4,16 @@
 //! seed 002 is still diagnosed there.
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
-use common::{has_verdict, query, TestResult, READY};
+use common::{connect_via_vip, has_verdict, query, TestResult, READY, VIP};
 use tracer::calico::{read_pools, Dataplane, Pools};
 use tracer_lab::{
     calico::{self, Dataplane as LabDataplane, Encapsulation, FelixNat, Pool, PoolSets},
     netns::{unique_prefix, Netns},
     topo::SingleNode,
-    traffic,
 };
 use tracer_model::{diagnosis::Evidence, Cause, Verdict};
-
-const VIP: &str = "10.96.0.1";
 
 fn nft_felix(pool_sets: PoolSets) -> FelixNat {
     FelixNat {
@@ -228,15 +225,6 @@ fn nft_single_node(
 ) -> Result<SingleNode, Box<dyn std::error::Error>> {
     cfg.felix.dataplane = LabDataplane::Nftables;
     Ok(SingleNode::build(&cfg)?)
-}
-
-fn connect_via_vip(lab: &SingleNode) -> Result<bool, Box<dyn std::error::Error>> {
-    let vip: SocketAddr = format!("{VIP}:443").parse()?;
-    Ok(traffic::tcp_probe(
-        &lab.pod.netns,
-        vip,
-        Duration::from_secs(2),
-    )?)
 }
 
 /// The lab's nft masquerade really translates, and the agent sees it applied.

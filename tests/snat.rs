@@ -7,14 +7,15 @@ mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
-use common::{get_json, has_verdict, query, Agent, FlowView, Res, TestResult, API_PORT, READY};
+use common::{
+    connect_via_vip, get_json, has_verdict, query, Agent, FlowView, Res, TestResult, API_PORT,
+    READY, VIP,
+};
 use tracer_lab::{topo::SingleNode, traffic};
 use tracer_model::{
     diagnosis::{ExclusionEvidence, SnatExclusion},
     Cause, Dir, Evidence, Side, Verdict,
 };
-
-const VIP: &str = "10.96.0.1";
 
 /// Nothing wrong on this node: no diagnosis group, no configuration finding.
 fn assert_nothing_wrong(agent: &Agent, lab: &SingleNode) -> TestResult {
@@ -22,15 +23,6 @@ fn assert_nothing_wrong(agent: &Agent, lab: &SingleNode) -> TestResult {
     assert!(diag.causes.is_empty(), "{diag:?}");
     assert!(diag.node_findings.is_empty(), "{diag:?}");
     Ok(())
-}
-
-fn connect_via_vip(lab: &SingleNode) -> Result<bool, Box<dyn std::error::Error>> {
-    let vip: SocketAddr = format!("{VIP}:443").parse()?;
-    Ok(traffic::tcp_probe(
-        &lab.pod.netns,
-        vip,
-        Duration::from_secs(2),
-    )?)
 }
 
 /// Starts an agent, has the pod call the VIP (which must fail here), and returns the agent and

@@ -16,6 +16,19 @@ pub type Res<T> = Result<T, Box<dyn Error>>;
 /// How long an agent may take to become ready or to attach.
 pub const READY: Duration = Duration::from_secs(20);
 
+/// The apiserver Service VIP of the single-node labs (kube-proxy-style DNAT to :6443).
+pub const VIP: &str = "10.96.0.1";
+
+/// Whether the lab's pod can open a TCP connection to the apiserver Service VIP.
+pub fn connect_via_vip(lab: &SingleNode) -> Res<bool> {
+    let vip: SocketAddr = format!("{VIP}:443").parse()?;
+    Ok(traffic::tcp_probe(
+        &lab.pod.netns,
+        vip,
+        Duration::from_secs(2),
+    )?)
+}
+
 /// Starts the tracer under test in `ns`, on loopback at the default port.
 pub fn start(ns: &Netns, extra: &[&str]) -> Res<Agent> {
     launch(ns, Launch::with_args(extra))
