@@ -582,3 +582,30 @@ fn idle_keep_alive_connections_are_closed() -> TestResult {
     );
     Ok(())
 }
+
+/// `--log-format json`: every line the agent logs is one JSON object with its level, target and
+/// message at the top level, as log pipelines (Loki, Fluent Bit) ingest them.
+#[test]
+fn json_logs_are_one_object_per_line() -> TestResult {
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let mut agent = common::start(&lab.node, &["--log-format", "json"])?;
+    agent.wait_attached(&lab.node, &[lab.pod.veth.as_str(), "eth0"], READY)?;
+    let log = agent.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "the agent logged nothing");
+    let mut attached = 0;
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| format!("not one JSON object per line ({e}): {line}"))?;
+        for key in ["timestamp", "level", "target"] {
+            assert!(v.get(key).is_some(), "no {key}: {line}");
+        }
+        if v["message"] == "attached" {
+            // Fields are top-level keys, not a nested object.
+            assert!(v["iface"].is_string() && v["role"].is_string(), "{line}");
+            attached += 1;
+        }
+    }
+    assert!(attached >= 2, "no `attached` events in\n{log}");
+    Ok(())
+}

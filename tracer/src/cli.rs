@@ -28,6 +28,10 @@ pub struct Cli {
     /// Log filter (tracing-subscriber EnvFilter syntax), e.g. "info" or "tracer=debug".
     #[arg(long, global = true, env = "TRACER_LOG", default_value = "info")]
     pub log: String,
+    /// Log lines as text for a terminal, or as one JSON object per line for log pipelines
+    /// (timestamp, level, target, fields, message).
+    #[arg(long, global = true, env = "TRACER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -228,6 +232,13 @@ impl AgentArgs {
             ..Default::default()
         })
     }
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
