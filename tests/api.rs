@@ -609,3 +609,43 @@ fn json_logs_are_one_object_per_line() -> TestResult {
     assert!(attached >= 2, "no `attached` events in\n{log}");
     Ok(())
 }
+
+/// `agent --config FILE`: settings from a ConfigMap-style YAML file take effect (here: attach on
+/// demand only), and a file with a setting the agent does not know stops it at start with a
+/// clear error, before it touches the node.
+#[test]
+fn config_file_sets_agent_flags_and_bad_ones_stop_it() -> TestResult {
+    let dir = std::env::temp_dir().join(format!("tracer-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, "attach: on-demand\nno-reply-timeout: 2s\n")?;
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "attach: on-demand\nflow_cap: 10\n")?;
+
+    let lab = SingleNode::build(&SingleNode::healthy())?;
+    let config = format!("--config={}", good.display());
+    let mut agent = common::start(&lab.node, &[config.as_str()])?;
+    agent.wait_ready(&lab.node, READY)?;
+    let detail = agent
+        .health(&lab.node)?
+        .detail
+        .ok_or("no /healthz detail")?;
+    assert!(
+        detail.attached.is_empty(),
+        "attach: on-demand from the file was not applied: {:?}",
+        detail.attached
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tracer"))
+        .args(["agent", "--config"])
+        .arg(&bad)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unknown setting \"flow_cap\"") && stderr.contains("bad.yaml"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -20,6 +20,8 @@ use crate::{
 #[command(
     name = "tracer",
     version,
+    // A flag given on the command line overrides the same flag from `agent --config`.
+    args_override_self = true,
     about = "eBPF packet path tracer for Kubernetes nodes networked by Calico",
     long_about = "tracer follows packets across a Calico node's pod veths, tunnels and host NICs, \
                   correlates them through NAT into flows, and says what went wrong and how to fix it."
@@ -112,6 +114,11 @@ pub struct DiagnosesArgs {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// A YAML file of agent flags (a ConfigMap), e.g. `flow-cap: 50000` or
+    /// `host-iface: [eth0, eth1]`: the same names as the flags, without the dashes. Flags on the
+    /// command line override it (lists are combined). Read and checked at start.
+    #[arg(long, env = "TRACER_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// Address to serve the API on (loopback by default; the DaemonSet uses the pod's host network).
     #[arg(long, default_value = defaults::LISTEN)]
     pub listen: SocketAddr,

@@ -12,6 +12,7 @@ pub mod calico;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod config;
 pub mod diagnose;
 pub mod events;
 pub mod flows;

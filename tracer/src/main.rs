@@ -7,7 +7,14 @@ mod cmd;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match tracer::config::expand(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("tracer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     if !matches!(cli.command, Command::Agent(_)) {
         // `tracer flows -o json | head`: a closed pipe ends a client quietly, as for any CLI
         // tool, instead of a panic in println!. Never for the agent: a client hanging up on
