@@ -32,6 +32,16 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
     let mut out = argv[..=at].to_vec();
     out.extend(flags.into_iter().map(OsString::from));
     out.extend_from_slice(&argv[at + 1..]);
+    // The command line parsed without the file: a failure now is the file's, so say so.
+    if let Err(e) = <Cli as clap::Parser>::try_parse_from(&out) {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or("invalid setting");
+        return Err(format!(
+            "config file {}: {}",
+            path.display(),
+            first.trim_start_matches("error: ")
+        ));
+    }
     Ok(out)
 }
 
@@ -181,11 +191,26 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_value_is_caught_by_the_flags_own_parser() -> Result<(), String> {
+    fn a_bad_value_is_caught_by_the_flags_own_parser_and_blamed_on_the_file() -> Result<(), String>
+    {
         let f = flags("flow-cap: lots")?;
         let mut argv = vec!["tracer", "agent"];
         argv.extend(f.iter().map(String::as_str));
         assert!(parse(&argv).is_err_and(|e| e.contains("lots")));
+        let path =
+            std::env::temp_dir().join(format!("tracer-bad-value-{}.yaml", std::process::id()));
+        std::fs::write(&path, "flow-cap: lots\n").map_err(|e| e.to_string())?;
+        let argv: Vec<OsString> = ["tracer", "agent", "--config"]
+            .iter()
+            .map(OsString::from)
+            .chain([path.clone().into_os_string()])
+            .collect();
+        let err = expand(argv).err().unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            err.contains("config file") && err.contains("lots") && err.contains("--flow-cap"),
+            "{err}"
+        );
         Ok(())
     }
 }
