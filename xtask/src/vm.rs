@@ -86,6 +86,12 @@ const GUEST_STEPS: &[Step] = &[
         kind: Kind::Test("coexist"),
         args: &[],
     },
+    // felix's nftables dataplane read over nfnetlink from 6.1's nf_tables, seed 002 in it.
+    Step {
+        name: "nftables",
+        kind: Kind::Test("nftables"),
+        args: &[],
+    },
     // A real iptables DROP reported with the kernel's reason.
     Step {
         name: "drops",
@@ -118,6 +124,7 @@ const HOST_TOOLS: &[(&str, bool)] = &[
     ("iptables-save", true),
     ("iptables-restore", true),
     ("ipset", true),
+    ("nft", true),
     ("unshare", true),
     ("mount", true),
     ("umount", true),
