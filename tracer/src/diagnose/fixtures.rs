@@ -209,6 +209,23 @@ pub fn lookup2(i: u32) -> std::sync::Arc<Iface> {
         o => Iface::unnamed(o),
     }
 }
+/// A container bridge at 10.4.0.1/24 (seed 003's `nerdctl0`), no ports yet.
+pub fn bridge_link(index: u32, name: &str) -> Link {
+    Link {
+        index,
+        name: name.into(),
+        kind: Some("bridge".into()),
+        master: None,
+        up: true,
+        l3: false,
+        vxlan: None,
+        addrs: vec![IfAddr {
+            ip: ip("10.4.0.1"),
+            prefix: 24,
+        }],
+    }
+}
+
 pub fn vxlan_link(parent: u32, local: &str) -> Link {
     Link {
         index: 8,

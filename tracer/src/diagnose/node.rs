@@ -93,19 +93,6 @@ mod tests {
     #[test]
     fn node_findings_flag_container_bridge_parent_and_overlap_only() {
         let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
-        let bridge = |idx: u32, name: &str| Link {
-            index: idx,
-            name: name.into(),
-            kind: Some("bridge".into()),
-            master: None,
-            up: true,
-            l3: false,
-            vxlan: None,
-            addrs: vec![IfAddr {
-                ip: ip("10.4.0.1"),
-                prefix: 24,
-            }],
-        };
         let port = |idx: u32, master: u32, kind: Option<&str>| Link {
             index: idx,
             name: format!("port{idx}"),
@@ -120,7 +107,7 @@ mod tests {
         let f = underlay_node(
             "10.51.0.101",
             vec![
-                bridge(7, "nerdctl0"),
+                bridge_link(7, "nerdctl0"),
                 port(9, 7, Some("veth")),
                 vxlan_link(7, "10.4.0.1"),
             ],
@@ -142,7 +129,7 @@ mod tests {
         let f = underlay_node(
             "10.51.0.101",
             vec![
-                bridge(7, "br0"),
+                bridge_link(7, "br0"),
                 port(9, 7, None),
                 vxlan_link(7, "10.4.0.1"),
             ],

@@ -116,19 +116,7 @@ mod tests {
     use super::super::fixtures::*;
     #[test]
     fn seed_003_vxlan_on_a_bridge() {
-        let bridge = Link {
-            index: 7,
-            name: "nerdctl0".into(),
-            kind: Some("bridge".into()),
-            master: None,
-            up: true,
-            l3: false,
-            vxlan: None,
-            addrs: vec![IfAddr {
-                ip: ip("10.4.0.1"),
-                prefix: 24,
-            }],
-        };
+        let bridge = bridge_link(7, "nerdctl0");
         let f = underlay_node("10.51.0.101", vec![bridge, vxlan_link(7, "10.4.0.1")]);
         let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
         let t = vxlan_flow(7, "10.4.0.1", "10.51.0.100");
