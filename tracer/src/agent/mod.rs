@@ -450,8 +450,14 @@ fn read_events(
             _ => {}
         }
         shared.liveness().reader_beat(mono_now_ns());
-        // Decode outside the table lock; ingest in batches to take the lock rarely.
-        while let Some(item) = ring.next() {
+        // Decode outside the table lock; ingest in batches to take the lock rarely. The drain
+        // point is a time at which the ring was empty: taken before a look that found nothing,
+        // so no record written before it can still be waiting.
+        let drained_at = loop {
+            let before = mono_now_ns();
+            let Some(item) = ring.next() else {
+                break before;
+            };
             match crate::events::decode(&item) {
                 Ok(o) => batch.push(o),
                 Err(e) => {
@@ -464,8 +470,7 @@ fn read_events(
                 batch.clear();
                 shared.liveness().reader_beat(mono_now_ns());
             }
-        }
-        let drained_at = mono_now_ns();
+        };
         if !batch.is_empty() || errors > 0 {
             shared.ingest(&batch, std::mem::take(&mut errors));
             batch.clear();
@@ -487,8 +492,8 @@ fn read_events(
             }
         }
         if r == 0 {
-            // Nothing arrived for a whole wake period: the ring is empty as of now.
-            shared.reader_idle(mono_now_ns());
+            // Nothing arrived for a whole wake period.
+            shared.reader_idle();
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::{
     clock::{Clock, FIXED_NOW_NS},
     diagnose::Rules,
     events::{Dir, Encap, KernelDrop, Packet},
+    flows::CounterRead,
     hooks::TcBackend,
     kernel_names::{DropReasons, Symbols},
     net::{Cidr, IfAddr},
@@ -572,8 +573,8 @@ fn destination_unresponsive() -> Shared {
 fn evidence_incomplete() -> Shared {
     let s = destination_unresponsive();
     let mut gaps = s.gaps_mut();
-    gaps.look(T0 - S, 0);
-    gaps.look(T0 + 2 * S, 7);
+    gaps.look(T0 - S, CounterRead::at(T0 - S, 0));
+    gaps.look(T0 + 2 * S, CounterRead::at(T0 + 2 * S, 7));
     drop(gaps);
     s
 }

@@ -311,6 +311,7 @@ fn ms(ns: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::fixtures::*;
+    use crate::flows::CounterRead;
 
     #[test]
     fn lost_records_are_never_turned_into_no_reply() {
@@ -326,8 +327,8 @@ mod tests {
         assert!(j.diagnosis.is_some());
         // The ring overflowed while the reply was due: said, not diagnosed.
         let mut gaps = Gaps::default();
-        gaps.look(500, 0);
-        gaps.look(2_000_000_000, 7);
+        gaps.look(500, CounterRead::at(500, 0));
+        gaps.look(2_000_000_000, CounterRead::at(2_000_000_000, 7));
         let c = Context {
             gaps: &gaps,
             ..cx(&p, &f, now)
@@ -338,8 +339,8 @@ mod tests {
         assert!(j.diagnosis.is_none());
         // A loss long after the reply was due does not matter.
         let mut later = Gaps::default();
-        later.look(8_000_000_000, 0);
-        later.look(9_000_000_000, 3);
+        later.look(8_000_000_000, CounterRead::at(8_000_000_000, 0));
+        later.look(9_000_000_000, CounterRead::at(9_000_000_000, 3));
         let c = Context {
             gaps: &later,
             ..cx(&p, &f, now)
@@ -347,7 +348,7 @@ mod tests {
         assert_eq!(judge(flow, &c).verdicts, vec![Verdict::NoReply]);
         // A reader that has not read past the timeout yet: a reply may be waiting in the ring.
         let mut lagging = Gaps::default();
-        lagging.look(1_000_000_000, 0);
+        lagging.look(1_000_000_000, CounterRead::at(1_000_000_000, 0));
         let c = Context {
             gaps: &lagging,
             ..cx(&p, &f, now)

@@ -24,9 +24,30 @@ pub struct Gaps {
     /// The reader had consumed everything the kernel wrote up to this time (monotonic ns); 0
     /// until the first look.
     drained_ns: u64,
-    /// The kernel's lost-records counter and when it was last read.
+    /// The kernel's lost-records counter, and when its last read began.
     seen_lost: u64,
-    last_look_ns: u64,
+    last_read_start_ns: u64,
+}
+
+/// One read of the kernel's lost-records counter, with the clock just before and just after it.
+/// Both ends matter: a record lost while the reader was busy between the two is counted by
+/// this read, so its window must reach to the read's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterRead {
+    pub lost: u64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+impl CounterRead {
+    /// A read that took no time (fixtures).
+    pub fn at(ns: u64, lost: u64) -> Self {
+        CounterRead {
+            lost,
+            start_ns: ns,
+            end_ns: ns,
+        }
+    }
 }
 
 impl Gaps {
@@ -59,20 +80,20 @@ impl Gaps {
         });
     }
 
-    /// The reader drained the ring and read the kernel's lost-records counter at `now_ns`:
-    /// whatever it grew by since the last look was lost in between.
-    pub fn look(&mut self, now_ns: u64, kernel_lost: u64) {
-        if kernel_lost > self.seen_lost {
-            let start = if self.last_look_ns == 0 {
-                0
-            } else {
-                self.last_look_ns
-            };
-            self.record_loss(start, now_ns, kernel_lost - self.seen_lost);
-            self.seen_lost = kernel_lost;
+    /// The reader emptied the ring at `drained_ns` and then read the kernel's lost-records
+    /// counter: whatever it grew by since the previous read was lost after that read began and
+    /// before this one ended.
+    pub fn look(&mut self, drained_ns: u64, read: CounterRead) {
+        if read.lost > self.seen_lost {
+            self.record_loss(
+                self.last_read_start_ns,
+                read.end_ns,
+                read.lost - self.seen_lost,
+            );
+            self.seen_lost = read.lost;
         }
-        self.last_look_ns = now_ns;
-        self.drained(now_ns);
+        self.last_read_start_ns = read.start_ns;
+        self.drained(drained_ns);
     }
 
     /// The reader found the ring empty at `now_ns`.
@@ -133,5 +154,53 @@ mod tests {
         g.drained(50);
         g.drained(40);
         assert_eq!(g.drained_ns(), Some(50));
+    }
+
+    #[test]
+    fn a_loss_counted_by_a_slow_read_covers_the_whole_read() {
+        let mut g = Gaps::default();
+        // The first read: nothing lost yet.
+        g.look(
+            100,
+            CounterRead {
+                lost: 0,
+                start_ns: 110,
+                end_ns: 120,
+            },
+        );
+        // The reader drained at 1_000 but was busy (a batch to ingest, a lock) until it read the
+        // counter at 5_000..5_010: a record lost at 4_000 is counted by this read.
+        g.look(
+            1_000,
+            CounterRead {
+                lost: 3,
+                start_ns: 5_000,
+                end_ns: 5_010,
+            },
+        );
+        assert_eq!(g.lost_between(4_000, 4_500), 3, "{:?}", g.windows);
+        assert_eq!(
+            g.lost_between(111, 111),
+            3,
+            "the previous read may have just missed it"
+        );
+        assert_eq!(g.lost_between(0, 109), 0);
+        assert_eq!(g.drained_ns(), Some(1_000));
+        // The next window starts where this read began.
+        g.look(
+            6_000,
+            CounterRead {
+                lost: 4,
+                start_ns: 6_100,
+                end_ns: 6_110,
+            },
+        );
+        assert_eq!(
+            g.lost_between(5_005, 5_005),
+            4,
+            "the windows overlap, so they merge"
+        );
+        assert_eq!(g.windows().count(), 1);
+        assert_eq!(g.total_lost(), 4);
     }
 }

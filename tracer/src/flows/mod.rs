@@ -21,7 +21,7 @@ pub use flow::{
     DirTuple, DropRecord, Exchanges, Flow, FlowId, Hop, HopEncap, HopView, Iface, Nat, Side,
     TcpMilestones,
 };
-pub use gaps::{Gaps, LossWindow};
+pub use gaps::{CounterRead, Gaps, LossWindow};
 pub use samples::{Sample, Samples};
 
 use crate::events::{Emit, Observation};

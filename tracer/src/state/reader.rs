@@ -2,29 +2,39 @@
 //! reaches (lost records, the drain point).
 use super::{lock, Shared};
 use crate::{
+    clock::mono_now_ns,
     events::Observation,
-    flows::{Gaps, Iface},
-    hooks::KernelCounters,
+    flows::{CounterRead, Gaps, Iface},
 };
 
 impl Shared {
-    /// The reader has emptied the ring at `now_ns`: notes how far the evidence reaches and
-    /// whether the kernel had to drop records since the last time.
-    pub(crate) fn reader_drained(&self, now_ns: u64) {
-        let lost = lock(&self.counters).as_ref().map(KernelCounters::lost);
+    /// The reader found the ring empty at `drained_ns` (and has ingested everything before):
+    /// notes how far the evidence reaches and whether the kernel had to drop records since the
+    /// last time. The counter read is timed on its own: the reader may have been busy for a
+    /// while since `drained_ns`, and losses in that while are counted by this read.
+    pub(crate) fn reader_drained(&self, drained_ns: u64) {
+        let read = lock(&self.counters).as_ref().map(|c| {
+            let start_ns = mono_now_ns();
+            let lost = c.lost();
+            CounterRead {
+                lost,
+                start_ns,
+                end_ns: mono_now_ns(),
+            }
+        });
         let mut gaps = lock(&self.gaps);
-        match lost {
-            Some(lost) => gaps.look(now_ns, lost),
-            None => gaps.drained(now_ns),
+        match read {
+            Some(read) => gaps.look(drained_ns, read),
+            None => gaps.drained(drained_ns),
         }
     }
 
-    /// The reader has been idle a while with the ring empty.
-    pub(crate) fn reader_idle(&self, now_ns: u64) {
+    /// The reader has been idle a while with the ring empty: the kernel's pending-bytes gauge
+    /// is stale. (The reader's next pass notes the drain point itself.)
+    pub(crate) fn reader_idle(&self) {
         if let Some(c) = lock(&self.counters).as_mut() {
             c.clear_pending();
         }
-        self.reader_drained(now_ns);
     }
 
     /// Lost records and the reader's progress, for /diagnoses and /metrics.
