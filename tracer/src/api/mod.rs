@@ -380,7 +380,6 @@ async fn route(
 ) -> Response<Body> {
     let shared = &st.shared;
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let get = method == Method::GET;
     let ok_or_503 = |ok: bool| {
         if ok {
             StatusCode::OK
@@ -500,19 +499,33 @@ async fn route(
                 &format!("attachment id {id:?} is not a number"),
             ),
         },
-        (_, ["healthz" | "readyz" | "metrics" | "diagnoses" | "flows" | "watch"])
-        | (_, ["flows", _] | ["flows", _, "pcap"]) => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &format!("{method} not allowed on {path}"),
-        ),
-        (_, ["attach"] | ["attach", _]) if get => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &format!("{method} not allowed on {path}"),
-        ),
-        _ => error(
-            StatusCode::NOT_FOUND,
-            &format!("no such endpoint {method} {path}"),
-        ),
+        (_, segments) => match allowed_methods(segments) {
+            Some(allow) => {
+                let mut r = error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("{method} not allowed on {path}"),
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+                r
+            }
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!("no such endpoint {method} {path}"),
+            ),
+        },
+    }
+}
+
+/// What each endpoint answers to, for a 405's `Allow` header (RFC 9110); None for no endpoint.
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    match segments {
+        ["healthz" | "readyz" | "metrics" | "diagnoses" | "flows" | "watch"]
+        | ["flows", _]
+        | ["flows", _, "pcap"] => Some("GET"),
+        ["attach"] => Some("POST"),
+        ["attach", _] => Some("DELETE"),
+        _ => None,
     }
 }
 
@@ -542,16 +555,10 @@ fn parse_attach(body: &[u8]) -> Result<AttachTarget, String> {
         AttachRequest::Iface { iface } => crate::calico::check_iface_name(&iface)
             .map(|_| AttachTarget::Iface(iface.clone()))
             .map_err(|e| e.to_string()),
-        AttachRequest::Pod { pod } => {
-            let (ns, name) = pod
-                .split_once('/')
-                .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('/'))
-                .ok_or_else(|| format!("pod {pod:?} must be namespace/name"))?;
-            Ok(AttachTarget::Pod {
-                namespace: ns.to_string(),
-                name: name.to_string(),
-            })
-        }
+        // The same names `pod=` takes on /flows.
+        AttachRequest::Pod { pod } => tracer_model::query::pod(&pod)
+            .map(|(namespace, name)| AttachTarget::Pod { namespace, name })
+            .map_err(|e| e.to_string()),
     }
 }
 
