@@ -23,15 +23,7 @@ fn kind<'a>(docs: &'a [Yaml], k: &str) -> Option<&'a Yaml> {
     docs.iter().find(|d| d["kind"].as_str() == Some(k))
 }
 
-fn strings(y: &Yaml) -> Vec<String> {
-    y.as_vec()
-        .map(|v| {
-            v.iter()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
-}
+use common::yaml_strings as strings;
 
 #[test]
 fn daemonset_matches_the_binary() -> TestResult {

@@ -11,7 +11,9 @@ use std::{
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+mod common;
+
+use common::{run_tool as run, TestResult};
 
 /// Oldest to newest Kubernetes that current Calico releases support, with one in between.
 const KUBERNETES_VERSIONS: &[&str] = &["1.29.0", "1.32.0", "1.35.0", "1.37.0"];
@@ -48,21 +50,6 @@ impl Drop for Tree {
 }
 
 const TOKEN: &str = "test-token-not-a-secret";
-
-fn run(cmd: &mut Command) -> Result<String, Box<dyn std::error::Error>> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{cmd:?}: {e} (scripts/setup.sh installs it)"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
 
 /// Renders an overlay, validates it against every supported version, and parses it.
 fn render(tree: &Tree, overlay: &str) -> Result<Vec<Yaml>, Box<dyn std::error::Error>> {

@@ -120,3 +120,31 @@ pub fn request_json(
     let r = c.request(ns, method, path, body, headers)?;
     Ok((r.status, json(&r)?))
 }
+
+/// Runs a tool the suite depends on (installed by scripts/setup.sh) and returns its stdout, or
+/// an error with everything it printed.
+pub fn run_tool(cmd: &mut std::process::Command) -> Res<String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e} (scripts/setup.sh installs it)"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The strings of a YAML list (manifests), in order; empty when it is not a list.
+pub fn yaml_strings(y: &yaml_rust2::Yaml) -> Vec<String> {
+    y.as_vec()
+        .map(|v| {
+            v.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}

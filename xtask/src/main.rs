@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | vm-test | lab | bench | hardening | fuzz`.
+//! Project tasks: `cargo xtask setup | build | test | vm-test | lab | image | bench | hardening | fuzz`.
 //!
 //! Every task first runs scripts/setup.sh, which installs what a fresh machine lacks
 //! (idempotent, quick when everything is present).
@@ -59,6 +59,14 @@ enum Task {
         /// Keep the lab up after the report until Ctrl-C, to query the agents by hand.
         #[arg(long)]
         keep: bool,
+    },
+    /// The agent's container image, FROM scratch (scripts/build-image.sh) from the release
+    /// binary, imported into podman; prints its size and writes target/image/manifest.tsv (every
+    /// file and why it is there).
+    Image {
+        /// The image name.
+        #[arg(long, default_value = "localhost/tracer:latest")]
+        tag: String,
     },
     /// The hardening tests at full length: 5,000 veths of churn, 30 s of API load.
     Hardening,
@@ -164,6 +172,16 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_secs(timeout),
                 package,
             })
+        }),
+        Task::Image { tag } => setup().and_then(|_| {
+            run(cargo().args(["build", "--release", "-p", "tracer"]))?;
+            let out = root().join("target/image");
+            std::fs::create_dir_all(&out)?;
+            run(Command::new("bash")
+                .arg(root().join("scripts/build-image.sh"))
+                .arg(root().join("target/release/tracer"))
+                .arg(&tag)
+                .arg(out.join("manifest.tsv")))
         }),
         Task::Hardening => setup().and_then(|_| {
             let mut t = cargo();
