@@ -367,7 +367,13 @@ fn probes_without_the_token_tell_status_only() -> TestResult {
     agent.token = None;
     let (s, h) = get_json(&agent, &lab.node, "/healthz")?;
     assert_eq!(s, 200, "{h:?}");
-    assert_eq!(keys(&h), ["checks", "ready", "status"], "{h:?}");
+    assert_eq!(
+        keys(&h),
+        ["checks", "ready", "status", "turned_off"],
+        "{h:?}"
+    );
+    // Fixed words only, and nothing off on a node without felix's eBPF dataplane.
+    assert_eq!(h["turned_off"], serde_json::json!([]), "{h:?}");
     assert_eq!(h["status"], "ok", "{h:?}");
     assert_eq!(h["checks"]["reader"], "ok", "{h:?}");
     assert_eq!(h["checks"]["node_sync"], "ok", "{h:?}");

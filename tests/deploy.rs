@@ -89,11 +89,13 @@ fn daemonset_matches_the_binary() -> TestResult {
         mounts.iter().any(|m| token_path.starts_with(m)),
         "token {token_path:?} not mounted: {mounts:?}"
     );
-    // The agent pins nothing, so it needs no bpffs; every mount is read-only.
+    // The agent pins nothing; the host's bpffs is there only for felix's pins, whose path is
+    // the agent's default --felix-bpf-dir. Every mount is read-only.
     assert!(
-        !mounts.iter().any(|m| m.starts_with("/sys/fs/bpf")),
-        "bpffs mounted: {mounts:?}"
+        mounts.iter().any(|m| m == "/sys/fs/bpf"),
+        "bpffs not mounted: {mounts:?}"
     );
+    assert!(std::path::Path::new(tracer::felix_bpf::GLOBALS_DIR).starts_with("/sys/fs/bpf"));
     for m in c["volumeMounts"].as_vec().into_iter().flatten() {
         assert_eq!(m["readOnly"].as_bool(), Some(true), "writable mount {m:?}");
     }

@@ -2,7 +2,7 @@
 //! shows. The server sends its keys sorted.
 use serde::{Deserialize, Serialize};
 
-use crate::{diagnosis::Evidence, Cause, Diagnosis};
+use crate::{diagnosis::Evidence, health::TurnedOff, Cause, Diagnosis};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiagnosesAnswer {
@@ -11,6 +11,11 @@ pub struct DiagnosesAnswer {
     pub node_findings: Vec<Diagnosis>,
     pub flows_judged: u64,
     pub evidence: EvidenceSummary,
+    /// Verdicts and causes not judged on this node, and why (felix's eBPF dataplane): a cause
+    /// listed here is absent from `causes` and `node_findings` because it is off, not because
+    /// no flow has it.
+    #[serde(default)]
+    pub turned_off: Vec<TurnedOff>,
 }
 
 /// The flows diagnosed with one cause, told by the latest of them.

@@ -2,7 +2,7 @@
 //! ready, checks); with it, the detail sections too.
 use serde::{Deserialize, Serialize};
 
-use crate::{attach::Attachment, Cidr};
+use crate::{attach::Attachment, Cause, Cidr, Dir, Verdict};
 
 /// `/healthz`'s overall word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +77,10 @@ pub struct Health {
     /// Only with the token, and only when the kernel cannot run the programs: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsupported: Option<String>,
+    /// Verdicts and causes the agent does not judge on this node, and why (fixed words, sent
+    /// without the token too). Empty unless felix's eBPF dataplane was detected.
+    #[serde(default)]
+    pub turned_off: Vec<TurnedOff>,
     /// The detail sections, sent only to callers with the token.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<HealthDetail>,
@@ -88,12 +92,47 @@ pub struct HealthDetail {
     pub drops: DropTracing,
     pub attached: Vec<Attachment>,
     pub pools: PoolsView,
+    /// felix's eBPF dataplane, when detected: what gave it away.
+    #[serde(default)]
+    pub ebpf_dataplane: Option<EbpfDataplaneView>,
     pub kernel: KernelStats,
     pub reader: ReaderStats,
     pub node_sync_age_ms: Option<u64>,
     pub flows: TableStats,
     pub api: ApiStats,
     pub uptime_s: u64,
+}
+
+/// Verdicts and causes that cannot be trusted in the node's dataplane: they are never reported
+/// (and never replaced by another answer) while it lasts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnedOff {
+    /// The dataplane that turns them off: `calico-ebpf`.
+    pub dataplane: String,
+    pub verdicts: Vec<Verdict>,
+    pub causes: Vec<Cause>,
+    /// Why, in fixed words.
+    pub why: String,
+}
+
+/// What showed that felix runs its eBPF dataplane on this node.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EbpfDataplaneView {
+    /// felix's pinned maps found (paths, e.g. `/sys/fs/bpf/tc/globals/cali_v4_routes`).
+    pub pinned_maps: Vec<String>,
+    /// felix's programs found on the hooks of the host interfaces tracer watches (TCX only).
+    pub programs: Vec<FelixProgramView>,
+}
+
+/// One of felix's programs on a hook tracer shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FelixProgramView {
+    pub iface: String,
+    pub dir: Dir,
+    /// The kernel's name for it (15 characters: `cali_tc_preambl`).
+    pub program: String,
+    /// Whether tracer runs before it on this hook (`None`: tracer is not on the hook).
+    pub tracer_first: Option<bool>,
 }
 
 /// Whether kernel drops are traced, and why not.

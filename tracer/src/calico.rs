@@ -82,6 +82,10 @@ pub struct Pools {
     pub host_nets_v6: Option<Vec<Cidr>>,
     /// Why a natOutgoing rule is unknown, for the operator's benefit.
     pub nat_outgoing_errors: Vec<String>,
+    /// felix's eBPF dataplane, when detected (set by the sync loop): the rules then leave
+    /// [`crate::felix_bpf::OFF_CAUSES`] alone.
+    #[serde(skip)]
+    pub ebpf: Option<crate::felix_bpf::EbpfMode>,
 }
 
 impl From<&Pools> for tracer_model::health::PoolsView {

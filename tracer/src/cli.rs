@@ -190,6 +190,10 @@ pub struct AgentArgs {
     /// LRU, ~100 B each). Size it to the concurrent flows x hooks a packet crosses (2-4).
     #[arg(long, default_value_t = crate::hooks::DEFAULT_KERNEL_FLOW_ENTRIES)]
     pub kernel_flow_entries: u32,
+    /// Where felix pins its eBPF dataplane's maps (the host's /sys/fs/bpf/tc/globals): their
+    /// presence tells that felix runs in eBPF mode. Only looked at, never opened.
+    #[arg(long, default_value = crate::felix_bpf::GLOBALS_DIR)]
+    pub felix_bpf_dir: std::path::PathBuf,
 }
 
 impl AgentArgs {
@@ -231,6 +235,7 @@ impl AgentArgs {
             summary_interval: self.summary_interval.into(),
             tc_mode: self.tc_mode,
             kernel_flow_entries: self.kernel_flow_entries,
+            felix_bpf_dir: self.felix_bpf_dir.clone(),
             insecure: self.insecure,
             api: crate::api::ApiLimits {
                 max_connections: self.max_connections as usize,

@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod diagnose;
 pub mod events;
+pub mod felix_bpf;
 pub mod flows;
 pub mod hooks;
 pub mod kernel_names;

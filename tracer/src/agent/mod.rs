@@ -22,9 +22,10 @@ pub use crate::state::Fault;
 
 use crate::{
     api,
-    calico::{self, RoleConfig},
+    calico::{self, Role, RoleConfig},
     clock::mono_now_ns,
     diagnose::Rules,
+    felix_bpf,
     hooks::{HookError, Hooks, LoadOptions, TcBackend, TcMode},
     net::Cidr,
     netlink,
@@ -82,6 +83,8 @@ pub struct AgentConfig {
     /// Serve a non-loopback address without a token anyway.
     pub insecure: bool,
     pub api: api::ApiLimits,
+    /// Where felix pins its eBPF dataplane's maps (its mode is told by them).
+    pub felix_bpf_dir: std::path::PathBuf,
 }
 
 impl AgentConfig {
@@ -119,6 +122,7 @@ impl Default for AgentConfig {
             kernel_flow_entries: crate::hooks::DEFAULT_KERNEL_FLOW_ENTRIES,
             insecure: false,
             api: api::ApiLimits::default(),
+            felix_bpf_dir: crate::felix_bpf::GLOBALS_DIR.into(),
         }
     }
 }
@@ -402,7 +406,32 @@ async fn sync(
     if detached {
         purge_kernel_state(hooks, shared);
     }
-    shared.update_node(facts, pools, hooks.attached());
+    let attached = hooks.attached();
+    // felix can switch dataplanes while tracer runs: looked for on every sync (two stats and
+    // a query of each host NIC's hooks).
+    let host_ifaces: Vec<String> = attached
+        .iter()
+        .filter(|a| a.role == Role::Host)
+        .map(|a| a.name.to_string())
+        .collect();
+    let mut pools = pools;
+    pools.ebpf = felix_bpf::detect(
+        &cfg.felix_bpf_dir,
+        &host_ifaces,
+        hooks.backend() == TcBackend::Tcx,
+    );
+    if pools.ebpf.is_some() != shared.node().pools.ebpf.is_some() {
+        tracing::info!(
+            ebpf = pools.ebpf.is_some(),
+            "felix's eBPF dataplane {}",
+            if pools.ebpf.is_some() {
+                "detected: verdicts it makes untrustworthy are off"
+            } else {
+                "not (or no longer) detected"
+            }
+        );
+    }
+    shared.update_node(facts, pools, attached);
     Some(detached || links_changed)
 }
 

@@ -59,6 +59,7 @@ const CASES: &[Case] = &[
     ("pod-route-missing", pod_route_missing),
     ("destination-unresponsive", destination_unresponsive),
     ("evidence-incomplete", evidence_incomplete),
+    ("ebpf-mode", ebpf_mode),
 ];
 
 #[test]
@@ -97,6 +98,10 @@ fn answers_match_the_golden_files() {
         answers.push((format!("healthz{name}"), bytes(&s.health(detail).1)));
         answers.push((format!("readyz{name}"), bytes(&s.readiness(detail))));
     }
+    let s = ebpf_mode();
+    s.liveness().reader_beat(NOW - 200 * MS);
+    s.liveness().sync_done(NOW - 4 * S);
+    answers.push(("healthz-ebpf".into(), bytes(&s.health(true).1)));
     FIXED_NOW_NS.with(|n| n.set(None));
 
     for v in tracer_model::Verdict::ALL {
@@ -365,6 +370,25 @@ fn ippool_overlap() -> Shared {
         pools(&["192.168.0.0/16"], &["192.168.0.0/16"]),
         Rules::default(),
     );
+    let p = syn("192.168.236.10", 40000, "192.168.21.11", 6443);
+    pod_syn(&s, p, p, false);
+    s
+}
+
+/// Seed 002's flow on a node whose felix runs its eBPF dataplane: what cannot be trusted
+/// there is turned off (and said so), not diagnosed.
+fn ebpf_mode() -> Shared {
+    let mut p = pools(&["192.168.0.0/16"], &["192.168.0.0/16"]);
+    p.ebpf = Some(crate::felix_bpf::EbpfMode {
+        pinned_maps: vec!["/sys/fs/bpf/tc/globals/cali_v4_routes".into()],
+        programs: vec![crate::felix_bpf::FelixProgram {
+            iface: "eth0".into(),
+            dir: tracer_model::Dir::Ingress,
+            program: crate::felix_bpf::PREAMBLE_PROG.into(),
+            tracer_first: Some(true),
+        }],
+    });
+    let s = agent(node("192.168.21.10", None, vec![]), p, Rules::default());
     let p = syn("192.168.236.10", 40000, "192.168.21.11", 6443);
     pod_syn(&s, p, p, false);
     s

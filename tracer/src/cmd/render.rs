@@ -120,10 +120,14 @@ pub fn diagnoses(v: &DiagnosesAnswer) -> String {
     if v.causes.is_empty() && v.node_findings.is_empty() {
         let _ = writeln!(
             out,
-            "No faults: {} flows judged, no configuration finding.",
+            "No faults{}: {} flows judged, no configuration finding.",
+            if v.turned_off.is_empty() {
+                ""
+            } else {
+                " among what is judged here"
+            },
             v.flows_judged
         );
-        return out;
     }
     for c in &v.causes {
         let _ = writeln!(
@@ -143,5 +147,55 @@ pub fn diagnoses(v: &DiagnosesAnswer) -> String {
         let _ = writeln!(out, "  what:  {}", f.summary);
         let _ = writeln!(out, "  fix:   {}", f.fix);
     }
+    // What this node cannot judge (felix's eBPF dataplane): never silently "no faults".
+    for t in &v.turned_off {
+        let names: Vec<String> = t
+            .verdicts
+            .iter()
+            .map(|x| x.to_string())
+            .chain(t.causes.iter().map(|x| x.to_string()))
+            .collect();
+        let _ = writeln!(out, "turned off ({}): {}", t.dataplane, names.join(", "));
+        let _ = writeln!(out, "  why:   {}", t.why);
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_model::diagnoses::{DiagnosesAnswer, EvidenceSummary};
+
+    fn answer(turned_off: Vec<tracer_model::health::TurnedOff>) -> DiagnosesAnswer {
+        DiagnosesAnswer {
+            causes: Vec::new(),
+            node_findings: Vec::new(),
+            flows_judged: 3,
+            evidence: EvidenceSummary {
+                complete: true,
+                lost_records: 0,
+                flows_with_incomplete_evidence: 0,
+                flows_evicted: 0,
+                reader_lag_ms: 0,
+            },
+            turned_off,
+        }
+    }
+
+    #[test]
+    fn turned_off_verdicts_are_never_a_plain_no_faults() {
+        assert_eq!(
+            super::diagnoses(&answer(Vec::new())),
+            "No faults: 3 flows judged, no configuration finding.\n"
+        );
+        let text = super::diagnoses(&answer(tracer::felix_bpf::turned_off()));
+        assert!(
+            text.starts_with("No faults among what is judged here: 3 flows judged"),
+            "{text}"
+        );
+        assert!(
+            text.contains("turned off (calico-ebpf): no_reply, wrong_source_address"),
+            "{text}"
+        );
+        assert_eq!(text.matches("  why:   ").count(), 2, "{text}");
+    }
 }

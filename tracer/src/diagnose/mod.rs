@@ -15,6 +15,7 @@ pub use tracer_model::{Diagnosis, SnatExclusion};
 use crate::{
     calico::{Pools, DEFAULT_INTERFACE_PREFIX},
     events::Dir,
+    felix_bpf,
     flows::{DropRecord, Flow, Gaps, HopView, Side},
     kernel_names::{DropReasons, Symbols},
     net::{proto_name, Cidr},
@@ -155,7 +156,11 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     if flow.nat.is_some_and(|n| n.src != flow.src) {
         verdicts.push(Verdict::SnatApplied);
     }
+    // felix's eBPF dataplane: what cannot be trusted there is not judged at all
+    // (`felix_bpf::turned_off` says why), never answered otherwise.
+    let ebpf = cx.pools.ebpf.is_some();
     let (snat_skipped, snat_excluded) = match snat::skipped(flow, cx) {
+        _ if ebpf => (None, None),
         Some(snat::Skipped {
             deliberate: snat::Deliberate::Yes(x),
             ..
@@ -185,7 +190,7 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
         .lost_between(flow.first_ns, flow.last_ns.max(reply_due));
     // A reply may be among the lost records: missing evidence is said, never turned into
     // "no reply" and the diagnoses that build on it.
-    let no_reply = unanswered && lost_records == 0;
+    let no_reply = unanswered && lost_records == 0 && !ebpf;
     if flow.first_reply_ns().is_some() {
         verdicts.push(Verdict::Replied);
     } else if no_reply {
@@ -222,7 +227,13 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
         wrong_parent,
         slow,
     };
-    let mut diagnosis = RULES.iter().find_map(|rule| rule(flow, cx, &findings));
+    let mut diagnosis = RULES
+        .iter()
+        .find_map(|rule| rule(flow, cx, &findings))
+        .filter(|d| !(ebpf && felix_bpf::is_off_cause(d.cause)));
+    if ebpf {
+        verdicts.retain(|v| !felix_bpf::is_off_verdict(*v));
+    }
     // An unanswered flow felix left un-masqueraded on purpose: the destination must route the
     // pod address back, which is worth saying next to whatever else went wrong.
     if let (Some(d), Some(x)) = (&mut diagnosis, &snat_excluded) {
@@ -355,6 +366,41 @@ mod tests {
         };
         let j = judge(flow, &c);
         assert!(j.verdicts.is_empty() && j.diagnosis.is_none(), "{j:?}");
+    }
+
+    /// felix's eBPF dataplane: the seed-002 flow (a pod's packet seen leaving un-translated,
+    /// no reply seen) is what tracer sees there of a healthy flow that felix NATs after tracer's
+    /// egress hook and whose reply it redirects past tracer's hooks. Off, not diagnosed.
+    #[test]
+    fn ebpf_mode_turns_off_what_it_cannot_trust_and_nothing_else() {
+        let f = facts();
+        let mut p = pools(&["192.168.0.0/16"], &["192.168.0.0/16"]);
+        let s = syn("192.168.236.10", "192.168.21.11", 6443);
+        let (t, id) = flow_of(s, s, false);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        let now = 10_000_000_000;
+        let j = judge(flow, &cx(&p, &f, now));
+        assert_eq!(j.verdicts, vec![Verdict::SnatSkipped, Verdict::NoReply]);
+        assert!(j.diagnosis.is_some());
+        assert!(!node_findings(&cx(&p, &f, now)).is_empty());
+        p.ebpf = Some(crate::felix_bpf::EbpfMode::default());
+        let j = judge(flow, &cx(&p, &f, now));
+        assert!(j.verdicts.is_empty() && j.diagnosis.is_none(), "{j:?}");
+        assert!(node_findings(&cx(&p, &f, now)).is_empty());
+        // What stays on: a translation and a reply tracer saw are still reported.
+        let s = syn("10.244.1.10", "192.168.21.11", 6443);
+        let mut out = s;
+        out.src = ip("192.168.21.10");
+        out.sport = 61000;
+        let (t, id) = flow_of(s, out, true);
+        let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        let p = Pools {
+            ebpf: Some(crate::felix_bpf::EbpfMode::default()),
+            ..p
+        };
+        let j = judge(flow, &cx(&p, &f, now));
+        assert_eq!(j.verdicts, vec![Verdict::SnatApplied, Verdict::Replied]);
     }
 
     #[test]

@@ -11,6 +11,14 @@ use crate::{calico::TUNNEL_IFACES, netlink::Link};
 
 /// Faults visible in the node's configuration alone, before any traffic.
 pub fn node_findings(cx: &Context<'_>) -> Vec<Diagnosis> {
+    let mut out = findings(cx);
+    if cx.pools.ebpf.is_some() {
+        out.retain(|d| !crate::felix_bpf::is_off_cause(d.cause));
+    }
+    out
+}
+
+fn findings(cx: &Context<'_>) -> Vec<Diagnosis> {
     let mut out = Vec::new();
     // A LoadBalancer-only pool holds no pods: carving it from a host network is common and fine.
     for pool in cx

@@ -159,6 +159,12 @@ impl Shared {
                     flows_evicted: evicted,
                     reader_lag_ms: cx.now_ns.saturating_sub(cx.evidence_now_ns()) / 1_000_000,
                 },
+                turned_off: cx
+                    .pools
+                    .ebpf
+                    .as_ref()
+                    .map(|_| crate::felix_bpf::turned_off())
+                    .unwrap_or_default(),
             }
         })
     }

@@ -209,6 +209,7 @@ impl Shared {
                 drops: node.drops.clone(),
                 attached: node.attached.clone(),
                 pools: (&node.pools).into(),
+                ebpf_dataplane: node.pools.ebpf.as_ref().map(Into::into),
                 kernel: self.kernel(),
                 reader: tracer_model::health::ReaderStats {
                     records: reader.records,
@@ -226,6 +227,12 @@ impl Shared {
             ready: node.ready,
             checks,
             unsupported: detail.as_ref().and(node.unsupported.clone()),
+            turned_off: node
+                .pools
+                .ebpf
+                .as_ref()
+                .map(|_| crate::felix_bpf::turned_off())
+                .unwrap_or_default(),
             detail,
         };
         (!checks.failing(), health)
