@@ -278,6 +278,13 @@ pub fn exposition(c: &Census) -> String {
             t.full_passes,
         ));
     }
+    if let Some(size) = c.ring_bytes {
+        families.push(gauge(
+            "tracer_ringbuf_size_bytes",
+            "Size of the ring buffer: tracer_ringbuf_pending_bytes over it is the ring's fill.",
+            size as f64,
+        ));
+    }
     if let Some(cpu) = fp.cpu_seconds {
         families.push(Family {
             name: "process_cpu_seconds_total",

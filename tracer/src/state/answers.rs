@@ -218,6 +218,7 @@ impl Shared {
         }
         c.reader = *lock(&self.reader);
         c.kernel = self.kernel();
+        c.ring_bytes = self.ring_bytes();
         c.api = self.api.snapshot();
         c.interned = self.names.read().unwrap_or_else(|e| e.into_inner()).len();
         c.purged = *lock(&self.purged);

@@ -125,6 +125,8 @@ pub struct Census {
     pub purged: Purged,
     /// The tally's counters and histograms (None only in a default census).
     pub tally: Option<TallyCounts>,
+    /// The ring buffer's size, once the programs are loaded.
+    pub ring_bytes: Option<u64>,
     /// Kernel drops of traced flows by reason name (bounded: see `FlowTable::drops_by_reason`).
     pub drops_by_reason: Vec<(String, u64)>,
 }

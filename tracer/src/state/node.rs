@@ -85,6 +85,13 @@ impl Shared {
     }
 
     /// The kernel's counters, read now.
+    /// The ring buffer's size, once the programs are loaded.
+    pub fn ring_bytes(&self) -> Option<u64> {
+        lock(&self.counters)
+            .as_ref()
+            .and_then(KernelCounters::ring_bytes)
+    }
+
     pub fn kernel(&self) -> KernelStats {
         lock(&self.counters)
             .as_ref()
