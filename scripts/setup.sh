@@ -67,6 +67,28 @@ else
   log "Python packages present"
 fi
 
+# prometheus and promtool for tests/prometheus.rs. Not `apt-get install prometheus`: its package
+# scripts create a user and start a prometheus service (:9090, on every address) in the root
+# namespace, and it pulls some twenty web-UI packages. The tests run their own server inside a lab
+# namespace, so only the package's two static binaries are extracted, into target/tools/prometheus
+# (the tests look there; TRACER_PROMETHEUS_DIR overrides it).
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PROM_DIR="$ROOT/target/tools/prometheus"
+if [ -x "$PROM_DIR/prometheus" ] && [ -x "$PROM_DIR/promtool" ]; then
+  log "prometheus and promtool present ($(cat "$PROM_DIR/VERSION" 2>/dev/null || echo unknown))"
+else
+  log "extracting prometheus and promtool from Debian's prometheus package into $PROM_DIR"
+  tmp=$(mktemp -d)
+  ( cd "$tmp" && { apt-get download prometheus >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; } )
+  deb=$(ls "$tmp"/prometheus_*.deb)
+  dpkg-deb -x "$deb" "$tmp/x"
+  mkdir -p "$PROM_DIR"
+  install -m 755 "$tmp/x/usr/bin/prometheus" "$tmp/x/usr/bin/promtool" "$PROM_DIR/"
+  basename "$deb" .deb >"$PROM_DIR/VERSION"
+  rm -rf "$tmp"
+fi
+
 mountpoint -q /sys/fs/bpf || { log "mounting bpffs"; mount -t bpf bpf /sys/fs/bpf; }
 if [ ! -d /sys/kernel/tracing/events ]; then
   log "mounting tracefs"

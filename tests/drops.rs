@@ -98,5 +98,22 @@ fn policy_drop_is_reported_with_kernel_reason() -> TestResult {
         .iter()
         .any(|h| h.iface == "eth0" && h.side == Side::Forward);
     assert!(!left, "{f:?}");
+    // /metrics counts it by the kernel's reason, and the flow under its cause.
+    let metrics = agent.get(&lab.node, "/metrics")?.text();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("tracer_kernel_drops_by_reason_total{reason=\"NETFILTER_DROP\"} ") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("tracer_diagnoses_total{cause=\"kernel_drop\"} ") >= 1.0,
+        "{metrics}"
+    );
     Ok(())
 }

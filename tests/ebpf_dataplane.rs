@@ -354,6 +354,17 @@ fn seed_002_in_ebpf_mode_is_turned_off_then_back_on() -> TestResult {
         .and_then(|d| d.ebpf_dataplane)
         .ok_or("not detected")?;
     assert!(ebpf.programs.is_empty(), "{ebpf:?}");
+    // Nor do the metrics count it (alerts would fire on a turned-off cause).
+    let overlap = |metric: &str| -> Result<f64, Box<dyn std::error::Error>> {
+        let text = agent.get(&lab.node, "/metrics")?.text();
+        let key = format!("{metric}{{cause=\"ippool_overlaps_host_network\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| format!("no {key} in /metrics").into())
+    };
+    assert_eq!(overlap("tracer_flows_by_cause")?, 0.0);
+    assert_eq!(overlap("tracer_diagnoses_total")?, 0.0);
 
     // felix leaves eBPF mode: its pins go.
     std::fs::remove_file(fs.routes_pin())?;
@@ -371,5 +382,10 @@ fn seed_002_in_ebpf_mode_is_turned_off_then_back_on() -> TestResult {
     let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
     assert_eq!(d.cause, Cause::IppoolOverlapsHostNetwork, "{f:?}");
     assert!(agent.diagnoses(&lab.node)?.turned_off.is_empty());
+    // The metrics follow the mode switch: both flows to the VIP, the one judged while the
+    // cause was off among them, now count.
+    wait_for(Duration::from_secs(10), || {
+        Ok((overlap("tracer_flows_by_cause")? >= 2.0).then_some(()))
+    })?;
     Ok(())
 }

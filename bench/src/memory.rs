@@ -248,12 +248,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     let diagnoses_faulty = timed(&|| sorted_json(&faulty.diagnoses()).len());
     drop(faulty);
     for (what, ms) in [
-        ("GET /metrics at 100k healthy flows", &metrics),
         ("GET /diagnoses at 100k healthy flows", &diagnoses),
-        (
-            "GET /metrics at 100k flows, 75k unanswered",
-            &metrics_faulty,
-        ),
         (
             "GET /diagnoses at 100k flows, 75k unanswered",
             &diagnoses_faulty,
@@ -263,6 +258,28 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
             SECTION,
             format!("{what} (judges every flow), median of 5 (info)"),
             quantile(ms, 0.5),
+            "ms",
+        ));
+    }
+    // /metrics keeps its counts incrementally: the first scrape judges every flow (the tally
+    // starts empty, as after the node changes), later ones only flows changed or due since.
+    for (what, ms) in [
+        ("GET /metrics at 100k healthy flows", &metrics),
+        (
+            "GET /metrics at 100k flows, 75k unanswered",
+            &metrics_faulty,
+        ),
+    ] {
+        rows.push(Row::new(
+            SECTION,
+            format!("{what}, first scrape (full tally) (info)"),
+            ms.first().copied().unwrap_or(0.0),
+            "ms",
+        ));
+        rows.push(Row::new(
+            SECTION,
+            format!("{what}, later scrapes (nothing changed), median of 4 (info)"),
+            quantile(ms.get(1..).unwrap_or_default(), 0.5),
             "ms",
         ));
     }

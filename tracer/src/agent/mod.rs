@@ -227,6 +227,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // Set when interfaces came or went: the syncs that followed freed their transient heap,
     // which the next tick hands back to the system.
     let mut trim_due = false;
+    let mut tally: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -244,6 +245,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             }
             _ = tick.tick() => {
                 shared.sweep(mono_now_ns());
+                // Diagnoses are counted as flows reach them, not only when scraped: a flow
+                // evicted between two scrapes still counts. Off the loop, one at a time.
+                if tally.as_ref().is_none_or(|t| t.is_finished()) {
+                    let shared = shared.clone();
+                    tally = Some(tokio::task::spawn_blocking(move || shared.tally()));
+                }
                 if std::mem::take(&mut trim_due) {
                     let started = std::time::Instant::now();
                     let released = footprint::release_free_heap();

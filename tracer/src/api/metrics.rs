@@ -5,7 +5,7 @@ use tracer_model::{Cause, Role, Verdict};
 
 use crate::{
     flows::Iface,
-    state::{footprint::Footprint, Census},
+    state::{footprint::Footprint, Census, Histogram},
 };
 
 /// One metric family.
@@ -15,6 +15,8 @@ pub struct Family<'a> {
     pub kind: &'a str,
     /// (labels, value); labels as `key="value",...` without braces, empty for none.
     pub samples: Vec<(String, f64)>,
+    /// A histogram's series, rendered after `samples` (which it leaves empty).
+    pub histogram: Option<&'a Histogram>,
 }
 
 pub fn render(families: &[Family<'_>]) -> String {
@@ -28,6 +30,20 @@ pub fn render(families: &[Family<'_>]) -> String {
             } else {
                 let _ = writeln!(out, "{}{{{}}} {}", f.name, labels, v);
             }
+        }
+        if let Some(h) = f.histogram {
+            // Buckets are cumulative; the +Inf bucket equals _count.
+            let mut acc = 0u64;
+            for (i, n) in h.counts.iter().enumerate() {
+                acc += n;
+                let le = h
+                    .bounds
+                    .get(i)
+                    .map_or("+Inf".to_string(), |b| b.to_string());
+                let _ = writeln!(out, "{}_bucket{{le=\"{le}\"}} {acc}", f.name);
+            }
+            let _ = writeln!(out, "{}_sum {}", f.name, h.sum);
+            let _ = writeln!(out, "{}_count {acc}", f.name);
         }
     }
     out
@@ -47,12 +63,14 @@ pub fn exposition(c: &Census) -> String {
         help,
         kind: "counter",
         samples: vec![(String::new(), v as f64)],
+        histogram: None,
     };
     let gauge = |name, help, v: f64| Family {
         name,
         help,
         kind: "gauge",
         samples: vec![(String::new(), v)],
+        histogram: None,
     };
     let k = &c.kernel;
     let api = &c.api;
@@ -76,6 +94,7 @@ pub fn exposition(c: &Census) -> String {
                     )
                 })
                 .collect(),
+            histogram: None,
         },
         Family {
             name: "tracer_flows_by_cause",
@@ -90,6 +109,7 @@ pub fn exposition(c: &Census) -> String {
                     )
                 })
                 .collect(),
+            histogram: None,
         },
         counter(
             "tracer_kernel_packets_total",
@@ -134,6 +154,7 @@ pub fn exposition(c: &Census) -> String {
                     )
                 })
                 .collect(),
+            histogram: None,
         },
         counter(
             "tracer_records_decoded_total",
@@ -183,6 +204,7 @@ pub fn exposition(c: &Census) -> String {
                 ("map=\"flows\"".to_string(), c.purged.flows as f64),
                 ("map=\"turns\"".to_string(), c.purged.turns as f64),
             ],
+            histogram: None,
         },
         gauge(
             "process_resident_memory_bytes",
@@ -211,6 +233,67 @@ pub fn exposition(c: &Census) -> String {
             fp.bpf_links as f64,
         ),
     ];
+    families.push(Family {
+        name: "tracer_kernel_drops_by_reason_total",
+        help: "Kernel drops of traced flows' packets, by the kernel's drop reason.",
+        kind: "counter",
+        samples: c
+            .drops_by_reason
+            .iter()
+            .map(|(r, n)| (format!("reason=\"{}\"", label(r)), *n as f64))
+            .collect(),
+        histogram: None,
+    });
+    if let Some(t) = &c.tally {
+        families.push(Family {
+            name: "tracer_diagnoses_total",
+            help: "Flows diagnosed, by cause: a flow counts once per cause, when it first \
+                   reaches that diagnosis.",
+            kind: "counter",
+            samples: Cause::ALL
+                .iter()
+                .zip(&t.diagnoses)
+                .map(|(x, n)| (format!("cause=\"{}\"", label(x.as_str())), *n as f64))
+                .collect(),
+            histogram: None,
+        });
+        families.push(Family {
+            name: "tracer_time_to_diagnosis_seconds",
+            help: "From a flow's first packet to the agent first diagnosing it.",
+            kind: "histogram",
+            samples: Vec::new(),
+            histogram: Some(&t.time_to_diagnosis),
+        });
+        families.push(Family {
+            name: "tracer_first_reply_seconds",
+            help: "From a flow's first packet to its first reply, as the node saw them.",
+            kind: "histogram",
+            samples: Vec::new(),
+            histogram: Some(&t.first_reply),
+        });
+        families.push(counter(
+            "tracer_tally_full_passes_total",
+            "Times the metrics tally re-judged every flow (the node, drop-reason names or \
+             lost records changed).",
+            t.full_passes,
+        ));
+    }
+    if let Some(size) = c.ring_bytes {
+        families.push(gauge(
+            "tracer_ringbuf_size_bytes",
+            "Size of the ring buffer: tracer_ringbuf_pending_bytes over it is the ring's fill.",
+            size as f64,
+        ));
+    }
+    if let Some(cpu) = fp.cpu_seconds {
+        families.push(Family {
+            name: "process_cpu_seconds_total",
+            help: "User and system CPU time of the agent process.",
+            kind: "counter",
+            samples: vec![(String::new(), cpu)],
+            histogram: None,
+        });
+    }
     if let (Some(used), Some(free)) = (fp.heap_bytes, fp.heap_free_bytes) {
         families.push(gauge(
             "tracer_heap_bytes",
@@ -237,11 +320,68 @@ mod tests {
             help: "Flows by verdict.",
             kind: "gauge",
             samples: vec![(format!("verdict=\"{}\"", label("no\"reply")), 3.0)],
+            histogram: None,
         }]);
         assert!(text.contains("# TYPE tracer_flows_by_verdict gauge\n"));
         assert!(
             text.contains("tracer_flows_by_verdict{verdict=\"no\\\"reply\"} 3\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn follows_the_exposition_conventions() {
+        let shared = crate::state::Shared::new(&crate::state::StateConfig::default());
+        let text = exposition(&shared.census());
+        let mut types = std::collections::HashMap::new();
+        for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut w = l.split_whitespace().skip(2);
+            let (name, kind) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
+            assert!(types.insert(name, kind).is_none(), "{name} typed twice");
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "counter {name} without _total");
+            }
+        }
+        // Every cause's counter is there at 0 from the start, so increase() sees its first step.
+        for c in Cause::ALL {
+            assert!(text.contains(&format!("tracer_diagnoses_total{{cause=\"{c}\"}} 0\n")));
+        }
+        assert_eq!(
+            types.get("tracer_time_to_diagnosis_seconds"),
+            Some(&"histogram")
+        );
+        assert!(text.contains("tracer_time_to_diagnosis_seconds_bucket{le=\"+Inf\"} 0\n"));
+        // Every sample belongs to a typed family.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap_or("");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    name.strip_suffix(s)
+                        .filter(|f| types.get(f) == Some(&"histogram"))
+                })
+                .unwrap_or(name);
+            assert!(types.contains_key(family), "{l}: no TYPE");
+        }
+    }
+
+    #[test]
+    fn renders_histograms_cumulatively() {
+        let h = Histogram {
+            bounds: &[0.5, 1.0],
+            counts: vec![2, 0, 1],
+            sum: 4.5,
+        };
+        let text = render(&[Family {
+            name: "x_seconds",
+            help: "x.",
+            kind: "histogram",
+            samples: Vec::new(),
+            histogram: Some(&h),
+        }]);
+        assert!(text.ends_with(
+            "x_seconds_bucket{le=\"0.5\"} 2\nx_seconds_bucket{le=\"1\"} 2\n\
+             x_seconds_bucket{le=\"+Inf\"} 3\nx_seconds_sum 4.5\nx_seconds_count 3\n"
+        ));
     }
 }

@@ -151,6 +151,20 @@ pub const RULES: &[Rule] = &[
     unanswered::diagnose,
 ];
 
+/// When time alone, with no new record, can next change `flow`'s judgement: the no-reply
+/// timeout after its first packet (`no_reply`) or after its first reply (a handshake left
+/// unacknowledged, `off_link`). None when no such moment lies after `seen_until`. A rule that
+/// starts to depend on time must be reflected here: the metrics' incremental tally re-judges a
+/// flow only when it changes or when this moment passes.
+pub fn next_change_ns(flow: &Flow, rules: &Rules, seen_until: u64) -> Option<u64> {
+    [Some(flow.first_ns), flow.first_reply_ns()]
+        .into_iter()
+        .flatten()
+        .map(|t| t.saturating_add(rules.no_reply_after_ns))
+        .filter(|due| *due > seen_until)
+        .min()
+}
+
 pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
     let mut verdicts = Vec::new();
     if flow.nat.is_some_and(|n| n.src != flow.src) {

@@ -175,7 +175,16 @@ pub struct FlowTable {
     changes_cap: usize,
     /// Changes up to this version are no longer listed.
     forgotten_upto: u64,
+    /// Drops of traced flows by the kernel's reason number (see [`DROP_REASONS_KEPT`]).
+    drops_by_reason: std::collections::BTreeMap<u32, u64>,
 }
+
+/// Most distinct drop reasons counted apart: the kernel's `skb_drop_reason` enum has about a
+/// hundred; any beyond this are counted under [`OTHER_DROP_REASON`], so the metric's
+/// cardinality stays bounded whatever the kernel sends.
+const DROP_REASONS_KEPT: usize = 128;
+/// Where reasons beyond [`DROP_REASONS_KEPT`] are counted.
+pub const OTHER_DROP_REASON: u32 = u32::MAX;
 
 /// Most (version, flow) change entries watchers can lag behind before a full rescan.
 const CHANGES_KEPT: usize = 65_536;
@@ -197,6 +206,7 @@ impl FlowTable {
             changes: VecDeque::new(),
             changes_cap: cap.clamp(1024, CHANGES_KEPT),
             forgotten_upto: 0,
+            drops_by_reason: Default::default(),
         }
     }
 
@@ -237,6 +247,11 @@ impl FlowTable {
         dst: Option<IpAddr>,
     ) -> impl Iterator<Item = &Flow> {
         self.flows.iter_newest_tagged(src, dst)
+    }
+
+    /// Drops of traced flows so far, by the kernel's reason number.
+    pub fn drops_by_reason(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.drops_by_reason.iter().map(|(r, n)| (*r, *n))
     }
 
     pub fn samples(&self) -> &Samples {
@@ -324,6 +339,10 @@ impl FlowTable {
                 f.record_drop(obs.ts_ns, obs.ifindex, d.reason, d.location, side);
             }
             self.stats.drops += 1;
+            let known = self.drops_by_reason.len() < DROP_REASONS_KEPT
+                || self.drops_by_reason.contains_key(&d.reason);
+            let key = if known { d.reason } else { OTHER_DROP_REASON };
+            *self.drops_by_reason.entry(key).or_default() += 1;
             self.touch(id);
             return Some(id);
         }

@@ -114,9 +114,16 @@ pub struct Hooks {
 /// The kernel's per-CPU counters, readable from anywhere (the API reads them fresh).
 pub struct KernelCounters {
     stats: PerCpuArray<MapData, u64>,
+    /// The ring buffer's size, when the kernel said.
+    ring_bytes: Option<u64>,
 }
 
 impl KernelCounters {
+    /// The ring buffer's size in bytes, when known.
+    pub fn ring_bytes(&self) -> Option<u64> {
+        self.ring_bytes
+    }
+
     /// Records the kernel could not hand over (ring buffer full), summed over CPUs: one map
     /// read, cheap enough for the reader to ask after every drain.
     pub fn lost(&self) -> u64 {
@@ -218,6 +225,12 @@ impl Hooks {
         let events = ebpf
             .take_map(EVENTS_MAP)
             .ok_or(HookError::MissingMap(EVENTS_MAP))?;
+        // The ring's size as the kernel made it (the object's default or --ringbuf-bytes), for
+        // the fill gauge's denominator.
+        let ring_bytes = match &events {
+            aya::maps::Map::RingBuf(d) => d.info().map(|i| u64::from(i.max_entries())).ok(),
+            _ => None,
+        };
         let events = RingBuf::try_from(events)?;
         let stats = ebpf
             .take_map(STATS_MAP)
@@ -232,7 +245,7 @@ impl Hooks {
                 backend,
             },
             events,
-            KernelCounters { stats },
+            KernelCounters { stats, ring_bytes },
         ))
     }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use tracer_model::{
     diagnoses::{CauseGroup, EvidenceSummary},
     query::{FlowQuery, Since, DEFAULT_LIMIT},
-    Cause, DiagnosesAnswer, FlowView, FlowsPage,
+    Cause, DiagnosesAnswer, FlowView, FlowsPage, Verdict,
 };
 
 use super::{lock, view, Census, FlowCursor, Shared};
@@ -194,29 +194,37 @@ impl Shared {
         (!samples.is_empty()).then_some((samples, names))
     }
 
-    /// Everything `/metrics` reports. Judges every flow.
+    /// Everything `/metrics` reports. The verdict and cause counts come from the tally, which
+    /// judges only what changed since it last ran.
     pub fn census(&self) -> Census {
         let mut c = Census::default();
-        self.visit_chunked(|cx, f| {
-            let j = judge(f, cx);
-            for x in &j.verdicts {
-                *c.by_verdict.entry(*x).or_default() += 1;
-            }
-            if let Some(d) = j.diagnosis {
-                *c.by_cause.entry(d.cause).or_default() += 1;
-            }
-            true
-        });
+        let tally = self.tally_counts();
+        for (v, n) in Verdict::ALL.iter().zip(&tally.by_verdict) {
+            c.by_verdict.insert(*v, *n);
+        }
+        for (x, n) in Cause::ALL.iter().zip(&tally.by_cause) {
+            c.by_cause.insert(*x, *n);
+        }
+        c.tally = Some(tally);
         {
             let t = lock(&self.table);
             c.flows = t.len();
             c.table = t.stats();
+            let reasons = self.reasons.read().unwrap_or_else(|e| e.into_inner());
+            c.drops_by_reason = t
+                .drops_by_reason()
+                .map(|(r, n)| match r {
+                    crate::flows::OTHER_DROP_REASON => ("other".to_string(), n),
+                    r => (reasons.name(r), n),
+                })
+                .collect();
         }
         for a in &self.node().attached {
             *c.attached_by_role.entry(a.role).or_default() += 1;
         }
         c.reader = *lock(&self.reader);
         c.kernel = self.kernel();
+        c.ring_bytes = self.ring_bytes();
         c.api = self.api.snapshot();
         c.interned = self.names.read().unwrap_or_else(|e| e.into_inner()).len();
         c.purged = *lock(&self.purged);

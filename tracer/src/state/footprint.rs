@@ -15,6 +15,8 @@ pub struct Footprint {
     pub bpf_links: u64,
     /// Open file descriptors.
     pub fds: u64,
+    /// User plus system CPU time of the process so far (`/proc/self/stat`), seconds.
+    pub cpu_seconds: Option<f64>,
 }
 
 impl Footprint {
@@ -30,6 +32,7 @@ impl Footprint {
             heap_free_bytes,
             bpf_links,
             fds,
+            cpu_seconds: cpu_seconds(),
         }
     }
 }
@@ -41,6 +44,20 @@ pub fn rss_bytes() -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * u64::try_from(page).ok().filter(|p| *p > 0).unwrap_or(4096))
+}
+
+/// utime + stime of this process, in seconds.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some((utime + stime) as f64 / hz as f64)
 }
 
 /// (in use, free but kept) heap bytes according to glibc's malloc, over all arenas.

@@ -8,6 +8,7 @@ pub mod health;
 mod node;
 mod reader;
 mod stream;
+mod tally;
 mod view;
 mod watch;
 
@@ -26,6 +27,7 @@ pub use answers::matches_tuple;
 pub use control::{AttachError, AttachTarget, Command};
 pub use health::{Fault, Liveness};
 pub use stream::FlowCursor;
+pub use tally::{Histogram, TallyCounts};
 pub use tracer_model::health::DropTracing;
 pub use watch::{WatchEvent, WatchState};
 
@@ -121,6 +123,12 @@ pub struct Census {
     pub api: ApiStats,
     pub interned: usize,
     pub purged: Purged,
+    /// The tally's counters and histograms (None only in a default census).
+    pub tally: Option<TallyCounts>,
+    /// The ring buffer's size, once the programs are loaded.
+    pub ring_bytes: Option<u64>,
+    /// Kernel drops of traced flows by reason name (bounded: see `FlowTable::drops_by_reason`).
+    pub drops_by_reason: Vec<(String, u64)>,
 }
 
 /// State shared between the reader, the sync loop and the API.
@@ -146,6 +154,12 @@ pub struct Shared {
     pub api: ApiCounters,
     /// Kernel map entries removed with the interfaces they were keyed with, so far.
     purged: Mutex<Purged>,
+    /// The per-verdict and per-cause counts of `/metrics`, kept incrementally.
+    tally: Mutex<tally::Tally>,
+    /// Bumped when the node or the drop-reason names change: every judgement is then redone.
+    judgement_gen: AtomicU64,
+    /// A hash of the node's facts and pools as last read, to see them change.
+    node_hash: AtomicU64,
 }
 
 /// Flows judged per hold of the flow table by endpoints that judge them all.
@@ -175,6 +189,9 @@ impl Shared {
             resync: cfg.resync,
             api: Default::default(),
             purged: Mutex::new(Purged::default()),
+            tally: Mutex::new(tally::Tally::default()),
+            judgement_gen: AtomicU64::new(0),
+            node_hash: AtomicU64::new(0),
         }
     }
 

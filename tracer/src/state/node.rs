@@ -1,6 +1,6 @@
 //! The node as last read (facts, pools, attachments, kernel counters) and the on-demand
 //! attach requests: written by the sync loop, read by every answer.
-use std::sync::{RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{atomic::Ordering, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,6 +28,7 @@ impl Shared {
 
     pub(crate) fn set_reasons(&self, r: DropReasons) {
         *self.reasons.write().unwrap_or_else(|e| e.into_inner()) = r;
+        self.judgement_gen.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The programs cannot run here: say why, stay up, never become ready.
@@ -84,6 +85,13 @@ impl Shared {
     }
 
     /// The kernel's counters, read now.
+    /// The ring buffer's size, once the programs are loaded.
+    pub fn ring_bytes(&self) -> Option<u64> {
+        lock(&self.counters)
+            .as_ref()
+            .and_then(KernelCounters::ring_bytes)
+    }
+
     pub fn kernel(&self) -> KernelStats {
         lock(&self.counters)
             .as_ref()
@@ -93,6 +101,20 @@ impl Shared {
 
     pub(crate) fn update_node(&self, facts: NodeFacts, pools: Pools, attached: Vec<AttachedIface>) {
         self.intern(&attached);
+        // The metrics' tally re-judges every flow when what the rules read changed.
+        let mut h = super::tally::FixedHasher::default();
+        let _ = serde_json::to_writer(&mut h, &facts);
+        let _ = serde_json::to_writer(&mut h, &pools);
+        // Read by the rules but not serialised: the dataplane (fix texts) and eBPF mode
+        // (what is turned off).
+        std::hash::Hasher::write(
+            &mut h,
+            format!("{:?}{:?}", pools.dataplane, pools.ebpf).as_bytes(),
+        );
+        let hash = std::hash::Hasher::finish(&h);
+        if self.node_hash.swap(hash, Ordering::Relaxed) != hash {
+            self.judgement_gen.fetch_add(1, Ordering::Relaxed);
+        }
         let mut node = self.node_mut();
         node.facts = facts;
         node.pools = pools;
