@@ -17,7 +17,7 @@ use common::{run_tool as run, TestResult};
 
 /// Oldest to newest Kubernetes that current Calico releases support, with one in between.
 const KUBERNETES_VERSIONS: &[&str] = &["1.29.0", "1.32.0", "1.35.0", "1.37.0"];
-const OVERLAYS: &[&str] = &["plain", "token-secret", "identity"];
+const OVERLAYS: &[&str] = &["plain", "token-secret", "identity", "monitoring"];
 
 /// A copy of deploy/ in a fresh directory, with the `token` file the token overlay reads (never
 /// committed), removed on drop.
@@ -227,5 +227,43 @@ fn an_invalid_object_is_rejected_by_the_validator() -> TestResult {
         .args(["--strict", "--quiet", "-k", KUBERNETES_VERSIONS[0]])
         .arg(&bad));
     assert!(r.is_err(), "a misspelt field passed strict validation");
+    Ok(())
+}
+
+#[test]
+fn monitoring_scrapes_the_agents_with_their_token() -> TestResult {
+    let tree = Tree::new()?;
+    let docs = render(&tree, "monitoring")?;
+    let monitors = find(&docs, "PodMonitor");
+    let [m] = monitors.as_slice() else {
+        return Err(format!("{} PodMonitors", monitors.len()).into());
+    };
+    let ds = find(&docs, "DaemonSet");
+    let pod_labels = &ds.first().ok_or("no DaemonSet")?["spec"]["template"]["metadata"]["labels"];
+    // It selects the agents' pods, on a port they expose, with the Secret the overlay makes.
+    for (k, v) in m["spec"]["selector"]["matchLabels"]
+        .as_hash()
+        .ok_or("no matchLabels")?
+    {
+        assert_eq!(
+            &pod_labels[k.as_str().unwrap_or_default()],
+            v,
+            "selector {k:?}"
+        );
+    }
+    let ep = &m["spec"]["podMetricsEndpoints"][0];
+    let port = ep["port"].as_str().ok_or("no port")?;
+    let pod = pod_spec(&docs)?;
+    let ports = pod["containers"][0]["ports"].as_vec().ok_or("no ports")?;
+    assert!(
+        ports.iter().any(|p| p["name"].as_str() == Some(port)),
+        "{port}"
+    );
+    let secret = find(&docs, "Secret");
+    let secret = secret.first().ok_or("no Secret")?;
+    let creds = &ep["authorization"]["credentials"];
+    assert_eq!(creds["name"], secret["metadata"]["name"]);
+    assert!(!secret["data"][creds["key"].as_str().unwrap_or_default()].is_badvalue());
+    assert_eq!(ep["relabelings"][0]["targetLabel"].as_str(), Some("node"));
     Ok(())
 }
