@@ -137,17 +137,42 @@ fn daemonset_matches_the_binary() -> TestResult {
         }
     }
 
-    // RBAC reads only.
-    if let Some(role) = kind(&docs, "ClusterRole") {
-        for rule in role["rules"].as_vec().into_iter().flatten() {
-            for verb in strings(&rule["verbs"]) {
-                assert!(
-                    ["get", "list", "watch"].contains(&verb.as_str()),
-                    "write verb {verb}"
-                );
-            }
+    // RBAC: reads of exactly what identity watches, bound to the DaemonSet's account.
+    let role = kind(&docs, "ClusterRole").ok_or("no ClusterRole")?;
+    let mut resources = BTreeSet::new();
+    for rule in role["rules"].as_vec().into_iter().flatten() {
+        assert_eq!(strings(&rule["apiGroups"]), vec![String::new()], "{rule:?}");
+        for verb in strings(&rule["verbs"]) {
+            assert!(
+                ["get", "list", "watch"].contains(&verb.as_str()),
+                "write verb {verb}"
+            );
         }
+        resources.extend(strings(&rule["resources"]));
     }
+    let want_res: BTreeSet<String> = ["pods", "services", "nodes"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(resources, want_res);
+    let binding = kind(&docs, "ClusterRoleBinding").ok_or("no ClusterRoleBinding")?;
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"][0]["name"].as_str(),
+        pod["serviceAccountName"].as_str()
+    );
+    // Identity configured as calico-node is: the datastore type, and NODENAME from the
+    // downward API.
+    let env = c["env"].as_vec().ok_or("no env")?;
+    let var = |n: &str| env.iter().find(|e| e["name"].as_str() == Some(n));
+    assert_eq!(
+        var("DATASTORE_TYPE").and_then(|e| e["value"].as_str()),
+        Some("kubernetes")
+    );
+    assert_eq!(
+        var("NODENAME").and_then(|e| e["valueFrom"]["fieldRef"]["fieldPath"].as_str()),
+        Some("spec.nodeName")
+    );
 
     // A real agent started the same way (with a token), holding only the manifest's
     // capabilities (a root process gets no more than its bounding set, as in the container).

@@ -32,7 +32,7 @@ impl fmt::Display for QueryError {
             QueryError::Repeated(p) => write!(f, "parameter {p:?} given more than once"),
             QueryError::Unknown(p) => write!(
                 f,
-                "unknown parameter {p:?} (known: dst, src, pod, port, proto, verdict, cause, since, limit)"
+                "unknown parameter {p:?} (known: dst, src, pod, namespace, selector, port, proto, verdict, cause, since, limit)"
             ),
             QueryError::Invalid { param, msg } => write!(f, "{param}: {msg}"),
         }
@@ -81,6 +81,10 @@ pub struct FlowQuery {
     pub verdict: Option<Verdict>,
     pub cause: Option<Cause>,
     pub limit: Option<usize>,
+    /// Flows with a pod or Service of this namespace at either end.
+    pub namespace: Option<String>,
+    /// Flows with a pod at either end whose labels match (kubectl's label-selector syntax).
+    pub selector: Option<crate::identity::Selector>,
 }
 
 impl FlowQuery {
@@ -112,6 +116,15 @@ impl FlowQuery {
                 "since" => q.since = Some(Since::parse(v)?),
                 "cause" => q.cause = Some(known("cause", v, Cause::ALL)?),
                 "limit" => q.limit = Some(limit(v)?),
+                "namespace" => q.namespace = Some(namespace(v)?),
+                "selector" => {
+                    q.selector = Some(crate::identity::Selector::parse(v).map_err(|msg| {
+                        QueryError::Invalid {
+                            param: "selector",
+                            msg,
+                        }
+                    })?)
+                }
                 other => return Err(QueryError::Unknown(other.to_string())),
             }
         }
@@ -131,6 +144,8 @@ impl FlowQuery {
             ("verdict", self.verdict.map(|v| v.to_string())),
             ("cause", self.cause.map(|c| c.to_string())),
             ("limit", self.limit.map(|l| l.to_string())),
+            ("namespace", self.namespace.clone()),
+            ("selector", self.selector.as_ref().map(|s| s.to_string())),
         ];
         for (k, v) in pairs {
             if let Some(v) = v {
@@ -157,6 +172,16 @@ fn valid_k8s_name(s: &str) -> bool {
         && s.len() <= 253
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// `namespace=`: a DNS-1123 label.
+fn namespace(v: &str) -> Result<String, QueryError> {
+    (valid_k8s_name(v) && v.len() <= 63 && !v.contains('.'))
+        .then(|| v.to_string())
+        .ok_or_else(|| QueryError::Invalid {
+            param: "namespace",
+            msg: format!("{v:?} is not a namespace name"),
+        })
 }
 
 /// `namespace/name`, as `pod=` and the CLI's `--pod` take it.
@@ -275,6 +300,9 @@ mod tests {
             "pod=a/B",
             "pod=/x",
             "since=yesterday",
+            "namespace=Bad_NS",
+            "selector=app%20in%20web",
+            "selector=",
         ] {
             assert!(FlowQuery::parse(Some(bad)).is_err(), "{bad} accepted");
         }
@@ -289,6 +317,7 @@ mod tests {
             "dst=10.96.0.0%2F12&src=192.168.1.5%2F32&port=53&proto=udp",
             "pod=kube-system%2Fcoredns-1&since=5m&verdict=no_reply&cause=kernel_drop&limit=7",
             "since=2026-11-23T12%3A00%3A00Z&proto=132",
+            "namespace=shop&selector=app%3Dweb%2Ctier+in+%28a%2Cb%29",
         ] {
             let q = FlowQuery::parse(Some(text))?;
             let back = FlowQuery::parse(Some(&q.to_query_string()))?;

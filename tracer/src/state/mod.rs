@@ -5,6 +5,7 @@ mod answers;
 mod control;
 pub mod footprint;
 pub mod health;
+mod names;
 mod node;
 mod reader;
 mod stream;
@@ -35,6 +36,7 @@ use crate::{
     diagnose::{Context, Rules},
     flows::{Flow, FlowId, FlowTable, Gaps, Iface, TableStats},
     hooks::{ifstate::Purged, AttachedIface, KernelCounters, KernelStats},
+    identity::Identities,
     kernel_names::{DropReasons, Symbols},
     netlink::NodeFacts,
 };
@@ -121,6 +123,7 @@ pub struct Census {
     pub api: ApiStats,
     pub interned: usize,
     pub purged: Purged,
+    pub identity: tracer_model::identity::IdentityHealth,
 }
 
 /// State shared between the reader, the sync loop and the API.
@@ -146,6 +149,8 @@ pub struct Shared {
     pub api: ApiCounters,
     /// Kernel map entries removed with the interfaces they were keyed with, so far.
     purged: Mutex<Purged>,
+    /// Names of addresses, when identity is on (set once at start).
+    identities: OnceLock<Arc<Identities>>,
 }
 
 /// Flows judged per hold of the flow table by endpoints that judge them all.
@@ -175,7 +180,22 @@ impl Shared {
             resync: cfg.resync,
             api: Default::default(),
             purged: Mutex::new(Purged::default()),
+            identities: OnceLock::new(),
         }
+    }
+
+    /// Turns identity on with `ids` (once, at start).
+    pub fn set_identities(&self, ids: Arc<Identities>) {
+        let _ = self.identities.set(ids);
+    }
+
+    /// Where names come from; off unless [`Shared::set_identities`] was called.
+    pub fn identities(&self) -> &Identities {
+        static OFF: OnceLock<Identities> = OnceLock::new();
+        self.identities
+            .get()
+            .map(|i| i.as_ref())
+            .unwrap_or_else(|| OFF.get_or_init(Identities::off))
     }
 
     pub fn liveness(&self) -> &Liveness {
