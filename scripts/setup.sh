@@ -10,6 +10,8 @@ APT_PACKAGES=(
   rustc-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   iproute2 iptables ipset nftables conntrack tcpdump iputils-ping curl bird etcd-server etcd-client iperf3 wrk ethtool bpftool
   qemu-system-x86 cpio busybox-static
+  # etcd-client (the Rust crate behind DATASTORE_TYPE=etcdv3) generates its gRPC code with protoc.
+  protobuf-compiler
 )
 
 need_apt=()
