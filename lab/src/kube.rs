@@ -48,13 +48,13 @@ struct Inner {
     /// (rv, plural, type, object), oldest first; everything at or below `compacted` is gone.
     events: Vec<(u64, String, &'static str, Value)>,
     compacted: u64,
-    /// Bumped to end every open watch (as an apiserver restart or a timeout would).
+    /// Bumped to end every open watch, as their timeout would.
     generation: u64,
     /// List requests served, per plural: a relist shows here.
     lists: BTreeMap<String, u64>,
     watches: BTreeMap<String, u64>,
-    /// Watches answered 410 Gone.
-    expired: u64,
+    /// Watches answered 410 Gone, per plural.
+    expired: BTreeMap<String, u64>,
 }
 
 /// The stand-in's data, shared by its server threads and the test that drives it.
@@ -137,9 +137,9 @@ impl Store {
         self.lock().lists.get(plural).copied().unwrap_or(0)
     }
 
-    /// Watches answered 410 Gone so far.
-    pub fn expired(&self) -> u64 {
-        self.lock().expired
+    /// Watches of `plural` answered 410 Gone so far.
+    pub fn expired(&self, plural: &str) -> u64 {
+        self.lock().expired.get(plural).copied().unwrap_or(0)
     }
 
     /// Watch requests served for `plural` so far.
@@ -537,7 +537,7 @@ fn watch(
     // Watching from before the last compaction: the version has expired.
     if from < g.compacted && from != 0 {
         let compacted = g.compacted;
-        g.expired += 1;
+        *g.expired.entry(plural.to_string()).or_default() += 1;
         drop(g);
         let ev = json!({"type": "ERROR", "object": {
             "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -563,10 +563,14 @@ fn watch(
                 return false;
             }
         }
-        if ended || stop.load(Ordering::Relaxed) {
-            // An ended watch closes the connection, as a restarting apiserver does.
-            let _ = end_chunks(w);
+        if stop.load(Ordering::Relaxed) {
+            // Going away: the connection is cut.
             return false;
+        }
+        if ended {
+            // Ended as a watch timeout ends it: the response completes and the connection
+            // stays for the client's next request (its re-watch).
+            return end_chunks(w);
         }
         if started.elapsed() >= timeout {
             return end_chunks(w);

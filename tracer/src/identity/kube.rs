@@ -265,6 +265,7 @@ fn node(n: &Node) -> Option<Object> {
             .filter_map(|k| ann.get(*k))
             .filter_map(|v| parse_addr(v)),
     );
+    ips.sort();
     ips.dedup();
     (!ips.is_empty()).then(|| Object {
         ips,
