@@ -11,6 +11,8 @@ APT_PACKAGES=(
   iproute2 iptables ipset nftables conntrack tcpdump iputils-ping curl bird etcd-server etcd-client iperf3 wrk ethtool bpftool
   qemu-system-x86 cpio busybox-static
   podman runc binutils
+  # etcd-client (the Rust crate behind DATASTORE_TYPE=etcdv3) generates its gRPC code with protoc.
+  protobuf-compiler
 )
 
 need_apt=()

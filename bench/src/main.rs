@@ -54,6 +54,10 @@ pub struct Opts {
     /// program's on the same frame.
     #[arg(long, value_name = "REPEAT", hide = true)]
     profile_tc: Option<u32>,
+    /// Profiling aid (no root): identity's cost on ingest and on a rendered /flows page, with
+    /// a table of N synthetic flows, identity off and on.
+    #[arg(long, value_name = "FLOWS", hide = true)]
+    profile_identity: Option<u64>,
 }
 
 fn machine() -> String {
@@ -286,6 +290,24 @@ fn main() -> ExitCode {
                         t.median_ns / t.floor_ns.max(1.0)
                     );
                 }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tracer-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(n) = opts.profile_identity {
+        return match memory::identity_in_process(n, 20) {
+            Ok((i_off, i_on, r_off, r_on)) => {
+                println!(
+                    "{n} flows: ingest {i_off:.1} ms off, {i_on:.1} ms on ({:+.1}%); \
+                     /flows?limit=1000 rendered p50 {r_off:.2} ms off, {r_on:.2} ms on ({:+.1}%); \
+                     per-flow bytes added: 0 (names are looked up at render time)",
+                    (i_on / i_off - 1.0) * 100.0,
+                    (r_on / r_off - 1.0) * 100.0
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -118,6 +118,16 @@ fn shared_fed(n: u64, records: usize) -> Shared {
         flow_cap: n as usize,
         ..AgentConfig::default().state()
     });
+    feed_records(&shared, n, records);
+    shared
+}
+
+/// Feeds `n` flows' observations to `shared` in the reader's batches.
+fn feed(shared: &Shared, n: u64) {
+    feed_records(shared, n, usize::MAX);
+}
+
+fn feed_records(shared: &Shared, n: u64, records: usize) {
     let mut batch = Vec::with_capacity(4096);
     let mut ts = 1_000_000_000u64;
     for i in 0..n {
@@ -131,7 +141,6 @@ fn shared_fed(n: u64, records: usize) -> Shared {
         }
     }
     shared.ingest(&batch, 0);
-    shared
 }
 
 /// Times GET /flows's work in-process: Shared::flows and the API's rendering of its body.
@@ -455,4 +464,83 @@ pub fn query_in_process(flows: u64, iters: usize) -> Result<(u64, f64, f64)> {
     let shared = shared_with(flows);
     let (ms, matched) = time_query(&shared, &format!("dst={}", workload::service_ip(24)), iters)?;
     Ok((matched, quantile(&ms, 0.5), quantile(&ms, 0.99)))
+}
+
+/// Identity's cost (issue 14): ingest of `flows` flows and a rendered `/flows?limit=1000`, with
+/// identity off and on (every pod and Service address of the workload named). Names are looked
+/// up when answers are rendered, so ingest should not move and a flow holds no extra bytes.
+/// Returns (ingest ms off, on; render ms p50 off, on).
+pub fn identity_in_process(flows: u64, iters: usize) -> Result<(f64, f64, f64, f64)> {
+    use std::sync::Arc;
+
+    use tracer::identity::{Book, Identities, Kind, Object};
+    use tracer_model::identity::{Endpoint, IdentitySource, PodRef, ServiceRef};
+
+    let mut book = Book::default();
+    for i in 0..flows.min(20_000) {
+        let (pod, svc) = (workload::pod_ip(i), workload::service_ip(i));
+        let ep = Endpoint::Pod(PodRef {
+            namespace: "bench".into(),
+            name: format!("pod-{pod}"),
+            workload: None,
+            node: Some("node-a".into()),
+            labels: [("app".to_string(), format!("a{}", i % 10))].into(),
+        });
+        book.upsert(
+            Kind::Pod,
+            format!("bench/{pod}"),
+            Object {
+                ips: vec![pod.into()],
+                endpoint: Arc::new(ep),
+            },
+        );
+        let ep = Endpoint::Service(ServiceRef {
+            namespace: "bench".into(),
+            name: format!("svc-{svc}"),
+            cluster_ip: Some(svc.into()),
+        });
+        book.upsert(
+            Kind::Service,
+            format!("bench/{svc}"),
+            Object {
+                ips: vec![svc.into()],
+                endpoint: Arc::new(ep),
+            },
+        );
+    }
+    let ids = Arc::new(Identities::new(IdentitySource::Kubernetes, Some("node-a")));
+    ids.publish(&book, "bench");
+    let mut ingest = [0.0f64; 2];
+    let mut render = [0.0f64; 2];
+    // Alternating runs, best of three each: the machine is shared.
+    for _ in 0..3 {
+        for (k, on) in [(0, false), (1, true)] {
+            let t = Instant::now();
+            let shared = if on {
+                let s = Shared::new(&tracer::state::StateConfig {
+                    flow_cap: flows as usize,
+                    ..AgentConfig::default().state()
+                });
+                s.set_identities(Arc::clone(&ids));
+                feed(&s, flows);
+                s
+            } else {
+                shared_with(flows)
+            };
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            ingest[k] = if ingest[k] == 0.0 {
+                ms
+            } else {
+                ingest[k].min(ms)
+            };
+            let (r, _) = time_query(&shared, "limit=1000", iters)?;
+            let p50 = quantile(&r, 0.5);
+            render[k] = if render[k] == 0.0 {
+                p50
+            } else {
+                render[k].min(p50)
+            };
+        }
+    }
+    Ok((ingest[0], ingest[1], render[0], render[1]))
 }

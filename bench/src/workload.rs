@@ -49,7 +49,7 @@ pub fn service_ip(i: u64) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, 0, 1 + ((i / 4) % 200) as u8)
 }
 
-fn pod_ip(i: u64) -> Ipv4Addr {
+pub fn pod_ip(i: u64) -> Ipv4Addr {
     Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8)
 }
 

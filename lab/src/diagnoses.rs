@@ -107,6 +107,7 @@ pub fn group_flows(page: &FlowsPage) -> Vec<CauseGroup> {
                 fix: d.fix.clone(),
                 example_flows: vec![f.id],
                 evidence_incomplete: incomplete,
+                endpoints: f.endpoints.clone(),
             }),
         }
     }

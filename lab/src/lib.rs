@@ -58,6 +58,7 @@ pub mod diagnoses;
 pub mod etcd;
 pub mod http;
 pub mod iptables;
+pub mod kube;
 pub mod netns;
 pub mod node;
 pub mod scenario;

@@ -29,6 +29,75 @@ pub fn v3_key(plural: &str, namespace: Option<&str>, name: &str) -> String {
     }
 }
 
+/// A WorkloadEndpoint's name as libcalico-go computes it (`lib/names/workloadendpoint.go`):
+/// `<node>-<orchestrator>-<pod>-<endpoint>` with every `-` inside a part doubled.
+pub fn wep_name(node: &str, pod: &str) -> String {
+    [node, "k8s", pod, "eth0"]
+        .iter()
+        .map(|p| p.replace('-', "--"))
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// A Kubernetes pod's WorkloadEndpoint as Calico's etcdv3 backend stores it (key, JSON): the
+/// pod's labels plus the three Calico adds, the k8s profiles, the veth name.
+pub fn workload_endpoint(
+    node: &str,
+    namespace: &str,
+    pod: &str,
+    ip: &str,
+    iface: &str,
+    labels: &[(&str, &str)],
+) -> (String, String) {
+    let name = wep_name(node, pod);
+    let mut l: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+        .collect();
+    l.insert(
+        "projectcalico.org/namespace".into(),
+        serde_json::json!(namespace),
+    );
+    l.insert(
+        "projectcalico.org/orchestrator".into(),
+        serde_json::json!("k8s"),
+    );
+    l.insert(
+        "projectcalico.org/serviceaccount".into(),
+        serde_json::json!("default"),
+    );
+    let value = serde_json::json!({
+        "kind": "WorkloadEndpoint",
+        "apiVersion": "projectcalico.org/v3",
+        "metadata": {"name": name, "namespace": namespace, "labels": l,
+            "uid": "5b1e2c3d-0000-4000-8000-000000000001",
+            "creationTimestamp": "2026-11-27T00:00:00Z"},
+        "spec": {"orchestrator": "k8s", "node": node, "containerID": "0123456789abcdef",
+            "pod": pod, "endpoint": "eth0", "serviceAccountName": "default",
+            "ipNetworks": [format!("{ip}/32")],
+            "profiles": [format!("kns.{namespace}"), format!("ksa.{namespace}.default")],
+            "interfaceName": iface},
+    });
+    (
+        v3_key("workloadendpoints", Some(namespace), &name),
+        value.to_string(),
+    )
+}
+
+/// A Calico Node resource (key, JSON) with its BGP address.
+pub fn calico_node(name: &str, ipv4: &str) -> (String, String) {
+    (
+        v3_key("nodes", None, name),
+        resource(
+            "Node",
+            name,
+            3000,
+            serde_json::json!({"bgp": {"ipv4Address": format!("{ipv4}/24")},
+                "orchRefs": [{"nodeName": name, "orchestrator": "k8s"}]}),
+        ),
+    )
+}
+
 /// Seed 001's cluster: 53 nodes in four AWS regions.
 pub const SEED_001_NODES: u32 = 53;
 

@@ -32,6 +32,9 @@ pub struct CauseGroup {
     pub example_flows: Vec<u64>,
     /// Flows of the group whose records may be partial.
     pub evidence_incomplete: u64,
+    /// Who the latest flow's addresses are; present only while identity is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<crate::identity::FlowEndpoints>,
 }
 
 /// What the answer may be missing.

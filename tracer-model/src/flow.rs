@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     diagnosis::{Diagnosis, SnatExclusion},
+    identity::FlowEndpoints,
     Dir, Encap, Role, Side, Verdict,
 };
 
@@ -39,6 +40,9 @@ pub struct FlowView {
     /// Present only when records were lost while the flow ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence_incomplete: Option<EvidenceGap>,
+    /// Who the flow's addresses are (pods, Services, nodes); present only while identity is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<FlowEndpoints>,
 }
 
 impl FlowView {

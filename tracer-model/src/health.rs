@@ -101,6 +101,9 @@ pub struct HealthDetail {
     pub flows: TableStats,
     pub api: ApiStats,
     pub uptime_s: u64,
+    /// Where pod, Service and node names come from, and how fresh they are.
+    #[serde(default = "crate::identity::IdentityHealth::off")]
+    pub identity: crate::identity::IdentityHealth,
 }
 
 /// Verdicts and causes that cannot be trusted in the node's dataplane: they are never reported

@@ -32,7 +32,7 @@ impl fmt::Display for QueryError {
             QueryError::Repeated(p) => write!(f, "parameter {p:?} given more than once"),
             QueryError::Unknown(p) => write!(
                 f,
-                "unknown parameter {p:?} (known: dst, src, pod, port, proto, verdict, cause, since, limit)"
+                "unknown parameter {p:?} (known: dst, src, pod, namespace, selector, port, proto, verdict, cause, since, limit)"
             ),
             QueryError::Invalid { param, msg } => write!(f, "{param}: {msg}"),
         }
@@ -137,6 +137,10 @@ pub struct FlowQuery {
     pub verdict: Option<Verdict>,
     pub cause: Option<Cause>,
     pub limit: Option<usize>,
+    /// Flows with a pod or Service of this namespace at either end.
+    pub namespace: Option<String>,
+    /// Flows with a pod at either end whose labels match (kubectl's label-selector syntax).
+    pub selector: Option<crate::identity::Selector>,
 }
 
 impl FlowQuery {
@@ -168,6 +172,15 @@ impl FlowQuery {
                 "since" => q.since = Some(Since::parse(v)?),
                 "cause" => q.cause = Some(known("cause", v, Cause::ALL)?),
                 "limit" => q.limit = Some(limit(v)?),
+                "namespace" => q.namespace = Some(namespace(v)?),
+                "selector" => {
+                    q.selector = Some(crate::identity::Selector::parse(v).map_err(|msg| {
+                        QueryError::Invalid {
+                            param: "selector",
+                            msg,
+                        }
+                    })?)
+                }
                 other => return Err(QueryError::Unknown(other.to_string())),
             }
         }
@@ -187,6 +200,8 @@ impl FlowQuery {
             ("verdict", self.verdict.map(|v| v.to_string())),
             ("cause", self.cause.map(|c| c.to_string())),
             ("limit", self.limit.map(|l| l.to_string())),
+            ("namespace", self.namespace.clone()),
+            ("selector", self.selector.as_ref().map(|s| s.to_string())),
         ];
         for (k, v) in pairs {
             if let Some(v) = v {
@@ -213,6 +228,16 @@ fn valid_k8s_name(s: &str) -> bool {
         && s.len() <= 253
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// `namespace=`: a DNS-1123 label.
+fn namespace(v: &str) -> Result<String, QueryError> {
+    (valid_k8s_name(v) && v.len() <= 63 && !v.contains('.'))
+        .then(|| v.to_string())
+        .ok_or_else(|| QueryError::Invalid {
+            param: "namespace",
+            msg: format!("{v:?} is not a namespace name"),
+        })
 }
 
 /// `namespace/name`, as `pod=` and the CLI's `--pod` take it.
@@ -352,6 +377,9 @@ mod tests {
             "since=2026-11-23",
             "since=2026-11-23T12:00:00",
             "since=2026-02-30T12:00:00Z",
+            "namespace=Bad_NS",
+            "selector=app%20in%20web",
+            "selector=",
         ] {
             assert!(FlowQuery::parse(Some(bad)).is_err(), "{bad} accepted");
         }
@@ -368,6 +396,7 @@ mod tests {
             "since=2026-11-23T12%3A00%3A00Z&proto=132",
             "since=1d2h3m4s5ms",
             "since=250ms",
+            "namespace=shop&selector=app%3Dweb%2Ctier+in+%28a%2Cb%29",
         ] {
             let q = FlowQuery::parse(Some(text))?;
             let back = FlowQuery::parse(Some(&q.to_query_string()))?;

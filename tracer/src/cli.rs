@@ -1,5 +1,6 @@
 //! Command-line interface.
 use std::{net::SocketAddr, time::Duration};
+use tracer_model::identity::IdentitySource;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -194,6 +195,35 @@ pub struct AgentArgs {
     /// presence tells that felix runs in eBPF mode. Only looked at, never opened.
     #[arg(long, default_value = crate::felix_bpf::GLOBALS_DIR)]
     pub felix_bpf_dir: std::path::PathBuf,
+    /// Where pod, Service and node names come from, as calico-node reads DATASTORE_TYPE:
+    /// `kubernetes` (the API server, --kubeconfig or in-cluster) or `etcdv3` (--etcd-endpoints).
+    /// Unset: flows carry addresses only.
+    #[arg(long, env = "DATASTORE_TYPE", value_parser = parse_datastore_type)]
+    pub datastore_type: Option<IdentitySource>,
+    /// Calico's ETCD_ENDPOINTS: etcd v3 URLs, comma separated (with --datastore-type etcdv3).
+    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// A kubeconfig for --datastore-type kubernetes; the pod's service account when unset.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// This node's name, as calico-node's NODENAME: selects the node's pods and names its
+    /// own addresses.
+    #[arg(long, env = "NODENAME")]
+    pub nodename: Option<String>,
+    /// Turn identity off even when DATASTORE_TYPE is set: no datastore connection, no
+    /// credentials used, addresses only.
+    #[arg(long)]
+    pub no_identity: bool,
+}
+
+fn parse_datastore_type(v: &str) -> Result<IdentitySource, String> {
+    match v {
+        "kubernetes" => Ok(IdentitySource::Kubernetes),
+        "etcdv3" => Ok(IdentitySource::Etcdv3),
+        _ => Err(format!(
+            "{v:?}: Calico's DATASTORE_TYPE is kubernetes or etcdv3"
+        )),
+    }
 }
 
 impl AgentArgs {
@@ -213,7 +243,22 @@ impl AgentArgs {
             }
             None => None,
         };
+        let source = self
+            .datastore_type
+            .filter(|_| !self.no_identity)
+            .unwrap_or(IdentitySource::Off);
+        if source == IdentitySource::Etcdv3 && self.etcd_endpoints.is_empty() {
+            return Err(crate::agent::AgentError::Identity(
+                "--datastore-type etcdv3 needs --etcd-endpoints (ETCD_ENDPOINTS)".into(),
+            ));
+        }
         Ok(crate::agent::AgentConfig {
+            identity: crate::identity::IdentityConfig {
+                source: (source != IdentitySource::Off).then_some(source),
+                nodename: self.nodename.clone().filter(|n| !n.is_empty()),
+                etcd_endpoints: self.etcd_endpoints.clone(),
+                kubeconfig: self.kubeconfig.clone(),
+            },
             ringbuf_bytes: self.ringbuf_bytes,
             attach: self.attach,
             token,
@@ -301,6 +346,14 @@ pub struct FlowsArgs {
     pub cause: Option<Cause>,
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=query::MAX_LIMIT as u64))]
     pub limit: Option<u64>,
+    /// Only flows with a pod or Service of this namespace at either end (needs identity on
+    /// the agent).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only flows with a pod at either end whose labels match, in kubectl's syntax
+    /// (`app=web,tier in (a,b)`; needs identity on the agent).
+    #[arg(short = 'l', long, value_parser = |s: &str| tracer_model::identity::Selector::parse(s))]
+    pub selector: Option<tracer_model::identity::Selector>,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -318,6 +371,8 @@ impl FlowsArgs {
             verdict: self.verdict,
             cause: self.cause,
             limit: self.limit.map(|l| l as usize),
+            namespace: self.namespace.clone(),
+            selector: self.selector.clone(),
         }
     }
 }

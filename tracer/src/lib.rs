@@ -4,6 +4,7 @@
 //! [`events`] (records they emit) -> [`flows`] (correlated connections) -> [`diagnose`]
 //! (verdicts and causes) -> [`state`] (what the agent knows, answered in the model's wire
 //! types) -> [`api`] (HTTP). [`netlink`], [`calico`] and [`nftables`] describe the node;
+//! [`identity`] names its addresses (pods, Services, nodes) from Calico's datastore;
 //! [`agent`] wires them together. The wire vocabulary is the `tracer_model` crate.
 pub mod agent;
 pub mod api;
@@ -18,6 +19,7 @@ pub mod events;
 pub mod felix_bpf;
 pub mod flows;
 pub mod hooks;
+pub mod identity;
 pub mod kernel_names;
 pub mod net;
 pub mod netlink;

@@ -51,6 +51,8 @@ pub enum AgentError {
          the node's traffic. Give --token-file, listen on loopback, or pass --insecure"
     )]
     Insecure(SocketAddr),
+    #[error("identity: {0}")]
+    Identity(String),
 }
 
 /// Whether the agent attaches by itself or only when a client asks (POST /attach).
@@ -85,6 +87,8 @@ pub struct AgentConfig {
     pub api: api::ApiLimits,
     /// Where felix pins its eBPF dataplane's maps (its mode is told by them).
     pub felix_bpf_dir: std::path::PathBuf,
+    /// Where pod, Service and node names come from (off by default).
+    pub identity: crate::identity::IdentityConfig,
 }
 
 impl AgentConfig {
@@ -123,6 +127,7 @@ impl Default for AgentConfig {
             insecure: false,
             api: api::ApiLimits::default(),
             felix_bpf_dir: crate::felix_bpf::GLOBALS_DIR.into(),
+            identity: Default::default(),
         }
     }
 }
@@ -153,6 +158,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     };
     tracing::info!(tc = hooks.backend().as_str(), "programs loaded");
     let shared = Arc::new(Shared::new(&cfg.state()));
+    start_identity(&shared, &cfg.identity).await;
     shared.set_counters(counters);
     shared.set_tc_backend(hooks.backend());
     // Drop tracing is a bonus: without tracefs or BTF the agent still traces paths.
@@ -531,5 +537,31 @@ fn read_events(
             // Nothing arrived for a whole wake period.
             shared.reader_idle();
         }
+    }
+}
+
+/// Starts the configured identity source in the background. A source that cannot even be
+/// configured (no kubeconfig, no in-cluster account) leaves identity on and stale, saying why:
+/// the data path never waits on it.
+async fn start_identity(shared: &Arc<Shared>, cfg: &crate::identity::IdentityConfig) {
+    use crate::identity::{self, Identities};
+    use tracer_model::identity::IdentitySource;
+    let Some(source) = cfg.source else {
+        return;
+    };
+    let ids = Arc::new(Identities::new(source, cfg.nodename.as_deref()));
+    shared.set_identities(Arc::clone(&ids));
+    tracing::info!(source = source.as_str(), nodename = ?cfg.nodename, "identity: reading names from Calico's datastore");
+    match source {
+        IdentitySource::Etcdv3 => {
+            tokio::spawn(identity::etcd::run(ids, cfg.etcd_endpoints.clone()));
+        }
+        IdentitySource::Kubernetes => match identity::kube::client(cfg).await {
+            Ok(client) => {
+                tokio::spawn(identity::kube::run(ids, client, cfg.nodename.clone()));
+            }
+            Err(e) => ids.failed("client", format!("kubernetes client: {e}")),
+        },
+        IdentitySource::Off => {}
     }
 }

@@ -60,6 +60,11 @@ const CASES: &[Case] = &[
     ("destination-unresponsive", destination_unresponsive),
     ("evidence-incomplete", evidence_incomplete),
     ("ebpf-mode", ebpf_mode),
+    // Identity on: endpoints on flows and groups, names in the diagnosis text.
+    ("snat-applied-named", || named(snat_applied())),
+    ("masquerade-not-applied-named", || {
+        named(masquerade_not_applied())
+    }),
 ];
 
 #[test]
@@ -98,10 +103,12 @@ fn answers_match_the_golden_files() {
         answers.push((format!("healthz{name}"), bytes(&s.health(detail).1)));
         answers.push((format!("readyz{name}"), bytes(&s.readiness(detail))));
     }
-    let s = ebpf_mode();
-    s.liveness().reader_beat(NOW - 200 * MS);
-    s.liveness().sync_done(NOW - 4 * S);
-    answers.push(("healthz-ebpf".into(), bytes(&s.health(true).1)));
+    let ebpf = ebpf_mode();
+    ebpf.liveness().reader_beat(NOW - 200 * MS);
+    ebpf.liveness().sync_done(NOW - 4 * S);
+    answers.push(("healthz-ebpf".into(), bytes(&ebpf.health(true).1)));
+    let s = named(s);
+    answers.push(("healthz-named".into(), bytes(&s.health(true).1)));
     FIXED_NOW_NS.with(|n| n.set(None));
 
     for v in tracer_model::Verdict::ALL {
@@ -329,6 +336,63 @@ fn pod_syn(s: &Shared, pod: Packet, out: Packet, answered: bool) {
 }
 
 const POD: &str = "10.244.1.10";
+
+/// `s` with identity on, as read from a datastore at 90 s: the pod, this node (NODENAME
+/// `node-a`) and the master.
+fn named(s: Shared) -> Shared {
+    use std::sync::Arc;
+
+    use tracer_model::identity::{Endpoint, IdentitySource, NodeRef, PodRef, Workload};
+
+    use crate::identity::{Book, Identities, Kind, Object};
+    let mut book = Book::default();
+    let pod = Endpoint::Pod(PodRef {
+        namespace: "shop".into(),
+        name: "web-5d8f-x2x7q".into(),
+        workload: Some(Workload {
+            kind: "ReplicaSet".into(),
+            name: "web-5d8f".into(),
+        }),
+        node: Some("node-a".into()),
+        labels: [("app".to_string(), "web".to_string())].into(),
+    });
+    for (kind, key, addr, ep) in [
+        (Kind::Pod, "shop/web-5d8f-x2x7q", POD, pod),
+        (
+            Kind::Node,
+            "node-a",
+            "192.168.21.10",
+            Endpoint::Node(NodeRef {
+                name: "node-a".into(),
+            }),
+        ),
+        (
+            Kind::Node,
+            "master",
+            "192.168.21.11",
+            Endpoint::Node(NodeRef {
+                name: "master".into(),
+            }),
+        ),
+    ] {
+        book.upsert(
+            kind,
+            key.into(),
+            Object {
+                ips: vec![ip(addr)],
+                endpoint: Arc::new(ep),
+            },
+        );
+    }
+    let ids = Identities::new(IdentitySource::Kubernetes, Some("node-a"));
+    FIXED_NOW_NS.with(|n| {
+        let was = n.replace(Some(90 * S));
+        ids.publish(&book, "test");
+        n.set(was);
+    });
+    s.set_identities(Arc::new(ids));
+    s
+}
 
 // ---- cases ----
 

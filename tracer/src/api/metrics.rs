@@ -294,6 +294,38 @@ pub fn exposition(c: &Census) -> String {
             histogram: None,
         });
     }
+    // Only while identity is on: an agent without a datastore has nothing to be stale about.
+    let id = &c.identity;
+    if id.source != tracer_model::identity::IdentitySource::Off {
+        families.push(gauge(
+            "tracer_identity_stale",
+            "1 while the identity datastore is unreachable and names are the last known ones.",
+            if id.stale { 1.0 } else { 0.0 },
+        ));
+        families.push(gauge(
+            "tracer_identity_synced",
+            "1 once a full view of pods, Services and nodes has been read.",
+            if id.synced { 1.0 } else { 0.0 },
+        ));
+        if let Some(age) = id.last_sync_age_s {
+            families.push(gauge(
+                "tracer_identity_last_sync_age_seconds",
+                "Seconds since the datastore last confirmed the view (a list or an event).",
+                age,
+            ));
+        }
+        families.push(Family {
+            name: "tracer_identity_objects",
+            help: "Objects that name addresses, by kind.",
+            kind: "gauge",
+            samples: vec![
+                ("kind=\"pod\"".to_string(), id.pods as f64),
+                ("kind=\"service\"".to_string(), id.services as f64),
+                ("kind=\"node\"".to_string(), id.nodes as f64),
+            ],
+            histogram: None,
+        });
+    }
     if let (Some(used), Some(free)) = (fp.heap_bytes, fp.heap_free_bytes) {
         families.push(gauge(
             "tracer_heap_bytes",

@@ -366,6 +366,19 @@ async fn heavy<T: Send + 'static>(
     .ok()
 }
 
+/// `namespace=` and `selector=` filter by names, which only identity provides.
+fn needs_names(q: &FlowQuery) -> bool {
+    q.namespace.is_some() || q.selector.is_some()
+}
+
+/// Said, not answered with an empty list: without names no flow could ever match.
+fn names_off() -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        "namespace= and selector= need identity, which is off on this agent (no DATASTORE_TYPE, or --no-identity)",
+    )
+}
+
 fn internal() -> Response<Body> {
     error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
 }
@@ -410,6 +423,7 @@ async fn route(
             },
         },
         (Method::GET, ["flows"]) => match FlowQuery::parse(query) {
+            Ok(q) if needs_names(&q) && !shared.identities().is_on() => names_off(),
             Ok(q) => flows(q, st).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         },
@@ -466,6 +480,7 @@ async fn route(
             Ok(q) if q.limit.is_some() => {
                 error(StatusCode::BAD_REQUEST, "limit: not supported by /watch")
             }
+            Ok(q) if needs_names(&q) && !shared.identities().is_on() => names_off(),
             Ok(q) => match st.watchers.clone().try_acquire_owned() {
                 Ok(permit) => watch(q, st.clone(), permit),
                 Err(_) => {

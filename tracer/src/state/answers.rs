@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use tracer_model::{
     diagnoses::{CauseGroup, EvidenceSummary},
     query::{FlowQuery, Since, DEFAULT_LIMIT},
-    Cause, DiagnosesAnswer, FlowView, FlowsPage, Verdict,
+    Cause, DiagnosesAnswer, FlowEndpoints, FlowView, FlowsPage, Verdict,
 };
 
 use super::{lock, view, Census, FlowCursor, Shared};
@@ -19,6 +19,7 @@ impl Shared {
     /// threshold are worked out once per query, not once per flow.
     pub(crate) fn matcher<'q>(&self, q: &'q FlowQuery, now_ns: u64) -> impl Fn(&Flow) -> bool + 'q {
         let veth = q.pod.as_ref().map(|(ns, name)| self.pod_veth(ns, name));
+        let names = self.naming();
         let since_ns = match q.since {
             Some(Since::Ago(d)) => now_ns.saturating_sub(d.as_nanos() as u64),
             Some(Since::At(t)) => self.clock.mono_of(t),
@@ -30,6 +31,7 @@ impl Shared {
                 && veth
                     .as_deref()
                     .is_none_or(|v| f.hops.iter().any(|h| *h.iface.name == *v))
+                && names.matches(q, f)
         }
     }
 
@@ -45,6 +47,7 @@ impl Shared {
             let mut flows = Vec::new();
             let mut matched = 0usize;
             let matches = self.matcher(q, cx.now_ns);
+            let names = self.naming();
             let (src, dst) = q.hosts();
             for f in table.iter_newest_with(src, dst) {
                 if !matches(f) {
@@ -52,7 +55,7 @@ impl Shared {
                 }
                 matched += 1;
                 if flows.len() < limit {
-                    flows.push(view::flow_view(f, judge(f, cx), &self.clock, cx));
+                    flows.push(view::flow_view(f, judge(f, cx), &self.clock, cx, &names));
                 }
             }
             FlowsPage {
@@ -85,7 +88,7 @@ impl Shared {
             count: u64,
             first_ns: u64,
             last_ns: u64,
-            latest: Option<(u64, tracer_model::Diagnosis)>,
+            latest: Option<(u64, tracer_model::Diagnosis, Option<FlowEndpoints>)>,
             examples: Vec<u64>,
             /// Flows of the group whose records may be partial.
             incomplete: u64,
@@ -95,6 +98,7 @@ impl Shared {
             Default::default();
         let mut judged = 0u64;
         let mut incomplete = 0u64;
+        let names = self.naming();
         self.visit_chunked(|cx, f| {
             judged += 1;
             let j = judge(f, cx);
@@ -118,8 +122,10 @@ impl Shared {
                 if g.examples.len() < 5 {
                     g.examples.push(f.id);
                 }
-                if g.latest.as_ref().is_none_or(|(t, _)| f.last_ns > *t) {
-                    g.latest = Some((f.last_ns, d));
+                if g.latest.as_ref().is_none_or(|(t, _, _)| f.last_ns > *t) {
+                    let mut d = d;
+                    d.summary = names.name_text(&d.summary, f.first_ns);
+                    g.latest = Some((f.last_ns, d, names.endpoints(f, cx.facts)));
                 }
             }
             true
@@ -128,7 +134,7 @@ impl Shared {
             let mut causes: Vec<CauseGroup> = groups
                 .into_values()
                 .filter_map(|(cause, g)| {
-                    let (_, d) = g.latest?;
+                    let (_, d, endpoints) = g.latest?;
                     Some(CauseGroup {
                         cause,
                         count: g.count,
@@ -139,6 +145,7 @@ impl Shared {
                         fix: d.fix,
                         example_flows: g.examples,
                         evidence_incomplete: g.incomplete,
+                        endpoints,
                     })
                 })
                 .collect();
@@ -171,9 +178,10 @@ impl Shared {
 
     pub fn flow(&self, id: u64) -> Option<FlowView> {
         self.with_context(|cx, table| {
+            let names = self.naming();
             table
                 .get(id)
-                .map(|f| view::flow_view(f, judge(f, cx), &self.clock, cx))
+                .map(|f| view::flow_view(f, judge(f, cx), &self.clock, cx, &names))
         })
     }
 
@@ -228,6 +236,7 @@ impl Shared {
         c.api = self.api.snapshot();
         c.interned = self.names.read().unwrap_or_else(|e| e.into_inner()).len();
         c.purged = *lock(&self.purged);
+        c.identity = self.identities().health();
         c
     }
 }

@@ -220,6 +220,7 @@ impl Shared {
                 flows: lock(&self.table).stats(),
                 api: self.api.snapshot(),
                 uptime_s: Duration::from_nanos(now.saturating_sub(self.clock.start_ns())).as_secs(),
+                identity: self.identities().health(),
             }
         });
         let health = Health {

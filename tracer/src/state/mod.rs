@@ -5,6 +5,7 @@ mod answers;
 mod control;
 pub mod footprint;
 pub mod health;
+mod names;
 mod node;
 mod reader;
 mod stream;
@@ -37,6 +38,7 @@ use crate::{
     diagnose::{Context, Rules},
     flows::{Flow, FlowId, FlowTable, Gaps, Iface, TableStats},
     hooks::{ifstate::Purged, AttachedIface, KernelCounters, KernelStats},
+    identity::Identities,
     kernel_names::{DropReasons, Symbols},
     netlink::NodeFacts,
 };
@@ -129,6 +131,7 @@ pub struct Census {
     pub ring_bytes: Option<u64>,
     /// Kernel drops of traced flows by reason name (bounded: see `FlowTable::drops_by_reason`).
     pub drops_by_reason: Vec<(String, u64)>,
+    pub identity: tracer_model::identity::IdentityHealth,
 }
 
 /// State shared between the reader, the sync loop and the API.
@@ -160,6 +163,8 @@ pub struct Shared {
     judgement_gen: AtomicU64,
     /// A hash of the node's facts and pools as last read, to see them change.
     node_hash: AtomicU64,
+    /// Names of addresses, when identity is on (set once at start).
+    identities: OnceLock<Arc<Identities>>,
 }
 
 /// Flows judged per hold of the flow table by endpoints that judge them all.
@@ -192,7 +197,22 @@ impl Shared {
             tally: Mutex::new(tally::Tally::default()),
             judgement_gen: AtomicU64::new(0),
             node_hash: AtomicU64::new(0),
+            identities: OnceLock::new(),
         }
+    }
+
+    /// Turns identity on with `ids` (once, at start).
+    pub fn set_identities(&self, ids: Arc<Identities>) {
+        let _ = self.identities.set(ids);
+    }
+
+    /// Where names come from; off unless [`Shared::set_identities`] was called.
+    pub fn identities(&self) -> &Identities {
+        static OFF: OnceLock<Identities> = OnceLock::new();
+        self.identities
+            .get()
+            .map(|i| i.as_ref())
+            .unwrap_or_else(|| OFF.get_or_init(Identities::off))
     }
 
     pub fn liveness(&self) -> &Liveness {

@@ -81,6 +81,7 @@ impl Shared {
         };
         let finished = self.with_context(|cx, table| {
             let matches = self.matcher(&cur.q, cx.now_ns);
+            let names = self.naming();
             let (mut examined, mut rendered) = (0, 0);
             for (slot, f) in table.iter_newest_below(cur.bound) {
                 cur.bound = slot;
@@ -95,7 +96,7 @@ impl Shared {
                         if wanted(&j) {
                             cur.matched += 1;
                             if show {
-                                out.push(flow_view(f, j, &self.clock, cx));
+                                out.push(flow_view(f, j, &self.clock, cx, &names));
                                 cur.shown += 1;
                                 rendered += 1;
                             }

@@ -3,6 +3,7 @@ use tracer_model::flow::{
     tcp_flag_letters, Counters, DropView, EvidenceGap, Exchanges, FlowView, Hop, TcpSummary,
 };
 
+use super::names::Naming;
 use crate::{
     clock::Clock,
     diagnose::{Context, Judgement},
@@ -11,7 +12,13 @@ use crate::{
 };
 
 /// The flow as the API sends it.
-pub fn flow_view(f: &Flow, j: Judgement, clock: &Clock, cx: &Context<'_>) -> FlowView {
+pub fn flow_view(
+    f: &Flow,
+    j: Judgement,
+    clock: &Clock,
+    cx: &Context<'_>,
+    names: &Naming,
+) -> FlowView {
     let (fp, fb) = f.counters(Side::Forward);
     let (rp, rb) = f.counters(Side::Reverse);
     let mut hops: Vec<HopView<'_>> = f.path().collect();
@@ -86,8 +93,15 @@ pub fn flow_view(f: &Flow, j: Judgement, clock: &Clock, cx: &Context<'_>) -> Flo
             lost_records: j.lost_records,
         }),
         verdicts: j.verdicts,
-        diagnosis: j.diagnosis,
-        snat_excluded: j.snat_excluded,
+        diagnosis: j.diagnosis.map(|mut d| {
+            d.summary = names.name_text(&d.summary, f.first_ns);
+            d
+        }),
+        snat_excluded: j.snat_excluded.map(|mut x| {
+            x.summary = names.name_text(&x.summary, f.first_ns);
+            x
+        }),
+        endpoints: names.endpoints(f, cx.facts),
     }
 }
 

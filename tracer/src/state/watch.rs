@@ -97,6 +97,7 @@ impl Shared {
                 st.backlog.extend(ids);
             }
             let matches = self.matcher(q, cx.now_ns);
+            let names = self.naming();
             for _ in 0..BATCH {
                 let Some(id) = st.backlog.pop_front() else {
                     break;
@@ -128,7 +129,7 @@ impl Shared {
                 {
                     continue;
                 }
-                let v = flow_view(f, j, &self.clock, cx);
+                let v = flow_view(f, j, &self.clock, cx, &names);
                 let sig = signature(&v);
                 if st.sent.get(&id) != Some(&sig) {
                     if st.sent.len() >= REMEMBERED {

@@ -1,0 +1,710 @@
+//! A Kubernetes API **stand-in**: no kube-apiserver can be installed on the lab machines, so
+//! this small HTTP/1.1 server speaks the real wire format for what tracer reads, from the
+//! Kubernetes API reference, and tracer's production kube-rs code talks to it through a
+//! kubeconfig pointing at `http://<stand-in>`. It is not an API server: no auth, no
+//! admission, no writes over HTTP (tests change objects through [`Store`]).
+//!
+//! What it honours (see /work/shared/KUBERNETES-NOTES.md):
+//! - list and watch of `pods`, `services`, `nodes` (`/api/v1/<plural>` and, for namespaced
+//!   kinds, `/api/v1/namespaces/<ns>/<plural>`), `*List` bodies with `metadata.resourceVersion`;
+//! - `fieldSelector` (`metadata.name`, `metadata.namespace`, `spec.nodeName`; `=`, `==`, `!=`)
+//!   and `labelSelector` (kubectl syntax); a bad selector is a 400 `Status`;
+//! - `watch=true` from a `resourceVersion`: chunked newline-delimited `ADDED`/`MODIFIED`/
+//!   `DELETED` events, `BOOKMARK`s with `allowWatchBookmarks=true`, `timeoutSeconds`;
+//! - an expired `resourceVersion` (older than the last compaction) answers an `ERROR` event
+//!   carrying a 410 `Status` with reason `Expired`, as the apiserver does, so clients relist.
+//!
+//! Routes are one table ([`Route`]), so pods/proxy and Secrets can be added as further rows.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, ErrorKind, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use tracer_model::identity::Selector;
+
+use crate::{netns::Netns, LabError};
+
+/// The kinds the stand-in serves: (plural, kind, namespaced).
+const KINDS: [(&str, &str, bool); 3] = [
+    ("pods", "Pod", true),
+    ("services", "Service", true),
+    ("nodes", "Node", false),
+];
+
+/// Objects, their resourceVersions and the event history watches replay from.
+#[derive(Debug, Default)]
+struct Inner {
+    rv: u64,
+    /// (plural, namespace, name) -> object.
+    objects: BTreeMap<(String, String, String), Value>,
+    /// (rv, plural, type, object), oldest first; everything at or below `compacted` is gone.
+    events: Vec<(u64, String, &'static str, Value)>,
+    compacted: u64,
+    /// Bumped to end every open watch, as their timeout would.
+    generation: u64,
+    /// List requests served, per plural: a relist shows here.
+    lists: BTreeMap<String, u64>,
+    watches: BTreeMap<String, u64>,
+    /// Watches answered 410 Gone, per plural.
+    expired: BTreeMap<String, u64>,
+}
+
+/// The stand-in's data, shared by its server threads and the test that drives it.
+#[derive(Debug, Default)]
+pub struct Store {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+}
+
+impl Store {
+    pub fn new() -> Arc<Store> {
+        Arc::new(Store::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates or replaces an object of `plural` (`ADDED` or `MODIFIED`), setting its
+    /// resourceVersion (and uid and creationTimestamp when new), as the apiserver does.
+    pub fn apply(&self, plural: &str, mut obj: Value) -> Result<(), LabError> {
+        let (ns, name) = ns_name(&obj)?;
+        let mut g = self.lock();
+        g.rv += 1;
+        let rv = g.rv;
+        let key = (plural.to_string(), ns, name);
+        let existing = g.objects.get(&key).cloned();
+        let meta = &mut obj["metadata"];
+        meta["resourceVersion"] = json!(rv.to_string());
+        let uid = existing
+            .as_ref()
+            .map(|o| o["metadata"]["uid"].clone())
+            .unwrap_or_else(|| json!(format!("00000000-0000-4000-8000-{rv:012x}")));
+        meta["uid"] = uid;
+        if meta["creationTimestamp"].is_null() {
+            meta["creationTimestamp"] = json!("2026-11-27T00:00:00Z");
+        }
+        let kind = if existing.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        g.objects.insert(key, obj.clone());
+        g.events.push((rv, plural.to_string(), kind, obj));
+        drop(g);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Deletes an object (`DELETED` with its last state); absent is fine.
+    pub fn delete(&self, plural: &str, namespace: &str, name: &str) {
+        let mut g = self.lock();
+        let key = (plural.to_string(), namespace.to_string(), name.to_string());
+        if let Some(mut obj) = g.objects.remove(&key) {
+            g.rv += 1;
+            let rv = g.rv;
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            g.events.push((rv, plural.to_string(), "DELETED", obj));
+        }
+        drop(g);
+        self.changed.notify_all();
+    }
+
+    /// Compacts the history and ends every open watch: clients that re-watch from the version
+    /// they had get 410 Gone and must relist.
+    pub fn expire_watches(&self) {
+        let mut g = self.lock();
+        // Other writes happened meanwhile (as in any busy cluster) and were compacted with
+        // the rest, so every client's last version is now older than the oldest kept.
+        g.rv += 1;
+        g.compacted = g.rv;
+        g.events.clear();
+        g.generation += 1;
+        drop(g);
+        self.changed.notify_all();
+    }
+
+    /// List requests served for `plural` so far.
+    pub fn lists(&self, plural: &str) -> u64 {
+        self.lock().lists.get(plural).copied().unwrap_or(0)
+    }
+
+    /// Watches of `plural` answered 410 Gone so far.
+    pub fn expired(&self, plural: &str) -> u64 {
+        self.lock().expired.get(plural).copied().unwrap_or(0)
+    }
+
+    /// Watch requests served for `plural` so far.
+    pub fn watches(&self, plural: &str) -> u64 {
+        self.lock().watches.get(plural).copied().unwrap_or(0)
+    }
+}
+
+fn ns_name(obj: &Value) -> Result<(String, String), LabError> {
+    let m = &obj["metadata"];
+    let name = m["name"]
+        .as_str()
+        .ok_or_else(|| LabError::Config("object without metadata.name".into()))?;
+    Ok((
+        m["namespace"].as_str().unwrap_or("").to_string(),
+        name.to_string(),
+    ))
+}
+
+/// The stand-in serving a [`Store`] on one address in a namespace. Stopping it (drop) closes
+/// the listener and every open connection, as an unreachable API server would look; a new
+/// one can serve the same store again.
+#[derive(Debug)]
+pub struct KubeStandin {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// How often watches with allowWatchBookmarks get a BOOKMARK.
+    pub bookmark_every: Duration,
+}
+
+impl KubeStandin {
+    pub fn start(ns: &Netns, addr: SocketAddr, store: Arc<Store>) -> Result<KubeStandin, LabError> {
+        let ctx = format!("kube stand-in on {addr} in {}", ns.name());
+        let listener = ns
+            .run(move || -> std::io::Result<TcpListener> {
+                let l = TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })?
+            .map_err(|e| LabError::io(&ctx, e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let bookmark_every = Duration::from_secs(1);
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name(format!("kube-standin-{addr}"))
+                .spawn(move || accept(listener, store, stop, bookmark_every))
+                .map_err(|e| LabError::io("spawning the stand-in", e))?
+        };
+        Ok(KubeStandin {
+            addr,
+            stop,
+            thread: Some(thread),
+            bookmark_every,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig whose current context points at the stand-in.
+    pub fn kubeconfig(&self, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {}\n\
+             contexts:\n- name: standin\n  context:\n    cluster: standin\n    user: standin\n    \
+             namespace: {namespace}\ncurrent-context: standin\nusers:\n- name: standin\n  user:\n    \
+             token: standin-token\n",
+            self.url()
+        )
+    }
+}
+
+impl Drop for KubeStandin {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept(listener: TcpListener, store: Arc<Store>, stop: Arc<AtomicBool>, bookmarks: Duration) {
+    let mut conns: Vec<(TcpStream, JoinHandle<()>)> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let Ok(mine) = stream.try_clone() else {
+                    continue;
+                };
+                let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+                if let Ok(t) = std::thread::Builder::new()
+                    .name("kube-standin-conn".into())
+                    .spawn(move || serve(stream, &store, &stop, bookmarks))
+                {
+                    conns.push((mine, t));
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+        conns.retain(|(_, t)| !t.is_finished());
+    }
+    // Gone: every connection is cut, mid-watch included.
+    store.changed.notify_all();
+    for (s, t) in conns {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        let _ = t.join();
+    }
+}
+
+/// One parsed request line.
+struct Request {
+    path: String,
+    query: BTreeMap<String, String>,
+}
+
+/// What a path asks for.
+enum Route {
+    /// list or watch of `plural`, in one namespace or all.
+    Collection {
+        plural: &'static str,
+        namespace: Option<String>,
+    },
+}
+
+fn route(path: &str) -> Option<Route> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let find = |p: &str, namespaced: bool| {
+        KINDS
+            .iter()
+            .find(|(plural, _, ns)| *plural == p && (*ns || !namespaced))
+            .map(|(plural, _, _)| *plural)
+    };
+    match parts.as_slice() {
+        ["api", "v1", plural] => Some(Route::Collection {
+            plural: find(plural, false)?,
+            namespace: None,
+        }),
+        ["api", "v1", "namespaces", ns, plural] => Some(Route::Collection {
+            plural: find(plural, true)?,
+            namespace: Some(ns.to_string()),
+        }),
+        _ => None,
+    }
+}
+
+/// Keep-alive: requests are served one after another on the connection until it closes.
+fn serve(stream: TcpStream, store: &Store, stop: &AtomicBool, bookmarks: Duration) {
+    let Ok(write) = stream.try_clone() else {
+        return;
+    };
+    let mut w = write;
+    let mut r = BufReader::new(stream);
+    while !stop.load(Ordering::Relaxed) {
+        let Some(req) = read_request(&mut r) else {
+            return;
+        };
+        let keep = match route(&req.path) {
+            Some(Route::Collection { plural, namespace }) => collection(
+                &mut w,
+                store,
+                stop,
+                plural,
+                namespace.as_deref(),
+                &req,
+                bookmarks,
+            ),
+            None => status(
+                &mut w,
+                404,
+                "NotFound",
+                &format!(
+                    "the server could not find the requested resource ({})",
+                    req.path
+                ),
+            ),
+        };
+        if !keep {
+            return;
+        }
+    }
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let target = line.split_whitespace().nth(1)?.to_string();
+    // Headers: read and ignored (GET only, no body).
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        if h == "\r\n" || h == "\n" {
+            break;
+        }
+    }
+    let (path, q) = target.split_once('?').unwrap_or((&target, ""));
+    let query = form_pairs(q);
+    Some(Request {
+        path: path.to_string(),
+        query,
+    })
+}
+
+fn form_pairs(q: &str) -> BTreeMap<String, String> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (unescape(k), unescape(v))
+        })
+        .collect()
+}
+
+/// Percent-decoding of a query component (`+` is a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(c) => {
+                        out.push(c);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A field selector: `spec.nodeName=x,metadata.namespace!=y`.
+fn field_matches(sel: &[(String, bool, String)], obj: &Value) -> bool {
+    sel.iter().all(|(field, eq, want)| {
+        let mut v = obj;
+        for part in field.split('.') {
+            v = &v[part];
+        }
+        (v.as_str().unwrap_or("") == want) == *eq
+    })
+}
+
+/// The fields the apiserver allows selecting on for these kinds.
+const FIELDS: [&str; 3] = ["metadata.name", "metadata.namespace", "spec.nodeName"];
+
+fn parse_fields(s: &str) -> Result<Vec<(String, bool, String)>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (k, eq, v) = if let Some((k, v)) = p.split_once("!=") {
+                (k, false, v)
+            } else if let Some((k, v)) = p.split_once("==") {
+                (k, true, v)
+            } else if let Some((k, v)) = p.split_once('=') {
+                (k, true, v)
+            } else {
+                return Err(format!("invalid selector: '{p}'; can't understand '{p}'"));
+            };
+            let k = k.trim();
+            if !FIELDS.contains(&k) {
+                return Err(format!("field label not supported: {k}"));
+            }
+            Ok((k.to_string(), eq, v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// List or watch. Whether the connection can serve another request.
+fn collection(
+    w: &mut TcpStream,
+    store: &Store,
+    stop: &AtomicBool,
+    plural: &str,
+    namespace: Option<&str>,
+    req: &Request,
+    bookmark_every: Duration,
+) -> bool {
+    let fields = match req.query.get("fieldSelector").map(|s| parse_fields(s)) {
+        Some(Err(msg)) => return status(w, 400, "BadRequest", &msg),
+        Some(Ok(f)) => f,
+        None => Vec::new(),
+    };
+    let labels = match req.query.get("labelSelector").filter(|s| !s.is_empty()) {
+        Some(s) => match Selector::parse(s) {
+            Ok(sel) => Some(sel),
+            Err(msg) => {
+                return status(
+                    w,
+                    400,
+                    "BadRequest",
+                    &format!("unable to parse requirement: {msg}"),
+                )
+            }
+        },
+        None => None,
+    };
+    let matches = |obj: &Value| {
+        namespace.is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
+            && field_matches(&fields, obj)
+            && labels.as_ref().is_none_or(|sel| {
+                let l: BTreeMap<String, String> = obj["metadata"]["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                sel.matches(&l)
+            })
+    };
+    let kind = KINDS
+        .iter()
+        .find(|(p, _, _)| *p == plural)
+        .map_or("Unknown", |(_, k, _)| *k);
+    if req
+        .query
+        .get("watch")
+        .is_some_and(|v| v == "true" || v == "1")
+    {
+        return watch(w, store, stop, plural, kind, req, &matches, bookmark_every);
+    }
+    let body = {
+        let mut g = store.lock();
+        *g.lists.entry(plural.to_string()).or_default() += 1;
+        let items: Vec<Value> = g
+            .objects
+            .iter()
+            .filter(|((p, _, _), o)| p == plural && matches(o))
+            .map(|(_, o)| o.clone())
+            .collect();
+        json!({
+            "kind": format!("{kind}List"),
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": g.rv.to_string()},
+            "items": items,
+        })
+    };
+    respond(w, 200, &body.to_string())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn watch(
+    w: &mut TcpStream,
+    store: &Store,
+    stop: &AtomicBool,
+    plural: &str,
+    kind: &str,
+    req: &Request,
+    matches: &dyn Fn(&Value) -> bool,
+    bookmark_every: Duration,
+) -> bool {
+    let from: u64 = req
+        .query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bookmarks = req
+        .query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
+    let timeout = req
+        .query
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(1800), Duration::from_secs);
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if w.write_all(head.as_bytes()).is_err() {
+        return false;
+    }
+    let (mut g, generation) = {
+        let mut g = store.lock();
+        *g.watches.entry(plural.to_string()).or_default() += 1;
+        let generation = g.generation;
+        (g, generation)
+    };
+    // Watching from before the last compaction: the version has expired.
+    if from < g.compacted && from != 0 {
+        let compacted = g.compacted;
+        *g.expired.entry(plural.to_string()).or_default() += 1;
+        drop(g);
+        let ev = json!({"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("too old resource version: {from} ({compacted})"),
+            "reason": "Expired", "code": 410}});
+        return chunk(w, &ev) && end_chunks(w);
+    }
+    let mut seen = from.max(if from == 0 { g.rv } else { 0 });
+    let started = Instant::now();
+    let mut last_bookmark = Instant::now();
+    loop {
+        let pending: Vec<Value> = g
+            .events
+            .iter()
+            .filter(|(rv, p, _, o)| *rv > seen && p == plural && matches(o))
+            .map(|(_, _, t, o)| json!({"type": t, "object": o}))
+            .collect();
+        seen = g.rv;
+        let ended = g.generation != generation;
+        drop(g);
+        for ev in &pending {
+            if !chunk(w, ev) {
+                return false;
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            // Going away: the connection is cut.
+            return false;
+        }
+        if ended {
+            // Ended as a watch timeout ends it: the response completes and the connection
+            // stays for the client's next request (its re-watch).
+            return end_chunks(w);
+        }
+        if started.elapsed() >= timeout {
+            return end_chunks(w);
+        }
+        if bookmarks && last_bookmark.elapsed() >= bookmark_every {
+            last_bookmark = Instant::now();
+            let ev = json!({"type": "BOOKMARK", "object": {
+                "kind": kind, "apiVersion": "v1",
+                "metadata": {"resourceVersion": seen.to_string()}}});
+            if !chunk(w, &ev) {
+                return false;
+            }
+        }
+        g = store.lock();
+        if g.rv == seen && g.generation == generation {
+            g = store
+                .changed
+                .wait_timeout(g, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+}
+
+fn chunk(w: &mut TcpStream, v: &Value) -> bool {
+    let line = format!("{v}\n");
+    w.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes())
+        .and_then(|_| w.flush())
+        .is_ok()
+}
+
+fn end_chunks(w: &mut TcpStream) -> bool {
+    w.write_all(b"0\r\n\r\n").is_ok()
+}
+
+fn respond(w: &mut TcpStream, code: u16, body: &str) -> bool {
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        _ => "Error",
+    };
+    w.write_all(
+        format!(
+            "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .is_ok()
+}
+
+/// A `Status` failure, as the apiserver answers errors.
+fn status(w: &mut TcpStream, code: u16, reason: &str, message: &str) -> bool {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code});
+    respond(w, code, &body.to_string())
+}
+
+/// A Pod as the API returns it (the fields tracer reads, and the ones around them).
+pub fn pod(
+    namespace: &str,
+    name: &str,
+    node: &str,
+    ip: &str,
+    labels: &[(&str, &str)],
+    owner: Option<(&str, &str)>,
+) -> Value {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let owners: Vec<Value> = owner
+        .map(|(kind, oname)| {
+            json!({"apiVersion": "apps/v1", "kind": kind, "name": oname,
+                "uid": "00000000-0000-4000-8000-0000000000aa", "controller": true,
+                "blockOwnerDeletion": true})
+        })
+        .into_iter()
+        .collect();
+    json!({
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels,
+            "ownerReferences": owners},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+/// A ClusterIP Service.
+pub fn service(namespace: &str, name: &str, cluster_ip: &str, port: u16) -> Value {
+    json!({
+        "kind": "Service", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+            "ports": [{"protocol": "TCP", "port": port, "targetPort": port}]},
+    })
+}
+
+/// A Node with its InternalIP and Calico's address annotation.
+pub fn node(name: &str, internal_ip: &str) -> Value {
+    json!({
+        "kind": "Node", "apiVersion": "v1",
+        "metadata": {"name": name,
+            "annotations": {"projectcalico.org/IPv4Address": format!("{internal_ip}/24")}},
+        "status": {"addresses": [{"type": "InternalIP", "address": internal_ip},
+            {"type": "Hostname", "address": name}]},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_and_escapes() {
+        assert_eq!(unescape("spec.nodeName%3Dnode-a"), "spec.nodeName=node-a");
+        assert_eq!(unescape("app+in+%28a%2Cb%29"), "app in (a,b)");
+        assert!(parse_fields("spec.nodeName=a").is_ok());
+        assert!(parse_fields("spec.bogus=a").is_err());
+        let p = pod(
+            "shop",
+            "web-1",
+            "node-a",
+            "10.244.0.5",
+            &[("app", "web")],
+            None,
+        );
+        let f = parse_fields("spec.nodeName=node-a,metadata.namespace!=kube-system")
+            .unwrap_or_default();
+        assert!(field_matches(&f, &p));
+        assert!(!field_matches(
+            &parse_fields("spec.nodeName=b").unwrap_or_default(),
+            &p
+        ));
+    }
+}
