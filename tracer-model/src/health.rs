@@ -101,6 +101,9 @@ pub struct HealthDetail {
     pub flows: TableStats,
     pub api: ApiStats,
     pub uptime_s: u64,
+    /// The flow log's counts, when `--flow-log` is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_log: Option<crate::FlowLogStats>,
 }
 
 /// Verdicts and causes that cannot be trusted in the node's dataplane: they are never reported

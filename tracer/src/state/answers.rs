@@ -228,6 +228,7 @@ impl Shared {
         c.api = self.api.snapshot();
         c.interned = self.names.read().unwrap_or_else(|e| e.into_inner()).len();
         c.purged = *lock(&self.purged);
+        c.flow_log = self.flow_log_stats();
         c
     }
 }
