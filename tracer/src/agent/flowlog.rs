@@ -46,6 +46,9 @@ impl FromStr for FlowLogTarget {
     }
 }
 
+/// Where the lines go, opened.
+pub struct Sink(Box<dyn Write + Send>);
+
 /// The flow log of a running agent.
 pub struct FlowLog {
     tx: Mutex<Option<SyncSender<String>>>,
@@ -54,13 +57,9 @@ pub struct FlowLog {
 }
 
 impl FlowLog {
-    /// Opens the target (a file for appending, created if missing) and starts the writer.
-    pub fn open(
-        target: &FlowLogTarget,
-        node: Option<String>,
-        shared: Arc<Shared>,
-    ) -> Result<FlowLog, AgentError> {
-        let out: Box<dyn Write + Send> = match target {
+    /// Opens the target: a file for appending, created if missing.
+    pub fn open(target: &FlowLogTarget) -> Result<Sink, AgentError> {
+        Ok(Sink(match target {
             FlowLogTarget::Stdout => Box::new(std::io::stdout()),
             FlowLogTarget::File(path) => Box::new(
                 std::fs::OpenOptions::new()
@@ -69,11 +68,19 @@ impl FlowLog {
                     .open(path)
                     .map_err(|e| AgentError::FlowLog(path.display().to_string(), e))?,
             ),
-        };
+        }))
+    }
+
+    /// Starts the writer on `sink`.
+    pub fn start(
+        sink: Sink,
+        node: Option<String>,
+        shared: Arc<Shared>,
+    ) -> Result<FlowLog, AgentError> {
         let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
         let writer = std::thread::Builder::new()
             .name("flow-log".into())
-            .spawn(move || write_lines(rx, out, &shared))
+            .spawn(move || write_lines(rx, sink.0, &shared))
             .map_err(|e| AgentError::FlowLog("(writer thread)".into(), e))?;
         Ok(FlowLog {
             tx: Mutex::new(Some(tx)),

@@ -145,16 +145,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         return Err(AgentError::EmptyToken("(given)".into()));
     }
     check_exposure(&cfg)?;
-    let shared = Arc::new(Shared::new(&cfg.state()));
-    // Opened first: a log that cannot be written stops the agent before it attaches anything.
-    let flow_log = match &cfg.flow_log {
-        Some(target) => {
-            let log = flowlog::FlowLog::open(target, cfg.node_name.clone(), shared.clone())?;
-            tracing::info!(target = ?target, "writing the flow log");
-            Some(Arc::new(log))
-        }
-        None => None,
-    };
+    // Opened first: a log that cannot be written stops the agent before it loads anything.
+    let flow_log_sink = cfg
+        .flow_log
+        .as_ref()
+        .map(flowlog::FlowLog::open)
+        .transpose()?;
     let fault = Fault::from_env();
     let loaded = if fault == Some(Fault::KernelUnsupported) {
         Err(HookError::Kernel(
@@ -174,6 +170,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         Err(e) => return Err(e.into()),
     };
     tracing::info!(tc = hooks.backend().as_str(), "programs loaded");
+    let shared = Arc::new(Shared::new(&cfg.state()));
+    let flow_log = match flow_log_sink {
+        Some(sink) => {
+            let log = flowlog::FlowLog::start(sink, cfg.node_name.clone(), shared.clone())?;
+            tracing::info!(target = ?cfg.flow_log, "writing the flow log");
+            Some(Arc::new(log))
+        }
+        None => None,
+    };
     shared.set_counters(counters);
     shared.set_tc_backend(hooks.backend());
     // Drop tracing is a bonus: without tracefs or BTF the agent still traces paths.
