@@ -104,6 +104,9 @@ pub struct HealthDetail {
     /// Where pod, Service and node names come from, and how fresh they are.
     #[serde(default = "crate::identity::IdentityHealth::off")]
     pub identity: crate::identity::IdentityHealth,
+    /// The flow log's counts, when `--flow-log` is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_log: Option<crate::FlowLogStats>,
 }
 
 /// Verdicts and causes that cannot be trusted in the node's dataplane: they are never reported

@@ -168,6 +168,19 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// Why a flow was written to the flow log when it was.
+    LogReason, "flow log reason" {
+        /// Its verdicts can no longer change with time alone: it was answered and the
+        /// no-reply timeout has passed since its first reply, or it went unanswered past it.
+        Settled => "settled",
+        /// It left the flow table (over `--flow-cap`) before it settled.
+        Evicted => "evicted",
+        /// The agent stopped (SIGTERM) before it settled.
+        Shutdown => "shutdown",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,6 +214,11 @@ pub struct AgentArgs {
     /// credentials used, addresses only.
     #[arg(long)]
     pub no_identity: bool,
+    /// Write every flow once, as one JSON object per line (the fields of /flows, plus why and
+    /// when it was written and the node), to stdout (`-`) or appended to a file. A flow is
+    /// written when its verdicts settle, when it is evicted, or at shutdown.
+    #[arg(long, env = "TRACER_FLOW_LOG", value_name = "-|PATH")]
+    pub flow_log: Option<crate::agent::FlowLogTarget>,
 }
 
 fn parse_datastore_type(v: &str) -> Result<IdentitySource, String> {
@@ -281,6 +286,8 @@ impl AgentArgs {
             tc_mode: self.tc_mode,
             kernel_flow_entries: self.kernel_flow_entries,
             felix_bpf_dir: self.felix_bpf_dir.clone(),
+            flow_log: self.flow_log.clone(),
+            node_name: self.nodename.clone().or_else(host_name),
             insecure: self.insecure,
             api: crate::api::ApiLimits {
                 max_connections: self.max_connections as usize,
@@ -289,6 +296,14 @@ impl AgentArgs {
             ..Default::default()
         })
     }
+}
+
+/// The kernel's host name: the node's name on a pod with the host's UTS namespace
+/// (hostNetwork), as a kubelet without --hostname-override names its node.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// How log lines are written (to stderr).

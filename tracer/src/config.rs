@@ -156,7 +156,7 @@ mod tests {
     fn settings_become_the_flags_they_name() -> Result<(), String> {
         let f = flags(
             "flow-cap: 5000\ninsecure: true\nhost-iface: [eth0, eth1]\nno-reply-timeout: 2s\n\
-             tc-mode: clsact\nlisten: 0.0.0.0:9464\n",
+             tc-mode: clsact\nlisten: 0.0.0.0:9464\nflow-log: \"-\"\n",
         )?;
         let mut argv = vec!["tracer", "agent"];
         argv.extend(f.iter().map(String::as_str));
@@ -165,6 +165,7 @@ mod tests {
         assert!(a.insecure);
         assert_eq!(a.host_ifaces, ["eth0", "eth1"]);
         assert_eq!(a.listen.to_string(), "0.0.0.0:9464");
+        assert_eq!(a.flow_log, Some(crate::agent::FlowLogTarget::Stdout));
         // The command line wins over the file.
         argv.extend(["--flow-cap", "7"]);
         assert_eq!(parse(&argv)?.flow_cap, 7);

@@ -1,6 +1,9 @@
 //! The agent: hooks -> events -> flows -> state -> API, wired together on tokio. It owns the
 //! kernel programs (the sync loop) and the ring reader thread; the API reads the state.
 mod control;
+mod flowlog;
+
+pub use flowlog::FlowLogTarget;
 
 use std::{
     collections::BTreeSet,
@@ -46,6 +49,8 @@ pub enum AgentError {
     Token(String, std::io::Error),
     #[error("the token file {0} is empty")]
     EmptyToken(String),
+    #[error("opening the flow log {0}: {1}")]
+    FlowLog(String, std::io::Error),
     #[error(
         "refusing to serve the API on {0} without a token: anyone on that network could read \
          the node's traffic. Give --token-file, listen on loopback, or pass --insecure"
@@ -89,6 +94,10 @@ pub struct AgentConfig {
     pub felix_bpf_dir: std::path::PathBuf,
     /// Where pod, Service and node names come from (off by default).
     pub identity: crate::identity::IdentityConfig,
+    /// Write every flow once, as NDJSON, here.
+    pub flow_log: Option<FlowLogTarget>,
+    /// The node's name, for the flow log's lines.
+    pub node_name: Option<String>,
 }
 
 impl AgentConfig {
@@ -104,6 +113,7 @@ impl AgentConfig {
                 .cloned()
                 .unwrap_or_else(|| crate::calico::DEFAULT_INTERFACE_PREFIX.into()),
             resync: self.resync,
+            flow_log: self.flow_log.is_some(),
         }
     }
 }
@@ -128,6 +138,8 @@ impl Default for AgentConfig {
             api: api::ApiLimits::default(),
             felix_bpf_dir: crate::felix_bpf::GLOBALS_DIR.into(),
             identity: Default::default(),
+            flow_log: None,
+            node_name: None,
         }
     }
 }
@@ -138,6 +150,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         return Err(AgentError::EmptyToken("(given)".into()));
     }
     check_exposure(&cfg)?;
+    // Opened first: a log that cannot be written stops the agent before it loads anything.
+    let flow_log_sink = cfg
+        .flow_log
+        .as_ref()
+        .map(flowlog::FlowLog::open)
+        .transpose()?;
     let fault = Fault::from_env();
     let loaded = if fault == Some(Fault::KernelUnsupported) {
         Err(HookError::Kernel(
@@ -159,6 +177,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     tracing::info!(tc = hooks.backend().as_str(), "programs loaded");
     let shared = Arc::new(Shared::new(&cfg.state()));
     start_identity(&shared, &cfg.identity).await;
+    let flow_log = match flow_log_sink {
+        Some(sink) => {
+            let log = flowlog::FlowLog::start(sink, cfg.node_name.clone(), shared.clone())?;
+            tracing::info!(target = ?cfg.flow_log, "writing the flow log");
+            Some(Arc::new(log))
+        }
+        None => None,
+    };
     shared.set_counters(counters);
     shared.set_tc_backend(hooks.backend());
     // Drop tracing is a bonus: without tracefs or BTF the agent still traces paths.
@@ -253,9 +279,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 shared.sweep(mono_now_ns());
                 // Diagnoses are counted as flows reach them, not only when scraped: a flow
                 // evicted between two scrapes still counts. Off the loop, one at a time.
+                // The flow log's flows are the tally's settled ones: it tallies first.
                 if tally.as_ref().is_none_or(|t| t.is_finished()) {
-                    let shared = shared.clone();
-                    tally = Some(tokio::task::spawn_blocking(move || shared.tally()));
+                    let (shared, flow_log) = (shared.clone(), flow_log.clone());
+                    tally = Some(tokio::task::spawn_blocking(move || match flow_log {
+                        Some(log) => log.tick(&shared),
+                        None => shared.tally(),
+                    }));
                 }
                 if std::mem::take(&mut trim_due) {
                     let started = std::time::Instant::now();
@@ -271,6 +301,24 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // The reader wakes every READER_WAKE and then sees the flag.
     stop_reader.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    if let Some(log) = flow_log {
+        // Nothing changes the table any more: every flow not written yet is written now.
+        if let Some(t) = tally {
+            let _ = t.await;
+        }
+        let done = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || log.finish(&done)).await;
+        if let Some(s) = shared.flow_log_stats() {
+            tracing::info!(
+                settled = s.settled,
+                evicted = s.evicted,
+                shutdown = s.shutdown,
+                dropped = s.dropped,
+                write_errors = s.write_errors,
+                "flow log written"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -278,6 +278,32 @@ pub fn exposition(c: &Census) -> String {
             t.full_passes,
         ));
     }
+    if let Some(l) = &c.flow_log {
+        families.push(Family {
+            name: "tracer_flow_log_lines_total",
+            help: "Flows handed to the flow log's writer, by why they were written then.",
+            kind: "counter",
+            samples: [
+                (tracer_model::LogReason::Settled, l.settled),
+                (tracer_model::LogReason::Evicted, l.evicted),
+                (tracer_model::LogReason::Shutdown, l.shutdown),
+            ]
+            .iter()
+            .map(|(why, n)| (format!("logged=\"{}\"", why.as_str()), *n as f64))
+            .collect(),
+            histogram: None,
+        });
+        families.push(counter(
+            "tracer_flow_log_dropped_total",
+            "Flows never written to the flow log: its writer fell behind.",
+            l.dropped,
+        ));
+        families.push(counter(
+            "tracer_flow_log_write_errors_total",
+            "Flow log lines lost to write errors.",
+            l.write_errors,
+        ));
+    }
     if let Some(size) = c.ring_bytes {
         families.push(gauge(
             "tracer_ringbuf_size_bytes",

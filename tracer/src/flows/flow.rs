@@ -423,6 +423,8 @@ pub struct Flow {
     pub proto: u8,
     /// A reply is owed: TCP opened with a SYN, or an ICMP echo request.
     pub expects_reply: bool,
+    /// Written to the flow log already: it never is again.
+    pub logged: bool,
 }
 
 /// Most hops kept per flow: a packet crosses a handful of hooks on a node.
@@ -446,6 +448,7 @@ impl Flow {
             dport: fwd.dport,
             proto: fwd.proto,
             expects_reply: false,
+            logged: false,
         }
     }
 

@@ -177,6 +177,11 @@ pub struct FlowTable {
     forgotten_upto: u64,
     /// Drops of traced flows by the kernel's reason number (see [`DROP_REASONS_KEPT`]).
     drops_by_reason: std::collections::BTreeMap<u32, u64>,
+    /// With a flow log: flows evicted before they were logged, kept until the agent's tick
+    /// logs them (at most `unlogged_cap`; beyond it they are counted in `unlogged_lost`).
+    unlogged: Option<Vec<Flow>>,
+    unlogged_cap: usize,
+    unlogged_lost: u64,
 }
 
 /// Most distinct drop reasons counted apart: the kernel's `skb_drop_reason` enum has about a
@@ -185,6 +190,11 @@ pub struct FlowTable {
 const DROP_REASONS_KEPT: usize = 128;
 /// Where reasons beyond [`DROP_REASONS_KEPT`] are counted.
 pub const OTHER_DROP_REASON: u32 = u32::MAX;
+
+/// Bounds of the evicted-unlogged flows kept between two flow-log ticks: the flow cap, within
+/// these (a flow is ~200 B plus its hops).
+const MIN_UNLOGGED_KEPT: usize = 1024;
+const MAX_UNLOGGED_KEPT: usize = 16_384;
 
 /// Most (version, flow) change entries watchers can lag behind before a full rescan.
 const CHANGES_KEPT: usize = 65_536;
@@ -207,7 +217,33 @@ impl FlowTable {
             changes_cap: cap.clamp(1024, CHANGES_KEPT),
             forgotten_upto: 0,
             drops_by_reason: Default::default(),
+            unlogged: None,
+            unlogged_cap: cap.clamp(MIN_UNLOGGED_KEPT, MAX_UNLOGGED_KEPT),
+            unlogged_lost: 0,
         }
+    }
+
+    /// Keeps flows evicted before they were logged for [`FlowTable::take_unlogged`], so the
+    /// flow log sees every flow.
+    pub fn keep_unlogged(&mut self) {
+        self.unlogged.get_or_insert_with(Vec::new);
+    }
+
+    /// Flows evicted before they were logged, since the last call.
+    pub fn take_unlogged(&mut self) -> Vec<Flow> {
+        self.unlogged
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Flows evicted unlogged that could not be kept (more than the bound between two takes).
+    pub fn unlogged_lost(&self) -> u64 {
+        self.unlogged_lost
+    }
+
+    pub fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow> {
+        self.flows.get_mut(id)
     }
 
     pub fn len(&self) -> usize {
@@ -400,6 +436,9 @@ impl FlowTable {
     }
 
     fn create(&mut self, obs: &Observation, t: DirTuple) -> (FlowId, Side) {
+        // Room first: with every flow active, eviction would otherwise reach the new flow,
+        // still empty, and take it before its first record.
+        self.evict_down_to(self.cap - 1);
         let id = self.flows.next_id();
         let side = initiator_side(obs);
         let fwd = t.on(side);
@@ -413,20 +452,26 @@ impl FlowTable {
         }
         self.index.insert(self.pair_key(&fwd), id);
         self.flows.push(flow);
-        self.evict_over_cap();
         (id, side)
     }
 
     /// Evicts by last activity, approximately (CLOCK): a burst of new tuples pushes out idle
     /// flows, not a long-lived one that is still sending (say, a broken connection under
     /// investigation retransmitting its SYN).
-    fn evict_over_cap(&mut self) {
-        while self.flows.len() > self.cap {
+    fn evict_down_to(&mut self, keep: usize) {
+        while self.flows.len() > keep {
             let Some(f) = self.flows.pop_coldest(SECOND_CHANCES) else {
                 break;
             };
             self.unindex(&f);
             self.stats.evicted += 1;
+            if let Some(kept) = self.unlogged.as_mut().filter(|_| !f.logged) {
+                if kept.len() < self.unlogged_cap {
+                    kept.push(f);
+                } else {
+                    self.unlogged_lost += 1;
+                }
+            }
         }
     }
 

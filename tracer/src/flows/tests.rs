@@ -221,6 +221,34 @@ fn cap_evicts_oldest_and_cleans_index() {
 }
 
 #[test]
+fn a_new_flow_is_never_its_own_evictions_victim() {
+    // Every flow of a small table active since it entered: second chances move them all
+    // behind a new flow, which must still keep its first record, not be evicted empty.
+    let mut t = FlowTable::new(2);
+    let mut ts = 0u64;
+    for i in 0..6u16 {
+        let p = pkt(
+            "10.0.0.1",
+            1000 + i,
+            "10.0.0.2",
+            80,
+            0x02,
+            u32::from(i) + 1,
+            0,
+        );
+        ts += 1;
+        let id = t.ingest(&obs(ts, ETH0, Dir::Egress, p), &lookup).must();
+        // A second record: the flow is active since it entered its slot.
+        ts += 1;
+        t.ingest(&obs(ts, ETH0, Dir::Egress, p), &lookup).must();
+        let pkts = t.get(id).map(|f| f.counters(Side::Forward).0);
+        assert_eq!(pkts, Some(2), "flow {i}");
+    }
+    assert_eq!(t.len(), 2);
+    assert!(t.iter_newest().all(|f| f.path().count() == 1));
+}
+
+#[test]
 fn a_broken_flow_still_sending_survives_a_burst_of_new_tuples() {
     // A pod's SYN that is never answered keeps being retransmitted while someone investigates;
     // meanwhile another pod opens 200k connections. Eviction goes by activity, not age.

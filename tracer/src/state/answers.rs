@@ -237,6 +237,7 @@ impl Shared {
         c.interned = self.names.read().unwrap_or_else(|e| e.into_inner()).len();
         c.purged = *lock(&self.purged);
         c.identity = self.identities().health();
+        c.flow_log = self.flow_log_stats();
         c
     }
 }

@@ -203,6 +203,8 @@ impl Shared {
             Status::Starting
         };
         let detail = detail.then(|| {
+            // Before the literal below: it holds the table's lock to its end.
+            let flow_log = self.flow_log_stats();
             let reader = *lock(&self.reader);
             HealthDetail {
                 tc: node.tc,
@@ -221,6 +223,7 @@ impl Shared {
                 api: self.api.snapshot(),
                 uptime_s: Duration::from_nanos(now.saturating_sub(self.clock.start_ns())).as_secs(),
                 identity: self.identities().health(),
+                flow_log,
             }
         });
         let health = Health {

@@ -3,6 +3,7 @@
 //! answer is a wire type of `tracer_model`: this module knows nothing of HTTP.
 mod answers;
 mod control;
+mod flowlog;
 pub mod footprint;
 pub mod health;
 mod names;
@@ -26,6 +27,7 @@ use tracer_model::{health::ApiStats, Cause, Verdict};
 
 pub use answers::matches_tuple;
 pub use control::{AttachError, AttachTarget, Command};
+pub use flowlog::FlowLogCounters;
 pub use health::{Fault, Liveness};
 pub use stream::FlowCursor;
 pub use tally::{Histogram, TallyCounts};
@@ -79,6 +81,8 @@ pub struct StateConfig {
     pub workload_prefix: String,
     /// How often the sync loop reads the node, for the liveness checks.
     pub resync: Duration,
+    /// Every flow is written to the flow log once: keep what that needs.
+    pub flow_log: bool,
 }
 
 impl Default for StateConfig {
@@ -88,6 +92,7 @@ impl Default for StateConfig {
             rules: Rules::default(),
             workload_prefix: crate::calico::DEFAULT_INTERFACE_PREFIX.into(),
             resync: crate::netlink::DEFAULT_RESYNC,
+            flow_log: false,
         }
     }
 }
@@ -132,6 +137,8 @@ pub struct Census {
     /// Kernel drops of traced flows by reason name (bounded: see `FlowTable::drops_by_reason`).
     pub drops_by_reason: Vec<(String, u64)>,
     pub identity: tracer_model::identity::IdentityHealth,
+    /// The flow log's counts, when there is one.
+    pub flow_log: Option<tracer_model::FlowLogStats>,
 }
 
 /// State shared between the reader, the sync loop and the API.
@@ -165,6 +172,8 @@ pub struct Shared {
     node_hash: AtomicU64,
     /// Names of addresses, when identity is on (set once at start).
     identities: OnceLock<Arc<Identities>>,
+    /// What the flow log has written, when there is one.
+    flow_log: Option<FlowLogCounters>,
 }
 
 /// Flows judged per hold of the flow table by endpoints that judge them all.
@@ -177,8 +186,12 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     pub fn new(cfg: &StateConfig) -> Shared {
+        let mut table = FlowTable::new(cfg.flow_cap);
+        if cfg.flow_log {
+            table.keep_unlogged();
+        }
         Shared {
-            table: Mutex::new(FlowTable::new(cfg.flow_cap)),
+            table: Mutex::new(table),
             reasons: RwLock::new(DropReasons::default()),
             symbols: OnceLock::new(),
             node: RwLock::new(NodeView::default()),
@@ -194,10 +207,15 @@ impl Shared {
             resync: cfg.resync,
             api: Default::default(),
             purged: Mutex::new(Purged::default()),
-            tally: Mutex::new(tally::Tally::default()),
+            tally: Mutex::new(if cfg.flow_log {
+                tally::Tally::with_flow_log()
+            } else {
+                tally::Tally::default()
+            }),
             judgement_gen: AtomicU64::new(0),
             node_hash: AtomicU64::new(0),
             identities: OnceLock::new(),
+            flow_log: cfg.flow_log.then(FlowLogCounters::default),
         }
     }
 
@@ -221,10 +239,18 @@ impl Shared {
 
     /// Runs `f` with everything the diagnosis rules need, consistent for one answer.
     pub(crate) fn with_context<T>(&self, f: impl FnOnce(&Context<'_>, &FlowTable) -> T) -> T {
+        self.with_context_mut(|cx, table| f(cx, table))
+    }
+
+    /// [`Shared::with_context`], with the table to change (the flow log marks what it wrote).
+    pub(crate) fn with_context_mut<T>(
+        &self,
+        f: impl FnOnce(&Context<'_>, &mut FlowTable) -> T,
+    ) -> T {
         static NO_SYMBOLS: OnceLock<Symbols> = OnceLock::new();
         let node = self.node();
         let reasons = self.reasons.read().unwrap_or_else(|e| e.into_inner());
-        let table = lock(&self.table);
+        let mut table = lock(&self.table);
         let symbols = if table.stats().drops > 0 {
             self.symbols.get_or_init(Symbols::load)
         } else {
@@ -240,7 +266,7 @@ impl Shared {
             symbols,
             gaps: &gaps,
         };
-        f(&cx, &table)
+        f(&cx, &mut table)
     }
 
     /// Runs `visit` on every flow, newest first, until it returns false. The table is held for

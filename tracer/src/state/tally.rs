@@ -67,6 +67,8 @@ struct Mark {
     counted: u16,
     diagnosed_once: bool,
     replied_once: bool,
+    /// Handed to the flow log as settled already.
+    settled: bool,
 }
 
 fn verdict_bit(v: Verdict) -> u16 {
@@ -108,6 +110,8 @@ pub(crate) struct Tally {
     due: HashMap<FlowId, u64>,
     evicted_seen: u64,
     counts: TallyCounts,
+    /// With a flow log: flows that settled, for it to write (each flow once: `Mark::settled`).
+    settled: Option<Vec<FlowId>>,
 }
 
 impl Default for Tally {
@@ -127,6 +131,17 @@ impl Default for Tally {
                 first_reply: Histogram::new(REPLY_BUCKETS),
                 full_passes: 0,
             },
+            settled: None,
+        }
+    }
+}
+
+impl Tally {
+    /// Lists the flows that settle, for the flow log.
+    pub(super) fn with_flow_log() -> Tally {
+        Tally {
+            settled: Some(Vec::new()),
+            ..Tally::default()
         }
     }
 }
@@ -173,11 +188,25 @@ impl Tally {
             self.add(o, -1);
         }
         self.add(m, 1);
+        let next = next_change_ns(f, cx.rules, cx.evidence_now_ns());
+        // Time alone cannot change its verdicts any more: the flow log writes it now.
+        if let (None, false, Some(settled)) = (next, m.settled || f.logged, self.settled.as_mut()) {
+            m.settled = true;
+            settled.push(f.id);
+        }
         self.marks.insert(f.id, m);
-        match next_change_ns(f, cx.rules, cx.evidence_now_ns()) {
+        match next {
             Some(due) => self.due.insert(f.id, due),
             None => self.due.remove(&f.id),
         };
+    }
+
+    /// Flows that settled since the last call (with a flow log).
+    pub(super) fn take_settled(&mut self) -> Vec<FlowId> {
+        self.settled
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     fn forget(&mut self, id: FlowId) {
