@@ -5,7 +5,7 @@ use super::{model_side, ms, reply_evidence, Context, Findings};
 use crate::{
     calico::Dataplane,
     flows::{DropRecord, Flow, Side},
-    net::{proto_name, PROTO_ICMP, PROTO_ICMPV6},
+    net::{proto_name, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP},
 };
 
 /// Drops that lose a packet on its path. An ICMP echo reply that a raw socket (ping) already
@@ -15,7 +15,13 @@ pub fn significant_drops<'f>(flow: &'f Flow, cx: &Context<'_>) -> Vec<&'f DropRe
     flow.drops()
         .iter()
         .filter(|d| {
-            let no_socket = cx.reasons.name(d.reason) == "NO_SOCKET";
+            let name = cx.reasons.name(d.reason);
+            // A segment too big for the next hop, dropped while ICMP told the sender: PMTU
+            // discovery at work. It only matters when the flow then stays stuck (`mtu_mismatch`).
+            if name == "PKT_TOO_BIG" && flow.proto == PROTO_TCP && !super::mtu::stuck(flow) {
+                return false;
+            }
+            let no_socket = name == "NO_SOCKET";
             // A reply reaching a socket its owner already closed (BGP speakers dialling each
             // other at once, a client that gave up) is not a lost request.
             !(no_socket

@@ -219,6 +219,7 @@ impl Shared {
             reasons: &reasons,
             symbols,
             gaps: &gaps,
+            too_big: table.too_big(),
         };
         f(&cx, &table)
     }
