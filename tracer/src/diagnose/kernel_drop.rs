@@ -94,6 +94,8 @@ fn drop_fix(reason: &str, dataplane: Dataplane) -> String {
             .into(),
         "NEIGH_FAILED" | "NEIGH_QUEUEFULL" | "NEIGH_DEAD" | "NEIGH_CREATEFAIL" => "The next hop never answered ARP/ND: check the next hop is up and on the same L2 segment as the egress interface."
             .into(),
+        "PKT_TOO_BIG" => "The packet was larger than the next device's MTU with DF set; the node answered with ICMP fragmentation-needed. A sender that never sends smaller (the ICMP filtered on the way back, or pods whose MTU is above the tunnel's) needs Calico's MTU fixed: see the mtu_mismatch cause (`Installation.spec.calicoNetwork.mtu`, or FelixConfiguration `vxlanMTU`/`ipipMTU` and `veth_mtu`)."
+            .into(),
         "OTHERHOST" => "The frame was addressed to another host's MAC: check proxy ARP on the cali* interface and the pod's gateway (169.254.1.1)."
             .into(),
         r if r.starts_with("TCP_") => "A TCP-level drop (bad sequence, window, or state): usually a symptom of NAT or conntrack confusion or an asymmetric path; compare the path of both directions."

@@ -265,17 +265,16 @@ fn too_big_for(flow: &Flow, cx: &Context<'_>, stall: &Stall) -> Vec<Seen> {
         .collect()
 }
 
-/// Calico's own knobs, for operator and manifest installs, and what value to give them.
+/// Calico's own knobs, for operator and manifest installs, and what value to give them (0: not
+/// known from this node, then `<MTU>` stands for it).
 fn mtu_fix(tunnel: Option<(&str, u32)>, target: u32) -> String {
-    let value = if target > 0 {
-        format!("{target}")
+    let (lead, value) = if target > 0 {
+        (format!("Set Calico's MTU to {target}."), target.to_string())
     } else {
-        "<the underlay's path MTU minus the tunnel header>".into()
-    };
-    let measure = if target > 0 {
-        String::new()
-    } else {
-        " Measure the underlay's path MTU between two nodes first: `ping -M do -s <size> <other node's address>` from one node; the largest size that passes plus 28 is the path MTU.".into()
+        (
+            "Set Calico's MTU (<MTU> below) to the underlay's path MTU minus the tunnel header. Measure the path MTU between two nodes first: `ping -M do -s <size> <other node's address>` from one node; the largest size that passes plus 28 is the path MTU.".to_string(),
+            "<MTU>".to_string(),
+        )
     };
     let headroom = match tunnel {
         Some((dev, o)) => format!(
@@ -284,7 +283,7 @@ fn mtu_fix(tunnel: Option<(&str, u32)>, target: u32) -> String {
         None => String::new(),
     };
     format!(
-        "Set Calico's MTU to {value}.{measure}{headroom} Operator installs (tigera-operator): set `Installation.spec.calicoNetwork.mtu` (`kubectl patch installation default --type merge -p '{{\"spec\":{{\"calicoNetwork\":{{\"mtu\":{value}}}}}}}'`); the operator passes it to felix and the CNI plugin. Manifest installs (calico.yaml): set the tunnel's MTU in FelixConfiguration (`calicoctl patch felixconfiguration default -p '{{\"spec\":{{\"vxlanMTU\":{value}}}}}'`, or `ipipMTU` for IPIP, `vxlanMTUV6` for IPv6 VXLAN) and `veth_mtu` in the calico-config ConfigMap for the pods. With the MTUs left at 0 felix auto-detects: it takes the smallest MTU of the up interfaces matching `mtuIfacePattern` (default `^((en|wl|ww|sl|ib)[Pcopsvx].*|(eth|wlan|wwan).*)`) minus the tunnel header and writes it to /var/lib/calico/mtu for the CNI plugin; if the node's NIC is not matched (a bond, a bridge), set `mtuIfacePattern` in FelixConfiguration to match it. Auto-detection cannot see an underlay smaller than the NIC: then set the MTU explicitly. A pod keeps the MTU its veth got when it was created: recreate the pods (`kubectl rollout restart`) after the change."
+        "{lead}{headroom} Operator installs (tigera-operator): set `Installation.spec.calicoNetwork.mtu` (`kubectl patch installation default --type merge -p '{{\"spec\":{{\"calicoNetwork\":{{\"mtu\":{value}}}}}}}'`); the operator passes it to felix and the CNI plugin. Manifest installs (calico.yaml): set the tunnel's MTU in FelixConfiguration (`calicoctl patch felixconfiguration default -p '{{\"spec\":{{\"vxlanMTU\":{value}}}}}'`, or `ipipMTU` for IPIP, `vxlanMTUV6` for IPv6 VXLAN) and `veth_mtu` in the calico-config ConfigMap for the pods. With the MTUs left at 0 felix auto-detects: it takes the smallest MTU of the up interfaces matching `mtuIfacePattern` (default `^((en|wl|ww|sl|ib)[Pcopsvx].*|(eth|wlan|wwan).*)`) minus the tunnel header and writes it to /var/lib/calico/mtu for the CNI plugin; if the node's NIC is not matched (a bond, a bridge), set `mtuIfacePattern` in FelixConfiguration to match it. Auto-detection cannot see an underlay smaller than the NIC: then set the MTU explicitly. A pod keeps the MTU its veth got when it was created: recreate the pods (`kubectl rollout restart`) after the change."
     )
 }
 
@@ -421,6 +420,47 @@ mod tests {
         assert_eq!(d.cause, Cause::MtuMismatch);
         assert!(d.summary.contains("black hole"), "{}", d.summary);
         assert!(d.fix.contains("ping -M do"), "{}", d.fix);
+    }
+
+    /// The node drops a too-big segment (PKT_TOO_BIG) and tells the pod: PMTU discovery at work
+    /// when the data then gets through, `mtu_mismatch` (which names the drops) when it stays
+    /// stuck; never `kernel_drop` on its own.
+    #[test]
+    fn pkt_too_big_counts_only_when_the_flow_stays_stuck() {
+        let f = node(1500, 1450, 1500);
+        let reasons = DropReasons::from_format(
+            "__print_symbolic(REC->reason, { 12, \"NETFILTER_DROP\" }, { 93, \"PKT_TOO_BIG\" })",
+        );
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        for (times, acked) in [(1, true), (4, false)] {
+            let mut t = bulk(1448, times, acked);
+            let mut d = obs(
+                1_000_002,
+                5,
+                Dir::Ingress,
+                crate::testutil::tcp(POD, 40000, PEER, 8090, 0x18, 100, 501),
+            );
+            d.drop = Some(crate::events::KernelDrop {
+                reason: 93,
+                location: 0,
+            });
+            t.ingest(&d, &lookup2);
+            let c = Context {
+                reasons: &reasons,
+                ..cx(&p, &f, 10_000_000_000)
+            };
+            let flow = t.iter_newest_below(u64::MAX).next().map(|(_, f)| f);
+            let j = judge(flow.unwrap_or_else(|| unreachable!()), &c);
+            if acked {
+                assert!(!j.verdicts.contains(&Verdict::Dropped), "{j:?}");
+                assert!(j.diagnosis.is_none(), "{j:?}");
+            } else {
+                assert!(j.verdicts.contains(&Verdict::Dropped), "{j:?}");
+                let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+                assert_eq!(d.cause, Cause::MtuMismatch);
+                assert_eq!(ev(&d.evidence)["pkt_too_big_drops"], 1);
+            }
+        }
     }
 
     #[test]
