@@ -112,6 +112,7 @@ fn tracer_on_vb(p: &Pair, mode: TcMode) -> Result<Tracer, Box<dyn std::error::Er
             master: None,
             up: true,
             l3: false,
+            mtu: None,
             vxlan: None,
             addrs: Vec::new(),
         };

@@ -3,8 +3,8 @@
 mod cluster;
 
 pub use cluster::{
-    Cluster, ClusterConfig, ClusterNode, ClusterPod, Datastore, ExtraBridge, ExtraNic, NodeConfig,
-    PodConfig, Routing,
+    Cluster, ClusterConfig, ClusterNode, ClusterPod, Datastore, ExtraBridge, ExtraNic, MtuConfig,
+    NodeConfig, PodConfig, Routing,
 };
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

@@ -169,6 +169,124 @@ impl Drop for TcpServer {
     }
 }
 
+/// A TCP sink listening inside a namespace: reads every connection to its end and counts the
+/// bytes that arrived (what the network delivered, whatever the sender managed to write).
+/// Stops on drop.
+#[derive(Debug)]
+pub struct TcpSink {
+    local_addr: SocketAddr,
+    received: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpSink {
+    /// Binds `addr` inside `ns` and starts counting.
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<TcpSink, LabError> {
+        let ctx = format!("sink listening on {addr} in {}", ns.name());
+        let listener = ns
+            .run(move || -> std::io::Result<TcpListener> {
+                let l = TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })?
+            .map_err(|e| LabError::io(&ctx, e))?;
+        let local_addr = listener.local_addr().map_err(|e| LabError::io(&ctx, e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let thread = {
+            let (stop, received) = (Arc::clone(&stop), Arc::clone(&received));
+            std::thread::Builder::new()
+                .name(format!("tcp-sink-{local_addr}"))
+                .spawn(move || sink(listener, &stop, &received))
+                .map_err(|e| LabError::io("spawning the sink thread", e))?
+        };
+        Ok(TcpSink {
+            local_addr,
+            received,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Bytes received so far, over every connection.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+fn sink(listener: TcpListener, stop: &AtomicBool, received: &std::sync::atomic::AtomicU64) {
+    // One connection at a time is all the scenarios make; each is read on this thread, with a
+    // short timeout so that a stop request is seen even while a transfer is stuck.
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    match stream.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            received.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lab: sink accept failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Drop for TcpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// From inside `ns`, connects to `sink` and writes `total` bytes, then waits until the sink
+/// has them all or `timeout` has passed since the start. Returns the bytes the sink received:
+/// below `total` when full-size packets do not get through. The socket is left to the kernel
+/// (closed, its unsent data still queued), so a stuck transfer keeps being retransmitted.
+pub fn tcp_bulk(
+    ns: &Netns,
+    sink: &TcpSink,
+    total: usize,
+    timeout: Duration,
+) -> Result<u64, LabError> {
+    let addr = sink.local_addr();
+    let start = Instant::now();
+    let wrote = ns.run(move || -> std::io::Result<()> {
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.write_all(&vec![0x5a; total])?;
+        stream.shutdown(Shutdown::Write)
+    })?;
+    if let Err(e) = wrote {
+        tracing::debug!(error = %e, %addr, "lab: bulk write did not finish");
+    }
+    while sink.received() < total as u64 && start.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(sink.received())
+}
+
 /// tcpdump filter for TCP SYNs from `src` to `dst` (connection attempts, whatever their flags
 /// beyond SYN).
 pub fn syn_filter(src: impl std::fmt::Display, dst: SocketAddr) -> String {

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::startup::StartupProjection;
-use crate::{Cause, Dir, Side};
+use crate::{Cause, Dir, Role, Side};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Diagnosis {
@@ -51,6 +51,8 @@ pub enum Evidence {
     OffLinkPeer(OffLinkPeer),
     /// `kernel_drop`.
     KernelDrop(KernelDrop),
+    /// `mtu_mismatch`.
+    MtuMismatch(MtuMismatch),
     /// `pod_route_missing`.
     PodRouteMissing(PodRouteMissing),
     /// `ippool_overlaps_host_network`, from the node alone.
@@ -71,6 +73,7 @@ impl Evidence {
             Evidence::UnackedOffLinkPeer(e) => &mut e.snat_excluded,
             Evidence::OffLinkPeer(e) => &mut e.snat_excluded,
             Evidence::KernelDrop(e) => &mut e.snat_excluded,
+            Evidence::MtuMismatch(e) => &mut e.snat_excluded,
             Evidence::PodRouteMissing(e) => &mut e.snat_excluded,
             Evidence::DestinationUnresponsive(e) => &mut e.snat_excluded,
             Evidence::PoolOverlap(_)
@@ -365,6 +368,64 @@ pub struct Drop {
     pub side: Side,
 }
 
+/// Full-size segments that never got through while the flow's small packets did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MtuMismatch {
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" seen for the flow's addresses.
+    pub icmp_too_big: Vec<TooBigSeen>,
+    /// What was looked for and not seen (said, never guessed).
+    pub missing: Vec<String>,
+    /// The MTU of each interface on the flow's path on this node, read over netlink.
+    pub mtus: Vec<IfaceMtu>,
+    /// Packets of the flow the kernel dropped as too big (`PKT_TOO_BIG`).
+    pub pkt_too_big_drops: u32,
+    /// The stalled segment's IP packet: at least this many bytes (IP and TCP headers without
+    /// options, plus its payload).
+    pub segment_bytes: u32,
+    /// How often the stalled segment was sent again, with no ACK past it.
+    pub segment_retransmits: u32,
+    /// Which way the stalled segment went.
+    pub side: Side,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exclusion_sorted"
+    )]
+    pub snat_excluded: Option<SnatExclusion>,
+    /// The tunnel on the path and the headroom its header needs (VXLAN 50, IPIP 20).
+    pub tunnel: Option<TunnelHeadroom>,
+}
+
+/// An interface's MTU, with why it is on the path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IfaceMtu {
+    pub iface: String,
+    pub mtu: u32,
+    /// `workload` (the pod's veth, host side), `tunnel`, `host` (the tunnel's parent NIC or the
+    /// NIC the flow left by).
+    pub role: Role,
+}
+
+/// An ICMP error saying a packet was too big for the next hop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TooBigSeen {
+    pub after_ms: u64,
+    /// The router (or node) that sent it.
+    pub from: IpAddr,
+    /// Where tracer saw it.
+    pub iface: String,
+    /// The next hop's MTU the message announced.
+    pub path_mtu: u32,
+    pub to: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelHeadroom {
+    pub device: String,
+    /// Bytes the tunnel header adds to each packet (VXLAN over IPv4 50, IPIP 20).
+    pub overhead: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PodRouteMissing {
     pub destination: IpAddr,
@@ -557,6 +618,30 @@ mod tests {
                 }],
                 reply: Reply::answered(1),
                 snat_excluded: None,
+            }),
+            Evidence::MtuMismatch(MtuMismatch {
+                icmp_too_big: vec![TooBigSeen {
+                    after_ms: 3,
+                    from: ip("10.51.0.1"),
+                    iface: "eth0".into(),
+                    path_mtu: 1400,
+                    to: ip("10.51.0.100"),
+                }],
+                missing: vec![],
+                mtus: vec![IfaceMtu {
+                    iface: "vxlan.calico".into(),
+                    mtu: 1450,
+                    role: Role::Tunnel,
+                }],
+                pkt_too_big_drops: 0,
+                segment_bytes: 1438,
+                segment_retransmits: 4,
+                side: Side::Forward,
+                snat_excluded: None,
+                tunnel: Some(TunnelHeadroom {
+                    device: "vxlan.calico".into(),
+                    overhead: 50,
+                }),
             }),
             Evidence::PodRouteMissing(PodRouteMissing {
                 destination: ip("10.244.228.139"),

@@ -133,13 +133,16 @@ pub const OFF_VERDICTS: [Verdict; 5] = [
 ];
 
 /// Causes tracer does not diagnose in eBPF mode.
-pub const OFF_CAUSES: [Cause; 6] = [
+pub const OFF_CAUSES: [Cause; 7] = [
     Cause::MasqueradeNotApplied,
     Cause::NatOutgoingDisabled,
     Cause::IppoolOverlapsHostNetwork,
     Cause::DestinationUnresponsive,
     Cause::PodRouteMissing,
     Cause::NodeAddressOnWrongInterface,
+    // Its symptom is a segment with no ACK past it: an ACK felix redirects past tracer's hooks
+    // would look like none.
+    Cause::MtuMismatch,
 ];
 
 /// What is off in eBPF mode, and why (fixed words: sent without the token too).
@@ -156,7 +159,7 @@ pub fn turned_off() -> Vec<TurnedOff> {
             dataplane,
             verdicts: OFF_VERDICTS[2..].to_vec(),
             causes: OFF_CAUSES[3..].to_vec(),
-            why: "felix's tc programs translate packets and redirect them past the host stack (into pods with bpf_redirect_peer, which skips the veth's egress hook), and a program felix attaches after tracer's runs after it on egress: a reply, or the translated packet it answers, may never reach a hook tracer watches, so a flow that looks unanswered may have been answered. vxlan.calico is flow-based (no parent device).".into(),
+            why: "felix's tc programs translate packets and redirect them past the host stack (into pods with bpf_redirect_peer, which skips the veth's egress hook), and a program felix attaches after tracer's runs after it on egress: a reply, or the translated packet it answers, may never reach a hook tracer watches, so a flow that looks unanswered (or a segment that looks unacknowledged) may have been answered. vxlan.calico is flow-based (no parent device).".into(),
         },
     ]
 }

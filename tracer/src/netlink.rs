@@ -56,6 +56,8 @@ pub struct Link {
     pub l3: bool,
     pub vxlan: Option<VxlanInfo>,
     pub addrs: Vec<IfAddr>,
+    /// IFLA_MTU.
+    pub mtu: Option<u32>,
 }
 
 impl Link {
@@ -191,11 +193,13 @@ fn parse_link(msg: &LinkMessage) -> Link {
         ),
         vxlan: None,
         addrs: Vec::new(),
+        mtu: None,
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Controller(m) => link.master = Some(*m),
+            LinkAttribute::Mtu(m) => link.mtu = Some(*m),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     match info {

@@ -34,6 +34,9 @@ Scenarios (default: all, in this order):
                     the greater: confd's v3.22+ mesh makes the smaller one passive)
   seed-004-passive  the same, but the misdetected node is the passive side: the other node dials
                     its unreachable address
+  mtu-underlay      a LAN switch port carries 1400 bytes, vxlan.calico assumes 1500: bulk stalls
+  mtu-blackhole     pods at MTU 1500 over vxlan.calico's 1450, ICMP frag-needed dropped: bulk stalls
+  mtu-pmtud         the same pods with PMTU discovery working (tracer should report nothing)
 
 Dataplanes (default: both, each scenario in iptables then nftables mode; with --keep: iptables):
   iptables          felix's ipsets and iptables chains (cali-nat-outgoing)
@@ -77,7 +80,8 @@ struct RunArgs {
     /// The tracer binary, run as `tracer agent` on every node.
     #[arg(long, value_name = "PATH")]
     tracer: PathBuf,
-    /// Run only this scenario (healthy, seed-001, seed-002, seed-003, seed-004, seed-004-passive).
+    /// Run only this scenario (healthy, seed-001, ..., seed-004-passive, mtu-underlay, mtu-blackhole,
+    /// mtu-pmtud).
     #[arg(long, value_name = "NAME", value_parser = parse_scenario)]
     scenario: Option<Scenario>,
     /// Run only in this felix dataplane (iptables, nftables); both by default.

@@ -14,9 +14,13 @@
 //! | `seed-003` | node2's VXLAN parent is the bridge `nerdctl0` (10.4.0.1) | `node_address_on_wrong_interface` |
 //! | `seed-004` | node2's BGP address is its second NIC (10.66.0.66); node2 dials | `node_address_on_wrong_interface` |
 //! | `seed-004-passive` | the same with 10.0.0.66, which makes node2 passive; node1 dials it | `node_address_on_wrong_interface` |
+//! | `mtu-underlay` | node2's LAN switch port carries 1400 bytes, vxlan.calico assumes 1500 | `mtu_mismatch` |
+//! | `mtu-blackhole` | pods at 1500 over vxlan.calico's 1450, node1 drops its ICMP frag-needed | `mtu_mismatch` |
+//! | `mtu-pmtud` | pods at 1500 over vxlan.calico's 1450, PMTU discovery works | none |
 
 mod common;
 pub mod healthy;
+pub mod mtu;
 pub mod seed_001;
 pub mod seed_002;
 pub mod seed_003;
@@ -86,6 +90,9 @@ impl Scenario {
         Scenario(&seed_003::Seed003),
         Scenario(&seed_004::Seed004::Active),
         Scenario(&seed_004::Seed004::Passive),
+        Scenario(&mtu::Mtu::Underlay),
+        Scenario(&mtu::Mtu::Blackhole),
+        Scenario(&mtu::Mtu::Pmtud),
     ];
 
     /// Every scenario's name, comma-separated.

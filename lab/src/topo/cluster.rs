@@ -136,6 +136,26 @@ pub struct ClusterConfig {
     /// Every pod's TCP server port.
     pub pod_port: u16,
     pub nodes: Vec<NodeConfig>,
+    /// MTUs the MTU scenarios change; the default changes nothing.
+    pub mtu: MtuConfig,
+}
+
+/// MTU settings of the MTU scenarios. The default leaves every device at the kernel's 1500 and
+/// vxlan.calico at felix's 1450.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MtuConfig {
+    /// Every pod's veth, both ends, as Calico's CNI plugin sets them from `veth_mtu` (or
+    /// felix's /var/lib/calico/mtu).
+    pub pod_mtu: Option<u32>,
+    /// `(node index, MTU)`: that node's port on the LAN switch (the underlay bridge) carries
+    /// only this much; larger frames are dropped there, silently, as a switch does.
+    pub switch_port_mtu: Option<(usize, u32)>,
+    /// Node index whose host firewall (its OUTPUT chain) drops ICMP fragmentation-needed.
+    pub drop_frag_needed_on: Option<usize>,
+    /// TSO/GSO off on the pods' eth0: the pods then send MTU-sized packets, as they reach a
+    /// real wire. (Within one kernel a GSO super-packet crosses veths and bridges whole, and
+    /// only a real NIC cuts it to its MTU.)
+    pub wire_sized_frames: bool,
 }
 
 impl ClusterConfig {
@@ -158,6 +178,7 @@ impl ClusterConfig {
             routing: Routing::Vxlan,
             as_num: 64512,
             pod_port: 8090,
+            mtu: MtuConfig::default(),
             nodes: vec![
                 NodeConfig {
                     name: "ce-demo-1".into(),
@@ -708,6 +729,40 @@ impl Build<'_> {
                 node.sysctl(&format!("net/ipv4/conf/{conf}/rp_filter"), "0")?;
             }
             node.ip(&["route", "add", "default", "via", &gw, "dev", &cfg.nic])?;
+            if let Some((_, mtu)) = cfg.mtu.switch_port_mtu.filter(|(at, _)| *at == i) {
+                let port = format!("node{}", i + 1);
+                progress(&format!(
+                    "{}: its LAN switch port {port} carries only {mtu} bytes",
+                    n.name
+                ));
+                underlay.ip(&["link", "set", &port, "mtu", &mtu.to_string()])?;
+                // With br_netfilter loaded, a bridge that calls iptables also fragments
+                // oversized IPv4 without DF (VXLAN's outer packets) on the way out, which no
+                // switch does: turn that off in the underlay, so the port drops them.
+                underlay.exec(&[
+                    "sh",
+                    "-c",
+                    "f=/proc/sys/net/bridge/bridge-nf-call-iptables; [ ! -e $f ] || echo 0 > $f",
+                ])?;
+            }
+            if cfg.mtu.drop_frag_needed_on == Some(i) {
+                progress(&format!(
+                    "{}: host firewall drops ICMP fragmentation-needed",
+                    n.name
+                ));
+                node.exec(&[
+                    "iptables",
+                    "-w",
+                    "-I",
+                    "OUTPUT",
+                    "-p",
+                    "icmp",
+                    "--icmp-type",
+                    "fragmentation-needed",
+                    "-j",
+                    "DROP",
+                ])?;
+            }
             if let (Some(x), Some(c)) = (&n.extra_nic, &p.extra_nic) {
                 extra_lans += 1;
                 let bridge = format!("br{extra_lans}");
@@ -802,6 +857,15 @@ impl Build<'_> {
             ));
             for (pc, ip) in n.pods.iter().zip(&p.pods) {
                 let pod = Pod::create(&nodes[i], &pc.namespace, &pc.name, *ip)?;
+                if let Some(mtu) = self.cfg.mtu.pod_mtu {
+                    let mtu = mtu.to_string();
+                    nodes[i].ip(&["link", "set", &pod.veth, "mtu", &mtu])?;
+                    pod.netns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+                }
+                if self.cfg.mtu.wire_sized_frames {
+                    pod.netns
+                        .exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"])?;
+                }
                 let server = TcpServer::start(
                     &pod.netns,
                     SocketAddr::V4(SocketAddrV4::new(*ip, self.cfg.pod_port)),

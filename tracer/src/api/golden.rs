@@ -16,7 +16,7 @@ use crate::{
     calico::{NatOutgoing, Pools},
     clock::{Clock, FIXED_NOW_NS},
     diagnose::Rules,
-    events::{Dir, Encap, KernelDrop, Packet},
+    events::{Dir, Emit, Encap, KernelDrop, Packet},
     flows::CounterRead,
     hooks::TcBackend,
     kernel_names::{DropReasons, Symbols},
@@ -51,6 +51,7 @@ const CASES: &[Case] = &[
     ("masquerade-not-applied", masquerade_not_applied),
     ("snat-excluded", snat_excluded),
     ("kernel-drop", kernel_drop),
+    ("mtu-mismatch", mtu_mismatch),
     ("wrong-source-address", wrong_source_address),
     ("off-link-peer-unacked", off_link_peer_unacked),
     ("wrong-parent-device", wrong_parent_device),
@@ -178,6 +179,7 @@ fn link(index: u32, name: &str, kind: Option<&str>, addr: Option<(&str, u8)>) ->
         master: None,
         up: true,
         l3: false,
+        mtu: None,
         vxlan: None,
         addrs: addr
             .map(|(a, prefix)| IfAddr { ip: ip(a), prefix })
@@ -514,6 +516,50 @@ fn kernel_drop() -> Shared {
         location: 0,
     });
     s.ingest(&[obs(T0, VETH, Dir::Ingress, p), dropped], 0);
+    s
+}
+
+/// A pod whose MTU (1500) is above vxlan.calico's (1450): the handshake passes, a full-size
+/// segment is sent again and again; the node's frag-needed to the pod is seen on its veth.
+fn mtu_mismatch() -> Shared {
+    let mut vx = vxlan_link(ETH0, "10.51.0.100");
+    vx.mtu = Some(1450);
+    let mut f = node("10.51.0.100", Some("10.51.0.1"), vec![vx]);
+    for l in f.links.values_mut() {
+        l.mtu = l.mtu.or(Some(1500));
+    }
+    let s = agent(
+        f,
+        pools(&["10.244.0.0/16"], &["10.244.0.0/16"]),
+        Rules::default(),
+    );
+    let p = vxlan_syn(&s, ETH0, "10.51.0.100", "10.51.0.101");
+    send(&s, &[(4, VETH, Dir::Egress, back(p, 0x12))]);
+    let data = Packet {
+        tcp_flags: 0x18,
+        seq: p.seq + 1,
+        ack: 5001,
+        payload_len: 1448,
+        ..p
+    };
+    let too_big = Packet {
+        proto: 1,
+        sport: 0,
+        dport: 0x0304,
+        seq: 1450,
+        ack: 0,
+        tcp_flags: 0,
+        payload_len: 0,
+        ..syn("10.51.0.100", 0, "10.244.228.139", 0)
+    };
+    let mut seen = vec![obs(T0 + 10 * MS, VETH, Dir::Ingress, data)];
+    seen.push(obs(T0 + 11 * MS, VETH, Dir::Egress, too_big));
+    for n in 1..=3 {
+        let mut o = obs(T0 + (200 * n) * MS, VETH, Dir::Ingress, data);
+        o.emit = Emit::Retransmit;
+        seen.push(o);
+    }
+    s.ingest(&seen, 0);
     s
 }
 

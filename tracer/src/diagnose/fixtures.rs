@@ -51,6 +51,7 @@ pub fn facts() -> NodeFacts {
         master: None,
         up: true,
         l3: false,
+        mtu: None,
         vxlan: None,
         addrs,
     };
@@ -127,6 +128,7 @@ pub fn cx<'a>(pools: &'a Pools, facts: &'a NodeFacts, now: u64) -> Context<'a> {
         reasons: &REASONS,
         symbols: &SYMBOLS,
         gaps: &NO_GAPS,
+        too_big: &[],
     }
 }
 pub fn with_rule(mut p: Pools, rule: NatOutgoing) -> Pools {
@@ -152,6 +154,7 @@ pub fn underlay_node(node_ip: &str, extra: Vec<Link>) -> NodeFacts {
         master: None,
         up: true,
         l3: false,
+        mtu: None,
         vxlan: None,
         addrs: vec![IfAddr {
             ip: ip(node_ip),
@@ -169,6 +172,7 @@ pub fn underlay_node(node_ip: &str, extra: Vec<Link>) -> NodeFacts {
             master: None,
             up: true,
             l3: false,
+            mtu: None,
             vxlan: None,
             addrs: vec![],
         },
@@ -218,6 +222,7 @@ pub fn bridge_link(index: u32, name: &str) -> Link {
         master: None,
         up: true,
         l3: false,
+        mtu: None,
         vxlan: None,
         addrs: vec![IfAddr {
             ip: ip("10.4.0.1"),
@@ -234,6 +239,7 @@ pub fn vxlan_link(parent: u32, local: &str) -> Link {
         master: None,
         up: true,
         l3: false,
+        mtu: None,
         vxlan: Some(crate::netlink::VxlanInfo {
             vni: Some(4096),
             parent_index: Some(parent),

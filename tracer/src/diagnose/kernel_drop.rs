@@ -5,7 +5,7 @@ use super::{model_side, ms, reply_evidence, Context, Findings};
 use crate::{
     calico::Dataplane,
     flows::{DropRecord, Flow, Side},
-    net::{proto_name, PROTO_ICMP, PROTO_ICMPV6},
+    net::{proto_name, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP},
 };
 
 /// Drops that lose a packet on its path. An ICMP echo reply that a raw socket (ping) already
@@ -15,7 +15,13 @@ pub fn significant_drops<'f>(flow: &'f Flow, cx: &Context<'_>) -> Vec<&'f DropRe
     flow.drops()
         .iter()
         .filter(|d| {
-            let no_socket = cx.reasons.name(d.reason) == "NO_SOCKET";
+            let name = cx.reasons.name(d.reason);
+            // A segment too big for the next hop, dropped while ICMP told the sender: PMTU
+            // discovery at work. It only matters when the flow then stays stuck (`mtu_mismatch`).
+            if name == "PKT_TOO_BIG" && flow.proto == PROTO_TCP && !super::mtu::stuck(flow) {
+                return false;
+            }
+            let no_socket = name == "NO_SOCKET";
             // A reply reaching a socket its owner already closed (BGP speakers dialling each
             // other at once, a client that gave up) is not a lost request.
             !(no_socket
@@ -87,6 +93,8 @@ fn drop_fix(reason: &str, dataplane: Dataplane) -> String {
         "IP_OUTNOROUTES" | "IP_INNOROUTES" => "No route to the destination: check `ip route get` for it and whether Calico programmed the route (BGP established? IPAM block affinity?)."
             .into(),
         "NEIGH_FAILED" | "NEIGH_QUEUEFULL" | "NEIGH_DEAD" | "NEIGH_CREATEFAIL" => "The next hop never answered ARP/ND: check the next hop is up and on the same L2 segment as the egress interface."
+            .into(),
+        "PKT_TOO_BIG" => "The packet was larger than the next device's MTU with DF set; the node answered with ICMP fragmentation-needed. A sender that never sends smaller (the ICMP filtered on the way back, or pods whose MTU is above the tunnel's) needs Calico's MTU fixed: see the mtu_mismatch cause (`Installation.spec.calicoNetwork.mtu`, or FelixConfiguration `vxlanMTU`/`ipipMTU` and `veth_mtu`)."
             .into(),
         "OTHERHOST" => "The frame was addressed to another host's MAC: check proxy ARP on the cali* interface and the pod's gateway (169.254.1.1)."
             .into(),

@@ -16,7 +16,7 @@ use crate::{
     calico::{Pools, DEFAULT_INTERFACE_PREFIX},
     events::Dir,
     felix_bpf,
-    flows::{DropRecord, Flow, Gaps, HopView, Side},
+    flows::{DropRecord, Flow, Gaps, HopView, Side, TooBig},
     kernel_names::{DropReasons, Symbols},
     net::{proto_name, Cidr},
     netlink::{NodeFacts, Route as KernelRoute},
@@ -24,6 +24,7 @@ use crate::{
 
 mod datastore;
 mod kernel_drop;
+mod mtu;
 mod node;
 mod off_link;
 mod pod_route;
@@ -94,6 +95,8 @@ pub struct Context<'a> {
     pub symbols: &'a Symbols,
     /// Lost records and how far the reader has got.
     pub gaps: &'a Gaps,
+    /// The latest ICMP too-big messages seen on the node.
+    pub too_big: &'a [TooBig],
 }
 
 impl Context<'_> {
@@ -143,6 +146,7 @@ pub const RULES: &[Rule] = &[
     snat::diagnose,
     wrong_source::diagnose,
     wrong_parent::diagnose,
+    mtu::diagnose,
     kernel_drop::diagnose,
     datastore::diagnose,
     off_link::diagnose_unanswered_peer,

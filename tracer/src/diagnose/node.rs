@@ -108,6 +108,7 @@ mod tests {
             master: Some(master),
             up: true,
             l3: false,
+            mtu: None,
             vxlan: None,
             addrs: vec![],
         };

@@ -125,6 +125,7 @@ mod tests {
             master: None,
             up: true,
             l3: false,
+            mtu: None,
             vxlan: None,
             addrs: vec![IfAddr {
                 ip: ip("10.0.0.66"),

@@ -400,6 +400,24 @@ struct Rare {
     drops: Vec<DropRecord>,
     /// Tunnel headers, by hop (ifindex, direction, side).
     encaps: Vec<(u32, Dir, Side, HopEncap)>,
+    /// The latest retransmitted segment of each side (forward, reverse) that no ACK has passed.
+    stalls: [Option<Stall>; 2],
+}
+
+/// A TCP segment sent again with no ACK from the other side past its start, yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    pub side: Side,
+    pub seq: u32,
+    /// The largest payload it was sent again with.
+    pub payload_len: u16,
+    /// Times it was sent again, counted at the one hop that first saw it again (every hop on the
+    /// path sees each copy).
+    pub retransmits: u32,
+    pub ifindex: u32,
+    pub dir: Dir,
+    pub first_ns: u64,
+    pub last_ns: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -582,6 +600,7 @@ impl Flow {
             };
         if p.proto == PROTO_TCP {
             self.record_tcp(&p, side, obs.ts_ns);
+            self.track_stall(&p, side, obs);
             if p.payload_len > 0 {
                 self.exchanges.observe(obs.ifindex, side, obs.ts_ns);
             }
@@ -657,6 +676,51 @@ impl Flow {
         if p.tcp_flags & TCP_RST != 0 {
             self.tcp.rst = true;
         }
+    }
+
+    /// Follows the latest segment each side sends again until the other side acknowledges past
+    /// its start: what is left is data that never got through.
+    fn track_stall(&mut self, p: &Packet, side: Side, obs: &Observation) {
+        let other = match side {
+            Side::Forward => 1,
+            Side::Reverse => 0,
+        };
+        if p.tcp_flags & TCP_ACK != 0 {
+            if let Some(r) = self.rare.as_deref_mut() {
+                if r.stalls[other].is_some_and(|s| (p.ack.wrapping_sub(s.seq) as i32) > 0) {
+                    r.stalls[other] = None;
+                }
+            }
+        }
+        if obs.emit != Emit::Retransmit || p.payload_len == 0 {
+            return;
+        }
+        let slot = &mut self.rare_mut().stalls[1 - other];
+        match slot {
+            Some(s) if s.ifindex != obs.ifindex || s.dir != obs.dir => {}
+            Some(s) if s.seq == p.seq => {
+                s.retransmits = s.retransmits.saturating_add(1);
+                s.payload_len = s.payload_len.max(p.payload_len);
+                s.last_ns = s.last_ns.max(obs.ts_ns);
+            }
+            _ => {
+                *slot = Some(Stall {
+                    side,
+                    seq: p.seq,
+                    payload_len: p.payload_len,
+                    retransmits: 1,
+                    ifindex: obs.ifindex,
+                    dir: obs.dir,
+                    first_ns: obs.ts_ns,
+                    last_ns: obs.ts_ns,
+                })
+            }
+        }
+    }
+
+    /// Segments sent again that no ACK has passed yet.
+    pub fn stalls(&self) -> impl Iterator<Item = &Stall> + '_ {
+        self.rare.iter().flat_map(|r| r.stalls.iter().flatten())
     }
 
     /// Notes a translated forward tuple; false when the flow keeps no more of them.

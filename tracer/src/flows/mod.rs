@@ -18,7 +18,7 @@ use std::{
 };
 
 pub use flow::{
-    DirTuple, DropRecord, Exchanges, Flow, FlowId, Hop, HopEncap, HopView, Iface, Nat, Side,
+    DirTuple, DropRecord, Exchanges, Flow, FlowId, Hop, HopEncap, HopView, Iface, Nat, Side, Stall,
     TcpMilestones,
 };
 pub use gaps::{CounterRead, Gaps, LossWindow};
@@ -182,6 +182,36 @@ pub struct FlowTable {
     unlogged: Option<Vec<Flow>>,
     unlogged_cap: usize,
     unlogged_lost: u64,
+    /// The latest ICMP "fragmentation needed" / ICMPv6 "packet too big" messages, whatever flow
+    /// they concern (their quoted packet is not parsed: the rules match them by address).
+    too_big: Vec<TooBig>,
+}
+
+/// An ICMP message saying a packet was too big for the next hop, as seen at one hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooBig {
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub from: IpAddr,
+    pub to: IpAddr,
+    pub ifindex: u32,
+    pub dir: crate::events::Dir,
+    /// The next hop's MTU it announced.
+    pub mtu: u32,
+}
+
+/// Most distinct too-big messages kept (the oldest goes first).
+const TOO_BIG_KEPT: usize = 64;
+
+/// The MTU a "fragmentation needed" (ICMP 3/4) or "packet too big" (ICMPv6 2/0) announces. The
+/// kernel puts ICMP header bytes 4-5 in `sport` and 6-7 in `seq`: the IPv4 next-hop MTU is bytes
+/// 6-7, the IPv6 MTU bytes 4-7.
+fn too_big_mtu(p: &crate::events::Packet) -> Option<u32> {
+    match (p.proto, p.dport) {
+        (PROTO_ICMP, 0x0304) => Some(p.seq & 0xffff),
+        (PROTO_ICMPV6, 0x0200) => Some(u32::from(p.sport) << 16 | (p.seq & 0xffff)),
+        _ => None,
+    }
 }
 
 /// Most distinct drop reasons counted apart: the kernel's `skb_drop_reason` enum has about a
@@ -220,6 +250,7 @@ impl FlowTable {
             unlogged: None,
             unlogged_cap: cap.clamp(MIN_UNLOGGED_KEPT, MAX_UNLOGGED_KEPT),
             unlogged_lost: 0,
+            too_big: Vec::new(),
         }
     }
 
@@ -288,6 +319,38 @@ impl FlowTable {
     /// Drops of traced flows so far, by the kernel's reason number.
     pub fn drops_by_reason(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
         self.drops_by_reason.iter().map(|(r, n)| (*r, *n))
+    }
+
+    /// The latest too-big messages, oldest first.
+    pub fn too_big(&self) -> &[TooBig] {
+        &self.too_big
+    }
+
+    fn note_too_big(&mut self, obs: &Observation, mtu: u32) {
+        let p = obs.packet();
+        let same = |t: &&mut TooBig| {
+            t.from == p.src
+                && t.to == p.dst
+                && t.ifindex == obs.ifindex
+                && t.dir == obs.dir
+                && t.mtu == mtu
+        };
+        if let Some(t) = self.too_big.iter_mut().find(same) {
+            t.last_ns = t.last_ns.max(obs.ts_ns);
+            return;
+        }
+        if self.too_big.len() >= TOO_BIG_KEPT {
+            self.too_big.remove(0);
+        }
+        self.too_big.push(TooBig {
+            first_ns: obs.ts_ns,
+            last_ns: obs.ts_ns,
+            from: p.src,
+            to: p.dst,
+            ifindex: obs.ifindex,
+            dir: obs.dir,
+            mtu,
+        });
     }
 
     pub fn samples(&self) -> &Samples {
@@ -365,6 +428,11 @@ impl FlowTable {
             return None;
         }
         let t = DirTuple::of(&p);
+        if obs.drop.is_none() {
+            if let Some(mtu) = too_big_mtu(&p) {
+                self.note_too_big(obs, mtu);
+            }
+        }
         if let Some(d) = obs.drop {
             // Only drops of traced flows matter; anything else on the node is not ours to report.
             let Some((id, side)) = self.lookup(&t) else {

@@ -257,6 +257,8 @@ impl Shared {
             NO_SYMBOLS.get_or_init(Symbols::default)
         };
         let gaps = lock(&self.gaps).clone();
+        // A copy (at most TOO_BIG_KEPT small entries): `f` may change the table.
+        let too_big = table.too_big().to_vec();
         let cx = Context {
             pools: &node.pools,
             facts: &node.facts,
@@ -265,6 +267,7 @@ impl Shared {
             reasons: &reasons,
             symbols,
             gaps: &gaps,
+            too_big: &too_big,
         };
         f(&cx, &mut table)
     }
