@@ -279,7 +279,7 @@ fn identity_off_is_said_and_name_filters_are_refused() -> TestResult {
     let h = identity(&agent, &lab.node)?;
     assert_eq!(h, IdentityHealth::off());
     let r = agent.get(&lab.node, "/flows?namespace=default")?;
-    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.status, 409, "{}", r.text());
     assert!(json(&r)?["error"]
         .as_str()
         .is_some_and(|e| e.contains("identity")));

@@ -366,15 +366,20 @@ async fn heavy<T: Send + 'static>(
     .ok()
 }
 
-/// `namespace=` and `selector=` filter by names, which only identity provides.
-fn needs_names(q: &FlowQuery) -> bool {
-    q.namespace.is_some() || q.selector.is_some()
+/// `namespace=` and `selector=` filter by names, which only identity provides. Looked for
+/// before the query is parsed: with identity off, no value of them could be answered, valid or
+/// not, and that is what the client needs to hear first.
+fn asks_names(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "namespace" || k == "selector")
+    })
 }
 
-/// Said, not answered with an empty list: without names no flow could ever match.
+/// Said, not answered with an empty list: without names no flow could ever match. 409: the
+/// request is well formed, this agent's state (identity off) is what refuses it.
 fn names_off() -> Response<Body> {
     error(
-        StatusCode::BAD_REQUEST,
+        StatusCode::CONFLICT,
         "namespace= and selector= need identity, which is off on this agent (no DATASTORE_TYPE, or --no-identity)",
     )
 }
@@ -422,8 +427,10 @@ async fn route(
                 None => internal(),
             },
         },
+        (Method::GET, ["flows" | "watch"]) if asks_names(query) && !shared.identities().is_on() => {
+            names_off()
+        }
         (Method::GET, ["flows"]) => match FlowQuery::parse(query) {
-            Ok(q) if needs_names(&q) && !shared.identities().is_on() => names_off(),
             Ok(q) => flows(q, st).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         },
@@ -480,7 +487,6 @@ async fn route(
             Ok(q) if q.limit.is_some() => {
                 error(StatusCode::BAD_REQUEST, "limit: not supported by /watch")
             }
-            Ok(q) if needs_names(&q) && !shared.identities().is_on() => names_off(),
             Ok(q) => match st.watchers.clone().try_acquire_owned() {
                 Ok(permit) => watch(q, st.clone(), permit),
                 Err(_) => {
