@@ -265,14 +265,7 @@ impl DelayProxy {
         upstream: SocketAddr,
         delay: Duration,
     ) -> Result<DelayProxy, LabError> {
-        let ctx = format!("delay proxy listening on {listen} in {}", ns.name());
-        let listener = ns
-            .run(move || -> std::io::Result<TcpListener> {
-                let l = TcpListener::bind(listen)?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            })?
-            .map_err(|e| LabError::io(&ctx, e))?;
+        let listener = ns.listen(listen, "delay proxy")?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         // Upstream connections are made from this thread, so it must live in the namespace.

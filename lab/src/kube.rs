@@ -173,14 +173,7 @@ pub struct KubeStandin {
 
 impl KubeStandin {
     pub fn start(ns: &Netns, addr: SocketAddr, store: Arc<Store>) -> Result<KubeStandin, LabError> {
-        let ctx = format!("kube stand-in on {addr} in {}", ns.name());
-        let listener = ns
-            .run(move || -> std::io::Result<TcpListener> {
-                let l = TcpListener::bind(addr)?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            })?
-            .map_err(|e| LabError::io(&ctx, e))?;
+        let listener = ns.listen(addr, "kube stand-in")?;
         let stop = Arc::new(AtomicBool::new(false));
         let bookmark_every = Duration::from_secs(1);
         let thread = {

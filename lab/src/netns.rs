@@ -159,6 +159,23 @@ impl Netns {
     /// Runs `f` on a new OS thread that has entered this namespace (`setns(2)`), and returns its
     /// result. Sockets created by `f` stay in this namespace wherever they are used afterwards.
     /// A panic in `f` is returned as [`LabError::Panicked`].
+    /// A non-blocking TCP listener bound to `addr` inside this namespace (the address must be
+    /// configured here); the socket stays in the namespace, so its accept loop can run on any
+    /// thread. `what` names the listener in errors.
+    pub fn listen(
+        &self,
+        addr: std::net::SocketAddr,
+        what: &str,
+    ) -> Result<std::net::TcpListener, LabError> {
+        let ctx = format!("{what} listening on {addr} in {}", self.name);
+        self.run(move || -> std::io::Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?
+        .map_err(|e| LabError::io(&ctx, e))
+    }
+
     pub fn run<T, F>(&self, f: F) -> Result<T, LabError>
     where
         T: Send + 'static,

@@ -89,17 +89,10 @@ pub struct TcpServer {
 impl TcpServer {
     /// Binds `addr` inside `ns` (the address must be configured there) and starts serving.
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<TcpServer, LabError> {
-        let ctx = format!("listening on {addr} in {}", ns.name());
-        // Bound on a thread inside `ns`; the listening socket stays there, so the accept loop
-        // below can run on an ordinary thread.
-        let listener = ns
-            .run(move || -> std::io::Result<TcpListener> {
-                let l = TcpListener::bind(addr)?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            })?
-            .map_err(|e| LabError::io(&ctx, e))?;
-        let local_addr = listener.local_addr().map_err(|e| LabError::io(&ctx, e))?;
+        let listener = ns.listen(addr, "TCP server")?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| LabError::io(format!("address of the TCP server on {addr}"), e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let peers = Arc::new(Mutex::new(Vec::new()));
         let greeting = format!("hello from {local_addr}\n");
@@ -183,15 +176,10 @@ pub struct TcpSink {
 impl TcpSink {
     /// Binds `addr` inside `ns` and starts counting.
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<TcpSink, LabError> {
-        let ctx = format!("sink listening on {addr} in {}", ns.name());
-        let listener = ns
-            .run(move || -> std::io::Result<TcpListener> {
-                let l = TcpListener::bind(addr)?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            })?
-            .map_err(|e| LabError::io(&ctx, e))?;
-        let local_addr = listener.local_addr().map_err(|e| LabError::io(&ctx, e))?;
+        let listener = ns.listen(addr, "sink")?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| LabError::io(format!("address of the sink on {addr}"), e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let thread = {
