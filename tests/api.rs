@@ -275,6 +275,23 @@ fn bearer_token_guards_everything_but_healthz() -> TestResult {
 fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
     let lab = SingleNode::build(&SingleNode::healthy())?;
     let agent = on_demand_agent(&lab)?;
+    // No -n: the namespace comes from the kubeconfig's current context as kubectl takes it,
+    // here from the first file of a colon-separated KUBECONFIG (the cluster is in the second).
+    let dir = std::env::temp_dir().join(format!("tracer-watch-kubeconfig-{}", lab.prefix));
+    std::fs::create_dir_all(&dir)?;
+    let (contexts, clusters) = (dir.join("contexts"), dir.join("clusters"));
+    std::fs::write(
+        &contexts,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: lab\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\n    namespace: {}\nusers:\n- name: lab\n  user: {{}}\n",
+            lab.pod.namespace
+        ),
+    )?;
+    std::fs::write(
+        &clusters,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://127.0.0.1:6443\n",
+    )?;
+    let kubeconfig = format!("{}:{}", contexts.display(), clusters.display());
     let mut watch = Command::new("ip")
         .args([
             "netns",
@@ -284,7 +301,8 @@ fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
             "watch",
         ])
         .arg(format!("pod/{}", lab.pod.name))
-        .args(["-n", &lab.pod.namespace, "-o", "json"])
+        .args(["-o", "json"])
+        .env("KUBECONFIG", &kubeconfig)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -336,6 +354,7 @@ fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
     if let Some(mut e) = watch.stderr.take() {
         let _ = e.read_to_string(&mut err);
     }
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(found, "no flow of the pod on the watch; stderr: {err}");
     assert!(status.success(), "{status}: {err}");
     assert!(err.contains("detached"), "{err}");

@@ -165,6 +165,14 @@ fn flows_and_diagnoses_name_the_pod_and_nodes_from_etcd() -> TestResult {
         Some(want.as_str())
     );
 
+    // The metrics split the cause by the pod's namespace and workload (a WorkloadEndpoint
+    // records no owner: the pod is its own workload).
+    let metrics = agent.get(&l.lab.node, "/metrics")?.text();
+    let series = format!(
+        "tracer_diagnoses_by_workload_total{{cause=\"ippool_overlaps_host_network\",namespace=\"{POD_NAMESPACE}\",workload_kind=\"Pod\",workload=\"{POD_NAME}\"}} "
+    );
+    assert!(metrics.contains(&series), "{series} not in {metrics}");
+
     // namespace= and selector= select by the names.
     let n = |q: &str| -> Res<usize> { Ok(agent.flows(&l.lab.node, &query(q)?)?.matched) };
     assert!(n(&format!("namespace={POD_NAMESPACE}"))? >= 1);

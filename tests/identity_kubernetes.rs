@@ -258,3 +258,44 @@ fn a_pod_recreated_with_the_same_address_is_never_given_the_old_name() -> TestRe
     assert_eq!(src_pod(&old), Some(format!("{POD_NAMESPACE}/{POD_NAME}")));
     Ok(())
 }
+
+#[test]
+fn a_kubeconfig_list_that_is_completed_after_start_is_merged_and_picked_up() -> TestResult {
+    let l = lab()?;
+    // KUBECONFIG as kubectl users split it: contexts/users in one file, the cluster in another
+    // that does not exist yet when the agent starts (a volume mounted late).
+    let full = std::fs::read_to_string(&l.kubeconfig)?;
+    let (head, users) = full
+        .split_once("users:\n")
+        .ok_or("stand-in kubeconfig without users")?;
+    let (clusters, contexts) = head
+        .split_once("contexts:\n")
+        .ok_or("stand-in kubeconfig without contexts")?;
+    let late = l.kubeconfig.with_extension("clusters");
+    let first = l.kubeconfig.with_extension("contexts");
+    std::fs::write(
+        &first,
+        format!("apiVersion: v1\nkind: Config\ncontexts:\n{contexts}users:\n{users}"),
+    )?;
+    let _ = std::fs::remove_file(&late);
+    let list = format!("{}:{}", first.display(), late.display());
+    let agent = common::start(
+        &l.lab.node,
+        &[
+            "--datastore-type",
+            "kubernetes",
+            "--kubeconfig",
+            &list,
+            "--nodename",
+            NODE,
+        ],
+    )?;
+    let h = wait_identity(&agent, &l.lab.node, "failing", |h| h.error.is_some())?;
+    assert!(!h.synced, "{h:?}");
+    std::fs::write(&late, clusters)?;
+    let synced = wait_identity(&agent, &l.lab.node, "synced", synced);
+    let _ = std::fs::remove_file(&late);
+    let _ = std::fs::remove_file(&first);
+    synced?;
+    Ok(())
+}

@@ -145,6 +145,9 @@ pub fn render(node: &str, d: &NodeDiagnoses) -> String {
                 format!(", e.g. {flows}")
             }
         );
+        if let Some(e) = &c.endpoints {
+            let _ = writeln!(s, "    who:      {} -> {}", e.src.label(), e.dst.label());
+        }
         let seen = Some((c.first_seen.as_str(), c.last_seen.as_str()));
         render_body(&mut s, seen, &c.summary, &c.evidence, &c.fix);
     }

@@ -29,6 +29,15 @@ impl Endpoint {
         }
     }
 
+    /// [`Endpoint::name`], or `host` / `external`: what a table cell shows.
+    pub fn label(&self) -> String {
+        match self {
+            Endpoint::Host => "host".into(),
+            Endpoint::External => "external".into(),
+            named => named.name().unwrap_or_default(),
+        }
+    }
+
     /// The namespace of a pod or Service.
     pub fn namespace(&self) -> Option<&str> {
         match self {

@@ -82,9 +82,9 @@ impl AgentConn {
 pub struct WatchArgs {
     /// `pod/NAME` or `iface/NAME`.
     pub target: String,
-    /// The pod's namespace.
-    #[arg(short, long, default_value = "default")]
-    pub namespace: String,
+    /// The pod's namespace; by default the kubeconfig context's namespace, as kubectl.
+    #[arg(short, long)]
+    pub namespace: Option<String>,
     /// felix's InterfacePrefix (a comma-separated list, as FELIX_INTERFACEPREFIX): the first
     /// entry names the pod's veth.
     #[arg(long, env = "FELIX_INTERFACEPREFIX", default_value = DEFAULT_INTERFACE_PREFIX)]
@@ -203,7 +203,8 @@ pub struct AgentArgs {
     /// Calico's ETCD_ENDPOINTS: etcd v3 URLs, comma separated (with --datastore-type etcdv3).
     #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
-    /// A kubeconfig for --datastore-type kubernetes; the pod's service account when unset.
+    /// A kubeconfig for --datastore-type kubernetes (a colon-separated list is merged, as
+    /// kubectl merges KUBECONFIG); the pod's service account when unset.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<std::path::PathBuf>,
     /// This node's name, as calico-node's NODENAME: selects the node's pods and names its
@@ -313,10 +314,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// `-o`: as kubectl names its outputs.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Output {
+    /// Names where the agent has them (identity on), addresses otherwise.
     Table,
+    /// The table plus addresses behind the names and the interfaces crossed.
+    Wide,
+    /// One JSON object per line, as the agent sent it.
     Json,
+    /// One YAML document per object.
+    Yaml,
 }
 
 #[derive(Debug, Args)]
@@ -336,8 +344,9 @@ pub struct FlowsArgs {
     /// Explicit agent URLs to merge (comma separated) instead of DNS discovery.
     #[arg(long, value_delimiter = ',')]
     pub agents: Vec<String>,
-    /// Pod as namespace/name: flows through its veth.
-    #[arg(long, value_parser = |s: &str| query::pod(s).map_err(|e| e.to_string()))]
+    /// Pod as namespace/name, or a name in the kubeconfig context's namespace (as kubectl):
+    /// flows through its veth, and with identity on, flows to or from its address.
+    #[arg(long, value_parser = pod_arg)]
     pub pod: Option<(String, String)>,
     /// Only flows active since this long ago (5m) or this RFC 3339 time.
     #[arg(long, value_parser = |s: &str| Since::parse(s).map_err(|e| e.to_string()))]
@@ -373,11 +382,48 @@ pub struct FlowsArgs {
     pub output: Output,
 }
 
+/// `--pod`: `namespace/name`, or a bare name whose namespace is filled in later (empty here).
+fn pod_arg(s: &str) -> Result<(String, String), String> {
+    if s.contains('/') {
+        return query::pod(s).map_err(|e| e.to_string());
+    }
+    query::pod(&format!("default/{s}"))
+        .map(|(_, name)| (String::new(), name))
+        .map_err(|_| format!("{s:?} is not a pod name"))
+}
+
+/// The namespace kubectl would use: the current context's namespace in KUBECONFIG (a
+/// colon-separated list, merged as kubectl does) or ~/.kube/config, else `default`. An
+/// unreadable kubeconfig is not an error here: the agent, not the API server, answers.
+pub fn kubectl_namespace() -> String {
+    let kc = match std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+        Some(list) => crate::identity::kube::read_kubeconfigs(&list).ok(),
+        None => kube::config::Kubeconfig::read().ok(),
+    };
+    kc.and_then(|kc| {
+        let current = kc.current_context.as_deref()?;
+        kc.contexts
+            .into_iter()
+            .find(|c| c.name == current)?
+            .context?
+            .namespace
+    })
+    .filter(|ns| !ns.is_empty())
+    .unwrap_or_else(|| "default".into())
+}
+
 impl FlowsArgs {
     /// The query the flags ask for.
     pub fn query(&self) -> FlowQuery {
         FlowQuery {
-            pod: self.pod.clone(),
+            pod: self.pod.clone().map(|(ns, name)| {
+                let ns = if ns.is_empty() {
+                    kubectl_namespace()
+                } else {
+                    ns
+                };
+                (ns, name)
+            }),
             since: self.since,
             dst: self.dst,
             src: self.src,
@@ -406,6 +452,34 @@ fn cause_parser() -> impl TypedValueParser<Value = Cause> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_completion_offers_every_verdict_and_cause() {
+        use clap::CommandFactory;
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "tracer",
+            &mut out,
+        );
+        let script = String::from_utf8_lossy(&out);
+        for name in Verdict::ALL
+            .iter()
+            .map(|v| v.as_str())
+            .chain(Cause::ALL.iter().map(|c| c.as_str()))
+        {
+            assert!(script.contains(name), "{name} is not completed");
+        }
+    }
+
+    #[test]
+    fn a_bare_pod_name_waits_for_the_kubeconfig_namespace() {
+        assert_eq!(pod_arg("web-1"), Ok((String::new(), "web-1".into())));
+        assert_eq!(pod_arg("shop/web-1"), Ok(("shop".into(), "web-1".into())));
+        assert!(pod_arg("Web_1").is_err());
+        assert!(pod_arg("shop/").is_err());
+    }
 
     #[test]
     fn interface_prefixes_are_a_comma_separated_list_like_felixs() {

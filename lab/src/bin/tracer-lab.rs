@@ -190,8 +190,9 @@ struct Outcome {
     dataplane: Dataplane,
     /// `Ok` if verify proved the fault (or, for healthy, its absence); the reason otherwise.
     reproduced: Result<(), String>,
-    /// Cause names reported, with the nodes that reported them.
-    reported: Vec<(String, Vec<String>)>,
+    /// Cause names reported, with the nodes that reported them and the pods, Services and
+    /// nodes the datastore names at the ends of their flows.
+    reported: Vec<Reported>,
     /// Agents whose diagnoses could not be read.
     agent_errors: Vec<String>,
 }
@@ -203,7 +204,7 @@ impl Outcome {
         }
         match self.scenario.expected_cause() {
             None => self.reported.is_empty(),
-            Some(c) => self.reported.iter().any(|(r, _)| r == c.as_str()),
+            Some(c) => self.reported.iter().any(|r| r.cause == c.as_str()),
         }
     }
 
@@ -211,7 +212,14 @@ impl Outcome {
         let mut parts: Vec<String> = self
             .reported
             .iter()
-            .map(|(c, nodes)| format!("{c} [{}]", nodes.join(",")))
+            .map(|r| {
+                let who = if r.names.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.names.join(", "))
+                };
+                format!("{} [{}]{who}", r.cause, r.nodes.join(","))
+            })
             .collect();
         parts.extend(self.agent_errors.iter().map(|n| format!("error on {n}")));
         if parts.is_empty() {
@@ -378,21 +386,29 @@ fn run_scenario(s: Scenario, dataplane: Dataplane, args: &RunArgs) -> Result<Out
     for n in &lab.nodes {
         let log = lab.dir.join(&format!("tracer-{}.log", n.name));
         println!(
-            "[lab] starting tracer agent on {} (ip netns exec {} {} agent --listen 127.0.0.1:{} --no-reply-timeout {}; log {})",
+            "[lab] starting tracer agent on {} (ip netns exec {} {} agent --listen 127.0.0.1:{} --no-reply-timeout {} --datastore-type etcdv3 --etcd-endpoints http://{} --nodename {}; log {})",
             n.name,
             n.netns.name(),
             args.tracer.display(),
             API_PORT,
             NO_REPLY_TIMEOUT,
+            lab.etcd_endpoint(),
+            n.name,
             log.display()
         );
+        // Identity from the lab's etcd, as calico-node reads it: flows and diagnoses name the
+        // lab's pods and nodes.
+        let etcd = format!("http://{}", lab.etcd_endpoint());
         agents.push(
-            Launch::with_args(&["--no-reply-timeout", NO_REPLY_TIMEOUT]).start(
-                &n.netns,
-                &format!("tracer agent on {}", n.name),
-                &args.tracer,
-                &log,
-            )?,
+            Launch::with_args(&["--no-reply-timeout", NO_REPLY_TIMEOUT])
+                .args(&["--datastore-type", "etcdv3", "--etcd-endpoints", &etcd])
+                .args(&["--nodename", &n.name])
+                .start(
+                    &n.netns,
+                    &format!("tracer agent on {}", n.name),
+                    &args.tracer,
+                    &log,
+                )?,
         );
     }
     println!("[lab] waiting for the agents' /healthz to say ready...");
@@ -429,7 +445,7 @@ fn run_scenario(s: Scenario, dataplane: Dataplane, args: &RunArgs) -> Result<Out
     );
     sleep_interruptible(Duration::from_secs(args.settle))?;
 
-    let mut reported: Vec<(String, Vec<String>)> = Vec::new();
+    let mut reported: Vec<Reported> = Vec::new();
     let mut agent_errors = Vec::new();
     println!();
     for (a, n) in agents.iter().zip(&lab.nodes) {
@@ -503,15 +519,43 @@ impl Stop {
     }
 }
 
-fn note_causes(reported: &mut Vec<(String, Vec<String>)>, node: &str, d: &NodeDiagnoses) {
+/// One reported cause of the summary.
+#[derive(Debug)]
+struct Reported {
+    cause: String,
+    nodes: Vec<String>,
+    /// `ns/pod -> service ns/name` for each cause group whose flow ends the datastore names.
+    names: Vec<String>,
+}
+
+fn push_unique(v: &mut Vec<String>, s: String) {
+    if !v.contains(&s) {
+        v.push(s);
+    }
+}
+
+fn note_causes(reported: &mut Vec<Reported>, node: &str, d: &NodeDiagnoses) {
     for c in d.cause_names() {
-        match reported.iter_mut().find(|(r, _)| r == c) {
-            Some((_, nodes)) => {
-                if !nodes.iter().any(|n| n == node) {
-                    nodes.push(node.to_string());
-                }
+        let r = match reported.iter().position(|r| r.cause == c) {
+            Some(i) => &mut reported[i],
+            None => {
+                reported.push(Reported {
+                    cause: c.to_string(),
+                    nodes: Vec::new(),
+                    names: Vec::new(),
+                });
+                let last = reported.len() - 1;
+                &mut reported[last]
             }
-            None => reported.push((c.to_string(), vec![node.to_string()])),
+        };
+        push_unique(&mut r.nodes, node.to_string());
+        for g in d.causes.iter().filter(|g| g.cause.as_str() == c) {
+            if let Some(e) = &g.endpoints {
+                push_unique(
+                    &mut r.names,
+                    format!("{} -> {}", e.src.label(), e.dst.label()),
+                );
+            }
         }
     }
 }

@@ -496,7 +496,7 @@ impl Cluster {
         let vteps = b.vteps();
         b.felix(&ns.nodes, &vteps, progress)?;
         let birds = b.birds(&ns.nodes, &dir, progress)?;
-        let datastore = b.datastore(&ns.external, &dir, progress)?;
+        let datastore = b.datastore(&ns.external, &dir, &pods, progress)?;
         let apiserver = TcpServer::start(
             &ns.external,
             SocketAddr::V4(SocketAddrV4::new(plan.external_ip, cfg.apiserver_port)),
@@ -993,12 +993,15 @@ impl Build<'_> {
         Ok(birds)
     }
 
-    /// etcd on the external host, loaded with Calico's keys for seed 001's 53 nodes, behind a delay
-    /// proxy when the config asks for one.
+    /// etcd on the external host, loaded with Calico's keys for seed 001's 53 nodes and for the
+    /// lab's own nodes and pods (a WorkloadEndpoint each, as the CNI plugin writes it), so an
+    /// agent with `DATASTORE_TYPE=etcdv3` names them; behind a delay proxy when the config asks
+    /// for one.
     fn datastore(
         &self,
         external: &Netns,
         dir: &LabDir,
+        pods: &[ClusterPod],
         progress: &mut dyn FnMut(&str),
     ) -> Result<Datastore, LabError> {
         let cfg = self.cfg;
@@ -1020,6 +1023,20 @@ impl Build<'_> {
         let hosts = startup::seed_001_hosts(startup::SEED_001_NODES);
         let mut kvs = startup::v3_layout(&hosts);
         kvs.extend(startup::v2_layout(&hosts));
+        for (_, n, p) in self.each_node() {
+            kvs.push(startup::calico_node(&n.name, &p.ip.to_string()));
+        }
+        for p in pods {
+            let node = &self.cfg.nodes[p.node].name;
+            kvs.push(startup::workload_endpoint(
+                node,
+                &p.pod.namespace,
+                &p.pod.name,
+                &p.pod.ip.to_string(),
+                &p.pod.veth,
+                &[("app", &p.pod.name)],
+            ));
+        }
         etcd.put_all(external, &kvs)?;
         let proxy = match cfg.datastore_delay {
             Some(delay) => {

@@ -589,8 +589,8 @@ fn read_events(
 }
 
 /// Starts the configured identity source in the background. A source that cannot even be
-/// configured (no kubeconfig, no in-cluster account) leaves identity on and stale, saying why:
-/// the data path never waits on it.
+/// configured yet (a kubeconfig not mounted yet, no in-cluster account) leaves identity on and
+/// stale, saying why, and is tried again with backoff: the data path never waits on it.
 async fn start_identity(shared: &Arc<Shared>, cfg: &crate::identity::IdentityConfig) {
     use crate::identity::{self, Identities};
     use tracer_model::identity::IdentitySource;
@@ -604,12 +604,25 @@ async fn start_identity(shared: &Arc<Shared>, cfg: &crate::identity::IdentityCon
         IdentitySource::Etcdv3 => {
             tokio::spawn(identity::etcd::run(ids, cfg.etcd_endpoints.clone()));
         }
-        IdentitySource::Kubernetes => match identity::kube::client(cfg).await {
-            Ok(client) => {
-                tokio::spawn(identity::kube::run(ids, client, cfg.nodename.clone()));
-            }
-            Err(e) => ids.failed("client", format!("kubernetes client: {e}")),
-        },
+        IdentitySource::Kubernetes => {
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                let mut delay = identity::MIN_BACKOFF;
+                loop {
+                    match identity::kube::client(&cfg).await {
+                        Ok(client) => {
+                            ids.cleared("client");
+                            return identity::kube::run(ids, client, cfg.nodename.clone()).await;
+                        }
+                        Err(e) => {
+                            ids.failed("client", format!("kubernetes client: {e}"));
+                            tokio::time::sleep(delay).await;
+                            delay = identity::backoff(delay);
+                        }
+                    }
+                }
+            });
+        }
         IdentitySource::Off => {}
     }
 }

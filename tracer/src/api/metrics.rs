@@ -258,6 +258,31 @@ pub fn exposition(c: &Census) -> String {
             histogram: None,
         });
         families.push(Family {
+            name: "tracer_diagnoses_by_workload_total",
+            help: "Flows diagnosed, by cause and the pod at either end (identity on): its \
+                   namespace and owning workload. At most 256 namespace/workload pairs get \
+                   their own labels; the rest count under \"_other\".",
+            kind: "counter",
+            samples: t
+                .by_workload
+                .iter()
+                .filter_map(|((c, ns, kind, name), n)| {
+                    let cause = Cause::ALL.get(*c as usize)?;
+                    Some((
+                        format!(
+                            "cause=\"{}\",namespace=\"{}\",workload_kind=\"{}\",workload=\"{}\"",
+                            label(cause.as_str()),
+                            label(ns),
+                            label(kind),
+                            label(name)
+                        ),
+                        *n as f64,
+                    ))
+                })
+                .collect(),
+            histogram: None,
+        });
+        families.push(Family {
             name: "tracer_time_to_diagnosis_seconds",
             help: "From a flow's first packet to the agent first diagnosing it.",
             kind: "histogram",

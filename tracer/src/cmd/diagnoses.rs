@@ -39,11 +39,12 @@ pub async fn run(args: DiagnosesArgs) -> Result<(), String> {
                     "{}",
                     render::sorted_json(&NodeDiagnoses { node, diagnoses: d })
                 ),
-                Output::Table => {
+                Output::Yaml => print!("{}", render::yaml(&NodeDiagnoses { node, diagnoses: d })),
+                Output::Table | Output::Wide => {
                     if agents.len() > 1 {
                         println!("== {node}");
                     }
-                    print!("{}", render::diagnoses(d));
+                    print!("{}", render::diagnoses(d, args.output == Output::Wide));
                 }
             },
             Err(e) => {

@@ -67,7 +67,17 @@ pub async fn run(args: FlowsArgs) -> Result<(), String> {
                 println!("{line}");
             }
         }
-        Output::Table => print!("{}", render::flows_table(&answer)),
+        Output::Yaml => {
+            for f in &answer.flows {
+                if answer.multi {
+                    print!("{}", render::yaml(f));
+                } else {
+                    print!("{}", render::yaml(&f.flow));
+                }
+            }
+        }
+        Output::Table => print!("{}", render::flows_table(&answer, false)),
+        Output::Wide => print!("{}", render::flows_table(&answer, true)),
     }
     for (agent, error) in &answer.unreachable {
         eprintln!("tracer: node {agent:?} did not answer: {error:?}");

@@ -21,14 +21,17 @@ pub async fn run(
     let is_pod = matches!(kind, "pod" | "po" | "pods");
     let (body, q, label) = match kind {
         _ if is_pod => {
-            let veth =
-                tracer::calico::veth_name_with_prefix(&args.iface_prefix, &args.namespace, name);
-            let pod = format!("{}/{name}", args.namespace);
+            let namespace = args
+                .namespace
+                .clone()
+                .unwrap_or_else(tracer::cli::kubectl_namespace);
+            let veth = tracer::calico::veth_name_with_prefix(&args.iface_prefix, &namespace, name);
+            let pod = format!("{namespace}/{name}");
             if let Some(ips) = local_pod_ips(&veth).await {
                 eprintln!("tracer: pod {pod} is on {veth} here ({ips})");
             }
             let q = FlowQuery {
-                pod: Some((args.namespace.clone(), name.to_string())),
+                pod: Some((namespace.clone(), name.to_string())),
                 ..FlowQuery::default()
             };
             (
@@ -57,11 +60,12 @@ pub async fn run(
     let ours = attached.how == AttachHow::OnDemand;
     let iface = attached.iface.clone();
     eprintln!("tracer: watching {label}; Ctrl-C to stop");
-    let color = std::io::stdout().is_terminal() && args.output == Output::Table;
+    let color =
+        std::io::stdout().is_terminal() && matches!(args.output, Output::Table | Output::Wide);
     let mut stream_agent = agent.clone();
     // A watch runs until stopped: no overall deadline on the stream.
     stream_agent.timeout = Duration::from_secs(3600 * 24 * 365);
-    let json_out = args.output == Output::Json;
+    let output = args.output;
     let follow = stream_agent.watch(&q, |line| {
         let f = match line {
             WatchLine::Heartbeat { .. } => return true,
@@ -75,11 +79,7 @@ pub async fn run(
         if !is_pod && !f.path.iter().any(|h| h.iface == iface) {
             return true;
         }
-        if json_out {
-            println!("{}", render::sorted_json(&f));
-        } else {
-            print!("{}", render::watch_line(&f, color));
-        }
+        print!("{}", render::watch_output(&f, output, color));
         true
     });
     let result = tokio::select! {

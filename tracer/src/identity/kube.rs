@@ -15,16 +15,32 @@ use tracer_model::identity::{Endpoint, NodeRef, PodRef, ServiceRef, Workload};
 
 use super::{backoff, parse_addr, Book, Identities, IdentityConfig, Kind, Object};
 
-/// The client: `--kubeconfig`/`KUBECONFIG` when given, else the in-cluster service account.
+/// The client: `--kubeconfig`/`KUBECONFIG` when given (a colon-separated list is merged as
+/// kubectl merges it: the first file to set a value wins), else the in-cluster service account.
 pub async fn client(cfg: &IdentityConfig) -> anyhow::Result<Client> {
     let config = match &cfg.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)?;
+        Some(list) => {
+            let kc = read_kubeconfigs(list.as_os_str())?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
         None => kube::Config::incluster()?,
     };
     Ok(Client::try_from(config)?)
+}
+
+/// Every file of a KUBECONFIG-style list, merged (kube-rs's own merge, as `Kubeconfig::read`
+/// does for the environment variable).
+pub fn read_kubeconfigs(list: &std::ffi::OsStr) -> anyhow::Result<kube::config::Kubeconfig> {
+    let mut merged: Option<kube::config::Kubeconfig> = None;
+    for path in std::env::split_paths(list).filter(|p| !p.as_os_str().is_empty()) {
+        let next = kube::config::Kubeconfig::read_from(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        merged = Some(match merged {
+            Some(m) => m.merge(next)?,
+            None => next,
+        });
+    }
+    merged.ok_or_else(|| anyhow::anyhow!("the kubeconfig list {list:?} names no file"))
 }
 
 /// Runs until the agent stops: merges the three watches into one book. An error marks the

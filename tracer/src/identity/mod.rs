@@ -241,6 +241,13 @@ impl Identities {
         }
     }
 
+    /// `part` works again without having read anything yet (the client could be built):
+    /// its error goes, the sync time stays.
+    pub fn cleared(&self, part: &'static str) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.errors.remove(part);
+    }
+
     /// `part` of the datastore failed: keep the view, say it is stale until that part answers.
     pub fn failed(&self, part: &'static str, error: String) {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());

@@ -16,7 +16,8 @@ use crate::{
 
 impl Shared {
     /// The query as a predicate over flows. The pod's veth name (a sha1) and the `since`
-    /// threshold are worked out once per query, not once per flow.
+    /// threshold are worked out once per query, not once per flow. `pod=` matches flows through
+    /// the pod's veth, and with identity on also flows with an address that was the pod's.
     pub(crate) fn matcher<'q>(&self, q: &'q FlowQuery, now_ns: u64) -> impl Fn(&Flow) -> bool + 'q {
         let veth = q.pod.as_ref().map(|(ns, name)| self.pod_veth(ns, name));
         let names = self.naming();
@@ -28,9 +29,12 @@ impl Shared {
         move |f: &Flow| {
             matches_tuple(q, f)
                 && f.last_ns >= since_ns
-                && veth
-                    .as_deref()
-                    .is_none_or(|v| f.hops.iter().any(|h| *h.iface.name == *v))
+                && veth.as_deref().is_none_or(|v| {
+                    f.hops.iter().any(|h| *h.iface.name == *v)
+                        || q.pod
+                            .as_ref()
+                            .is_some_and(|(ns, name)| names.is_pod(f, ns, name))
+                })
                 && names.matches(q, f)
         }
     }

@@ -4,7 +4,7 @@
 use std::{net::IpAddr, sync::Arc};
 
 use tracer_model::{
-    identity::{Endpoint, FlowEndpoints},
+    identity::{Endpoint, FlowEndpoints, PodRef},
     FlowQuery,
 };
 
@@ -66,16 +66,7 @@ impl Naming {
         if q.namespace.is_none() && q.selector.is_none() {
             return true;
         }
-        let ips = [
-            Some(f.src),
-            Some(f.dst),
-            f.nat.map(|n| n.src),
-            f.nat.map(|n| n.dst),
-        ];
-        ips.into_iter().flatten().any(|ip| {
-            let Some(e) = self.known(ip, f.first_ns) else {
-                return false;
-            };
+        self.any_endpoint(f, |e| {
             q.namespace
                 .as_deref()
                 .is_none_or(|ns| e.namespace() == Some(ns))
@@ -83,6 +74,44 @@ impl Naming {
                     .as_ref()
                     .is_none_or(|s| e.labels().is_some_and(|l| s.matches(l)))
         })
+    }
+
+    /// `pod=ns/name` through identity: some address of the flow (translated ones included)
+    /// was that pod's when the flow began. Finds the pod's flows that never cross its veth on
+    /// this node (a remote pod, or a Service's backend after DNAT). False while identity is off.
+    pub fn is_pod(&self, f: &Flow, namespace: &str, name: &str) -> bool {
+        self.any_endpoint(
+            f,
+            |e| matches!(e, Endpoint::Pod(p) if p.namespace == namespace && p.name == name),
+        )
+    }
+
+    /// The pod at the flow's ends (the source first, translated addresses last) when the
+    /// flow began: whose flow it is, for the metrics' namespace and workload labels.
+    pub fn pod_of(&self, f: &Flow) -> Option<&PodRef> {
+        self.known_endpoints(f).find_map(|e| match e {
+            Endpoint::Pod(p) => Some(p),
+            _ => None,
+        })
+    }
+
+    fn any_endpoint(&self, f: &Flow, pred: impl Fn(&Endpoint) -> bool) -> bool {
+        self.known_endpoints(f).any(pred)
+    }
+
+    /// What the datastore named the flow's addresses when it began: source, destination, then
+    /// the translated ones.
+    fn known_endpoints<'a>(&'a self, f: &Flow) -> impl Iterator<Item = &'a Endpoint> {
+        let at = f.first_ns;
+        [
+            Some(f.src),
+            Some(f.dst),
+            f.nat.map(|n| n.src),
+            f.nat.map(|n| n.dst),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(move |ip| self.known(ip, at))
     }
 
     /// `text` with each address the datastore names written as `name (address)`: a pod as
@@ -133,8 +162,8 @@ mod tests {
     use crate::identity::{Book, Kind, Object};
     use tracer_model::identity::{NodeRef, PodRef};
 
-    #[test]
-    fn diagnosis_text_names_pods_and_nodes() -> Result<(), std::net::AddrParseError> {
+    /// A book holding pod shop/web-1 at 10.244.1.10.
+    fn web_1_book() -> Result<Book, std::net::AddrParseError> {
         let mut book = Book::default();
         book.upsert(
             Kind::Pod,
@@ -150,6 +179,12 @@ mod tests {
                 })),
             },
         );
+        Ok(book)
+    }
+
+    #[test]
+    fn diagnosis_text_names_pods_and_nodes() -> Result<(), std::net::AddrParseError> {
+        let mut book = web_1_book()?;
         book.upsert(
             Kind::Node,
             "n".into(),
@@ -174,6 +209,43 @@ mod tests {
             local: None,
         };
         assert_eq!(off.name_text("10.244.1.10 x", now), "10.244.1.10 x");
+        Ok(())
+    }
+
+    #[test]
+    fn pod_filter_matches_an_address_that_was_the_pods_when_the_flow_began(
+    ) -> Result<(), std::net::AddrParseError> {
+        let pod_ip: IpAddr = "10.244.1.10".parse()?;
+        let book = web_1_book()?;
+        let n = Naming {
+            view: Some(Arc::new(book.view())),
+            local: None,
+        };
+        let now = crate::clock::mono_now_ns();
+        let flow = |src: IpAddr, dst: IpAddr| {
+            crate::flows::Flow::new(
+                1,
+                crate::flows::DirTuple {
+                    proto: tracer_common::PROTO_TCP,
+                    src,
+                    sport: 40000,
+                    dst,
+                    dport: 80,
+                },
+                now,
+            )
+        };
+        let other: IpAddr = "10.244.2.7".parse()?;
+        assert!(n.is_pod(&flow(other, pod_ip), "shop", "web-1"));
+        assert!(n.is_pod(&flow(pod_ip, other), "shop", "web-1"));
+        assert!(!n.is_pod(&flow(pod_ip, other), "shop", "web-2"));
+        assert!(!n.is_pod(&flow(pod_ip, other), "default", "web-1"));
+        assert!(!n.is_pod(&flow(other, other), "shop", "web-1"));
+        let off = Naming {
+            view: None,
+            local: None,
+        };
+        assert!(!off.is_pod(&flow(pod_ip, other), "shop", "web-1"));
         Ok(())
     }
 }

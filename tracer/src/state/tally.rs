@@ -4,13 +4,13 @@
 //! node, the drop-reason names, lost records). A scrape then costs what changed since the last
 //! tally, not a judgement of every flow.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, HashSet},
     time::{Duration, Instant},
 };
 
-use tracer_model::{Cause, Verdict};
+use tracer_model::{identity::PodRef, Cause, Verdict};
 
-use super::{lock, Shared, VISIT_CHUNK};
+use super::{lock, names::Naming, Shared, VISIT_CHUNK};
 use crate::{
     diagnose::{judge, next_change_ns, Context},
     flows::{Flow, FlowId},
@@ -97,7 +97,17 @@ pub struct TallyCounts {
     pub first_reply: Histogram,
     /// Full re-judgements so far (the expensive path), for the benchmark and the docs.
     pub full_passes: u64,
+    /// `diagnoses` by the pod at either end (identity on): (cause index, namespace, workload
+    /// kind, workload name) -> flows. At most [`MAX_WORKLOAD_LABELS`] (namespace, workload)
+    /// pairs; later ones count under [`OTHER_WORKLOAD`].
+    pub by_workload: BTreeMap<(u8, String, String, String), u64>,
 }
+
+/// Distinct (namespace, workload) label pairs `tracer_diagnoses_by_workload_total` carries:
+/// label cardinality is causes x this, whatever the cluster's pod churn.
+pub const MAX_WORKLOAD_LABELS: usize = 256;
+/// The label value of the pairs beyond [`MAX_WORKLOAD_LABELS`].
+pub const OTHER_WORKLOAD: &str = "_other";
 
 pub(crate) struct Tally {
     /// The flow table's version judged up to.
@@ -112,6 +122,8 @@ pub(crate) struct Tally {
     counts: TallyCounts,
     /// With a flow log: flows that settled, for it to write (each flow once: `Mark::settled`).
     settled: Option<Vec<FlowId>>,
+    /// The (namespace, workload) pairs given their own labels so far.
+    workloads: HashSet<(String, String)>,
 }
 
 impl Default for Tally {
@@ -130,8 +142,10 @@ impl Default for Tally {
                 time_to_diagnosis: Histogram::new(DIAGNOSIS_BUCKETS),
                 first_reply: Histogram::new(REPLY_BUCKETS),
                 full_passes: 0,
+                by_workload: BTreeMap::new(),
             },
             settled: None,
+            workloads: HashSet::new(),
         }
     }
 }
@@ -162,7 +176,29 @@ impl Tally {
         }
     }
 
-    fn judge(&mut self, f: &Flow, cx: &Context<'_>) {
+    /// A flow newly diagnosed with cause `c`, under the labels of the pod at its ends.
+    fn count_workload(&mut self, c: u8, pod: Option<&PodRef>) {
+        let Some(p) = pod else {
+            return;
+        };
+        let (kind, name) = match &p.workload {
+            Some(w) => (w.kind.clone(), w.name.clone()),
+            // A bare pod is its own workload.
+            None => ("Pod".to_string(), p.name.clone()),
+        };
+        let pair = (p.namespace.clone(), format!("{kind}/{name}"));
+        let labelled = self.workloads.contains(&pair)
+            || (self.workloads.len() < MAX_WORKLOAD_LABELS && self.workloads.insert(pair));
+        let key = if labelled {
+            (c, p.namespace.clone(), kind, name)
+        } else {
+            let other = OTHER_WORKLOAD.to_string();
+            (c, other.clone(), other.clone(), other)
+        };
+        *self.counts.by_workload.entry(key).or_default() += 1;
+    }
+
+    fn judge(&mut self, f: &Flow, cx: &Context<'_>, names: &Naming) {
         let j = judge(f, cx);
         let old = self.marks.get(&f.id).copied();
         let mut m = old.unwrap_or_default();
@@ -172,6 +208,7 @@ impl Tally {
             if m.counted & (1 << c) == 0 {
                 m.counted |= 1 << c;
                 self.counts.diagnoses[c as usize] += 1;
+                self.count_workload(c, names.pod_of(f));
             }
             if !m.diagnosed_once {
                 m.diagnosed_once = true;
@@ -232,6 +269,7 @@ impl Shared {
     /// call, or every flow when what judgements read changed. Called by the agent's tick and
     /// before each scrape; concurrent calls take turns.
     pub fn tally(&self) {
+        let names = self.naming();
         let mut t = lock(&self.tally);
         let basis = self.judgement_basis();
         let (version, changed) = {
@@ -252,7 +290,7 @@ impl Shared {
                     self.with_context(|cx, table| {
                         for id in chunk {
                             match table.get(*id) {
-                                Some(f) => t.judge(f, cx),
+                                Some(f) => t.judge(f, cx, &names),
                                 None => t.forget(*id),
                             }
                         }
@@ -264,7 +302,7 @@ impl Shared {
                 t.last_full = Some(Instant::now());
                 t.counts.full_passes += 1;
                 self.visit_chunked(|cx, f| {
-                    t.judge(f, cx);
+                    t.judge(f, cx, &names);
                     true
                 });
             }
@@ -333,6 +371,52 @@ mod tests {
         events::Dir,
         testutil::{obs, tcp},
     };
+
+    #[test]
+    fn workload_labels_are_bounded_whatever_the_pod_churn() {
+        let mut t = Tally::default();
+        let pod = |i: usize, owned: bool| PodRef {
+            namespace: format!("ns-{}", (i / 2) % 3),
+            name: format!("web-{i}"),
+            workload: owned.then(|| tracer_model::identity::Workload {
+                kind: "ReplicaSet".into(),
+                name: format!("web-{}", i / 2),
+            }),
+            node: None,
+            labels: Default::default(),
+        };
+        // Two pods per ReplicaSet share a label set; 1,000 bare pods are each their own.
+        for i in 0..8 {
+            t.count_workload(0, Some(&pod(i, true)));
+        }
+        t.count_workload(0, None);
+        let c = &t.counts.by_workload;
+        assert_eq!(c.len(), 4, "{c:?}");
+        assert!(c.values().all(|n| *n == 2), "{c:?}");
+        assert_eq!(c.values().sum::<u64>(), 8);
+        for i in 0..1000 {
+            t.count_workload(1, Some(&pod(i, false)));
+        }
+        let c = &t.counts.by_workload;
+        let labelled: HashSet<(&str, &str, &str)> = c
+            .keys()
+            .map(|(_, ns, kind, name)| (ns.as_str(), kind.as_str(), name.as_str()))
+            .filter(|(ns, _, _)| *ns != OTHER_WORKLOAD)
+            .collect();
+        assert!(labelled.len() <= MAX_WORKLOAD_LABELS, "{}", labelled.len());
+        let other = c
+            .get(&(
+                1,
+                OTHER_WORKLOAD.into(),
+                OTHER_WORKLOAD.into(),
+                OTHER_WORKLOAD.into(),
+            ))
+            .copied()
+            .unwrap_or(0);
+        // Every flow is counted once, labelled or not.
+        assert_eq!(c.values().sum::<u64>(), 1008);
+        assert!(other >= 1000 - MAX_WORKLOAD_LABELS as u64, "{other}");
+    }
 
     fn no_reply(c: &TallyCounts) -> u64 {
         let i = Verdict::ALL.iter().position(|v| *v == Verdict::NoReply);
