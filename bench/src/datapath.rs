@@ -287,16 +287,20 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
         (PROG_TRACEPOINT, "kfree_skb tracepoint, per kernel skb free"),
     ] {
         if let Some(&(ns, cnt)) = prog_ns.get(&t).filter(|(_, c)| *c > 0) {
-            rows.push(Row::new(
+            let row = Row::new(
                 SECTION,
                 format!(
-                    "run time of the agent's {what} (BPF stats, 2 s TCP + 2 s UDP, {} calls; \
-                     info)",
+                    "run time of the agent's {what} (BPF stats, 2 s TCP + 2 s UDP, {} calls)",
                     fmt_num(cnt as f64, "")
                 ),
                 ns as f64 / cnt as f64,
                 "ns",
-            ));
+            );
+            rows.push(if t == PROG_SCHED_CLS {
+                row.target(Target::AtMost(130.0), On::Value, "<= 130 ns")
+            } else {
+                row
+            });
         }
     }
     // The same programs without traffic or stats overhead: independent of load.
