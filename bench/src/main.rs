@@ -10,6 +10,7 @@ mod floor;
 mod memory;
 mod records;
 mod report;
+mod tccost;
 mod verdict;
 mod workload;
 
@@ -54,6 +55,10 @@ pub struct Opts {
     /// program's on the same frame.
     #[arg(long, value_name = "REPEAT", hide = true)]
     profile_tc: Option<u32>,
+    /// With --profile-tc: time this build of tracer-ebpf (an object file) instead of the
+    /// agent's own, for ablations.
+    #[arg(long, value_name = "PATH", hide = true)]
+    object: Option<PathBuf>,
     /// Profiling aid (no root): identity's cost on ingest and on a rendered /flows page, with
     /// a table of N synthetic flows, identity off and on.
     #[arg(long, value_name = "FLOWS", hide = true)]
@@ -118,7 +123,7 @@ fn source() -> String {
 }
 
 /// The 1-minute load average: anything else running on 2 cores shows up in every figure.
-fn load1() -> f64 {
+pub fn load1() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|t| t.split_whitespace().next()?.parse().ok())
@@ -276,20 +281,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if let Some(n) = opts.profile_tc {
-        return match records::time_tc(n) {
-            Ok(timings) => {
-                for t in timings {
-                    println!(
-                        "{}: median {:.0} ns per run (min {:.0}, max {:.0}; 5 x {n}); \
-                         empty-program floor {:.0} ns, ratio {:.2}",
-                        t.packet,
-                        t.median_ns,
-                        t.min_ns,
-                        t.max_ns,
-                        t.floor_ns,
-                        t.median_ns / t.floor_ns.max(1.0)
-                    );
-                }
+        return match tccost::measure(n, opts.object.as_deref()) {
+            Ok(r) => {
+                r.print();
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -181,58 +181,6 @@ pub fn ingest_in_process(flows: u64) -> (u64, f64) {
     (obs.len() as u64, t.elapsed().as_secs_f64())
 }
 
-/// The tc programs' average run time on one kind of packet of a flow they already know.
-pub struct TcTiming {
-    pub packet: &'static str,
-    /// Median, min and max of five BPF_PROG_TEST_RUN calls, in ns per run.
-    pub median_ns: f64,
-    pub min_ns: f64,
-    pub max_ns: f64,
-    /// Median of five runs of an empty tc program on the same frame (the test-run floor).
-    pub floor_ns: f64,
-}
-
-/// The programs' average run time (BPF_PROG_TEST_RUN) on packets of a flow they already know:
-/// a pure TCP ACK and a 64-byte UDP datagram, five runs of `repeat` each. Nothing is sent.
-pub fn time_tc(repeat: u32) -> Result<Vec<TcTiming>> {
-    let (mut hooks, _ring, _counters) = Hooks::load(0)?;
-    let base = workload::flow(2)[0];
-    let ack = Pkt {
-        flags: 0x10,
-        seq: 100,
-        ack: 200,
-        ..base
-    };
-    let udp = Pkt {
-        udp: true,
-        payload: 64 - 42,
-        ..base
-    };
-    let floor = crate::floor::Floor::load()?;
-    let mut out = Vec::new();
-    for (name, p) in [("tcp ack", ack), ("udp 64 B", udp)] {
-        let frame = workload::frame(&p);
-        // The first run creates the flow's state; time the ones that find it.
-        hooks.test_run(p.egress, &frame, 1)?;
-        let mut ns: Vec<f64> = (0..5)
-            .map(|_| Ok(hooks.time_run(p.egress, &frame, repeat)?.as_nanos() as f64))
-            .collect::<Result<_>>()?;
-        ns.sort_by(f64::total_cmp);
-        let mut floor_ns: Vec<f64> = (0..5)
-            .map(|_| floor.time(&frame, repeat))
-            .collect::<Result<_>>()?;
-        floor_ns.sort_by(f64::total_cmp);
-        out.push(TcTiming {
-            packet: name,
-            median_ns: ns[2],
-            min_ns: ns[0],
-            max_ns: ns[4],
-            floor_ns: floor_ns[2],
-        });
-    }
-    Ok(out)
-}
-
 pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     let (mut hooks, mut ring, counters) = Hooks::load(0)?;
     let mut rows = throughput(opts, &mut hooks, &mut ring, &counters)?;

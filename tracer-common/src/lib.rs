@@ -259,6 +259,11 @@ pub struct FlowState {
     pub pkts: u32,
     /// Highest TCP sequence end seen, to spot retransmissions.
     pub seq_end: u32,
+    /// The acknowledgment number of this direction's last TCP payload packet. While it stays
+    /// put the peer has sent nothing new, so a payload packet cannot be a turn and the turn map
+    /// is not consulted (bulk transfer: one map operation per packet instead of two).
+    pub turn_ack: u32,
+    pub _pad: u32,
 }
 
 // The kernel writes these bytes and the agent reads them: a size change is an ABI change.
@@ -269,7 +274,7 @@ const _: () = {
     assert!(size_of::<DropConf>() == 96);
     assert!(size_of::<FlowKey>() == 44);
     assert!(size_of::<ConvKey>() == 40);
-    assert!(size_of::<FlowState>() == 24);
+    assert!(size_of::<FlowState>() == 32);
 };
 
 // SAFETY: plain-old-data, u32 fields only; every bit pattern is valid.

@@ -198,7 +198,8 @@ pub fn l3l4<S: Source>(
 #[inline(always)]
 pub fn parse<S: Source>(ctx: &S, l3_device: bool, p: &mut PacketEvent) -> Result<(), Outcome> {
     clear(&mut p.outer);
-    clear(&mut p.inner);
+    // The inner tuple is cleared only where a tunnel is found: the agent reads it only when
+    // `encap` says there is one, and most packets have none.
     p.encap = Encapsulation::None as u8;
     p.vni = 0;
     let (l3, family) = if l3_device {
@@ -234,6 +235,7 @@ pub fn parse<S: Source>(ctx: &S, l3_device: bool, p: &mut PacketEvent) -> Result
         // A garbage inner frame leaves the outer record intact and is only counted.
         match l2(ctx, inner_l2) {
             Ok((inner_l3, inner_family)) => {
+                clear(&mut p.inner);
                 if l3l4(ctx, inner_l3, inner_family, &mut p.inner).is_ok() {
                     p.encap = Encapsulation::Vxlan as u8;
                 } else {
@@ -249,6 +251,7 @@ pub fn parse<S: Source>(ctx: &S, l3_device: bool, p: &mut PacketEvent) -> Result
         } else {
             Family::V6
         };
+        clear(&mut p.inner);
         if l3l4(ctx, l4, inner_family, &mut p.inner).is_ok() {
             p.encap = Encapsulation::Ipip as u8;
         } else {

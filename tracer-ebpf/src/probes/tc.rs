@@ -88,16 +88,23 @@ fn observe<const L3: bool>(ctx: &TcContext, dir: Direction) {
     let len = ctx.len();
     let seq_end = t.seq.wrapping_add(t.payload_len as u32);
 
-    // Tracked on every payload packet, whatever else decides to emit, so the state stays current.
-    let turn = t.proto == PROTO_TCP && t.payload_len > 0 && is_turn(t, ifindex);
+    // Turns are tracked on TCP payload packets, whatever else decides to emit, so the state
+    // stays current.
+    let payload = t.proto == PROTO_TCP && t.payload_len > 0;
 
     let (emit, pkts, bytes) = match FLOWS.get_ptr_mut(&key) {
         None => {
+            if payload {
+                // Records the side; the first record is emitted anyway.
+                is_turn(t, ifindex);
+            }
             let st = FlowState {
                 last_emit_ns: coarse,
                 bytes: 0,
                 pkts: 0,
                 seq_end,
+                turn_ack: t.ack,
+                _pad: 0,
             };
             let _ = FLOWS.insert(&key, &st, 0);
             (Some(EmitReason::First), 1u32, len as u64)
@@ -105,6 +112,12 @@ fn observe<const L3: bool>(ctx: &TcContext, dir: Direction) {
         Some(st) => {
             // Racy across CPUs by design: these are counters for a summary, not accounting.
             let st = unsafe { &mut *st };
+            // The peer's payload moves this side's acknowledgment on; while it stays put (bulk
+            // transfer one way) no turn can have happened, and the turn map is left alone.
+            let turn = payload && t.ack != st.turn_ack && is_turn(t, ifindex);
+            if payload {
+                st.turn_ack = t.ack;
+            }
             let pkts = st.pkts + 1;
             let bytes = st.bytes + len as u64;
             let mut emit = None;

@@ -14,6 +14,38 @@ use crate::{
     flows::{Flow, Sample},
 };
 
+/// One cause's flows in a `/diagnoses` answer.
+#[derive(Default)]
+struct Group {
+    count: u64,
+    first_ns: u64,
+    last_ns: u64,
+    examples: Vec<u64>,
+    /// Flows of the group whose records may be partial.
+    incomplete: u64,
+    /// The most recently active flow of the group: its diagnosis is the group's text.
+    latest_ns: Option<u64>,
+    latest_id: u64,
+}
+
+impl Group {
+    fn add(&mut self, f: &Flow, partial: bool) {
+        self.count += 1;
+        if partial {
+            self.incomplete += 1;
+        }
+        self.first_ns = if self.first_ns == 0 {
+            f.first_ns
+        } else {
+            self.first_ns.min(f.first_ns)
+        };
+        self.last_ns = self.last_ns.max(f.last_ns);
+        if self.examples.len() < 5 {
+            self.examples.push(f.id);
+        }
+    }
+}
+
 impl Shared {
     /// The query as a predicate over flows. The pod's veth name (a sha1) and the `since`
     /// threshold are worked out once per query, not once per flow. `pod=` matches flows through
@@ -86,19 +118,82 @@ impl Shared {
     }
 
     /// Faulty flows grouped by cause, plus what the node's configuration alone shows.
+    ///
+    /// The groups come from the tally's judgements (brought up to date first: only flows changed
+    /// or due since its last run are judged), and only each group's latest flow is judged again
+    /// for its text. While the tally is behind a change to what every judgement reads (a full
+    /// pass is held back for a few seconds), or a latest flow's cause moved since, every flow is
+    /// judged instead, as before.
     pub fn diagnoses(&self) -> DiagnosesAnswer {
-        #[derive(Default)]
-        struct Group {
-            count: u64,
-            first_ns: u64,
-            last_ns: u64,
+        self.tally();
+        let tally = lock(&self.tally);
+        if !tally.is_current(self.judgement_basis()) {
+            drop(tally);
+            return self.diagnoses_judging_all();
+        }
+        let mut groups: std::collections::BTreeMap<&'static str, (Cause, Group)> =
+            Default::default();
+        let mut judged = 0u64;
+        let mut incomplete = 0u64;
+        self.visit_chunked(|cx, f| {
+            judged += 1;
+            // A flow that arrived after the tally ran has no mark yet: judge it here.
+            let (cause, partial) = tally.diagnosis_of(f.id).unwrap_or_else(|| {
+                let j = judge(f, cx);
+                (j.diagnosis.map(|d| d.cause), j.lost_records > 0)
+            });
+            if partial {
+                incomplete += 1;
+            }
+            if let Some(cause) = cause {
+                let (_, g) = groups
+                    .entry(cause.as_str())
+                    .or_insert_with(|| (cause, Group::default()));
+                g.add(f, partial);
+                if g.latest_ns.is_none_or(|t| f.last_ns > t) {
+                    g.latest_ns = Some(f.last_ns);
+                    g.latest_id = f.id;
+                }
+            }
+            true
+        });
+        drop(tally);
+        let names = self.naming();
+        let mut latest = Vec::new();
+        let stale = self.with_context(|cx, table| {
+            for (cause, g) in groups.values() {
+                let Some(f) = table.get(g.latest_id) else {
+                    return true;
+                };
+                match judge(f, cx).diagnosis {
+                    Some(mut d) if d.cause == *cause => {
+                        d.summary = names.name_text(&d.summary, f.first_ns);
+                        latest.push((d, names.endpoints(f, cx.facts)));
+                    }
+                    _ => return true,
+                }
+            }
+            false
+        });
+        if stale {
+            return self.diagnoses_judging_all();
+        }
+        let groups = groups
+            .into_values()
+            .zip(latest)
+            .map(|((cause, g), (d, endpoints))| (cause, g, d, endpoints))
+            .collect();
+        self.diagnoses_answer(groups, judged, incomplete)
+    }
+
+    /// `/diagnoses` by judging every flow now.
+    pub(super) fn diagnoses_judging_all(&self) -> DiagnosesAnswer {
+        struct Judged {
+            group: Group,
             latest: Option<(u64, tracer_model::Diagnosis, Option<FlowEndpoints>)>,
-            examples: Vec<u64>,
-            /// Flows of the group whose records may be partial.
-            incomplete: u64,
         }
         // Keyed by wire name: causes with equal counts are listed alphabetically.
-        let mut groups: std::collections::BTreeMap<&'static str, (Cause, Group)> =
+        let mut groups: std::collections::BTreeMap<&'static str, (Cause, Judged)> =
             Default::default();
         let mut judged = 0u64;
         let mut incomplete = 0u64;
@@ -110,22 +205,16 @@ impl Shared {
                 incomplete += 1;
             }
             if let Some(d) = j.diagnosis {
-                let (_, g) = groups
-                    .entry(d.cause.as_str())
-                    .or_insert_with(|| (d.cause, Group::default()));
-                g.count += 1;
-                if j.lost_records > 0 {
-                    g.incomplete += 1;
-                }
-                g.first_ns = if g.first_ns == 0 {
-                    f.first_ns
-                } else {
-                    g.first_ns.min(f.first_ns)
-                };
-                g.last_ns = g.last_ns.max(f.last_ns);
-                if g.examples.len() < 5 {
-                    g.examples.push(f.id);
-                }
+                let (_, g) = groups.entry(d.cause.as_str()).or_insert_with(|| {
+                    (
+                        d.cause,
+                        Judged {
+                            group: Group::default(),
+                            latest: None,
+                        },
+                    )
+                });
+                g.group.add(f, j.lost_records > 0);
                 if g.latest.as_ref().is_none_or(|(t, _, _)| f.last_ns > *t) {
                     let mut d = d;
                     d.summary = names.name_text(&d.summary, f.first_ns);
@@ -134,23 +223,36 @@ impl Shared {
             }
             true
         });
+        let groups = groups
+            .into_values()
+            .filter_map(|(cause, j)| {
+                let (_, d, endpoints) = j.latest?;
+                Some((cause, j.group, d, endpoints))
+            })
+            .collect();
+        self.diagnoses_answer(groups, judged, incomplete)
+    }
+
+    fn diagnoses_answer(
+        &self,
+        groups: Vec<(Cause, Group, tracer_model::Diagnosis, Option<FlowEndpoints>)>,
+        judged: u64,
+        incomplete: u64,
+    ) -> DiagnosesAnswer {
         self.with_context(|cx, table| {
             let mut causes: Vec<CauseGroup> = groups
-                .into_values()
-                .filter_map(|(cause, g)| {
-                    let (_, d, endpoints) = g.latest?;
-                    Some(CauseGroup {
-                        cause,
-                        count: g.count,
-                        first_seen: self.clock.rfc3339(g.first_ns),
-                        last_seen: self.clock.rfc3339(g.last_ns),
-                        summary: d.summary,
-                        evidence: d.evidence,
-                        fix: d.fix,
-                        example_flows: g.examples,
-                        evidence_incomplete: g.incomplete,
-                        endpoints,
-                    })
+                .into_iter()
+                .map(|(cause, g, d, endpoints)| CauseGroup {
+                    cause,
+                    count: g.count,
+                    first_seen: self.clock.rfc3339(g.first_ns),
+                    last_seen: self.clock.rfc3339(g.last_ns),
+                    summary: d.summary,
+                    evidence: d.evidence,
+                    fix: d.fix,
+                    example_flows: g.examples,
+                    evidence_incomplete: g.incomplete,
+                    endpoints,
                 })
                 .collect();
             // Stable: equal counts keep the causes' wire-name order.

@@ -69,6 +69,8 @@ struct Mark {
     replied_once: bool,
     /// Handed to the flow log as settled already.
     settled: bool,
+    /// Records lost while the flow ran: its evidence may be incomplete.
+    incomplete: bool,
 }
 
 fn verdict_bit(v: Verdict) -> u16 {
@@ -204,6 +206,7 @@ impl Tally {
         let mut m = old.unwrap_or_default();
         m.verdicts = j.verdicts.iter().fold(0, |a, v| a | verdict_bit(*v));
         m.cause = j.diagnosis.as_ref().and_then(|d| cause_index(d.cause));
+        m.incomplete = j.lost_records > 0;
         if let Some(c) = m.cause {
             if m.counted & (1 << c) == 0 {
                 m.counted |= 1 << c;
@@ -238,6 +241,23 @@ impl Tally {
         };
     }
 
+    /// Whether the marks were judged on `basis` (a full pass may be held back after a change).
+    pub(super) fn is_current(&self, basis: (u64, u64)) -> bool {
+        self.basis == Some(basis)
+    }
+
+    /// Flow `id`'s cause and whether its evidence may be incomplete, as last judged; None for a
+    /// flow not judged yet.
+    pub(super) fn diagnosis_of(&self, id: FlowId) -> Option<(Option<Cause>, bool)> {
+        self.marks.get(&id).map(|m| {
+            (
+                m.cause
+                    .and_then(|c| Cause::ALL.get(usize::from(c)).copied()),
+                m.incomplete,
+            )
+        })
+    }
+
     /// Flows that settled since the last call (with a flow log).
     pub(super) fn take_settled(&mut self) -> Vec<FlowId> {
         self.settled
@@ -257,7 +277,7 @@ impl Tally {
 impl Shared {
     /// What every judgement reads, as a value that changes with it: the node and drop-reason
     /// generation, and the records lost.
-    fn judgement_basis(&self) -> (u64, u64) {
+    pub(super) fn judgement_basis(&self) -> (u64, u64) {
         (
             self.judgement_gen
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -460,6 +480,36 @@ mod tests {
             again.full_passes, 1,
             "only the first tally judged every flow"
         );
+    }
+
+    #[test]
+    fn diagnoses_from_the_tally_equal_judging_every_flow() {
+        let shared = crate::state::tests::unanswered(3 * VISIT_CHUNK as u32 + 5);
+        // The first call's tally judges every flow; the answer is then read from its marks.
+        let fast = shared.diagnoses();
+        let passes = shared.tally_counts().full_passes;
+        assert_eq!(fast, shared.diagnoses_judging_all());
+        assert!(!fast.causes.is_empty(), "{fast:?}");
+        // Flows that arrived since the last tally are judged on the spot, and the next answer
+        // still equals a full judgement without another full pass.
+        let batch: Vec<_> = (0..7u32)
+            .map(|i| {
+                let p = tcp(
+                    "10.244.1.12",
+                    3000 + i as u16,
+                    "10.96.7.7",
+                    443,
+                    0x02,
+                    9_000 + i,
+                    0,
+                );
+                obs(9_000 + u64::from(i), 5, Dir::Ingress, p)
+            })
+            .collect();
+        shared.ingest(&batch, 0);
+        let again = shared.diagnoses();
+        assert_eq!(again, shared.diagnoses_judging_all());
+        assert_eq!(shared.tally_counts().full_passes, passes);
     }
 
     #[test]
