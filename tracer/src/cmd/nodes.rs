@@ -54,6 +54,9 @@ pub async fn targets(scope: &Scope<'_>) -> Result<(Vec<Target>, bool), String> {
             .collect()
     };
     if !scope.agents.is_empty() {
+        if scope.node.is_some() {
+            return Err("--node picks among the agents the API server lists, not --agents".into());
+        }
         return Ok((direct(scope.agents.to_vec(), conn.token()?), true));
     }
     match conn.via(false) {
@@ -111,7 +114,8 @@ pub async fn targets(scope: &Scope<'_>) -> Result<(Vec<Target>, bool), String> {
                     agent: cluster.agent(p, token.clone()),
                 })
                 .collect();
-            Ok((targets, scope.all_nodes))
+            // Answers through the API server always name their node.
+            Ok((targets, true))
         }
     }
 }
