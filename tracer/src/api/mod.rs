@@ -611,8 +611,14 @@ fn parse_attach(body: &[u8]) -> Result<(AttachTarget, Duration), String> {
     };
     let ttl = match obj.remove("ttl_seconds") {
         None => defaults::LEASE_TTL_SECONDS,
+        // JSON numbers: 30 and 30.0 are the same integer.
         Some(t) => t
             .as_u64()
+            .or_else(|| {
+                t.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u32::MAX as f64)
+                    .map(|f| f as u64)
+            })
             .filter(|t| (1..=defaults::MAX_LEASE_TTL_SECONDS).contains(t))
             .ok_or_else(|| {
                 format!(
