@@ -989,6 +989,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pods_proxy_urls_as_the_apiserver_takes_them() {
+        let Some(Route::PodProxy {
+            namespace,
+            pod,
+            port,
+            path,
+        }) = route("/api/v1/namespaces/kube-system/pods/tracer-x:9464/proxy/attach/3/leases/1")
+        else {
+            panic!("not a pods/proxy route");
+        };
+        assert_eq!(
+            (
+                namespace.as_str(),
+                pod.as_str(),
+                port.as_deref(),
+                path.as_str()
+            ),
+            (
+                "kube-system",
+                "tracer-x",
+                Some("9464"),
+                "/attach/3/leases/1"
+            )
+        );
+        let Some(Route::PodProxy { port, path, .. }) =
+            route("/api/v1/namespaces/ns/pods/web/proxy")
+        else {
+            panic!("not a pods/proxy route");
+        };
+        assert_eq!((port, path.as_str()), (None, "/"));
+        assert!(matches!(
+            route("/api/v1/namespaces/kube-system/secrets/tracer-token"),
+            Some(Route::Object {
+                plural: "secrets",
+                ..
+            })
+        ));
+        assert!(route("/api/v1/namespaces/ns/bogus/x").is_none());
+    }
+
+    #[test]
     fn selectors_and_escapes() {
         assert_eq!(unescape("spec.nodeName%3Dnode-a"), "spec.nodeName=node-a");
         assert_eq!(unescape("app+in+%28a%2Cb%29"), "app in (a,b)");

@@ -852,6 +852,23 @@ pub fn error(status: StatusCode, msg: &str) -> Response<Body> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn attach_bodies_carry_a_lease_time_to_live() {
+        let ttl = |body: &str| parse_attach(body.as_bytes()).map(|(_, t)| t.as_secs());
+        assert_eq!(ttl(r#"{"pod": "ns/web"}"#), Ok(defaults::LEASE_TTL_SECONDS));
+        assert_eq!(ttl(r#"{"pod": "ns/web", "ttl_seconds": 5}"#), Ok(5));
+        assert_eq!(ttl(r#"{"iface": "eth0", "ttl_seconds": 5.0}"#), Ok(5));
+        for bad in [
+            r#"{"pod": "ns/web", "ttl_seconds": 0}"#,
+            r#"{"pod": "ns/web", "ttl_seconds": 3601}"#,
+            r#"{"pod": "ns/web", "ttl_seconds": "5"}"#,
+            r#"{"pod": "ns/web", "ttl_seconds": 1.5}"#,
+            r#"{"ttl_seconds": 5}"#,
+        ] {
+            assert!(ttl(bad).is_err(), "{bad}");
+        }
+    }
+
     /// `v` without the waits measured up to now (they differ between two answers).
     fn timeless(mut v: Value) -> Value {
         fn strip(v: &mut Value) {
