@@ -2,8 +2,8 @@
 //! node and that node's agent pod, read the agents' token from its Secret, and talk to the
 //! agents through the API server's pods/proxy subresource ([`Agent::through_api_server`]).
 //! Everything goes through kube-rs with the kubeconfig's credentials; RBAC needs `get` on
-//! `pods` (the watched pod), `list` on the agents' pods, `get`/`create` on `pods/proxy` and
-//! `get` on the one Secret.
+//! `pods` (the watched pod), `list` on the agents' pods, `get`/`create`/`update`/`delete` on
+//! `pods/proxy` (the verbs of GET, POST, PUT, DELETE) and `get` on the one Secret.
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
