@@ -198,7 +198,7 @@ fn on_demand_attach_and_detach() -> TestResult {
     assert!(f.path.iter().all(|h| h.iface == lab.pod.veth), "{f:?}");
 
     // A second client holds the same attachment: the first one letting go keeps it attached.
-    let again = agent.attach(&lab.node, &AttachRequest::Pod { pod })?;
+    let again = agent.attach(&lab.node, &AttachRequest::Pod { pod: pod.clone() })?;
     assert_eq!(again.id, id, "{again:?}");
     // Wire format: the status of DELETE itself.
     let r = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
@@ -212,6 +212,45 @@ fn on_demand_attach_and_detach() -> TestResult {
     assert_eq!(attached(&agent)?, 0);
     let r = agent.request(&lab.node, "DELETE", &format!("/attach/{id}"), None, &[])?;
     assert_eq!(r.status, 404);
+
+    // Every hold is a lease: renewed with PUT, let go with DELETE, lapsed after its time to
+    // live when nobody renews it.
+    let body = format!("{{\"pod\": \"{pod}\", \"ttl_seconds\": 2}}");
+    let (s, v) = request_json(&agent, &lab.node, "POST", "/attach", Some(&body), &[])?;
+    assert_eq!(
+        (s, v["lease"]["ttl_seconds"].as_u64()),
+        (201, Some(2)),
+        "{v:?}"
+    );
+    let lease = v["lease"]["id"].as_u64().ok_or("no lease id")?;
+    let path = format!("/attach/{id}/leases/{lease}");
+    let (s, v) = request_json(&agent, &lab.node, "PUT", &path, None, &[])?;
+    assert_eq!((s, v["lease"]["id"].as_u64()), (200, Some(lease)), "{v:?}");
+    assert_eq!(
+        agent.request(&lab.node, "DELETE", &path, None, &[])?.status,
+        204
+    );
+    assert_eq!(attached(&agent)?, 0);
+    assert_eq!(
+        agent.request(&lab.node, "PUT", &path, None, &[])?.status,
+        404
+    );
+    assert_eq!(
+        agent.request(&lab.node, "POST", &path, None, &[])?.status,
+        405
+    );
+    let (s, v) = request_json(&agent, &lab.node, "POST", "/attach", Some(&body), &[])?;
+    assert_eq!(s, 201, "{v:?}");
+    let taken = Instant::now();
+    let lapsed =
+        tracer_lab::daemon::poll(Duration::from_secs(6), Duration::from_millis(100), || {
+            (attached(&agent).ok()? == 0).then(|| taken.elapsed())
+        })
+        .ok_or("an unrenewed lease never lapsed")?;
+    assert!(
+        lapsed >= Duration::from_millis(1500),
+        "lapsed after {lapsed:?}"
+    );
     Ok(())
 }
 
@@ -277,6 +316,7 @@ fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
     let agent = on_demand_agent(&lab)?;
     // No -n: the namespace comes from the kubeconfig's current context as kubectl takes it,
     // here from the first file of a colon-separated KUBECONFIG (the cluster is in the second).
+    // On the node, `--via direct`: the local agent, not the API server.
     let dir = std::env::temp_dir().join(format!("tracer-watch-kubeconfig-{}", lab.prefix));
     std::fs::create_dir_all(&dir)?;
     let (contexts, clusters) = (dir.join("contexts"), dir.join("clusters"));
@@ -301,7 +341,7 @@ fn tracer_watch_pod_attaches_streams_and_detaches() -> TestResult {
             "watch",
         ])
         .arg(format!("pod/{}", lab.pod.name))
-        .args(["-o", "json"])
+        .args(["-o", "json", "--via", "direct"])
         .env("KUBECONFIG", &kubeconfig)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

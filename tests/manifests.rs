@@ -157,6 +157,26 @@ fn token_secret_generates_the_secret_the_pods_mount() -> TestResult {
         pod["volumes"][0]["secret"]["items"][0]["key"].as_str(),
         Some("token")
     );
+    // `kubectl tracer` finds the agents and their token by the names tracer-model defines.
+    use tracer_model::defaults;
+    assert_eq!(s["metadata"]["name"].as_str(), Some(defaults::TOKEN_SECRET));
+    assert_eq!(
+        s["metadata"]["namespace"].as_str(),
+        Some(defaults::NAMESPACE)
+    );
+    assert!(s["data"][defaults::TOKEN_SECRET_KEY].as_str().is_some());
+    let ds = find(&docs, "DaemonSet");
+    let labels = &ds.first().ok_or("no DaemonSet")?["spec"]["template"]["metadata"]["labels"];
+    let (key, value) = defaults::AGENT_SELECTOR
+        .split_once('=')
+        .ok_or("AGENT_SELECTOR is key=value")?;
+    assert_eq!(labels[key].as_str(), Some(value), "{labels:?}");
+    let ports = &pod["containers"][0]["ports"][0];
+    assert_eq!(ports["name"].as_str(), Some("http"));
+    assert_eq!(
+        ports["containerPort"].as_i64(),
+        Some(i64::from(defaults::API_PORT))
+    );
     Ok(())
 }
 

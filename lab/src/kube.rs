@@ -14,11 +14,21 @@
 //! - an expired `resourceVersion` (older than the last compaction) answers an `ERROR` event
 //!   carrying a 410 `Status` with reason `Expired`, as the apiserver does, so clients relist.
 //!
-//! Routes are one table ([`Route`]), so pods/proxy and Secrets can be added as further rows.
+//! - GET of one object (`/api/v1/namespaces/<ns>/<plural>/<name>`), a 404 `Status` when absent;
+//!   Secrets carry their `data` base64-encoded, as the API serves them;
+//! - the pods/proxy subresource, `/api/v1/namespaces/<ns>/pods/<name>[:<port>]/proxy/<path>?<query>`
+//!   (port a number or a container port's name; none is 80): the request goes on to the pod's
+//!   `status.podIP` with the prefix removed and the answer streams back as it comes, chunked
+//!   NDJSON included. As the apiserver's authentication filter does, the caller's
+//!   `Authorization` is removed before the request is passed on, so the backend never sees
+//!   the client's credentials; other headers pass. An unreachable pod is a 503 `Status`.
+//!
+//! Routes are one table ([`Route`]).
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, ErrorKind, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Condvar, Mutex, MutexGuard,
@@ -33,10 +43,11 @@ use tracer_model::identity::Selector;
 use crate::{netns::Netns, LabError};
 
 /// The kinds the stand-in serves: (plural, kind, namespaced).
-const KINDS: [(&str, &str, bool); 3] = [
+const KINDS: [(&str, &str, bool); 4] = [
     ("pods", "Pod", true),
     ("services", "Service", true),
     ("nodes", "Node", false),
+    ("secrets", "Secret", true),
 ];
 
 /// Objects, their resourceVersions and the event history watches replay from.
@@ -172,15 +183,37 @@ pub struct KubeStandin {
 }
 
 impl KubeStandin {
+    /// Serves on `addr` inside `ns`; pods/proxy connects to pods from `ns` too.
     pub fn start(ns: &Netns, addr: SocketAddr, store: Arc<Store>) -> Result<KubeStandin, LabError> {
         let listener = ns.listen(addr, "kube stand-in")?;
+        KubeStandin::start_on(listener, store, Some(ns.path()))
+    }
+
+    /// Serves on `listener` (non-blocking; e.g. on the test's own loopback, where a client
+    /// outside every lab namespace reaches it). pods/proxy opens its connections to pods from
+    /// the namespace at `proxy_netns` (its bind mount, e.g. a lab host on the nodes' LAN), or
+    /// from this process's namespace when `None`.
+    pub fn start_on(
+        listener: TcpListener,
+        store: Arc<Store>,
+        proxy_netns: Option<PathBuf>,
+    ) -> Result<KubeStandin, LabError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| LabError::io("the stand-in's address", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let bookmark_every = Duration::from_secs(1);
         let thread = {
             let stop = Arc::clone(&stop);
+            let server = Server {
+                store,
+                stop,
+                bookmarks: bookmark_every,
+                proxy_netns,
+            };
             std::thread::Builder::new()
                 .name(format!("kube-standin-{addr}"))
-                .spawn(move || accept(listener, store, stop, bookmark_every))
+                .spawn(move || accept(listener, Arc::new(server)))
                 .map_err(|e| LabError::io("spawning the stand-in", e))?
         };
         Ok(KubeStandin {
@@ -216,7 +249,16 @@ impl Drop for KubeStandin {
     }
 }
 
-fn accept(listener: TcpListener, store: Arc<Store>, stop: Arc<AtomicBool>, bookmarks: Duration) {
+/// What every connection of one stand-in shares.
+struct Server {
+    store: Arc<Store>,
+    stop: Arc<AtomicBool>,
+    bookmarks: Duration,
+    proxy_netns: Option<PathBuf>,
+}
+
+fn accept(listener: TcpListener, server: Arc<Server>) {
+    let (store, stop) = (Arc::clone(&server.store), Arc::clone(&server.stop));
     let mut conns: Vec<(TcpStream, JoinHandle<()>)> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -225,10 +267,10 @@ fn accept(listener: TcpListener, store: Arc<Store>, stop: Arc<AtomicBool>, bookm
                 let Ok(mine) = stream.try_clone() else {
                     continue;
                 };
-                let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+                let server = Arc::clone(&server);
                 if let Ok(t) = std::thread::Builder::new()
                     .name("kube-standin-conn".into())
-                    .spawn(move || serve(stream, &store, &stop, bookmarks))
+                    .spawn(move || serve(stream, &server))
                 {
                     conns.push((mine, t));
                 }
@@ -248,10 +290,15 @@ fn accept(listener: TcpListener, store: Arc<Store>, stop: Arc<AtomicBool>, bookm
     }
 }
 
-/// One parsed request line.
+/// One parsed request.
 struct Request {
+    method: String,
     path: String,
+    /// The query string as sent (pods/proxy passes it on untouched).
+    raw_query: String,
     query: BTreeMap<String, String>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
 }
 
 /// What a path asks for.
@@ -260,6 +307,19 @@ enum Route {
     Collection {
         plural: &'static str,
         namespace: Option<String>,
+    },
+    /// GET of one object.
+    Object {
+        plural: &'static str,
+        namespace: String,
+        name: String,
+    },
+    /// pods/proxy: `port` as given (a number, a port name, or none), `path` after `proxy`.
+    PodProxy {
+        namespace: String,
+        pod: String,
+        port: Option<String>,
+        path: String,
     },
 }
 
@@ -280,22 +340,53 @@ fn route(path: &str) -> Option<Route> {
             plural: find(plural, true)?,
             namespace: Some(ns.to_string()),
         }),
+        ["api", "v1", "namespaces", ns, "pods", target, "proxy", rest @ ..] => {
+            let (pod, port) = match target.split_once(':') {
+                Some((pod, port)) => (pod, Some(port.to_string())),
+                None => (*target, None),
+            };
+            Some(Route::PodProxy {
+                namespace: ns.to_string(),
+                pod: pod.to_string(),
+                port,
+                path: format!("/{}", rest.join("/")),
+            })
+        }
+        ["api", "v1", "namespaces", ns, plural, name] => Some(Route::Object {
+            plural: find(plural, true)?,
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        }),
         _ => None,
     }
 }
 
 /// Keep-alive: requests are served one after another on the connection until it closes.
-fn serve(stream: TcpStream, store: &Store, stop: &AtomicBool, bookmarks: Duration) {
+fn serve(stream: TcpStream, server: &Server) {
     let Ok(write) = stream.try_clone() else {
         return;
     };
+    let (store, stop) = (&*server.store, &*server.stop);
     let mut w = write;
     let mut r = BufReader::new(stream);
     while !stop.load(Ordering::Relaxed) {
         let Some(req) = read_request(&mut r) else {
             return;
         };
-        let keep = match route(&req.path) {
+        let route = route(&req.path);
+        if req.method != "GET" && !matches!(route, Some(Route::PodProxy { .. })) {
+            // Tests write through the Store; the stand-in serves reads only.
+            if !status(
+                &mut w,
+                405,
+                "MethodNotAllowed",
+                &format!("{} is not supported by the stand-in", req.method),
+            ) {
+                return;
+            }
+            continue;
+        }
+        let keep = match route {
             Some(Route::Collection { plural, namespace }) => collection(
                 &mut w,
                 store,
@@ -303,7 +394,26 @@ fn serve(stream: TcpStream, store: &Store, stop: &AtomicBool, bookmarks: Duratio
                 plural,
                 namespace.as_deref(),
                 &req,
-                bookmarks,
+                server.bookmarks,
+            ),
+            Some(Route::Object {
+                plural,
+                namespace,
+                name,
+            }) => object(&mut w, store, plural, &namespace, &name),
+            Some(Route::PodProxy {
+                namespace,
+                pod,
+                port,
+                path,
+            }) => pod_proxy(
+                &mut w,
+                server,
+                &namespace,
+                &pod,
+                port.as_deref(),
+                &path,
+                &req,
             ),
             None => status(
                 &mut w,
@@ -326,8 +436,10 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
     if r.read_line(&mut line).ok()? == 0 {
         return None;
     }
-    let target = line.split_whitespace().nth(1)?.to_string();
-    // Headers: read and ignored (GET only, no body).
+    let mut words = line.split_whitespace();
+    let method = words.next()?.to_string();
+    let target = words.next()?.to_string();
+    let mut headers = Vec::new();
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).ok()? == 0 {
@@ -336,13 +448,178 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
         if h == "\r\n" || h == "\n" {
             break;
         }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
     }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    // Bodies come with a Content-Length (the clients here send nothing chunked).
+    let len: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len.min(1 << 20)];
+    std::io::Read::read_exact(r, &mut body).ok()?;
     let (path, q) = target.split_once('?').unwrap_or((&target, ""));
     let query = form_pairs(q);
     Some(Request {
+        method,
         path: path.to_string(),
+        raw_query: q.to_string(),
         query,
+        headers,
+        body,
     })
+}
+
+/// GET of one object, as stored (Secrets' `data` is base64 already).
+fn object(w: &mut TcpStream, store: &Store, plural: &str, namespace: &str, name: &str) -> bool {
+    let key = (plural.to_string(), namespace.to_string(), name.to_string());
+    let found = store.lock().objects.get(&key).cloned();
+    match found {
+        Some(obj) => respond(w, 200, &obj.to_string()),
+        None => status(
+            w,
+            404,
+            "NotFound",
+            &format!("{plural} \"{name}\" not found"),
+        ),
+    }
+}
+
+/// Headers a proxy never passes on: hop-by-hop ones (RFC 9110 7.6.1), the ones it sets itself,
+/// and `Authorization`, which the apiserver's authentication filter deletes.
+const NOT_PASSED_ON: [&str; 7] = [
+    "authorization",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// pods/proxy: the request goes on to the pod's IP and the answer streams back byte for byte
+/// until the pod closes (the answer is framed by the pod; the connection is not reused).
+fn pod_proxy(
+    w: &mut TcpStream,
+    server: &Server,
+    namespace: &str,
+    pod: &str,
+    port: Option<&str>,
+    path: &str,
+    req: &Request,
+) -> bool {
+    let key = ("pods".to_string(), namespace.to_string(), pod.to_string());
+    let Some(obj) = server.store.lock().objects.get(&key).cloned() else {
+        return status(w, 404, "NotFound", &format!("pods \"{pod}\" not found"));
+    };
+    let port: Option<u16> = match port {
+        None => Some(80),
+        Some(p) => p.parse().ok().or_else(|| {
+            obj["spec"]["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+                .find(|cp| cp["name"].as_str() == Some(p))
+                .and_then(|cp| cp["containerPort"].as_u64())
+                .and_then(|p| u16::try_from(p).ok())
+        }),
+    };
+    let ip = obj["status"]["podIP"]
+        .as_str()
+        .and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+    let (Some(ip), Some(port)) = (ip, port) else {
+        return status(
+            w,
+            503,
+            "ServiceUnavailable",
+            &format!("pod {namespace}/{pod} has no address or no such port"),
+        );
+    };
+    let addr = SocketAddr::new(ip, port);
+    let mut backend = match connect_from(server.proxy_netns.as_deref(), addr) {
+        Ok(b) => b,
+        Err(e) => {
+            return status(
+                w,
+                503,
+                "ServiceUnavailable",
+                &format!("error trying to reach service: dial tcp {addr}: {e}"),
+            )
+        }
+    };
+    let target = if req.raw_query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", req.raw_query)
+    };
+    let mut head = format!(
+        "{} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n",
+        req.method
+    );
+    for (k, v) in &req.headers {
+        if !NOT_PASSED_ON.contains(&k.to_ascii_lowercase().as_str()) {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", req.body.len()));
+    if backend
+        .write_all(head.as_bytes())
+        .and_then(|_| backend.write_all(&req.body))
+        .is_err()
+    {
+        return status(
+            w,
+            503,
+            "ServiceUnavailable",
+            &format!("writing to {addr} failed"),
+        );
+    }
+    // Short reads, so a stopping stand-in is noticed between an agent's heartbeats.
+    let _ = backend.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if server.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        match std::io::Read::read(&mut backend, &mut buf) {
+            Ok(0) => return false,
+            Ok(n) => {
+                if w.write_all(&buf[..n]).and_then(|_| w.flush()).is_err() {
+                    // The client went away: so does the pod's end.
+                    return false;
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A TCP connection to `addr` opened from the namespace at `netns` (a dedicated thread enters
+/// it; the socket stays there).
+fn connect_from(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let timeout = Duration::from_secs(3);
+    let Some(netns) = netns else {
+        return TcpStream::connect_timeout(&addr, timeout);
+    };
+    let file = std::fs::File::open(netns)?;
+    std::thread::spawn(move || {
+        // SAFETY: plain system call on a valid, open descriptor; it only changes the network
+        // namespace of this short-lived thread.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        TcpStream::connect_timeout(&addr, timeout)
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("connect thread panicked")))
 }
 
 fn form_pairs(q: &str) -> BTreeMap<String, String> {
@@ -604,6 +881,8 @@ fn respond(w: &mut TcpStream, code: u16, body: &str) -> bool {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     w.write_all(
@@ -674,9 +953,81 @@ pub fn node(name: &str, internal_ip: &str) -> Value {
     })
 }
 
+/// A tracer agent pod of deploy/'s DaemonSet: host network (its IP is the node's), labelled
+/// `app.kubernetes.io/name=tracer`, its API on the container port named `http`.
+pub fn agent_pod(namespace: &str, name: &str, node: &str, node_ip: &str, port: u16) -> Value {
+    json!({
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": "tracer"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "tracer",
+                "uid": "00000000-0000-4000-8000-0000000000bb", "controller": true,
+                "blockOwnerDeletion": true}]},
+        "spec": {"nodeName": node, "hostNetwork": true, "serviceAccountName": "tracer",
+            "containers": [{"name": "tracer", "image": "tracer:latest",
+                "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}]}]},
+        "status": {"phase": "Running", "podIP": node_ip, "podIPs": [{"ip": node_ip}],
+            "hostIP": node_ip},
+    })
+}
+
+/// An Opaque Secret; the API serves `data` values base64-encoded.
+pub fn secret(namespace: &str, name: &str, data: &[(&str, &[u8])]) -> Value {
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(crate::http::base64_encode(v))))
+        .collect();
+    json!({
+        "kind": "Secret", "apiVersion": "v1", "type": "Opaque",
+        "metadata": {"name": name, "namespace": namespace},
+        "data": data,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pods_proxy_urls_as_the_apiserver_takes_them() {
+        let Some(Route::PodProxy {
+            namespace,
+            pod,
+            port,
+            path,
+        }) = route("/api/v1/namespaces/kube-system/pods/tracer-x:9464/proxy/attach/3/leases/1")
+        else {
+            panic!("not a pods/proxy route");
+        };
+        assert_eq!(
+            (
+                namespace.as_str(),
+                pod.as_str(),
+                port.as_deref(),
+                path.as_str()
+            ),
+            (
+                "kube-system",
+                "tracer-x",
+                Some("9464"),
+                "/attach/3/leases/1"
+            )
+        );
+        let Some(Route::PodProxy { port, path, .. }) =
+            route("/api/v1/namespaces/ns/pods/web/proxy")
+        else {
+            panic!("not a pods/proxy route");
+        };
+        assert_eq!((port, path.as_str()), (None, "/"));
+        assert!(matches!(
+            route("/api/v1/namespaces/kube-system/secrets/tracer-token"),
+            Some(Route::Object {
+                plural: "secrets",
+                ..
+            })
+        ));
+        assert!(route("/api/v1/namespaces/ns/bogus/x").is_none());
+    }
 
     #[test]
     fn selectors_and_escapes() {

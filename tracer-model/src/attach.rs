@@ -21,6 +21,19 @@ pub struct Attached {
     pub ifindex: u32,
     pub role: Role,
     pub how: AttachHow,
+    /// The hold this request took on an on-demand attachment; `None` when the interface was
+    /// attached automatically (nothing is held).
+    pub lease: Option<Lease>,
+}
+
+/// One client's hold on an on-demand attachment. It lapses `ttl_seconds` after it was taken
+/// or last renewed (`PUT /attach/{id}/leases/{lease}`), so a client that vanishes without a
+/// `DELETE` never keeps programs attached for longer than that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// What `PUT` and `DELETE /attach/{id}/leases/{lease}` take; unique per agent run.
+    pub id: u64,
+    pub ttl_seconds: u64,
 }
 
 impl From<&Attachment> for Attached {
@@ -31,6 +44,7 @@ impl From<&Attachment> for Attached {
             ifindex: a.ifindex,
             role: a.role,
             how: a.how,
+            lease: None,
         }
     }
 }
@@ -41,4 +55,14 @@ impl From<&Attachment> for Attached {
 pub enum AttachRequest {
     Iface { iface: String },
     Pod { pod: String },
+}
+
+/// `POST /attach` with the lease's time to live (the agent's default,
+/// [`crate::defaults::LEASE_TTL_SECONDS`], when `None`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachBody {
+    #[serde(flatten)]
+    pub target: AttachRequest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
 }

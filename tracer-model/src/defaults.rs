@@ -17,6 +17,26 @@ pub const AGENT_URL: &str = concat!("http://127.0.0.1:", api_port!());
 /// The DaemonSet's headless Service, for `--all-nodes`.
 pub const SERVICE: &str = "tracer.kube-system.svc.cluster.local";
 
+/// Where deploy/ runs the agents (the DaemonSet, its headless Service and the token Secret).
+pub const NAMESPACE: &str = "kube-system";
+/// The label selector of the DaemonSet's pods (deploy/base's `app.kubernetes.io/name`).
+pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=tracer";
+/// The Secret holding the agents' API token (deploy/overlays/token-secret), and its key.
+pub const TOKEN_SECRET: &str = "tracer-token";
+pub const TOKEN_SECRET_KEY: &str = "token";
+/// The header that carries the token where `Authorization` cannot: the API server's
+/// pods/proxy removes `Authorization` once it has authenticated the caller.
+pub const TOKEN_HEADER: &str = "x-tracer-token";
+
+/// An on-demand hold's time to live when `POST /attach` names none (`tracer watch` renews
+/// its lease every third of it).
+pub const LEASE_TTL_SECONDS: u64 = 30;
+/// The longest time to live a lease may ask for.
+pub const MAX_LEASE_TTL_SECONDS: u64 = 3600;
+
+/// Agents asked at once by `--all-nodes` through the API server.
+pub const FAN_OUT: usize = 16;
+
 #[cfg(test)]
 mod tests {
     use super::*;

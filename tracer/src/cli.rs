@@ -62,12 +62,77 @@ pub struct AgentConn {
     /// Agent base URL.
     #[arg(long, env = "TRACER_AGENT", default_value = defaults::AGENT_URL)]
     pub agent: String,
-    /// File with the agent's bearer token (the agent's --token-file).
+    /// File with the agent's bearer token (the agent's --token-file). Through the API server
+    /// it is read from the Secret kube-system/tracer-token when not given.
     #[arg(long, env = "TRACER_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// `direct`: ask --agent (or, with --all-nodes, the headless Service's addresses).
+    /// `apiserver`: find the agents and talk to them through the API server's pods/proxy,
+    /// with the kubeconfig's credentials. Default: `apiserver` when run as `kubectl tracer`,
+    /// with --kubeconfig or --context, or with KUBECONFIG set outside a pod, unless --agent or
+    /// --agents name agents; else `direct`.
+    #[arg(long, env = "TRACER_VIA", value_enum)]
+    pub via: Option<Via>,
+    /// The kubeconfig file (this file only); default: KUBECONFIG's files merged, else
+    /// ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use; default: its current-context.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// The namespace the agents' DaemonSet and token Secret are in.
+    #[arg(long, default_value = defaults::NAMESPACE)]
+    pub agents_namespace: String,
+}
+
+/// How the client reaches agents.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Via {
+    Direct,
+    Apiserver,
+}
+
+/// Whether this process runs as the kubectl plugin (`kubectl-tracer`, how kubectl finds
+/// plugins on PATH): then it names itself `kubectl tracer`.
+pub fn invoked_as_plugin() -> bool {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n == "kubectl-tracer")
+        })
+        .unwrap_or(false)
 }
 
 impl AgentConn {
+    /// How to reach the agents; `explicit_agents` tells that --agents named some.
+    pub fn via(&self, explicit_agents: bool) -> Via {
+        if let Some(v) = self.via {
+            return v;
+        }
+        let named = explicit_agents
+            || self.agent != defaults::AGENT_URL
+            || std::env::var_os("TRACER_AGENT").is_some();
+        let kube_asked = self.kubeconfig.is_some() || self.context.is_some();
+        // A pod (the agent's own, through kubectl exec) has the in-cluster Service's variables.
+        let outside_pod = std::env::var_os("KUBECONFIG").is_some()
+            && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none();
+        if !named && (invoked_as_plugin() || kube_asked || outside_pod) {
+            Via::Apiserver
+        } else {
+            Via::Direct
+        }
+    }
+
+    /// The kubeconfig and context the flags name.
+    pub fn kubeconfig(&self) -> crate::apiserver::KubeconfigChoice {
+        crate::apiserver::KubeconfigChoice {
+            file: self.kubeconfig.clone(),
+            context: self.context.clone(),
+        }
+    }
+
     pub fn token(&self) -> Result<Option<String>, String> {
         match &self.token_file {
             Some(p) => std::fs::read_to_string(p)
@@ -93,6 +158,14 @@ pub struct WatchArgs {
     pub conn: AgentConn,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// How long the agent keeps the attachment if this client vanishes without detaching
+    /// (killed, network cut); the client renews it every third of this while it runs.
+    #[arg(long, default_value_t = humantime::Duration::from(std::time::Duration::from_secs(defaults::LEASE_TTL_SECONDS)))]
+    pub lease_ttl: humantime::Duration,
+    /// iface/NAME through the API server: the node whose agent to ask (pod/NAME finds its
+    /// node itself).
+    #[arg(long)]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +182,9 @@ pub struct DiagnosesArgs {
     pub service: String,
     #[arg(long, default_value_t = defaults::API_PORT)]
     pub agent_port: u16,
+    /// Through the API server: ask only this node's agent.
+    #[arg(long)]
+    pub node: Option<String>,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -344,6 +420,9 @@ pub struct FlowsArgs {
     /// Explicit agent URLs to merge (comma separated) instead of DNS discovery.
     #[arg(long, value_delimiter = ',')]
     pub agents: Vec<String>,
+    /// Through the API server: ask only this node's agent.
+    #[arg(long)]
+    pub node: Option<String>,
     /// Pod as namespace/name, or a name in the kubeconfig context's namespace (as kubectl):
     /// flows through its veth, and with identity on, flows to or from its address.
     #[arg(long, value_parser = pod_arg)]
@@ -392,33 +471,13 @@ fn pod_arg(s: &str) -> Result<(String, String), String> {
         .map_err(|_| format!("{s:?} is not a pod name"))
 }
 
-/// The namespace kubectl would use: the current context's namespace in KUBECONFIG (a
-/// colon-separated list, merged as kubectl does) or ~/.kube/config, else `default`. An
-/// unreadable kubeconfig is not an error here: the agent, not the API server, answers.
-pub fn kubectl_namespace() -> String {
-    let kc = match std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
-        Some(list) => crate::identity::kube::read_kubeconfigs(&list).ok(),
-        None => kube::config::Kubeconfig::read().ok(),
-    };
-    kc.and_then(|kc| {
-        let current = kc.current_context.as_deref()?;
-        kc.contexts
-            .into_iter()
-            .find(|c| c.name == current)?
-            .context?
-            .namespace
-    })
-    .filter(|ns| !ns.is_empty())
-    .unwrap_or_else(|| "default".into())
-}
-
 impl FlowsArgs {
     /// The query the flags ask for.
     pub fn query(&self) -> FlowQuery {
         FlowQuery {
             pod: self.pod.clone().map(|(ns, name)| {
                 let ns = if ns.is_empty() {
-                    kubectl_namespace()
+                    self.conn.kubeconfig().namespace()
                 } else {
                     ns
                 };

@@ -1,15 +1,23 @@
 //! A small HTTP client for the agent's API, answering in the model's wire types (used by
-//! `tracer flows|watch|diagnoses`, the tests and the bench).
+//! `tracer flows|watch|diagnoses`, the tests and the bench). It reaches the agent directly, or
+//! through the API server's pods/proxy subresource ([`Transport::PodProxy`]).
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, Method, Request, Response, Uri};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper::{Method, Request, Response, Uri};
 use hyper_util::rt::TokioIo;
-use serde::{de::DeserializeOwned, Serialize};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tracer_model::{Attached, DiagnosesAnswer, FlowQuery, FlowView, FlowsPage, Health, WatchLine};
+use tracer_model::{
+    attach::AttachBody, defaults, Attached, DiagnosesAnswer, FlowQuery, FlowView, FlowsPage,
+    Health, WatchLine,
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A response body from either transport.
+type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -21,6 +29,10 @@ pub enum ClientError {
     Timeout(String, Duration),
     #[error("talking to the agent: {0}")]
     Http(#[from] hyper::Error),
+    #[error("talking to the API server: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("reading the answer: {0}")]
+    Body(BoxError),
     #[error("building the request: {0}")]
     Request(#[from] hyper::http::Error),
     #[error("agent answered {status}: {body}")]
@@ -29,12 +41,38 @@ pub enum ClientError {
     Json(#[from] serde_json::Error),
 }
 
+/// How requests reach the agent.
+#[derive(Clone)]
+pub enum Transport {
+    /// Straight to `base` (`http://` only).
+    Direct,
+    /// Through the API server's pods/proxy subresource of the agent's pod:
+    /// `prefix` is `/api/v1/namespaces/{ns}/pods/{name}:{port}/proxy`. The API server
+    /// authenticates the caller with the kubeconfig's credentials and drops `Authorization`,
+    /// so the agent's token travels in [`defaults::TOKEN_HEADER`].
+    PodProxy {
+        client: kube::Client,
+        prefix: String,
+    },
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Direct => f.write_str("Direct"),
+            Transport::PodProxy { prefix, .. } => write!(f, "PodProxy({prefix})"),
+        }
+    }
+}
+
 /// Where the agent is and how to authenticate.
 #[derive(Debug, Clone)]
 pub struct Agent {
+    /// The agent's URL, or for [`Transport::PodProxy`] the name errors give it.
     pub base: String,
     pub token: Option<String>,
     pub timeout: Duration,
+    pub transport: Transport,
 }
 
 impl Agent {
@@ -43,6 +81,26 @@ impl Agent {
             base: base.trim_end_matches('/').to_string(),
             token,
             timeout: Duration::from_secs(10),
+            transport: Transport::Direct,
+        }
+    }
+
+    /// The agent in pod `namespace/pod`, reached through the API server `client` talks to.
+    pub fn through_api_server(
+        client: kube::Client,
+        namespace: &str,
+        pod: &str,
+        port: u16,
+        token: Option<String>,
+    ) -> Agent {
+        Agent {
+            base: format!("pod {namespace}/{pod} (through the API server)"),
+            token,
+            timeout: Duration::from_secs(10),
+            transport: Transport::PodProxy {
+                client,
+                prefix: format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy"),
+            },
         }
     }
 
@@ -51,7 +109,39 @@ impl Agent {
         method: Method,
         path: &str,
         body: Option<Value>,
-    ) -> Result<Response<Incoming>, ClientError> {
+    ) -> Result<Response<Body>, ClientError> {
+        let payload = match &body {
+            Some(v) => Bytes::from(serde_json::to_vec(v)?),
+            None => Bytes::new(),
+        };
+        let Transport::PodProxy { client, prefix } = &self.transport else {
+            return self
+                .send_direct(method, path, body.is_some(), payload)
+                .await;
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{prefix}{path}"));
+        if let Some(t) = &self.token {
+            req = req.header(defaults::TOKEN_HEADER, t.as_str());
+        }
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(kube::client::Body::from(payload.to_vec()))?;
+        let resp = tokio::time::timeout(self.timeout, client.send(req))
+            .await
+            .map_err(|_| ClientError::Timeout(self.base.clone(), self.timeout))??;
+        Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
+    }
+
+    async fn send_direct(
+        &self,
+        method: Method,
+        path: &str,
+        json: bool,
+        payload: Bytes,
+    ) -> Result<Response<Body>, ClientError> {
         let url = format!("{}{}", self.base, path);
         let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| {
             ClientError::Url(url.clone(), e.to_string())
@@ -86,20 +176,16 @@ impl Agent {
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let payload = match body {
-            Some(v) => {
-                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(&v)?)
-            }
-            None => Bytes::new(),
-        };
+        if json {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
         let resp = tokio::time::timeout(
             self.timeout,
             sender.send_request(req.body(Full::new(payload))?),
         )
         .await
         .map_err(|_| ClientError::Timeout(authority, self.timeout))??;
-        Ok(resp)
+        Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
     }
 
     /// Sends a request and parses the JSON answer (`Value::Null` for an empty body).
@@ -113,7 +199,8 @@ impl Agent {
         let status = resp.status();
         let bytes = tokio::time::timeout(self.timeout, resp.into_body().collect())
             .await
-            .map_err(|_| ClientError::Timeout(self.base.clone(), self.timeout))??
+            .map_err(|_| ClientError::Timeout(self.base.clone(), self.timeout))?
+            .map_err(ClientError::Body)?
             .to_bytes();
         if !status.is_success() {
             return Err(ClientError::Status {
@@ -156,19 +243,30 @@ impl Agent {
         self.get_as("/healthz").await
     }
 
-    /// `POST /attach` with `body` (an [`tracer_model::attach::AttachRequest`]).
-    pub async fn attach<B: Serialize>(&self, body: &B) -> Result<Attached, ClientError> {
+    /// `POST /attach` with `body`.
+    pub async fn attach(&self, body: &AttachBody) -> Result<Attached, ClientError> {
         let v = serde_json::to_value(body)?;
         Ok(serde_json::from_value(
             self.json(Method::POST, "/attach", Some(v)).await?,
         )?)
     }
 
-    /// `DELETE /attach/{id}`.
-    pub async fn detach(&self, id: u32) -> Result<(), ClientError> {
-        self.json(Method::DELETE, &format!("/attach/{id}"), None)
-            .await
-            .map(|_| ())
+    /// `PUT /attach/{id}/leases/{lease}`: the hold lasts its time to live from now.
+    pub async fn renew(&self, id: u32, lease: u64) -> Result<Attached, ClientError> {
+        let path = format!("/attach/{id}/leases/{lease}");
+        Ok(serde_json::from_value(
+            self.json(Method::PUT, &path, None).await?,
+        )?)
+    }
+
+    /// Lets go of `lease` (`DELETE /attach/{id}/leases/{lease}`), or of one hold of the
+    /// attachment (`DELETE /attach/{id}`) when the agent gave no lease.
+    pub async fn detach(&self, id: u32, lease: Option<u64>) -> Result<(), ClientError> {
+        let path = match lease {
+            Some(l) => format!("/attach/{id}/leases/{l}"),
+            None => format!("/attach/{id}"),
+        };
+        self.json(Method::DELETE, &path, None).await.map(|_| ())
     }
 
     /// Follows `GET /watch?<q>`, calling `line` for each line until the stream ends or `line`
@@ -198,7 +296,7 @@ impl Agent {
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
-            let bytes = body.collect().await?.to_bytes();
+            let bytes = body.collect().await.map_err(ClientError::Body)?.to_bytes();
             return Err(ClientError::Status {
                 status: status.as_u16(),
                 body: String::from_utf8_lossy(&bytes).into_owned(),
@@ -206,7 +304,7 @@ impl Agent {
         }
         let mut buf: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {
-            let Ok(data) = frame?.into_data() else {
+            let Ok(data) = frame.map_err(ClientError::Body)?.into_data() else {
                 continue;
             };
             buf.extend_from_slice(&data);

@@ -8,6 +8,7 @@
 //! [`agent`] wires them together. The wire vocabulary is the `tracer_model` crate.
 pub mod agent;
 pub mod api;
+pub mod apiserver;
 pub mod btf;
 pub mod calico;
 pub mod cli;

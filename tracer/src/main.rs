@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tracer::cli::{Cli, Command, LogFormat};
 
 mod cmd;
@@ -14,7 +14,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cli = Cli::parse_from(argv);
+    // Installed as `kubectl-tracer`, kubectl runs it for `kubectl tracer ...`: it says so in
+    // its usage and errors.
+    let mut command = Cli::command();
+    if tracer::cli::invoked_as_plugin() {
+        command = command.name("kubectl tracer").bin_name("kubectl tracer");
+    }
+    let cli = match Cli::from_arg_matches(&command.get_matches_from(argv)) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if !matches!(cli.command, Command::Agent(_)) {
         // `tracer flows -o json | head`: a closed pipe ends a client quietly, as for any CLI
         // tool, instead of a panic in println!. Never for the agent: a client hanging up on
@@ -65,6 +74,7 @@ fn main() -> ExitCode {
         }
     });
     match result {
+        Ok(()) if cmd::partial() => ExitCode::from(cmd::EXIT_PARTIAL),
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tracer: {e}");

@@ -18,6 +18,9 @@ use tracer_lab::scenario::Scenario;
 use tracer_lab::topo::Cluster;
 use tracer_model::{defaults::API_PORT, FlowQuery};
 
+/// The lab agents' API token (the `kubectl tracer` step finds it in the stand-in's Secret).
+const LAB_TOKEN: &str = "tracer-lab-token";
+
 /// The agents' no-reply timeout in the lab (short, so failed connects are judged quickly).
 const NO_REPLY_TIMEOUT: &str = "2s";
 
@@ -373,6 +376,100 @@ fn preflight(tracer: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// `kubectl tracer watch pod/...` from outside every node's namespace, as from a laptop: the
+/// tracer binary as `kubectl-tracer`, a kubeconfig pointing at the Kubernetes API stand-in on
+/// this process's loopback (no kube-apiserver here), which holds the pods, the agent pods and
+/// the token Secret, and reaches the agents through pods/proxy from the external host on the
+/// LAN. Prints the first flow line streamed back.
+fn kubectl_watch(lab: &Cluster, tracer: &Path) -> Result<(), Stop> {
+    use std::io::BufRead;
+    use tracer_lab::kube::{self, KubeStandin, Store};
+    use tracer_model::defaults;
+
+    let lab_err = |what: &str, e: std::io::Error| Stop::Lab(format!("{what}: {e}"));
+    let node = lab.nodes.len().saturating_sub(1);
+    let mut on = lab.pods_on(node);
+    let (Some(pod), Some(peer)) = (on.next(), on.next()) else {
+        return Err(Stop::Lab("the node has fewer than two pods".into()));
+    };
+    let store = Store::new();
+    for p in &lab.pods {
+        let ip = p.ip().to_string();
+        let node = &lab.nodes[p.node].name;
+        store.apply(
+            "pods",
+            kube::pod(&p.pod.namespace, &p.pod.name, node, &ip, &[], None),
+        )?;
+    }
+    for n in &lab.nodes {
+        let name = format!("tracer-{}", n.name);
+        let ip = n.ip.to_string();
+        let agent_pod = kube::agent_pod(defaults::NAMESPACE, &name, &n.name, &ip, API_PORT);
+        store.apply("pods", agent_pod)?;
+    }
+    let token = format!("{LAB_TOKEN}\n");
+    let data = [(defaults::TOKEN_SECRET_KEY, token.as_bytes())];
+    let secret = kube::secret(defaults::NAMESPACE, defaults::TOKEN_SECRET, &data);
+    store.apply("secrets", secret)?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.set_nonblocking(true).map(|_| l))
+        .map_err(|e| lab_err("the stand-in's loopback listener", e))?;
+    let standin = KubeStandin::start_on(listener, store, Some(lab.external.path()))?;
+    let kubeconfig = lab.dir.join("kubeconfig.yaml");
+    std::fs::write(&kubeconfig, standin.kubeconfig("default"))
+        .map_err(|e| lab_err("writing the kubeconfig", e))?;
+    let plugin = lab.dir.join("kubectl-tracer");
+    let _ = std::fs::remove_file(&plugin);
+    // Absolute: the link lives in the lab directory.
+    let tracer =
+        std::fs::canonicalize(tracer).map_err(|e| lab_err("finding the tracer binary", e))?;
+    std::os::unix::fs::symlink(&tracer, &plugin)
+        .map_err(|e| lab_err("linking kubectl-tracer", e))?;
+    let target = format!("pod/{}", pod.pod.name);
+    println!(
+        "[lab] kubectl tracer watch {target} -n {} (through the Kubernetes API stand-in at {}, from outside the nodes)",
+        pod.pod.namespace,
+        standin.url()
+    );
+    let mut child = std::process::Command::new(&plugin)
+        .args(["watch", &target, "-n", &pod.pod.namespace, "-o", "json"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("TRACER_AGENT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .map_err(|e| lab_err("starting kubectl-tracer", e))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut streamed = None;
+    while streamed.is_none() && Instant::now() < deadline {
+        tracer_lab::traffic::tcp_probe(pod.netns(), peer.addr(), Duration::from_secs(2))?;
+        streamed = rx.recv_timeout(Duration::from_secs(1)).ok();
+    }
+    // SAFETY: signalling the child this function spawned; it detaches and exits on SIGTERM.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = child.wait();
+    match streamed {
+        Some(line) => {
+            println!("        ok  streamed through the API server: {line}");
+            Ok(())
+        }
+        None => Err(Stop::Lab(format!(
+            "no flow of {target} streamed within 20 s"
+        ))),
+    }
+}
+
 fn run_scenario(s: Scenario, dataplane: Dataplane, args: &RunArgs) -> Result<Outcome, Stop> {
     println!("\n=== {s} ({dataplane}): {} ===", s.title());
     let mut cfg = s.config();
@@ -381,16 +478,23 @@ fn run_scenario(s: Scenario, dataplane: Dataplane, args: &RunArgs) -> Result<Out
         .map_err(|e| Stop::from(e).context("building the lab"))?;
     checkpoint()?;
 
+    // As the DaemonSet runs them: on every address of the node, behind a token (which the
+    // `kubectl tracer` step reads from the stand-in's Secret).
+    let token_file = lab.dir.join("token");
+    std::fs::write(&token_file, format!("{LAB_TOKEN}\n"))
+        .map_err(|e| Stop::Lab(format!("writing {}: {e}", token_file.display())))?;
+    let token_arg = token_file.display().to_string();
     // Declared after `lab`, so the agents stop (and detach) before the lab is torn down.
     let mut agents = Vec::new();
     for n in &lab.nodes {
         let log = lab.dir.join(&format!("tracer-{}.log", n.name));
         println!(
-            "[lab] starting tracer agent on {} (ip netns exec {} {} agent --listen 127.0.0.1:{} --no-reply-timeout {} --datastore-type etcdv3 --etcd-endpoints http://{} --nodename {}; log {})",
+            "[lab] starting tracer agent on {} (ip netns exec {} {} agent --listen 0.0.0.0:{} --token-file {} --no-reply-timeout {} --datastore-type etcdv3 --etcd-endpoints http://{} --nodename {}; log {})",
             n.name,
             n.netns.name(),
             args.tracer.display(),
             API_PORT,
+            token_arg,
             NO_REPLY_TIMEOUT,
             lab.etcd_endpoint(),
             n.name,
@@ -399,21 +503,32 @@ fn run_scenario(s: Scenario, dataplane: Dataplane, args: &RunArgs) -> Result<Out
         // Identity from the lab's etcd, as calico-node reads it: flows and diagnoses name the
         // lab's pods and nodes.
         let etcd = format!("http://{}", lab.etcd_endpoint());
-        agents.push(
-            Launch::with_args(&["--no-reply-timeout", NO_REPLY_TIMEOUT])
-                .args(&["--datastore-type", "etcdv3", "--etcd-endpoints", &etcd])
-                .args(&["--nodename", &n.name])
-                .start(
-                    &n.netns,
-                    &format!("tracer agent on {}", n.name),
-                    &args.tracer,
-                    &log,
-                )?,
-        );
+        let mut agent = Launch::with_args(&[
+            "--token-file",
+            &token_arg,
+            "--no-reply-timeout",
+            NO_REPLY_TIMEOUT,
+        ])
+        .args(&["--datastore-type", "etcdv3", "--etcd-endpoints", &etcd])
+        .args(&["--nodename", &n.name])
+        .listen(std::net::SocketAddr::from(([0, 0, 0, 0], API_PORT)))
+        .start(
+            &n.netns,
+            &format!("tracer agent on {}", n.name),
+            &args.tracer,
+            &log,
+        )?;
+        agent.token = Some(LAB_TOKEN.into());
+        agents.push(agent);
     }
     println!("[lab] waiting for the agents' /healthz to say ready...");
     for (a, n) in agents.iter_mut().zip(&lab.nodes) {
         a.wait_ready(&n.netns, Duration::from_secs(30))?;
+        checkpoint()?;
+    }
+
+    if s.name() == "healthy" {
+        kubectl_watch(&lab, &args.tracer).map_err(|e| e.context("kubectl tracer watch"))?;
         checkpoint()?;
     }
 
@@ -589,15 +704,16 @@ fn print_keep_help(s: Scenario, lab: &Cluster, tracer_bin: &Path) {
     for n in &lab.nodes {
         let ns = n.netns.name();
         println!(
-            "  ip netns exec {ns} curl -s '127.0.0.1:{}/flows?dst={dst}'",
+            "  ip netns exec {ns} curl -s -H 'Authorization: Bearer {LAB_TOKEN}' '127.0.0.1:{}/flows?dst={dst}'",
             API_PORT
         );
         println!(
-            "  ip netns exec {ns} {} flows --dst {dst}",
-            tracer_bin.display()
+            "  ip netns exec {ns} {} flows --dst {dst} --token-file {}",
+            tracer_bin.display(),
+            lab.dir.join("token").display()
         );
         println!(
-            "  ip netns exec {ns} curl -s 127.0.0.1:{}/diagnoses",
+            "  ip netns exec {ns} curl -s -H 'Authorization: Bearer {LAB_TOKEN}' 127.0.0.1:{}/diagnoses",
             API_PORT
         );
         if let Some(sock) = n.bird_socket() {

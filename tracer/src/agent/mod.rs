@@ -260,6 +260,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // which the next tick hands back to the system.
     let mut trim_due = false;
     let mut tally: Option<tokio::task::JoinHandle<()>> = None;
+    let mut leases = control::Leases::default();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -273,9 +274,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             Some(cmd) = cmds.recv() => {
                 // Act on the freshest view: the pod's veth may have just appeared.
                 trim_due |= syncs.run(&handle, &cfg, &mut hooks, &shared).await;
-                control::handle(cmd, &cfg, &mut hooks, &shared);
+                control::handle(cmd, &cfg, &mut hooks, &mut leases, &shared);
             }
             _ = tick.tick() => {
+                control::expire(std::time::Instant::now(), &mut hooks, &mut leases, &shared);
                 shared.sweep(mono_now_ns());
                 // Diagnoses are counted as flows reach them, not only when scraped: a flow
                 // evicted between two scrapes still counts. Off the loop, one at a time.

@@ -41,6 +41,7 @@ use tokio::{
 use serde::Serialize;
 use tracer_model::{
     attach::AttachRequest,
+    defaults,
     query::{FlowQuery, DEFAULT_LIMIT},
     ApiErrorBody, Attached, WatchLine,
 };
@@ -294,12 +295,17 @@ async fn handle(req: Request<Incoming>, st: Arc<ApiState>) -> Result<Response<Bo
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
-    let authorized = authorized(
-        st.token.as_deref(),
-        req.headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok()),
-    );
+    let header_text = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    // The API server's pods/proxy strips `Authorization` (it authenticated the caller with it),
+    // so clients reaching the agent through it send the token in a header of its own.
+    let authorized = authorized(st.token.as_deref(), header_text(header::AUTHORIZATION))
+        || st.token.is_some()
+            && authorized(
+                st.token.as_deref(),
+                header_text(header::HeaderName::from_static(defaults::TOKEN_HEADER))
+                    .map(|t| format!("Bearer {t}"))
+                    .as_deref(),
+            );
     // Probes (kubelet) cannot send a token: liveness and readiness stay open, and then say
     // only how the agent is, nothing of the node.
     let open = matches!(path.trim_end_matches('/'), "/healthz" | "/readyz");
@@ -307,7 +313,7 @@ async fn handle(req: Request<Incoming>, st: Arc<ApiState>) -> Result<Response<Bo
     if !authorized && !open {
         return Ok(error(
             StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (Authorization: Bearer <token>)",
+            "missing or wrong bearer token (Authorization: Bearer <token>, or X-Tracer-Token: <token>)",
         ));
     }
     let body = if method == Method::POST {
@@ -500,26 +506,46 @@ async fn route(
             Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         },
         (Method::POST, ["attach"]) => match parse_attach(body) {
-            Ok(target) => match shared.attach(target).await {
-                Ok(a) => respond_sorted(StatusCode::CREATED, &Attached::from(&a)),
+            Ok((target, ttl)) => match shared.attach(target, ttl).await {
+                Ok((a, lease)) => respond_sorted(
+                    StatusCode::CREATED,
+                    &Attached {
+                        lease,
+                        ..Attached::from(&a)
+                    },
+                ),
                 Err(e) => error(attach_status(&e), &e.to_string()),
             },
             Err(msg) => error(StatusCode::BAD_REQUEST, &msg),
         },
         (Method::DELETE, ["attach", id]) => match id.parse::<u32>() {
-            Ok(id) => match shared.detach(id).await {
-                Ok(()) => {
-                    let mut r = Response::new(full(Vec::new()));
-                    *r.status_mut() = StatusCode::NO_CONTENT;
-                    r
-                }
-                Err(e) => error(attach_status(&e), &e.to_string()),
-            },
+            Ok(id) => no_content(shared.detach(id, None).await),
             Err(_) => error(
                 StatusCode::BAD_REQUEST,
                 &format!("attachment id {id:?} is not a number"),
             ),
         },
+        (Method::PUT | Method::DELETE, ["attach", id, "leases", lease]) => {
+            match (id.parse::<u32>(), lease.parse::<u64>()) {
+                (Ok(id), Ok(lease)) if *method == Method::PUT => {
+                    match shared.renew(id, lease).await {
+                        Ok((a, lease)) => respond_sorted(
+                            StatusCode::OK,
+                            &Attached {
+                                lease: Some(lease),
+                                ..Attached::from(&a)
+                            },
+                        ),
+                        Err(e) => error(attach_status(&e), &e.to_string()),
+                    }
+                }
+                (Ok(id), Ok(lease)) => no_content(shared.detach(id, Some(lease)).await),
+                _ => error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("attachment id {id:?} or lease {lease:?} is not a number"),
+                ),
+            }
+        }
         (_, segments) => match allowed_methods(segments) {
             Some(allow) => {
                 let mut r = error(
@@ -546,6 +572,7 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
         | ["flows", _, "pcap"] => Some("GET"),
         ["attach"] => Some("POST"),
         ["attach", _] => Some("DELETE"),
+        ["attach", _, "leases", _] => Some("PUT, DELETE"),
         _ => None,
     }
 }
@@ -553,34 +580,69 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
 /// The status code of a failed attach or detach.
 fn attach_status(e: &AttachError) -> StatusCode {
     match e {
-        AttachError::NoIface(_) | AttachError::NoPod { .. } | AttachError::NoAttachment(_) => {
-            StatusCode::NOT_FOUND
-        }
+        AttachError::NoIface(_)
+        | AttachError::NoPod { .. }
+        | AttachError::NoAttachment(_)
+        | AttachError::NoLease { .. } => StatusCode::NOT_FOUND,
         AttachError::NotOnDemand(_) => StatusCode::CONFLICT,
         AttachError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         AttachError::NotRunning => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
-fn parse_attach(body: &[u8]) -> Result<AttachTarget, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("body must be JSON: {e}"))?;
-    if !v.is_object() {
-        return Err("body must be a JSON object".into());
+/// `204` for a detach that went through.
+fn no_content(r: Result<(), AttachError>) -> Response<Body> {
+    match r {
+        Ok(()) => {
+            let mut r = Response::new(full(Vec::new()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        Err(e) => error(attach_status(&e), &e.to_string()),
     }
+}
+
+/// The target and the lease's time to live of a `POST /attach` body.
+fn parse_attach(body: &[u8]) -> Result<(AttachTarget, Duration), String> {
+    let mut v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("body must be JSON: {e}"))?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err("body must be a JSON object".into());
+    };
+    let ttl = match obj.remove("ttl_seconds") {
+        None => defaults::LEASE_TTL_SECONDS,
+        // JSON numbers: 30 and 30.0 are the same integer.
+        Some(t) => t
+            .as_u64()
+            .or_else(|| {
+                t.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u32::MAX as f64)
+                    .map(|f| f as u64)
+            })
+            .filter(|t| (1..=defaults::MAX_LEASE_TTL_SECONDS).contains(t))
+            .ok_or_else(|| {
+                format!(
+                    "ttl_seconds must be a whole number of seconds from 1 to {}",
+                    defaults::MAX_LEASE_TTL_SECONDS
+                )
+            })?,
+    };
     let exactly_one =
         "give exactly one of {\"iface\": \"<name>\"} or {\"pod\": \"<namespace>/<name>\"}";
     if v.get("iface").is_some() && v.get("pod").is_some() {
         return Err(exactly_one.into());
     }
-    match serde_json::from_value::<AttachRequest>(v).map_err(|_| exactly_one.to_string())? {
-        AttachRequest::Iface { iface } => crate::calico::check_iface_name(&iface)
-            .map(|_| AttachTarget::Iface(iface.clone()))
-            .map_err(|e| e.to_string()),
-        // The same names `pod=` takes on /flows.
-        AttachRequest::Pod { pod } => tracer_model::query::pod(&pod)
-            .map(|(namespace, name)| AttachTarget::Pod { namespace, name })
-            .map_err(|e| e.to_string()),
-    }
+    let target =
+        match serde_json::from_value::<AttachRequest>(v).map_err(|_| exactly_one.to_string())? {
+            AttachRequest::Iface { iface } => crate::calico::check_iface_name(&iface)
+                .map(|_| AttachTarget::Iface(iface.clone()))
+                .map_err(|e| e.to_string()),
+            // The same names `pod=` takes on /flows.
+            AttachRequest::Pod { pod } => tracer_model::query::pod(&pod)
+                .map(|(namespace, name)| AttachTarget::Pod { namespace, name })
+                .map_err(|e| e.to_string()),
+        }?;
+    Ok((target, Duration::from_secs(ttl)))
 }
 
 /// `/flows`: small answers in one go; large or judging ones a part at a time, each part sent
@@ -789,6 +851,23 @@ pub fn error(status: StatusCode, msg: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attach_bodies_carry_a_lease_time_to_live() {
+        let ttl = |body: &str| parse_attach(body.as_bytes()).map(|(_, t)| t.as_secs());
+        assert_eq!(ttl(r#"{"pod": "ns/web"}"#), Ok(defaults::LEASE_TTL_SECONDS));
+        assert_eq!(ttl(r#"{"pod": "ns/web", "ttl_seconds": 5}"#), Ok(5));
+        assert_eq!(ttl(r#"{"iface": "eth0", "ttl_seconds": 5.0}"#), Ok(5));
+        for bad in [
+            r#"{"pod": "ns/web", "ttl_seconds": 0}"#,
+            r#"{"pod": "ns/web", "ttl_seconds": 3601}"#,
+            r#"{"pod": "ns/web", "ttl_seconds": "5"}"#,
+            r#"{"pod": "ns/web", "ttl_seconds": 1.5}"#,
+            r#"{"ttl_seconds": 5}"#,
+        ] {
+            assert!(ttl(bad).is_err(), "{bad}");
+        }
+    }
 
     /// `v` without the waits measured up to now (they differ between two answers).
     fn timeless(mut v: Value) -> Value {

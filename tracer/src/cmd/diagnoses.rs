@@ -16,21 +16,17 @@ struct NodeDiagnoses<'a> {
 }
 
 pub async fn run(args: DiagnosesArgs) -> Result<(), String> {
-    let token = args.conn.token()?;
-    // As for `flows`: an explicit --agents list wins over discovery.
-    let agents = if !args.agents.is_empty() {
-        args.agents.clone()
-    } else if args.all_nodes {
-        nodes::discover(&args.service, args.agent_port).await?
-    } else {
-        vec![args.conn.agent.clone()]
-    };
-    let answers = nodes::ask_all(
-        &agents,
-        token,
-        |a: Agent| async move { a.diagnoses().await },
-    )
-    .await;
+    let (targets, multi) = nodes::targets(&nodes::Scope {
+        conn: &args.conn,
+        all_nodes: args.all_nodes,
+        agents: &args.agents,
+        service: &args.service,
+        agent_port: args.agent_port,
+        node: args.node.as_deref(),
+    })
+    .await?;
+    let asked = targets.len();
+    let answers = nodes::ask_all(targets, |a: Agent| async move { a.diagnoses().await }).await;
     let mut failed = 0;
     for (node, result) in &answers {
         match result {
@@ -41,7 +37,7 @@ pub async fn run(args: DiagnosesArgs) -> Result<(), String> {
                 ),
                 Output::Yaml => print!("{}", render::yaml(&NodeDiagnoses { node, diagnoses: d })),
                 Output::Table | Output::Wide => {
-                    if agents.len() > 1 {
+                    if multi {
                         println!("== {node}");
                     }
                     print!("{}", render::diagnoses(d, args.output == Output::Wide));
@@ -53,7 +49,7 @@ pub async fn run(args: DiagnosesArgs) -> Result<(), String> {
             }
         }
     }
-    if failed == agents.len() {
+    if failed == asked {
         return Err("no agent answered".into());
     }
     Ok(())

@@ -1,9 +1,6 @@
 //! `tracer flows`: one agent's flows, or every agent's merged.
 use serde::Serialize;
-use tracer::{
-    cli::{FlowsArgs, Output},
-    client::Agent,
-};
+use tracer::cli::{FlowsArgs, Output};
 use tracer_model::FlowView;
 
 use super::{nodes, render};
@@ -11,7 +8,7 @@ use super::{nodes, render};
 /// A flow of a merged answer, with the agent that has it (ids are only unique per node).
 #[derive(Debug, Serialize)]
 pub struct NodeFlow {
-    /// The agent's URL.
+    /// The node's name through the API server; the agent's URL otherwise.
     pub node: String,
     #[serde(flatten)]
     pub flow: FlowView,
@@ -29,27 +26,28 @@ pub struct Merged {
 }
 
 pub async fn run(args: FlowsArgs) -> Result<(), String> {
-    let token = args.conn.token()?;
     let q = args.query();
-    let answer = if args.all_nodes || !args.agents.is_empty() {
-        let agents = if args.agents.is_empty() {
-            nodes::discover(&args.service, args.agent_port).await?
-        } else {
-            args.agents.clone()
-        };
-        fan_out(&agents, token, &q).await?
+    let (targets, multi) = nodes::targets(&nodes::Scope {
+        conn: &args.conn,
+        all_nodes: args.all_nodes,
+        agents: &args.agents,
+        service: &args.service,
+        agent_port: args.agent_port,
+        node: args.node.as_deref(),
+    })
+    .await?;
+    let answer = if multi {
+        fan_out(targets, &q).await?
     } else {
-        let page = Agent::new(&args.conn.agent, token)
-            .flows(&q)
-            .await
-            .map_err(|e| e.to_string())?;
+        let t = targets.into_iter().next().ok_or("no agent to ask")?;
+        let page = t.agent.flows(&q).await.map_err(|e| e.to_string())?;
         Merged {
             matched: page.matched,
             flows: page
                 .flows
                 .into_iter()
                 .map(|flow| NodeFlow {
-                    node: args.conn.agent.clone(),
+                    node: t.node.clone(),
                     flow,
                 })
                 .collect(),
@@ -88,11 +86,11 @@ pub async fn run(args: FlowsArgs) -> Result<(), String> {
 /// Asks every agent at once and merges; agents that fail are listed under `unreachable`,
 /// which is not fatal unless every agent failed.
 async fn fan_out(
-    agents: &[String],
-    token: Option<String>,
+    targets: Vec<nodes::Target>,
     q: &tracer_model::FlowQuery,
 ) -> Result<Merged, String> {
-    let answers = nodes::ask_all(agents, token, |a| {
+    let asked = targets.len();
+    let answers = nodes::ask_all(targets, |a| {
         let q = q.clone();
         async move { a.flows(&q).await }
     })
@@ -115,7 +113,7 @@ async fn fan_out(
             Err(e) => merged.unreachable.push((node, e.to_string())),
         }
     }
-    if !agents.is_empty() && merged.unreachable.len() == agents.len() {
+    if asked > 0 && merged.unreachable.len() == asked {
         let why: Vec<String> = merged
             .unreachable
             .iter()

@@ -8,6 +8,14 @@ mod watch;
 
 use tracer::cli::Command;
 
+/// Exit status of `flows`/`diagnoses` when some agents answered and others did not.
+pub const EXIT_PARTIAL: u8 = 3;
+
+/// Whether the answer printed lacks some agents ([`EXIT_PARTIAL`]).
+pub fn partial() -> bool {
+    nodes::partial()
+}
+
 /// Runs a client subcommand (`stop` ends a `watch`).
 pub async fn execute(
     cmd: Command,

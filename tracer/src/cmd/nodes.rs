@@ -1,18 +1,134 @@
-//! Which agents a client asks: one, an explicit list, or every DaemonSet pod behind the
-//! headless Service; and asking them all at once.
+//! Which agents a client asks: one, an explicit list, every DaemonSet pod behind the headless
+//! Service, or, through the API server, every agent pod (or one node's); and asking them all
+//! with a bounded fan-out.
 use std::{
+    io::{IsTerminal, Write},
     net::{IpAddr, SocketAddr},
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
-use tracer::client::{Agent, ClientError};
+use futures::StreamExt;
+use tracer::{
+    apiserver::Cluster,
+    cli::{AgentConn, Via},
+    client::{Agent, ClientError},
+};
+use tracer_model::defaults;
+
+/// Set when some agents answered and others did not: the exit status says so.
+static PARTIAL: AtomicBool = AtomicBool::new(false);
+
+/// Whether an answer merged from several agents lacks some of them.
+pub fn partial() -> bool {
+    PARTIAL.load(Ordering::Relaxed)
+}
+
+/// An agent to ask, and the name its answers go under: the node's name through the API
+/// server, the agent's URL otherwise.
+pub struct Target {
+    pub node: String,
+    pub agent: Agent,
+}
+
+/// What `flows`/`diagnoses` are asked to reach.
+pub struct Scope<'a> {
+    pub conn: &'a AgentConn,
+    pub all_nodes: bool,
+    /// --agents: explicit URLs, which always win.
+    pub agents: &'a [String],
+    pub service: &'a str,
+    pub agent_port: u16,
+    pub node: Option<&'a str>,
+}
+
+/// The agents to ask, and whether the answer is a merge of several (named by node).
+pub async fn targets(scope: &Scope<'_>) -> Result<(Vec<Target>, bool), String> {
+    let conn = scope.conn;
+    let direct = |urls: Vec<String>, token: Option<String>| -> Vec<Target> {
+        urls.into_iter()
+            .map(|u| Target {
+                agent: Agent::new(&u, token.clone()),
+                node: u,
+            })
+            .collect()
+    };
+    if !scope.agents.is_empty() {
+        if scope.node.is_some() {
+            return Err("--node picks among the agents the API server lists, not --agents".into());
+        }
+        return Ok((direct(scope.agents.to_vec(), conn.token()?), true));
+    }
+    match conn.via(false) {
+        Via::Direct => {
+            if scope.node.is_some() {
+                return Err(
+                    "--node picks an agent through the API server (--via apiserver, a kubeconfig)"
+                        .into(),
+                );
+            }
+            let token = conn.token()?;
+            if scope.all_nodes {
+                let urls = discover(scope.service, scope.agent_port).await?;
+                Ok((direct(urls, token), true))
+            } else {
+                Ok((direct(vec![conn.agent.clone()], token), false))
+            }
+        }
+        Via::Apiserver => {
+            if !scope.all_nodes && scope.node.is_none() {
+                return Err(
+                    "through the API server, say which agents to ask: --all-nodes or --node NAME"
+                        .into(),
+                );
+            }
+            let cluster = Cluster::connect(&conn.kubeconfig(), &conn.agents_namespace)
+                .await
+                .map_err(|e| e.to_string())?;
+            let pods = cluster
+                .agents(scope.node)
+                .await
+                .map_err(|e| e.to_string())?;
+            if pods.is_empty() {
+                return Err(match scope.node {
+                    Some(n) => format!(
+                        "no tracer agent on node {n} (no pod {} in namespace {})",
+                        defaults::AGENT_SELECTOR,
+                        conn.agents_namespace
+                    ),
+                    None => format!(
+                        "no tracer agents (no pod {} in namespace {}; is the DaemonSet deployed?)",
+                        defaults::AGENT_SELECTOR,
+                        conn.agents_namespace
+                    ),
+                });
+            }
+            let token = match conn.token()? {
+                Some(t) => Some(t),
+                None => Some(cluster.token().await.map_err(|e| e.to_string())?),
+            };
+            let targets = pods
+                .iter()
+                .map(|p| Target {
+                    node: p.node.clone(),
+                    agent: cluster.agent(p, token.clone()),
+                })
+                .collect();
+            // Answers through the API server always name their node.
+            Ok((targets, true))
+        }
+    }
+}
 
 /// Every address behind the headless Service's name: one per DaemonSet pod.
 pub async fn discover(service: &str, port: u16) -> Result<Vec<String>, String> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((service, port))
         .await
         .map_err(|e| {
-            format!("resolving {service}: {e} (use --agents URL,URL outside the cluster)")
+            format!(
+                "resolving {service}: {e} (outside the cluster: --via apiserver with a \
+                 kubeconfig, or --agents URL,URL)"
+            )
         })?
         .collect();
     if addrs.is_empty() {
@@ -27,28 +143,46 @@ pub async fn discover(service: &str, port: u16) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// Runs `ask` against every agent at once; the answers come back in the agents' order.
+/// Runs `ask` against every target, [`defaults::FAN_OUT`] at a time; the answers come back in
+/// the targets' order. While it waits, a progress line on stderr when that is a terminal.
+/// Marks the run [`partial`] when some failed and others answered.
 pub async fn ask_all<T, F, Fut>(
-    agents: &[String],
-    token: Option<String>,
+    targets: Vec<Target>,
     ask: F,
 ) -> Vec<(String, Result<T, ClientError>)>
 where
-    T: Send + 'static,
     F: Fn(Agent) -> Fut,
-    Fut: std::future::Future<Output = Result<T, ClientError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
-    let mut tasks = Vec::new();
-    for a in agents {
-        let mut agent = Agent::new(a, token.clone());
+    let total = targets.len();
+    let progress = total > 1 && std::io::stderr().is_terminal();
+    let mut answers = futures::stream::iter(targets.into_iter().map(|t| {
+        let mut agent = t.agent;
+        // One slow agent must not hold up the answer of the others for long.
         agent.timeout = Duration::from_secs(5);
-        tasks.push((a.clone(), tokio::spawn(ask(agent))));
-    }
-    let mut out = Vec::new();
-    for (name, t) in tasks {
-        if let Ok(r) = t.await {
-            out.push((name, r));
+        let asked = ask(agent);
+        async move { (t.node, asked.await) }
+    }))
+    .buffered(defaults::FAN_OUT);
+    let mut out = Vec::with_capacity(total);
+    while let Some(answer) = answers.next().await {
+        out.push(answer);
+        if progress {
+            let failed = out.iter().filter(|(_, r)| r.is_err()).count();
+            eprint!(
+                "\rtracer: {}/{total} agents answered, {failed} did not",
+                out.len() - failed
+            );
+            let _ = std::io::stderr().flush();
         }
+    }
+    if progress {
+        // Clear the progress line.
+        eprint!("\r\x1b[K");
+    }
+    let failed = out.iter().filter(|(_, r)| r.is_err()).count();
+    if failed > 0 && failed < out.len() {
+        PARTIAL.store(true, Ordering::Relaxed);
     }
     out
 }

@@ -6,7 +6,7 @@ mod tc;
 /// Kernel state of interfaces let go of.
 pub mod ifstate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
@@ -104,8 +104,8 @@ pub const DEFAULT_SUMMARY_INTERVAL: std::time::Duration = std::time::Duration::f
 pub struct Hooks {
     ebpf: Ebpf,
     attached: BTreeMap<u32, (AttachedIface, tc::Links)>,
-    /// Clients holding each on-demand attachment; it goes when the last one lets go.
-    holders: BTreeMap<u32, u32>,
+    /// The leases holding each on-demand attachment; it goes when the last one lets go.
+    holders: BTreeMap<u32, BTreeSet<u64>>,
     /// Which programs `test_run` feeds: those for devices without an Ethernet header.
     test_l3: bool,
     backend: TcBackend,
@@ -330,24 +330,30 @@ impl Hooks {
         Ok(())
     }
 
-    /// One more client holds the attachment on `ifindex`.
-    pub fn hold(&mut self, ifindex: u32) {
-        *self.holders.entry(ifindex).or_default() += 1;
+    /// Lease `lease` holds the attachment on `ifindex`.
+    pub fn hold(&mut self, ifindex: u32, lease: u64) {
+        self.holders.entry(ifindex).or_default().insert(lease);
     }
 
-    /// One client lets go; returns how many still hold it.
-    pub fn release(&mut self, ifindex: u32) -> u32 {
-        let left = match self.holders.get_mut(&ifindex) {
-            Some(n) => {
-                *n = n.saturating_sub(1);
-                *n
-            }
-            None => 0,
-        };
+    /// Lease `lease` lets go of `ifindex`; returns how many leases still hold it, or `None`
+    /// when this lease did not hold it (the interface went, and its holds with it).
+    pub fn release(&mut self, ifindex: u32, lease: u64) -> Option<usize> {
+        let held = self.holders.get_mut(&ifindex)?;
+        if !held.remove(&lease) {
+            return None;
+        }
+        let left = held.len();
         if left == 0 {
             self.holders.remove(&ifindex);
         }
-        left
+        Some(left)
+    }
+
+    /// Whether lease `lease` holds `ifindex`.
+    pub fn holds(&self, ifindex: u32, lease: u64) -> bool {
+        self.holders
+            .get(&ifindex)
+            .is_some_and(|h| h.contains(&lease))
     }
 
     /// Detaches from `ifindex`. An interface that is already gone took its programs with it.

@@ -1,6 +1,9 @@
 //! On-demand attach/detach requests from the API, carried out by the sync loop (which owns the
 //! kernel programs): the messages, and why a request failed.
+use std::time::Duration;
+
 use tokio::sync::oneshot;
+use tracer_model::attach::Lease;
 
 use crate::hooks::AttachedIface;
 
@@ -23,6 +26,8 @@ pub enum AttachError {
     },
     #[error("no attachment {0}")]
     NoAttachment(u32),
+    #[error("attachment {ifindex} holds no lease {lease} (it lapsed or was let go: attach again)")]
+    NoLease { ifindex: u32, lease: u64 },
     #[error(
         "attachment {0} was made automatically; it follows the interface's role, not requests"
     )]
@@ -34,12 +39,23 @@ pub enum AttachError {
 }
 
 pub enum Command {
+    /// Attach and hold for `ttl`; the lease is `None` when the interface is attached
+    /// automatically (nothing to hold).
     Attach {
         target: AttachTarget,
-        reply: oneshot::Sender<Result<AttachedIface, AttachError>>,
+        ttl: Duration,
+        reply: oneshot::Sender<Result<(AttachedIface, Option<Lease>), AttachError>>,
     },
+    /// Let go of `lease`, or of the hold that lapses first when `None`.
     Detach {
         ifindex: u32,
+        lease: Option<u64>,
         reply: oneshot::Sender<Result<(), AttachError>>,
+    },
+    /// Extend `lease` by its time to live from now.
+    Renew {
+        ifindex: u32,
+        lease: u64,
+        reply: oneshot::Sender<Result<(AttachedIface, Lease), AttachError>>,
     },
 }

@@ -3,6 +3,7 @@
 use std::sync::{atomic::Ordering, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::{mpsc, oneshot};
+use tracer_model::attach::Lease;
 
 use super::{lock, AttachError, AttachTarget, Command, DropTracing, NodeView, Shared};
 use crate::{
@@ -127,19 +128,46 @@ impl Shared {
         crate::calico::veth_name_with_prefix(&self.workload_prefix, namespace, name)
     }
 
-    pub async fn attach(&self, target: AttachTarget) -> Result<AttachedIface, AttachError> {
-        let tx = self.commands.get().ok_or(AttachError::NotRunning)?;
-        let (reply, rx) = oneshot::channel();
-        tx.send(Command::Attach { target, reply })
+    pub async fn attach(
+        &self,
+        target: AttachTarget,
+        ttl: std::time::Duration,
+    ) -> Result<(AttachedIface, Option<Lease>), AttachError> {
+        self.command(|reply| Command::Attach { target, ttl, reply })
             .await
-            .map_err(|_| AttachError::NotRunning)?;
-        rx.await.map_err(|_| AttachError::NotRunning)?
     }
 
-    pub async fn detach(&self, ifindex: u32) -> Result<(), AttachError> {
+    /// Lets go of `lease` on `ifindex`, or of the hold that lapses first.
+    pub async fn detach(&self, ifindex: u32, lease: Option<u64>) -> Result<(), AttachError> {
+        self.command(|reply| Command::Detach {
+            ifindex,
+            lease,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn renew(
+        &self,
+        ifindex: u32,
+        lease: u64,
+    ) -> Result<(AttachedIface, Lease), AttachError> {
+        self.command(|reply| Command::Renew {
+            ifindex,
+            lease,
+            reply,
+        })
+        .await
+    }
+
+    /// Sends a command to the sync loop and waits for its answer.
+    async fn command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, AttachError>>) -> Command,
+    ) -> Result<T, AttachError> {
         let tx = self.commands.get().ok_or(AttachError::NotRunning)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(Command::Detach { ifindex, reply })
+        tx.send(make(reply))
             .await
             .map_err(|_| AttachError::NotRunning)?;
         rx.await.map_err(|_| AttachError::NotRunning)?
