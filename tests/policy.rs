@@ -1,0 +1,1 @@
+//! Issue 17 §2: which Calico policy dropped a flow (filled in below).
