@@ -188,13 +188,13 @@ pub enum Encapsulation {
 
 /// A rule as felix renders it for hashing: match and action fragments, felix's spelling.
 #[derive(Debug, Clone)]
-struct FelixRule {
-    matches: String,
-    action: String,
+pub(crate) struct FelixRule {
+    pub(crate) matches: String,
+    pub(crate) action: String,
 }
 
 impl FelixRule {
-    fn new(matches: &str, action: &str) -> FelixRule {
+    pub(crate) fn new(matches: &str, action: &str) -> FelixRule {
         FelixRule {
             matches: matches.to_string(),
             action: action.to_string(),
@@ -239,7 +239,7 @@ fn base64url(bytes: &[u8]) -> String {
 }
 
 /// Renders one chain for `iptables-restore`: `-A`/`-I` lines with felix's `cali:` comments.
-fn render_chain(chain: &str, rules: &[FelixRule], insert: bool) -> Vec<String> {
+pub(crate) fn render_chain(chain: &str, rules: &[FelixRule], insert: bool) -> Vec<String> {
     let bodies: Vec<String> = rules.iter().map(FelixRule::body).collect();
     let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
     felix_rule_hashes(chain, &refs)

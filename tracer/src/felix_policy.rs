@@ -432,6 +432,9 @@ pub struct Interval {
     pub from_ns: u64,
     pub to_ns: u64,
     pub moved: Vec<(FilterRule, u64)>,
+    /// The chains as read at `to_ns`: what jumped where when the rules moved (felix may have
+    /// rewritten them since).
+    pub layout: Arc<Vec<FilterRule>>,
 }
 
 /// What the agent has read of felix's rule counters, published for the rules.
@@ -449,20 +452,31 @@ impl Counters {
     /// Takes a new reading (read at `at_ns`, before the command ran): the DROP rules that
     /// moved since the previous one make a new interval.
     pub fn record(&mut self, at_ns: u64, rules: Vec<FilterRule>) {
+        let rules = Arc::new(rules);
         if let Some(from_ns) = self.last_read_ns {
             let before: HashMap<(&str, u32), (&str, u64)> = self
                 .layout
                 .iter()
                 .map(|r| ((r.chain.as_str(), r.pos), (r.target.as_str(), r.packets)))
                 .collect();
+            let chains: HashSet<&str> = self.layout.iter().map(|r| r.chain.as_str()).collect();
             let moved: Vec<(FilterRule, u64)> = rules
                 .iter()
                 .filter(|r| r.target == "DROP")
                 .filter_map(|r| {
-                    // A chain rewritten between readings (felix resync) restarts its counters:
-                    // a rule that was not the same DROP before is not compared.
-                    let (t, p) = before.get(&(r.chain.as_str(), r.pos))?;
-                    (*t == "DROP" && r.packets > *p).then(|| (r.clone(), r.packets - p))
+                    // A chain created since the last reading started at 0. One rewritten in
+                    // between (a felix resync) restarted its counters: a rule that was not the
+                    // same DROP before is not compared.
+                    let p = if chains.contains(r.chain.as_str()) {
+                        let (t, p) = before.get(&(r.chain.as_str(), r.pos))?;
+                        if *t != "DROP" {
+                            return None;
+                        }
+                        *p
+                    } else {
+                        0
+                    };
+                    (r.packets > p).then(|| (r.clone(), r.packets - p))
                 })
                 .collect();
             if !moved.is_empty() {
@@ -473,10 +487,11 @@ impl Counters {
                     from_ns,
                     to_ns: at_ns,
                     moved,
+                    layout: Arc::clone(&rules),
                 }));
             }
         }
-        self.layout = Arc::new(rules);
+        self.layout = rules;
         self.last_read_ns = Some(at_ns);
         self.error = None;
     }
@@ -491,6 +506,33 @@ pub struct PolicyView {
     pub counters: Arc<Counters>,
     /// Set when this dataplane's counters are not read (nftables, eBPF): why.
     pub unsupported: Option<String>,
+}
+
+/// The chains a packet of the flow can traverse: its endpoints' chains and what they jump to.
+fn reachable(layout: &[FilterRule], endpoints: &[String]) -> HashSet<String> {
+    let mut jumps: HashMap<&str, Vec<&str>> = HashMap::new();
+    for r in layout {
+        if r.target.starts_with("cali-") {
+            jumps.entry(&r.chain).or_default().push(&r.target);
+        }
+    }
+    let mut reach: HashSet<String> = HashSet::new();
+    let mut todo: Vec<String> = endpoints
+        .iter()
+        .flat_map(|e| {
+            [TO_WORKLOAD, FROM_WORKLOAD].map(|p| length_limited_id(p, e, IPTABLES_MAX_CHAIN))
+        })
+        .collect();
+    while let Some(ch) = todo.pop() {
+        if reach.contains(&ch) {
+            continue;
+        }
+        if let Some(next) = jumps.get(ch.as_str()) {
+            todo.extend(next.iter().map(|s| s.to_string()));
+        }
+        reach.insert(ch);
+    }
+    reach
 }
 
 fn direction_of_chain(chain: &str) -> Option<PolicyDirection> {
@@ -526,42 +568,25 @@ impl PolicyView {
                 "felix's rule counters not read since the drop yet".into(),
             ));
         }
-        // Chains a packet of the flow can traverse: its endpoints' chains and what they jump to.
-        let mut jumps: HashMap<&str, Vec<&str>> = HashMap::new();
-        for r in c.layout.iter() {
-            if r.target.starts_with("cali-") {
-                jumps.entry(&r.chain).or_default().push(&r.target);
-            }
-        }
-        let mut reach: HashSet<String> = HashSet::new();
-        let mut todo: Vec<String> = endpoints
-            .iter()
-            .flat_map(|e| {
-                [TO_WORKLOAD, FROM_WORKLOAD].map(|p| length_limited_id(p, e, IPTABLES_MAX_CHAIN))
-            })
-            .collect();
-        while let Some(ch) = todo.pop() {
-            if let Some(next) = jumps.get(ch.as_str()) {
-                todo.extend(next.iter().map(|s| s.to_string()));
-            }
-            reach.insert(ch);
-        }
-        let mut moved: BTreeMap<(String, u32), (FilterRule, u64)> = BTreeMap::new();
+        let mut moved: BTreeMap<(String, u32), (FilterRule, u64, Arc<Vec<FilterRule>>)> =
+            BTreeMap::new();
         let mut covered = false;
         for iv in &c.intervals {
             if ts_ns + SLACK_NS > iv.from_ns && ts_ns <= iv.to_ns + SLACK_NS {
                 covered = true;
+                // Chains a packet of the flow could traverse then.
+                let reach = reachable(&iv.layout, endpoints);
                 for (r, n) in iv.moved.iter().filter(|(r, _)| reach.contains(&r.chain)) {
                     moved
                         .entry((r.chain.clone(), r.pos))
-                        .or_insert_with(|| (r.clone(), 0))
+                        .or_insert_with(|| (r.clone(), 0, Arc::clone(&iv.layout)))
                         .1 += n;
                 }
             }
         }
         let candidates: Vec<String> = moved.keys().map(|(c, p)| format!("{c}#{p}")).collect();
         let mut hits = moved.into_values();
-        let (rule, packets) = match (hits.next(), hits.next()) {
+        let (rule, packets, layout) = match (hits.next(), hits.next()) {
             (Some(one), None) => one,
             (Some(_), Some(_)) => {
                 return Err(PolicyLookup {
@@ -588,10 +613,15 @@ impl PolicyView {
                 ))
             }
         };
-        self.classify(rule, packets)
+        self.classify(rule, packets, &layout)
     }
 
-    fn classify(&self, rule: FilterRule, packets: u64) -> Result<PolicyHit, PolicyLookup> {
+    fn classify(
+        &self,
+        rule: FilterRule,
+        packets: u64,
+        layout: &[FilterRule],
+    ) -> Result<PolicyHit, PolicyLookup> {
         let cand = vec![format!("{}#{}", rule.chain, rule.pos)];
         let not_policy = |m: String| PolicyLookup {
             candidates: cand.clone(),
@@ -634,9 +664,7 @@ impl PolicyView {
                     .map(|(t, _)| t.to_string())
             });
             let no_profile = rule.comments.iter().any(|c| c.ends_with(NO_PROFILE));
-            let layout: Vec<&FilterRule> = self
-                .counters
-                .layout
+            let layout: Vec<&FilterRule> = layout
                 .iter()
                 .filter(|r| r.chain == rule.chain && r.pos < rule.pos)
                 .collect();
