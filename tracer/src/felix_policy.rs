@@ -508,6 +508,9 @@ pub struct PolicyView {
     pub unsupported: Option<String>,
 }
 
+/// A DROP rule that moved, by how many packets, with the chains as they were then.
+type Moved = (FilterRule, u64, Arc<Vec<FilterRule>>);
+
 /// The chains a packet of the flow can traverse: its endpoints' chains and what they jump to.
 fn reachable(layout: &[FilterRule], endpoints: &[String]) -> HashSet<String> {
     let mut jumps: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -568,8 +571,7 @@ impl PolicyView {
                 "felix's rule counters not read since the drop yet".into(),
             ));
         }
-        let mut moved: BTreeMap<(String, u32), (FilterRule, u64, Arc<Vec<FilterRule>>)> =
-            BTreeMap::new();
+        let mut moved: BTreeMap<(String, u32), Moved> = BTreeMap::new();
         let mut covered = false;
         for iv in &c.intervals {
             if ts_ns + SLACK_NS > iv.from_ns && ts_ns <= iv.to_ns + SLACK_NS {
@@ -674,7 +676,7 @@ impl PolicyView {
                 let start = format!("Start of tier {tier}");
                 let from = layout
                     .iter()
-                    .rposition(|r| r.comments.iter().any(|c| *c == start))
+                    .rposition(|r| r.comments.contains(&start))
                     .unwrap_or(0);
                 for r in &layout[from..] {
                     if let Some((p, _)) = set.by_chain(&r.target) {
