@@ -188,13 +188,13 @@ pub enum Encapsulation {
 
 /// A rule as felix renders it for hashing: match and action fragments, felix's spelling.
 #[derive(Debug, Clone)]
-struct FelixRule {
-    matches: String,
-    action: String,
+pub(crate) struct FelixRule {
+    pub(crate) matches: String,
+    pub(crate) action: String,
 }
 
 impl FelixRule {
-    fn new(matches: &str, action: &str) -> FelixRule {
+    pub(crate) fn new(matches: &str, action: &str) -> FelixRule {
         FelixRule {
             matches: matches.to_string(),
             action: action.to_string(),
@@ -239,7 +239,7 @@ fn base64url(bytes: &[u8]) -> String {
 }
 
 /// Renders one chain for `iptables-restore`: `-A`/`-I` lines with felix's `cali:` comments.
-fn render_chain(chain: &str, rules: &[FelixRule], insert: bool) -> Vec<String> {
+pub(crate) fn render_chain(chain: &str, rules: &[FelixRule], insert: bool) -> Vec<String> {
     let bodies: Vec<String> = rules.iter().map(FelixRule::body).collect();
     let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
     felix_rule_hashes(chain, &refs)
@@ -414,28 +414,38 @@ pub fn write_felix_nat_config(
     node.exec_with_stdin(&["ipset", "-exist", "restore"], &ipsets)?;
 
     let FelixNatTable { chains, inserts } = felix_nat_table(pools, encap, felix);
-    let existing = node.exec(&["iptables-save", "-t", "nat"])?;
-    let mut restore = String::from("*nat\n");
-    // Under --noflush, declaring a chain creates it or flushes it: a clean rewrite.
-    for (chain, _) in &chains {
-        let _ = writeln!(restore, ":{chain} - [0:0]");
+    restore_felix_table(node, "nat", &chains, &inserts)
+}
+
+/// Writes felix's `cali-` chains of `table` as felix does: each chain declared (under
+/// --noflush that creates or flushes it: a clean rewrite), its rules appended, and the jumps
+/// from the kernel's chains inserted unless a rule with the same felix comment is there.
+pub(crate) fn restore_felix_table<C: AsRef<str>, K: AsRef<str>>(
+    node: &Netns,
+    table: &str,
+    chains: &[(C, Vec<FelixRule>)],
+    inserts: &[(K, FelixRule)],
+) -> Result<(), LabError> {
+    let existing = node.exec(&["iptables-save", "-t", table])?;
+    let mut restore = format!("*{table}\n");
+    for (chain, _) in chains {
+        let _ = writeln!(restore, ":{} - [0:0]", chain.as_ref());
     }
-    for (chain, rule) in &inserts {
-        let rendered = render_chain(chain, std::slice::from_ref(rule), true);
-        for line in rendered {
+    for (chain, rule) in inserts {
+        for line in render_chain(chain.as_ref(), std::slice::from_ref(rule), true) {
             let marker = line.split('"').nth(1).unwrap_or_default();
             if !existing.contains(marker) {
                 let _ = writeln!(restore, "{line}");
             }
         }
     }
-    for (chain, rules) in &chains {
-        for line in render_chain(chain, rules, false) {
+    for (chain, rules) in chains {
+        for line in render_chain(chain.as_ref(), rules, false) {
             let _ = writeln!(restore, "{line}");
         }
     }
     restore.push_str("COMMIT\n");
-    tracing::debug!(netns = node.name(), %restore, "lab: felix nat rules");
+    tracing::debug!(netns = node.name(), %restore, table, "lab: felix rules");
     node.exec_with_stdin(&["iptables-restore", "-w", "--noflush"], &restore)?;
     Ok(())
 }

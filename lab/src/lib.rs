@@ -61,6 +61,7 @@ pub mod iptables;
 pub mod kube;
 pub mod netns;
 pub mod node;
+pub mod policy;
 pub mod scenario;
 pub mod startup;
 pub mod topo;

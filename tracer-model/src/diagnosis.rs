@@ -49,6 +49,8 @@ pub enum Evidence {
     UnackedOffLinkPeer(UnackedOffLinkPeer),
     /// `node_address_on_wrong_interface`: an unanswered peer off the underlay.
     OffLinkPeer(OffLinkPeer),
+    /// `denied_by_policy` (before `KernelDrop`: its keys contain KernelDrop's).
+    DeniedByPolicy(DeniedByPolicy),
     /// `kernel_drop`.
     KernelDrop(KernelDrop),
     /// `mtu_mismatch`.
@@ -73,6 +75,7 @@ impl Evidence {
             Evidence::UnackedOffLinkPeer(e) => &mut e.snat_excluded,
             Evidence::OffLinkPeer(e) => &mut e.snat_excluded,
             Evidence::KernelDrop(e) => &mut e.snat_excluded,
+            Evidence::DeniedByPolicy(e) => &mut e.snat_excluded,
             Evidence::MtuMismatch(e) => &mut e.snat_excluded,
             Evidence::PodRouteMissing(e) => &mut e.snat_excluded,
             Evidence::DestinationUnresponsive(e) => &mut e.snat_excluded,
@@ -345,6 +348,9 @@ pub struct OffLinkPeer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KernelDrop {
     pub drops: Vec<Drop>,
+    /// For a `NETFILTER_DROP`: why no Calico policy could be named (said, never guessed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyLookup>,
     pub reply: Reply,
     #[serde(
         default,
@@ -352,6 +358,84 @@ pub struct KernelDrop {
         serialize_with = "exclusion_sorted"
     )]
     pub snat_excluded: Option<SnatExclusion>,
+}
+
+/// A `NETFILTER_DROP` no felix rule could be named for, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyLookup {
+    /// felix's DROP rules whose counters moved with the drop (`chain#position`), when several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<String>,
+    pub missing: Vec<String>,
+}
+
+/// felix's packet-filter drops of the flow, and the policy rule whose counter moved with them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeniedByPolicy {
+    pub drops: Vec<Drop>,
+    pub policy: PolicyHit,
+    pub reply: Reply,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "exclusion_sorted"
+    )]
+    pub snat_excluded: Option<SnatExclusion>,
+}
+
+/// How felix's rules decided the drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyAction {
+    /// A policy rule with `action: Deny`.
+    Deny,
+    /// felix's end-of-tier drop: no policy of the tier allowed (or passed) the packet.
+    EndOfTier,
+    /// felix's last rule of the endpoint chain: no policy applied and no profile allowed it.
+    NoProfileMatched,
+}
+
+/// Which way the policy applies, from the pod's side (felix's `cali-tw-`/`cali-pi-` chains:
+/// ingress; `cali-fw-`/`cali-po-`: egress).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyDirection {
+    Ingress,
+    Egress,
+}
+
+/// The felix rule that dropped the flow's packets, and the Calico policy it renders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyHit {
+    pub action: PolicyAction,
+    /// felix's chain holding the rule (`cali-pi-_...`, `cali-tw-cali...`).
+    pub chain: String,
+    /// The rule's position in its chain, from 1 (as `iptables -L --line-numbers`).
+    pub chain_rule: u32,
+    pub direction: PolicyDirection,
+    /// `NetworkPolicy`, `GlobalNetworkPolicy` or `KubernetesNetworkPolicy` (`Deny` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// What could not be read (the policy's rule index, the datastore): said, never guessed.
+    pub missing: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// How far the rule's packet counter moved in the interval holding the drop.
+    pub packets: u64,
+    /// The policies the packet went through without a verdict (`end_of_tier`), as
+    /// `Kind namespace/name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// The denying rule as the policy states it (`Deny` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The rule's index in the policy's `ingress`/`egress` list, from 0 (`Deny` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_index: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
 }
 
 /// Packets the kernel dropped with one reason at one place.
@@ -616,6 +700,7 @@ mod tests {
                     reason_code: 12,
                     side: Side::Reverse,
                 }],
+                policy: None,
                 reply: Reply::answered(1),
                 snat_excluded: None,
             }),
@@ -659,6 +744,35 @@ mod tests {
                 reply: Reply::unanswered(9999, 0),
                 route: None,
                 snat_excluded: Some(exclusion()),
+            }),
+            Evidence::DeniedByPolicy(DeniedByPolicy {
+                drops: vec![],
+                policy: PolicyHit {
+                    action: PolicyAction::Deny,
+                    chain: "cali-pi-_abc".into(),
+                    chain_rule: 2,
+                    direction: PolicyDirection::Ingress,
+                    kind: Some("NetworkPolicy".into()),
+                    missing: vec![],
+                    name: Some("deny".into()),
+                    namespace: Some("ns".into()),
+                    packets: 1,
+                    policies: vec![],
+                    rule: Some("Deny TCP".into()),
+                    rule_index: Some(0),
+                    tier: Some("default".into()),
+                },
+                reply: Reply::unanswered(9999, 0),
+                snat_excluded: None,
+            }),
+            Evidence::KernelDrop(KernelDrop {
+                drops: vec![],
+                policy: Some(PolicyLookup {
+                    candidates: vec![],
+                    missing: vec!["no datastore".into()],
+                }),
+                reply: Reply::unanswered(9999, 0),
+                snat_excluded: None,
             }),
         ]
     }

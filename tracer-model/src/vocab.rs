@@ -106,6 +106,8 @@ wire_enum! {
         NodeAddressOnWrongInterface => "node_address_on_wrong_interface",
         DatastoreLatency => "datastore_latency",
         KernelDrop => "kernel_drop",
+        /// A Calico policy (or the end of a tier, or the endpoint's profiles) dropped it.
+        DeniedByPolicy => "denied_by_policy",
         /// Full-size packets do not fit the path (tunnel or underlay MTU) while small ones pass.
         MtuMismatch => "mtu_mismatch",
         DestinationUnresponsive => "destination_unresponsive",

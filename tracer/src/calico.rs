@@ -633,7 +633,7 @@ fn parse_rule(words: &[String]) -> Result<Option<NatOutgoing>, String> {
 }
 
 /// Splits a rule into words; double quotes group (iptables-save quotes comments, `\"` inside).
-fn split_words(line: &str) -> Result<Vec<String>, String> {
+pub(crate) fn split_words(line: &str) -> Result<Vec<String>, String> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;

@@ -133,7 +133,7 @@ pub const OFF_VERDICTS: [Verdict; 5] = [
 ];
 
 /// Causes tracer does not diagnose in eBPF mode.
-pub const OFF_CAUSES: [Cause; 7] = [
+pub const OFF_CAUSES: [Cause; 8] = [
     Cause::MasqueradeNotApplied,
     Cause::NatOutgoingDisabled,
     Cause::IppoolOverlapsHostNetwork,
@@ -143,6 +143,7 @@ pub const OFF_CAUSES: [Cause; 7] = [
     // Its symptom is a segment with no ACK past it: an ACK felix redirects past tracer's hooks
     // would look like none.
     Cause::MtuMismatch,
+    Cause::DeniedByPolicy,
 ];
 
 /// What is off in eBPF mode, and why (fixed words: sent without the token too).
@@ -156,10 +157,16 @@ pub fn turned_off() -> Vec<TurnedOff> {
             why: "felix's eBPF programs decide natOutgoing from the pool flags of its routes map (IN_POOL, NAT_OUT) and mark the packet; its iptables/nft rule matches only that mark, so felix's ipsets, nft sets and natOutgoing rule do not say which pod traffic it means to masquerade.".into(),
         },
         TurnedOff {
-            dataplane,
+            dataplane: dataplane.clone(),
             verdicts: OFF_VERDICTS[2..].to_vec(),
-            causes: OFF_CAUSES[3..].to_vec(),
+            causes: OFF_CAUSES[3..7].to_vec(),
             why: "felix's tc programs translate packets and redirect them past the host stack (into pods with bpf_redirect_peer, which skips the veth's egress hook), and a program felix attaches after tracer's runs after it on egress: a reply, or the translated packet it answers, may never reach a hook tracer watches, so a flow that looks unanswered (or a segment that looks unacknowledged) may have been answered. vxlan.calico is flow-based (no parent device).".into(),
+        },
+        TurnedOff {
+            dataplane,
+            verdicts: vec![],
+            causes: OFF_CAUSES[7..].to_vec(),
+            why: "felix's eBPF programs enforce policy in its tc programs (felix/bpf-gpl/policy.h), not in iptables/nft chains: there are no cali-pi-/cali-po- rule counters to read, so a drop there is not attributed to a policy (not covered yet).".into(),
         },
     ]
 }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod diagnose;
 pub mod events;
 pub mod felix_bpf;
+pub mod felix_policy;
 pub mod flows;
 pub mod hooks;
 pub mod identity;

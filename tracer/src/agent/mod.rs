@@ -251,6 +251,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cfg.token.clone(),
     ));
 
+    let policy_counters = tokio::spawn(read_policy_counters(shared.clone()));
     let mut resync = tokio::time::interval(cfg.resync);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
@@ -299,6 +300,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     }
     tracing::info!("shutting down: detaching tc programs");
     server.abort();
+    policy_counters.abort();
     hooks.detach_all();
     // The reader wakes every READER_WAKE and then sees the flag.
     stop_reader.store(true, Ordering::Relaxed);
@@ -587,6 +589,40 @@ fn read_events(
             // Nothing arrived for a whole wake period.
             shared.reader_idle();
         }
+    }
+}
+
+/// How often the policy counter reader looks for new kernel drops of traced flows.
+const POLICY_POLL: Duration = Duration::from_millis(250);
+
+/// Reads felix's filter rule counters (`felix_policy`) once at start and then only when traced
+/// flows saw new kernel drops: at most one `iptables-save` per [`POLICY_POLL`], off the data
+/// path. Not in the nftables or eBPF dataplane (not covered: the rules say so).
+async fn read_policy_counters(shared: Arc<Shared>) {
+    let mut seen = None;
+    let mut poll = tokio::time::interval(POLICY_POLL);
+    loop {
+        poll.tick().await;
+        let iptables = {
+            let n = shared.node();
+            n.pools.ebpf.is_none() && n.pools.dataplane == crate::calico::Dataplane::Iptables
+        };
+        if !iptables {
+            continue;
+        }
+        let drops = shared.traced_drops();
+        if seen == Some(drops) {
+            continue;
+        }
+        seen = Some(drops);
+        let at = mono_now_ns();
+        let read = tokio::task::spawn_blocking(crate::felix_policy::read_iptables)
+            .await
+            .unwrap_or_else(|e| Err(format!("reader task: {e}")));
+        if let Err(e) = &read {
+            tracing::debug!(error = %e, "policy: felix's filter counters unread");
+        }
+        shared.record_policy_counters(at, read);
     }
 }
 

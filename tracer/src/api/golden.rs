@@ -51,6 +51,7 @@ const CASES: &[Case] = &[
     ("masquerade-not-applied", masquerade_not_applied),
     ("snat-excluded", snat_excluded),
     ("kernel-drop", kernel_drop),
+    ("denied-by-policy", denied_by_policy),
     ("mtu-mismatch", mtu_mismatch),
     ("wrong-source-address", wrong_source_address),
     ("off-link-peer-unacked", off_link_peer_unacked),
@@ -516,6 +517,35 @@ fn kernel_drop() -> Shared {
         location: 0,
     });
     s.ingest(&[obs(T0, VETH, Dir::Ingress, p), dropped], 0);
+    s
+}
+
+/// The same drop, with a GlobalNetworkPolicy in tier `security` whose egress Deny rule's
+/// counter (felix's chain for it, computed from the policy) moved with the drop.
+fn denied_by_policy() -> Shared {
+    use crate::felix_policy::{parse_policy, FilterRule, PolicyKind, PolicySet};
+    use tracer_model::{diagnosis::PolicyDirection, identity::IdentitySource};
+    let s = kernel_drop();
+    let ids = crate::identity::Identities::new(IdentitySource::Etcdv3, Some("node-a"));
+    let gnp = parse_policy(
+        PolicyKind::GlobalNetworkPolicy,
+        r#"{"metadata":{"name":"security.deny-8080"},"spec":{"tier":"security","egress":[
+            {"action":"Allow","protocol":"UDP","destination":{"ports":[53]}},
+            {"action":"Deny","protocol":"TCP","destination":{"ports":[8080]}}]}}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let chain = gnp.chain(PolicyDirection::Egress);
+    ids.publish_policies(PolicySet::new([gnp]));
+    s.set_identities(std::sync::Arc::new(ids));
+    let rules = |dropped| {
+        let rule = FilterRule::bare;
+        vec![
+            rule("cali-fw-calid92900560e3", 1, 1, &chain),
+            rule(&chain, 4, dropped, "DROP"),
+        ]
+    };
+    s.record_policy_counters(T0 - S, Ok(rules(0)));
+    s.record_policy_counters(T0 + 500 * MS, Ok(rules(1)));
     s
 }
 

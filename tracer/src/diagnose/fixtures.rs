@@ -129,8 +129,16 @@ pub fn cx<'a>(pools: &'a Pools, facts: &'a NodeFacts, now: u64) -> Context<'a> {
         symbols: &SYMBOLS,
         gaps: &NO_GAPS,
         too_big: &[],
+        policy: &NO_POLICY,
     }
 }
+
+/// No datastore: policies are said missing.
+pub static NO_POLICY: std::sync::LazyLock<crate::felix_policy::PolicyView> =
+    std::sync::LazyLock::new(|| crate::felix_policy::PolicyView {
+        policies_missing: Some("no datastore configured (DATASTORE_TYPE)".into()),
+        ..Default::default()
+    });
 pub fn with_rule(mut p: Pools, rule: NatOutgoing) -> Pools {
     p.nat_outgoing_v4 = Some(NatOutgoing { rules: 1, ..rule });
     p

@@ -32,10 +32,9 @@ pub fn significant_drops<'f>(flow: &'f Flow, cx: &Context<'_>) -> Vec<&'f DropRe
         .collect()
 }
 
-pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagnosis> {
-    let first = f.drops.first()?;
-    let drops = f
-        .drops
+/// The flow's significant drops as the evidence lists them.
+pub(super) fn drop_list(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Vec<diagnosis::Drop> {
+    f.drops
         .iter()
         .map(|d| diagnosis::Drop {
             after_ms: ms(d.ts_ns.saturating_sub(flow.first_ns)),
@@ -46,7 +45,12 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
             reason_code: d.reason,
             side: model_side(d.side),
         })
-        .collect();
+        .collect()
+}
+
+pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagnosis> {
+    let first = f.drops.first()?;
+    let drops = drop_list(flow, cx, f);
     let reason = cx.reasons.name(first.reason);
     let place = cx
         .symbols
@@ -70,6 +74,8 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
         ),
         evidence: Evidence::KernelDrop(diagnosis::KernelDrop {
             drops,
+            // `policy::diagnose` ran first: a lookup here is one that named no policy.
+            policy: super::policy::lookup(flow, cx, f).and_then(Result::err),
             reply: reply_evidence(flow, cx),
             snat_excluded: None,
         }),
@@ -139,6 +145,8 @@ mod tests {
                     "count": 1,
                     "after_ms": 0,
                 }],
+                // No counters were read: no policy is named, and that is said.
+                "policy": {"missing": ["felix's filter rule counters not read yet"]},
                 "reply": no_reply_after_10s(),
             }),
         );

@@ -16,6 +16,7 @@ use crate::{
     calico::{Pools, DEFAULT_INTERFACE_PREFIX},
     events::Dir,
     felix_bpf,
+    felix_policy::PolicyView,
     flows::{DropRecord, Flow, Gaps, HopView, Side, TooBig},
     kernel_names::{DropReasons, Symbols},
     net::{proto_name, Cidr},
@@ -28,6 +29,7 @@ mod mtu;
 mod node;
 mod off_link;
 mod pod_route;
+mod policy;
 mod snat;
 mod unanswered;
 mod wrong_parent;
@@ -97,6 +99,8 @@ pub struct Context<'a> {
     pub gaps: &'a Gaps,
     /// The latest ICMP too-big messages seen on the node.
     pub too_big: &'a [TooBig],
+    /// Calico's policies and felix's rule counters (`denied_by_policy`).
+    pub policy: &'a PolicyView,
 }
 
 impl Context<'_> {
@@ -147,6 +151,7 @@ pub const RULES: &[Rule] = &[
     wrong_source::diagnose,
     wrong_parent::diagnose,
     mtu::diagnose,
+    policy::diagnose,
     kernel_drop::diagnose,
     datastore::diagnose,
     off_link::diagnose_unanswered_peer,

@@ -3,17 +3,30 @@
 //! holding the v3 object's JSON (`libcalico-go/lib/backend/model/resource.go`; shapes from
 //! `libcalico-go/lib/apis/internalapi/{workloadendpoint,node}.go`). A prefix Get (Calico's
 //! List) then a prefix watch from the next revision; a compaction or an error relists.
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use serde::Deserialize;
 use tracer_model::identity::{Endpoint, NodeRef, PodRef};
 
 use super::{backoff, parse_addr, Book, Identities, Kind, Object, MIN_BACKOFF};
+use crate::felix_policy::{parse_policy, Policy, PolicyKind, PolicySet};
 
 pub const V3_PREFIX: &str = "/calico/resources/v3/projectcalico.org/";
 const WEPS: &str = "/calico/resources/v3/projectcalico.org/workloadendpoints/";
 const NODES: &str = "/calico/resources/v3/projectcalico.org/nodes/";
+/// Calico's policies: `networkpolicies/<namespace>/<name>` (Kubernetes NetworkPolicies too, as
+/// kube-controllers' `knp.default.<name>`) and `globalnetworkpolicies/<name>`.
+const POLICIES: [(&str, PolicyKind); 2] = [
+    (
+        "/calico/resources/v3/projectcalico.org/networkpolicies/",
+        PolicyKind::NetworkPolicy,
+    ),
+    (
+        "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/",
+        PolicyKind::GlobalNetworkPolicy,
+    ),
+];
 /// The one watch this source keeps, as [`Identities`] tracks its health.
 const PART: &str = "etcd";
 /// Labels Calico adds to a pod's own on its WorkloadEndpoint (`projectcalico.org/namespace`,
@@ -63,6 +76,21 @@ async fn watch(ids: &Identities, endpoints: &[String], listed: &mut bool) -> any
             .collect();
         book.replace(kind, objects);
     }
+    let mut policies: BTreeMap<String, Policy> = BTreeMap::new();
+    for (prefix, kind) in POLICIES {
+        let resp = client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        revision = resp.header().map_or(revision, |h| h.revision());
+        for kv in resp.kvs() {
+            if let (Ok(key), Ok(value)) = (kv.key_str(), kv.value_str()) {
+                if let Some(p) = policy(kind, key, value) {
+                    policies.insert(key.to_string(), p);
+                }
+            }
+        }
+    }
+    ids.publish_policies(PolicySet::new(policies.values().cloned()));
     ids.publish(&book, PART);
     *listed = true;
     let mut stream = client
@@ -81,9 +109,22 @@ async fn watch(ids: &Identities, endpoints: &[String], listed: &mut bool) -> any
             anyhow::bail!("watch cancelled ({}); relisting", resp.cancel_reason());
         }
         let mut changed = false;
+        let mut policies_changed = false;
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
             let Ok(key) = kv.key_str() else { continue };
+            if let Some((_, kind)) = POLICIES.iter().find(|(p, _)| key.starts_with(p)) {
+                policies_changed = true;
+                let parsed = match ev.event_type() {
+                    EventType::Put => kv.value_str().ok().and_then(|v| policy(*kind, key, v)),
+                    EventType::Delete => None,
+                };
+                match parsed {
+                    Some(p) => policies.insert(key.to_string(), p),
+                    None => policies.remove(key),
+                };
+                continue;
+            }
             let Some(kind) = kind_of(key) else { continue };
             changed = true;
             match ev.event_type() {
@@ -94,6 +135,9 @@ async fn watch(ids: &Identities, endpoints: &[String], listed: &mut bool) -> any
                 EventType::Delete => book.remove(kind, key),
             }
         }
+        if policies_changed {
+            ids.publish_policies(PolicySet::new(policies.values().cloned()));
+        }
         if changed {
             ids.publish(&book, PART);
         } else {
@@ -101,6 +145,13 @@ async fn watch(ids: &Identities, endpoints: &[String], listed: &mut bool) -> any
         }
     }
     Ok(())
+}
+
+/// A policy's JSON; one that does not parse is skipped (logged), never guessed at.
+fn policy(kind: PolicyKind, key: &str, value: &str) -> Option<Policy> {
+    parse_policy(kind, value)
+        .inspect_err(|e| tracing::warn!(key, error = %e, "policy: unreadable Calico policy"))
+        .ok()
 }
 
 fn kind_of(key: &str) -> Option<Kind> {

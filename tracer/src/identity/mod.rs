@@ -22,7 +22,7 @@ use std::{
 
 use tracer_model::identity::{Endpoint, IdentityHealth, IdentitySource};
 
-use crate::clock::mono_now_ns;
+use crate::{clock::mono_now_ns, felix_policy::PolicySet};
 
 /// Ended tenancies kept, so that flows of deleted pods keep their names. Oldest go first.
 pub const MAX_ENDED: usize = 4096;
@@ -187,6 +187,9 @@ pub struct Identities {
     nodename: Option<Arc<Endpoint>>,
     view: RwLock<Arc<View>>,
     status: Mutex<Status>,
+    /// Calico's policies, by felix's chain names; None until the source lists them (the
+    /// etcdv3 source does; the Kubernetes source does not read policies yet).
+    policies: RwLock<Option<Arc<PolicySet>>>,
 }
 
 impl Identities {
@@ -200,6 +203,7 @@ impl Identities {
             }),
             view: RwLock::new(Arc::new(View::default())),
             status: Mutex::new(Status::default()),
+            policies: RwLock::new(None),
         }
     }
 
@@ -214,6 +218,22 @@ impl Identities {
     /// The last published view: one `Arc` clone, never waits on the datastore.
     pub fn view(&self) -> Arc<View> {
         Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The policies as last listed, or why there are none.
+    pub fn policies(&self) -> Result<Arc<PolicySet>, String> {
+        if !self.is_on() {
+            return Err("no datastore configured (DATASTORE_TYPE)".into());
+        }
+        self.policies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| format!("policies not read from {}", self.source.as_str()))
+    }
+
+    pub fn publish_policies(&self, set: PolicySet) {
+        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(set));
     }
 
     /// This node, as NODENAME names it.

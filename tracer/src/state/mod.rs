@@ -38,6 +38,7 @@ use crate::{
     calico::{Pools, Role},
     clock::{mono_now_ns, Clock},
     diagnose::{Context, Rules},
+    felix_policy::{Counters, FilterRule, PolicyView},
     flows::{Flow, FlowId, FlowTable, Gaps, Iface, TableStats},
     hooks::{ifstate::Purged, AttachedIface, KernelCounters, KernelStats},
     identity::Identities,
@@ -174,6 +175,8 @@ pub struct Shared {
     identities: OnceLock<Arc<Identities>>,
     /// What the flow log has written, when there is one.
     flow_log: Option<FlowLogCounters>,
+    /// felix's filter rule counters as last read (`felix_policy`).
+    policy_counters: RwLock<Arc<Counters>>,
 }
 
 /// Flows judged per hold of the flow table by endpoints that judge them all.
@@ -216,12 +219,62 @@ impl Shared {
             node_hash: AtomicU64::new(0),
             identities: OnceLock::new(),
             flow_log: cfg.flow_log.then(FlowLogCounters::default),
+            policy_counters: RwLock::new(Arc::default()),
         }
     }
 
     /// Turns identity on with `ids` (once, at start).
     pub fn set_identities(&self, ids: Arc<Identities>) {
         let _ = self.identities.set(ids);
+    }
+
+    /// Kernel drops of traced flows so far: the policy counter reader reads felix's counters
+    /// only when this moved.
+    pub fn traced_drops(&self) -> u64 {
+        lock(&self.table).stats().drops
+    }
+
+    /// A reading of felix's filter rule counters taken at `at_ns` (before the command ran).
+    pub fn record_policy_counters(&self, at_ns: u64, read: Result<Vec<FilterRule>, String>) {
+        let mut guard = self
+            .policy_counters
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut next = Counters::clone(&guard);
+        match read {
+            Ok(rules) => next.record(at_ns, rules),
+            Err(e) => next.error = Some(e),
+        }
+        *guard = Arc::new(next);
+    }
+
+    /// What the rules see of Calico's policies and felix's counters, for one answer.
+    fn policy_view(&self, pools: &Pools) -> PolicyView {
+        let (policies, policies_missing) = match self.identities().policies() {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e)),
+        };
+        let unsupported = if pools.ebpf.is_some() {
+            Some("felix's eBPF dataplane enforces policy in its tc programs: no rule counters to read (not covered)".into())
+        } else if pools.dataplane == crate::calico::Dataplane::Nftables {
+            Some(
+                "felix's nftables dataplane: its rule counters are not read yet (not covered)"
+                    .into(),
+            )
+        } else {
+            None
+        };
+        PolicyView {
+            policies,
+            policies_missing,
+            counters: Arc::clone(
+                &self
+                    .policy_counters
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner()),
+            ),
+            unsupported,
+        }
     }
 
     /// Where names come from; off unless [`Shared::set_identities`] was called.
@@ -259,7 +312,9 @@ impl Shared {
         let gaps = lock(&self.gaps).clone();
         // A copy (at most TOO_BIG_KEPT small entries): `f` may change the table.
         let too_big = table.too_big().to_vec();
+        let policy = self.policy_view(&node.pools);
         let cx = Context {
+            policy: &policy,
             pools: &node.pools,
             facts: &node.facts,
             now_ns: mono_now_ns(),
