@@ -128,7 +128,7 @@ impl Floor {
     /// A program that looks up an all-zero `key_size`-byte key (present) in an LRU hash map of
     /// FLOWS's size with a 24-byte value, and carries on.
     pub fn load_lookup(key_size: u32) -> Result<Floor> {
-        if key_size == 0 || key_size > 64 || key_size % 4 != 0 {
+        if key_size == 0 || key_size > 64 || !key_size.is_multiple_of(4) {
             bail!("lookup floor: key size {key_size} is not a multiple of 4 up to 64");
         }
         let mut create = MapCreate {
