@@ -59,6 +59,14 @@ impl Laptop {
         c
     }
 
+    /// `kubectl tracer watch pod/NAME -n NS` and more arguments.
+    fn watch(&self, pod: &ClusterPod, more: &[&str]) -> Command {
+        let target = format!("pod/{}", pod.pod.name);
+        let mut args = vec!["watch", &target, "-n", &pod.pod.namespace];
+        args.extend_from_slice(more);
+        self.kubectl_tracer(&args)
+    }
+
     /// KUBECONFIG as a list, merged as kubectl merges it: the first file knows only another
     /// cluster and sets no current context; the second names the stand-in and makes it
     /// current. Only the merge reaches the stand-in.
@@ -209,19 +217,10 @@ fn watch_finds_the_pods_node_streams_through_the_api_server_and_the_lease_lapses
     let (pod, peer) = pods(&l)?;
     let ttl = format!("{}s", TTL.as_secs());
     let mut child = Reap(
-        l.kubectl_tracer(&[
-            "watch",
-            &format!("pod/{}", pod.pod.name),
-            "-n",
-            &pod.pod.namespace,
-            "-o",
-            "json",
-            "--lease-ttl",
-            &ttl,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?,
+        l.watch(pod, &["-o", "json", "--lease-ttl", &ttl])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?,
     );
     let rx = lines(&mut child.0)?;
     // The pod's node (ce-demo-2, index 1) attached its veth; the other node nothing.
@@ -295,15 +294,10 @@ fn watch_exits_on_sigterm_and_detaches_at_once() -> TestResult {
     let l = laptop(&["--attach", "on-demand"])?;
     let (pod, _) = pods(&l)?;
     let mut child = Reap(
-        l.kubectl_tracer(&[
-            "watch",
-            &format!("pod/{}", pod.pod.name),
-            "-n",
-            &pod.pod.namespace,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?,
+        l.watch(pod, &[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?,
     );
     poll(Duration::from_secs(15), Duration::from_millis(100), || {
         l.attached(1).ok().filter(|a| a.contains(&pod.pod.veth))

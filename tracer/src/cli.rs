@@ -172,21 +172,32 @@ pub struct WatchArgs {
 pub struct DiagnosesArgs {
     #[command(flatten)]
     pub conn: AgentConn,
-    /// Explicit agent URLs to ask (comma separated), one report per node.
-    #[arg(long, value_delimiter = ',')]
-    pub agents: Vec<String>,
-    /// Ask every agent of the DaemonSet (headless Service DNS name, see --service).
+    #[command(flatten)]
+    pub nodes: NodeSelection,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// Which agents a read asks: the one of --agent, explicit URLs, every agent of the DaemonSet,
+/// or one node's through the API server. Shared by `flows` and `diagnoses`.
+#[derive(Debug, Args)]
+pub struct NodeSelection {
+    /// Ask every agent of the DaemonSet (found through the headless Service's DNS name, or
+    /// listed by the API server) and merge the answers.
     #[arg(long)]
     pub all_nodes: bool,
+    /// The DaemonSet's headless Service, for --all-nodes.
     #[arg(long, default_value = defaults::SERVICE)]
     pub service: String,
+    /// Port the agents listen on, for --all-nodes.
     #[arg(long, default_value_t = defaults::API_PORT)]
     pub agent_port: u16,
+    /// Explicit agent URLs to ask (comma separated) instead of discovery, merged per node.
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Vec<String>,
     /// Through the API server: ask only this node's agent.
     #[arg(long)]
     pub node: Option<String>,
-    #[arg(short, long, value_enum, default_value_t = Output::Table)]
-    pub output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -407,22 +418,8 @@ pub enum Output {
 pub struct FlowsArgs {
     #[command(flatten)]
     pub conn: AgentConn,
-    /// Ask every agent of the DaemonSet (found through the headless Service's DNS name) and
-    /// merge the answers.
-    #[arg(long)]
-    pub all_nodes: bool,
-    /// The DaemonSet's headless Service, for --all-nodes.
-    #[arg(long, default_value = defaults::SERVICE)]
-    pub service: String,
-    /// Port the agents listen on, for --all-nodes.
-    #[arg(long, default_value_t = defaults::API_PORT)]
-    pub agent_port: u16,
-    /// Explicit agent URLs to merge (comma separated) instead of DNS discovery.
-    #[arg(long, value_delimiter = ',')]
-    pub agents: Vec<String>,
-    /// Through the API server: ask only this node's agent.
-    #[arg(long)]
-    pub node: Option<String>,
+    #[command(flatten)]
+    pub nodes: NodeSelection,
     /// Pod as namespace/name, or a name in the kubeconfig context's namespace (as kubectl):
     /// flows through its veth, and with identity on, flows to or from its address.
     #[arg(long, value_parser = pod_arg)]

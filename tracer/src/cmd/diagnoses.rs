@@ -16,15 +16,7 @@ struct NodeDiagnoses<'a> {
 }
 
 pub async fn run(args: DiagnosesArgs) -> Result<(), String> {
-    let (targets, multi) = nodes::targets(&nodes::Scope {
-        conn: &args.conn,
-        all_nodes: args.all_nodes,
-        agents: &args.agents,
-        service: &args.service,
-        agent_port: args.agent_port,
-        node: args.node.as_deref(),
-    })
-    .await?;
+    let (targets, multi) = nodes::targets(&args.conn, &args.nodes).await?;
     let asked = targets.len();
     let answers = nodes::ask_all(targets, |a: Agent| async move { a.diagnoses().await }).await;
     let mut failed = 0;

@@ -27,15 +27,7 @@ pub struct Merged {
 
 pub async fn run(args: FlowsArgs) -> Result<(), String> {
     let q = args.query();
-    let (targets, multi) = nodes::targets(&nodes::Scope {
-        conn: &args.conn,
-        all_nodes: args.all_nodes,
-        agents: &args.agents,
-        service: &args.service,
-        agent_port: args.agent_port,
-        node: args.node.as_deref(),
-    })
-    .await?;
+    let (targets, multi) = nodes::targets(&args.conn, &args.nodes).await?;
     let answer = if multi {
         fan_out(targets, &q).await?
     } else {

@@ -11,7 +11,7 @@ use std::{
 use futures::StreamExt;
 use tracer::{
     apiserver::Cluster,
-    cli::{AgentConn, Via},
+    cli::{AgentConn, NodeSelection, Via},
     client::{Agent, ClientError},
 };
 use tracer_model::defaults;
@@ -31,20 +31,11 @@ pub struct Target {
     pub agent: Agent,
 }
 
-/// What `flows`/`diagnoses` are asked to reach.
-pub struct Scope<'a> {
-    pub conn: &'a AgentConn,
-    pub all_nodes: bool,
-    /// --agents: explicit URLs, which always win.
-    pub agents: &'a [String],
-    pub service: &'a str,
-    pub agent_port: u16,
-    pub node: Option<&'a str>,
-}
-
 /// The agents to ask, and whether the answer is a merge of several (named by node).
-pub async fn targets(scope: &Scope<'_>) -> Result<(Vec<Target>, bool), String> {
-    let conn = scope.conn;
+pub async fn targets(
+    conn: &AgentConn,
+    scope: &NodeSelection,
+) -> Result<(Vec<Target>, bool), String> {
     let direct = |urls: Vec<String>, token: Option<String>| -> Vec<Target> {
         urls.into_iter()
             .map(|u| Target {
@@ -69,7 +60,7 @@ pub async fn targets(scope: &Scope<'_>) -> Result<(Vec<Target>, bool), String> {
             }
             let token = conn.token()?;
             if scope.all_nodes {
-                let urls = discover(scope.service, scope.agent_port).await?;
+                let urls = discover(&scope.service, scope.agent_port).await?;
                 Ok((direct(urls, token), true))
             } else {
                 Ok((direct(vec![conn.agent.clone()], token), false))
@@ -86,11 +77,11 @@ pub async fn targets(scope: &Scope<'_>) -> Result<(Vec<Target>, bool), String> {
                 .await
                 .map_err(|e| e.to_string())?;
             let pods = cluster
-                .agents(scope.node)
+                .agents(scope.node.as_deref())
                 .await
                 .map_err(|e| e.to_string())?;
             if pods.is_empty() {
-                return Err(match scope.node {
+                return Err(match &scope.node {
                     Some(n) => format!(
                         "no tracer agent on node {n} (no pod {} in namespace {})",
                         defaults::AGENT_SELECTOR,

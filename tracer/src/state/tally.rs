@@ -388,7 +388,7 @@ impl std::io::Write for FixedHasher {
 mod tests {
     use super::*;
     use crate::{
-        events::Dir,
+        events::{Dir, Observation},
         testutil::{obs, tcp},
     };
 
@@ -443,6 +443,17 @@ mod tests {
         i.map_or(0, |i| c.by_verdict[i])
     }
 
+    /// `n` SYNs from `src` to `dst`:443 on ifindex 5, ports and sequence numbers from `first`,
+    /// timestamps from `at`.
+    fn syns(src: &str, dst: &str, n: u32, first: u16, at: u64) -> Vec<Observation> {
+        (0..n)
+            .map(|i| {
+                let p = tcp(src, first + i as u16, dst, 443, 0x02, at as u32 + i, 0);
+                obs(at + u64::from(i), 5, Dir::Ingress, p)
+            })
+            .collect()
+    }
+
     #[test]
     fn counts_follow_new_and_evicted_flows_without_judging_all_again() {
         // Ten unanswered SYNs long past the timeout fill a table of ten.
@@ -454,20 +465,7 @@ mod tests {
         assert_eq!(c.time_to_diagnosis.count(), 10);
         assert_eq!(c.full_passes, 1);
         // Five more evict five: the gauges follow the table, the counter only grows.
-        let batch: Vec<_> = (0..5u32)
-            .map(|i| {
-                let p = tcp(
-                    "10.244.1.11",
-                    2000 + i as u16,
-                    "10.96.9.9",
-                    443,
-                    0x02,
-                    7_000 + i,
-                    0,
-                );
-                obs(5_000 + u64::from(i), 5, Dir::Ingress, p)
-            })
-            .collect();
+        let batch = syns("10.244.1.11", "10.96.9.9", 5, 2000, 5_000);
         shared.ingest(&batch, 0);
         let c = shared.tally_counts();
         assert_eq!(no_reply(&c), 10, "{c:?}");
@@ -492,20 +490,7 @@ mod tests {
         assert!(!fast.causes.is_empty(), "{fast:?}");
         // Flows that arrived since the last tally are judged on the spot, and the next answer
         // still equals a full judgement without another full pass.
-        let batch: Vec<_> = (0..7u32)
-            .map(|i| {
-                let p = tcp(
-                    "10.244.1.12",
-                    3000 + i as u16,
-                    "10.96.7.7",
-                    443,
-                    0x02,
-                    9_000 + i,
-                    0,
-                );
-                obs(9_000 + u64::from(i), 5, Dir::Ingress, p)
-            })
-            .collect();
+        let batch = syns("10.244.1.12", "10.96.7.7", 7, 3000, 9_000);
         shared.ingest(&batch, 0);
         let again = shared.diagnoses();
         assert_eq!(again, shared.diagnoses_judging_all());
