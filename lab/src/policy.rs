@@ -596,6 +596,9 @@ pub fn write_felix_filter(node: &Netns, endpoints: &[LabEndpoint]) -> Result<(),
     restore_felix_table(node, "filter", &chains, &[jump])
 }
 
+/// An nft rule body and its comment (without felix's hash).
+type NftRule = (String, Option<String>);
+
 /// felix's filter part of `table ip calico` in nftables mode, as an `nft -f` script that
 /// leaves the rest of the table (the nat chains and sets) alone: each chain declared and
 /// flushed, then its rules appended with `comment "cali:<hash>; <comment>"`; the dispatch as
@@ -607,7 +610,7 @@ pub fn nft_filter_script(endpoints: &[LabEndpoint]) -> String {
     let t = format!("ip {NFT_TABLE}");
     let mut s = format!("add table {t}\n");
     let mut elements = Vec::new();
-    let mut rules_of: Vec<(String, Vec<(String, Option<String>)>)> = chains
+    let mut rules_of: Vec<(String, Vec<NftRule>)> = chains
         .iter()
         .map(|(c, rules)| {
             (
