@@ -1,5 +1,5 @@
-//! Issue 17 §2, which Calico policy dropped a flow: felix-style policy chains (iptables
-//! dataplane, `tracer_lab::policy`) on node 1 of the two-node lab, the policy objects in the
+//! Issue 17 §2, which Calico policy dropped a flow: felix-style policy chains
+//! (`tracer_lab::policy`, in felix's iptables dataplane and again in its nftables one) on node 1 of the two-node lab, the policy objects in the
 //! lab's real etcd, and the real agent reading both. Three policies, each denying one client pod
 //! while another client pod is allowed:
 //! - a Kubernetes NetworkPolicy (in etcd as kube-controllers writes it, `knp.default.<name>`)
@@ -10,16 +10,20 @@
 //! The denied flow must be `denied_by_policy` naming tier, policy, direction and rule; the
 //! allowed flow must not be blamed; without a datastore the drop stays a `kernel_drop` whose
 //! evidence says the policy is missing. The drop itself is checked without tracer: the client's
-//! connect times out and felix's rule counter (iptables) moved.
+//! connect times out and felix's rule counter moved (read with iptables or nft -j, not with
+//! tracer's reader).
 mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
 use common::{query, Agent, Res, TestResult, READY};
 use tracer_lab::{
-    calico::veth_name,
+    calico::{veth_name, Dataplane as LabDataplane},
     netns::Netns,
-    policy::{write_felix_filter, Direction, Kind, LabEndpoint, LabPolicy, PolicyRule},
+    policy::{
+        drop_packets, write_felix_policy, Direction, Kind, LabEndpoint, LabPolicy, PolicyRule,
+        NFT_FILTER,
+    },
     topo::{Cluster, ClusterConfig, PodConfig},
     traffic::tcp_probe,
 };
@@ -35,8 +39,9 @@ const DENIED_KNP: (&str, &str) = ("web-a", "10.244.142.36");
 const DENIED_NP: (&str, &str) = ("web-b", "10.244.142.39");
 const DENIED_GNP: (&str, &str) = ("web-c", "10.244.142.40");
 
-fn config() -> ClusterConfig {
+fn config(dp: LabDataplane) -> ClusterConfig {
     let mut cfg = ClusterConfig::two_nodes();
+    cfg.dataplane = dp;
     cfg.nodes[0].pods = [SERVER, ALLOWED, DENIED_KNP, DENIED_NP, DENIED_GNP]
         .iter()
         .map(|(name, ip)| PodConfig::new(NS, name, ip))
@@ -190,36 +195,51 @@ fn allowed_is_not_blamed(agent: &Agent, lab: &Cluster) -> TestResult {
     Ok(())
 }
 
-/// felix's counter for `chain` in node 1, summed: the drop is felix's, seen without tracer.
-fn drops_in(lab: &Cluster, chain: &str) -> Res<u64> {
-    Ok(
-        tracer_lab::iptables::counters(&lab.nodes[0].netns, "filter", chain)?
-            .iter()
-            .filter(|r| r.target == "DROP")
-            .map(|r| r.packets)
-            .sum(),
-    )
+/// felix's DROP counters of `chain` in node 1, summed: the drop is felix's, seen without
+/// tracer.
+fn drops_in(lab: &Cluster, dp: LabDataplane, chain: &str) -> Res<u64> {
+    Ok(drop_packets(&lab.nodes[0].netns, dp, chain)?)
+}
+
+/// The chain as the node lists it: nftables mode prefixes felix's filter chains.
+fn listed(dp: LabDataplane, chain: &str) -> String {
+    match dp {
+        LabDataplane::Iptables => chain.to_string(),
+        LabDataplane::Nftables => format!("{NFT_FILTER}{chain}"),
+    }
 }
 
 #[test]
 fn denied_flows_name_the_policy_and_the_allowed_flow_is_not_blamed() -> TestResult {
-    let lab = Cluster::build(&config())?;
+    denied_and_allowed(LabDataplane::Iptables)
+}
+
+#[test]
+fn denied_flows_name_the_policy_in_the_nftables_dataplane() -> TestResult {
+    denied_and_allowed(LabDataplane::Nftables)
+}
+
+fn denied_and_allowed(dp: LabDataplane) -> TestResult {
+    let lab = Cluster::build(&config(dp))?;
     let agent = start(&lab, true)?;
     let n1 = &lab.nodes[0].netns;
 
     // (a) A Kubernetes NetworkPolicy selecting the server allows only the allowed client: the
     // other one falls off the end of tier "default".
     put(&lab, &knp())?;
-    write_felix_filter(n1, &endpoints(vec![knp()], vec![]))?;
+    write_felix_policy(n1, dp, &endpoints(vec![knp()], vec![]))?;
     assert!(!connect(&lab, DENIED_KNP)?, "the KNP drops web-a");
     let tw = format!("cali-tw-{}", veth(SERVER));
-    assert!(drops_in(&lab, &tw)? > 0, "felix's end-of-tier DROP moved");
+    assert!(
+        drops_in(&lab, dp, &tw)? > 0,
+        "felix's end-of-tier DROP moved"
+    );
     let f = flow_of(&agent, &lab, DENIED_KNP, Cause::DeniedByPolicy)?;
     let h = hit(&f)?;
     assert_eq!(h.action, PolicyAction::EndOfTier, "{h:?}");
     assert_eq!(h.tier.as_deref(), Some("default"));
     assert_eq!(h.direction, PolicyDirection::Ingress);
-    assert_eq!(h.chain, tw);
+    assert_eq!(h.chain, listed(dp, &tw));
     assert_eq!(
         h.policies,
         [format!("NetworkPolicy {NS}/knp.default.allow-web")]
@@ -228,9 +248,10 @@ fn denied_flows_name_the_policy_and_the_allowed_flow_is_not_blamed() -> TestResu
 
     // (b) A Calico NetworkPolicy in tier "security": its rule 1 denies web-b.
     put(&lab, &tiered_np())?;
-    write_felix_filter(n1, &endpoints(vec![tiered_np()], vec![]))?;
+    write_felix_policy(n1, dp, &endpoints(vec![tiered_np()], vec![]))?;
     assert!(!connect(&lab, DENIED_NP)?, "the tiered policy drops web-b");
-    assert!(drops_in(&lab, &tiered_np().chain())? > 0);
+    let np_chain = tiered_np().chain_for(dp);
+    assert!(drops_in(&lab, dp, &np_chain)? > 0);
     let f = flow_of(&agent, &lab, DENIED_NP, Cause::DeniedByPolicy)?;
     let h = hit(&f)?;
     assert_eq!(h.action, PolicyAction::Deny, "{h:?}");
@@ -240,15 +261,16 @@ fn denied_flows_name_the_policy_and_the_allowed_flow_is_not_blamed() -> TestResu
     assert_eq!(h.tier.as_deref(), Some("security"));
     assert_eq!(h.direction, PolicyDirection::Ingress);
     assert_eq!(h.rule_index, Some(1), "{h:?}");
-    assert_eq!(h.chain, tiered_np().chain());
+    assert_eq!(h.chain, listed(dp, &np_chain));
     let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
     assert!(d.fix.contains("security.deny-web-b"), "{}", d.fix);
     allowed_is_not_blamed(&agent, &lab)?;
 
     // (c) A GlobalNetworkPolicy denies web-c's egress with its rule 0.
     put(&lab, &gnp())?;
-    write_felix_filter(n1, &endpoints(vec![], vec![gnp()]))?;
+    write_felix_policy(n1, dp, &endpoints(vec![], vec![gnp()]))?;
     assert!(!connect(&lab, DENIED_GNP)?, "the GNP drops web-c");
+    assert!(drops_in(&lab, dp, &gnp().chain_for(dp))? > 0);
     let f = flow_of(&agent, &lab, DENIED_GNP, Cause::DeniedByPolicy)?;
     let h = hit(&f)?;
     assert_eq!(h.action, PolicyAction::Deny, "{h:?}");

@@ -1,5 +1,11 @@
-//! felix's policy chains in the filter table (iptables dataplane), and the policy objects as
-//! Calico's etcdv3 datastore holds them.
+//! felix's policy chains in the filter table, in the iptables dataplane and in the nftables one
+//! (`table ip calico`, chains `filter-<name>`), and the policy objects as Calico's etcdv3
+//! datastore holds them. One model of felix's rules (`felix/rules/`, which both dataplanes
+//! share) rendered two ways: iptables-restore lines, or knftables' nft rules (`counter` on each
+//! rule, `comment "cali:<hash>; <comment>"`, the dispatch as verdict maps, names limited to 256
+//! characters instead of 28: `felix/nftables/renderer.go`, `match_builder.go`, `actions.go`,
+//! `table_layer.go`; checked against felix/fv/cali-nftables-dump.txt, whose dispatch and
+//! FORWARD hashes these reproduce).
 //!
 //! Rendered as felix renders them with its default settings (flow logs off, mark bits from
 //! 0x10000: accept 0x10000, pass 0x20000, drop 0x40000, `felix/dataplane/driver.go`): policy
@@ -14,10 +20,12 @@
 //! Left out: the rest of felix's filter table (host endpoints, failsafes, cali-INPUT/OUTPUT,
 //! the cidr-block chain), which changes nothing for pod-to-pod packets here.
 
+use std::fmt::Write as _;
+
 use sha2::{Digest, Sha256};
 
 use crate::{
-    calico::{restore_felix_table, FelixRule},
+    calico::{felix_nft_rule_hashes, restore_felix_table, Dataplane, FelixRule, NFT_TABLE},
     netns::Netns,
     LabError,
 };
@@ -27,6 +35,9 @@ const MARK_PASS: u32 = 0x20000;
 const MARK_DROP: u32 = 0x40000;
 /// `felix/iptables/table.go` `MaxChainNameLength`.
 const MAX_CHAIN: usize = 28;
+/// `felix/nftables/table.go` `MaxChainNameLength` = knftables' `NameLengthMax`: in nftables
+/// mode felix's names are practically never hashed.
+const MAX_NFT_NAME: usize = 256;
 
 /// `libcalico-go/lib/hash/unique_id.go` `GetLengthLimitedID`.
 pub fn length_limited_id(prefix: &str, suffix: &str, max: usize) -> String {
@@ -123,18 +134,18 @@ impl PolicyRule {
     }
 
     /// `CalculateRuleMatch`'s order: protocol, source net, destination net, destination ports.
-    fn matches(&self) -> String {
-        let mut m = vec!["-p tcp".to_string()];
+    fn matches(&self) -> Vec<Match> {
+        let mut m = vec![Match::Proto("tcp", 6)];
         if let Some(n) = &self.src_net {
-            m.push(format!("--source {n}"));
+            m.push(Match::SrcNet(n.clone()));
         }
         if let Some(n) = &self.dst_net {
-            m.push(format!("--destination {n}"));
+            m.push(Match::DstNet(n.clone()));
         }
         if let Some(p) = self.dst_port {
-            m.push(format!("-m multiport --destination-ports {p}"));
+            m.push(Match::DstPort(p));
         }
-        m.join(" ")
+        m
     }
 }
 
@@ -162,13 +173,19 @@ impl LabPolicy {
         }
     }
 
-    /// felix's chain for this policy in its direction.
+    /// felix's chain for this policy in its direction (iptables dataplane).
     pub fn chain(&self) -> String {
+        self.chain_for(Dataplane::Iptables)
+    }
+
+    /// felix's chain for this policy in `dp` (`PolicyChainName`; in nftables mode without
+    /// the table layer's `filter-` prefix).
+    pub fn chain_for(&self, dp: Dataplane) -> String {
         let prefix = match self.direction {
             Direction::Ingress => "cali-pi-",
             Direction::Egress => "cali-po-",
         };
-        length_limited_id(prefix, &self.id(), MAX_CHAIN)
+        length_limited_id(prefix, &self.id(), max_chain(dp))
     }
 
     /// The etcdv3 key and JSON value (`libcalico-go/lib/backend/model/resource.go`).
@@ -211,27 +228,18 @@ impl LabPolicy {
         (key, value.to_string())
     }
 
-    /// The policy chain (`PolicyToIptablesChains` + `ProtoRulesToIptablesRules`).
-    fn rendered(&self) -> Vec<FelixRule> {
+    /// The policy chain (`PolicyToIptablesChains` + `ProtoRulesToIptablesRules`, shared by both
+    /// dataplanes).
+    fn rendered(&self) -> Vec<Rule> {
         let mut out = Vec::new();
         for r in &self.rules {
             let mark = if r.deny { MARK_DROP } else { MARK_ACCEPT };
-            out.push(FelixRule::new(
-                &r.matches(),
-                &format!("--jump MARK --set-mark {mark:#x}/{mark:#x}"),
-            ));
-            let action = if r.deny {
-                "--jump DROP"
-            } else {
-                "--jump RETURN"
-            };
-            out.push(FelixRule::new(
-                &format!("-m mark --mark {mark:#x}/{mark:#x}"),
-                action,
-            ));
+            out.push(Rule::new(r.matches(), Act::SetMark(mark)));
+            let action = if r.deny { Act::Drop } else { Act::Return };
+            out.push(Rule::new(vec![Match::MarkSet(mark)], action));
         }
         // Trailing RETURNs are no-ops: felix strips them.
-        while out.last().is_some_and(|r| r.action == "--jump RETURN") {
+        while out.last().is_some_and(|r| r.act == Act::Return) {
             out.pop();
         }
         let dir = match self.direction {
@@ -247,7 +255,7 @@ impl LabPolicy {
             None => format!("{kind} {} {dir}", self.name),
         };
         if let Some(first) = out.first_mut() {
-            first.matches = format!("-m comment --comment \"{comment}\" {}", first.matches);
+            first.comment = Some(comment);
         }
         out
     }
@@ -261,42 +269,158 @@ pub struct LabEndpoint {
     pub policies: Vec<LabPolicy>,
 }
 
-fn comment(text: &str, rest: &str) -> String {
-    if rest.is_empty() {
-        format!("-m comment --comment \"{text}\"")
-    } else {
-        format!("-m comment --comment \"{text}\" {rest}")
+/// What a felix rule does, rendered in either dataplane's spelling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Act {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    Goto(String),
+    /// `SetMaskedMark(m, m)`: sets the bits of `m`.
+    SetMark(u32),
+    /// `ClearMark(m)`.
+    ClearMark(u32),
+}
+
+/// One match felix renders (`felix/iptables/match_builder.go`, `felix/nftables/match_builder.go`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Match {
+    /// `ConntrackState`: iptables' upper-case state list.
+    Ct(&'static str),
+    /// `MarkClear(m)`.
+    MarkClear(u32),
+    /// `MarkSingleBitSet(m)`.
+    MarkSet(u32),
+    Proto(&'static str, u8),
+    SrcNet(String),
+    DstNet(String),
+    DstPort(u16),
+    InIface(String),
+    OutIface(String),
+}
+
+/// A felix rule of the shared model (`felix/rules/`, used by both renderers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    comment: Option<String>,
+    matches: Vec<Match>,
+    act: Act,
+}
+
+impl Rule {
+    fn new(matches: Vec<Match>, act: Act) -> Rule {
+        Rule {
+            comment: None,
+            matches,
+            act,
+        }
+    }
+
+    fn note(mut self, text: &str) -> Rule {
+        self.comment = Some(text.into());
+        self
+    }
+
+    /// felix/iptables's rendering (without the hash comment, which `render_chain` adds).
+    fn iptables(&self) -> FelixRule {
+        let mut m: Vec<String> = Vec::new();
+        if let Some(c) = &self.comment {
+            m.push(format!("-m comment --comment \"{c}\""));
+        }
+        for x in &self.matches {
+            m.push(match x {
+                Match::Ct(s) => format!("-m conntrack --ctstate {s}"),
+                Match::MarkClear(k) => format!("-m mark --mark 0/{k:#x}"),
+                Match::MarkSet(k) => format!("-m mark --mark {k:#x}/{k:#x}"),
+                Match::Proto(name, num) => {
+                    if *name == "tcp" {
+                        "-p tcp".into()
+                    } else {
+                        format!("-p {num}")
+                    }
+                }
+                Match::SrcNet(n) => format!("--source {n}"),
+                Match::DstNet(n) => format!("--destination {n}"),
+                Match::DstPort(p) => format!("-m multiport --destination-ports {p}"),
+                Match::InIface(i) => format!("--in-interface {i}"),
+                Match::OutIface(i) => format!("--out-interface {i}"),
+            });
+        }
+        let action = match &self.act {
+            Act::Accept => "--jump ACCEPT".into(),
+            Act::Drop => "--jump DROP".into(),
+            Act::Return => "--jump RETURN".into(),
+            Act::Jump(c) => format!("--jump {c}"),
+            Act::Goto(c) => format!("--goto {c}"),
+            Act::SetMark(k) => format!("--jump MARK --set-mark {k:#x}/{k:#x}"),
+            Act::ClearMark(k) => format!("--jump MARK --set-mark 0/{k:#x}"),
+        };
+        FelixRule::new(&m.join(" "), &action)
+    }
+
+    /// felix/nftables's rendering (`nftRenderer.renderRule`): match clauses, `counter` on
+    /// every rule with an action, the action; chains carry the table layer's `filter-` prefix.
+    fn nft(&self) -> String {
+        let mut m: Vec<String> = Vec::new();
+        let mut proto = "tcp";
+        for x in &self.matches {
+            m.push(match x {
+                Match::Ct(s) => format!("ct state {}", s.to_ascii_lowercase()),
+                Match::MarkClear(k) => format!("meta mark & {k:#x} == 0"),
+                Match::MarkSet(k) => format!("meta mark & {k:#x} == {k:#x}"),
+                Match::Proto(name, num) => {
+                    proto = name;
+                    if name.is_empty() {
+                        format!("meta l4proto {num}")
+                    } else {
+                        format!("meta l4proto {name}")
+                    }
+                }
+                Match::SrcNet(n) => format!("ip saddr {n}"),
+                Match::DstNet(n) => format!("ip daddr {n}"),
+                Match::DstPort(p) => format!("{proto} dport {p}"),
+                // nft's wildcard is `*` where iptables' is `+`.
+                Match::InIface(i) => format!("iifname \"{}\"", i.replace('+', "*")),
+                Match::OutIface(i) => format!("oifname \"{}\"", i.replace('+', "*")),
+            });
+        }
+        m.push("counter".into());
+        m.push(match &self.act {
+            Act::Accept => "accept".into(),
+            Act::Drop => "drop".into(),
+            Act::Return => "return".into(),
+            Act::Jump(c) => format!("jump {NFT_FILTER}{c}"),
+            Act::Goto(c) => format!("goto {NFT_FILTER}{c}"),
+            Act::SetMark(k) => format!("meta mark set mark & {:#x} ^ {k:#x}", !k),
+            Act::ClearMark(k) => format!("meta mark set mark & {:#x}", !k),
+        });
+        m.join(" ")
     }
 }
 
-/// `endpointIptablesChain` for one direction of `ep`.
-fn endpoint_chain(ep: &LabEndpoint, dir: Direction) -> Vec<FelixRule> {
+/// felix's nft table layer prefixes the filter table's chains and maps (`table_layer.go`).
+pub const NFT_FILTER: &str = "filter-";
+
+/// `endpointIptablesChain` for one direction of `ep` (shared by both renderers).
+fn endpoint_chain(ep: &LabEndpoint, dir: Direction, dp: Dataplane) -> Vec<Rule> {
     let mut r = vec![
-        FelixRule::new(
-            "-m conntrack --ctstate RELATED,ESTABLISHED",
-            "--jump ACCEPT",
-        ),
-        FelixRule::new("-m conntrack --ctstate INVALID", "--jump DROP"),
-        FelixRule::new(
-            "",
-            &format!("--jump MARK --set-mark 0/{:#x}", MARK_ACCEPT | MARK_PASS),
-        ),
+        Rule::new(vec![Match::Ct("RELATED,ESTABLISHED")], Act::Accept),
+        Rule::new(vec![Match::Ct("INVALID")], Act::Drop),
+        Rule::new(vec![], Act::ClearMark(MARK_ACCEPT | MARK_PASS)),
     ];
     if dir == Direction::Egress {
-        r.push(FelixRule::new(
-            &comment(
-                "DROP VXLAN encapped packets originating in workloads",
-                "-p 17 -m multiport --destination-ports 4789",
-            ),
-            "--jump DROP",
-        ));
-        r.push(FelixRule::new(
-            &comment(
-                "DROP IPinIP encapped packets originating in workloads",
-                "-p 4",
-            ),
-            "--jump DROP",
-        ));
+        r.push(
+            Rule::new(
+                vec![Match::Proto("udp", 17), Match::DstPort(4789)],
+                Act::Drop,
+            )
+            .note("DROP VXLAN encapped packets originating in workloads"),
+        );
+        r.push(
+            Rule::new(vec![Match::Proto("", 4)], Act::Drop)
+                .note("DROP IPinIP encapped packets originating in workloads"),
+        );
     }
     let mut tiers: Vec<&str> = Vec::new();
     for p in ep.policies.iter().filter(|p| p.direction == dir) {
@@ -305,88 +429,77 @@ fn endpoint_chain(ep: &LabEndpoint, dir: Direction) -> Vec<FelixRule> {
         }
     }
     for tier in tiers {
-        r.push(FelixRule::new(
-            &comment(&format!("Start of tier {tier}"), ""),
-            &format!("--jump MARK --set-mark 0/{MARK_PASS:#x}"),
-        ));
+        r.push(Rule::new(vec![], Act::ClearMark(MARK_PASS)).note(&format!("Start of tier {tier}")));
         for p in ep
             .policies
             .iter()
             .filter(|p| p.direction == dir && p.tier == tier)
         {
-            r.push(FelixRule::new(
-                &format!("-m mark --mark 0/{MARK_PASS:#x}"),
-                &format!("--jump {}", p.chain()),
+            r.push(Rule::new(
+                vec![Match::MarkClear(MARK_PASS)],
+                Act::Jump(p.chain_for(dp)),
             ));
-            r.push(FelixRule::new(
-                &comment(
-                    "Return if policy accepted",
-                    &format!("-m mark --mark {MARK_ACCEPT:#x}/{MARK_ACCEPT:#x}"),
-                ),
-                "--jump RETURN",
-            ));
+            r.push(
+                Rule::new(vec![Match::MarkSet(MARK_ACCEPT)], Act::Return)
+                    .note("Return if policy accepted"),
+            );
         }
-        r.push(FelixRule::new(
-            &comment(
-                &format!("End of tier {tier}. DROP if no policies passed packet"),
-                &format!("-m mark --mark 0/{MARK_PASS:#x}"),
-            ),
-            "--jump DROP",
-        ));
+        r.push(
+            Rule::new(vec![Match::MarkClear(MARK_PASS)], Act::Drop).note(&format!(
+                "End of tier {tier}. DROP if no policies passed packet"
+            )),
+        );
     }
-    r.push(FelixRule::new(
-        "",
-        &format!("--jump {}", profile_chain(&ep.namespace, dir)),
+    r.push(Rule::new(
+        vec![],
+        Act::Jump(profile_chain(&ep.namespace, dir, dp)),
     ));
-    r.push(FelixRule::new(
-        &comment(
-            "Return if profile accepted",
-            &format!("-m mark --mark {MARK_ACCEPT:#x}/{MARK_ACCEPT:#x}"),
-        ),
-        "--jump RETURN",
-    ));
-    r.push(FelixRule::new(
-        &comment("DROP if no profiles matched", ""),
-        "--jump DROP",
-    ));
+    r.push(
+        Rule::new(vec![Match::MarkSet(MARK_ACCEPT)], Act::Return)
+            .note("Return if profile accepted"),
+    );
+    r.push(Rule::new(vec![], Act::Drop).note("DROP if no profiles matched"));
     r
 }
 
+fn max_chain(dp: Dataplane) -> usize {
+    match dp {
+        Dataplane::Iptables => MAX_CHAIN,
+        Dataplane::Nftables => MAX_NFT_NAME,
+    }
+}
+
 /// The namespace's profile `kns.<ns>` (allow all): `ProfileChainName`.
-fn profile_chain(namespace: &str, dir: Direction) -> String {
+fn profile_chain(namespace: &str, dir: Direction, dp: Dataplane) -> String {
     let prefix = match dir {
         Direction::Ingress => "cali-pri-",
         Direction::Egress => "cali-pro-",
     };
-    length_limited_id(prefix, &format!("kns.{namespace}"), MAX_CHAIN)
+    length_limited_id(prefix, &format!("kns.{namespace}"), max_chain(dp))
 }
 
-fn endpoint_chain_name(prefix: &str, veth: &str) -> String {
-    length_limited_id(prefix, veth, MAX_CHAIN)
+/// felix's filter chains for `endpoints` (the shared model), with the dispatch entries
+/// (interface, `cali-fw-`/`cali-tw-` chain) for each direction.
+struct FilterModel {
+    chains: Vec<(String, Vec<Rule>)>,
+    from: Vec<(String, String)>,
+    to: Vec<(String, String)>,
 }
 
-/// Writes felix's filter chains for `endpoints` into `node` (iptables-restore --noflush: the
-/// chains felix owns are rewritten; the FORWARD jump is added once). Calling it again replaces
-/// them, as a felix resync after a policy change does (counters start again at 0).
-pub fn write_felix_filter(node: &Netns, endpoints: &[LabEndpoint]) -> Result<(), LabError> {
-    let mut chains: Vec<(String, Vec<FelixRule>)> = Vec::new();
+fn filter_model(endpoints: &[LabEndpoint], dp: Dataplane) -> FilterModel {
+    let mut chains: Vec<(String, Vec<Rule>)> = Vec::new();
     let mut from = Vec::new();
     let mut to = Vec::new();
     for ep in endpoints {
-        let fw = endpoint_chain_name("cali-fw-", &ep.veth);
-        let tw = endpoint_chain_name("cali-tw-", &ep.veth);
-        from.push(FelixRule::new(
-            &format!("--in-interface {}", ep.veth),
-            &format!("--goto {fw}"),
-        ));
-        to.push(FelixRule::new(
-            &format!("--out-interface {}", ep.veth),
-            &format!("--goto {tw}"),
-        ));
-        chains.push((fw, endpoint_chain(ep, Direction::Egress)));
-        chains.push((tw, endpoint_chain(ep, Direction::Ingress)));
+        // `EndpointChainName` with the dataplane's length limit.
+        let fw = length_limited_id("cali-fw-", &ep.veth, max_chain(dp));
+        let tw = length_limited_id("cali-tw-", &ep.veth, max_chain(dp));
+        from.push((ep.veth.clone(), fw.clone()));
+        to.push((ep.veth.clone(), tw.clone()));
+        chains.push((fw, endpoint_chain(ep, Direction::Egress, dp)));
+        chains.push((tw, endpoint_chain(ep, Direction::Ingress, dp)));
         for dir in [Direction::Ingress, Direction::Egress] {
-            let name = profile_chain(&ep.namespace, dir);
+            let name = profile_chain(&ep.namespace, dir, dp);
             if !chains.iter().any(|(c, _)| *c == name) {
                 let d = if dir == Direction::Ingress {
                     "ingress"
@@ -395,47 +508,224 @@ pub fn write_felix_filter(node: &Netns, endpoints: &[LabEndpoint]) -> Result<(),
                 };
                 chains.push((
                     name,
-                    vec![FelixRule::new(
-                        &comment(&format!("Profile kns.{} {d}", ep.namespace), ""),
-                        &format!("--jump MARK --set-mark {MARK_ACCEPT:#x}/{MARK_ACCEPT:#x}"),
-                    )],
+                    vec![Rule::new(vec![], Act::SetMark(MARK_ACCEPT))
+                        .note(&format!("Profile kns.{} {d}", ep.namespace))],
                 ));
             }
         }
         for p in &ep.policies {
-            if !chains.iter().any(|(c, _)| *c == p.chain()) {
-                chains.push((p.chain(), p.rendered()));
+            if !chains.iter().any(|(c, _)| *c == p.chain_for(dp)) {
+                chains.push((p.chain_for(dp), p.rendered()));
             }
         }
     }
-    for list in [&mut from, &mut to] {
-        list.push(FelixRule::new(
-            &comment("Unknown interface", ""),
-            "--jump DROP",
-        ));
+    FilterModel { chains, from, to }
+}
+
+/// The rules of `cali-FORWARD` (`StaticFilterForwardChains`, without host endpoints).
+fn forward_chain() -> Vec<Rule> {
+    vec![
+        Rule::new(vec![], Act::ClearMark(0xe0000)),
+        Rule::new(
+            vec![Match::InIface("cali+".into())],
+            Act::Jump("cali-from-wl-dispatch".into()),
+        ),
+        Rule::new(
+            vec![Match::OutIface("cali+".into())],
+            Act::Jump("cali-to-wl-dispatch".into()),
+        ),
+    ]
+}
+
+/// Writes felix's filter chains for `endpoints` into `node` in `dp`'s dataplane
+/// ([`write_felix_filter`] or [`write_felix_nft_filter`]).
+pub fn write_felix_policy(
+    node: &Netns,
+    dp: Dataplane,
+    endpoints: &[LabEndpoint],
+) -> Result<(), LabError> {
+    match dp {
+        Dataplane::Iptables => write_felix_filter(node, endpoints),
+        Dataplane::Nftables => write_felix_nft_filter(node, endpoints),
     }
-    chains.push(("cali-from-wl-dispatch".into(), from));
-    chains.push(("cali-to-wl-dispatch".into(), to));
-    chains.push((
-        "cali-FORWARD".into(),
-        vec![
-            FelixRule::new("", &format!("--jump MARK --set-mark 0/{:#x}", 0xe0000)),
-            FelixRule::new("--in-interface cali+", "--jump cali-from-wl-dispatch"),
-            FelixRule::new("--out-interface cali+", "--jump cali-to-wl-dispatch"),
-            FelixRule::new(
-                &comment(
-                    "Policy explicitly accepted packet.",
-                    &format!("-m mark --mark {MARK_ACCEPT:#x}/{MARK_ACCEPT:#x}"),
-                ),
-                "--jump ACCEPT",
-            ),
-        ],
-    ));
+}
+
+/// Writes felix's filter chains for `endpoints` into `node` (iptables-restore --noflush: the
+/// chains felix owns are rewritten; the FORWARD jump is added once). Calling it again replaces
+/// them, as a felix resync after a policy change does (counters start again at 0).
+pub fn write_felix_filter(node: &Netns, endpoints: &[LabEndpoint]) -> Result<(), LabError> {
+    let FilterModel {
+        chains: model,
+        from,
+        to,
+    } = filter_model(endpoints, Dataplane::Iptables);
+    let mut chains: Vec<(String, Vec<FelixRule>)> = model
+        .iter()
+        .map(|(c, rules)| (c.clone(), rules.iter().map(Rule::iptables).collect()))
+        .collect();
+    for (name, list, iface) in [
+        (
+            "cali-from-wl-dispatch",
+            from,
+            Match::InIface as fn(String) -> Match,
+        ),
+        ("cali-to-wl-dispatch", to, Match::OutIface),
+    ] {
+        let mut rules: Vec<FelixRule> = list
+            .into_iter()
+            .map(|(veth, chain)| Rule::new(vec![iface(veth)], Act::Goto(chain)).iptables())
+            .collect();
+        rules.push(
+            Rule::new(vec![], Act::Drop)
+                .note("Unknown interface")
+                .iptables(),
+        );
+        chains.push((name.into(), rules));
+    }
+    let mut forward: Vec<FelixRule> = forward_chain().iter().map(Rule::iptables).collect();
+    forward.push(
+        Rule::new(vec![Match::MarkSet(MARK_ACCEPT)], Act::Accept)
+            .note("Policy explicitly accepted packet.")
+            .iptables(),
+    );
+    chains.push(("cali-FORWARD".into(), forward));
     let jump = (
         "FORWARD".to_string(),
         FelixRule::new("", "--jump cali-FORWARD"),
     );
     restore_felix_table(node, "filter", &chains, &[jump])
+}
+
+/// An nft rule body and its comment (without felix's hash).
+type NftRule = (String, Option<String>);
+
+/// felix's filter part of `table ip calico` in nftables mode, as an `nft -f` script that
+/// leaves the rest of the table (the nat chains and sets) alone: each chain declared and
+/// flushed, then its rules appended with `comment "cali:<hash>; <comment>"`; the dispatch as
+/// felix's verdict maps (`iifname vmap @filter-cali-from-wl-dispatch`, elements `goto
+/// filter-cali-fw-<iface>`); the base chain `filter-FORWARD` as in
+/// felix/fv/cali-nftables-dump.txt (hashes taken from it).
+pub fn nft_filter_script(endpoints: &[LabEndpoint]) -> String {
+    let FilterModel { chains, from, to } = filter_model(endpoints, Dataplane::Nftables);
+    let t = format!("ip {NFT_TABLE}");
+    let mut s = format!("add table {t}\n");
+    let mut elements = Vec::new();
+    let mut rules_of: Vec<(String, Vec<NftRule>)> = chains
+        .iter()
+        .map(|(c, rules)| {
+            (
+                format!("{NFT_FILTER}{c}"),
+                rules.iter().map(|r| (r.nft(), r.comment.clone())).collect(),
+            )
+        })
+        .collect();
+    for (map, list, dir) in [
+        ("cali-from-wl-dispatch", &from, "iifname"),
+        ("cali-to-wl-dispatch", &to, "oifname"),
+    ] {
+        let name = format!("{NFT_FILTER}{map}");
+        let _ = writeln!(
+            s,
+            "add map {t} {name} {{ type ifname : verdict; }}\nflush map {t} {name}"
+        );
+        if !list.is_empty() {
+            let elems: Vec<String> = list
+                .iter()
+                .map(|(veth, chain)| format!("\"{veth}\" : goto {NFT_FILTER}{chain}"))
+                .collect();
+            // After the chains: an element's goto needs its chain.
+            elements.push(format!("add element {t} {name} {{ {} }}", elems.join(", ")));
+        }
+        rules_of.push((
+            name.clone(),
+            vec![
+                // A vmap rule has no action of its own: no counter.
+                (format!("{dir} vmap @{name}"), None),
+                (
+                    Rule::new(vec![], Act::Drop).nft(),
+                    Some("Unknown interface".into()),
+                ),
+            ],
+        ));
+    }
+    rules_of.push((
+        format!("{NFT_FILTER}cali-FORWARD"),
+        forward_chain()
+            .iter()
+            .map(|r| (r.nft(), r.comment.clone()))
+            .collect(),
+    ));
+    // All chains first: a jump needs its target.
+    for (chain, _) in &rules_of {
+        let _ = writeln!(s, "add chain {t} {chain}\nflush chain {t} {chain}");
+    }
+    for (chain, rules) in &rules_of {
+        let bodies: Vec<&str> = rules.iter().map(|(b, _)| b.as_str()).collect();
+        for ((body, note), hash) in rules.iter().zip(felix_nft_rule_hashes(chain, &bodies)) {
+            let comment = match note {
+                Some(n) => format!("cali:{hash}; {n}"),
+                None => format!("cali:{hash};"),
+            };
+            let _ = writeln!(s, "add rule {t} {chain} {body} comment \"{comment}\"");
+        }
+    }
+    for e in elements {
+        let _ = writeln!(s, "{e}");
+    }
+    // The base chain, as felix's dump has it.
+    let fwd = format!("{NFT_FILTER}FORWARD");
+    let _ = writeln!(
+        s,
+        "add chain {t} {fwd} {{ type filter hook forward priority filter; policy accept; }}\n\
+         flush chain {t} {fwd}\n\
+         add rule {t} {fwd} counter jump {NFT_FILTER}cali-FORWARD comment \"cali:dpfqBgJrpRwlrqw1;\"\n\
+         add rule {t} {fwd} meta mark & {MARK_ACCEPT:#x} == {MARK_ACCEPT:#x} counter accept \
+         comment \"cali:yp7iNUYNEhDmKF6E; Policy explicitly accepted packet.\"\n\
+         add rule {t} {fwd} counter meta mark set mark or {MARK_ACCEPT:#x} comment \"cali:fXaqbwKfGHq5dvHP;\""
+    );
+    s
+}
+
+/// Writes [`nft_filter_script`] into `node` (`nft -f -`, one transaction). Calling it again
+/// replaces the chains, as a felix resync does (counters start again at 0).
+pub fn write_felix_nft_filter(node: &Netns, endpoints: &[LabEndpoint]) -> Result<(), LabError> {
+    let script = nft_filter_script(endpoints);
+    tracing::debug!(netns = node.name(), %script, "lab: felix nft filter");
+    node.exec_with_stdin(&["nft", "-f", "-"], &script)?;
+    Ok(())
+}
+
+/// Packets felix's DROP rules of `chain` (felix's name, without the nft prefix) counted in
+/// `node`, read with the dataplane's own tool: the drop seen without tracer.
+pub fn drop_packets(node: &Netns, dp: Dataplane, chain: &str) -> Result<u64, LabError> {
+    match dp {
+        Dataplane::Iptables => Ok(crate::iptables::counters(node, "filter", chain)?
+            .iter()
+            .filter(|r| r.target == "DROP")
+            .map(|r| r.packets)
+            .sum()),
+        Dataplane::Nftables => {
+            let out = node.exec(&[
+                "nft",
+                "-j",
+                "list",
+                "chain",
+                "ip",
+                NFT_TABLE,
+                &format!("{NFT_FILTER}{chain}"),
+            ])?;
+            let json: serde_json::Value = serde_json::from_str(&out)
+                .map_err(|e| LabError::Unexpected(format!("nft -j output: {e}")))?;
+            Ok(json["nftables"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o["rule"]["expr"].as_array())
+                .filter(|e| e.iter().any(|x| x.get("drop").is_some()))
+                .flat_map(|e| e.iter().filter_map(|x| x["counter"]["packets"].as_u64()))
+                .sum())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -476,10 +766,42 @@ mod tests {
                 PolicyRule::allow(),
             ],
         };
-        let r = p.rendered();
+        let r: Vec<FelixRule> = p.rendered().iter().map(Rule::iptables).collect();
         assert_eq!(r.len(), 3);
         assert!(r[0].matches.starts_with("-m comment --comment \"NetworkPolicy ns/x ingress\" -p tcp --source 10.0.0.1/32 -m multiport --destination-ports 80"));
         assert_eq!(r[1].action, "--jump DROP");
         assert_eq!(r[2].action, "--jump MARK --set-mark 0x10000/0x10000");
+    }
+}
+#[cfg(test)]
+mod nft_tests {
+    use super::*;
+
+    #[test]
+    fn nft_script_has_felix_names_counters_and_comments() {
+        let p = LabPolicy {
+            kind: Kind::NetworkPolicy,
+            namespace: Some("shop".into()),
+            name: "knp.default.allow-web".into(),
+            tier: "default".into(),
+            direction: Direction::Ingress,
+            rules: vec![PolicyRule::allow().from("10.0.0.1/32").port(8080)],
+        };
+        let eps = [LabEndpoint {
+            veth: "cali0123456789a".into(),
+            namespace: "shop".into(),
+            policies: vec![p.clone()],
+        }];
+        let s = nft_filter_script(&eps);
+        // nft mode: the 256-character limit leaves the id unhashed.
+        assert_eq!(
+            p.chain_for(Dataplane::Nftables),
+            "cali-pi-np/shop/knp.default.allow-web"
+        );
+        assert!(s.contains("add rule ip calico filter-cali-pi-np/shop/knp.default.allow-web meta l4proto tcp ip saddr 10.0.0.1/32 tcp dport 8080 counter meta mark set mark & 0xfffeffff ^ 0x10000 comment \"cali:"));
+        assert!(s.contains("; NetworkPolicy shop/knp.default.allow-web ingress\""));
+        assert!(s.contains("meta mark & 0x20000 == 0 counter drop comment \"cali:"));
+        assert!(s.contains("; End of tier default. DROP if no policies passed packet\""));
+        assert!(s.contains("\"cali0123456789a\" : goto filter-cali-tw-cali0123456789a"));
     }
 }

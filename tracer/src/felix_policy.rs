@@ -12,6 +12,15 @@
 //! DROP rule reachable from the flow's endpoints moved in the interval holding it; otherwise the
 //! evidence says why not.
 //!
+//! Both of felix's netfilter dataplanes: `iptables-save -c -t filter` in iptables mode, `nft list
+//! table ip calico` in nftables mode. felix renders the same rules in both (`felix/rules/` is
+//! shared); in nftables mode its table layer prefixes the filter chains with `filter-`
+//! (`felix/nftables/table_layer.go`), the name limit is knftables' 256 instead of 28 (so policy
+//! chains are practically never hashed), every rule carries a `counter`, and the rule comment is
+//! `cali:<hash>; <comment>` (`felix/nftables/renderer.go`). nft rules have handles, not
+//! positions: a rule's position here is its place in the chain's listing, which is the order
+//! the kernel evaluates them in.
+//!
 //! Calico sources (projectcalico/calico, late 2026): chain prefixes `felix/rules/rule_defs.go`;
 //! `PolicyChainName`/`ProfileChainName` and the policy rule rendering in `felix/rules/policy.go`;
 //! the endpoint chains in `felix/rules/endpoints.go`; policy ids `felix/types/policy_id.go`;
@@ -29,6 +38,12 @@ use tracer_model::diagnosis::{PolicyAction, PolicyDirection, PolicyHit, PolicyLo
 
 /// `felix/iptables/table.go` `MaxChainNameLength`.
 pub const IPTABLES_MAX_CHAIN: usize = 28;
+/// `felix/nftables/table.go` `MaxChainNameLength` (knftables' `NameLengthMax`).
+pub const NFT_MAX_CHAIN: usize = 256;
+/// felix's nft table layer's prefix for the filter table's chains (`filter-cali-FORWARD`).
+pub const NFT_FILTER: &str = "filter-";
+/// felix's table in nftables mode (IPv4 family, as the iptables reader reads IPv4 only).
+const NFT_TABLE: &str = "calico";
 pub const POLICY_IN: &str = "cali-pi-";
 pub const POLICY_OUT: &str = "cali-po-";
 pub const PROFILE_IN: &str = "cali-pri-";
@@ -144,11 +159,22 @@ impl Policy {
 
     /// felix's `PolicyChainName` in the iptables dataplane.
     pub fn chain(&self, dir: PolicyDirection) -> String {
-        let prefix = match dir {
+        length_limited_id(Self::prefix(dir), &self.id(), IPTABLES_MAX_CHAIN)
+    }
+
+    /// The chain in the nftables dataplane, as listed in `table ip calico`.
+    pub fn nft_chain(&self, dir: PolicyDirection) -> String {
+        format!(
+            "{NFT_FILTER}{}",
+            length_limited_id(Self::prefix(dir), &self.id(), NFT_MAX_CHAIN)
+        )
+    }
+
+    fn prefix(dir: PolicyDirection) -> &'static str {
+        match dir {
             PolicyDirection::Ingress => POLICY_IN,
             PolicyDirection::Egress => POLICY_OUT,
-        };
-        length_limited_id(prefix, &self.id(), IPTABLES_MAX_CHAIN)
+        }
     }
 
     /// `Kind namespace/name`, as felix's chain comment says it.
@@ -291,22 +317,27 @@ pub fn parse_policy(kind: PolicyKind, json: &str) -> Result<Policy, serde_json::
 #[derive(Debug, Default)]
 pub struct PolicySet {
     by_chain: HashMap<String, (Arc<Policy>, PolicyDirection)>,
+    count: usize,
 }
 
 impl PolicySet {
     pub fn new(policies: impl IntoIterator<Item = Policy>) -> PolicySet {
         let mut by_chain = HashMap::new();
+        let mut count = 0;
         for p in policies {
             let p = Arc::new(p);
+            count += 1;
+            // Both dataplanes' names: which one felix runs is read with the counters.
             for dir in [PolicyDirection::Ingress, PolicyDirection::Egress] {
                 by_chain.insert(p.chain(dir), (Arc::clone(&p), dir));
+                by_chain.insert(p.nft_chain(dir), (Arc::clone(&p), dir));
             }
         }
-        PolicySet { by_chain }
+        PolicySet { by_chain, count }
     }
 
     pub fn len(&self) -> usize {
-        self.by_chain.len() / 2
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
@@ -411,6 +442,99 @@ pub fn read_iptables() -> Result<Vec<FilterRule>, String> {
     Ok(parse_iptables_save(&String::from_utf8_lossy(&out.stdout)))
 }
 
+/// The `filter-cali-` chains' rules of `nft list table ip calico` (felix's nftables dataplane),
+/// in the same model: `DROP`/`ACCEPT`/`RETURN` or the jumped-to chain as target, the comment
+/// split into felix's hash (`cali:<hash>`) and its text, positions from 1 in listing order.
+/// The dispatch rules (`iifname vmap @...`) have no target: the endpoint chains are found by
+/// name, not through the maps.
+pub fn parse_nft_list(text: &str) -> Vec<FilterRule> {
+    let mut rules = Vec::new();
+    let mut chain: Option<(String, u32)> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(name) = line
+            .strip_prefix("chain ")
+            .and_then(|l| l.strip_suffix(" {"))
+        {
+            chain = Some((name.trim().to_string(), 0));
+            continue;
+        }
+        if line == "}" {
+            chain = None;
+            continue;
+        }
+        let Some((name, pos)) = chain.as_mut() else {
+            continue;
+        };
+        // A base chain's header, not a rule.
+        if line.is_empty() || line.starts_with("type ") || line.starts_with("policy ") {
+            continue;
+        }
+        *pos += 1;
+        if !name.starts_with(NFT_FILTER) || !base(name).starts_with("cali-") {
+            continue;
+        }
+        // `nft -a` appends the handle.
+        let line = line.split(" # handle ").next().unwrap_or(line);
+        // knftables replaces quotes in comments: the first ` comment "` starts it.
+        let (body, comment) = match format!(" {line}").split_once(" comment \"") {
+            Some((b, c)) => (b.trim().to_string(), c.trim_end_matches('"').to_string()),
+            None => (line.to_string(), String::new()),
+        };
+        let words: Vec<&str> = body.split_whitespace().collect();
+        let mut packets = 0;
+        let mut target = String::new();
+        for (i, w) in words.iter().enumerate() {
+            let next = words.get(i + 1).copied().unwrap_or_default();
+            match *w {
+                "counter" if words.get(i + 1) == Some(&"packets") => {
+                    packets = words.get(i + 2).and_then(|p| p.parse().ok()).unwrap_or(0);
+                }
+                "jump" | "goto" => target = next.to_string(),
+                "drop" => target = "DROP".into(),
+                "accept" => target = "ACCEPT".into(),
+                "return" => target = "RETURN".into(),
+                "reject" => target = "REJECT".into(),
+                _ => {}
+            }
+        }
+        let comments = match comment.split_once("; ") {
+            Some((hash, text)) => vec![hash.to_string(), text.to_string()],
+            None if comment.is_empty() => vec![],
+            None => vec![comment.trim_end_matches(';').to_string()],
+        };
+        rules.push(FilterRule {
+            chain: name.clone(),
+            pos: *pos,
+            packets,
+            target,
+            comments,
+        });
+    }
+    rules
+}
+
+/// felix's filter chains with counters in nftables mode, as `nft list table ip calico` prints
+/// them (one process; called as [`read_iptables`] is, never per packet).
+pub fn read_nft() -> Result<Vec<FilterRule>, String> {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "ip", NFT_TABLE])
+        .output()
+        .map_err(|e| format!("nft: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "nft list table ip {NFT_TABLE}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(parse_nft_list(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// A chain's name without the nft table layer's `filter-` prefix: what felix's rules call it.
+fn base(chain: &str) -> &str {
+    chain.strip_prefix(NFT_FILTER).unwrap_or(chain)
+}
+
 /// felix's DROP rules whose packet counter moved between two readings.
 #[derive(Debug, Clone)]
 pub struct Interval {
@@ -500,7 +624,7 @@ type Moved = (FilterRule, u64, Arc<Vec<FilterRule>>);
 fn reachable(layout: &[FilterRule], endpoints: &[String]) -> HashSet<String> {
     let mut jumps: HashMap<&str, Vec<&str>> = HashMap::new();
     for r in layout {
-        if r.target.starts_with("cali-") {
+        if base(&r.target).starts_with("cali-") {
             jumps.entry(&r.chain).or_default().push(&r.target);
         }
     }
@@ -508,7 +632,12 @@ fn reachable(layout: &[FilterRule], endpoints: &[String]) -> HashSet<String> {
     let mut todo: Vec<String> = endpoints
         .iter()
         .flat_map(|e| {
-            [TO_WORKLOAD, FROM_WORKLOAD].map(|p| length_limited_id(p, e, IPTABLES_MAX_CHAIN))
+            [TO_WORKLOAD, FROM_WORKLOAD].into_iter().flat_map(move |p| {
+                [
+                    length_limited_id(p, e, IPTABLES_MAX_CHAIN),
+                    format!("{NFT_FILTER}{}", length_limited_id(p, e, NFT_MAX_CHAIN)),
+                ]
+            })
         })
         .collect();
     while let Some(ch) = todo.pop() {
@@ -524,6 +653,7 @@ fn reachable(layout: &[FilterRule], endpoints: &[String]) -> HashSet<String> {
 }
 
 fn direction_of_chain(chain: &str) -> Option<PolicyDirection> {
+    let chain = base(chain);
     if chain.starts_with(TO_WORKLOAD) || chain.starts_with(POLICY_IN) {
         Some(PolicyDirection::Ingress)
     } else if chain.starts_with(FROM_WORKLOAD) || chain.starts_with(POLICY_OUT) {
@@ -642,8 +772,8 @@ impl PolicyView {
             rule_index: None,
             tier: None,
         };
-        let endpoint_chain =
-            rule.chain.starts_with(TO_WORKLOAD) || rule.chain.starts_with(FROM_WORKLOAD);
+        let endpoint_chain = base(&rule.chain).starts_with(TO_WORKLOAD)
+            || base(&rule.chain).starts_with(FROM_WORKLOAD);
         if endpoint_chain {
             let tier = rule.comments.iter().find_map(|c| {
                 c.strip_prefix(END_OF_TIER)
@@ -666,7 +796,9 @@ impl PolicyView {
                 for r in &layout[from..] {
                     if let Some((p, _)) = set.by_chain(&r.target) {
                         hit.policies.push(p.label());
-                    } else if r.target.starts_with(POLICY_IN) || r.target.starts_with(POLICY_OUT) {
+                    } else if base(&r.target).starts_with(POLICY_IN)
+                        || base(&r.target).starts_with(POLICY_OUT)
+                    {
                         hit.missing.push(format!(
                             "felix's chain {} is no policy of the datastore",
                             r.target
@@ -680,7 +812,7 @@ impl PolicyView {
                 hit.action = PolicyAction::NoProfileMatched;
                 for r in &layout {
                     for pfx in [PROFILE_IN, PROFILE_OUT] {
-                        if let Some(name) = r.target.strip_prefix(pfx) {
+                        if let Some(name) = base(&r.target).strip_prefix(pfx) {
                             hit.policies.push(if name.starts_with('_') {
                                 format!("Profile (chain {})", r.target)
                             } else {
@@ -776,6 +908,134 @@ mod tests {
             "End of tier default. DROP if no policies passed packet"
         );
         assert_eq!((r[1].pos, r[1].target.as_str()), (2, "cali-pi-_abc"));
+    }
+
+    /// felix/fv/cali-nftables-dump.txt's format (`nft list table ip calico`): a base chain
+    /// header, sets and maps, the vmap dispatch, `counter packets N bytes M` on each rule and
+    /// `comment "cali:<hash>; <text>"`; the endpoint and policy chains as felix renders them.
+    const NFT_LISTING: &str = r#"table ip calico {
+	set cali40masq-ipam-pools {
+		type ipv4_addr
+		flags interval
+		elements = { 10.244.0.0/16,
+			     10.245.0.0/16 }
+	}
+
+	map filter-cali-to-wl-dispatch {
+		type ifname : verdict
+		elements = { "cali0123456789a" : goto filter-cali-tw-cali0123456789a }
+	}
+
+	chain filter-FORWARD {
+		type filter hook forward priority filter; policy accept;
+		counter packets 9 bytes 540 jump filter-cali-FORWARD comment "cali:dpfqBgJrpRwlrqw1;"
+		meta mark & 0x00010000 == 0x00010000 counter packets 0 bytes 0 accept comment "cali:yp7iNUYNEhDmKF6E; Policy explicitly accepted packet."
+	}
+
+	chain filter-cali-to-wl-dispatch {
+		oifname vmap @filter-cali-to-wl-dispatch comment "cali:ljtHSLJQhigspPd1;"
+		counter packets 0 bytes 0 drop comment "cali:zeZtiiPDsE6BwqUG; Unknown interface"
+	}
+
+	chain filter-cali-tw-cali0123456789a {
+		ct state established,related counter packets 4 bytes 240 accept comment "cali:EoT7sG63EVZlYRR8;"
+		ct state invalid counter packets 0 bytes 0 drop comment "cali:OFFxvX22_3d1OD6J;"
+		counter packets 5 bytes 300 meta mark set meta mark & 0xfffcffff comment "cali:EkzbpSFKJzqIzH88;"
+		counter packets 5 bytes 300 meta mark set meta mark & 0xfffdffff comment "cali:aCM8M20bKUR6G9Pe; Start of tier default"
+		meta mark & 0x00020000 == 0x00000000 counter packets 5 bytes 300 jump filter-cali-pi-np/shop/knp.default.allow-web comment "cali:K-AE4bNUyaT_dZuj;"
+		meta mark & 0x00010000 == 0x00010000 counter packets 2 bytes 120 return comment "cali:gf26GoTNIM8MDx5K; Return if policy accepted"
+		meta mark & 0x00020000 == 0x00000000 counter packets 3 bytes 180 drop comment "cali:RY4mCNULXyg7iOT3; End of tier default. DROP if no policies passed packet"
+		counter packets 0 bytes 0 jump filter-cali-pri-kns.shop comment "cali:sl-DJWXcFtZCsIwW;"
+		meta mark & 0x00010000 == 0x00010000 counter packets 0 bytes 0 return comment "cali:6FJgWfc0m-fdTXeS; Return if profile accepted"
+		counter packets 0 bytes 0 drop comment "cali:RzKCfx36nR0eyipz; DROP if no profiles matched"
+	}
+
+	chain filter-cali-pi-np/shop/knp.default.allow-web {
+		ip saddr 10.244.142.38 tcp dport 8080 counter packets 2 bytes 120 meta mark set meta mark | 0x00010000 comment "cali:1LnhnBSv_O60Gs3h; NetworkPolicy shop/knp.default.allow-web ingress"
+	}
+
+	chain nat-cali-nat-outgoing {
+		ip saddr @cali40masq-ipam-pools ip daddr != @cali40network-ip-pools counter packets 7 bytes 420 masquerade fully-random comment "cali:JjuWIaIfSLZi41Xk;"
+	}
+}
+"#;
+
+    #[test]
+    fn parses_felix_nft_listing() {
+        let r = parse_nft_list(NFT_LISTING);
+        // filter-FORWARD is no `cali-` chain; the nat chain is not the filter table's.
+        assert!(r.iter().all(|r| r.chain.starts_with("filter-cali-")));
+        let tw: Vec<&FilterRule> = r
+            .iter()
+            .filter(|r| r.chain == "filter-cali-tw-cali0123456789a")
+            .collect();
+        assert_eq!(tw.len(), 10);
+        let eot = tw[6];
+        assert_eq!((eot.pos, eot.packets, eot.target.as_str()), (7, 3, "DROP"));
+        assert_eq!(
+            eot.comments,
+            [
+                "cali:RY4mCNULXyg7iOT3",
+                "End of tier default. DROP if no policies passed packet"
+            ]
+        );
+        assert_eq!(tw[4].target, "filter-cali-pi-np/shop/knp.default.allow-web");
+        // The vmap rule: no counter, no target; the hash-only comment.
+        let d = r
+            .iter()
+            .find(|r| r.chain == "filter-cali-to-wl-dispatch")
+            .map(|r| (r.pos, r.packets, r.target.clone(), r.comments.clone()));
+        assert_eq!(
+            d,
+            Some((
+                1,
+                0,
+                String::new(),
+                vec!["cali:ljtHSLJQhigspPd1".to_string()]
+            ))
+        );
+        // With `nft -a`, the handle is not part of the rule.
+        let a = parse_nft_list(
+            &NFT_LISTING.replace("Unknown interface\"", "Unknown interface\" # handle 12"),
+        );
+        assert!(a
+            .iter()
+            .any(|r| r.comments.get(1).map(String::as_str) == Some("Unknown interface")));
+    }
+
+    #[test]
+    fn nft_end_of_tier_names_the_tier_and_its_policies() {
+        let p = parse_policy(
+            PolicyKind::NetworkPolicy,
+            r#"{"metadata":{"name":"knp.default.allow-web","namespace":"shop"},"spec":{
+            "ingress":[{"action":"Allow","protocol":"TCP","source":{"nets":["10.244.142.38/32"]}}]}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.nft_chain(PolicyDirection::Ingress),
+            "filter-cali-pi-np/shop/knp.default.allow-web"
+        );
+        let mut c = Counters::default();
+        c.record(
+            100,
+            parse_nft_list(&NFT_LISTING.replace("packets 3 bytes 180", "packets 0 bytes 0")),
+        );
+        c.record(200_000_000, parse_nft_list(NFT_LISTING));
+        let view = PolicyView {
+            policies: Some(Arc::new(PolicySet::new([p]))),
+            counters: Arc::new(c),
+            ..Default::default()
+        };
+        let hit = view
+            .attribute(50_000_000, &["cali0123456789a".into()])
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(hit.action, PolicyAction::EndOfTier);
+        assert_eq!(hit.chain, "filter-cali-tw-cali0123456789a");
+        assert_eq!(hit.chain_rule, 7);
+        assert_eq!(hit.tier.as_deref(), Some("default"));
+        assert_eq!(hit.direction, PolicyDirection::Ingress);
+        assert_eq!(hit.policies, ["NetworkPolicy shop/knp.default.allow-web"]);
+        assert_eq!(hit.packets, 3);
     }
 
     fn deny_policy() -> Policy {

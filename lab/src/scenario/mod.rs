@@ -21,6 +21,7 @@
 mod common;
 pub mod healthy;
 pub mod mtu;
+pub mod policy;
 pub mod seed_001;
 pub mod seed_002;
 pub mod seed_003;
@@ -93,6 +94,7 @@ impl Scenario {
         Scenario(&mtu::Mtu::Underlay),
         Scenario(&mtu::Mtu::Blackhole),
         Scenario(&mtu::Mtu::Pmtud),
+        Scenario(&policy::Policy),
     ];
 
     /// Every scenario's name, comma-separated.

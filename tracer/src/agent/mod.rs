@@ -596,20 +596,29 @@ fn read_events(
 const POLICY_POLL: Duration = Duration::from_millis(250);
 
 /// Reads felix's filter rule counters (`felix_policy`) once at start and then only when traced
-/// flows saw new kernel drops: at most one `iptables-save` per [`POLICY_POLL`], off the data
-/// path. Not in the nftables or eBPF dataplane (not covered: the rules say so).
+/// flows saw new kernel drops: at most one `iptables-save` (or `nft list table ip calico` in
+/// felix's nftables dataplane, as detected for natOutgoing) per [`POLICY_POLL`], off the data
+/// path. Not in the eBPF dataplane (not covered: the rules say so).
 async fn read_policy_counters(shared: Arc<Shared>) {
     let mut seen = None;
     let mut poll = tokio::time::interval(POLICY_POLL);
     loop {
         poll.tick().await;
-        let iptables = {
+        let reader = {
             let n = shared.node();
-            n.pools.ebpf.is_none() && n.pools.dataplane == crate::calico::Dataplane::Iptables
+            match (n.pools.ebpf.is_some(), n.pools.dataplane) {
+                (true, _) => None,
+                (false, crate::calico::Dataplane::Iptables) => {
+                    Some(crate::felix_policy::read_iptables as fn() -> _)
+                }
+                (false, crate::calico::Dataplane::Nftables) => {
+                    Some(crate::felix_policy::read_nft as fn() -> _)
+                }
+            }
         };
-        if !iptables {
+        let Some(reader) = reader else {
             continue;
-        }
+        };
         let drops = shared.traced_drops();
         if seen == Some(drops) {
             continue;
@@ -617,7 +626,7 @@ async fn read_policy_counters(shared: Arc<Shared>) {
         seen = Some(drops);
         let at = mono_now_ns();
         let started = std::time::Instant::now();
-        let read = tokio::task::spawn_blocking(crate::felix_policy::read_iptables)
+        let read = tokio::task::spawn_blocking(reader)
             .await
             .unwrap_or_else(|e| Err(format!("reader task: {e}")));
         if let Err(e) = &read {
@@ -625,7 +634,7 @@ async fn read_policy_counters(shared: Arc<Shared>) {
         }
         shared.record_policy_counters(at, read);
         // A node with a big rule set and drops that never stop (a scanner on a denied port)
-        // must not pay for iptables-save all the time: at most a tenth of one core. Longer gaps
+        // must not pay for iptables-save (or nft) all the time: at most a tenth of one core. Longer gaps
         // make more drops ambiguous, which the evidence then says.
         tokio::time::sleep(started.elapsed().saturating_mul(9)).await;
     }

@@ -256,11 +256,6 @@ impl Shared {
         };
         let unsupported = if pools.ebpf.is_some() {
             Some("felix's eBPF dataplane enforces policy in its tc programs: no rule counters to read (not covered)".into())
-        } else if pools.dataplane == crate::calico::Dataplane::Nftables {
-            Some(
-                "felix's nftables dataplane: its rule counters are not read yet (not covered)"
-                    .into(),
-            )
         } else {
             None
         };
