@@ -26,6 +26,7 @@ pub mod kernel_names;
 pub mod net;
 pub mod netlink;
 pub mod nftables;
+pub mod own_sockets;
 pub mod state;
 pub mod synth;
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! Diagnoses rest on these facts as much as on packets: which device is a bridge, which device
 //! vxlan.calico hangs off, which interface the kernel routes toward a peer.
 use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use futures::{StreamExt, TryStreamExt};
@@ -82,6 +82,9 @@ pub struct Route {
 pub struct NodeFacts {
     pub links: BTreeMap<u32, Link>,
     pub routes: Vec<Route>,
+    /// Local addresses of the agent's own TCP connections ([`crate::own_sockets`]).
+    #[serde(skip)]
+    pub own_sockets: HashSet<SocketAddr>,
 }
 
 impl NodeFacts {

@@ -420,7 +420,7 @@ async fn sync(
     hooks: &mut Hooks,
     shared: &Shared,
 ) -> Option<bool> {
-    let facts = match tokio::time::timeout(SNAPSHOT_DEADLINE, netlink::snapshot(handle)).await {
+    let mut facts = match tokio::time::timeout(SNAPSHOT_DEADLINE, netlink::snapshot(handle)).await {
         Ok(Ok(f)) => f,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "reading interfaces failed; keeping the previous view");
@@ -431,6 +431,7 @@ async fn sync(
             return None;
         }
     };
+    facts.own_sockets = crate::own_sockets::read();
     let links_changed = !facts.links.keys().eq(shared.node().facts.links.keys());
     let pools = calico::read_pools(&cfg.pools, &cfg.masq_pools, POOLS_DEADLINE).await;
     let mut wanted = BTreeSet::new();

@@ -6,6 +6,8 @@ use tracer_model::{
     Cause, Diagnosis, Evidence,
 };
 
+use std::net::SocketAddr;
+
 use super::{service_name, Context, Findings};
 use crate::flows::Flow;
 
@@ -19,6 +21,14 @@ pub struct Slow {
 }
 
 pub fn slow_exchanges(flow: &Flow, cx: &Context<'_>) -> Option<Slow> {
+    // The agent's own datastore watch answers whenever the datastore next changes.
+    if cx
+        .facts
+        .own_sockets
+        .contains(&SocketAddr::new(flow.src, flow.sport))
+    {
+        return None;
+    }
     let port = flow.nat.map(|n| n.dport).unwrap_or(flow.dport);
     if !cx.rules.datastore_ports.contains(&port) && !cx.rules.datastore_ports.contains(&flow.dport)
     {
@@ -289,6 +299,21 @@ mod tests {
             t.get(id).unwrap_or_else(|| unreachable!()),
             &cx(&p, &f, 100_000_000_000),
         );
+        assert_eq!(j.verdicts, vec![Verdict::Replied]);
+        assert!(j.diagnosis.is_none());
+        // The agent's own connection (its datastore watch) is never judged slow.
+        let (t, id) = run(150_000_000);
+        let mut own = f.clone();
+        own.own_sockets.insert(
+            "10.51.0.100:40000"
+                .parse()
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        let c = Context {
+            rules: &rules,
+            ..cx(&p, &own, 100_000_000_000)
+        };
+        let j = judge(t.get(id).unwrap_or_else(|| unreachable!()), &c);
         assert_eq!(j.verdicts, vec![Verdict::Replied]);
         assert!(j.diagnosis.is_none());
     }
