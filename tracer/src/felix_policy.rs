@@ -291,6 +291,9 @@ pub fn parse_policy(kind: PolicyKind, json: &str) -> Result<Policy, serde_json::
 #[derive(Debug, Default)]
 pub struct PolicySet {
     by_chain: HashMap<String, (Arc<Policy>, PolicyDirection)>,
+    /// Kinds of policy the datastore did not serve (e.g. Calico's CRDs not installed): a
+    /// chain absent from the set may be one of theirs.
+    unread: Vec<String>,
 }
 
 impl PolicySet {
@@ -302,7 +305,25 @@ impl PolicySet {
                 by_chain.insert(p.chain(dir), (Arc::clone(&p), dir));
             }
         }
-        PolicySet { by_chain }
+        PolicySet {
+            by_chain,
+            unread: Vec::new(),
+        }
+    }
+
+    /// The set, noting the kinds of policy that could not be read.
+    pub fn with_unread(mut self, unread: Vec<String>) -> PolicySet {
+        self.unread = unread;
+        self
+    }
+
+    /// `""`, or why a chain may be missing from the set.
+    fn unread_note(&self) -> String {
+        if self.unread.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", self.unread.join("; "))
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -668,8 +689,9 @@ impl PolicyView {
                         hit.policies.push(p.label());
                     } else if r.target.starts_with(POLICY_IN) || r.target.starts_with(POLICY_OUT) {
                         hit.missing.push(format!(
-                            "felix's chain {} is no policy of the datastore",
-                            r.target
+                            "felix's chain {} is no policy of the datastore{}",
+                            r.target,
+                            set.unread_note()
                         ));
                     }
                 }
@@ -701,9 +723,10 @@ impl PolicyView {
         }
         let Some((policy, dir)) = set.by_chain(&rule.chain) else {
             return Err(not_policy(format!(
-                "felix's chain {} is no policy of the datastore ({} read)",
+                "felix's chain {} is no policy of the datastore ({} read{})",
                 rule.chain,
-                set.len()
+                set.len(),
+                set.unread_note()
             )));
         };
         hit.direction = *dir;
