@@ -106,7 +106,7 @@ fn rules(peers: &[NetworkPolicyPeer], ports: &[NetworkPolicyPort], ingress: bool
     };
     let mut out = Vec::new();
     for (proto, ports) in by_proto {
-        let protocol = (!proto.is_empty()).then(|| Value::String(proto));
+        let protocol = (!proto.is_empty()).then_some(Value::String(proto));
         for peer in &peers {
             let mut peer_side = peer.map(entity).unwrap_or_default();
             let ports = ports.clone().unwrap_or_default();
