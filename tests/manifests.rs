@@ -2,7 +2,8 @@
 //! it renders validates, in strict mode, against the schemas of the Kubernetes versions tracer
 //! supports (the PyPI package kubernetes-validate, installed by scripts/setup.sh). Then what each
 //! overlay promises is checked on the rendered objects: no credentials in plain, a Secret the pods
-//! really mount in token-secret, read-only RBAC on exactly pods/services/nodes in identity.
+//! really mount in token-secret, read-only RBAC on exactly pods/services/nodes (and list/watch on
+//! felix's policy kinds) in identity.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -201,10 +202,20 @@ fn identity_grants_read_only_access_to_pods_services_and_nodes() -> TestResult {
         v.sort();
         v
     };
-    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules.len(), 3, "{rules:?}");
     assert_eq!(strs(&rules[0]["apiGroups"]), [""]);
     assert_eq!(strs(&rules[0]["resources"]), ["nodes", "pods", "services"]);
     assert_eq!(strs(&rules[0]["verbs"]), ["get", "list", "watch"]);
+    // felix's policies in the Kubernetes datastore: list/watch, exactly these kinds.
+    assert_eq!(strs(&rules[1]["apiGroups"]), ["networking.k8s.io"]);
+    assert_eq!(strs(&rules[1]["resources"]), ["networkpolicies"]);
+    assert_eq!(strs(&rules[1]["verbs"]), ["list", "watch"]);
+    assert_eq!(strs(&rules[2]["apiGroups"]), ["crd.projectcalico.org"]);
+    assert_eq!(
+        strs(&rules[2]["resources"]),
+        ["globalnetworkpolicies", "networkpolicies"]
+    );
+    assert_eq!(strs(&rules[2]["verbs"]), ["list", "watch"]);
     let bindings = find(&docs, "ClusterRoleBinding");
     let [b] = bindings.as_slice() else {
         return Err(format!("{} ClusterRoleBindings", bindings.len()).into());

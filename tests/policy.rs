@@ -12,9 +12,15 @@
 //! evidence says the policy is missing. The drop itself is checked without tracer: the client's
 //! connect times out and felix's rule counter moved (read with iptables or nft -j, not with
 //! tracer's reader).
+//!
+//! With `DATASTORE_TYPE=kubernetes` the same policies come from the Kubernetes API **stand-in**
+//! (`tracer_lab::kube`; no kube-apiserver installs here): the Kubernetes NetworkPolicy as
+//! networking.k8s.io/v1 (felix's `KubernetesNetworkPolicy`, chain id `knp/<ns>/<name>`), the
+//! Calico ones as crd.projectcalico.org/v1 CRDs. While the cluster does not serve Calico's CRDs
+//! the Kubernetes NetworkPolicy is still named and /healthz says which kinds are unavailable.
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use common::{query, Agent, Res, TestResult, READY};
 use tracer_lab::{
@@ -26,6 +32,10 @@ use tracer_lab::{
     },
     topo::{Cluster, ClusterConfig, PodConfig},
     traffic::tcp_probe,
+};
+use tracer_lab::{
+    daemon::poll,
+    kube::{self, KubeStandin, Store, CALICO_CRD_GROUP},
 };
 use tracer_model::{
     diagnosis::{PolicyAction, PolicyDirection},
@@ -309,5 +319,170 @@ fn denied_and_allowed(dp: LabDataplane) -> TestResult {
         }
         other => return Err(format!("not a kernel drop: {other:?}").into()),
     }
+    Ok(())
+}
+
+/// The Kubernetes datastore of the lab: the stand-in on the external host, and a kubeconfig
+/// pointing at it.
+struct Kdd {
+    store: Arc<Store>,
+    _standin: KubeStandin,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Drop for Kdd {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+const STANDIN_PORT: u16 = 18080;
+
+fn kdd(lab: &Cluster) -> Res<Kdd> {
+    let store = Store::new();
+    let addr = SocketAddr::new(lab.config.external_ip.parse()?, STANDIN_PORT);
+    let standin = KubeStandin::start(&lab.external, addr, Arc::clone(&store))?;
+    let kubeconfig = std::env::temp_dir().join(format!("tracer-kubeconfig-{}", lab.prefix));
+    std::fs::write(&kubeconfig, standin.kubeconfig("default"))?;
+    Ok(Kdd {
+        store,
+        _standin: standin,
+        kubeconfig,
+    })
+}
+
+fn start_kdd(lab: &Cluster, kdd: &Kdd) -> Res<Agent> {
+    let n1 = &lab.nodes[0];
+    let kc = kdd.kubeconfig.display().to_string();
+    let args = [
+        "--no-reply-timeout",
+        "2s",
+        "--datastore-type",
+        "kubernetes",
+        "--kubeconfig",
+        &kc,
+        "--nodename",
+        &n1.name,
+    ];
+    let mut a = common::start(&n1.netns, &args)?;
+    a.wait_attached(&n1.netns, &[veth(SERVER).as_str()], READY)?;
+    Ok(a)
+}
+
+fn put_kdd(kdd: &Kdd, p: &LabPolicy) -> Res<()> {
+    let (resource, obj) = kube::policy_object(p)?;
+    kdd.store.apply(resource, obj)?;
+    Ok(())
+}
+
+/// The Kubernetes NetworkPolicy as felix reads it from the Kubernetes API.
+fn knp_kdd() -> LabPolicy {
+    LabPolicy {
+        kind: Kind::KubernetesNetworkPolicy,
+        name: "allow-web".into(),
+        ..knp()
+    }
+}
+
+fn identity_unavailable(agent: &Agent, lab: &Cluster) -> Res<Vec<String>> {
+    let h = agent
+        .health(&lab.nodes[0].netns)?
+        .detail
+        .ok_or("no health detail")?
+        .identity;
+    assert!(!h.stale, "a kind not served is no staleness: {h:?}");
+    Ok(h.unavailable)
+}
+
+#[test]
+fn kubernetes_datastore_names_the_policies_and_says_when_calicos_crds_are_missing() -> TestResult {
+    let lab = Cluster::build(&config(LabDataplane::Iptables))?;
+    let kdd = kdd(&lab)?;
+    // Calico's CRDs are not installed yet: their paths are 404s.
+    kdd.store.serve_group(CALICO_CRD_GROUP, false);
+    let agent = start_kdd(&lab, &kdd)?;
+    let n1 = &lab.nodes[0].netns;
+    let unavailable = poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        identity_unavailable(&agent, &lab)
+            .ok()
+            .filter(|u| u.len() == 2)
+    })
+    .ok_or_else(|| {
+        format!(
+            "/healthz never said the CRDs are missing: {:?}",
+            identity_unavailable(&agent, &lab)
+        )
+    })?;
+    assert!(
+        unavailable[0].starts_with("globalnetworkpolicies.crd.projectcalico.org: ")
+            && unavailable[1].starts_with("networkpolicies.crd.projectcalico.org: ")
+            && unavailable.iter().all(|u| u.contains("404")),
+        "{unavailable:?}"
+    );
+
+    // (a) The Kubernetes NetworkPolicy is still named: felix's end of tier "default".
+    put_kdd(&kdd, &knp_kdd())?;
+    write_felix_policy(
+        n1,
+        LabDataplane::Iptables,
+        &endpoints(vec![knp_kdd()], vec![]),
+    )?;
+    assert!(!connect(&lab, DENIED_KNP)?, "the KNP drops web-a");
+    let tw = format!("cali-tw-{}", veth(SERVER));
+    assert!(
+        drops_in(&lab, LabDataplane::Iptables, &tw)? > 0,
+        "felix's end-of-tier DROP moved"
+    );
+    let f = flow_of(&agent, &lab, DENIED_KNP, Cause::DeniedByPolicy)?;
+    let h = hit(&f)?;
+    assert_eq!(h.action, PolicyAction::EndOfTier, "{h:?}");
+    assert_eq!(h.tier.as_deref(), Some("default"));
+    assert_eq!(h.chain, tw);
+    assert_eq!(
+        h.policies,
+        [format!("KubernetesNetworkPolicy {NS}/allow-web")],
+        "{h:?}"
+    );
+    allowed_is_not_blamed(&agent, &lab)?;
+
+    // Calico's CRDs get installed: the agent's retry picks them up.
+    kdd.store.serve_group(CALICO_CRD_GROUP, true);
+    poll(Duration::from_secs(45), Duration::from_millis(200), || {
+        identity_unavailable(&agent, &lab)
+            .ok()
+            .filter(|u| u.is_empty())
+    })
+    .ok_or("the CRDs stayed unavailable")?;
+
+    // (b) A Calico NetworkPolicy CRD in tier "security": its rule 1 denies web-b.
+    put_kdd(&kdd, &tiered_np())?;
+    write_felix_policy(
+        n1,
+        LabDataplane::Iptables,
+        &endpoints(vec![tiered_np()], vec![]),
+    )?;
+    assert!(!connect(&lab, DENIED_NP)?, "the tiered policy drops web-b");
+    let f = flow_of(&agent, &lab, DENIED_NP, Cause::DeniedByPolicy)?;
+    let h = hit(&f)?;
+    assert_eq!(h.action, PolicyAction::Deny, "{h:?}");
+    assert_eq!(h.kind.as_deref(), Some("NetworkPolicy"));
+    assert_eq!(h.name.as_deref(), Some("security.deny-web-b"));
+    assert_eq!(h.tier.as_deref(), Some("security"));
+    assert_eq!(h.rule_index, Some(1), "{h:?}");
+    assert_eq!(h.chain, tiered_np().chain());
+    allowed_is_not_blamed(&agent, &lab)?;
+
+    // (c) A GlobalNetworkPolicy CRD denies web-c's egress with its rule 0.
+    put_kdd(&kdd, &gnp())?;
+    write_felix_policy(n1, LabDataplane::Iptables, &endpoints(vec![], vec![gnp()]))?;
+    assert!(!connect(&lab, DENIED_GNP)?, "the GNP drops web-c");
+    let f = flow_of(&agent, &lab, DENIED_GNP, Cause::DeniedByPolicy)?;
+    let h = hit(&f)?;
+    assert_eq!(h.action, PolicyAction::Deny, "{h:?}");
+    assert_eq!(h.kind.as_deref(), Some("GlobalNetworkPolicy"));
+    assert_eq!(h.name.as_deref(), Some("deny-web-c-egress"));
+    assert_eq!(h.direction, PolicyDirection::Egress);
+    assert_eq!(h.rule_index, Some(0));
+    allowed_is_not_blamed(&agent, &lab)?;
     Ok(())
 }

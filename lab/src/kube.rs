@@ -6,7 +6,11 @@
 //!
 //! What it honours (see /work/shared/KUBERNETES-NOTES.md):
 //! - list and watch of `pods`, `services`, `nodes` (`/api/v1/<plural>` and, for namespaced
-//!   kinds, `/api/v1/namespaces/<ns>/<plural>`), `*List` bodies with `metadata.resourceVersion`;
+//!   kinds, `/api/v1/namespaces/<ns>/<plural>`), of `networkpolicies` in networking.k8s.io/v1 and
+//!   Calico's `networkpolicies` and `globalnetworkpolicies` CRDs in crd.projectcalico.org/v1
+//!   (`/apis/<group>/<version>/...`), `*List` bodies with `metadata.resourceVersion`;
+//! - a group whose CRDs are not installed ([`Store::serve_group`]) is a 404 `Status`, as the
+//!   apiserver answers a resource it does not serve;
 //! - `fieldSelector` (`metadata.name`, `metadata.namespace`, `spec.nodeName`; `=`, `==`, `!=`)
 //!   and `labelSelector` (kubectl syntax); a bad selector is a 400 `Status`;
 //! - `watch=true` from a `resourceVersion`: chunked newline-delimited `ADDED`/`MODIFIED`/
@@ -42,13 +46,36 @@ use tracer_model::identity::Selector;
 
 use crate::{netns::Netns, LabError};
 
-/// The kinds the stand-in serves: (plural, kind, namespaced).
-const KINDS: [(&str, &str, bool); 4] = [
-    ("pods", "Pod", true),
-    ("services", "Service", true),
-    ("nodes", "Node", false),
-    ("secrets", "Secret", true),
+/// The kinds the stand-in serves: (resource, group/version, kind, namespaced). The resource is
+/// the plural for the core group and `<plural>.<group>` for the others (as RBAC and
+/// `kubectl api-resources` name them); [`Store`] keys objects by it.
+const KINDS: [(&str, &str, &str, bool); 7] = [
+    ("pods", "v1", "Pod", true),
+    ("services", "v1", "Service", true),
+    ("nodes", "v1", "Node", false),
+    ("secrets", "v1", "Secret", true),
+    (
+        "networkpolicies.networking.k8s.io",
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+        true,
+    ),
+    (
+        "networkpolicies.crd.projectcalico.org",
+        "crd.projectcalico.org/v1",
+        "NetworkPolicy",
+        true,
+    ),
+    (
+        "globalnetworkpolicies.crd.projectcalico.org",
+        "crd.projectcalico.org/v1",
+        "GlobalNetworkPolicy",
+        false,
+    ),
 ];
+
+/// The group a CRD-backed kind belongs to: it is served only while its CRDs are installed.
+pub const CALICO_CRD_GROUP: &str = "crd.projectcalico.org";
 
 /// Objects, their resourceVersions and the event history watches replay from.
 #[derive(Debug, Default)]
@@ -66,6 +93,8 @@ struct Inner {
     watches: BTreeMap<String, u64>,
     /// Watches answered 410 Gone, per plural.
     expired: BTreeMap<String, u64>,
+    /// API groups not served (their CRDs not installed): every path under them is a 404.
+    unserved: std::collections::BTreeSet<String>,
 }
 
 /// The stand-in's data, shared by its server threads and the test that drives it.
@@ -141,6 +170,21 @@ impl Store {
         g.generation += 1;
         drop(g);
         self.changed.notify_all();
+    }
+
+    /// Serves `group` or stops serving it, as installing or removing its CRDs does.
+    pub fn serve_group(&self, group: &str, served: bool) {
+        let mut g = self.lock();
+        if served {
+            g.unserved.remove(group);
+        } else {
+            g.unserved.insert(group.to_string());
+        }
+    }
+
+    fn served(&self, resource: &str) -> bool {
+        let group = resource.split_once('.').map_or("", |(_, g)| g);
+        !self.lock().unserved.contains(group)
     }
 
     /// List requests served for `plural` so far.
@@ -325,19 +369,35 @@ enum Route {
 
 fn route(path: &str) -> Option<Route> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let find = |p: &str, namespaced: bool| {
+    // The resource of `plural` in `gv`, namespaced when asked for in a namespace.
+    let find = |gv: &str, p: &str, namespaced: bool| {
         KINDS
             .iter()
-            .find(|(plural, _, ns)| *plural == p && (*ns || !namespaced))
-            .map(|(plural, _, _)| *plural)
+            .find(|(res, g, _, ns)| {
+                *g == gv && res.split('.').next() == Some(p) && (*ns || !namespaced)
+            })
+            .map(|(res, _, _, _)| *res)
     };
     match parts.as_slice() {
+        ["apis", group, version, plural] => Some(Route::Collection {
+            plural: find(&format!("{group}/{version}"), plural, false)?,
+            namespace: None,
+        }),
+        ["apis", group, version, "namespaces", ns, plural] => Some(Route::Collection {
+            plural: find(&format!("{group}/{version}"), plural, true)?,
+            namespace: Some(ns.to_string()),
+        }),
+        ["apis", group, version, "namespaces", ns, plural, name] => Some(Route::Object {
+            plural: find(&format!("{group}/{version}"), plural, true)?,
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        }),
         ["api", "v1", plural] => Some(Route::Collection {
-            plural: find(plural, false)?,
+            plural: find("v1", plural, false)?,
             namespace: None,
         }),
         ["api", "v1", "namespaces", ns, plural] => Some(Route::Collection {
-            plural: find(plural, true)?,
+            plural: find("v1", plural, true)?,
             namespace: Some(ns.to_string()),
         }),
         ["api", "v1", "namespaces", ns, "pods", target, "proxy", rest @ ..] => {
@@ -353,7 +413,7 @@ fn route(path: &str) -> Option<Route> {
             })
         }
         ["api", "v1", "namespaces", ns, plural, name] => Some(Route::Object {
-            plural: find(plural, true)?,
+            plural: find("v1", plural, true)?,
             namespace: ns.to_string(),
             name: name.to_string(),
         }),
@@ -373,7 +433,11 @@ fn serve(stream: TcpStream, server: &Server) {
         let Some(req) = read_request(&mut r) else {
             return;
         };
-        let route = route(&req.path);
+        // A group whose CRDs are not installed is not there at all.
+        let route = route(&req.path).filter(|r| match r {
+            Route::Collection { plural, .. } | Route::Object { plural, .. } => store.served(plural),
+            Route::PodProxy { .. } => true,
+        });
         if req.method != "GET" && !matches!(route, Some(Route::PodProxy { .. })) {
             // Tests write through the Store; the stand-in serves reads only.
             if !status(
@@ -738,16 +802,24 @@ fn collection(
                 sel.matches(&l)
             })
     };
-    let kind = KINDS
+    let (api_version, kind) = KINDS
         .iter()
-        .find(|(p, _, _)| *p == plural)
-        .map_or("Unknown", |(_, k, _)| *k);
+        .find(|(p, _, _, _)| *p == plural)
+        .map_or(("v1", "Unknown"), |(_, gv, k, _)| (*gv, *k));
     if req
         .query
         .get("watch")
         .is_some_and(|v| v == "true" || v == "1")
     {
-        return watch(w, store, stop, plural, kind, req, &matches, bookmark_every);
+        return watch(
+            w,
+            store,
+            stop,
+            (plural, api_version, kind),
+            req,
+            &matches,
+            bookmark_every,
+        );
     }
     let body = {
         let mut g = store.lock();
@@ -760,7 +832,7 @@ fn collection(
             .collect();
         json!({
             "kind": format!("{kind}List"),
-            "apiVersion": "v1",
+            "apiVersion": api_version,
             "metadata": {"resourceVersion": g.rv.to_string()},
             "items": items,
         })
@@ -768,17 +840,17 @@ fn collection(
     respond(w, 200, &body.to_string())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `what`: (resource, apiVersion, kind) of the watched objects.
 fn watch(
     w: &mut TcpStream,
     store: &Store,
     stop: &AtomicBool,
-    plural: &str,
-    kind: &str,
+    what: (&str, &str, &str),
     req: &Request,
     matches: &dyn Fn(&Value) -> bool,
     bookmark_every: Duration,
 ) -> bool {
+    let (plural, api_version, kind) = what;
     let from: u64 = req
         .query
         .get("resourceVersion")
@@ -848,7 +920,7 @@ fn watch(
         if bookmarks && last_bookmark.elapsed() >= bookmark_every {
             last_bookmark = Instant::now();
             let ev = json!({"type": "BOOKMARK", "object": {
-                "kind": kind, "apiVersion": "v1",
+                "kind": kind, "apiVersion": api_version,
                 "metadata": {"resourceVersion": seen.to_string()}}});
             if !chunk(w, &ev) {
                 return false;
@@ -982,6 +1054,72 @@ pub fn secret(namespace: &str, name: &str, data: &[(&str, &[u8])]) -> Value {
         "metadata": {"name": name, "namespace": namespace},
         "data": data,
     })
+}
+
+/// `p` as the Kubernetes datastore holds it: (resource, object).
+/// - A Kubernetes NetworkPolicy (networking.k8s.io/v1): each Allow rule an ingress/egress rule
+///   with an `ipBlock` peer and a TCP port; a Deny rule cannot be written as one (an error).
+/// - A Calico NetworkPolicy or GlobalNetworkPolicy: the crd.projectcalico.org/v1 object as
+///   libcalico-go writes it (`ConvertCalicoResourceToK8sResource`): the v3 spec, and the v3
+///   metadata (its name included) in the `projectcalico.org/metadata` annotation.
+pub fn policy_object(p: &crate::policy::LabPolicy) -> Result<(&'static str, Value), LabError> {
+    use crate::policy::{Direction, Kind};
+    let mut meta = json!({"name": p.name});
+    if let Some(ns) = &p.namespace {
+        meta["namespace"] = json!(ns);
+    }
+    let types = match p.direction {
+        Direction::Ingress => "Ingress",
+        Direction::Egress => "Egress",
+    };
+    if p.kind == Kind::KubernetesNetworkPolicy {
+        let mut rules = Vec::new();
+        for r in &p.rules {
+            if r.deny {
+                return Err(LabError::Config(
+                    "a Kubernetes NetworkPolicy has no Deny rules".into(),
+                ));
+            }
+            let net = match p.direction {
+                Direction::Ingress => &r.src_net,
+                Direction::Egress => &r.dst_net,
+            };
+            let mut rule = serde_json::Map::new();
+            if let Some(n) = net {
+                let peer = json!([{"ipBlock": {"cidr": n}}]);
+                let key = if p.direction == Direction::Ingress {
+                    "from"
+                } else {
+                    "to"
+                };
+                rule.insert(key.into(), peer);
+            }
+            if let Some(port) = r.dst_port {
+                rule.insert("ports".into(), json!([{"protocol": "TCP", "port": port}]));
+            }
+            rules.push(Value::Object(rule));
+        }
+        let mut spec = json!({"podSelector": {}, "policyTypes": [types]});
+        spec[types.to_ascii_lowercase()] = json!(rules);
+        let obj = json!({"kind": "NetworkPolicy", "apiVersion": "networking.k8s.io/v1",
+            "metadata": meta, "spec": spec});
+        return Ok(("networkpolicies.networking.k8s.io", obj));
+    }
+    let (resource, kind) = match p.kind {
+        Kind::GlobalNetworkPolicy => (
+            "globalnetworkpolicies.crd.projectcalico.org",
+            "GlobalNetworkPolicy",
+        ),
+        _ => ("networkpolicies.crd.projectcalico.org", "NetworkPolicy"),
+    };
+    let rules: Vec<Value> = p.rules.iter().map(|r| r.v3()).collect();
+    let mut spec = json!({"tier": p.tier, "order": 100, "types": [types]});
+    spec[types.to_ascii_lowercase()] = json!(rules);
+    let mut v1_meta = meta.clone();
+    v1_meta["annotations"] = json!({"projectcalico.org/metadata": meta.to_string()});
+    let obj = json!({"kind": kind, "apiVersion": "crd.projectcalico.org/v1",
+        "metadata": v1_meta, "spec": spec});
+    Ok((resource, obj))
 }
 
 #[cfg(test)]

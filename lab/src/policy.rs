@@ -63,6 +63,9 @@ pub enum Kind {
     /// `kube-controllers/pkg/converter/networkpolicy_converter.go`).
     NetworkPolicy,
     GlobalNetworkPolicy,
+    /// A Kubernetes NetworkPolicy as felix gets it from the Kubernetes datastore (v3.32+:
+    /// kind `KubernetesNetworkPolicy`, the Kubernetes name, `felix/types/policy_id.go`).
+    KubernetesNetworkPolicy,
 }
 
 /// Ingress or egress, from the pod's side.
@@ -113,7 +116,8 @@ impl PolicyRule {
         self
     }
 
-    fn v3(&self) -> serde_json::Value {
+    /// The rule in projectcalico.org/v3 JSON.
+    pub fn v3(&self) -> serde_json::Value {
         let mut src = serde_json::Map::new();
         let mut dst = serde_json::Map::new();
         if let Some(n) = &self.src_net {
@@ -166,6 +170,7 @@ impl LabPolicy {
         let short = match self.kind {
             Kind::NetworkPolicy => "np",
             Kind::GlobalNetworkPolicy => "gnp",
+            Kind::KubernetesNetworkPolicy => "knp",
         };
         match &self.namespace {
             Some(ns) => format!("{short}/{ns}/{}", self.name),
@@ -188,10 +193,14 @@ impl LabPolicy {
         length_limited_id(prefix, &self.id(), max_chain(dp))
     }
 
-    /// The etcdv3 key and JSON value (`libcalico-go/lib/backend/model/resource.go`).
+    /// The etcdv3 key and JSON value (`libcalico-go/lib/backend/model/resource.go`). A
+    /// Kubernetes NetworkPolicy is not stored in etcd by that kind: use a NetworkPolicy named
+    /// `knp.default.<name>` for it.
     pub fn etcd_kv(&self) -> (String, String) {
         let (plural, kind) = match self.kind {
-            Kind::NetworkPolicy => ("networkpolicies", "NetworkPolicy"),
+            Kind::NetworkPolicy | Kind::KubernetesNetworkPolicy => {
+                ("networkpolicies", "NetworkPolicy")
+            }
             Kind::GlobalNetworkPolicy => ("globalnetworkpolicies", "GlobalNetworkPolicy"),
         };
         let key = match &self.namespace {
@@ -249,6 +258,7 @@ impl LabPolicy {
         let kind = match self.kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::GlobalNetworkPolicy => "GlobalNetworkPolicy",
+            Kind::KubernetesNetworkPolicy => "KubernetesNetworkPolicy",
         };
         let comment = match &self.namespace {
             Some(ns) => format!("{kind} {ns}/{} {dir}", self.name),

@@ -149,6 +149,10 @@ pub struct IdentityHealth {
     /// The last error talking to the datastore, while stale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Kinds the datastore does not serve (`<resource>: <why>`, e.g. Calico's policy CRDs not
+    /// installed, or no RBAC for them): read as empty, while the rest of identity works.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unavailable: Vec<String>,
 }
 
 impl Default for IdentityHealth {
@@ -168,6 +172,7 @@ impl IdentityHealth {
             services: 0,
             nodes: 0,
             error: None,
+            unavailable: Vec::new(),
         }
     }
 }

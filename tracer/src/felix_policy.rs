@@ -318,6 +318,9 @@ pub fn parse_policy(kind: PolicyKind, json: &str) -> Result<Policy, serde_json::
 pub struct PolicySet {
     by_chain: HashMap<String, (Arc<Policy>, PolicyDirection)>,
     count: usize,
+    /// Kinds of policy the datastore did not serve (e.g. Calico's CRDs not installed): a
+    /// chain absent from the set may be one of theirs.
+    unread: Vec<String>,
 }
 
 impl PolicySet {
@@ -333,7 +336,26 @@ impl PolicySet {
                 by_chain.insert(p.nft_chain(dir), (Arc::clone(&p), dir));
             }
         }
-        PolicySet { by_chain, count }
+        PolicySet {
+            by_chain,
+            count,
+            unread: Vec::new(),
+        }
+    }
+
+    /// The set, noting the kinds of policy that could not be read.
+    pub fn with_unread(mut self, unread: Vec<String>) -> PolicySet {
+        self.unread = unread;
+        self
+    }
+
+    /// `""`, or why a chain may be missing from the set.
+    fn unread_note(&self) -> String {
+        if self.unread.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", self.unread.join("; "))
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -800,8 +822,9 @@ impl PolicyView {
                         || base(&r.target).starts_with(POLICY_OUT)
                     {
                         hit.missing.push(format!(
-                            "felix's chain {} is no policy of the datastore",
-                            r.target
+                            "felix's chain {} is no policy of the datastore{}",
+                            r.target,
+                            set.unread_note()
                         ));
                     }
                 }
@@ -833,9 +856,10 @@ impl PolicyView {
         }
         let Some((policy, dir)) = set.by_chain(&rule.chain) else {
             return Err(not_policy(format!(
-                "felix's chain {} is no policy of the datastore ({} read)",
+                "felix's chain {} is no policy of the datastore ({} read{})",
                 rule.chain,
-                set.len()
+                set.len(),
+                set.unread_note()
             )));
         };
         hit.direction = *dir;

@@ -11,6 +11,7 @@
 //! that pod's name and a new pod at the same address never inherits it. Nothing is stored per
 //! flow and the ingest path does not look anything up.
 pub mod etcd;
+pub mod kdd_policy;
 pub mod kube;
 
 use std::{
@@ -178,6 +179,9 @@ struct Status {
     /// Parts of the source (a watch each) whose last attempt failed, with the error: the
     /// view is then the last known one.
     errors: std::collections::BTreeMap<&'static str, String>,
+    /// Parts the datastore does not serve (a 404 or 403: Calico's CRDs not installed, no RBAC
+    /// for them), with why: read as empty, not stale; the other parts work.
+    unavailable: std::collections::BTreeMap<&'static str, String>,
 }
 
 /// Identity as the rest of the agent sees it: the last view and how fresh it is.
@@ -188,7 +192,7 @@ pub struct Identities {
     view: RwLock<Arc<View>>,
     status: Mutex<Status>,
     /// Calico's policies, by felix's chain names; None until the source lists them (the
-    /// etcdv3 source does; the Kubernetes source does not read policies yet).
+    /// etcdv3 and Kubernetes sources do).
     policies: RwLock<Option<Arc<PolicySet>>>,
 }
 
@@ -253,6 +257,9 @@ impl Identities {
     pub fn confirm(&self, part: &'static str) {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         s.synced_ns = Some(mono_now_ns());
+        if s.unavailable.remove(part).is_some() {
+            tracing::info!(part, "identity: the datastore serves this kind now");
+        }
         if s.errors.remove(part).is_some() && s.errors.is_empty() {
             tracing::info!(
                 source = self.source.as_str(),
@@ -277,14 +284,32 @@ impl Identities {
         s.errors.insert(part, error);
     }
 
+    /// The datastore does not serve `part` (404/403): no error, no staleness; said in health.
+    pub fn unavailable(&self, part: &'static str, why: String) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.errors.remove(part);
+        if s.unavailable.insert(part, why.clone()).is_none() {
+            tracing::warn!(part, %why, "identity: the datastore does not serve this kind; read as empty");
+        }
+    }
+
     pub fn health(&self) -> IdentityHealth {
         if !self.is_on() {
             return IdentityHealth::off();
         }
-        let (synced_ns, error) = {
+        let (synced_ns, error, unavailable) = {
             let s = self.status.lock().unwrap_or_else(|e| e.into_inner());
             let errors: Vec<&str> = s.errors.values().map(String::as_str).collect();
-            (s.synced_ns, (!errors.is_empty()).then(|| errors.join("; ")))
+            let unavailable = s
+                .unavailable
+                .iter()
+                .map(|(part, why)| format!("{part}: {why}"))
+                .collect();
+            (
+                s.synced_ns,
+                (!errors.is_empty()).then(|| errors.join("; ")),
+                unavailable,
+            )
         };
         let counts = self.view().counts;
         let now = mono_now_ns();
@@ -298,6 +323,7 @@ impl Identities {
             services: counts[Kind::Service as usize],
             nodes: counts[Kind::Node as usize],
             error,
+            unavailable,
         }
     }
 }
