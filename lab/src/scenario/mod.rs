@@ -17,8 +17,11 @@
 //! | `mtu-underlay` | node2's LAN switch port carries 1400 bytes, vxlan.calico assumes 1500 | `mtu_mismatch` |
 //! | `mtu-blackhole` | pods at 1500 over vxlan.calico's 1450, node1 drops its ICMP frag-needed | `mtu_mismatch` |
 //! | `mtu-pmtud` | pods at 1500 over vxlan.calico's 1450, PMTU discovery works | none |
+//! | `snat-ports` | natPortRange 40000:40001, short connections from a pod to one external address | `snat_port_exhaustion` |
+//! | `snat-ports-wide` | the same traffic with natPortRange 32768:65535 | none |
 
 mod common;
+pub mod conntrack;
 pub mod healthy;
 pub mod mtu;
 pub mod seed_001;
@@ -93,6 +96,8 @@ impl Scenario {
         Scenario(&mtu::Mtu::Underlay),
         Scenario(&mtu::Mtu::Blackhole),
         Scenario(&mtu::Mtu::Pmtud),
+        Scenario(&conntrack::SnatPorts::Narrow),
+        Scenario(&conntrack::SnatPorts::Wide),
     ];
 
     /// Every scenario's name, comma-separated.
