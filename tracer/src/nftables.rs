@@ -611,12 +611,13 @@ fn decode_rule(payload: &[u8]) -> Result<(Option<String>, Vec<Expr>), NftError> 
                     flags: u(7).unwrap_or(0),
                     ports: u(5).map(|min| (min, u(6).unwrap_or(min))),
                 },
-                "immediate" => match (u(1), attr(&d, 2).map(parse_attrs).transpose()?) {
-                    (Some(dreg), Some(data)) => Expr::Immediate {
+                // A verdict (dreg 0) carries no value: loads nothing the NAT reads.
+                "immediate" => match u(1) {
+                    Some(dreg) => Expr::Immediate {
                         dreg,
-                        data: data_value(attr(&data, 1))?.unwrap_or_default(),
+                        data: data_value(attr(&d, 2))?.unwrap_or_default(),
                     },
-                    _ => Expr::Other { name, dreg: None },
+                    None => Expr::Other { name, dreg: None },
                 },
                 // Register loads that could overwrite an address or interface just loaded.
                 "bitwise" => Expr::Other { dreg: u(2), name },
