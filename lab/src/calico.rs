@@ -150,6 +150,9 @@ pub struct FelixNat {
     pub out_iface: Option<String>,
     /// Every node's address, felix's `cali40all-hosts-net` (written when not empty).
     pub host_ips: Vec<String>,
+    /// FelixConfiguration `natPortRange` (MIN, MAX): felix then masquerades TCP and UDP to
+    /// these source ports (`--to-ports`; nftables `to :`) and everything else as before.
+    pub nat_port_range: Option<(u16, u16)>,
 }
 
 impl PoolSets {
@@ -293,10 +296,32 @@ fn felix_nat_table(pools: &[Pool], encap: Encapsulation, felix: &FelixNat) -> Fe
         if felix.exclude_host_ips {
             let _ = write!(matches, " -m set ! --match-set {ALL_HOSTS_SET} dst");
         }
-        if let Some(iface) = &felix.out_iface {
-            let _ = write!(matches, " --out-interface {iface}");
+        // NATOutgoingChain: with natPortRange, TCP and UDP get the ports (then RETURN), the
+        // rest the plain rule. The protocol match comes before the interface match.
+        let rule = |proto: &str, target: &str| {
+            let mut m = matches.clone();
+            if !proto.is_empty() {
+                let _ = write!(m, " -p {proto}");
+            }
+            if let Some(iface) = &felix.out_iface {
+                let _ = write!(m, " --out-interface {iface}");
+            }
+            FelixRule::new(&m, target)
+        };
+        let plain = "--jump MASQUERADE --random-fully";
+        match felix.nat_port_range {
+            Some((lo, hi)) => {
+                let ports = format!("--jump MASQUERADE --to-ports {lo}-{hi} --random-fully");
+                let mut rules = Vec::new();
+                for proto in ["tcp", "udp"] {
+                    rules.push(rule(proto, &ports));
+                    rules.push(rule(proto, "--jump RETURN"));
+                }
+                rules.push(rule("", plain));
+                rules
+            }
+            None => vec![rule("", plain)],
         }
-        vec![FelixRule::new(&matches, "--jump MASQUERADE --random-fully")]
     } else {
         Vec::new()
     };
@@ -548,11 +573,30 @@ fn felix_nft_table(
         if felix.exclude_host_ips {
             let _ = write!(m, " ip daddr != @{ALL_HOSTS_SET}");
         }
-        if let Some(iface) = &felix.out_iface {
-            // nft's wildcard is `*` where iptables' is `+`.
-            let _ = write!(m, " oifname {}", iface.replace('+', "*"));
+        let rule = |proto: &str, action: &str| {
+            let mut m = m.clone();
+            if !proto.is_empty() {
+                let _ = write!(m, " meta l4proto {proto}");
+            }
+            if let Some(iface) = &felix.out_iface {
+                // nft's wildcard is `*` where iptables' is `+`.
+                let _ = write!(m, " oifname {}", iface.replace('+', "*"));
+            }
+            format!("{m} counter {action}")
+        };
+        match felix.nat_port_range {
+            Some((lo, hi)) => {
+                let ports = format!("masquerade to :{lo}-{hi} fully-random");
+                let mut rules = Vec::new();
+                for proto in ["tcp", "udp"] {
+                    rules.push(rule(proto, &ports));
+                    rules.push(rule(proto, "return"));
+                }
+                rules.push(rule("", "masquerade fully-random"));
+                rules
+            }
+            None => vec![rule("", "masquerade fully-random")],
         }
-        vec![format!("{m} counter masquerade fully-random")]
     } else {
         Vec::new()
     };
@@ -955,6 +999,7 @@ mod tests {
             exclude_host_ips: true,
             out_iface: Some("eth0".into()),
             host_ips: vec![],
+            nat_port_range: None,
         };
         let rules = nat_outgoing_rules(&[Pool::new("10.244.0.0/16", true)], &felix);
         let line = render_chain(NAT_OUTGOING_CHAIN, &rules, false).join("");
@@ -966,6 +1011,38 @@ mod tests {
             ),
             "{line}"
         );
+    }
+
+    /// natPortRange: felix's NATOutgoingChain gives TCP and UDP the ports, each followed by a
+    /// RETURN, and everything else the plain rule.
+    #[test]
+    fn nat_port_range_renders_felix_rules() {
+        let felix = FelixNat {
+            out_iface: Some("eth0".into()),
+            nat_port_range: Some((40000, 40001)),
+            ..FelixNat::default()
+        };
+        let rules = nat_outgoing_rules(&[Pool::new("10.244.0.0/16", true)], &felix);
+        let lines = render_chain(NAT_OUTGOING_CHAIN, &rules, false);
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        let set = "-m set --match-set cali40masq-ipam-pools src -m set ! --match-set \
+                   cali40all-ipam-pools dst";
+        for (i, want) in [
+            "-p tcp --out-interface eth0 --jump MASQUERADE --to-ports 40000-40001 --random-fully",
+            "-p tcp --out-interface eth0 --jump RETURN",
+            "-p udp --out-interface eth0 --jump MASQUERADE --to-ports 40000-40001 --random-fully",
+            "-p udp --out-interface eth0 --jump RETURN",
+            "--out-interface eth0 --jump MASQUERADE --random-fully",
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert!(
+                lines[i].trim_end().ends_with(&format!("{set} {want}")),
+                "{}",
+                lines[i]
+            );
+        }
     }
 
     /// felix's nftables comments, checked against felix/fv/cali-nftables-dump.txt (its
@@ -1013,6 +1090,7 @@ mod tests {
             exclude_host_ips: true,
             out_iface: Some("eth+".into()),
             host_ips: vec![],
+            nat_port_range: None,
         };
         let cidrs: Vec<(String, &Pool)> = pools.iter().map(|p| (p.cidr.clone(), p)).collect();
         let hosts = ["10.51.0.100"

@@ -55,6 +55,8 @@ pub enum Evidence {
     KernelDrop(KernelDrop),
     /// `mtu_mismatch`.
     MtuMismatch(MtuMismatch),
+    /// `snat_port_exhaustion`.
+    SnatPortExhaustion(SnatPortExhaustion),
     /// `pod_route_missing`.
     PodRouteMissing(PodRouteMissing),
     /// `ippool_overlaps_host_network`, from the node alone.
@@ -77,6 +79,7 @@ impl Evidence {
             Evidence::KernelDrop(e) => &mut e.snat_excluded,
             Evidence::DeniedByPolicy(e) => &mut e.snat_excluded,
             Evidence::MtuMismatch(e) => &mut e.snat_excluded,
+            Evidence::SnatPortExhaustion(_) => return,
             Evidence::PodRouteMissing(e) => &mut e.snat_excluded,
             Evidence::DestinationUnresponsive(e) => &mut e.snat_excluded,
             Evidence::PoolOverlap(_)
@@ -480,6 +483,51 @@ pub struct MtuMismatch {
     pub tunnel: Option<TunnelHeadroom>,
 }
 
+/// A masqueraded connection the node's conntrack could not insert: the flow's request went
+/// unanswered while `insert_failed` moved, its source NAT finding no free source port to the
+/// destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnatPortExhaustion {
+    /// How the node's conntrack counters moved while the flow was tried.
+    pub conntrack: ConntrackMoved,
+    pub destination: IpAddr,
+    pub dport: u16,
+    /// What could not be read (said, never guessed).
+    pub missing: Vec<String>,
+    /// felix's natOutgoing rule the flow's source matches, as read from the dataplane.
+    pub nat_rule: Option<NatPorts>,
+    pub reply: Reply,
+}
+
+/// The node's conntrack counters (`/proc/net/stat/nf_conntrack`, summed over CPUs) between two
+/// readings around the flow, and the table's fill at the later one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackMoved {
+    pub clash_resolve: u64,
+    /// `nf_conntrack_count` at the later reading.
+    pub count: u64,
+    pub drop: u64,
+    pub early_drop: u64,
+    /// Milliseconds between the two readings.
+    pub interval_ms: u64,
+    /// Connections the kernel could not insert (a tuple clash after NAT).
+    pub insert_failed: u64,
+    /// `nf_conntrack_max`.
+    pub max: u64,
+    pub search_restart: u64,
+}
+
+/// The source port range of felix's natOutgoing rule (FelixConfiguration `natPortRange`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatPorts {
+    /// `MASQUERADE` or `SNAT`.
+    pub action: String,
+    /// `--to-ports` (nftables: `to :`), e.g. `40000-40001`; none: the kernel's whole range.
+    pub port_range: Option<String>,
+    /// `--random-fully` (nftables: `fully-random`).
+    pub random_fully: bool,
+}
+
 /// An interface's MTU, with why it is on the path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IfaceMtu {
@@ -727,6 +775,27 @@ mod tests {
                     device: "vxlan.calico".into(),
                     overhead: 50,
                 }),
+            }),
+            Evidence::SnatPortExhaustion(SnatPortExhaustion {
+                conntrack: ConntrackMoved {
+                    clash_resolve: 0,
+                    count: 2,
+                    drop: 3,
+                    early_drop: 0,
+                    interval_ms: 1250,
+                    insert_failed: 3,
+                    max: 262144,
+                    search_restart: 0,
+                },
+                destination: ip("10.51.0.20"),
+                dport: 80,
+                missing: vec![],
+                nat_rule: Some(NatPorts {
+                    action: "MASQUERADE".into(),
+                    port_range: Some("40000-40001".into()),
+                    random_fully: true,
+                }),
+                reply: Reply::unanswered(3000, 2),
             }),
             Evidence::PodRouteMissing(PodRouteMissing {
                 destination: ip("10.244.228.139"),

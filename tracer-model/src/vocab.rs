@@ -110,6 +110,9 @@ wire_enum! {
         DeniedByPolicy => "denied_by_policy",
         /// Full-size packets do not fit the path (tunnel or underlay MTU) while small ones pass.
         MtuMismatch => "mtu_mismatch",
+        /// The node's conntrack could not insert the flow's masqueraded connection
+        /// (`insert_failed`): every source port of the SNAT range to that destination was taken.
+        SnatPortExhaustion => "snat_port_exhaustion",
         DestinationUnresponsive => "destination_unresponsive",
         PodRouteMissing => "pod_route_missing",
     }

@@ -134,9 +134,43 @@ pub struct NatOutgoing {
     pub out_iface: Option<String>,
     /// `! -o`: felix never writes it, but a hand-edited rule may.
     pub out_iface_negated: bool,
+    /// The first rule's target: `MASQUERADE` or `SNAT` (nftables: `masquerade`, `snat`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// FelixConfiguration `natPortRange`: the TCP/UDP rules' `--to-ports` (`to :` in nftables).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<String>,
+    /// Every rule has `--random-fully` (`fully-random`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub random_fully: bool,
 }
 
 impl NatOutgoing {
+    /// What the rule leaves alone, without how it translates: felix's rules for TCP and UDP
+    /// carry natPortRange's ports, its last one none, and they still agree.
+    fn exclusions(&self) -> NatOutgoing {
+        NatOutgoing {
+            rules: 0,
+            action: None,
+            port_range: None,
+            random_fully: false,
+            ..self.clone()
+        }
+    }
+
+    /// Adds one more translating rule's ports to what was found so far (`self`, or none).
+    pub(crate) fn merge(found: Option<NatOutgoing>, rule: NatOutgoing) -> Result<Self, ()> {
+        let Some(mut f) = found else {
+            return Ok(rule);
+        };
+        if f.exclusions() != rule.exclusions() {
+            return Err(());
+        }
+        f.port_range = f.port_range.or(rule.port_range);
+        f.random_fully &= rule.random_fully;
+        Ok(f)
+    }
+
     /// Whether the rule's interface match lets a packet leaving `iface` through (true when the
     /// rule has none).
     pub fn matches_iface(&self, iface: &str) -> bool {
@@ -578,15 +612,12 @@ pub fn parse_nat_outgoing(text: &str) -> Result<NatOutgoing, String> {
             continue;
         };
         rules += 1;
-        match &found {
-            Some(f) if *f != rule => {
-                return Err(format!(
-                    "its MASQUERADE/SNAT rules disagree on what they exclude ({:?})",
-                    clip(line)
-                ))
-            }
-            _ => found = Some(rule),
-        }
+        found = Some(NatOutgoing::merge(found, rule).map_err(|()| {
+            format!(
+                "its MASQUERADE/SNAT rules disagree on what they exclude ({:?})",
+                clip(line)
+            )
+        })?);
     }
     if !seen_chain {
         return Err("no such chain in the output".into());
@@ -625,10 +656,20 @@ fn parse_rule(words: &[String]) -> Result<Option<NatOutgoing>, String> {
                 }
             }
             "-j" | "--jump" => target = Some(it.next().ok_or_else(|| missing(w))?.to_string()),
+            "--to-ports" => r.port_range = Some(it.next().ok_or_else(|| missing(w))?.to_string()),
+            // SNAT with natOutgoingAddress: `addr:MIN-MAX` (IPv4 only; felix's IPv6 is `[addr]:`).
+            "--to-source" => {
+                let to = it.next().ok_or_else(|| missing(w))?;
+                r.port_range = to.rsplit_once(':').and_then(|(a, p)| {
+                    (!a.is_empty() && !p.is_empty() && !p.contains(']')).then(|| p.to_string())
+                });
+            }
+            "--random-fully" => r.random_fully = true,
             _ => {}
         }
         negate = false;
     }
+    r.action = target.clone();
     Ok(matches!(target.as_deref(), Some("MASQUERADE") | Some("SNAT")).then_some(r))
 }
 
@@ -939,6 +980,38 @@ mod tests {
         let negated = "-A cali-nat-outgoing ! -o eth1 -m set --match-set cali40masq-ipam-pools src -j MASQUERADE\n";
         let r = parse_nat_outgoing(negated).unwrap_or_default();
         assert!(r.out_iface_negated && !r.matches_iface("eth1") && r.matches_iface("eth0"));
+    }
+
+    /// FelixConfiguration natPortRange: felix's five rules (TCP and UDP with the ports, each
+    /// followed by a RETURN, then the plain rule) agree on what they exclude.
+    #[test]
+    fn nat_port_range_is_read() {
+        let m = "-m set --match-set cali40masq-ipam-pools src -m set ! --match-set cali40all-ipam-pools dst";
+        let text = format!(
+            "-N cali-nat-outgoing\n\
+             -A cali-nat-outgoing {m} -p tcp -j MASQUERADE --to-ports 40000-40001 --random-fully\n\
+             -A cali-nat-outgoing {m} -p tcp -j RETURN\n\
+             -A cali-nat-outgoing {m} -p udp -j MASQUERADE --to-ports 40000-40001 --random-fully\n\
+             -A cali-nat-outgoing {m} -p udp -j RETURN\n\
+             -A cali-nat-outgoing {m} -j MASQUERADE --random-fully\n"
+        );
+        let r = parse_nat_outgoing(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.rules, 3);
+        assert_eq!(r.port_range.as_deref(), Some("40000-40001"));
+        assert!(r.random_fully);
+        assert_eq!(r.action.as_deref(), Some("MASQUERADE"));
+        assert_eq!(r.pool_set.as_deref(), Some("cali40all-ipam-pools"));
+        // natOutgoingAddress: SNAT to the address and the ports; no --random-fully on one rule.
+        let snat = format!(
+            "-A cali-nat-outgoing {m} -p tcp -j SNAT --to-source 10.0.0.5:40000-40001\n\
+             -A cali-nat-outgoing {m} -j SNAT --to-source 10.0.0.5 --random-fully\n"
+        );
+        let r = parse_nat_outgoing(&snat).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (r.action.as_deref(), r.port_range.as_deref()),
+            (Some("SNAT"), Some("40000-40001"))
+        );
+        assert!(!r.random_fully);
     }
 
     #[test]

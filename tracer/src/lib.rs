@@ -15,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod conntrack;
 pub mod diagnose;
 pub mod events;
 pub mod felix_bpf;

@@ -43,6 +43,8 @@ const NFT_CMP_EQ: u32 = 0;
 const NFT_CMP_NEQ: u32 = 1;
 const NFT_LOOKUP_F_INV: u32 = 0x1;
 const NFT_NAT_SNAT: u32 = 0;
+/// `NF_NAT_RANGE_PROTO_RANDOM_FULLY`: `fully-random`.
+const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 0x10;
 /// A dump larger than this is not felix's: stop rather than grow without bound.
 const MAX_DUMP_BYTES: usize = 64 << 20;
 
@@ -538,8 +540,18 @@ pub enum Expr {
         sreg: u32,
         inv: bool,
     },
-    Masq,
-    Snat,
+    /// `masquerade` / `snat`: range flags (`fully-random` is `NF_NAT_RANGE_PROTO_RANDOM_FULLY`)
+    /// and the registers holding `to :MIN-MAX`.
+    Nat {
+        masq: bool,
+        flags: u32,
+        ports: Option<(u32, u32)>,
+    },
+    /// A constant loaded into a register (the NAT port range).
+    Immediate {
+        dreg: u32,
+        data: Vec<u8>,
+    },
     /// Anything else; `dreg` when it is known to load a register.
     Other {
         name: String,
@@ -589,8 +601,24 @@ fn decode_rule(payload: &[u8]) -> Result<(Option<String>, Vec<Expr>), NftError> 
                     sreg: u(2).ok_or(NftError::Decode("lookup without sreg"))?,
                     inv: u(5).unwrap_or(0) & NFT_LOOKUP_F_INV != 0,
                 },
-                "masq" => Expr::Masq,
-                "nat" if u(1) == Some(NFT_NAT_SNAT) => Expr::Snat,
+                "masq" => Expr::Nat {
+                    masq: true,
+                    flags: u(1).unwrap_or(0),
+                    ports: u(2).map(|min| (min, u(3).unwrap_or(min))),
+                },
+                "nat" if u(1) == Some(NFT_NAT_SNAT) => Expr::Nat {
+                    masq: false,
+                    flags: u(7).unwrap_or(0),
+                    ports: u(5).map(|min| (min, u(6).unwrap_or(min))),
+                },
+                // A verdict (dreg 0) carries no value: loads nothing the NAT reads.
+                "immediate" => match u(1) {
+                    Some(dreg) => Expr::Immediate {
+                        dreg,
+                        data: data_value(attr(&d, 2))?.unwrap_or_default(),
+                    },
+                    None => Expr::Other { name, dreg: None },
+                },
                 // Register loads that could overwrite an address or interface just loaded.
                 "bitwise" => Expr::Other { dreg: u(2), name },
                 "ct" | "fib" | "rt" | "socket" | "osf" | "numgen" | "hash" => {
@@ -625,6 +653,7 @@ pub fn nat_outgoing_of(rules: &[Vec<Expr>], family: Family) -> Result<NatOutgoin
     let mut count = 0;
     for exprs in rules {
         let mut regs: HashMap<u32, Loaded> = HashMap::new();
+        let mut consts: HashMap<u32, Vec<u8>> = HashMap::new();
         let mut r = NatOutgoing::default();
         let mut nat = false;
         for e in exprs {
@@ -677,7 +706,30 @@ pub fn nat_outgoing_of(rules: &[Vec<Expr>], family: Family) -> Result<NatOutgoin
                         r.pool_set = Some(set.clone());
                     }
                 }
-                Expr::Masq | Expr::Snat => nat = true,
+                Expr::Immediate { dreg, data } => {
+                    regs.insert(*dreg, Loaded::Other);
+                    consts.insert(*dreg, data.clone());
+                }
+                Expr::Nat { masq, flags, ports } => {
+                    nat = true;
+                    r.action = Some(if *masq { "MASQUERADE" } else { "SNAT" }.into());
+                    r.random_fully = flags & NF_NAT_RANGE_PROTO_RANDOM_FULLY != 0;
+                    let port = |reg: u32| -> Option<u16> {
+                        let d = consts.get(&reg)?;
+                        Some(u16::from_be_bytes([*d.first()?, *d.get(1)?]))
+                    };
+                    if let Some((lo, hi)) = ports {
+                        match (port(*lo), port(*hi)) {
+                            (Some(lo), Some(hi)) => r.port_range = Some(format!("{lo}-{hi}")),
+                            _ => {
+                                return Err(
+                                    "a NAT port range from a register not loaded by a constant"
+                                        .into(),
+                                )
+                            }
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -685,12 +737,10 @@ pub fn nat_outgoing_of(rules: &[Vec<Expr>], family: Family) -> Result<NatOutgoin
             continue;
         }
         count += 1;
-        match &found {
-            Some(f) if *f != r => {
-                return Err("its masquerade/SNAT rules disagree on what they exclude".into())
-            }
-            _ => found = Some(r),
-        }
+        found =
+            Some(NatOutgoing::merge(found, r).map_err(|()| {
+                "its masquerade/SNAT rules disagree on what they exclude".to_string()
+            })?);
     }
     let mut r = found.unwrap_or_default();
     r.rules = count;

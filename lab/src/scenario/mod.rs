@@ -17,8 +17,12 @@
 //! | `mtu-underlay` | node2's LAN switch port carries 1400 bytes, vxlan.calico assumes 1500 | `mtu_mismatch` |
 //! | `mtu-blackhole` | pods at 1500 over vxlan.calico's 1450, node1 drops its ICMP frag-needed | `mtu_mismatch` |
 //! | `mtu-pmtud` | pods at 1500 over vxlan.calico's 1450, PMTU discovery works | none |
+//! | `policy` | a tiered Calico NetworkPolicy and a GlobalNetworkPolicy deny two pods; a third is allowed | `denied_by_policy` |
+//! | `snat-ports` | natPortRange 40000:40001, short connections from a pod to one external address | `snat_port_exhaustion` |
+//! | `snat-ports-wide` | the same traffic with natPortRange 32768:65535 | none |
 
 mod common;
+pub mod conntrack;
 pub mod healthy;
 pub mod mtu;
 pub mod policy;
@@ -95,6 +99,8 @@ impl Scenario {
         Scenario(&mtu::Mtu::Blackhole),
         Scenario(&mtu::Mtu::Pmtud),
         Scenario(&policy::Policy),
+        Scenario(&conntrack::SnatPorts::Narrow),
+        Scenario(&conntrack::SnatPorts::Wide),
     ];
 
     /// Every scenario's name, comma-separated.

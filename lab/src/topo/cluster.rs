@@ -138,6 +138,8 @@ pub struct ClusterConfig {
     pub nodes: Vec<NodeConfig>,
     /// MTUs the MTU scenarios change; the default changes nothing.
     pub mtu: MtuConfig,
+    /// FelixConfiguration `natPortRange` on every node (the conntrack scenarios).
+    pub nat_port_range: Option<(u16, u16)>,
 }
 
 /// MTU settings of the MTU scenarios. The default leaves every device at the kernel's 1500 and
@@ -179,6 +181,7 @@ impl ClusterConfig {
             as_num: 64512,
             pod_port: 8090,
             mtu: MtuConfig::default(),
+            nat_port_range: None,
             nodes: vec![
                 NodeConfig {
                     name: "ce-demo-1".into(),
@@ -925,6 +928,7 @@ impl Build<'_> {
                 encap,
                 &FelixNat {
                     dataplane: cfg.dataplane,
+                    nat_port_range: cfg.nat_port_range,
                     ..FelixNat::default()
                 },
             )?;

@@ -252,6 +252,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     ));
 
     let policy_counters = tokio::spawn(read_policy_counters(shared.clone()));
+    let conntrack_stats = tokio::spawn(read_conntrack_stats(shared.clone()));
     let mut resync = tokio::time::interval(cfg.resync);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
@@ -301,6 +302,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     tracing::info!("shutting down: detaching tc programs");
     server.abort();
     policy_counters.abort();
+    conntrack_stats.abort();
     hooks.detach_all();
     // The reader wakes every READER_WAKE and then sees the flag.
     stop_reader.store(true, Ordering::Relaxed);
@@ -637,6 +639,29 @@ async fn read_policy_counters(shared: Arc<Shared>) {
         // A node with a big rule set and drops that never stop (a scanner on a denied port)
         // must not pay for iptables-save (or nft) all the time: at most a tenth of one core. Longer gaps
         // make more drops ambiguous, which the evidence then says.
+        tokio::time::sleep(started.elapsed().saturating_mul(9)).await;
+    }
+}
+
+/// Reads the node's conntrack counters (`conntrack`) every [`crate::conntrack::READ_EVERY`]:
+/// three small procfs files, off the data path, never per packet, and at most a tenth of one
+/// core like the policy counters (a slow read waits 9x its time before the next).
+async fn read_conntrack_stats(shared: Arc<Shared>) {
+    let mut poll = tokio::time::interval(crate::conntrack::READ_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut logged = false;
+    loop {
+        poll.tick().await;
+        let at = mono_now_ns();
+        let started = std::time::Instant::now();
+        let read = crate::conntrack::read();
+        if let Err(e) = &read {
+            if !logged {
+                tracing::info!(error = %e, "conntrack counters unreadable: snat_port_exhaustion is not diagnosed");
+            }
+        }
+        logged = read.is_err();
+        shared.record_conntrack(at, read);
         tokio::time::sleep(started.elapsed().saturating_mul(9)).await;
     }
 }

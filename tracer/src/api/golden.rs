@@ -53,6 +53,7 @@ const CASES: &[Case] = &[
     ("kernel-drop", kernel_drop),
     ("denied-by-policy", denied_by_policy),
     ("mtu-mismatch", mtu_mismatch),
+    ("snat-port-exhaustion", snat_port_exhaustion),
     ("wrong-source-address", wrong_source_address),
     ("off-link-peer-unacked", off_link_peer_unacked),
     ("wrong-parent-device", wrong_parent_device),
@@ -546,6 +547,48 @@ fn denied_by_policy() -> Shared {
     };
     s.record_policy_counters(T0 - S, Ok(rules(0)));
     s.record_policy_counters(T0 + 500 * MS, Ok(rules(1)));
+    s
+}
+
+/// felix's natOutgoing rule with natPortRange 40000:40001: a pod's SYN to an address outside
+/// the pools is seen on its veth only (conntrack dropped it), and `insert_failed` moved.
+fn snat_port_exhaustion() -> Shared {
+    use crate::calico::NatOutgoing;
+    use crate::conntrack::{Counters, Stats};
+    let s = agent(
+        node("192.168.21.10", Some("192.168.21.1"), vec![]),
+        Pools {
+            nat_outgoing_v4: Some(NatOutgoing {
+                rules: 3,
+                pool_set: Some("cali40all-ipam-pools".into()),
+                action: Some("MASQUERADE".into()),
+                port_range: Some("40000-40001".into()),
+                random_fully: true,
+                ..NatOutgoing::default()
+            }),
+            ..pools(&["10.244.0.0/16"], &["10.244.0.0/16"])
+        },
+        Rules::default(),
+    );
+    let p = syn(POD, 40000, "203.0.113.7", 443);
+    let mut again = obs(T0 + 1000 * MS, VETH, Dir::Ingress, p);
+    again.emit = Emit::Retransmit;
+    s.ingest(&[obs(T0, VETH, Dir::Ingress, p), again], 0);
+    let read = |insert_failed| {
+        Ok(Stats {
+            counters: Counters {
+                insert_failed,
+                drop: insert_failed,
+                ..Counters::default()
+            },
+            count: 2,
+            max: 262144,
+        })
+    };
+    s.record_conntrack(T0 - 100 * MS, read(4));
+    s.record_conntrack(T0 + 150 * MS, read(5));
+    s.record_conntrack(T0 + 1150 * MS, read(6));
+    s.record_conntrack(NOW - 100 * MS, read(6));
     s
 }
 

@@ -130,8 +130,13 @@ pub fn cx<'a>(pools: &'a Pools, facts: &'a NodeFacts, now: u64) -> Context<'a> {
         gaps: &NO_GAPS,
         too_big: &[],
         policy: &NO_POLICY,
+        conntrack: &NO_CONNTRACK,
     }
 }
+
+/// No conntrack reading yet.
+pub static NO_CONNTRACK: std::sync::LazyLock<crate::conntrack::Readings> =
+    std::sync::LazyLock::new(Default::default);
 
 /// No datastore: policies are said missing.
 pub static NO_POLICY: std::sync::LazyLock<crate::felix_policy::PolicyView> =

@@ -14,6 +14,7 @@ pub use tracer_model::{Diagnosis, SnatExclusion};
 
 use crate::{
     calico::{Pools, DEFAULT_INTERFACE_PREFIX},
+    conntrack::Readings,
     events::Dir,
     felix_bpf,
     felix_policy::PolicyView,
@@ -23,6 +24,7 @@ use crate::{
     netlink::{NodeFacts, Route as KernelRoute},
 };
 
+mod conntrack;
 mod datastore;
 mod kernel_drop;
 mod mtu;
@@ -101,6 +103,8 @@ pub struct Context<'a> {
     pub too_big: &'a [TooBig],
     /// Calico's policies and felix's rule counters (`denied_by_policy`).
     pub policy: &'a PolicyView,
+    /// The node's conntrack counters as read so far (`snat_port_exhaustion`).
+    pub conntrack: &'a Readings,
 }
 
 impl Context<'_> {
@@ -151,6 +155,7 @@ pub const RULES: &[Rule] = &[
     wrong_source::diagnose,
     wrong_parent::diagnose,
     mtu::diagnose,
+    conntrack::diagnose,
     policy::diagnose,
     kernel_drop::diagnose,
     datastore::diagnose,

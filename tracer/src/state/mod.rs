@@ -177,6 +177,7 @@ pub struct Shared {
     flow_log: Option<FlowLogCounters>,
     /// felix's filter rule counters as last read (`felix_policy`).
     policy_counters: RwLock<Arc<Counters>>,
+    conntrack: RwLock<Arc<crate::conntrack::Readings>>,
 }
 
 /// Flows judged per hold of the flow table by endpoints that judge them all.
@@ -220,6 +221,7 @@ impl Shared {
             identities: OnceLock::new(),
             flow_log: cfg.flow_log.then(FlowLogCounters::default),
             policy_counters: RwLock::new(Arc::default()),
+            conntrack: RwLock::new(Arc::default()),
         }
     }
 
@@ -245,6 +247,14 @@ impl Shared {
             Ok(rules) => next.record(at_ns, rules),
             Err(e) => next.error = Some(e),
         }
+        *guard = Arc::new(next);
+    }
+
+    /// A reading of the node's conntrack counters taken at `at_ns`.
+    pub fn record_conntrack(&self, at_ns: u64, read: Result<crate::conntrack::Stats, String>) {
+        let mut guard = self.conntrack.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = crate::conntrack::Readings::clone(&guard);
+        next.record(at_ns, read);
         *guard = Arc::new(next);
     }
 
@@ -308,8 +318,10 @@ impl Shared {
         // A copy (at most TOO_BIG_KEPT small entries): `f` may change the table.
         let too_big = table.too_big().to_vec();
         let policy = self.policy_view(&node.pools);
+        let conntrack = Arc::clone(&self.conntrack.read().unwrap_or_else(|e| e.into_inner()));
         let cx = Context {
             policy: &policy,
+            conntrack: &conntrack,
             pools: &node.pools,
             facts: &node.facts,
             now_ns: mono_now_ns(),
