@@ -260,11 +260,24 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-/// Agents on every node, reachable across the underlay for Prometheus on node1.
+/// Agents on every node, reachable across the underlay for Prometheus on node1, reading the
+/// lab's etcd as calico-node does (`denied_by_policy` names policies from it; without a
+/// datastore a policy drop stays an honest `kernel_drop`).
 fn agents(lab: &Cluster) -> Res<Vec<Agent>> {
     let mut out = Vec::new();
+    let etcd = format!("http://{}", lab.etcd_endpoint());
     for n in &lab.nodes {
-        let args = ["--no-reply-timeout", "2s", "--insecure"];
+        let args = [
+            "--no-reply-timeout",
+            "2s",
+            "--insecure",
+            "--datastore-type",
+            "etcdv3",
+            "--etcd-endpoints",
+            &etcd,
+            "--nodename",
+            &n.name,
+        ];
         let mut a = common::start_on(&n.netns, &format!("0.0.0.0:{API_PORT}"), &args)?;
         a.wait_ready(&n.netns, READY)?;
         out.push(a);

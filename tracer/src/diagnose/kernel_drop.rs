@@ -127,6 +127,12 @@ mod tests {
         });
         t.ingest(&d, &lookup);
         let flow = t.get(id).unwrap_or_else(|| unreachable!());
+        // The counters that may name its policy come later: the tally judges it again then.
+        let rules = crate::diagnose::Rules::default();
+        assert_eq!(
+            crate::diagnose::next_change_ns(flow, &rules, 1_000_000_000),
+            Some(2 + crate::diagnose::COUNTERS_SETTLE_NS)
+        );
         let j = judge(flow, &cx(&p, &f, 10_000_000_000));
         assert_eq!(j.verdicts, vec![Verdict::NoReply, Verdict::Dropped]);
         let dg = j.diagnosis.unwrap_or_else(|| unreachable!());

@@ -165,16 +165,26 @@ pub const RULES: &[Rule] = &[
     unanswered::diagnose,
 ];
 
+/// Counters read off the data path (felix's rule counters for `denied_by_policy`, conntrack
+/// statistics for `snat_port_exhaustion`) explain a drop some time after it: at most a poll
+/// (250 ms) plus the read budget's wait later. A flow with drops is judged again once this
+/// long has passed since its last record, so a drop first judged `kernel_drop` gets its cause.
+pub const COUNTERS_SETTLE_NS: u64 = 2_000_000_000;
+
 /// When time alone, with no new record, can next change `flow`'s judgement: the no-reply
 /// timeout after its first packet (`no_reply`) or after its first reply (a handshake left
-/// unacknowledged, `off_link`). None when no such moment lies after `seen_until`. A rule that
-/// starts to depend on time must be reflected here: the metrics' incremental tally re-judges a
-/// flow only when it changes or when this moment passes.
+/// unacknowledged, `off_link`), and for a flow with drops, [`COUNTERS_SETTLE_NS`] after its
+/// last record. None when no such moment lies after `seen_until`. A rule that starts to depend
+/// on time must be reflected here: the metrics' incremental tally re-judges a flow only when it
+/// changes or when this moment passes.
 pub fn next_change_ns(flow: &Flow, rules: &Rules, seen_until: u64) -> Option<u64> {
+    let settle =
+        (!flow.drops().is_empty()).then(|| flow.last_ns.saturating_add(COUNTERS_SETTLE_NS));
     [Some(flow.first_ns), flow.first_reply_ns()]
         .into_iter()
         .flatten()
         .map(|t| t.saturating_add(rules.no_reply_after_ns))
+        .chain(settle)
         .filter(|due| *due > seen_until)
         .min()
 }
