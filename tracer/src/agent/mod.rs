@@ -433,7 +433,10 @@ async fn sync(
             return None;
         }
     };
-    facts.own_sockets = crate::own_sockets::read();
+    // /proc/net/tcp holds every socket of the node's namespace: off the async threads.
+    facts.own_sockets = tokio::task::spawn_blocking(crate::own_sockets::read)
+        .await
+        .unwrap_or_default();
     let links_changed = !facts.links.keys().eq(shared.node().facts.links.keys());
     let pools = calico::read_pools(&cfg.pools, &cfg.masq_pools, POOLS_DEADLINE).await;
     let mut wanted = BTreeSet::new();
