@@ -23,6 +23,9 @@ mod common;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use common::{query, Agent, Res, TestResult, READY};
+use tracer_lab::scenario::policy::{
+    gnp, net, tiered_np, ALLOWED, DENIED_GNP, DENIED_NP, NS, SERVER,
+};
 use tracer_lab::{
     calico::{veth_name, Dataplane as LabDataplane},
     netns::Netns,
@@ -42,12 +45,7 @@ use tracer_model::{
     Cause, Evidence, FlowView,
 };
 
-const NS: &str = "shop";
-const SERVER: (&str, &str) = ("db-0", "10.244.142.37");
-const ALLOWED: (&str, &str) = ("web-allowed", "10.244.142.38");
 const DENIED_KNP: (&str, &str) = ("web-a", "10.244.142.36");
-const DENIED_NP: (&str, &str) = ("web-b", "10.244.142.39");
-const DENIED_GNP: (&str, &str) = ("web-c", "10.244.142.40");
 
 fn config(dp: LabDataplane) -> ClusterConfig {
     let mut cfg = ClusterConfig::two_nodes();
@@ -74,10 +72,6 @@ fn ns_of<'a>(lab: &'a Cluster, pod: (&str, &str)) -> Res<&'a Netns> {
 
 fn server_addr(lab: &Cluster) -> Res<SocketAddr> {
     Ok(SocketAddr::new(SERVER.1.parse()?, lab.config.pod_port))
-}
-
-fn net(pod: (&str, &str)) -> String {
-    format!("{}/32", pod.1)
 }
 
 /// The endpoints of node 1 with `server_in` on the server's ingress and `egress` on the GNP
@@ -113,32 +107,6 @@ fn knp() -> LabPolicy {
         rules: vec![PolicyRule::allow()
             .from(&net(ALLOWED))
             .port(tracer_lab::topo::ClusterConfig::two_nodes().pod_port)],
-    }
-}
-
-fn tiered_np() -> LabPolicy {
-    LabPolicy {
-        kind: Kind::NetworkPolicy,
-        namespace: Some(NS.into()),
-        name: "security.deny-web-b".into(),
-        tier: "security".into(),
-        direction: Direction::Ingress,
-        rules: vec![
-            PolicyRule::allow().from(&net(ALLOWED)),
-            PolicyRule::deny().from(&net(DENIED_NP)),
-            PolicyRule::allow(),
-        ],
-    }
-}
-
-fn gnp() -> LabPolicy {
-    LabPolicy {
-        kind: Kind::GlobalNetworkPolicy,
-        namespace: None,
-        name: "deny-web-c-egress".into(),
-        tier: "default".into(),
-        direction: Direction::Egress,
-        rules: vec![PolicyRule::deny().to(&net(SERVER)), PolicyRule::allow()],
     }
 }
 

@@ -25,21 +25,23 @@ use crate::policy::{
 use crate::topo::{Cluster, ClusterConfig, ClusterPod, PodConfig};
 use crate::LabError;
 
-const NS: &str = "shop";
-const SERVER: (&str, &str) = ("db-0", "10.244.142.37");
+pub const NS: &str = "shop";
+pub const SERVER: (&str, &str) = ("db-0", "10.244.142.37");
 /// The held-back healthy control.
-const ALLOWED: (&str, &str) = ("web-allowed", "10.244.142.38");
-const DENIED_NP: (&str, &str) = ("web-b", "10.244.142.39");
-const DENIED_GNP: (&str, &str) = ("web-c", "10.244.142.40");
+pub const ALLOWED: (&str, &str) = ("web-allowed", "10.244.142.38");
+pub const DENIED_NP: (&str, &str) = ("web-b", "10.244.142.39");
+pub const DENIED_GNP: (&str, &str) = ("web-c", "10.244.142.40");
 
 /// Calico policies deny two pods; a third is allowed.
 pub struct Policy;
 
-fn net(pod: (&str, &str)) -> String {
+/// A pod's address as a policy rule's net.
+pub fn net(pod: (&str, &str)) -> String {
     format!("{}/32", pod.1)
 }
 
-fn tiered_np() -> LabPolicy {
+/// A Calico NetworkPolicy in tier `security` whose rule 1 denies web-b (tests/policy.rs uses it too).
+pub fn tiered_np() -> LabPolicy {
     LabPolicy {
         kind: Kind::NetworkPolicy,
         namespace: Some(NS.into()),
@@ -54,7 +56,8 @@ fn tiered_np() -> LabPolicy {
     }
 }
 
-fn gnp() -> LabPolicy {
+/// A GlobalNetworkPolicy whose rule 0 denies web-c's egress to db-0.
+pub fn gnp() -> LabPolicy {
     LabPolicy {
         kind: Kind::GlobalNetworkPolicy,
         namespace: None,
