@@ -716,32 +716,37 @@ pub fn nat_outgoing_packets(node: &Netns) -> Result<u64, LabError> {
 /// The counters of the masquerade/SNAT rules of `nat-cali-nat-outgoing`, from
 /// `nft -j list chain ip calico nat-cali-nat-outgoing`.
 fn nft_nat_outgoing_packets(node: &Netns) -> Result<u64, LabError> {
-    let out = node.exec(&[
-        "nft",
-        "-j",
-        "list",
-        "chain",
-        "ip",
-        NFT_TABLE,
+    Ok(nft_masq_packets(&nft_list_chain(
+        node,
         NFT_NAT_OUTGOING_CHAIN,
-    ])?;
-    let json: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| LabError::Unexpected(format!("nft -j output: {e}")))?;
-    Ok(nft_masq_packets(&json))
+    )?))
 }
 
-fn nft_masq_packets(json: &serde_json::Value) -> u64 {
+/// `nft -j list chain ip calico <chain>`, parsed.
+pub(crate) fn nft_list_chain(node: &Netns, chain: &str) -> Result<serde_json::Value, LabError> {
+    let out = node.exec(&["nft", "-j", "list", "chain", "ip", NFT_TABLE, chain])?;
+    serde_json::from_str(&out).map_err(|e| LabError::Unexpected(format!("nft -j output: {e}")))
+}
+
+/// Packets counted by the rules of an `nft -j` listing that hold a statement `stmt` matches.
+pub(crate) fn nft_counted_packets(
+    json: &serde_json::Value,
+    stmt: impl Fn(&serde_json::Value) -> bool,
+) -> u64 {
     json["nftables"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|o| o["rule"]["expr"].as_array())
-        .filter(|e| {
-            e.iter()
-                .any(|x| x.get("masquerade").is_some() || x.get("snat").is_some())
-        })
+        .filter(|e| e.iter().any(&stmt))
         .flat_map(|e| e.iter().filter_map(|x| x["counter"]["packets"].as_u64()))
         .sum()
+}
+
+fn nft_masq_packets(json: &serde_json::Value) -> u64 {
+    nft_counted_packets(json, |x| {
+        x.get("masquerade").is_some() || x.get("snat").is_some()
+    })
 }
 
 /// felix's VXLAN device (`VXLANTunnelDevice`... `vxlan.calico`).

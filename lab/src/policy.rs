@@ -714,27 +714,10 @@ pub fn drop_packets(node: &Netns, dp: Dataplane, chain: &str) -> Result<u64, Lab
             .filter(|r| r.target == "DROP")
             .map(|r| r.packets)
             .sum()),
-        Dataplane::Nftables => {
-            let out = node.exec(&[
-                "nft",
-                "-j",
-                "list",
-                "chain",
-                "ip",
-                NFT_TABLE,
-                &format!("{NFT_FILTER}{chain}"),
-            ])?;
-            let json: serde_json::Value = serde_json::from_str(&out)
-                .map_err(|e| LabError::Unexpected(format!("nft -j output: {e}")))?;
-            Ok(json["nftables"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|o| o["rule"]["expr"].as_array())
-                .filter(|e| e.iter().any(|x| x.get("drop").is_some()))
-                .flat_map(|e| e.iter().filter_map(|x| x["counter"]["packets"].as_u64()))
-                .sum())
-        }
+        Dataplane::Nftables => Ok(crate::calico::nft_counted_packets(
+            &crate::calico::nft_list_chain(node, &format!("{NFT_FILTER}{chain}"))?,
+            |x| x.get("drop").is_some(),
+        )),
     }
 }
 
