@@ -41,6 +41,20 @@ pub struct Stats {
     pub max: u64,
 }
 
+/// A reading for tests: `insert_failed` clashes (each a drop), 2 of 262144 entries in use.
+#[cfg(test)]
+pub(crate) fn test_stats(insert_failed: u64) -> Result<Stats, String> {
+    Ok(Stats {
+        counters: Counters {
+            insert_failed,
+            drop: insert_failed,
+            ..Counters::default()
+        },
+        count: 2,
+        max: 262144,
+    })
+}
+
 /// Sums `/proc/net/stat/nf_conntrack`'s per-CPU rows by column name. A column this kernel does
 /// not have (`clashres` came in 5.8, `search_restart` in 4.19) reads as 0; the two the cause
 /// rests on must be there.
@@ -214,26 +228,14 @@ mod tests {
         assert!(parse_stat("").is_err());
     }
 
-    fn stats(insert_failed: u64) -> Result<Stats, String> {
-        Ok(Stats {
-            counters: Counters {
-                insert_failed,
-                drop: insert_failed,
-                ..Counters::default()
-            },
-            count: 2,
-            max: 262144,
-        })
-    }
-
     #[test]
     fn moves_between_readings_around_the_interval() {
         let mut r = Readings::default();
         assert!(r.moved(0, 10).is_err(), "nothing read: said");
-        r.record(100, stats(5));
-        r.record(200, stats(5));
-        r.record(300, stats(8));
-        r.record(400, stats(8));
+        r.record(100, test_stats(5));
+        r.record(200, test_stats(5));
+        r.record(300, test_stats(8));
+        r.record(400, test_stats(8));
         let m = |a, b| r.moved(a, b).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(m(150, 450).map(|m| m.insert_failed), Some(3));
         assert_eq!(m(150, 250).map(|m| m.insert_failed), Some(0));
@@ -251,7 +253,7 @@ mod tests {
     fn forgotten_readings_are_said() {
         let mut r = Readings::default();
         for i in 0..(KEPT as u64 + 2) {
-            r.record(i * 10, stats(i));
+            r.record(i * 10, test_stats(i));
         }
         assert!(r.moved(5, 100).is_err());
         assert_eq!(

@@ -554,7 +554,6 @@ fn denied_by_policy() -> Shared {
 /// the pools is seen on its veth only (conntrack dropped it), and `insert_failed` moved.
 fn snat_port_exhaustion() -> Shared {
     use crate::calico::NatOutgoing;
-    use crate::conntrack::{Counters, Stats};
     let s = agent(
         node("192.168.21.10", Some("192.168.21.1"), vec![]),
         Pools {
@@ -574,17 +573,7 @@ fn snat_port_exhaustion() -> Shared {
     let mut again = obs(T0 + 1000 * MS, VETH, Dir::Ingress, p);
     again.emit = Emit::Retransmit;
     s.ingest(&[obs(T0, VETH, Dir::Ingress, p), again], 0);
-    let read = |insert_failed| {
-        Ok(Stats {
-            counters: Counters {
-                insert_failed,
-                drop: insert_failed,
-                ..Counters::default()
-            },
-            count: 2,
-            max: 262144,
-        })
-    };
+    let read = crate::conntrack::test_stats;
     s.record_conntrack(T0 - 100 * MS, read(4));
     s.record_conntrack(T0 + 150 * MS, read(5));
     s.record_conntrack(T0 + 1150 * MS, read(6));
