@@ -435,7 +435,13 @@ impl FlowTable {
         }
         if let Some(d) = obs.drop {
             // Only drops of traced flows matter; anything else on the node is not ours to report.
-            let Some((id, side)) = self.lookup(&t) else {
+            // A dropped SYN that opens a new connection on a reused tuple is not the earlier
+            // flow's: after SNAT port reuse, a SYN dropped by conntrack carries the translated
+            // tuple of an answered flow (its own flow never saw that tuple).
+            let Some((id, side)) = self
+                .lookup(&t)
+                .filter(|&(id, side)| !self.is_new_connection(id, side, obs))
+            else {
                 self.stats.unmatched_drops += 1;
                 return None;
             };

@@ -366,6 +366,40 @@ fn kernel_drops_attach_to_the_flow_and_fold() {
 }
 
 #[test]
+fn a_dropped_syn_of_a_new_connection_on_a_reused_tuple_is_not_the_old_flows() {
+    use crate::events::KernelDrop;
+    let mut t = FlowTable::new(10);
+    // An answered connection on the node's translated tuple ...
+    let syn = pkt("192.168.21.10", 40000, "203.0.113.5", 80, 0x02, 1, 0);
+    let id = t.ingest(&obs(1, ETH0, Dir::Egress, syn), &lookup).must();
+    let syn_ack = pkt("203.0.113.5", 80, "192.168.21.10", 40000, 0x12, 500, 2);
+    assert_eq!(
+        t.ingest(&obs(2, ETH0, Dir::Ingress, syn_ack), &lookup),
+        Some(id)
+    );
+    // ... then another pod's SYN, translated to the same port, dropped by conntrack.
+    let mut clash = obs(
+        9,
+        ETH0,
+        Dir::Egress,
+        pkt("192.168.21.10", 40000, "203.0.113.5", 80, 0x02, 77, 0),
+    );
+    clash.drop = Some(KernelDrop {
+        reason: 12,
+        location: 0xabc,
+    });
+    assert_eq!(t.ingest(&clash, &lookup), None);
+    // The old flow's own SYN, dropped on a retransmission, is still its own.
+    let mut again = obs(10, ETH0, Dir::Egress, syn);
+    again.drop = clash.drop;
+    assert_eq!(t.ingest(&again, &lookup), Some(id));
+    let f = t.get(id).unwrap_or_else(|| unreachable!());
+    assert_eq!(f.drops().len(), 1);
+    assert_eq!(f.drops()[0].count, 1);
+    assert_eq!((t.stats().drops, t.stats().unmatched_drops), (1, 1));
+}
+
+#[test]
 fn request_response_turns_are_timed_at_the_first_hop() {
     let mut t = FlowTable::new(10);
     let syn = pkt("192.168.21.10", 40000, "192.168.21.50", 2379, 0x02, 1, 0);
