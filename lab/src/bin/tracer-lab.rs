@@ -27,20 +27,8 @@ const NO_REPLY_TIMEOUT: &str = "2s";
 const EXIT_LAB_ERROR: u8 = 1;
 const EXIT_INTERRUPTED: u8 = 130;
 
-const AFTER_HELP: &str = "\
-Scenarios (default: all, in this order):
-  healthy           two Calico nodes over VXLAN, BGP up, etcd close by (tracer should report nothing)
-  seed-001          datastore 220 ms away: calico 2.6 startup (6 Gets per node) outlives its liveness probe
-  seed-002          IPPool contains the host network: pod -> apiserver leaves un-SNATed
-  seed-003          VXLAN parent is the bridge nerdctl0 (autodetection picked the wrong interface)
-  seed-004          BGP source is a second NIC nobody can reach; that node dials (its address is
-                    the greater: confd's v3.22+ mesh makes the smaller one passive)
-  seed-004-passive  the same, but the misdetected node is the passive side: the other node dials
-                    its unreachable address
-  mtu-underlay      a LAN switch port carries 1400 bytes, vxlan.calico assumes 1500: bulk stalls
-  mtu-blackhole     pods at MTU 1500 over vxlan.calico's 1450, ICMP frag-needed dropped: bulk stalls
-  mtu-pmtud         the same pods with PMTU discovery working (tracer should report nothing)
-
+/// The help's tail: every scenario from `Scenario::ALL` (so the list cannot drift), then this.
+const AFTER_HELP_TAIL: &str = "\
 Dataplanes (default: both, each scenario in iptables then nftables mode; with --keep: iptables):
   iptables          felix's ipsets and iptables chains (cali-nat-outgoing)
   nftables          felix's nft sets and chains in `table ip calico` (nat-cali-nat-outgoing), as
@@ -57,12 +45,43 @@ Needs root, and bird, birdc, etcd, tcpdump, ip, bridge, iptables, ipset and nft 
 (`cargo xtask setup` installs them). Everything runs in network namespaces named tr<pid>...;
 nothing is configured in the root namespace.";
 
+/// Width of the scenario list's lines, for a terminal of 100 columns.
+const HELP_WIDTH: usize = 100;
+
+fn after_help() -> String {
+    let name_w = Scenario::ALL
+        .iter()
+        .map(|s| s.name().len())
+        .max()
+        .unwrap_or(0);
+    let mut out = String::from("Scenarios (default: all, in this order):\n");
+    for s in Scenario::ALL {
+        let indent = 2 + name_w + 2;
+        let mut line = format!("  {:<name_w$}  ", s.name());
+        for word in s.title().split_whitespace() {
+            if line.len() > indent && line.len() + 1 + word.len() > HELP_WIDTH {
+                out.push_str(line.trim_end());
+                out.push('\n');
+                line = " ".repeat(indent);
+            } else if line.len() > indent {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push('\n');
+    out.push_str(AFTER_HELP_TAIL);
+    out
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tracer-lab",
     version,
     about = "tracer's lab: seed Calico incidents in network namespaces, diagnosed by tracer",
-    after_help = AFTER_HELP
+    after_help = after_help()
 )]
 struct Cli {
     #[command(subcommand)]
@@ -72,7 +91,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Build the scenario labs, run tracer agents in them, and report what they diagnosed.
-    #[command(after_help = AFTER_HELP)]
+    #[command(after_help = after_help())]
     Run(RunArgs),
     /// List the scenarios and the causes tracer should report for them.
     List,
