@@ -2,12 +2,12 @@
 //! and Nodes under Calico's keys, read by the agent with `DATASTORE_TYPE=etcdv3`.
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use common::{connect_via_vip, has_verdict, json, query, Res, TestResult, READY, VIP};
 use tracer_lab::{
     agent::Agent,
-    daemon::{poll, LabDir},
+    daemon::{poll, Daemon, LabDir},
     etcd::{Etcd, EtcdClient},
     netns::Netns,
     startup::{calico_node, workload_endpoint},
@@ -17,6 +17,8 @@ use tracer_model::{identity::IdentityHealth, Cause, Endpoint, Verdict};
 
 const NODE: &str = "lab-node";
 const MASTER: &str = "lab-master";
+/// Keys the non-agent watch waits on.
+const WATCHED: &str = "/calico/resources/v3/projectcalico.org/felixconfigurations/";
 
 struct Lab {
     etcd: Option<Etcd>,
@@ -295,5 +297,60 @@ fn identity_off_is_said_and_name_filters_are_refused() -> TestResult {
         .get(&lab.node, "/metrics")?
         .text()
         .contains("tracer_identity_"));
+    Ok(())
+}
+
+/// A long-lived watch that is not the agent's (calico-node's and felix's own, written in Go with
+/// etcd's clientv3, as `etcdctl` is) waits for the datastore's next change: that wait is not a
+/// slow exchange, however long the datastore stays quiet.
+#[test]
+fn another_process_idle_etcd_watch_is_not_datastore_latency() -> TestResult {
+    let l = lab()?;
+    let agent = start(&l)?;
+    let etcd = l.etcd.as_ref().ok_or("etcd gone")?;
+    let url = format!("http://{}", etcd.client);
+    let log = l._dir.join("etcdctl-watch.log");
+    let mut watch = Daemon::spawn(
+        &l.lab.node,
+        "etcdctl-watch",
+        Command::new("etcdctl")
+            .args(["--endpoints", &url, "watch", "--prefix", WATCHED])
+            .env("ETCDCTL_API", "3"),
+        &log,
+        Duration::from_secs(2),
+    )?;
+    let mut c = EtcdClient::connect(&l.lab.apiserver, etcd.client, Duration::from_secs(5))?;
+    // Changes 1.5 s apart: fifteen times the slow threshold between events.
+    for i in 0..5 {
+        std::thread::sleep(Duration::from_millis(1500));
+        c.put(&format!("{WATCHED}key-{i}"), &format!("value-{i}"))?;
+    }
+    // The watch saw every change (proof it was waiting, not reconnecting).
+    let seen = poll(Duration::from_secs(5), Duration::from_millis(100), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        (text.matches("value-").count() == 5).then_some(())
+    });
+    watch.check_running()?;
+    seen.ok_or_else(|| format!("etcdctl missed changes: {}", watch.log_tail(20)))?;
+    watch.stop();
+
+    let etcd_ip = etcd.client.ip();
+    let flows = agent.flows(&l.lab.node, &query(&format!("dst={etcd_ip}&port=2379"))?)?;
+    // etcdctl's connection was traced, its turns timed (each event and the client's answer to
+    // it, gRPC's flow-control ping), and the quiet between events is no exchange.
+    assert!(
+        flows
+            .flows
+            .iter()
+            .any(|f| f.exchanges.as_ref().is_some_and(|e| e.count >= 5)),
+        "{flows:#?}"
+    );
+    assert!(
+        flows.flows.iter().all(|f| f
+            .diagnosis
+            .as_ref()
+            .is_none_or(|d| d.cause != Cause::DatastoreLatency)),
+        "{flows:#?}"
+    );
     Ok(())
 }
