@@ -8,6 +8,7 @@
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
 };
 
 /// Local addresses of the agent's own TCP sockets.
@@ -23,11 +24,20 @@ pub fn read() -> HashSet<SocketAddr> {
         .collect()
 }
 
+/// What each of the agent's open file descriptors refers to (`None`: unreadable, closed since
+/// the listing began); empty when `/proc/self/fd` cannot be read. Also counts fds and BPF links
+/// for the footprint.
+pub fn fd_targets() -> impl Iterator<Item = Option<PathBuf>> {
+    std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| std::fs::read_link(e.path()).ok())
+}
+
 fn socket_inodes() -> HashSet<u64> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return HashSet::new();
-    };
-    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+    fd_targets()
+        .flatten()
         .filter_map(|l| {
             l.to_str()?
                 .strip_prefix("socket:[")?
