@@ -1,4 +1,6 @@
 //! `tracer flows`: one agent's flows, or every agent's merged.
+use std::{cmp::Reverse, collections::BinaryHeap};
+
 use serde::Serialize;
 use tracer::cli::{FlowsArgs, Output};
 use tracer_model::FlowView;
@@ -75,36 +77,36 @@ pub async fn run(args: FlowsArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Asks every agent at once and merges; agents that fail are listed under `unreachable`,
-/// which is not fatal unless every agent failed.
+/// Asks every agent at once and merges the newest `limit` flows across them (each agent
+/// already answers its newest `limit`); agents that fail are listed under `unreachable`, which
+/// is not fatal unless every agent failed.
 async fn fan_out(
     targets: Vec<nodes::Target>,
     q: &tracer_model::FlowQuery,
 ) -> Result<Merged, String> {
     let asked = targets.len();
-    let answers = nodes::ask_all(targets, |a| {
-        let q = q.clone();
-        async move { a.flows(&q).await }
-    })
-    .await;
+    let mut newest = Newest::new(q.limit.unwrap_or(tracer_model::query::DEFAULT_LIMIT));
     let mut merged = Merged {
         multi: true,
         ..Merged::default()
     };
-    for (node, result) in answers {
-        match result {
+    nodes::ask_each(
+        targets,
+        |a| {
+            let q = q.clone();
+            async move { a.flows(&q).await }
+        },
+        |node, result| match result {
             Ok(page) => {
                 merged.matched += page.matched;
-                merged
-                    .flows
-                    .extend(page.flows.into_iter().map(|flow| NodeFlow {
-                        node: node.clone(),
-                        flow,
-                    }));
+                for flow in page.flows {
+                    newest.offer(&node, flow);
+                }
             }
             Err(e) => merged.unreachable.push((node, e.to_string())),
-        }
-    }
+        },
+    )
+    .await;
     if asked > 0 && merged.unreachable.len() == asked {
         let why: Vec<String> = merged
             .unreachable
@@ -113,9 +115,143 @@ async fn fan_out(
             .collect();
         return Err(format!("no agent answered: {}", why.join("; ")));
     }
-    // Newest first across nodes (RFC 3339 strings of one format sort as time).
-    merged
-        .flows
-        .sort_by(|a, b| b.flow.last_seen.cmp(&a.flow.last_seen));
+    merged.flows = newest.into_sorted();
     Ok(merged)
+}
+
+/// The newest `limit` flows of a merge, kept as answers arrive: the client holds the result,
+/// not every node's answer. Ties keep the order the flows came in.
+struct Newest {
+    limit: usize,
+    seq: u64,
+    /// Min-heap on (last_seen, later arrival first): the top is the first to go.
+    heap: BinaryHeap<Reverse<Kept>>,
+}
+
+struct Kept {
+    last_seen: String,
+    seq: Reverse<u64>,
+    flow: NodeFlow,
+}
+
+impl Kept {
+    fn key(&self) -> (&str, Reverse<u64>) {
+        (&self.last_seen, self.seq)
+    }
+}
+
+impl PartialEq for Kept {
+    fn eq(&self, other: &Kept) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Kept {}
+impl PartialOrd for Kept {
+    fn partial_cmp(&self, other: &Kept) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Kept {
+    fn cmp(&self, other: &Kept) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl Newest {
+    fn new(limit: usize) -> Newest {
+        Newest {
+            limit,
+            seq: 0,
+            heap: BinaryHeap::with_capacity(limit.min(4096) + 1),
+        }
+    }
+
+    fn offer(&mut self, node: &str, flow: FlowView) {
+        if self.limit == 0 {
+            return;
+        }
+        self.seq += 1;
+        let kept = Kept {
+            // RFC 3339 strings of one format sort as time.
+            last_seen: flow.last_seen.clone(),
+            seq: Reverse(self.seq),
+            flow: NodeFlow {
+                node: node.to_string(),
+                flow,
+            },
+        };
+        if self.heap.len() == self.limit {
+            match self.heap.peek() {
+                Some(Reverse(oldest)) if kept > *oldest => {
+                    self.heap.pop();
+                }
+                _ => return,
+            }
+        }
+        self.heap.push(Reverse(kept));
+    }
+
+    /// Newest first.
+    fn into_sorted(self) -> Vec<NodeFlow> {
+        // Ascending on Reverse = descending on (last_seen, earlier arrival first).
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|Reverse(k)| k.flow)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(id: u64, last_seen: &str) -> Result<FlowView, serde_json::Error> {
+        let mut f: FlowView = serde_json::from_str(include_str!(
+            "../../tests/golden/masquerade-not-applied-named.flow.json"
+        ))?;
+        f.id = id;
+        f.last_seen = last_seen.to_string();
+        Ok(f)
+    }
+
+    /// The bounded merge answers what sorting every node's flows and taking the first `limit`
+    /// would, ties in arrival order.
+    #[test]
+    fn the_newest_flows_across_nodes_equal_a_full_sort() -> Result<(), serde_json::Error> {
+        let times = [
+            "2026-11-27T10:00:03.000000Z",
+            "2026-11-27T10:00:01.000000Z",
+            "2026-11-27T10:00:03.000000Z",
+            "2026-11-27T10:00:02.000000Z",
+            "2026-11-27T10:00:05.000000Z",
+            "2026-11-27T10:00:01.000000Z",
+            "2026-11-27T10:00:04.000000Z",
+            "2026-11-27T10:00:03.000000Z",
+        ];
+        let mut all = Vec::new();
+        for (i, t) in times.iter().enumerate() {
+            all.push((format!("node-{}", i % 3), flow(i as u64, t)?));
+        }
+        for limit in 0..=times.len() + 1 {
+            let mut newest = Newest::new(limit);
+            for (node, f) in &all {
+                newest.offer(node, f.clone());
+            }
+            let got: Vec<(String, u64)> = newest
+                .into_sorted()
+                .into_iter()
+                .map(|nf| (nf.node, nf.flow.id))
+                .collect();
+            let mut want: Vec<&(String, FlowView)> = all.iter().collect();
+            want.sort_by(|a, b| b.1.last_seen.cmp(&a.1.last_seen));
+            let want: Vec<(String, u64)> = want
+                .into_iter()
+                .take(limit)
+                .map(|(n, f)| (n.clone(), f.id))
+                .collect();
+            assert_eq!(got, want, "limit {limit}");
+        }
+        Ok(())
+    }
 }

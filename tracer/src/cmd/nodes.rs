@@ -145,6 +145,22 @@ where
     F: Fn(Agent) -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
+    let mut out = Vec::with_capacity(targets.len());
+    ask_each(targets, ask, |node, answer| out.push((node, answer))).await;
+    out
+}
+
+/// [`ask_all`], handing each answer to `on_answer` as it comes (in the targets' order) instead
+/// of keeping them all: a merge that keeps only what it shows needs memory for the result and
+/// the answers in flight, not for every node's.
+pub async fn ask_each<T, F, Fut>(
+    targets: Vec<Target>,
+    ask: F,
+    mut on_answer: impl FnMut(String, Result<T, ClientError>),
+) where
+    F: Fn(Agent) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
     let total = targets.len();
     let progress = total > 1 && std::io::stderr().is_terminal();
     let mut answers = futures::stream::iter(targets.into_iter().map(|t| {
@@ -155,15 +171,15 @@ where
         async move { (t.node, asked.await) }
     }))
     .buffered(defaults::FAN_OUT);
-    let mut out = Vec::with_capacity(total);
-    while let Some(answer) = answers.next().await {
-        out.push(answer);
+    let (mut answered, mut failed) = (0usize, 0usize);
+    while let Some((node, answer)) = answers.next().await {
+        match answer {
+            Ok(_) => answered += 1,
+            Err(_) => failed += 1,
+        }
+        on_answer(node, answer);
         if progress {
-            let failed = out.iter().filter(|(_, r)| r.is_err()).count();
-            eprint!(
-                "\rtracer: {}/{total} agents answered, {failed} did not",
-                out.len() - failed
-            );
+            eprint!("\rtracer: {answered}/{total} agents answered, {failed} did not");
             let _ = std::io::stderr().flush();
         }
     }
@@ -171,9 +187,7 @@ where
         // Clear the progress line.
         eprint!("\r\x1b[K");
     }
-    let failed = out.iter().filter(|(_, r)| r.is_err()).count();
-    if failed > 0 && failed < out.len() {
+    if failed > 0 && answered > 0 {
         PARTIAL.store(true, Ordering::Relaxed);
     }
-    out
 }

@@ -184,6 +184,13 @@ pub fn flows_table(answer: &Merged, wide: bool) -> String {
     }
     if answer.flows.is_empty() {
         let _ = writeln!(out, "(no flows match)");
+    } else if answer.matched > answer.flows.len() {
+        let _ = writeln!(
+            out,
+            "\n({} of {} matching flows shown, newest first: narrow the query or raise --limit)",
+            answer.flows.len(),
+            answer.matched
+        );
     }
     out
 }
