@@ -591,6 +591,9 @@ fn standin_ebpf_policy_drop_names_the_policy_from_felix_rule_counters() -> TestR
         let h = agent.health(&n1.netns)?;
         Ok((!h.turned_off.is_empty()).then_some(()))
     })?;
+    // The agent's first reading of felix's counters after detecting the mode (within one
+    // 250 ms poll) is the baseline the drops are measured from.
+    std::thread::sleep(Duration::from_millis(600));
 
     // (a) End of tier default, ingress.
     assert!(

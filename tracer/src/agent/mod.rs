@@ -615,6 +615,7 @@ async fn read_policy_counters(shared: Arc<Shared>, felix_bpf_dir: std::path::Pat
         Bpf,
     }
     let mut seen = None;
+    let mut was_bpf = None;
     let mut poll = tokio::time::interval(POLICY_POLL);
     loop {
         poll.tick().await;
@@ -630,6 +631,13 @@ async fn read_policy_counters(shared: Arc<Shared>, felix_bpf_dir: std::path::Pat
                 }
             }
         };
+        // A switch of felix's dataplane reads the new source at once: its first reading is
+        // the baseline later drops are measured from.
+        let bpf = matches!(reader, Reader::Bpf);
+        if was_bpf != Some(bpf) {
+            was_bpf = Some(bpf);
+            seen = None;
+        }
         let drops = shared.traced_drops();
         if seen == Some(drops) {
             continue;
