@@ -636,6 +636,39 @@ mod tests {
     }
 
     #[test]
+    fn ids_of_every_kind_and_action() {
+        let knp = parse_policy(
+            PolicyKind::KubernetesNetworkPolicy,
+            r#"{"metadata":{"name":"allow-web","namespace":"shop"},"spec":{"ingress":[{"action":"Log"},{"action":"Pass"},{"action":"Deny"}]}}"#,
+        );
+        let p: Vec<Arc<Policy>> = knp.into_iter().map(Arc::new).collect();
+        let ids = RuleIds::new(&p);
+        let kind = |prefix: &str| ids.get(fnv1a64(prefix.as_bytes())).map(|(r, _)| r.clone());
+        // A Log rule has no id (felix records 0) but keeps its index: the Deny is rule 2.
+        assert!(kind("DPI0|knp/shop/allow-web").is_none());
+        assert!(matches!(
+            kind("PPI1|knp/shop/allow-web"),
+            Some(RuleId::NotADrop)
+        ));
+        assert!(matches!(
+            kind("DPI2|knp/shop/allow-web"),
+            Some(RuleId::Deny {
+                index: 2,
+                dir: PolicyDirection::Ingress,
+                ..
+            })
+        ));
+        assert!(matches!(
+            kind("DPE|default"),
+            Some(RuleId::EndOfTier {
+                dir: PolicyDirection::Egress,
+                ..
+            })
+        ));
+        assert!(matches!(kind("PPI|default"), Some(RuleId::NotADrop)));
+    }
+
+    #[test]
     fn a_missing_pin_is_an_error_not_a_panic() {
         let r = read_counters(Path::new("/nonexistent/tracer"));
         assert!(r.is_err());
