@@ -14,18 +14,27 @@ use std::{
 };
 
 use aya::{
-    maps::PerCpuArray,
+    maps::{HashMap as AyaHashMap, PerCpuArray, PerCpuHashMap},
     programs::{SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use common::{connect_via_vip, has_verdict, query, Res, TestResult, READY, VIP};
-use tracer::{felix_bpf, hooks::STANDINS_OBJECT};
-use tracer_lab::{
-    calico::Pool,
-    netns::{unique_prefix, Netns},
-    topo::SingleNode,
+use tracer::{felix_bpf, felix_policy, hooks::STANDINS_OBJECT};
+use tracer_lab::scenario::policy::{
+    gnp, net, tiered_np, ALLOWED, DENIED_GNP, DENIED_NP, NS, SERVER,
 };
-use tracer_model::{health::TcBackend, Cause, Dir, Verdict};
+use tracer_lab::{
+    calico::{veth_name, Pool},
+    netns::{unique_prefix, Netns},
+    policy::{Direction, Kind, LabPolicy, PolicyRule},
+    topo::{Cluster, ClusterConfig, PodConfig, SingleNode},
+    traffic::tcp_probe,
+};
+use tracer_model::{
+    diagnosis::{PolicyAction, PolicyDirection, PolicyHit},
+    health::TcBackend,
+    Cause, Dir, Evidence, FlowView, Verdict,
+};
 
 /// How long a node sync may take to notice a change (the agent resyncs every 10 s).
 const SYNC: Duration = Duration::from_secs(25);
@@ -387,5 +396,272 @@ fn seed_002_in_ebpf_mode_is_turned_off_then_back_on() -> TestResult {
     wait_for(Duration::from_secs(10), || {
         Ok((overlap("tracer_flows_by_cause")? >= 2.0).then_some(()))
     })?;
+    Ok(())
+}
+
+// --- Which policy dropped it, in felix's eBPF dataplane (issue 17 §2) ---
+
+/// A client falling off the end of tier `default` (the Kubernetes NetworkPolicy below allows
+/// only the allowed client).
+const DENIED_KNP: (&str, &str) = ("web-a", "10.244.142.36");
+
+fn policy_lab() -> Res<Cluster> {
+    let mut cfg = ClusterConfig::two_nodes();
+    cfg.nodes[0].pods = [SERVER, ALLOWED, DENIED_KNP, DENIED_NP, DENIED_GNP]
+        .iter()
+        .map(|(name, ip)| PodConfig::new(NS, name, ip))
+        .collect();
+    Ok(Cluster::build(&cfg)?)
+}
+
+/// A Kubernetes NetworkPolicy as kube-controllers writes it to etcd, allowing only the allowed
+/// client to the server.
+fn knp(port: u16) -> LabPolicy {
+    LabPolicy {
+        kind: Kind::NetworkPolicy,
+        namespace: Some(NS.into()),
+        name: "knp.default.allow-web".into(),
+        tier: "default".into(),
+        direction: Direction::Ingress,
+        rules: vec![PolicyRule::allow().from(&net(ALLOWED)).port(port)],
+    }
+}
+
+/// FNV-1a 64 (the test's own, from the algorithm's definition): felix's rule id of an NFLOG
+/// prefix with its flow logs off (`bpf_ep_mgr.go` `ruleMatchIDFromNFLOGPrefix`).
+fn felix_rule_id(prefix: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in prefix.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn pod_ns<'a>(lab: &'a Cluster, pod: (&str, &str)) -> Res<&'a Netns> {
+    Ok(lab
+        .pods
+        .iter()
+        .find(|p| p.pod.name == pod.0)
+        .ok_or_else(|| format!("no pod {}", pod.0))?
+        .netns())
+}
+
+fn connect_server(lab: &Cluster, client: (&str, &str)) -> Res<bool> {
+    let addr = std::net::SocketAddr::new(SERVER.1.parse()?, lab.config.pod_port);
+    Ok(tcp_probe(
+        pod_ns(lab, client)?,
+        addr,
+        Duration::from_millis(1500),
+    )?)
+}
+
+/// The stand-in's rule counter for `id`, summed over CPUs (read by the test, not the agent).
+fn rule_counter(ebpf: &Ebpf, id: u64) -> Res<u64> {
+    let map: PerCpuHashMap<_, u64, u64> =
+        PerCpuHashMap::try_from(ebpf.map("cali_rule_ctrs2").ok_or("no cali_rule_ctrs2")?)?;
+    Ok(match map.get(&id, 0) {
+        Ok(v) => v.iter().sum(),
+        Err(aya::maps::MapError::KeyNotFound) => 0,
+        Err(e) => return Err(e.into()),
+    })
+}
+
+/// Sets the stand-in's verdict for packets from `pod`: count `id`, drop or pass.
+fn verdict(ebpf: &mut Ebpf, pod: (&str, &str), id: u64, drop: bool) -> TestResult {
+    let mut map: AyaHashMap<_, u32, [u64; 2]> =
+        AyaHashMap::try_from(ebpf.map_mut("STANDIN_POLICY").ok_or("no STANDIN_POLICY")?)?;
+    map.insert(u32::from_ne_bytes(octets(pod.1)?), [id, u64::from(drop)], 0)?;
+    Ok(())
+}
+
+fn denied_flow(
+    agent: &common::Agent,
+    lab: &Cluster,
+    client: (&str, &str),
+    cause: Cause,
+) -> Res<FlowView> {
+    Ok(agent.wait_flow(
+        &lab.nodes[0].netns,
+        &query(&format!("src={}/32&dst={}/32", client.1, SERVER.1))?,
+        Duration::from_secs(10),
+        |f| f.diagnosis.as_ref().is_some_and(|d| d.cause == cause),
+    )?)
+}
+
+fn policy_hit(f: &FlowView) -> Res<PolicyHit> {
+    match f.diagnosis.as_ref().map(|d| &d.evidence) {
+        Some(Evidence::DeniedByPolicy(e)) => Ok(e.policy.clone()),
+        other => Err(format!("not denied_by_policy: {other:?}").into()),
+    }
+}
+
+fn allowed_not_blamed(agent: &common::Agent, lab: &Cluster) -> TestResult {
+    assert!(
+        connect_server(lab, ALLOWED)?,
+        "the allowed client gets through"
+    );
+    let page = agent.flows(
+        &lab.nodes[0].netns,
+        &query(&format!("src={}/32", ALLOWED.1))?,
+    )?;
+    assert!(!page.flows.is_empty(), "no flow of the allowed client");
+    for f in &page.flows {
+        assert!(f.diagnosis.is_none(), "allowed flow blamed: {f:?}");
+    }
+    Ok(())
+}
+
+/// felix's eBPF dataplane drops three clients by policy (a STAND-IN for felix's tc program on
+/// the pods' veths moves felix's rule counter, `cali_rule_ctrs2` pinned in a private bpffs,
+/// and returns TC_ACT_SHOT): the agent computes felix's rule ids from the policies in the
+/// lab's etcd and names the end of tier `default` (a Kubernetes NetworkPolicy's), rule 1 of
+/// the tiered Calico NetworkPolicy and rule 0 of the GlobalNetworkPolicy (egress, dropped on
+/// the client's veth). The allowed client, whose Allow rule counter moves too, is never
+/// blamed. A counter whose id no policy computes (felix's flow logs on: ids allocated at run
+/// time) leaves the drop a kernel_drop that says so.
+#[test]
+fn standin_ebpf_policy_drop_names_the_policy_from_felix_rule_counters() -> TestResult {
+    let lab = policy_lab()?;
+    let n1 = &lab.nodes[0];
+    let port = lab.config.pod_port;
+    for p in [knp(port), tiered_np(), gnp()] {
+        lab.datastore.etcd.put_all(&lab.external, &[p.etcd_kv()])?;
+    }
+    // The ids felix gives these rules (felix/rules/nflogprefix.go), computed here from the
+    // prefixes; the agent computes its own from the datastore.
+    let end_of_default = felix_rule_id("DPI|default");
+    let np_deny = felix_rule_id(&format!("DPI1|np/{NS}/security.deny-web-b"));
+    let gnp_deny = felix_rule_id("DPE0|gnp/deny-web-c-egress");
+    let knp_allow = felix_rule_id(&format!("API0|np/{NS}/knp.default.allow-web"));
+
+    let fs = Bpffs::mount()?;
+    let globals = fs.globals().display().to_string();
+    let mut felix = EbpfLoader::new()
+        .override_global("FELIX_ACTION", &3u32, true)
+        .load(STANDINS_OBJECT)?;
+    pin_routes(&felix, &fs.routes_pin())?;
+    felix
+        .map("cali_rule_ctrs2")
+        .ok_or("no cali_rule_ctrs2")?
+        .pin(fs.globals().join(felix_policy::bpf::RULE_COUNTERS_MAP))?;
+    verdict(&mut felix, ALLOWED, knp_allow, false)?;
+    verdict(&mut felix, DENIED_KNP, end_of_default, true)?;
+    verdict(&mut felix, DENIED_NP, np_deny, true)?;
+    verdict(&mut felix, DENIED_GNP, gnp_deny, true)?;
+
+    let url = format!("http://{}", lab.etcd_endpoint());
+    let mut agent = common::start(
+        &n1.netns,
+        &[
+            "--no-reply-timeout",
+            "2s",
+            "--felix-bpf-dir",
+            &globals,
+            "--datastore-type",
+            "etcdv3",
+            "--etcd-endpoints",
+            &url,
+            "--nodename",
+            &n1.name,
+        ],
+    )?;
+    let server_veth = veth_name(NS, SERVER.0);
+    let gnp_veth = veth_name(NS, DENIED_GNP.0);
+    agent.wait_attached(&n1.netns, &[server_veth.as_str(), gnp_veth.as_str()], READY)?;
+    // felix's program attached after tracer's, as felix appends: the server's ingress policy
+    // on its veth's egress, web-c's egress policy on its veth's ingress.
+    let (sv, gv) = (server_veth.clone(), gnp_veth.clone());
+    let felix = n1.netns.run(move || -> Result<Ebpf, String> {
+        let mut felix = felix;
+        let prog: &mut SchedClassifier = felix
+            .program_mut("cali_tc_preamble")
+            .ok_or("stand-in program missing")?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        prog.load().map_err(|e| e.to_string())?;
+        prog.attach(&sv, TcAttachType::Egress)
+            .map_err(|e| e.to_string())?;
+        prog.attach(&gv, TcAttachType::Ingress)
+            .map_err(|e| e.to_string())?;
+        Ok(felix)
+    })??;
+    let mut felix = felix;
+    wait_for(SYNC, || {
+        let h = agent.health(&n1.netns)?;
+        Ok((!h.turned_off.is_empty()).then_some(()))
+    })?;
+    // The agent's first reading of felix's counters after detecting the mode (within one
+    // 250 ms poll) is the baseline the drops are measured from.
+    std::thread::sleep(Duration::from_millis(600));
+
+    // (a) End of tier default, ingress.
+    assert!(
+        !connect_server(&lab, DENIED_KNP)?,
+        "the stand-in drops web-a"
+    );
+    assert!(rule_counter(&felix, end_of_default)? > 0);
+    let f = denied_flow(&agent, &lab, DENIED_KNP, Cause::DeniedByPolicy)?;
+    let h = policy_hit(&f)?;
+    assert_eq!(h.action, PolicyAction::EndOfTier, "{h:?}");
+    assert_eq!(h.tier.as_deref(), Some("default"));
+    assert_eq!(h.direction, PolicyDirection::Ingress);
+    assert_eq!(h.chain, "DPI|default");
+    allowed_not_blamed(&agent, &lab)?;
+    assert!(
+        rule_counter(&felix, knp_allow)? > 0,
+        "the Allow rule's counter moves too"
+    );
+
+    // (b) Rule 1 of the tiered Calico NetworkPolicy.
+    assert!(!connect_server(&lab, DENIED_NP)?);
+    assert!(rule_counter(&felix, np_deny)? > 0);
+    let f = denied_flow(&agent, &lab, DENIED_NP, Cause::DeniedByPolicy)?;
+    let h = policy_hit(&f)?;
+    assert_eq!(h.action, PolicyAction::Deny, "{h:?}");
+    assert_eq!(h.kind.as_deref(), Some("NetworkPolicy"));
+    assert_eq!(h.namespace.as_deref(), Some(NS));
+    assert_eq!(h.name.as_deref(), Some("security.deny-web-b"));
+    assert_eq!(h.tier.as_deref(), Some("security"));
+    assert_eq!(h.direction, PolicyDirection::Ingress);
+    assert_eq!(h.rule_index, Some(1), "{h:?}");
+    let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+    assert!(d.fix.contains("cali_rule_ctrs2"), "{}", d.fix);
+    allowed_not_blamed(&agent, &lab)?;
+
+    // (c) Rule 0 of the GlobalNetworkPolicy, web-c's egress (dropped on its own veth).
+    assert!(!connect_server(&lab, DENIED_GNP)?);
+    assert!(rule_counter(&felix, gnp_deny)? > 0);
+    let f = denied_flow(&agent, &lab, DENIED_GNP, Cause::DeniedByPolicy)?;
+    let h = policy_hit(&f)?;
+    assert_eq!(h.action, PolicyAction::Deny, "{h:?}");
+    assert_eq!(h.kind.as_deref(), Some("GlobalNetworkPolicy"));
+    assert_eq!(h.name.as_deref(), Some("deny-web-c-egress"));
+    assert_eq!(h.direction, PolicyDirection::Egress);
+    assert_eq!(h.rule_index, Some(0));
+
+    // (d) felix with flow logs on: the id is one its run-time allocator handed out, which no
+    // policy computes. The drop stays a kernel_drop saying why.
+    verdict(&mut felix, DENIED_NP, 7, true)?;
+    assert!(!connect_server(&lab, DENIED_NP)?);
+    assert!(rule_counter(&felix, 7)? > 0);
+    let f = denied_flow(&agent, &lab, DENIED_NP, Cause::KernelDrop)?;
+    match f.diagnosis.as_ref().map(|d| &d.evidence) {
+        Some(Evidence::KernelDrop(e)) => {
+            let p = e
+                .policy
+                .as_ref()
+                .ok_or("no policy lookup in the evidence")?;
+            assert!(p.missing.iter().any(|m| m.contains("flow logs")), "{p:?}");
+        }
+        other => return Err(format!("not a kernel drop: {other:?}").into()),
+    }
+    let d = agent.diagnoses(&n1.netns)?;
+    assert!(
+        d.turned_off
+            .iter()
+            .all(|t| !t.causes.contains(&Cause::DeniedByPolicy)),
+        "{d:?}"
+    );
     Ok(())
 }

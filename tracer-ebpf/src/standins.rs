@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_peer},
     macros::classifier,
     macros::map,
-    maps::{LpmTrie, PerCpuArray},
+    maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 
@@ -107,9 +107,23 @@ pub fn standin_dnat(mut ctx: TcContext) -> i32 {
 #[map(name = "cali_v4_routes")]
 static CALI_V4_ROUTES: LpmTrie<u32, [u32; 2]> = LpmTrie::with_max_entries(16, 0);
 
+/// STAND-IN for felix's rule counters, under felix's pinned name and with its layout (per-CPU
+/// hash, key u64 rule id, value u64 packets; felix/bpf-gpl/rule_counters.h `cali_rule_ctrs`
+/// version 2). Tests pin it where the agent looks for felix's pins.
+#[map(name = "cali_rule_ctrs2")]
+static CALI_RULE_CTRS: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(10000, 0);
+
+/// The stand-in's policy (`FELIX_ACTION` 3), written by the test: IPv4 source (network byte
+/// order) -> `[rule id, 1 to drop / 0 to allow]`. The ids are what felix computes for the
+/// policy the test wrote to the datastore; the agent computes its own from the datastore.
+#[map(name = "STANDIN_POLICY")]
+static STANDIN_POLICY: HashMap<u32, [u64; 2]> = HashMap::with_max_entries(16, 0);
+
 /// What `cali_tc_preamble` does: 0 hand on, 1 SNAT (source := `REWRITE_V4`), 2 reverse SNAT
 /// (destination := `REWRITE_V4`, destination MAC := `REWRITE_MAC`, then `bpf_redirect_peer`
-/// into the pod behind `REDIRECT_IFINDEX`). 1 and 2 touch only ICMP packets whose rewritten
+/// into the pod behind `REDIRECT_IFINDEX`), 3 policy (felix's verdict from `STANDIN_POLICY`:
+/// its rule's counter in `cali_rule_ctrs2` moves, as felix's `update_rule_counters` does on
+/// the allow path and in `calico_tc_skb_drop`, and a denied packet gets `TC_ACT_SHOT`). 1 and 2 touch only ICMP packets whose rewritten
 /// field holds `MATCH_V4` (the IP header checksum is fixed; ICMP's does not cover addresses).
 #[unsafe(no_mangle)]
 static FELIX_ACTION: u32 = 0;
@@ -132,6 +146,9 @@ pub fn cali_tc_preamble(mut ctx: TcContext) -> i32 {
     if action == 0 {
         seen(0);
         return PASS_ON;
+    }
+    if action == 3 {
+        return policy(&ctx);
     }
     // Keeps the map in the object (its pin is the marker the tests want).
     let _ = CALI_V4_ROUTES.get(aya_ebpf::maps::lpm_trie::Key::new(0, 0));
@@ -156,6 +173,30 @@ pub fn cali_tc_preamble(mut ctx: TcContext) -> i32 {
     seen(2);
     let ifindex = unsafe { core::ptr::read_volatile(&REDIRECT_IFINDEX) };
     unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+}
+
+/// felix's policy verdict for IPv4 packets by source (`FELIX_ACTION` 3).
+#[inline(always)]
+fn policy(ctx: &TcContext) -> i32 {
+    let (Ok([0x08, 0x00]), Ok(src)) = (ctx.load::<[u8; 2]>(12), ctx.load::<u32>(IP_SRC)) else {
+        return PASS_ON;
+    };
+    let Some(&[id, drop]) = (unsafe { STANDIN_POLICY.get(&src) }) else {
+        return PASS_ON;
+    };
+    match CALI_RULE_CTRS.get_ptr_mut(&id) {
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = CALI_RULE_CTRS.insert(&id, &1, 0);
+        }
+    }
+    if drop != 0 {
+        seen(1);
+        TC_ACT_SHOT
+    } else {
+        seen(0);
+        PASS_ON
+    }
 }
 
 #[cfg(not(test))]

@@ -279,7 +279,8 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = crate::hooks::DEFAULT_KERNEL_FLOW_ENTRIES)]
     pub kernel_flow_entries: u32,
     /// Where felix pins its eBPF dataplane's maps (the host's /sys/fs/bpf/tc/globals): their
-    /// presence tells that felix runs in eBPF mode. Only looked at, never opened.
+    /// presence tells that felix runs in eBPF mode, and its rule counters (`cali_rule_ctrs2`,
+    /// opened read-only) name the policy of a drop. No other pin is opened.
     #[arg(long, default_value = crate::felix_bpf::GLOBALS_DIR)]
     pub felix_bpf_dir: std::path::PathBuf,
     /// Where pod, Service and node names come from, as calico-node reads DATASTORE_TYPE:

@@ -14,8 +14,8 @@
 //!   only while felix runs in eBPF mode (or until its cleanup after leaving it).
 //!
 //! tracer only looks: a `stat` of two paths and, on TCX, a query of the host NICs' hooks, on
-//! every node sync (felix can switch modes). It never opens, reads or changes felix's maps or
-//! programs. Reading pool and natOutgoing flags from `cali_v4_routes` (its layout, key
+//! every node sync (felix can switch modes). It never changes felix's maps or programs; the
+//! one map it reads is felix's rule counters, opened read-only (`felix_policy::bpf`). Reading pool and natOutgoing flags from `cali_v4_routes` (its layout, key
 //! `{u32 prefixlen; be32 addr}` and value `{u32 flags; ...}` with `IN_POOL` 0x01 and `NAT_OUT`
 //! 0x02, is the same from v3.24 to HEAD) is left out: the natOutgoing decision also depends on
 //! `NATOutgoingExclusions`, which lives in the programs' globals, not in a map.
@@ -133,7 +133,7 @@ pub const OFF_VERDICTS: [Verdict; 5] = [
 ];
 
 /// Causes tracer does not diagnose in eBPF mode.
-pub const OFF_CAUSES: [Cause; 8] = [
+pub const OFF_CAUSES: [Cause; 7] = [
     Cause::MasqueradeNotApplied,
     Cause::NatOutgoingDisabled,
     Cause::IppoolOverlapsHostNetwork,
@@ -143,7 +143,6 @@ pub const OFF_CAUSES: [Cause; 8] = [
     // Its symptom is a segment with no ACK past it: an ACK felix redirects past tracer's hooks
     // would look like none.
     Cause::MtuMismatch,
-    Cause::DeniedByPolicy,
 ];
 
 /// What is off in eBPF mode, and why (fixed words: sent without the token too).
@@ -157,16 +156,10 @@ pub fn turned_off() -> Vec<TurnedOff> {
             why: "felix's eBPF programs decide natOutgoing from the pool flags of its routes map (IN_POOL, NAT_OUT) and mark the packet; its iptables/nft rule matches only that mark, so felix's ipsets, nft sets and natOutgoing rule do not say which pod traffic it means to masquerade.".into(),
         },
         TurnedOff {
-            dataplane: dataplane.clone(),
-            verdicts: OFF_VERDICTS[2..].to_vec(),
-            causes: OFF_CAUSES[3..7].to_vec(),
-            why: "felix's tc programs translate packets and redirect them past the host stack (into pods with bpf_redirect_peer, which skips the veth's egress hook), and a program felix attaches after tracer's runs after it on egress: a reply, or the translated packet it answers, may never reach a hook tracer watches, so a flow that looks unanswered (or a segment that looks unacknowledged) may have been answered. vxlan.calico is flow-based (no parent device).".into(),
-        },
-        TurnedOff {
             dataplane,
-            verdicts: vec![],
-            causes: OFF_CAUSES[7..].to_vec(),
-            why: "felix's eBPF programs enforce policy in its tc programs (felix/bpf-gpl/policy.h), not in iptables/nft chains: there are no cali-pi-/cali-po- rule counters to read, so a drop there is not attributed to a policy (not covered yet).".into(),
+            verdicts: OFF_VERDICTS[2..].to_vec(),
+            causes: OFF_CAUSES[3..].to_vec(),
+            why: "felix's tc programs translate packets and redirect them past the host stack (into pods with bpf_redirect_peer, which skips the veth's egress hook), and a program felix attaches after tracer's runs after it on egress: a reply, or the translated packet it answers, may never reach a hook tracer watches, so a flow that looks unanswered (or a segment that looks unacknowledged) may have been answered. vxlan.calico is flow-based (no parent device).".into(),
         },
     ]
 }

@@ -27,6 +27,8 @@
 //! `GetLengthLimitedID` in `libcalico-go/lib/hash/unique_id.go`; the 28-character iptables limit
 //! `felix/iptables/table.go`; the v3 -> v1 policy conversion (tier "default" when unset)
 //! `libcalico-go/lib/backend/syncersv1/updateprocessors/networkpolicyprocessor.go`.
+pub mod bpf;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::Arc,
@@ -321,14 +323,18 @@ pub struct PolicySet {
     /// Kinds of policy the datastore did not serve (e.g. Calico's CRDs not installed): a
     /// chain absent from the set may be one of theirs.
     unread: Vec<String>,
+    /// The rule ids felix's eBPF dataplane computes from these policies (flow logs off).
+    rule_ids: bpf::RuleIds,
 }
 
 impl PolicySet {
     pub fn new(policies: impl IntoIterator<Item = Policy>) -> PolicySet {
         let mut by_chain = HashMap::new();
         let mut count = 0;
+        let mut all = Vec::new();
         for p in policies {
             let p = Arc::new(p);
+            all.push(Arc::clone(&p));
             count += 1;
             // Both dataplanes' names: which one felix runs is read with the counters.
             for dir in [PolicyDirection::Ingress, PolicyDirection::Egress] {
@@ -340,7 +346,12 @@ impl PolicySet {
             by_chain,
             count,
             unread: Vec::new(),
+            rule_ids: bpf::RuleIds::new(&all),
         }
+    }
+
+    pub fn rule_ids(&self) -> &bpf::RuleIds {
+        &self.rule_ids
     }
 
     /// The set, noting the kinds of policy that could not be read.
@@ -635,8 +646,8 @@ pub struct PolicyView {
     /// Why there are no policies (no datastore configured, not listed yet).
     pub policies_missing: Option<String>,
     pub counters: Arc<Counters>,
-    /// Set when this dataplane's counters are not read (nftables, eBPF): why.
-    pub unsupported: Option<String>,
+    /// felix's eBPF rule counters, in eBPF mode (its netfilter chains then hold no policy).
+    pub ebpf: Option<Arc<bpf::Counters>>,
 }
 
 /// A DROP rule that moved, by how many packets, with the chains as they were then.
@@ -693,8 +704,10 @@ impl PolicyView {
             candidates: vec![],
             missing: vec![m],
         };
-        if let Some(why) = &self.unsupported {
-            return Err(missing(why.clone()));
+        if self.ebpf.is_some() {
+            return Err(missing(
+                "felix's eBPF dataplane enforces policy in its tc programs, not in netfilter chains".into(),
+            ));
         }
         let c = &self.counters;
         if let Some(e) = &c.error {
@@ -753,6 +766,38 @@ impl PolicyView {
             }
         };
         self.classify(rule, packets, &layout)
+    }
+
+    /// In felix's eBPF dataplane: the rule that dropped a packet at `ts_ns` whose drop reason
+    /// is `reason`, at a workload endpoint (`endpoints` as for [`Self::attribute`]).
+    pub fn attribute_bpf(
+        &self,
+        ts_ns: u64,
+        reason: &str,
+        endpoints: &[String],
+    ) -> Result<PolicyHit, PolicyLookup> {
+        let missing = |m: &str| PolicyLookup {
+            candidates: vec![],
+            missing: vec![m.to_string()],
+        };
+        let Some(counters) = &self.ebpf else {
+            return Err(missing("felix's eBPF dataplane not detected"));
+        };
+        if endpoints.is_empty() {
+            return Err(missing(
+                "the flow crossed no workload endpoint: felix's workload policy does not apply",
+            ));
+        }
+        let Some(dir) = bpf::direction_of_drop(reason) else {
+            return Err(missing("not a tc program's drop"));
+        };
+        bpf::attribute(
+            counters,
+            self.policies.as_deref().map(PolicySet::rule_ids),
+            self.policies_missing.as_deref(),
+            ts_ns,
+            dir,
+        )
     }
 
     fn classify(

@@ -251,7 +251,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cfg.token.clone(),
     ));
 
-    let policy_counters = tokio::spawn(read_policy_counters(shared.clone()));
+    let policy_counters = tokio::spawn(read_policy_counters(
+        shared.clone(),
+        cfg.felix_bpf_dir.clone(),
+    ));
     let conntrack_stats = tokio::spawn(read_conntrack_stats(shared.clone()));
     let mut resync = tokio::time::interval(cfg.resync);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -601,30 +604,40 @@ fn read_events(
 /// How often the policy counter reader looks for new kernel drops of traced flows.
 const POLICY_POLL: Duration = Duration::from_millis(250);
 
-/// Reads felix's filter rule counters (`felix_policy`) once at start and then only when traced
-/// flows saw new kernel drops: at most one `iptables-save` (or `nft list table ip calico` in
-/// felix's nftables dataplane, as detected for natOutgoing) per [`POLICY_POLL`], off the data
-/// path. Not in the eBPF dataplane (not covered: the rules say so).
-async fn read_policy_counters(shared: Arc<Shared>) {
+/// Reads felix's rule counters (`felix_policy`) once at start and then only when traced flows
+/// saw new kernel drops: at most one `iptables-save` (or `nft list table ip calico` in felix's
+/// nftables dataplane, as detected for natOutgoing; or one walk of its `cali_rule_ctrs2` map,
+/// opened read-only, in its eBPF dataplane) per [`POLICY_POLL`], off the data path.
+async fn read_policy_counters(shared: Arc<Shared>, felix_bpf_dir: std::path::PathBuf) {
+    use crate::felix_policy::{bpf, FilterRule};
+    enum Reader {
+        Filter(fn() -> Result<Vec<FilterRule>, String>),
+        Bpf,
+    }
     let mut seen = None;
+    let mut was_bpf = None;
     let mut poll = tokio::time::interval(POLICY_POLL);
     loop {
         poll.tick().await;
         let reader = {
             let n = shared.node();
             match (n.pools.ebpf.is_some(), n.pools.dataplane) {
-                (true, _) => None,
+                (true, _) => Reader::Bpf,
                 (false, crate::calico::Dataplane::Iptables) => {
-                    Some(crate::felix_policy::read_iptables as fn() -> _)
+                    Reader::Filter(crate::felix_policy::read_iptables)
                 }
                 (false, crate::calico::Dataplane::Nftables) => {
-                    Some(crate::felix_policy::read_nft as fn() -> _)
+                    Reader::Filter(crate::felix_policy::read_nft)
                 }
             }
         };
-        let Some(reader) = reader else {
-            continue;
-        };
+        // A switch of felix's dataplane reads the new source at once: its first reading is
+        // the baseline later drops are measured from.
+        let bpf = matches!(reader, Reader::Bpf);
+        if was_bpf != Some(bpf) {
+            was_bpf = Some(bpf);
+            seen = None;
+        }
         let drops = shared.traced_drops();
         if seen == Some(drops) {
             continue;
@@ -632,13 +645,27 @@ async fn read_policy_counters(shared: Arc<Shared>) {
         seen = Some(drops);
         let at = mono_now_ns();
         let started = std::time::Instant::now();
-        let read = tokio::task::spawn_blocking(reader)
-            .await
-            .unwrap_or_else(|e| Err(format!("reader task: {e}")));
-        if let Err(e) = &read {
-            tracing::debug!(error = %e, "policy: felix's filter counters unread");
+        match reader {
+            Reader::Filter(reader) => {
+                let read = tokio::task::spawn_blocking(reader)
+                    .await
+                    .unwrap_or_else(|e| Err(format!("reader task: {e}")));
+                if let Err(e) = &read {
+                    tracing::debug!(error = %e, "policy: felix's filter counters unread");
+                }
+                shared.record_policy_counters(at, read);
+            }
+            Reader::Bpf => {
+                let dir = felix_bpf_dir.clone();
+                let read = tokio::task::spawn_blocking(move || bpf::read_counters(&dir))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("reader task: {e}")));
+                if let Err(e) = &read {
+                    tracing::debug!(error = %e, "policy: felix's eBPF rule counters unread");
+                }
+                shared.record_bpf_policy_counters(at, read);
+            }
         }
-        shared.record_policy_counters(at, read);
         // A node with a big rule set and drops that never stop (a scanner on a denied port)
         // must not pay for iptables-save (or nft) all the time: at most a tenth of one core. Longer gaps
         // make more drops ambiguous, which the evidence then says.

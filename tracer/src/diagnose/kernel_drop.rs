@@ -92,6 +92,8 @@ fn drop_fix(reason: &str, dataplane: Dataplane) -> String {
             Dataplane::Nftables => "An nftables/iptables rule dropped it. With Calico's nftables dataplane that is usually a NetworkPolicy (felix's filter-cali-pi-*/filter-cali-po-* chains of `table ip calico` end in drop): check `calicoctl get networkpolicy,globalnetworkpolicy -A` and `nft list table ip calico | grep drop` for the rule whose counter rises."
                 .into(),
         },
+        "TC_INGRESS" | "TC_EGRESS" => "A tc program dropped it (TC_ACT_SHOT). With Calico's eBPF dataplane that is felix's program: usually a NetworkPolicy (check `calicoctl get networkpolicy,globalnetworkpolicy -A` and, with flow logs off, felix's rule counters `bpftool map dump pinned /sys/fs/bpf/tc/globals/cali_rule_ctrs2`), else felix's own checks (`calico-node -bpf counters dump`)."
+            .into(),
         "IP_RPFILTER" => "Reverse-path filtering: the source is not routed back through the interface it arrived on. Check rp_filter and asymmetric routes (a node address autodetected on the wrong interface produces exactly this)."
             .into(),
         "NO_SOCKET" => "Nothing listens on the destination port: check the pod/service is running and its targetPort."

@@ -35,17 +35,41 @@ fn endpoints(flow: &Flow, cx: &Context<'_>) -> Vec<String> {
     out
 }
 
-/// For a flow with a `NETFILTER_DROP`: the felix rule that dropped it, or why none is named.
+/// For a flow with a `NETFILTER_DROP` (in felix's eBPF dataplane: a drop by a tc program,
+/// `TC_INGRESS`/`TC_EGRESS`): the felix rule that dropped it, or why none is named.
 pub fn lookup(
     flow: &Flow,
     cx: &Context<'_>,
     f: &Findings<'_>,
 ) -> Option<Result<PolicyHit, PolicyLookup>> {
+    if cx.policy.ebpf.is_some() {
+        let (drop, reason) = f.drops.iter().find_map(|d| {
+            let r = cx.reasons.name(d.reason);
+            crate::felix_policy::bpf::direction_of_drop(&r).map(|_| (d, r))
+        })?;
+        return Some(
+            cx.policy
+                .attribute_bpf(drop.ts_ns, &reason, &endpoints(flow, cx)),
+        );
+    }
     let drop = f
         .drops
         .iter()
         .find(|d| cx.reasons.name(d.reason) == NETFILTER_DROP)?;
     Some(cx.policy.attribute(drop.ts_ns, &endpoints(flow, cx)))
+}
+
+/// Where the operator sees the rule's counter move.
+fn counter_hint(hit: &PolicyHit, cx: &Context<'_>) -> String {
+    if cx.policy.ebpf.is_some() {
+        format!(
+            "`bpftool map dump pinned /sys/fs/bpf/tc/globals/{}` (key: FNV-1a 64 of `{}`)",
+            crate::felix_policy::bpf::RULE_COUNTERS_MAP,
+            hit.chain
+        )
+    } else {
+        format!("`iptables-save -c | grep {}`", hit.chain)
+    }
 }
 
 pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagnosis> {
@@ -91,11 +115,11 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
             (
                 format!("{policy} (tier {tier}) denied {what}: {rule} is an explicit Deny."),
                 format!(
-                    "{policy} in tier {tier} denies this traffic with {rule}{}. If the traffic should pass, narrow that rule (its selector, nets or ports must stop matching this {} to port {}), or change its action; an Allow in a policy of lower order in the same tier, or in an earlier tier, takes effect first. See `{get}` and `iptables-save -c | grep {}`.",
+                    "{policy} in tier {tier} denies this traffic with {rule}{}. If the traffic should pass, narrow that rule (its selector, nets or ports must stop matching this {} to port {}), or change its action; an Allow in a policy of lower order in the same tier, or in an earlier tier, takes effect first. See `{get}` and {}.",
                     hit.rule.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
                     if hit.direction == PolicyDirection::Ingress { format!("source {}", flow.src) } else { format!("destination {}", flow.dst) },
                     flow.dport,
-                    hit.chain,
+                    counter_hint(&hit, cx),
                 ),
             )
         }

@@ -177,6 +177,8 @@ pub struct Shared {
     flow_log: Option<FlowLogCounters>,
     /// felix's filter rule counters as last read (`felix_policy`).
     policy_counters: RwLock<Arc<Counters>>,
+    /// felix's eBPF rule counters (`cali_rule_ctrs2`), read in eBPF mode.
+    bpf_policy_counters: RwLock<Arc<crate::felix_policy::bpf::Counters>>,
     conntrack: RwLock<Arc<crate::conntrack::Readings>>,
 }
 
@@ -221,6 +223,7 @@ impl Shared {
             identities: OnceLock::new(),
             flow_log: cfg.flow_log.then(FlowLogCounters::default),
             policy_counters: RwLock::new(Arc::default()),
+            bpf_policy_counters: RwLock::new(Arc::default()),
             conntrack: RwLock::new(Arc::default()),
         }
     }
@@ -250,6 +253,24 @@ impl Shared {
         *guard = Arc::new(next);
     }
 
+    /// A reading of felix's eBPF rule counters taken at `at_ns`.
+    pub fn record_bpf_policy_counters(
+        &self,
+        at_ns: u64,
+        read: Result<std::collections::HashMap<u64, u64>, String>,
+    ) {
+        let mut guard = self
+            .bpf_policy_counters
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut next = crate::felix_policy::bpf::Counters::clone(&guard);
+        match read {
+            Ok(r) => next.record(at_ns, r),
+            Err(e) => next.error = Some(e),
+        }
+        *guard = Arc::new(next);
+    }
+
     /// A reading of the node's conntrack counters taken at `at_ns`.
     pub fn record_conntrack(&self, at_ns: u64, read: Result<crate::conntrack::Stats, String>) {
         let mut guard = self.conntrack.write().unwrap_or_else(|e| e.into_inner());
@@ -264,11 +285,14 @@ impl Shared {
             Ok(p) => (Some(p), None),
             Err(e) => (None, Some(e)),
         };
-        let unsupported = if pools.ebpf.is_some() {
-            Some("felix's eBPF dataplane enforces policy in its tc programs: no rule counters to read (not covered)".into())
-        } else {
-            None
-        };
+        let ebpf = pools.ebpf.as_ref().map(|_| {
+            Arc::clone(
+                &self
+                    .bpf_policy_counters
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner()),
+            )
+        });
         PolicyView {
             policies,
             policies_missing,
@@ -278,7 +302,7 @@ impl Shared {
                     .read()
                     .unwrap_or_else(|e| e.into_inner()),
             ),
-            unsupported,
+            ebpf,
         }
     }
 
