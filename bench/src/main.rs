@@ -5,6 +5,7 @@
 //! exit and on failure (the lab crate's Drop guards). Nothing asserts: targets print PASS/MISS.
 mod agent;
 mod alloc;
+mod cluster;
 mod datapath;
 mod floor;
 mod memory;
@@ -28,6 +29,7 @@ enum Section {
     Records,
     Verdict,
     Memory,
+    Cluster,
 }
 
 #[derive(Debug, Parser)]
@@ -159,11 +161,12 @@ fn run(opts: &Opts) -> Result<()> {
         }
     );
     let mut rows = Vec::new();
-    let sections: [(Section, &str, SectionFn); 4] = [
+    let sections: [(Section, &str, SectionFn); 5] = [
         (Section::Records, "2 agent throughput", records::run),
         (Section::Memory, "4 memory & query", memory::run),
         (Section::Verdict, "3 time to verdict", verdict::run),
         (Section::Datapath, "1 data-path overhead", datapath::run),
+        (Section::Cluster, "5 big cluster", cluster::run),
     ];
     for (s, name, f) in sections {
         if !wanted(s) {

@@ -89,6 +89,17 @@ fn detach_output(cmd: &mut Command, log: &Path) -> Result<(), LabError> {
         .stdout(out)
         .stderr(err)
         .process_group(0);
+    // A parent that takes SIGTERM/SIGINT with sigwait blocks them (the bench does): a mask is
+    // inherited across exec, and a daemon that never sees SIGTERM cannot shut down cleanly.
+    // SAFETY: only async-signal-safe calls between fork and exec, on a local set.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
     Ok(())
 }
 
