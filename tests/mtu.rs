@@ -1,15 +1,18 @@
-//! MTU and encapsulation on the two-node VXLAN lab: a switch port smaller than the tunnel
-//! assumes, and pods above the tunnel's MTU with the node's ICMP fragmentation-needed dropped,
-//! must each be named `mtu_mismatch` by the sending node's agent, with the MTUs on its path;
-//! with PMTU discovery working, nothing may be said. Each variant's proof (DF pings either side
-//! of the limit, a 256 KiB transfer counted by the receiving pod) is checked first, without
-//! tracer.
+//! MTU and encapsulation on the two-node VXLAN lab, in felix's iptables and nftables
+//! dataplanes: a switch port smaller than the tunnel assumes, and pods above the tunnel's MTU
+//! with the node's ICMP fragmentation-needed dropped (by iptables, or by nft on an nft-only
+//! node), must each be named `mtu_mismatch` by the sending node's agent, with the MTUs on its
+//! path, for the stalled TCP transfer and for the full-size DF pings of the proof that smaller
+//! ones outlived; with PMTU discovery working, nothing may be said, pings included. Each
+//! variant's proof (DF pings either side of the limit, a 256 KiB transfer counted by the
+//! receiving pod) is checked without tracer.
 mod common;
 
 use std::time::Duration;
 
 use common::{query, Agent, TestResult, API_PORT, READY};
 use tracer_lab::{
+    calico::Dataplane,
     scenario::{mtu::Mtu, ScenarioSpec},
     topo::Cluster,
 };
@@ -29,18 +32,90 @@ fn agents(lab: &Cluster) -> Result<Vec<Agent>, Box<dyn std::error::Error>> {
     Ok(out)
 }
 
-/// Builds the variant, drives it with the agents running, proves it without tracer, and
-/// returns node1's `mtu_mismatch` evidence (None when the variant is healthy and quiet).
-fn run(s: Mtu) -> Result<Option<tracer_model::diagnosis::MtuMismatch>, Box<dyn std::error::Error>> {
-    let lab = Cluster::build(&s.config())?;
+/// Builds the variant in `dp`, drives it with the agents running, proves it without tracer,
+/// judges the proof's pings, and returns node1's `mtu_mismatch` evidence for the transfer (None
+/// when the variant is healthy and quiet).
+fn run(
+    s: Mtu,
+    dp: Dataplane,
+) -> Result<Option<tracer_model::diagnosis::MtuMismatch>, Box<dyn std::error::Error>> {
+    let mut cfg = s.config();
+    cfg.dataplane = dp;
+    let lab = Cluster::build(&cfg)?;
     let agents = agents(&lab)?;
     let found = judged(s, &lab, &agents)?;
     // The packet-level proof, independent of tracer: DF pings either side of the limit and a
     // transfer counted by the receiving pod.
     for line in s.evidence(&lab)? {
-        eprintln!("{}: {line}", s.name());
+        eprintln!("{} ({dp}): {line}", s.name());
     }
+    pings_judged(s, &lab, &agents)?;
     Ok(found)
+}
+
+/// The proof's full-size `ping -M do` after smaller ones were answered: `mtu_mismatch` where
+/// the path is too small (node to node and pod to pod in `mtu-underlay`, pod to pod in
+/// `mtu-blackhole`); in `mtu-pmtud` the node's ICMP answered the pod's, and nothing is said.
+fn pings_judged(s: Mtu, lab: &Cluster, agents: &[Agent]) -> TestResult {
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let a = lab.first_pod_on(0)?;
+    let b = lab.first_pod_on(1)?;
+    let q = query("proto=icmp&cause=mtu_mismatch")?;
+    let ping = |src: std::net::IpAddr, dst: std::net::IpAddr| {
+        agents[0].wait_flow(&n1.netns, &q, Duration::from_secs(10), |f| {
+            f.src == src && f.dst == dst
+        })
+    };
+    let evidence = |f: &tracer_model::FlowView| match f.diagnosis.as_ref().map(|d| &d.evidence) {
+        Some(Evidence::MtuMismatch(e)) => Ok(e.clone()),
+        other => Err(format!("{}: evidence {other:?}", s.name())),
+    };
+    match s {
+        Mtu::Underlay => {
+            let f = ping(n1.ip.into(), n2.ip.into())?;
+            let e = evidence(&f)?;
+            eprintln!(
+                "{}: node ping: {}",
+                s.name(),
+                f.diagnosis.as_ref().map_or("", |d| d.summary.as_str())
+            );
+            // 1500 bytes, full size for eth0, after 1400 bytes were answered; outside the tunnel.
+            assert_eq!(e.segment_bytes, 1500, "{e:?}");
+            assert_eq!(mtu_of(&e, Role::Host), vec![("eth0".into(), 1500)], "{e:?}");
+            assert!(e.tunnel.is_none() && e.icmp_too_big.is_empty(), "{e:?}");
+            let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+            assert!(
+                d.summary.starts_with("Requests of 1400 bytes"),
+                "{}",
+                d.summary
+            );
+            assert!(d.fix.contains("vxlan.calico adds 50 bytes"), "{}", d.fix);
+            let e = evidence(&ping(a.ip().into(), b.ip().into())?)?;
+            assert_eq!(e.segment_bytes, 1450, "{e:?}");
+            assert_eq!(e.tunnel.as_ref().map(|t| t.overhead), Some(50), "{e:?}");
+        }
+        Mtu::Blackhole => {
+            let e = evidence(&ping(a.ip().into(), b.ip().into())?)?;
+            assert_eq!(e.segment_bytes, 1500, "{e:?}");
+            assert!(
+                e.pkt_too_big_drops > 0 && e.icmp_too_big.is_empty(),
+                "{e:?}"
+            );
+        }
+        Mtu::Pmtud => {
+            std::thread::sleep(Duration::from_secs(3));
+            for (i, a) in agents.iter().enumerate() {
+                let d = a.diagnoses(&lab.nodes[i].netns)?;
+                assert!(
+                    d.causes.is_empty(),
+                    "{} {} after the pings: {d:?}",
+                    s.name(),
+                    lab.nodes[i].name
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn judged(
@@ -120,7 +195,16 @@ fn mtu_of(e: &tracer_model::diagnosis::MtuMismatch, role: Role) -> Vec<(String, 
 
 #[test]
 fn underlay_smaller_than_the_tunnel_assumes() -> TestResult {
-    let e = run(Mtu::Underlay)?.ok_or("no evidence")?;
+    underlay(Dataplane::Iptables)
+}
+
+#[test]
+fn underlay_smaller_than_the_tunnel_assumes_nftables() -> TestResult {
+    underlay(Dataplane::Nftables)
+}
+
+fn underlay(dp: Dataplane) -> TestResult {
+    let e = run(Mtu::Underlay, dp)?.ok_or("no evidence")?;
     // Every MTU on node1's path, read from the node: pod veth 1450 = vxlan.calico 1450, NIC 1500.
     assert!(
         mtu_of(&e, Role::Workload).iter().all(|(_, m)| *m == 1450),
@@ -150,7 +234,17 @@ fn underlay_smaller_than_the_tunnel_assumes() -> TestResult {
 
 #[test]
 fn pod_mtu_above_the_tunnel_with_icmp_dropped() -> TestResult {
-    let e = run(Mtu::Blackhole)?.ok_or("no evidence")?;
+    blackhole(Dataplane::Iptables)
+}
+
+/// The host firewall written with nft: an nft-only node.
+#[test]
+fn pod_mtu_above_the_tunnel_with_icmp_dropped_nftables() -> TestResult {
+    blackhole(Dataplane::Nftables)
+}
+
+fn blackhole(dp: Dataplane) -> TestResult {
+    let e = run(Mtu::Blackhole, dp)?.ok_or("no evidence")?;
     assert!(
         mtu_of(&e, Role::Workload).iter().all(|(_, m)| *m == 1500),
         "{e:?}"
@@ -170,6 +264,12 @@ fn pod_mtu_above_the_tunnel_with_icmp_dropped() -> TestResult {
 
 #[test]
 fn working_pmtu_discovery_is_not_a_fault() -> TestResult {
-    assert!(run(Mtu::Pmtud)?.is_none());
+    assert!(run(Mtu::Pmtud, Dataplane::Iptables)?.is_none());
+    Ok(())
+}
+
+#[test]
+fn working_pmtu_discovery_is_not_a_fault_nftables() -> TestResult {
+    assert!(run(Mtu::Pmtud, Dataplane::Nftables)?.is_none());
     Ok(())
 }
