@@ -273,3 +273,128 @@ fn working_pmtu_discovery_is_not_a_fault_nftables() -> TestResult {
     assert!(run(Mtu::Pmtud, Dataplane::Nftables)?.is_none());
     Ok(())
 }
+
+/// IPv6, the smallest honest setup (the lab has no IPv6): a sender, a router whose link on to
+/// the receiver carries only 1400 bytes, and the receiver, in three namespaces. The router
+/// answers the sender's full-size segments with ICMPv6 "packet too big" (MTU 1400); the
+/// sender's host firewall (nft, its input hook) drops them after tracer's tc hook saw them, so
+/// its TCP never learns and the transfer stalls: `mtu_mismatch` on the sender's agent, naming
+/// the packet-too-big with its sender, interface and path MTU.
+#[test]
+fn ipv6_packet_too_big_names_the_router_and_the_path_mtu() -> TestResult {
+    use std::net::{IpAddr, SocketAddr};
+    use tracer_lab::{netns::Netns, traffic};
+
+    const SENDER: &str = "fd00:a::1";
+    const ROUTER: &str = "fd00:a::2";
+    const RECEIVER: &str = "fd00:b::1";
+    let p = tracer_lab::netns::unique_prefix();
+    let a = Netns::create(&format!("{p}-v6a"))?;
+    let r = Netns::create(&format!("{p}-v6r"))?;
+    let b = Netns::create(&format!("{p}-v6b"))?;
+    for ns in [&a, &r, &b] {
+        ns.sysctl("net/ipv6/conf/all/disable_ipv6", "0")?;
+        ns.sysctl("net/ipv6/conf/default/disable_ipv6", "0")?;
+        // No duplicate address detection: link-local addresses usable at once for ND.
+        ns.sysctl("net/ipv6/conf/all/accept_dad", "0")?;
+        ns.sysctl("net/ipv6/conf/default/accept_dad", "0")?;
+    }
+    a.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ra",
+        "netns",
+        r.name(),
+    ])?;
+    b.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "rb",
+        "netns",
+        r.name(),
+    ])?;
+    // The router's port towards the receiver carries 1400 bytes; every other MTU is 1500.
+    r.ip(&["link", "set", "rb", "mtu", "1400"])?;
+    r.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+    for (ns, dev, addr) in [
+        (&a, "eth0", "fd00:a::1/64"),
+        (&r, "ra", "fd00:a::2/64"),
+        (&r, "rb", "fd00:b::2/64"),
+        (&b, "eth0", "fd00:b::1/64"),
+    ] {
+        ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"])?;
+        ns.ip(&["link", "set", dev, "up"])?;
+    }
+    a.ip(&["-6", "route", "add", "default", "via", ROUTER])?;
+    b.ip(&["-6", "route", "add", "default", "via", "fd00:b::2"])?;
+    a.exec_with_stdin(
+        &["nft", "-f", "-"],
+        "table ip6 host-firewall {\n\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n\t\ticmpv6 type packet-too-big counter drop\n\t}\n}\n",
+    )?;
+
+    let mut agent = common::start_on(
+        &a,
+        &format!("0.0.0.0:{API_PORT}"),
+        &["--no-reply-timeout", "2s", "--insecure"],
+    )?;
+    agent.wait_ready(&a, READY)?;
+
+    // The proof without tracer: a 1400-byte DF ping passes, the transfer stalls, and the
+    // sender's firewall counted the router's packet-too-big.
+    let ping = a
+        .command("ping")
+        .args([
+            "-6", "-n", "-M", "do", "-c", "3", "-i", "0.3", "-W", "2", "-s", "1352", RECEIVER,
+        ])
+        .output()?;
+    assert!(ping.status.success(), "{ping:?}");
+    let sink = traffic::TcpSink::start(&b, SocketAddr::new(RECEIVER.parse()?, 9090))?;
+    let got = traffic::tcp_bulk(&a, &sink, 256 * 1024, Duration::from_secs(4))?;
+    assert!(got < 256 * 1024, "the transfer went through: {got} bytes");
+    let fw = a.exec(&["nft", "list", "table", "ip6", "host-firewall"])?;
+    assert!(!fw.contains("counter packets 0 "), "{fw}");
+    eprintln!(
+        "ipv6: {got} of 256 KiB delivered; sender's firewall: {}",
+        fw.lines()
+            .find(|l| l.contains("counter"))
+            .unwrap_or("")
+            .trim()
+    );
+
+    let f = agent.wait_flow(
+        &a,
+        &query("cause=mtu_mismatch&proto=tcp")?,
+        Duration::from_secs(10),
+        |f| f.dst == RECEIVER.parse::<IpAddr>().unwrap_or(f.dst),
+    )?;
+    let d = f.diagnosis.as_ref().ok_or("no diagnosis")?;
+    eprintln!("ipv6: {}", d.summary);
+    let Evidence::MtuMismatch(e) = &d.evidence else {
+        return Err(format!("evidence {:?}", d.evidence).into());
+    };
+    assert_eq!(e.icmp_too_big.len(), 1, "{e:?}");
+    let t = &e.icmp_too_big[0];
+    assert_eq!(
+        (t.from, t.to, t.iface.as_str(), t.path_mtu),
+        (ROUTER.parse()?, SENDER.parse()?, "eth0", 1400),
+        "{e:?}"
+    );
+    assert_eq!(
+        mtu_of(&e.clone(), Role::Host),
+        vec![("eth0".into(), 1500)],
+        "{e:?}"
+    );
+    assert!(e.segment_bytes > 1400, "{e:?}");
+    assert!(d.fix.contains("Set Calico's MTU to 1400."), "{}", d.fix);
+    Ok(())
+}
