@@ -16,7 +16,14 @@
 //! written with the node's own tool: iptables in the iptables dataplane, an nft table
 //! (`table ip host-firewall`) on an nft-only node. The variants run in both dataplanes.
 //! Every variant's proof is `ping -M do` at sizes either side of the limit and a 256 KiB
-//! transfer whose delivered bytes the receiving pod counts.
+//! transfer whose delivered bytes the receiving pod counts. The proof's pings are traffic
+//! tracer judges too: in `mtu-underlay` the full-size node-to-node (1500) and pod-to-pod (1450)
+//! pings, unanswered after smaller ones were, are `mtu_mismatch`; in `mtu-blackhole` the pod's
+//! 1500-byte ping is; in `mtu-pmtud` the node's fragmentation-needed reaches the pod, which
+//! answers its big ping: nothing is said.
+//!
+//! IPv6 is not modelled here (the lab has no IPv6): tests/mtu.rs builds a packet-too-big in
+//! three namespaces of its own.
 
 use std::net::SocketAddr;
 use std::time::Duration;

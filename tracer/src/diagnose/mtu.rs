@@ -148,6 +148,12 @@ fn unanswered_request(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option
     }
     let hop = flow.request_hop()?;
     let (bytes, len, link) = request_size(flow, cx)?;
+    // UDP: the same service (a port that answers); ICMP echo: any.
+    let dport = if flow.proto == PROTO_UDP {
+        flow.dport
+    } else {
+        0
+    };
     let sized_for = link.mtu?;
     if bytes + REQUEST_SLACK < sized_for {
         return None;
@@ -159,6 +165,7 @@ fn unanswered_request(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option
             a.proto == flow.proto
                 && a.src == flow.src
                 && a.dst == flow.dst
+                && a.dport == dport
                 && a.ifindex == hop.ifindex()
                 && a.len < len
         })
@@ -793,5 +800,50 @@ mod tests {
             "no smaller request on the same path was seen answered on this node"
         );
         assert!(d.fix.contains("Set Calico's MTU to 1350."), "{}", d.fix);
+    }
+
+    /// UDP: a full-size datagram to a port that answered a smaller one is `mtu_mismatch`; to
+    /// another port (one-way by design, say syslog) it is nothing at all.
+    #[test]
+    fn udp_requests_are_judged_against_the_same_port() {
+        let f = node(1500, 1450, 1500);
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        let udp = |sport: u16, dport: u16, reply: bool| {
+            let mut u = crate::testutil::tcp(NODE, sport, OTHER, dport, 0, 0, 0);
+            u.proto = 17;
+            if reply {
+                (u.src, u.dst, u.sport, u.dport) = (u.dst, u.src, u.dport, u.sport);
+            }
+            u
+        };
+        for (big_port, cause) in [(53, Some(Cause::MtuMismatch)), (514, None)] {
+            let mut t = FlowTable::new(10);
+            let mut send = |ts: u64, p: crate::events::Packet, ifx: u32, dir: Dir, bytes: u32| {
+                let mut o = obs(ts, ifx, dir, p);
+                (o.len, o.bytes) = (bytes + 14, u64::from(bytes + 14));
+                t.ingest(&o, &lookup2);
+            };
+            send(1_000, udp(40001, 53, false), 2, Dir::Egress, 200);
+            send(2_000, udp(40001, 53, true), 2, Dir::Ingress, 600);
+            send(3_000, udp(40002, big_port, false), 2, Dir::Egress, 1490);
+            send(1_003_000, udp(40002, big_port, false), 2, Dir::Egress, 1490);
+            let c = Context {
+                answered: t.answered(),
+                ..cx(&p, &f, 10_000_000_000)
+            };
+            let flow = t
+                .iter_newest()
+                .find(|f| f.sport == 40002)
+                .unwrap_or_else(|| unreachable!());
+            let j = judge(flow, &c);
+            assert_eq!(j.diagnosis.as_ref().map(|d| d.cause), cause, "{j:?}");
+            if let Some(d) = j.diagnosis {
+                assert!(
+                    d.summary.contains("UDP request (1490 bytes"),
+                    "{}",
+                    d.summary
+                );
+            }
+        }
     }
 }

@@ -190,14 +190,16 @@ pub struct FlowTable {
     answered: Vec<Answered>,
 }
 
-/// ICMP echo or UDP requests from `src` to `dst` that got a reply: the largest, as first seen
-/// on this node (at `ifindex`, `len` bytes as the hook saw them, link header included).
+/// ICMP echo or UDP requests from `src` to `dst` (UDP: to port `dport`, else 0) that got a
+/// reply: the largest, as first seen on this node (at `ifindex`, `len` bytes as the hook saw
+/// them, link header included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answered {
     pub last_ns: u64,
     pub proto: u8,
     pub src: IpAddr,
     pub dst: IpAddr,
+    pub dport: u16,
     pub ifindex: u32,
     pub len: u32,
 }
@@ -362,12 +364,11 @@ impl FlowTable {
             return;
         };
         let (proto, src, dst, ifindex) = (f.proto, f.src, f.dst, h.ifindex());
+        let dport = if proto == PROTO_UDP { f.dport } else { 0 };
         let len = h.bytes_per_packet();
-        if let Some(a) = self
-            .answered
-            .iter_mut()
-            .find(|a| a.proto == proto && a.src == src && a.dst == dst && a.ifindex == ifindex)
-        {
+        if let Some(a) = self.answered.iter_mut().find(|a| {
+            (a.proto, a.src, a.dst, a.dport, a.ifindex) == (proto, src, dst, dport, ifindex)
+        }) {
             a.len = a.len.max(len);
             a.last_ns = ts_ns;
             return;
@@ -380,6 +381,7 @@ impl FlowTable {
             proto,
             src,
             dst,
+            dport,
             ifindex,
             len,
         });
