@@ -488,3 +488,101 @@ fn request_response_turns_are_reported() -> R {
     assert!(run(&mut hooks, &mut ring, false, &seg(false, 5300, 1300))?.is_empty());
     Ok(())
 }
+
+/// ICMP too-big messages as routers send them, byte for byte: ICMPv4 "fragmentation needed"
+/// (type 3 code 4, next-hop MTU in bytes 6-7) and ICMPv6 "packet too big" (type 2, MTU in bytes
+/// 4-7), each quoting the start of the packet it refused. Through the kernel program and the
+/// flow table, each is a too-big message from the router to the sender with the MTU it said.
+#[test]
+fn too_big_messages_carry_their_mtu_through_to_the_flow_table() -> R {
+    use tracer::flows::{FlowTable, Iface};
+    let (mut hooks, mut ring, _counters) = Hooks::load(1_000_000_000)?;
+    hooks.set_test_l3(false);
+    let eth0 = |i: u32| Iface::new("eth0", i, None);
+
+    // IPv4: 10.0.0.254 tells 10.0.0.1 that the next hop carries 1400 bytes.
+    let quoted4 = ip_packet(
+        ip("10.0.0.1"),
+        ip("10.9.0.2"),
+        1,
+        tcp(40000, 80, 0x10, 1, 0),
+    );
+    let mut icmp4 = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
+    icmp4.extend_from_slice(&quoted4[..28]);
+    let sum = inet_checksum(&icmp4, &[]);
+    icmp4[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut frame4 = ip_packet(
+        ip("10.0.0.254"),
+        ip("10.0.0.1"),
+        2,
+        L4::Udp {
+            sport: 0,
+            dport: 0,
+            payload: 0,
+        },
+    );
+    frame4.truncate(20);
+    frame4[9] = 1; // ICMP
+    frame4[2..4].copy_from_slice(&((20 + icmp4.len()) as u16).to_be_bytes());
+    frame4.extend_from_slice(&icmp4);
+    frame4[10..12].copy_from_slice(&[0, 0]);
+    let hsum = inet_checksum(&frame4[..20], &[]);
+    frame4[10..12].copy_from_slice(&hsum.to_be_bytes());
+
+    // IPv6: fd00:a::2 tells fd00:a::1 that the path carries 1400 bytes.
+    let (src6, dst6): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        ("fd00:a::2".parse()?, "fd00:a::1".parse()?);
+    let quoted6 = ip_packet(
+        ip("fd00:a::1"),
+        ip("fd00:b::1"),
+        0,
+        tcp(40000, 80, 0x10, 1, 1428),
+    );
+    let mut icmp6 = vec![2, 0, 0, 0, 0, 0, 0x05, 0x78];
+    icmp6.extend_from_slice(&quoted6[..1232]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src6.octets());
+    pseudo.extend_from_slice(&dst6.octets());
+    pseudo.extend_from_slice(&(icmp6.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    let sum = inet_checksum(&pseudo, &icmp6);
+    icmp6[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut frame6 = vec![0x60, 0, 0, 0];
+    frame6.extend_from_slice(&(icmp6.len() as u16).to_be_bytes());
+    frame6.extend_from_slice(&[58, 64]);
+    frame6.extend_from_slice(&src6.octets());
+    frame6.extend_from_slice(&dst6.octets());
+    frame6.extend_from_slice(&icmp6);
+
+    for (frame, from, to, proto, dport) in [
+        (frame4, "10.0.0.254", "10.0.0.1", 1, 0x0304),
+        (frame6, "fd00:a::2", "fd00:a::1", 58, 0x0200),
+    ] {
+        let o = run(&mut hooks, &mut ring, false, &ether(&frame))?;
+        assert_eq!(o.len(), 1, "{from}");
+        let p = o[0].packet();
+        assert_eq!(
+            (p.src, p.dst, p.proto, p.dport),
+            (ip(from), ip(to), proto, dport)
+        );
+        let mut t = FlowTable::new(10);
+        t.ingest(&o[0], &eth0);
+        let tb = t.too_big();
+        assert_eq!(tb.len(), 1, "{from}: {tb:?}");
+        assert_eq!((tb[0].from, tb[0].to, tb[0].mtu), (ip(from), ip(to), 1400));
+    }
+    Ok(())
+}
+
+/// The Internet checksum (RFC 1071) over `a` then `b`.
+fn inet_checksum(a: &[u8], b: &[u8]) -> u16 {
+    let bytes: Vec<u8> = a.iter().chain(b).copied().collect();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -4,7 +4,7 @@ mod cluster;
 
 pub use cluster::{
     Cluster, ClusterConfig, ClusterNode, ClusterPod, Datastore, ExtraBridge, ExtraNic, MtuConfig,
-    NodeConfig, PodConfig, Routing,
+    NodeConfig, PodConfig, Routing, HOST_FIREWALL_TABLE,
 };
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

@@ -12,10 +12,18 @@
 //! - `mtu-pmtud`: the same pods at 1500 without the firewall rule: the node's ICMP reaches the
 //!   pod, which lowers its path MTU and the transfer completes. The healthy control.
 //!
-//! MTU faults do not depend on felix's dataplane (iptables or nftables rules play no part in
-//! them; the firewall rule is the host's own), so the variants run on the default dataplane.
+//! felix's rules play no part in MTU faults, but the host firewall rule of `mtu-blackhole` is
+//! written with the node's own tool: iptables in the iptables dataplane, an nft table
+//! (`table ip host-firewall`) on an nft-only node. The variants run in both dataplanes.
 //! Every variant's proof is `ping -M do` at sizes either side of the limit and a 256 KiB
-//! transfer whose delivered bytes the receiving pod counts.
+//! transfer whose delivered bytes the receiving pod counts. The proof's pings are traffic
+//! tracer judges too: in `mtu-underlay` the full-size node-to-node (1500) and pod-to-pod (1450)
+//! pings, unanswered after smaller ones were, are `mtu_mismatch`; in `mtu-blackhole` the pod's
+//! 1500-byte ping is; in `mtu-pmtud` the node's fragmentation-needed reaches the pod, which
+//! answers its big ping: nothing is said.
+//!
+//! IPv6 is not modelled here (the lab has no IPv6): tests/mtu.rs builds a packet-too-big in
+//! three namespaces of its own.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,9 +32,9 @@ use tracer_model::{Cause, Verdict};
 
 use super::common::{check, cross_pair, run_probes, Attempt, Probe, TrafficReport, WORKING};
 use super::ScenarioSpec;
-use crate::calico::VXLAN_MTU;
+use crate::calico::{nft_counted_packets, Dataplane, VXLAN_MTU};
 use crate::netns::Netns;
-use crate::topo::{Cluster, ClusterConfig, MtuConfig};
+use crate::topo::{Cluster, ClusterConfig, MtuConfig, HOST_FIREWALL_TABLE};
 use crate::traffic::{self, ProbeOutcome, TcpSink};
 use crate::LabError;
 
@@ -201,13 +209,13 @@ impl ScenarioSpec for Mtu {
                 ));
             }
             Mtu::Blackhole => {
-                let counted = frag_needed_drops(&n1.netns)?;
+                let counted = frag_needed_drops(&n1.netns, lab.config.dataplane)?;
                 check(counted > 0, || {
                     format!("{}'s firewall dropped no fragmentation-needed", n1.name)
                 })?;
                 ev.push(format!(
-                    "{} OUTPUT: {counted} ICMP fragmentation-needed dropped (never reached the pod)",
-                    n1.name
+                    "{} OUTPUT ({}): {counted} ICMP fragmentation-needed dropped (never reached the pod)",
+                    n1.name, lab.config.dataplane
                 ));
             }
             Mtu::Pmtud => {
@@ -292,8 +300,23 @@ fn ping_df(ns: &Netns, dst: &str, size: u32) -> Result<Ping, LabError> {
     })
 }
 
-/// Packets the host firewall's fragmentation-needed DROP rule in OUTPUT has counted.
-fn frag_needed_drops(ns: &Netns) -> Result<u64, LabError> {
+/// Packets the host firewall's fragmentation-needed DROP rule in OUTPUT has counted, read with
+/// the tool that wrote it.
+fn frag_needed_drops(ns: &Netns, dp: Dataplane) -> Result<u64, LabError> {
+    if dp == Dataplane::Nftables {
+        let out = ns.exec(&[
+            "nft",
+            "-j",
+            "list",
+            "chain",
+            "ip",
+            HOST_FIREWALL_TABLE,
+            "output",
+        ])?;
+        let json: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| LabError::Unexpected(format!("nft -j output: {e}")))?;
+        return Ok(nft_counted_packets(&json, |x| x.get("drop").is_some()));
+    }
     let out = ns.exec(&["iptables", "-w", "-L", "OUTPUT", "-v", "-x", "-n"])?;
     Ok(out
         .lines()

@@ -750,21 +750,10 @@ impl Build<'_> {
             }
             if cfg.mtu.drop_frag_needed_on == Some(i) {
                 progress(&format!(
-                    "{}: host firewall drops ICMP fragmentation-needed",
-                    n.name
+                    "{}: host firewall ({}) drops ICMP fragmentation-needed",
+                    n.name, cfg.dataplane
                 ));
-                node.exec(&[
-                    "iptables",
-                    "-w",
-                    "-I",
-                    "OUTPUT",
-                    "-p",
-                    "icmp",
-                    "--icmp-type",
-                    "fragmentation-needed",
-                    "-j",
-                    "DROP",
-                ])?;
+                drop_frag_needed(node, cfg.dataplane)?;
             }
             if let (Some(x), Some(c)) = (&n.extra_nic, &p.extra_nic) {
                 extra_lans += 1;
@@ -1088,3 +1077,36 @@ impl Build<'_> {
             .collect()
     }
 }
+
+/// The host's own firewall rule dropping the ICMP fragmentation-needed the node sends (its
+/// OUTPUT hook), written with the tool the node's dataplane uses: an nft-only node has no
+/// iptables. The nft rule sits in its own table ([`HOST_FIREWALL_TABLE`]), not felix's.
+fn drop_frag_needed(node: &Netns, dp: Dataplane) -> Result<(), LabError> {
+    match dp {
+        Dataplane::Iptables => node
+            .exec(&[
+                "iptables",
+                "-w",
+                "-I",
+                "OUTPUT",
+                "-p",
+                "icmp",
+                "--icmp-type",
+                "fragmentation-needed",
+                "-j",
+                "DROP",
+            ])
+            .map(drop),
+        Dataplane::Nftables => node
+            .exec_with_stdin(
+                &["nft", "-f", "-"],
+                &format!(
+                    "table ip {HOST_FIREWALL_TABLE} {{\n\tchain output {{\n\t\ttype filter hook output priority filter; policy accept;\n\t\ticmp type destination-unreachable icmp code frag-needed counter drop\n\t}}\n}}\n"
+                ),
+            )
+            .map(drop),
+    }
+}
+
+/// The nft table holding the host firewall's rule in nftables mode.
+pub const HOST_FIREWALL_TABLE: &str = "host-firewall";

@@ -129,6 +129,7 @@ pub fn cx<'a>(pools: &'a Pools, facts: &'a NodeFacts, now: u64) -> Context<'a> {
         symbols: &SYMBOLS,
         gaps: &NO_GAPS,
         too_big: &[],
+        answered: &[],
         policy: &NO_POLICY,
         conntrack: &NO_CONNTRACK,
     }

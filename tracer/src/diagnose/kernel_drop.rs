@@ -18,7 +18,11 @@ pub fn significant_drops<'f>(flow: &'f Flow, cx: &Context<'_>) -> Vec<&'f DropRe
             let name = cx.reasons.name(d.reason);
             // A segment too big for the next hop, dropped while ICMP told the sender: PMTU
             // discovery at work. It only matters when the flow then stays stuck (`mtu_mismatch`).
-            if name == "PKT_TOO_BIG" && flow.proto == PROTO_TCP && !super::mtu::stuck(flow) {
+            // An ICMP echo or UDP request refused so (the sender told) is answered, not lost.
+            if name == "PKT_TOO_BIG"
+                && ((flow.proto == PROTO_TCP && !super::mtu::stuck(flow))
+                    || super::mtu::refused_as_too_big(flow, cx))
+            {
                 return false;
             }
             let no_socket = name == "NO_SOCKET";

@@ -18,7 +18,7 @@ use crate::{
     events::Dir,
     felix_bpf,
     felix_policy::PolicyView,
-    flows::{DropRecord, Flow, Gaps, HopView, Side, TooBig},
+    flows::{Answered, DropRecord, Flow, Gaps, HopView, Side, TooBig},
     kernel_names::{DropReasons, Symbols},
     net::{proto_name, Cidr},
     netlink::{NodeFacts, Route as KernelRoute},
@@ -101,6 +101,8 @@ pub struct Context<'a> {
     pub gaps: &'a Gaps,
     /// The latest ICMP too-big messages seen on the node.
     pub too_big: &'a [TooBig],
+    /// The largest answered ICMP echo / UDP request per path (`mtu_mismatch` for requests).
+    pub answered: &'a [Answered],
     /// Calico's policies and felix's rule counters (`denied_by_policy`).
     pub policy: &'a PolicyView,
     /// The node's conntrack counters as read so far (`snat_port_exhaustion`).
@@ -215,9 +217,11 @@ pub fn judge(flow: &Flow, cx: &Context<'_>) -> Judgement {
         verdicts.push(Verdict::Encapsulated);
     }
     let seen_until = cx.evidence_now_ns();
+    // A request refused as too big, the sender told (PMTU discovery), was answered by the ICMP.
     let unanswered = flow.first_reply_ns().is_none()
         && flow.expects_reply
-        && seen_until.saturating_sub(flow.first_ns) >= cx.rules.no_reply_after_ns;
+        && seen_until.saturating_sub(flow.first_ns) >= cx.rules.no_reply_after_ns
+        && !mtu::refused_as_too_big(flow, cx);
     // The flow's records, and a reply owed within the timeout, fall in this span.
     let reply_due = flow
         .first_ns

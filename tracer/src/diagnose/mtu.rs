@@ -1,7 +1,9 @@
 //! `mtu_mismatch`: a TCP flow whose handshake and small packets got through while a full-size
-//! segment was sent again and again with no ACK past it. The packets are the symptom; the node's
-//! MTUs (pod veth, tunnel, parent NIC, read over netlink), ICMP too-big messages and
-//! `PKT_TOO_BIG` drops say where it stops. Without the packet symptom there is no diagnosis.
+//! segment was sent again and again with no ACK past it; or a full-size ICMP echo / UDP request
+//! left unanswered while smaller ones on the same path were answered (or a too-big message for
+//! its addresses was seen). The packets are the symptom; the node's MTUs (pod veth, tunnel,
+//! parent NIC, read over netlink), ICMP fragmentation-needed / ICMPv6 packet-too-big messages
+//! and `PKT_TOO_BIG` drops say where it stops. Without the packet symptom there is no diagnosis.
 use std::net::IpAddr;
 
 use tracer_model::{
@@ -12,8 +14,8 @@ use tracer_model::{
 use super::{model_side, ms, Context, Findings};
 use crate::{
     calico::Role,
-    flows::{Flow, Stall},
-    net::PROTO_TCP,
+    flows::{Flow, Side},
+    net::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP},
     netlink::Link,
 };
 
@@ -23,6 +25,12 @@ const STUCK_AFTER: u32 = 2;
 /// TCP options (timestamps, SACK) make a full-size segment's payload up to this much smaller
 /// than the MTU minus the bare IP and TCP headers.
 const OPTIONS_SLACK: u32 = 40;
+
+/// A request is full size when it is at most this much below its interface's MTU (`ping -M do
+/// -s 1472` sends exactly 1500; a UDP application may leave a little room).
+const REQUEST_SLACK: u32 = 28;
+/// An Ethernet header: what a hook on an Ethernet device counts beyond the IP packet.
+const ETH_HLEN: u32 = 14;
 
 /// Bytes a tunnel device's header adds to every packet: felix's own overheads
 /// (`felix/dataplane/linux/int_dataplane.go`). VXLAN over IPv4: outer IPv4 20 + UDP 8 + VXLAN 8
@@ -44,40 +52,163 @@ pub fn stuck(flow: &Flow) -> bool {
 }
 
 pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagnosis> {
-    // A lost record may be the ACK that moved the flow on.
-    if f.lost_records > 0 || flow.proto != PROTO_TCP || flow.first_reply_ns().is_none() {
+    // A lost record may be the ACK or the reply that moved the flow on.
+    if f.lost_records > 0 {
         return None;
     }
+    let s = if flow.proto == PROTO_TCP {
+        stuck_segment(flow, cx)?
+    } else {
+        unanswered_request(flow, cx, f)?
+    };
+    judge_size(flow, cx, &s)
+}
+
+/// What the packets show: a full-size packet that did not get through.
+struct Symptom {
+    /// Its IP size.
+    bytes: u32,
+    /// The MTU of the interface it was seen on (or the largest on the path).
+    sized_for: u32,
+    seen_at: String,
+    /// TCP: times the segment was sent again; a request: times it was sent.
+    times: u32,
+    side: Side,
+    until_ns: u64,
+    /// A request: the largest smaller request on the same path that was answered (IP bytes).
+    answered: Option<u32>,
+}
+
+/// A TCP segment sent again and again with no ACK past it, after the handshake worked.
+fn stuck_segment(flow: &Flow, cx: &Context<'_>) -> Option<Symptom> {
+    flow.first_reply_ns()?;
     let stall = flow
         .stalls()
         .filter(|s| s.retransmits >= STUCK_AFTER)
         .max_by_key(|s| s.payload_len)?;
     let headers = if flow.src.is_ipv4() { 40 } else { 60 };
-    let segment = u32::from(stall.payload_len) + headers;
-
+    let bytes = u32::from(stall.payload_len) + headers;
     let mtus = path_mtus(flow, cx);
-    let mtu_of = |name: &str| mtus.iter().find(|m| m.iface == name).map(|m| m.mtu);
     let seen_at = cx.facts.name_of(stall.ifindex);
     // Full-size: as large as the interface it was seen on lets a segment be (the sender sized it
     // so). Without that MTU, as large as the largest on the path.
-    let sized_for = mtu_of(&seen_at).or_else(|| mtus.iter().map(|m| m.mtu).max())?;
-    if segment + OPTIONS_SLACK < sized_for {
+    let sized_for = mtus
+        .iter()
+        .find(|m| m.iface == seen_at)
+        .map(|m| m.mtu)
+        .or_else(|| mtus.iter().map(|m| m.mtu).max())?;
+    Some(Symptom {
+        bytes,
+        sized_for,
+        seen_at,
+        times: stall.retransmits,
+        side: stall.side,
+        until_ns: stall.last_ns,
+        answered: None,
+    })
+}
+
+/// The IP size of a flow's requests where first seen on this node, and that interface's link.
+fn request_size<'a>(flow: &Flow, cx: &'a Context<'_>) -> Option<(u32, u32, &'a Link)> {
+    let hop = flow.request_hop()?;
+    let link = cx.facts.link(hop.ifindex())?;
+    let l2 = if link.l3 { 0 } else { ETH_HLEN };
+    let len = hop.bytes_per_packet();
+    Some((len.saturating_sub(l2), len, link))
+}
+
+/// An ICMP echo or UDP request without reply whose sender was told it is too big (a too-big
+/// message to its address after it was sent, announcing less than its size): PMTU discovery
+/// answered it. The sender knows; nothing is lost on the way.
+pub fn refused_as_too_big(flow: &Flow, cx: &Context<'_>) -> bool {
+    if flow.proto == PROTO_TCP || flow.first_reply_ns().is_some() {
+        return false;
+    }
+    let Some((bytes, _, _)) = request_size(flow, cx) else {
+        return false;
+    };
+    cx.too_big
+        .iter()
+        .any(|t| t.to == flow.src && t.last_ns >= flow.first_ns && t.mtu > 0 && t.mtu < bytes)
+}
+
+/// A full-size ICMP echo or UDP request left unanswered while a smaller one on the same path was
+/// answered, or a too-big message for its addresses was seen. Alone (no smaller request
+/// answered, no too-big message), an unanswered big request says nothing about MTU.
+fn unanswered_request(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Symptom> {
+    let unanswered = if flow.proto == PROTO_UDP {
+        // UDP owes no reply; a request to a port that answered smaller ones is owed one.
+        flow.first_reply_ns().is_none()
+            && cx.evidence_now_ns().saturating_sub(flow.last_ns) >= cx.rules.no_reply_after_ns
+    } else {
+        f.no_reply && matches!(flow.proto, PROTO_ICMP | PROTO_ICMPV6)
+    };
+    if !unanswered {
         return None;
     }
+    let hop = flow.request_hop()?;
+    let (bytes, len, link) = request_size(flow, cx)?;
+    // UDP: the same service (a port that answers); ICMP echo: any.
+    let dport = if flow.proto == PROTO_UDP {
+        flow.dport
+    } else {
+        0
+    };
+    let sized_for = link.mtu?;
+    if bytes + REQUEST_SLACK < sized_for {
+        return None;
+    }
+    let answered = cx
+        .answered
+        .iter()
+        .filter(|a| {
+            a.proto == flow.proto
+                && a.src == flow.src
+                && a.dst == flow.dst
+                && a.dport == dport
+                && a.ifindex == hop.ifindex()
+                && a.len < len
+        })
+        .map(|a| a.len.saturating_sub(len - bytes))
+        .max();
+    if answered.is_none() && too_big_for(flow, cx, bytes, flow.last_ns).is_empty() {
+        return None;
+    }
+    Some(Symptom {
+        bytes,
+        sized_for,
+        seen_at: link.name.clone(),
+        times: u32::try_from(hop.pkts()).unwrap_or(u32::MAX),
+        side: Side::Forward,
+        until_ns: flow.last_ns,
+        answered,
+    })
+}
 
+fn judge_size(flow: &Flow, cx: &Context<'_>, s: &Symptom) -> Option<Diagnosis> {
+    let segment = s.bytes;
+    if segment + OPTIONS_SLACK < s.sized_for {
+        return None;
+    }
+    let mtus = path_mtus(flow, cx);
     let tunnel = mtus
         .iter()
         .find(|m| m.role == Role::Tunnel)
         .and_then(|m| Some((m, tunnel_overhead(&m.iface)?)));
-    let too_big = too_big_for(flow, cx, stall);
+    let too_big = too_big_for(flow, cx, segment, s.until_ns);
     let pkt_too_big: u32 = flow
         .drops()
         .iter()
         .filter(|d| cx.reasons.name(d.reason) == "PKT_TOO_BIG")
         .map(|d| d.count)
         .sum();
+    let request = flow.proto != PROTO_TCP;
 
     let mut missing = Vec::new();
+    if request && s.answered.is_none() {
+        missing
+            .push("no smaller request on the same path was seen answered on this node".to_string());
+    }
     if too_big.is_empty() {
         missing.push("no ICMP fragmentation-needed / packet-too-big message for the flow's addresses was seen on this node".to_string());
     }
@@ -96,6 +227,15 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
         .and_then(|(t, _)| tunnel_parent(cx, flow, &t.iface))
         .and_then(|l| Some((l.name.as_str(), l.mtu?)));
     let path_mtu = too_big.iter().map(|t| t.path_mtu).min();
+    // A request between nodes does not cross the tunnel, but the tunnel's packets take the
+    // same underlay: the node's tunnel headroom is what the fix is about.
+    let headroom = tunnel.map(|(t, o)| (t.iface.as_str(), o)).or_else(|| {
+        cx.facts
+            .links
+            .values()
+            .filter(|_| request)
+            .find_map(|l| Some((l.name.as_str(), tunnel_overhead(&l.name)?)))
+    });
     let (why, target) = match (tunnel, pod, parent, path_mtu) {
         (Some((t, _)), Some(p), _, _) if p.mtu > t.mtu => (
             format!(
@@ -122,7 +262,7 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
         ),
         (None, _, _, Some(pm)) => (
             format!("a router on the path announced a path MTU of {pm} (ICMP too-big)"),
-            pm,
+            pm.saturating_sub(headroom.map_or(0, |(_, o)| o)),
         ),
         (Some((t, o)), _, _, None) => (
             format!(
@@ -130,6 +270,14 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
                 t.iface,
                 t.mtu,
                 t.mtu + o
+            ),
+            0,
+        ),
+        // Outside the tunnel (node to node): smaller requests on the same path got through.
+        (None, _, _, None) if s.answered.is_some() => (
+            format!(
+                "{segment} bytes is full size for {} (MTU {}), but the path beyond carries less and no ICMP too-big came back (a path MTU black hole); the tunnel's packets take the same underlay",
+                s.seen_at, s.sized_for
             ),
             0,
         ),
@@ -148,21 +296,42 @@ pub fn diagnose(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) -> Option<Diagn
             to: t.to,
         })
         .collect();
-    let fix = mtu_fix(tunnel.map(|(t, o)| (t.iface.as_str(), o)), target);
+    let fix = mtu_fix(headroom, target);
+    let symptom = if request {
+        let what = if flow.proto == PROTO_UDP {
+            "UDP request"
+        } else {
+            "ICMP echo request"
+        };
+        let smaller = match s.answered {
+            Some(a) => format!("requests of {a} bytes on the same path were answered, but "),
+            None => String::new(),
+        };
+        format!(
+            "{smaller}a full-size {what} ({segment} bytes, seen on {}) got no reply ({} sent)",
+            s.seen_at, s.times
+        )
+    } else {
+        format!(
+            "The connection's handshake and small packets got through, but a full-size segment (at least {segment} bytes, seen on {}) was sent {} more times with no ACK past it",
+            s.seen_at, s.times
+        )
+    };
+    let mut summary = format!("{symptom}: {why}.");
+    if let Some(c) = summary.get_mut(0..1) {
+        c.make_ascii_uppercase();
+    }
     Some(Diagnosis {
         cause: Cause::MtuMismatch,
-        summary: format!(
-            "The connection's handshake and small packets got through, but a full-size segment (at least {segment} bytes, seen on {seen_at}) was sent {} more times with no ACK past it: {why}.",
-            stall.retransmits,
-        ),
+        summary,
         evidence: Evidence::MtuMismatch(MtuMismatch {
             icmp_too_big,
             missing,
             mtus: mtus.clone(),
             pkt_too_big_drops: pkt_too_big,
             segment_bytes: segment,
-            segment_retransmits: stall.retransmits,
-            side: model_side(stall.side),
+            segment_retransmits: s.times,
+            side: model_side(s.side),
             snat_excluded: None,
             tunnel: tunnel.map(|(t, o)| TunnelHeadroom {
                 device: t.iface.clone(),
@@ -239,8 +408,9 @@ struct Seen {
 }
 
 /// Too-big messages sent to one of the flow's addresses (the pod's, its translation, or the
-/// tunnel's outer source) while the segment was stuck, announcing an MTU it does not fit.
-fn too_big_for(flow: &Flow, cx: &Context<'_>, stall: &Stall) -> Vec<Seen> {
+/// tunnel's outer source) while its `bytes`-byte packet was not getting through (until
+/// `until_ns`), announcing an MTU it does not fit.
+fn too_big_for(flow: &Flow, cx: &Context<'_>, bytes: u32, until_ns: u64) -> Vec<Seen> {
     let mut ours: Vec<IpAddr> = vec![flow.src, flow.dst];
     ours.extend(flow.nat.iter().flat_map(|n| [n.src, n.dst]));
     ours.extend(
@@ -248,13 +418,11 @@ fn too_big_for(flow: &Flow, cx: &Context<'_>, stall: &Stall) -> Vec<Seen> {
             .filter_map(|h| h.encap.map(|e| [e.outer_src, e.outer_dst]))
             .flatten(),
     );
-    let headers = if flow.src.is_ipv4() { 40 } else { 60 };
-    let segment = u32::from(stall.payload_len) + headers;
     cx.too_big
         .iter()
         .filter(|t| ours.contains(&t.to))
-        .filter(|t| t.last_ns >= flow.first_ns && t.first_ns <= stall.last_ns)
-        .filter(|t| t.mtu > 0 && t.mtu < segment + OPTIONS_SLACK + 70)
+        .filter(|t| t.last_ns >= flow.first_ns && t.first_ns <= until_ns)
+        .filter(|t| t.mtu > 0 && t.mtu < bytes + OPTIONS_SLACK + 70)
         .map(|t| Seen {
             at_ns: t.first_ns,
             from: t.from,
@@ -492,5 +660,190 @@ mod tests {
                 .is_none_or(|d| d.cause != Cause::MtuMismatch),
             "{j:?}"
         );
+    }
+
+    const NODE: &str = "10.51.0.100";
+    const OTHER: &str = "10.51.0.101";
+
+    /// An ICMP echo request (`reply`: its reply) of `ip_bytes` from this node to OTHER on eth0,
+    /// ping id `id`, its `n`-th.
+    fn echo(id: u16, n: u16, reply: bool) -> crate::events::Packet {
+        let mut p = crate::testutil::tcp(NODE, id, OTHER, 0x0800, 0, u32::from(n), 0);
+        p.proto = 1;
+        if reply {
+            (p.src, p.dst) = (p.dst, p.src);
+            p.dport = 0;
+        }
+        p
+    }
+
+    /// Pings from NODE to OTHER: `sizes` (IP bytes) each sent twice, answered when `true`; then
+    /// the node's facts with eth0 at 1500 and a vxlan.calico.
+    fn pings(t: &mut FlowTable, sizes: &[(u16, u32, bool)]) {
+        let mut ts = 1_000;
+        for &(id, bytes, answered) in sizes {
+            for n in 0..2 {
+                let mut o = obs(ts, 2, Dir::Egress, echo(id, n, false));
+                (o.len, o.bytes) = (bytes + 14, u64::from(bytes + 14));
+                t.ingest(&o, &lookup2);
+                if answered {
+                    let mut o = obs(ts + 500, 2, Dir::Ingress, echo(id, n, true));
+                    (o.len, o.bytes) = (bytes + 14, u64::from(bytes + 14));
+                    t.ingest(&o, &lookup2);
+                }
+                ts += 1_000_000;
+            }
+        }
+    }
+
+    fn judged_request(t: &FlowTable, id: u16, too_big: &[TooBig]) -> Judgement {
+        let f = node(1500, 1450, 1500);
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        let c = Context {
+            too_big,
+            answered: t.answered(),
+            ..cx(&p, &f, 10_000_000_000)
+        };
+        let flow = t
+            .iter_newest()
+            .find(|f| f.sport == id)
+            .unwrap_or_else(|| unreachable!());
+        judge(flow, &c)
+    }
+
+    /// Node to node, outside the tunnel: a 1400-byte ping answered, a 1500-byte one (full size
+    /// for eth0) not, no ICMP back: a black hole on the underlay, named with eth0's MTU and the
+    /// node's tunnel headroom in the fix.
+    #[test]
+    fn full_size_ping_unanswered_after_a_smaller_one_was_answered() {
+        let mut t = FlowTable::new(10);
+        pings(&mut t, &[(7, 1400, true), (8, 1500, false)]);
+        let j = judged_request(&t, 8, &[]);
+        let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, Cause::MtuMismatch, "{d:?}");
+        assert_same_json(
+            &d.evidence,
+            json!({
+                "icmp_too_big": [],
+                "missing": [
+                    "no ICMP fragmentation-needed / packet-too-big message for the flow's addresses was seen on this node",
+                    "no PKT_TOO_BIG drop of the flow on this node",
+                    "no Calico tunnel device on the flow's path on this node",
+                ],
+                "mtus": [{"iface": "eth0", "mtu": 1500, "role": "host"}],
+                "pkt_too_big_drops": 0,
+                "segment_bytes": 1500,
+                "segment_retransmits": 2,
+                "side": "forward",
+                "tunnel": null,
+            }),
+        );
+        assert!(
+            d.summary.starts_with("Requests of 1400 bytes"),
+            "{}",
+            d.summary
+        );
+        assert!(d.summary.contains("black hole"), "{}", d.summary);
+        assert!(d.fix.contains("vxlan.calico adds 50 bytes"), "{}", d.fix);
+        // The small ping itself: answered, nothing to say.
+        assert!(judged_request(&t, 7, &[]).diagnosis.is_none());
+    }
+
+    /// One unanswered big ping and nothing else: no evidence it is its size (the destination
+    /// may just be down), so no `mtu_mismatch`; nor when the smaller ping went unanswered too.
+    #[test]
+    fn an_unanswered_big_ping_alone_is_not_an_mtu_fault() {
+        for sizes in [
+            vec![(8, 1500, false)],
+            vec![(7, 1400, false), (8, 1500, false)],
+            vec![(7, 200, true), (8, 1200, false)],
+        ] {
+            let mut t = FlowTable::new(10);
+            pings(&mut t, &sizes);
+            let j = judged_request(&t, 8, &[]);
+            let d = j.diagnosis.unwrap_or_else(|| unreachable!());
+            assert_eq!(d.cause, Cause::DestinationUnresponsive, "{sizes:?}: {d:?}");
+        }
+    }
+
+    /// A too-big message to the pinging node itself: PMTU discovery told the sender, which is
+    /// an answer (`ping -M do` reports it), not a fault. One to someone else (a tunnel's outer
+    /// address, here OTHER's answer never coming) names the path MTU.
+    #[test]
+    fn a_sender_told_by_icmp_is_answered_and_a_router_names_the_path_mtu() {
+        let mut t = FlowTable::new(10);
+        pings(&mut t, &[(8, 1500, false)]);
+        let told = TooBig {
+            first_ns: 2_000,
+            last_ns: 2_000,
+            from: ip("10.51.0.1"),
+            to: ip(NODE),
+            ifindex: 2,
+            dir: Dir::Ingress,
+            mtu: 1400,
+        };
+        let j = judged_request(&t, 8, &[told]);
+        assert!(j.diagnosis.is_none(), "{j:?}");
+        assert!(!j.verdicts.contains(&Verdict::NoReply), "{j:?}");
+        let for_peer = TooBig {
+            to: ip(OTHER),
+            ..told
+        };
+        let d = judged_request(&t, 8, &[for_peer])
+            .diagnosis
+            .unwrap_or_else(|| unreachable!());
+        assert_eq!(d.cause, Cause::MtuMismatch, "{d:?}");
+        let e = ev(&d.evidence);
+        assert_eq!(e["icmp_too_big"][0]["path_mtu"], 1400);
+        assert_eq!(
+            e["missing"][0],
+            "no smaller request on the same path was seen answered on this node"
+        );
+        assert!(d.fix.contains("Set Calico's MTU to 1350."), "{}", d.fix);
+    }
+
+    /// UDP: a full-size datagram to a port that answered a smaller one is `mtu_mismatch`; to
+    /// another port (one-way by design, say syslog) it is nothing at all.
+    #[test]
+    fn udp_requests_are_judged_against_the_same_port() {
+        let f = node(1500, 1450, 1500);
+        let p = pools(&["10.244.0.0/16"], &["10.244.0.0/16"]);
+        let udp = |sport: u16, dport: u16, reply: bool| {
+            let mut u = crate::testutil::tcp(NODE, sport, OTHER, dport, 0, 0, 0);
+            u.proto = 17;
+            if reply {
+                (u.src, u.dst, u.sport, u.dport) = (u.dst, u.src, u.dport, u.sport);
+            }
+            u
+        };
+        for (big_port, cause) in [(53, Some(Cause::MtuMismatch)), (514, None)] {
+            let mut t = FlowTable::new(10);
+            let mut send = |ts: u64, p: crate::events::Packet, ifx: u32, dir: Dir, bytes: u32| {
+                let mut o = obs(ts, ifx, dir, p);
+                (o.len, o.bytes) = (bytes + 14, u64::from(bytes + 14));
+                t.ingest(&o, &lookup2);
+            };
+            send(1_000, udp(40001, 53, false), 2, Dir::Egress, 200);
+            send(2_000, udp(40001, 53, true), 2, Dir::Ingress, 600);
+            send(3_000, udp(40002, big_port, false), 2, Dir::Egress, 1490);
+            send(1_003_000, udp(40002, big_port, false), 2, Dir::Egress, 1490);
+            let c = Context {
+                answered: t.answered(),
+                ..cx(&p, &f, 10_000_000_000)
+            };
+            let flow = t
+                .iter_newest()
+                .find(|f| f.sport == 40002)
+                .unwrap_or_else(|| unreachable!());
+            let j = judge(flow, &c);
+            assert_eq!(j.diagnosis.as_ref().map(|d| d.cause), cause, "{j:?}");
+            if let Some(d) = j.diagnosis {
+                assert!(
+                    d.summary.contains("UDP request (1490 bytes"),
+                    "{}",
+                    d.summary
+                );
+            }
+        }
     }
 }

@@ -169,6 +169,11 @@ impl Hop {
         (self.counts >> PKT_BITS) as u32
     }
 
+    /// Bytes per packet here (as the hook saw them, link header included).
+    pub fn bytes_per_packet(&self) -> u32 {
+        u32::try_from(self.bytes / self.pkts().max(1)).unwrap_or(u32::MAX)
+    }
+
     fn add_pkts(&mut self, n: u32) {
         let pkts = (self.pkts() + u64::from(n)).min(PKT_MASK);
         self.counts = (self.counts & !PKT_MASK) | pkts;
@@ -541,6 +546,16 @@ impl Flow {
     }
 
     /// The hops with their tuples and tunnel headers resolved, in the order first seen.
+    /// Where the requests were first seen on this node, outside any tunnel: their size there
+    /// is the size the sender gave them.
+    pub fn request_hop(&self) -> Option<&Hop> {
+        self.hops
+            .iter()
+            .filter(|h| h.side == Side::Forward)
+            .filter(|h| self.view(h).encap.is_none())
+            .min_by_key(|h| h.first_us)
+    }
+
     pub fn path(&self) -> impl DoubleEndedIterator<Item = HopView<'_>> + '_ {
         self.hops.iter().map(move |h| self.view(h))
     }

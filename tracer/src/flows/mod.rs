@@ -185,7 +185,27 @@ pub struct FlowTable {
     /// The latest ICMP "fragmentation needed" / ICMPv6 "packet too big" messages, whatever flow
     /// they concern (their quoted packet is not parsed: the rules match them by address).
     too_big: Vec<TooBig>,
+    /// The largest answered ICMP echo / UDP request per path, to tell a request too big for
+    /// the path from an unanswered one.
+    answered: Vec<Answered>,
 }
+
+/// ICMP echo or UDP requests from `src` to `dst` (UDP: to port `dport`, else 0) that got a
+/// reply: the largest, as first seen on this node (at `ifindex`, `len` bytes as the hook saw
+/// them, link header included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    pub last_ns: u64,
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub ifindex: u32,
+    pub len: u32,
+}
+
+/// Most paths whose answered request sizes are kept (the oldest goes first).
+const ANSWERED_KEPT: usize = 64;
 
 /// An ICMP message saying a packet was too big for the next hop, as seen at one hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +271,7 @@ impl FlowTable {
             unlogged_cap: cap.clamp(MIN_UNLOGGED_KEPT, MAX_UNLOGGED_KEPT),
             unlogged_lost: 0,
             too_big: Vec::new(),
+            answered: Vec::new(),
         }
     }
 
@@ -324,6 +345,46 @@ impl FlowTable {
     /// The latest too-big messages, oldest first.
     pub fn too_big(&self) -> &[TooBig] {
         &self.too_big
+    }
+
+    /// The largest answered request per path, oldest first.
+    pub fn answered(&self) -> &[Answered] {
+        &self.answered
+    }
+
+    /// A request flow's first reply: remembers how large its requests were where first seen.
+    fn note_answered(&mut self, id: FlowId, ts_ns: u64) {
+        let Some(f) = self.flows.get(id) else {
+            return;
+        };
+        if !(f.proto == PROTO_UDP || (f.expects_reply && f.proto != PROTO_TCP)) {
+            return;
+        }
+        let Some(h) = f.request_hop() else {
+            return;
+        };
+        let (proto, src, dst, ifindex) = (f.proto, f.src, f.dst, h.ifindex());
+        let dport = if proto == PROTO_UDP { f.dport } else { 0 };
+        let len = h.bytes_per_packet();
+        if let Some(a) = self.answered.iter_mut().find(|a| {
+            (a.proto, a.src, a.dst, a.dport, a.ifindex) == (proto, src, dst, dport, ifindex)
+        }) {
+            a.len = a.len.max(len);
+            a.last_ns = ts_ns;
+            return;
+        }
+        if self.answered.len() >= ANSWERED_KEPT {
+            self.answered.remove(0);
+        }
+        self.answered.push(Answered {
+            last_ns: ts_ns,
+            proto,
+            src,
+            dst,
+            dport,
+            ifindex,
+            len,
+        });
     }
 
     fn note_too_big(&mut self, obs: &Observation, mtu: u32) {
@@ -478,10 +539,17 @@ impl FlowTable {
             },
         };
 
+        let mut first_reply = false;
         let new_hop = match self.flows.get_mut(id) {
-            Some(flow) => flow.record(obs, side, || ifaces.iface(obs.ifindex)),
+            Some(flow) => {
+                first_reply = side == Side::Reverse && flow.first_reply_ns().is_none();
+                flow.record(obs, side, || ifaces.iface(obs.ifindex))
+            }
             None => false,
         };
+        if first_reply {
+            self.note_answered(id, obs.ts_ns);
+        }
         // Only records that may meet a translated copy at a later hook: the first at each hook,
         // TCP control and retransmissions. Later packets of a known flow find the translated
         // tuple in the index.

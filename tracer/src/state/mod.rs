@@ -341,6 +341,7 @@ impl Shared {
         let gaps = lock(&self.gaps).clone();
         // A copy (at most TOO_BIG_KEPT small entries): `f` may change the table.
         let too_big = table.too_big().to_vec();
+        let answered = table.answered().to_vec();
         let policy = self.policy_view(&node.pools);
         let conntrack = Arc::clone(&self.conntrack.read().unwrap_or_else(|e| e.into_inner()));
         let cx = Context {
@@ -354,6 +355,7 @@ impl Shared {
             symbols,
             gaps: &gaps,
             too_big: &too_big,
+            answered: &answered,
         };
         f(&cx, &mut table)
     }
