@@ -21,8 +21,6 @@ use crate::net::Cidr;
 const CHUNK: usize = 1024;
 /// Words of a bitset over one chunk's slots.
 const WORDS: usize = CHUNK / 64;
-/// Marks an index entry of a translated destination (its low bits are the slot in the chunk).
-const TRANSLATED: u16 = 1 << 15;
 
 /// 16-bit digest of an address. Fixed, not keyed: a crafted collision only makes a query look
 /// at more flows, never changes its answer.
@@ -56,7 +54,7 @@ impl Tags {
     }
 }
 
-/// Entries `(address, slot | TRANSLATED?)` of one address family: sorted up to `sorted`,
+/// Entries `(address, slot in the chunk)` of one address family: sorted up to `sorted`,
 /// appended after it (the chunk being filled; translations noted once it was full).
 struct Sorted<K> {
     entries: Vec<(K, u16)>,
@@ -100,7 +98,7 @@ impl<K: Ord + Copy> Sorted<K> {
             .iter()
             .chain(in_range)
         {
-            let off = usize::from(e & !TRANSLATED);
+            let off = usize::from(*e);
             if let Some(w) = hits.get_mut(off / 64) {
                 *w |= 1 << (off % 64);
             }
@@ -137,7 +135,7 @@ impl DstIndex {
     /// The translated destination, where it differs from the first seen one.
     fn add_translated(&mut self, f: &Flow, off: u16) {
         if let Some(n) = f.nat.filter(|n| n.dst != f.dst) {
-            self.add(n.dst, off | TRANSLATED);
+            self.add(n.dst, off);
         }
     }
 
