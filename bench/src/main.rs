@@ -52,6 +52,10 @@ pub struct Opts {
     /// table of N synthetic flows.
     #[arg(long, value_name = "FLOWS", hide = true)]
     profile_query: Option<u64>,
+    /// Profiling aid (no root): section 4's big table alone: heap per flow and the /flows
+    /// queries by one address and by a /16 on a table of N synthetic flows.
+    #[arg(long, value_name = "FLOWS", hide = true)]
+    profile_big_table: Option<u64>,
     /// Profiling aid (root): the tc program's run time on a known flow's packets, from
     /// BPF_PROG_TEST_RUN with this many repeats (nothing is sent anywhere), next to an empty
     /// program's on the same frame.
@@ -307,6 +311,15 @@ fn main() -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
+            Err(e) => {
+                eprintln!("tracer-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(n) = opts.profile_big_table {
+        return match memory::big_table_in_process(n, 50) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tracer-bench: {e:#}");
                 ExitCode::FAILURE

@@ -125,8 +125,7 @@ pub fn diagnose_unacked_peer(flow: &Flow, cx: &Context<'_>, f: &Findings<'_>) ->
     }
     // Any ACK from the peer means the handshake completed (or at least the path back works).
     if flow
-        .hops
-        .iter()
+        .hops()
         .any(|h| h.side == Side::Forward && h.tcp_flags_seen & tracer_common::TCP_ACK != 0)
     {
         return None;

@@ -190,6 +190,11 @@ impl Hop {
     }
 }
 
+/// Hops held in the flow itself: a packet crosses 2-4 hooks on a node (the pod's veth both
+/// ways, the host's NIC both ways), so most flows need no allocation for their hops; more go
+/// to the flow's rare part.
+const INLINE_HOPS: usize = 4;
+
 /// A hop with what it refers to resolved: the tuple its packets carried and their tunnel header.
 #[derive(Debug, Clone, Copy)]
 pub struct HopView<'a> {
@@ -212,18 +217,23 @@ pub struct HopView<'a> {
 /// Request/response exchanges timed from payload turns at one interface.
 #[derive(Debug, Clone)]
 pub struct Exchanges {
+    /// When the waiting request was sent; NO_NS while none waits, which is also after the
+    /// reverse side spoke last (a turn is a change of the side sending payload).
     request_ns: u64,
     pub total_wait_ns: u64,
-    /// A uniform sample of response latencies in µs, allocated from the second exchange on
-    /// (one exchange is `total_wait_ns`); `count` counts them all.
-    samples: Option<Box<[u32]>>,
-    max_us: u32,
+    /// From the second exchange on (one exchange is `total_wait_ns`).
+    reservoir: Option<Box<Reservoir>>,
     pub count: u32,
     /// Where the exchanges are timed: the flow's first hop, which sees both directions.
     measure_ifindex: u32,
-    samples_len: u8,
-    /// 0: none yet, 1: forward, 2: reverse.
-    last_side: u8,
+}
+
+/// A uniform sample of response latencies in µs (`count` counts them all), and the largest.
+#[derive(Debug, Clone)]
+struct Reservoir {
+    max_us: u32,
+    len: u32,
+    samples: [u32; MAX_SAMPLES],
 }
 
 /// Latency samples kept per flow: a reservoir, so a long-lived connection stays small.
@@ -234,14 +244,16 @@ impl Default for Exchanges {
         Exchanges {
             request_ns: NO_NS,
             total_wait_ns: 0,
-            samples: None,
-            max_us: 0,
+            reservoir: None,
             count: 0,
             measure_ifindex: 0,
-            samples_len: 0,
-            last_side: 0,
         }
     }
+}
+
+/// The µs an exchange of `ns` is kept as.
+fn us_of(ns: u64) -> u32 {
+    (ns / 1000).min(u64::from(u32::MAX - 1)) as u32
 }
 
 impl Exchanges {
@@ -252,15 +264,9 @@ impl Exchanges {
         if self.measure_ifindex != ifindex {
             return;
         }
-        let code = match side {
-            Side::Forward => 1,
-            Side::Reverse => 2,
-        };
-        if self.last_side == code {
-            return;
-        }
-        self.last_side = code;
         match side {
+            // The forward side still talking: the same request.
+            Side::Forward if self.request_ns != NO_NS => {}
             Side::Forward => self.request_ns = ts_ns,
             Side::Reverse if self.request_ns != NO_NS => {
                 let wait = ts_ns.saturating_sub(self.request_ns);
@@ -272,52 +278,45 @@ impl Exchanges {
     }
 
     fn add(&mut self, wait_ns: u64) {
-        let us = (wait_ns / 1000).min(u64::from(u32::MAX - 1)) as u32;
-        let first = (self.total_wait_ns / 1000).min(u64::from(u32::MAX - 1)) as u32;
+        let us = us_of(wait_ns);
+        let first = us_of(self.total_wait_ns);
         self.count = self.count.saturating_add(1);
         self.total_wait_ns = self.total_wait_ns.saturating_add(wait_ns);
-        self.max_us = self.max_us.max(us);
         if self.count == 1 {
             return;
         }
-        let len = usize::from(self.samples_len);
-        if len == 0 {
+        let Some(r) = self.reservoir.as_deref_mut() else {
             // The second exchange: the first one's latency is the total so far.
-            let mut v = vec![0u32; 4].into_boxed_slice();
-            v[0] = first;
-            v[1] = us;
-            self.samples = Some(v);
-            self.samples_len = 2;
+            let mut samples = [0u32; MAX_SAMPLES];
+            samples[0] = first;
+            samples[1] = us;
+            self.reservoir = Some(Box::new(Reservoir {
+                max_us: first.max(us),
+                len: 2,
+                samples,
+            }));
             return;
-        }
+        };
+        r.max_us = r.max_us.max(us);
+        let len = r.len as usize;
         if len < MAX_SAMPLES {
-            let buf = self.samples.get_or_insert_with(|| vec![0u32; 4].into());
-            if len == buf.len() {
-                let mut grown = vec![0u32; (len * 2).min(MAX_SAMPLES)];
-                grown[..len].copy_from_slice(buf);
-                *buf = grown.into_boxed_slice();
-            }
-            buf[len] = us;
-            self.samples_len += 1;
+            r.samples[len] = us;
+            r.len += 1;
             return;
         }
         // Reservoir sampling (Algorithm R): sample i replaces a random slot with probability
         // MAX_SAMPLES / i, from a cheap deterministic hash.
         let count = u64::from(self.count);
-        let r = (count.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) % count;
-        if let Some(slot) = self
-            .samples
-            .as_deref_mut()
-            .and_then(|s| s.get_mut(r as usize))
-        {
+        let k = (count.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 17) % count;
+        if let Some(slot) = r.samples.get_mut(k as usize) {
             *slot = us;
         }
     }
 
     /// The latency samples kept, in µs.
     pub fn samples(&self) -> Vec<u32> {
-        match (&self.samples, self.count) {
-            (Some(s), _) => s[..usize::from(self.samples_len)].to_vec(),
+        match (&self.reservoir, self.count) {
+            (Some(r), _) => r.samples[..r.len as usize].to_vec(),
             (None, 1) => vec![(self.total_wait_ns / 1000).min(u64::from(u32::MAX)) as u32],
             (None, _) => Vec::new(),
         }
@@ -335,7 +334,12 @@ impl Exchanges {
     }
 
     pub fn max_ns(&self) -> u64 {
-        u64::from(self.max_us) * 1000
+        let max_us = match &self.reservoir {
+            Some(r) => r.max_us,
+            // At most one exchange: its latency is the total.
+            None => us_of(self.total_wait_ns),
+        };
+        u64::from(max_us) * 1000
     }
 }
 
@@ -405,6 +409,8 @@ struct Rare {
     drops: Vec<DropRecord>,
     /// Tunnel headers, by hop (ifindex, direction, side).
     encaps: Vec<(u32, Dir, Side, HopEncap)>,
+    /// Hops beyond the first [`INLINE_HOPS`].
+    more_hops: Vec<Hop>,
     /// The latest retransmitted segment of each side (forward, reverse) that no ACK has passed.
     stalls: [Option<Stall>; 2],
 }
@@ -431,7 +437,8 @@ pub struct Flow {
     /// Nanoseconds (CLOCK_MONOTONIC) of the first and last record.
     pub first_ns: u64,
     pub last_ns: u64,
-    pub hops: Vec<Hop>,
+    /// The first hops in the order first seen (filled from the front; see `hops()`).
+    hops: [Option<Hop>; INLINE_HOPS],
     pub exchanges: Exchanges,
     rare: Option<Box<Rare>>,
     /// The forward tuple as first seen (before any translation on this node).
@@ -448,6 +455,9 @@ pub struct Flow {
     pub expects_reply: bool,
     /// Written to the flow log already: it never is again.
     pub logged: bool,
+    /// `last_ns` moved on since the flow entered its slot in the table: it gets a second
+    /// chance when eviction reaches it.
+    pub(super) active: bool,
 }
 
 /// Most hops kept per flow: a packet crosses a handful of hooks on a node.
@@ -459,7 +469,7 @@ impl Flow {
             id,
             first_ns: ts_ns,
             last_ns: ts_ns,
-            hops: Vec::new(),
+            hops: Default::default(),
             exchanges: Exchanges::default(),
             rare: None,
             src: fwd.src,
@@ -472,6 +482,15 @@ impl Flow {
             proto: fwd.proto,
             expects_reply: false,
             logged: false,
+            active: false,
+        }
+    }
+
+    /// Moves `last_ns` on to `ts_ns` if that is later.
+    fn seen_at(&mut self, ts_ns: u64) {
+        if ts_ns > self.last_ns {
+            self.last_ns = ts_ns;
+            self.active = true;
         }
     }
 
@@ -513,6 +532,43 @@ impl Flow {
                 None
             }
         })
+    }
+
+    /// Where the flow's packets were seen, in the order first seen.
+    pub fn hops(&self) -> impl DoubleEndedIterator<Item = &Hop> + '_ {
+        self.hops
+            .iter()
+            .flatten()
+            .chain(self.rare.iter().flat_map(|r| r.more_hops.iter()))
+    }
+
+    fn hop(&self, i: usize) -> Option<&Hop> {
+        match i.checked_sub(INLINE_HOPS) {
+            None => self.hops.get(i)?.as_ref(),
+            Some(j) => self.rare.as_deref()?.more_hops.get(j),
+        }
+    }
+
+    fn hop_mut(&mut self, i: usize) -> Option<&mut Hop> {
+        match i.checked_sub(INLINE_HOPS) {
+            None => self.hops.get_mut(i)?.as_mut(),
+            Some(j) => self.rare.as_deref_mut()?.more_hops.get_mut(j),
+        }
+    }
+
+    /// Adds a hop; returns its position.
+    fn push_hop(&mut self, hop: Hop) -> usize {
+        match self.hops.iter().position(Option::is_none) {
+            Some(i) => {
+                self.hops[i] = Some(hop);
+                i
+            }
+            None => {
+                let more = &mut self.rare_mut().more_hops;
+                more.push(hop);
+                INLINE_HOPS + more.len() - 1
+            }
+        }
     }
 
     /// When the first reply was seen (µs precision).
@@ -557,7 +613,7 @@ impl Flow {
     }
 
     pub fn path(&self) -> impl DoubleEndedIterator<Item = HopView<'_>> + '_ {
-        self.hops.iter().map(move |h| self.view(h))
+        self.hops().map(move |h| self.view(h))
     }
 
     pub fn view<'a>(&'a self, h: &'a Hop) -> HopView<'a> {
@@ -597,18 +653,15 @@ impl Flow {
         iface: impl FnOnce() -> Arc<Iface>,
     ) -> bool {
         let p = *obs.packet();
-        self.last_ns = self.last_ns.max(obs.ts_ns);
+        self.seen_at(obs.ts_ns);
         if side == Side::Reverse && self.reply_us == NO_US {
             self.reply_us = self.offset_us(obs.ts_ns);
         }
         let syn = p.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0;
-        let idx = self
-            .hops
-            .iter()
-            .position(|h| h.is(obs.ifindex, obs.dir, side));
+        let idx = self.hops().position(|h| h.is(obs.ifindex, obs.dir, side));
         // A SYN (or SYN-ACK) again at a hop that already saw it, with the same sequence number.
         let syn_again = syn
-            && idx.is_some_and(|i| self.hops[i].tcp_flags_seen & TCP_SYN != 0)
+            && idx.is_some_and(|i| self.hop(i).is_some_and(|h| h.tcp_flags_seen & TCP_SYN != 0))
             && match side {
                 Side::Forward => self.tcp.syn && self.tcp.syn_seq == p.seq,
                 Side::Reverse => self.tcp.syn_ack && self.tcp.syn_ack_seq == p.seq,
@@ -622,7 +675,7 @@ impl Flow {
         }
         let (idx, new) = match idx {
             Some(i) => (i, false),
-            None if self.hops.len() >= MAX_HOPS => return false,
+            None if self.hops().count() >= MAX_HOPS => return false,
             None => {
                 let mut iface = iface();
                 if iface.ifindex != obs.ifindex {
@@ -642,7 +695,7 @@ impl Flow {
                     self.rare_mut().encaps.push((obs.ifindex, obs.dir, side, e));
                 }
                 let first_us = self.offset_us(obs.ts_ns);
-                self.hops.push(Hop {
+                let i = self.push_hop(Hop {
                     iface,
                     bytes: 0,
                     counts: 0,
@@ -652,11 +705,13 @@ impl Flow {
                     tcp_flags_seen: 0,
                     tuple,
                 });
-                (self.hops.len() - 1, true)
+                (i, true)
             }
         };
         let first_us = self.offset_us(obs.ts_ns);
-        let hop = &mut self.hops[idx];
+        let Some(hop) = self.hop_mut(idx) else {
+            return new;
+        };
         hop.first_us = hop.first_us.min(first_us);
         hop.add_pkts(obs.pkts);
         hop.bytes = hop.bytes.saturating_add(obs.bytes);
@@ -769,7 +824,7 @@ impl Flow {
         location: u64,
         side: Side,
     ) {
-        self.last_ns = self.last_ns.max(ts_ns);
+        self.seen_at(ts_ns);
         let drops = &mut self.rare_mut().drops;
         if let Some(d) = drops
             .iter_mut()
@@ -792,14 +847,13 @@ impl Flow {
 
     /// Packets and bytes in one direction: the most any single hop saw (hops see the same packets).
     pub fn counters(&self, side: Side) -> (u64, u64) {
-        self.hops
-            .iter()
+        self.hops()
             .filter(|h| h.side == side)
             .fold((0, 0), |(p, b), h| (p.max(h.pkts()), b.max(h.bytes)))
     }
 
     pub fn retransmits(&self) -> u32 {
-        self.hops.iter().map(Hop::retransmits).max().unwrap_or(0)
+        self.hops().map(Hop::retransmits).max().unwrap_or(0)
     }
 
     /// Handshake round trip as seen at the first hop, in nanoseconds (µs precision).
@@ -811,10 +865,14 @@ impl Flow {
     }
 }
 
-// The table's memory budget (docs/benchmarks.md: under 512 bytes a flow with four hops) rests on
-// these sizes: a field added here has to pay for itself.
+// The table's memory budget (docs/benchmarks.md: at most 350 bytes a flow with four hops, at a
+// million flows, the table's indexes included) rests on these sizes: a field added here has to
+// pay for itself.
 #[cfg(target_pointer_width = "64")]
 const _: () = {
     assert!(std::mem::size_of::<Hop>() == 32);
-    assert!(std::mem::size_of::<Flow>() <= 208);
+    assert!(std::mem::size_of::<Option<Hop>>() == 32);
+    assert!(std::mem::size_of::<Exchanges>() == 32);
+    assert!(std::mem::size_of::<Flow>() <= 296);
+    assert!(std::mem::size_of::<Option<Flow>>() == std::mem::size_of::<Flow>());
 };

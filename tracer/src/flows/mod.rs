@@ -7,6 +7,7 @@
 //! did not change.
 mod flow;
 mod gaps;
+mod index;
 mod samples;
 mod store;
 
@@ -25,6 +26,7 @@ pub use gaps::{CounterRead, Gaps, LossWindow};
 pub use samples::{Sample, Samples};
 
 use crate::events::{Emit, Observation};
+use index::TupleIndex;
 use store::FlowStore;
 use tracer_common::{
     PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
@@ -44,21 +46,6 @@ const SWEEP_EVERY_NS: u64 = 250_000_000;
 /// of the ingest time; the keys here come from the kernel, not from remote peers directly, and
 /// the maps are bounded by the flow cap.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
-trait IndexExt {
-    /// Removes the entries under `keys` that still point at `id`.
-    fn retain_keys(&mut self, keys: &[u64], id: FlowId);
-}
-
-impl IndexExt for FastMap<u64, FlowId> {
-    fn retain_keys(&mut self, keys: &[u64], id: FlowId) {
-        for k in keys {
-            if self.get(k) == Some(&id) {
-                self.remove(k);
-            }
-        }
-    }
-}
 
 /// What NAT leaves unchanged in a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -152,10 +139,8 @@ pub use tracer_model::health::TableStats;
 
 pub struct FlowTable {
     flows: FlowStore,
-    /// Both directions of a tuple, under one key: a digest of the tuple with its ends in a
-    /// canonical order. Lookups check the flow really carries the tuple, so a digest collision
-    /// costs a missed match, never a wrong one.
-    index: FastMap<u64, FlowId>,
+    /// Both directions of every tuple of every flow (see `index.rs`).
+    index: TupleIndex,
     /// Packets remembered by what NAT leaves unchanged (a digest of their `Ident`); a match is
     /// accepted when the flow's packet kept one end of the tuple (SNAT: the destination, DNAT:
     /// the source), or for TCP on sequence numbers alone (both rewritten).
@@ -254,7 +239,7 @@ impl FlowTable {
         let cap = cap.max(1);
         FlowTable {
             flows: FlowStore::new(),
-            index: FastMap::default(),
+            index: TupleIndex::new(),
             fingerprints: FastMap::default(),
             digest: foldhash::fast::RandomState::default(),
             cap,
@@ -327,14 +312,27 @@ impl FlowTable {
         self.flows.iter_newest_below(bound)
     }
 
-    /// Newest first, a superset of the flows whose source / destination (as first seen or
-    /// translated) is `src` / `dst`: filter them still. Reads 8 bytes per flow, not the flow.
-    pub fn iter_newest_with(
-        &self,
-        src: Option<IpAddr>,
-        dst: Option<IpAddr>,
-    ) -> impl Iterator<Item = &Flow> {
-        self.flows.iter_newest_tagged(src, dst)
+    /// Newest first, a superset of the flows whose source (as first seen or translated) is
+    /// `src`: filter them still. Reads 4 bytes per flow, not the flow.
+    pub fn iter_newest_from(&self, src: IpAddr) -> impl Iterator<Item = &Flow> {
+        self.flows.iter_newest_from(src)
+    }
+
+    /// Newest first, exactly the flows with slots below `bound` whose destination (as first
+    /// seen or translated) is in `net`, with their slots: found in the address index, no other
+    /// flow is read.
+    pub fn iter_newest_to<'a>(
+        &'a self,
+        net: &'a crate::net::Cidr,
+        bound: FlowId,
+    ) -> impl Iterator<Item = (FlowId, &'a Flow)> + 'a {
+        self.flows.iter_newest_to(net, bound)
+    }
+
+    /// How many flows have a destination (as first seen or translated) in `net`, counted in
+    /// the address index without reading them.
+    pub fn count_to(&self, net: &crate::net::Cidr) -> usize {
+        self.flows.count_to(net)
     }
 
     /// Drops of traced flows so far, by the kernel's reason number.
@@ -461,19 +459,9 @@ impl FlowTable {
         self.changes.push_back((self.version, id));
     }
 
-    /// The index key of `t` and of its reverse.
-    fn pair_key(&self, t: &DirTuple) -> u64 {
-        let a = (t.src, t.sport);
-        let b = (t.dst, t.dport);
-        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-        self.digest.hash_one((t.proto, lo, hi))
-    }
-
     /// The flow carrying `t`, and on which side.
     fn lookup(&self, t: &DirTuple) -> Option<(FlowId, Side)> {
-        let id = *self.index.get(&self.pair_key(t))?;
-        let side = self.flows.get(id)?.side_of(t)?;
-        Some((id, side))
+        self.index.lookup(&self.flows, t)
     }
 
     /// Adds one observation; returns the flow it was attributed to.
@@ -592,8 +580,8 @@ impl FlowTable {
         {
             flow.expects_reply = true;
         }
-        self.index.insert(self.pair_key(&fwd), id);
         self.flows.push(flow);
+        self.index.insert(&self.flows, id, 0);
         (id, side)
     }
 
@@ -619,14 +607,12 @@ impl FlowTable {
 
     fn unindex_id(&mut self, id: FlowId) {
         if let Some(f) = self.flows.get(id) {
-            let keys: Vec<u64> = f.tuples().map(|t| self.pair_key(&t)).collect();
-            self.index.retain_keys(&keys, id);
+            self.index.remove(f);
         }
     }
 
     fn unindex(&mut self, f: &Flow) {
-        let keys: Vec<u64> = f.tuples().map(|t| self.pair_key(&t)).collect();
-        self.index.retain_keys(&keys, f.id);
+        self.index.remove(f);
     }
 
     /// Two slots per fingerprint: packets of two flows that look alike to NAT (UDP with the
@@ -679,12 +665,21 @@ impl FlowTable {
     /// `t` is the flow's packet after translation: index it (both directions), note the NAT.
     fn register_translation(&mut self, id: FlowId, side: Side, t: &DirTuple) {
         let fwd = t.on(side);
-        let kept = self
-            .flows
-            .get_mut(id)
-            .is_some_and(|flow| flow.add_translation(fwd));
-        if kept {
-            self.index.insert(self.pair_key(&fwd), id);
+        let (kept, first) = match self.flows.get_mut(id) {
+            Some(flow) => {
+                let had = flow.nat.is_some();
+                (flow.add_translation(fwd), !had && flow.nat.is_some())
+            }
+            None => (false, false),
+        };
+        let pos = kept
+            .then(|| self.flows.get(id)?.tuples().position(|u| u == fwd))
+            .flatten();
+        if let Some(pos) = pos {
+            self.index.insert(&self.flows, id, pos);
+        }
+        // The addresses queries match are the first seen and the first translation's.
+        if first {
             self.flows.retag(id);
         }
     }

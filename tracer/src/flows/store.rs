@@ -4,15 +4,23 @@
 //! since they were last looked at a second chance (CLOCK): such a flow moves to a new slot at
 //! the tail, keeps its id, and only moved flows need a map entry (`moved`).
 //!
-//! Beside each flow sit 8 bytes of address tags (16-bit digests of its source and destination,
-//! before and after NAT): `/flows?dst=<ip>` reads those, 8 bytes a flow instead of the flows
-//! themselves, and looks at a flow only when its tag matches.
-use std::{collections::VecDeque, net::IpAddr};
+//! Each chunk of slots indexes its flows by destination (as first seen and as translated),
+//! sorted by address: `/flows?dst=<ip>` and `dst=<prefix>` look up a range in each chunk
+//! (a binary search) and read only the flows in it, newest first, and count the matches of a
+//! prefix from the index alone. Beside each flow sit 4 bytes of source tags (16-bit digests of
+//! its source before and after NAT): `src=<ip>` reads those instead of the flows.
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, Ipv6Addr},
+};
 
 use super::{Flow, FlowId};
+use crate::net::Cidr;
 
 /// Flows per chunk: growth allocates one chunk, never copies the flows already stored.
 const CHUNK: usize = 1024;
+/// Words of a bitset over one chunk's slots.
+const WORDS: usize = CHUNK / 64;
 
 /// 16-bit digest of an address. Fixed, not keyed: a crafted collision only makes a query look
 /// at more flows, never changes its answer.
@@ -27,34 +35,172 @@ pub fn addr_tag(ip: IpAddr) -> u16 {
     (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as u16
 }
 
-/// Digests of a flow's sources and destinations, as first seen and as translated.
+/// Digests of a flow's source, as first seen and as translated.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Tags {
     src: [u16; 2],
-    dst: [u16; 2],
 }
 
 impl Tags {
     fn of(f: &Flow) -> Tags {
-        let (nsrc, ndst) = f.nat.map_or((f.src, f.dst), |n| (n.src, n.dst));
+        let nsrc = f.nat.map_or(f.src, |n| n.src);
         Tags {
             src: [addr_tag(f.src), addr_tag(nsrc)],
-            dst: [addr_tag(f.dst), addr_tag(ndst)],
         }
     }
 
-    fn may_match(&self, src: Option<u16>, dst: Option<u16>) -> bool {
-        src.is_none_or(|t| self.src.contains(&t)) && dst.is_none_or(|t| self.dst.contains(&t))
+    fn may_match(&self, src: u16) -> bool {
+        self.src.contains(&src)
     }
+}
+
+/// Entries `(address, slot in the chunk)` of one address family: sorted up to `sorted`,
+/// appended after it (the chunk being filled; translations noted once it was full).
+struct Sorted<K> {
+    entries: Vec<(K, u16)>,
+    sorted: usize,
+}
+
+impl<K> Default for Sorted<K> {
+    fn default() -> Sorted<K> {
+        Sorted {
+            entries: Vec::new(),
+            sorted: 0,
+        }
+    }
+}
+
+impl<K: Ord + Copy> Sorted<K> {
+    fn push(&mut self, key: K, entry: u16) {
+        if self.sorted > 0 && self.entries.len() == self.entries.capacity() {
+            // A sealed chunk's late translation: grow by a little, not by doubling.
+            self.entries.reserve_exact(8);
+        }
+        self.entries.push((key, entry));
+    }
+
+    /// Sorts what was appended and gives back the spare capacity: the chunk is full.
+    fn seal(&mut self) {
+        self.entries.sort_unstable();
+        self.entries.shrink_to_fit();
+        self.sorted = self.entries.len();
+    }
+
+    /// Marks the slots of the entries with keys in `lo..=hi` in `hits`.
+    fn mark(&self, lo: K, hi: K, hits: &mut [u64; WORDS]) {
+        let (sorted, appended) = self.entries.split_at(self.sorted.min(self.entries.len()));
+        let start = sorted.partition_point(|(k, _)| *k < lo);
+        let end = sorted.partition_point(|(k, _)| *k <= hi);
+        let in_range = appended.iter().filter(|(k, _)| (lo..=hi).contains(k));
+        for (_, e) in sorted
+            .get(start..end)
+            .unwrap_or_default()
+            .iter()
+            .chain(in_range)
+        {
+            let off = usize::from(*e);
+            if let Some(w) = hits.get_mut(off / 64) {
+                *w |= 1 << (off % 64);
+            }
+        }
+    }
+}
+
+/// A chunk's flows by destination address. IPv4 keys are two u16 (6-byte entries, not 8).
+#[derive(Default)]
+struct DstIndex {
+    v4: Sorted<[u16; 2]>,
+    v6: Sorted<[u8; 16]>,
+}
+
+fn v4_key(a: u32) -> [u16; 2] {
+    [(a >> 16) as u16, a as u16]
+}
+
+impl DstIndex {
+    fn add(&mut self, ip: IpAddr, entry: u16) {
+        match ip {
+            IpAddr::V4(a) => self.v4.push(v4_key(a.to_bits()), entry),
+            IpAddr::V6(a) => self.v6.push(a.octets(), entry),
+        }
+    }
+
+    /// Indexes the flow in slot `off` by its destinations.
+    fn add_flow(&mut self, f: &Flow, off: usize) {
+        let off = off as u16;
+        self.add(f.dst, off);
+        self.add_translated(f, off);
+    }
+
+    /// The translated destination, where it differs from the first seen one.
+    fn add_translated(&mut self, f: &Flow, off: u16) {
+        if let Some(n) = f.nat.filter(|n| n.dst != f.dst) {
+            self.add(n.dst, off);
+        }
+    }
+
+    fn seal(&mut self) {
+        self.v4.seal();
+        self.v6.seal();
+    }
+
+    /// The chunk's slots with a destination in `net`.
+    fn hits(&self, net: &Cidr) -> [u64; WORDS] {
+        let mut hits = [0u64; WORDS];
+        let host_bits = |width: u32| {
+            1u128
+                .checked_shl(width - u32::from(net.prefix()))
+                .map_or(u128::MAX, |b| b - 1)
+        };
+        match net.addr() {
+            IpAddr::V4(a) => {
+                let lo = a.to_bits();
+                let hi = lo | host_bits(32) as u32;
+                self.v4.mark(v4_key(lo), v4_key(hi), &mut hits);
+            }
+            IpAddr::V6(a) => {
+                let lo = a.to_bits();
+                let hi = lo | host_bits(128);
+                let key = |b: u128| Ipv6Addr::from_bits(b).octets();
+                self.v6.mark(key(lo), key(hi), &mut hits);
+            }
+        }
+        hits
+    }
+}
+
+/// The bits of the word covering slots `start..start + 64` that lie in `lo..hi`.
+fn span_mask(start: usize, lo: usize, hi: usize) -> u64 {
+    let from = lo.saturating_sub(start).min(64);
+    let to = hi.saturating_sub(start).min(64);
+    let below = |n: usize| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+    if to <= from {
+        0
+    } else {
+        below(to) & !below(from)
+    }
+}
+
+/// Set bits of a chunk's bitset, highest first.
+fn bits_desc(mut hits: [u64; WORDS]) -> impl Iterator<Item = usize> {
+    let mut w = WORDS;
+    std::iter::from_fn(move || loop {
+        let word = hits.get_mut(w.checked_sub(1)?)?;
+        if *word == 0 {
+            w -= 1;
+            continue;
+        }
+        let bit = 63 - word.leading_zeros() as usize;
+        *word &= !(1 << bit);
+        return Some((w - 1) * 64 + bit);
+    })
 }
 
 #[derive(Default)]
 struct Chunk {
     flows: Vec<Option<Flow>>,
     tags: Vec<Tags>,
-    /// `last_ns` of the flow when it entered this slot: a flow whose `last_ns` moved on since
-    /// was active, and gets a second chance when eviction reaches it.
-    entered_ns: Vec<u64>,
+    dsts: DstIndex,
 }
 
 pub(super) struct FlowStore {
@@ -137,15 +283,21 @@ impl FlowStore {
     fn put(&mut self, flow: Flow) {
         let off = (self.next - self.base) as usize;
         if off / CHUNK >= self.chunks.len() {
+            if let Some(full) = self.chunks.back_mut() {
+                full.dsts.seal();
+            }
             self.chunks.push_back(Chunk {
                 flows: Vec::with_capacity(CHUNK),
                 tags: Vec::with_capacity(CHUNK),
-                entered_ns: Vec::with_capacity(CHUNK),
+                dsts: DstIndex::default(),
             });
         }
+        let mut flow = flow;
+        // Active from here on is active since it entered this slot.
+        flow.active = false;
         if let Some(chunk) = self.chunks.back_mut() {
             chunk.tags.push(Tags::of(&flow));
-            chunk.entered_ns.push(flow.last_ns);
+            chunk.dsts.add_flow(&flow, off % CHUNK);
             if flow.id != self.next {
                 self.moved.insert(flow.id, self.next);
             } else {
@@ -157,25 +309,28 @@ impl FlowStore {
         }
     }
 
-    /// Brings the address tags up to date after the flow's translation changed.
+    /// Brings the address tags and index up to date after the flow's first translation was
+    /// noted (its `nat` goes from None to set, once).
     pub fn retag(&mut self, id: FlowId) {
         let Some((c, i)) = self.slot(id) else {
             return;
         };
         if let Some(chunk) = self.chunks.get_mut(c) {
-            let tags = chunk.flows.get(i).and_then(Option::as_ref).map(Tags::of);
-            if let (Some(t), Some(slot)) = (tags, chunk.tags.get_mut(i)) {
-                *slot = t;
+            let Some(f) = chunk.flows.get(i).and_then(Option::as_ref) else {
+                return;
+            };
+            if let Some(slot) = chunk.tags.get_mut(i) {
+                *slot = Tags::of(f);
             }
+            chunk.dsts.add_translated(f, i as u16);
         }
     }
 
     /// Empties the oldest slot; returns its flow (None for a slot a moved flow left).
-    fn take_first(&mut self) -> Option<(Flow, u64)> {
+    fn take_first(&mut self) -> Option<Flow> {
         let (c, i) = self.position(self.first)?;
         let chunk = self.chunks.get_mut(c)?;
         let flow = chunk.flows.get_mut(i)?.take();
-        let entered = chunk.entered_ns.get(i).copied().unwrap_or(0);
         self.first += 1;
         if self.first - self.base >= CHUNK as FlowId {
             self.chunks.pop_front();
@@ -183,7 +338,7 @@ impl FlowStore {
         }
         let flow = flow?;
         self.len -= 1;
-        Some((flow, entered))
+        Some(flow)
     }
 
     /// Removes and returns the least recently active flow, approximately: flows active since
@@ -191,10 +346,10 @@ impl FlowStore {
     /// so one eviction never walks the whole table).
     pub fn pop_coldest(&mut self, mut chances: usize) -> Option<Flow> {
         while self.len > 0 {
-            let Some((flow, entered)) = self.take_first() else {
+            let Some(flow) = self.take_first() else {
                 continue;
             };
-            if chances > 0 && flow.last_ns > entered {
+            if chances > 0 && flow.active {
                 chances -= 1;
                 self.put(flow);
                 continue;
@@ -245,22 +400,74 @@ impl FlowStore {
             })
     }
 
-    /// Newest first, only flows that may have `src` / `dst` (as first seen or translated)
-    /// going by their tags: a superset of the flows that do.
-    pub fn iter_newest_tagged(
-        &self,
-        src: Option<IpAddr>,
-        dst: Option<IpAddr>,
-    ) -> impl Iterator<Item = &Flow> {
-        let (src, dst) = (src.map(addr_tag), dst.map(addr_tag));
+    /// Newest first, only flows that may have `src` (as first seen or translated) going by
+    /// their tags: a superset of the flows that do.
+    pub fn iter_newest_from(&self, src: IpAddr) -> impl Iterator<Item = &Flow> {
+        let src = addr_tag(src);
         self.chunks.iter().rev().flat_map(move |c| {
             c.tags
                 .iter()
                 .zip(&c.flows)
                 .rev()
-                .filter(move |(t, _)| t.may_match(src, dst))
+                .filter(move |(t, _)| t.may_match(src))
                 .filter_map(|(_, f)| f.as_ref())
         })
+    }
+
+    /// The slots of chunk `c` (based at slot `chunk_base`) below `bound` with a flow whose
+    /// destination (as first seen or translated) is in `net`.
+    fn hits(&self, c: &Chunk, chunk_base: FlowId, net: &Cidr, bound: FlowId) -> [u64; WORDS] {
+        let mut hits = c.dsts.hits(net);
+        // Only slots from `first` to below `bound` hold flows (the index keeps entries of
+        // slots emptied since).
+        let lo = self.first.saturating_sub(chunk_base).min(CHUNK as FlowId) as usize;
+        let hi = bound
+            .min(self.next)
+            .saturating_sub(chunk_base)
+            .min(CHUNK as FlowId) as usize;
+        for (w, word) in hits.iter_mut().enumerate() {
+            *word &= span_mask(w * 64, lo, hi);
+        }
+        hits
+    }
+
+    /// Newest first, the flows in slots below `bound` whose destination, as first seen or
+    /// translated, is in `net` (exact: from the index, no flow read to find them), with their
+    /// slot numbers (to resume a walk from).
+    pub fn iter_newest_to<'a>(
+        &'a self,
+        net: &'a Cidr,
+        bound: FlowId,
+    ) -> impl Iterator<Item = (FlowId, &'a Flow)> + 'a {
+        let base = self.base;
+        self.chunks
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(move |(i, _)| base + ((i * CHUNK) as FlowId) < bound)
+            .flat_map(move |(i, c)| {
+                let chunk_base = base + (i * CHUNK) as FlowId;
+                bits_desc(self.hits(c, chunk_base, net, bound)).filter_map(move |off| {
+                    let f = c.flows.get(off)?.as_ref()?;
+                    Some((chunk_base + off as FlowId, f))
+                })
+            })
+    }
+
+    /// How many flows have a destination, as first seen or translated, in `net`: from the
+    /// index alone.
+    pub fn count_to(&self, net: &Cidr) -> usize {
+        self.chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let chunk_base = self.base + (i * CHUNK) as FlowId;
+                self.hits(c, chunk_base, net, FlowId::MAX)
+                    .iter()
+                    .map(|w| w.count_ones() as usize)
+                    .sum::<usize>()
+            })
+            .sum()
     }
 }
 
@@ -311,10 +518,17 @@ mod tests {
         let across = s.iter_newest_below(2 * CHUNK as FlowId + 3).count() as FlowId;
         assert_eq!(across, 2 * CHUNK as FlowId + 3 - first);
         let tagged: Vec<FlowId> = s
-            .iter_newest_tagged(Some(std::net::IpAddr::from([10, 0, 0, 1])), None)
+            .iter_newest_from(std::net::IpAddr::from([10, 0, 0, 1]))
             .map(|f| f.id)
             .collect();
         assert_eq!(ids, tagged, "every flow carries the tagged source");
+        let host = Cidr::host(std::net::IpAddr::from([10, 0, 0, 1]));
+        let indexed: Vec<FlowId> = s
+            .iter_newest_to(&host, FlowId::MAX)
+            .map(|(_, f)| f.id)
+            .collect();
+        assert_eq!(ids, indexed, "every flow goes to the indexed destination");
+        assert_eq!(s.count_to(&host), ids.len());
         assert_eq!(ids.len(), s.len());
         assert!(ids.windows(2).all(|w| w[0] == w[1] + 1));
         while s.pop_oldest().is_some() {}
@@ -352,6 +566,7 @@ mod clock_tests {
         // Flow 1 was active after it was stored; flow 2 was not.
         if let Some(f) = s.get_mut(1) {
             f.last_ns = 100;
+            f.active = true;
         }
         let evicted = s.pop_coldest(4).map(|f| f.id);
         assert_eq!(evicted, Some(2), "the idle flow goes, the active one stays");
@@ -390,7 +605,7 @@ mod tag_tests {
     use crate::flows::{DirTuple, Nat};
 
     #[test]
-    fn tags_follow_translation_and_skip_other_addresses() {
+    fn tags_and_index_follow_translation_and_skip_other_addresses() {
         let mut s = FlowStore::new();
         let ip = |a: u8| IpAddr::from([10, 0, 0, a]);
         for a in 1..=200u8 {
@@ -404,30 +619,62 @@ mod tag_tests {
             let id = s.next_id();
             s.push(Flow::new(id, t, 0));
         }
-        let q = |s: &FlowStore, src: Option<IpAddr>, dst: Option<IpAddr>| {
-            s.iter_newest_tagged(src, dst)
-                .filter(|f| src.is_none_or(|x| f.src == x || f.nat.is_some_and(|n| n.src == x)))
+        let q = |s: &FlowStore, src: IpAddr| {
+            s.iter_newest_from(src)
+                .filter(|f| f.src == src || f.nat.is_some_and(|n| n.src == src))
                 .map(|f| f.id)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(q(&s, Some(ip(7)), Some(ip(250))), [7]);
+        let to = |s: &FlowStore, dst: IpAddr| {
+            s.iter_newest_to(&Cidr::host(dst), FlowId::MAX)
+                .map(|(_, f)| f.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(q(&s, ip(7)), [7]);
         // Candidates are few: the digest tells 200 addresses apart.
-        assert!(s.iter_newest_tagged(Some(ip(7)), None).count() < 5);
-        assert_eq!(q(&s, Some(ip(251)), None), Vec::<FlowId>::new());
-        // Masquerade flow 9 to 10.0.0.251: found by its translated source once retagged.
+        assert!(s.iter_newest_from(ip(7)).count() < 5);
+        assert_eq!(q(&s, ip(251)), Vec::<FlowId>::new());
+        assert_eq!(to(&s, ip(250)).len(), 200);
+        assert_eq!(to(&s, ip(252)), Vec::<FlowId>::new());
+        // Masquerade flow 9 to 10.0.0.251 and DNAT it to 10.0.0.252: found by its translated
+        // source and destination once retagged.
         if let Some(f) = s.get_mut(9) {
             f.nat = Some(Nat {
                 src: ip(251),
                 sport: 6000,
-                dst: ip(250),
+                dst: ip(252),
                 dport: 80,
             });
         }
         s.retag(9);
-        assert_eq!(q(&s, Some(ip(251)), None), [9]);
+        assert_eq!(q(&s, ip(251)), [9]);
+        assert_eq!(to(&s, ip(252)), [9]);
+        assert_eq!(
+            to(&s, ip(250)).len(),
+            200,
+            "and by the first seen one still"
+        );
+        let net = Cidr::new(ip(0), 24).unwrap_or(Cidr::host(ip(0)));
+        assert_eq!(
+            s.count_to(&net),
+            200,
+            "one flow counted once for both its destinations"
+        );
         assert_ne!(
             addr_tag(ip(1)),
             addr_tag(IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]))
         );
+    }
+
+    #[test]
+    fn span_masks_and_bits() {
+        assert_eq!(span_mask(0, 0, 64), u64::MAX);
+        assert_eq!(span_mask(64, 0, 64), 0);
+        assert_eq!(span_mask(0, 3, 5), 0b11000);
+        assert_eq!(span_mask(64, 60, 70), 0b111111);
+        let mut hits = [0u64; WORDS];
+        hits[0] = 0b101;
+        hits[15] = 1 << 63;
+        assert_eq!(bits_desc(hits).collect::<Vec<_>>(), [1023, 2, 0]);
     }
 }

@@ -96,8 +96,8 @@ fn snat_and_dnat_correlate_into_one_flow() {
     );
     assert_eq!(f.first_reply_ns(), Some(3_000));
     assert!(f.tcp.syn && f.tcp.syn_ack);
-    assert_eq!(f.hops.len(), 4);
-    assert_eq!(f.hops.iter().filter(|h| h.side == Side::Reverse).count(), 2);
+    assert_eq!(f.hops().count(), 4);
+    assert_eq!(f.hops().filter(|h| h.side == Side::Reverse).count(), 2);
 }
 
 #[test]
@@ -591,4 +591,110 @@ fn a_late_translated_copy_still_finds_its_flow_after_other_traffic() {
         t.ingest(&obs(late, ETH0, Dir::Egress, out2), &lookup),
         Some(id2)
     );
+}
+
+mod address_index {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::net::Cidr;
+
+    /// Destinations the generated flows go to (a Service range, pods, an outside address,
+    /// IPv6), and what DNAT turns them into.
+    const DSTS: [&str; 6] = [
+        "10.96.0.1",
+        "10.96.0.2",
+        "10.96.1.9",
+        "10.244.2.5",
+        "192.168.5.5",
+        "fd00::1",
+    ];
+    const BACKENDS: [&str; 6] = [
+        "10.244.3.1",
+        "10.244.3.2",
+        "10.96.0.1",
+        "10.244.2.6",
+        "192.168.5.6",
+        "fd00::2:1",
+    ];
+
+    fn nets() -> Vec<Cidr> {
+        let net = |s: &str, p: u8| Cidr::new(ip(s), p).unwrap_or(Cidr::host(ip(s)));
+        let mut v: Vec<Cidr> = DSTS
+            .iter()
+            .chain(&BACKENDS)
+            .map(|s| Cidr::host(ip(s)))
+            .collect();
+        v.extend([
+            net("10.96.0.0", 16),
+            net("10.96.0.0", 24),
+            net("10.244.0.0", 16),
+            net("10.0.0.0", 8),
+            net("0.0.0.0", 0),
+            net("fd00::", 64),
+            net("::", 0),
+            Cidr::host(ip("10.99.99.99")),
+        ]);
+        v
+    }
+
+    /// One connection: a SYN at the pod's veth, then (for `nat` 1-3) its translated copy
+    /// leaving eth0 (1: DNAT, 2: SNAT, 3: both), and for `again` a later packet that makes it
+    /// active (a second chance when eviction reaches it).
+    fn connect(t: &mut FlowTable, k: usize, (d, nat, again): (usize, u8, bool), ts: u64) {
+        let v6 = DSTS[d].contains(':');
+        let pod = if v6 { "fd00:1::5" } else { "10.244.1.5" };
+        let node = if v6 { "fd00:9::1" } else { "192.168.21.10" };
+        let sport = 1024 + k as u16;
+        let seq = 1000 + k as u32;
+        let syn = pkt(pod, sport, DSTS[d], 80, 0x02, seq, 0);
+        t.ingest(&obs(ts, CALI, Dir::Ingress, syn), &lookup);
+        let (src, dst) = match nat {
+            1 => (pod, BACKENDS[d]),
+            2 => (node, DSTS[d]),
+            3 => (node, BACKENDS[d]),
+            _ => return,
+        };
+        let out = pkt(src, sport.wrapping_add(7), dst, 8080, 0x02, seq, 0);
+        t.ingest(&obs(ts + 10, ETH0, Dir::Egress, out), &lookup);
+        if again {
+            let ack = pkt(pod, sport, DSTS[d], 80, 0x10, seq + 1, 1);
+            t.ingest(&obs(ts + 20, CALI, Dir::Ingress, ack), &lookup);
+        }
+    }
+
+    /// The flows going to `net`, newest first, read from every flow.
+    fn scan(t: &FlowTable, net: &Cidr, bound: FlowId) -> Vec<FlowId> {
+        t.iter_newest_below(bound)
+            .filter(|(_, f)| net.contains(f.dst) || f.nat.is_some_and(|n| net.contains(n.dst)))
+            .map(|(_, f)| f.id)
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        /// The index finds exactly the flows a scan finds, in the same order, and counts them,
+        /// through eviction (with second chances that move flows), NAT and chunk boundaries.
+        #[test]
+        fn index_equals_a_scan(
+            conns in prop::collection::vec((0..DSTS.len(), 0u8..4, any::<bool>()), 1..2600),
+            cap in 300usize..2200,
+            cut in 0u64..3000,
+        ) {
+            let mut t = FlowTable::new(cap);
+            for (k, c) in conns.iter().enumerate() {
+                connect(&mut t, k, *c, 1_000_000 * (k as u64 + 1));
+            }
+            for net in nets() {
+                let all = scan(&t, &net, FlowId::MAX);
+                let found: Vec<FlowId> =
+                    t.iter_newest_to(&net, FlowId::MAX).map(|(_, f)| f.id).collect();
+                prop_assert_eq!(&found, &all, "{:?}", net);
+                prop_assert_eq!(t.count_to(&net), all.len());
+                let below: Vec<FlowId> = t.iter_newest_to(&net, cut).map(|(_, f)| f.id).collect();
+                prop_assert_eq!(below, scan(&t, &net, cut));
+            }
+        }
+    }
 }

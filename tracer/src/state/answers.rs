@@ -11,7 +11,7 @@ use tracer_model::{
 use super::{lock, view, Census, FlowCursor, Shared};
 use crate::{
     diagnose::judge,
-    flows::{Flow, Sample},
+    flows::{Flow, FlowId, Sample},
 };
 
 /// One cause's flows in a `/diagnoses` answer.
@@ -62,7 +62,7 @@ impl Shared {
             matches_tuple(q, f)
                 && f.last_ns >= since_ns
                 && veth.as_deref().is_none_or(|v| {
-                    f.hops.iter().any(|h| *h.iface.name == *v)
+                    f.hops().any(|h| *h.iface.name == *v)
                         || q.pod
                             .as_ref()
                             .is_some_and(|(ns, name)| names.is_pod(f, ns, name))
@@ -79,13 +79,28 @@ impl Shared {
             return self.flows_judged(q);
         }
         // Judging is the expensive part: only the flows rendered are judged, the rest counted.
+        // By destination, the address index finds the flows, and counts them when nothing else
+        // is asked: then only the flows shown are read.
         self.with_context(|cx, table| {
             let mut flows = Vec::new();
             let mut matched = 0usize;
             let matches = self.matcher(q, cx.now_ns);
             let names = self.naming();
-            let (src, dst) = q.hosts();
-            for f in table.iter_newest_with(src, dst) {
+            let (src, _) = q.hosts();
+            let candidates: Box<dyn Iterator<Item = &Flow>> = match (&q.dst, src) {
+                (Some(net), _) => Box::new(table.iter_newest_to(net, FlowId::MAX).map(|(_, f)| f)),
+                (None, Some(src)) => Box::new(table.iter_newest_from(src)),
+                (None, None) => Box::new(table.iter_newest()),
+            };
+            let counted = q
+                .dst
+                .as_ref()
+                .filter(|_| only_dst(q))
+                .map(|net| table.count_to(net));
+            for f in candidates {
+                if counted.is_some() && flows.len() >= limit {
+                    break;
+                }
                 if !matches(f) {
                     continue;
                 }
@@ -94,6 +109,7 @@ impl Shared {
                     flows.push(view::flow_view(f, judge(f, cx), &self.clock, cx, &names));
                 }
             }
+            let matched = counted.unwrap_or(matched);
             FlowsPage {
                 truncated: matched > flows.len(),
                 flows,
@@ -346,6 +362,34 @@ impl Shared {
         c.flow_log = self.flow_log_stats();
         c
     }
+}
+
+/// The query asks for a destination and nothing else a flow must be read for: the address
+/// index's count is the answer's `matched`.
+fn only_dst(q: &FlowQuery) -> bool {
+    let FlowQuery {
+        pod,
+        since,
+        dst,
+        src,
+        port,
+        proto,
+        verdict,
+        cause,
+        limit: _,
+        namespace,
+        selector,
+    } = q;
+    dst.is_some()
+        && pod.is_none()
+        && since.is_none()
+        && src.is_none()
+        && port.is_none()
+        && proto.is_none()
+        && verdict.is_none()
+        && cause.is_none()
+        && namespace.is_none()
+        && selector.is_none()
 }
 
 /// The filters that need no judgement: addresses match the original or the translated tuple.

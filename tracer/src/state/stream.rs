@@ -10,7 +10,7 @@ use tracer_model::{
 use super::{view::flow_view, Shared};
 use crate::{
     diagnose::{judge, Judgement},
-    flows::FlowId,
+    flows::{Flow, FlowId},
 };
 
 /// Flows examined, and flows rendered, per hold of the flow table (a few ms either way).
@@ -83,7 +83,12 @@ impl Shared {
             let matches = self.matcher(&cur.q, cx.now_ns);
             let names = self.naming();
             let (mut examined, mut rendered) = (0, 0);
-            for (slot, f) in table.iter_newest_below(cur.bound) {
+            // By destination, only the flows the address index finds.
+            let walk: Box<dyn Iterator<Item = (FlowId, &Flow)>> = match &cur.q.dst {
+                Some(net) => Box::new(table.iter_newest_to(net, cur.bound)),
+                None => Box::new(table.iter_newest_below(cur.bound)),
+            };
+            for (slot, f) in walk {
                 cur.bound = slot;
                 examined += 1;
                 if matches(f) {

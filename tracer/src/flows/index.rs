@@ -1,0 +1,95 @@
+//! The tuple index: every tuple a flow was seen with (`Flow::tuples`), both directions under
+//! one hash. An entry is 8 bytes, the flow's id and which of its tuples it is for, not the tuple
+//! or its digest: the hash table re-reads the tuple from the flow when it compares or grows.
+//! Two tuples with the same hash are told apart by the tuples themselves, never confused.
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+
+use super::{store::FlowStore, DirTuple, Flow, FlowId, Side};
+
+/// Low bits of an entry: the tuple's position in `Flow::tuples` (at most 1 + 1 + 8).
+const POS_BITS: u32 = 4;
+const POS_MASK: u64 = (1 << POS_BITS) - 1;
+
+pub(super) struct TupleIndex {
+    table: HashTable<u64>,
+    digest: foldhash::fast::RandomState,
+}
+
+/// The tuple entry `e` is for, read from its flow.
+fn tuple_of(flows: &FlowStore, e: u64) -> Option<DirTuple> {
+    flows
+        .get(e >> POS_BITS)?
+        .tuples()
+        .nth((e & POS_MASK) as usize)
+}
+
+/// The same connection either way round.
+fn same_pair(a: &DirTuple, b: &DirTuple) -> bool {
+    a == b || a.reversed() == *b
+}
+
+/// The hash of `t` and of its reverse: its ends in a canonical order.
+fn hash_with(digest: &foldhash::fast::RandomState, t: &DirTuple) -> u64 {
+    let a = (t.src, t.sport);
+    let b = (t.dst, t.dport);
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    digest.hash_one((t.proto, lo, hi))
+}
+
+impl TupleIndex {
+    pub fn new() -> TupleIndex {
+        TupleIndex {
+            table: HashTable::new(),
+            digest: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    fn hash(&self, t: &DirTuple) -> u64 {
+        hash_with(&self.digest, t)
+    }
+
+    /// The flow carrying `t`, and on which side.
+    pub fn lookup(&self, flows: &FlowStore, t: &DirTuple) -> Option<(FlowId, Side)> {
+        let e = self.table.find(self.hash(t), |&e| {
+            tuple_of(flows, e).is_some_and(|u| same_pair(&u, t))
+        })?;
+        let id = e >> POS_BITS;
+        Some((id, flows.get(id)?.side_of(t)?))
+    }
+
+    /// Indexes tuple `pos` of flow `id`, in place of another flow's entry for the same tuple.
+    pub fn insert(&mut self, flows: &FlowStore, id: FlowId, pos: usize) {
+        let Some(t) = flows.get(id).and_then(|f| f.tuples().nth(pos)) else {
+            return;
+        };
+        let entry = id << POS_BITS | pos as u64;
+        let hash = self.hash(&t);
+        let same = |&e: &u64| tuple_of(flows, e).is_some_and(|u| same_pair(&u, &t));
+        if let Some(e) = self.table.find_mut(hash, same) {
+            *e = entry;
+            return;
+        }
+        // Growing rehashes every entry from its flow.
+        let digest = &self.digest;
+        self.table.insert_unique(hash, entry, |&e| {
+            tuple_of(flows, e).map_or(0, |u| hash_with(digest, &u))
+        });
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Removes the entries of `f` (other flows' entries for its tuples stay).
+    pub fn remove(&mut self, f: &Flow) {
+        for (pos, t) in f.tuples().enumerate() {
+            let entry = f.id << POS_BITS | pos as u64;
+            if let Ok(e) = self.table.find_entry(self.hash(&t), |&e| e == entry) {
+                e.remove();
+            }
+        }
+    }
+}
