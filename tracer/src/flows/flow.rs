@@ -601,17 +601,16 @@ impl Flow {
         (us != NO_US).then(|| self.first_ns + u64::from(us) * 1000)
     }
 
-    /// The hops with their tuples and tunnel headers resolved, in the order first seen.
     /// Where the requests were first seen on this node, outside any tunnel: their size there
     /// is the size the sender gave them.
     pub fn request_hop(&self) -> Option<&Hop> {
-        self.hops
-            .iter()
+        self.hops()
             .filter(|h| h.side == Side::Forward)
             .filter(|h| self.view(h).encap.is_none())
             .min_by_key(|h| h.first_us)
     }
 
+    /// The hops with their tuples and tunnel headers resolved, in the order first seen.
     pub fn path(&self) -> impl DoubleEndedIterator<Item = HopView<'_>> + '_ {
         self.hops().map(move |h| self.view(h))
     }
