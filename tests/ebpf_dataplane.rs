@@ -501,15 +501,7 @@ fn allowed_not_blamed(agent: &common::Agent, lab: &Cluster) -> TestResult {
         connect_server(lab, ALLOWED)?,
         "the allowed client gets through"
     );
-    let page = agent.flows(
-        &lab.nodes[0].netns,
-        &query(&format!("src={}/32", ALLOWED.1))?,
-    )?;
-    assert!(!page.flows.is_empty(), "no flow of the allowed client");
-    for f in &page.flows {
-        assert!(f.diagnosis.is_none(), "allowed flow blamed: {f:?}");
-    }
-    Ok(())
+    common::none_blamed(agent, &lab.nodes[0].netns, ALLOWED.1)
 }
 
 /// felix's eBPF dataplane drops three clients by policy (a STAND-IN for felix's tc program on

@@ -148,3 +148,14 @@ pub fn yaml_strings(y: &yaml_rust2::Yaml) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Flows from `src` exist on `ns`'s agent and none of them is diagnosed: an allowed client is
+/// never blamed for its neighbours' drops.
+pub fn none_blamed(agent: &Agent, ns: &Netns, src: &str) -> TestResult {
+    let page = agent.flows(ns, &query(&format!("src={src}/32"))?)?;
+    assert!(!page.flows.is_empty(), "no flow from {src}");
+    for f in &page.flows {
+        assert!(f.diagnosis.is_none(), "flow from {src} blamed: {f:?}");
+    }
+    Ok(())
+}

@@ -824,21 +824,7 @@ impl PolicyView {
                 rule.chain
             )));
         };
-        let mut hit = PolicyHit {
-            action: PolicyAction::Deny,
-            chain: rule.chain.clone(),
-            chain_rule: rule.pos,
-            direction,
-            kind: None,
-            missing: vec![],
-            name: None,
-            namespace: None,
-            packets,
-            policies: vec![],
-            rule: None,
-            rule_index: None,
-            tier: None,
-        };
+        let mut hit = deny_hit(rule.chain.clone(), rule.pos, direction, packets);
         let endpoint_chain = base(&rule.chain).starts_with(TO_WORKLOAD)
             || base(&rule.chain).starts_with(FROM_WORKLOAD);
         if endpoint_chain {
@@ -940,6 +926,31 @@ impl PolicyView {
             rule.pos
         ));
         Ok(hit)
+    }
+}
+
+/// A Deny hit on `chain` (its rule at `chain_rule`) that names nothing yet: the caller fills
+/// in the policy, tier and rule it can tell.
+pub(crate) fn deny_hit(
+    chain: String,
+    chain_rule: u32,
+    direction: PolicyDirection,
+    packets: u64,
+) -> PolicyHit {
+    PolicyHit {
+        action: PolicyAction::Deny,
+        chain,
+        chain_rule,
+        direction,
+        kind: None,
+        missing: vec![],
+        name: None,
+        namespace: None,
+        packets,
+        policies: vec![],
+        rule: None,
+        rule_index: None,
+        tier: None,
     }
 }
 

@@ -300,21 +300,7 @@ pub fn attribute(
             ],
         });
     };
-    let mut hit = PolicyHit {
-        action: PolicyAction::Deny,
-        chain: prefix.clone(),
-        chain_rule: 0,
-        direction: dir,
-        kind: None,
-        missing: vec![],
-        name: None,
-        namespace: None,
-        packets,
-        policies: vec![],
-        rule: None,
-        rule_index: None,
-        tier: None,
-    };
+    let mut hit = super::deny_hit(prefix.clone(), 0, dir, packets);
     match rule {
         RuleId::Deny { policy, index, .. } => {
             hit.kind = Some(policy.kind.as_str().into());
