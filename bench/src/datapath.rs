@@ -364,7 +364,7 @@ fn iperf(pod: &Netns, server: &str, secs: u32, udp: bool) -> Result<f64> {
 }
 
 /// BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times every program run while the fd is open.
-fn enable_bpf_stats() -> Result<OwnedFd> {
+pub(crate) fn enable_bpf_stats() -> Result<OwnedFd> {
     const BPF_ENABLE_STATS: libc::c_long = 32;
     // union bpf_attr's enable_stats member: { __u32 type }, BPF_STATS_RUN_TIME = 0.
     let attr = [0u32; 4];
@@ -385,12 +385,12 @@ fn enable_bpf_stats() -> Result<OwnedFd> {
 }
 
 /// BPF program types, as /proc/PID/fdinfo shows them.
-const PROG_SCHED_CLS: u64 = 3;
+pub(crate) const PROG_SCHED_CLS: u64 = 3;
 const PROG_TRACEPOINT: u64 = 5;
 
 /// Run time (ns) and run count per program type of the programs process `pid` holds open, from
 /// /proc/PID/fdinfo (filled while BPF run-time stats are enabled).
-fn prog_run_time(pid: u32) -> Result<HashMap<u64, (u64, u64)>> {
+pub(crate) fn prog_run_time(pid: u32) -> Result<HashMap<u64, (u64, u64)>> {
     let mut by_type: HashMap<u64, (u64, u64)> = HashMap::new();
     let mut seen = HashSet::new();
     let dir = format!("/proc/{pid}/fd");

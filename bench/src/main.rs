@@ -5,6 +5,7 @@
 //! exit and on failure (the lab crate's Drop guards). Nothing asserts: targets print PASS/MISS.
 mod agent;
 mod alloc;
+mod busy;
 mod cluster;
 mod datapath;
 mod floor;
@@ -30,6 +31,7 @@ enum Section {
     Verdict,
     Memory,
     Cluster,
+    Busy,
 }
 
 #[derive(Debug, Parser)]
@@ -165,12 +167,13 @@ fn run(opts: &Opts) -> Result<()> {
         }
     );
     let mut rows = Vec::new();
-    let sections: [(Section, &str, SectionFn); 5] = [
+    let sections: [(Section, &str, SectionFn); 6] = [
         (Section::Records, "2 agent throughput", records::run),
         (Section::Memory, "4 memory & query", memory::run),
         (Section::Verdict, "3 time to verdict", verdict::run),
         (Section::Datapath, "1 data-path overhead", datapath::run),
         (Section::Cluster, "5 big cluster", cluster::run),
+        (Section::Busy, "6 busy node", busy::run),
     ];
     for (s, name, f) in sections {
         if !wanted(s) {
