@@ -76,8 +76,9 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u32,
     },
-    /// Benchmarks: data-path overhead, agent throughput, time to verdict, memory (needs root;
-    /// ~4 minutes, results in a table; see docs/benchmarks.md).
+    /// Benchmarks: data-path overhead, agent throughput, time to verdict, memory, a big cluster
+    /// (100 agents), a busy node (250 veths, 5k conn/s) (needs root; ~10 minutes, results in a
+    /// table; see docs/benchmarks.md).
     Bench {
         /// A ~1 minute smoke run.
         #[arg(long)]
