@@ -299,30 +299,8 @@ fn ipv6_packet_too_big_names_the_router_and_the_path_mtu() -> TestResult {
         ns.sysctl("net/ipv6/conf/all/accept_dad", "0")?;
         ns.sysctl("net/ipv6/conf/default/accept_dad", "0")?;
     }
-    a.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ra",
-        "netns",
-        r.name(),
-    ])?;
-    b.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "rb",
-        "netns",
-        r.name(),
-    ])?;
+    a.add_veth("eth0", "ra", &r)?;
+    b.add_veth("eth0", "rb", &r)?;
     // The router's port towards the receiver carries 1400 bytes; every other MTU is 1500.
     r.ip(&["link", "set", "rb", "mtu", "1400"])?;
     r.sysctl("net/ipv6/conf/all/forwarding", "1")?;

@@ -71,18 +71,7 @@ fn build(pods: usize) -> Result<Node> {
     let server = Netns::create(&format!("{prefix}bs"))?;
     node.sysctl("net.ipv4.ip_forward", "1")?;
     node.ip(&["link", "set", "lo", "up"])?;
-    node.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        server.name(),
-    ])?;
+    node.add_veth("eth0", "eth0", &server)?;
     node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
     node.ip(&["link", "set", "eth0", "up"])?;
     server.ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", "eth0"])?;
@@ -96,18 +85,7 @@ fn build(pods: usize) -> Result<Node> {
     for i in 0..pods {
         let pod = Netns::create(&format!("{prefix}b{i}"))?;
         let cali = veth(i);
-        node.ip(&[
-            "link",
-            "add",
-            &cali,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ])?;
+        node.add_veth(&cali, "eth0", &pod)?;
         node.sysctl(&format!("net.ipv4.conf.{cali}.proxy_arp"), "1")?;
         node.ip(&["link", "set", &cali, "up"])?;
         node.ip(&["route", "add", &format!("{}/32", pod_ip(i)), "dev", &cali])?;

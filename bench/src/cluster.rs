@@ -53,18 +53,7 @@ fn build(opts: &Opts, n: usize) -> Result<Lan> {
     switch.ip(&["link", "set", "br0", "up"])?;
     let client = Netns::create(&format!("{prefix}cc"))?;
     let plug = |ns: &Netns, port: &str, addr: Ipv4Addr| -> Result<()> {
-        switch.ip(&[
-            "link",
-            "add",
-            port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
+        switch.add_veth(port, "eth0", ns)?;
         switch.ip(&["link", "set", port, "master", "br0", "up"])?;
         ns.ip(&["addr", "add", &format!("{addr}/16"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;

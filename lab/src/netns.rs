@@ -79,6 +79,23 @@ impl Netns {
         )
     }
 
+    /// Creates a veth pair: `name` here, its peer `peer` in `peer_ns`.
+    pub fn add_veth(&self, name: &str, peer: &str, peer_ns: &Netns) -> Result<(), LabError> {
+        self.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            &peer_ns.name,
+        ])?;
+        Ok(())
+    }
+
     /// Writes a sysctl inside the namespace. `key` is either the `/proc/sys` path form
     /// (`net/ipv4/conf/eth0/rp_filter`, required when a component contains a dot, e.g.
     /// `vxlan.calico`) or the dotted form (`net.ipv4.ip_forward`).

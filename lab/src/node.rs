@@ -34,18 +34,7 @@ impl Pod {
         let veth = calico::veth_name(namespace, name);
         let netns = Netns::create(&format!("{}-{veth}", node.name()))?;
         netns.disable_ipv6()?;
-        netns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &veth,
-            "netns",
-            node.name(),
-        ])?;
+        netns.add_veth("eth0", &veth, node)?;
 
         // Host side. The fixed MAC is the CNI's: pods never need to learn per-node MACs.
         node.ip(&["link", "set", &veth, "address", HOST_VETH_MAC])?;

@@ -270,18 +270,7 @@ pub(crate) fn lan_attach(
     ip: Ipv4Addr,
     prefix_len: u8,
 ) -> Result<(), LabError> {
-    host.ip(&[
-        "link",
-        "add",
-        iface,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        port,
-        "netns",
-        underlay.name(),
-    ])?;
+    host.add_veth(iface, port, underlay)?;
     underlay.ip(&["link", "set", port, "master", bridge])?;
     underlay.ip(&["link", "set", port, "up"])?;
     host.ip(&["addr", "add", &format!("{ip}/{prefix_len}"), "dev", iface])?;

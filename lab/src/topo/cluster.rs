@@ -800,18 +800,7 @@ impl Build<'_> {
             ns.ip(&["link", "set", &b.name, "up"])?;
             let ctr = Netns::create(&format!("{}-ctr", ns.name()))?;
             ctr.disable_ipv6()?;
-            ctr.ip(&[
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &b.container_veth,
-                "netns",
-                ns.name(),
-            ])?;
+            ctr.add_veth("eth0", &b.container_veth, ns)?;
             ns.ip(&["link", "set", &b.container_veth, "master", &b.name])?;
             ns.ip(&["link", "set", &b.container_veth, "up"])?;
             ctr.ip(&[
