@@ -482,6 +482,10 @@ mod tests {
 
     #[test]
     fn diagnoses_from_the_tally_equal_judging_every_flow() {
+        // One "now" for both answers: an unanswered flow's `waited_ms` is measured to now, and
+        // two calls straddling a millisecond would differ in it alone.
+        let now = crate::clock::mono_now_ns();
+        crate::clock::FIXED_NOW_NS.with(|n| n.set(Some(now)));
         let shared = crate::state::tests::unanswered(3 * VISIT_CHUNK as u32 + 5);
         // The first call's tally judges every flow; the answer is then read from its marks.
         let fast = shared.diagnoses();
@@ -495,6 +499,7 @@ mod tests {
         let again = shared.diagnoses();
         assert_eq!(again, shared.diagnoses_judging_all());
         assert_eq!(shared.tally_counts().full_passes, passes);
+        crate::clock::FIXED_NOW_NS.with(|n| n.set(None));
     }
 
     #[test]
