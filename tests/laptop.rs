@@ -35,7 +35,7 @@ struct Laptop {
     /// One per node, `None` once stopped.
     agents: Vec<Option<Agent>>,
     _standin: KubeStandin,
-    _store: Arc<Store>,
+    store: Arc<Store>,
     lab: Cluster,
 }
 
@@ -165,7 +165,7 @@ fn laptop(extra: &[&str]) -> Res<Laptop> {
         dir,
         agents,
         _standin: standin,
-        _store: store,
+        store,
         lab,
     })
 }
@@ -402,6 +402,56 @@ fn all_nodes_through_the_api_server_names_nodes_and_reports_the_unreachable() ->
     );
     assert!(
         !stdout.contains(&format!("== {}", nodes[0])),
+        "{}",
+        text(&out)
+    );
+
+    // An agent pod the API server lists as not ready is named and not asked: no slot and no
+    // timeout spent on it.
+    l.store.apply(
+        "pods",
+        kube::not_ready(kube::agent_pod(
+            defaults::NAMESPACE,
+            "tracer-gone",
+            "node-gone",
+            "10.255.255.1",
+            defaults::API_PORT,
+        )),
+    )?;
+    let out = l.run(&["flows", "--all-nodes", "--proto", "tcp", "-o", "json"])?;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(seen(&out)?, vec![nodes[1].clone()], "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("node-gone")
+            && stderr.contains(
+                "not asked: pod tracer-gone is not ready (Ready=False, ContainersNotReady"
+            ),
+        "{}",
+        text(&out)
+    );
+
+    // Asked directly, an address that never accepts (no host answers ARP for it on the LAN)
+    // costs the short connect timeout and is named as such; the live agent still answers.
+    let node = &l.lab.nodes[1];
+    let [a, b, c, _] = node.ip.octets();
+    let agents = format!(
+        "http://{}:{port},http://{}:{port}",
+        node.ip,
+        std::net::Ipv4Addr::new(a, b, c, 250),
+        port = defaults::API_PORT
+    );
+    let token_file = l.dir.join("token").display().to_string();
+    let out = node
+        .netns
+        .command(env!("CARGO_BIN_EXE_tracer"))
+        .args(["flows", "--agents", &agents, "--token-file", &token_file])
+        .args(["--proto", "tcp", "-o", "json"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(".250") && stderr.contains("did not accept a connection within 1s"),
         "{}",
         text(&out)
     );

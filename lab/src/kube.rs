@@ -1039,8 +1039,25 @@ pub fn agent_pod(namespace: &str, name: &str, node: &str, node_ip: &str, port: u
             "containers": [{"name": "tracer", "image": "tracer:latest",
                 "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}]}]},
         "status": {"phase": "Running", "podIP": node_ip, "podIPs": [{"ip": node_ip}],
-            "hostIP": node_ip},
+            "hostIP": node_ip,
+            "conditions": [{"type": "Ready", "status": "True"}]},
     })
+}
+
+/// `pod` as the API server lists it once its readiness probe fails: the kubelet's Ready
+/// condition False with reason ContainersNotReady (what a node controller's NotReady marking
+/// also leaves: Ready not True).
+pub fn not_ready(mut pod: Value) -> Value {
+    let names: Vec<String> = pod["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect();
+    pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False",
+        "reason": "ContainersNotReady",
+        "message": format!("containers with unready status: [{}]", names.join(" "))}]);
+    pod
 }
 
 /// An Opaque Secret; the API serves `data` values base64-encoded.

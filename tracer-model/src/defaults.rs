@@ -34,8 +34,23 @@ pub const LEASE_TTL_SECONDS: u64 = 30;
 /// The longest time to live a lease may ask for.
 pub const MAX_LEASE_TTL_SECONDS: u64 = 3600;
 
-/// Agents asked at once by `--all-nodes` through the API server.
-pub const FAN_OUT: usize = 16;
+/// Agents asked at once by `--all-nodes`/`--agents`: at least [`FAN_OUT_MIN`], one more per
+/// 32 agents, at most [`FAN_OUT_MAX`]. More slots keep a big cluster's query short (5,000 agents
+/// at 32 in flight take half the rounds of 16), the cap keeps the client's memory bounded by the
+/// answer: at most that many pages are in flight, whatever the node count.
+pub fn fan_out(agents: usize) -> usize {
+    (agents / 32).clamp(FAN_OUT_MIN, FAN_OUT_MAX)
+}
+pub const FAN_OUT_MIN: usize = 16;
+pub const FAN_OUT_MAX: usize = 32;
+
+/// How long a client that asks many agents waits for one to accept its connection. Inside a
+/// cluster a connection is accepted in a round trip, or refused at once; one that has not
+/// been accepted after a second is an agent (or node) that is down, and waiting longer would
+/// hold one of the [`fan_out`] slots.
+pub const FAN_OUT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long such a client waits for one agent's whole answer.
+pub const FAN_OUT_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
@@ -45,5 +60,13 @@ mod tests {
     fn the_addresses_carry_the_port() {
         assert!(LISTEN.ends_with(&format!(":{API_PORT}")));
         assert!(AGENT_URL.ends_with(&format!(":{API_PORT}")));
+    }
+
+    #[test]
+    fn the_fan_out_grows_with_the_agents_within_bounds() {
+        assert_eq!(fan_out(1), FAN_OUT_MIN);
+        assert_eq!(fan_out(100), FAN_OUT_MIN);
+        assert_eq!(fan_out(800), 25);
+        assert_eq!(fan_out(5_000), FAN_OUT_MAX);
     }
 }

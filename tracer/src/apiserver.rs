@@ -6,7 +6,7 @@
 //! `pods/proxy` (the verbs of GET, POST, PUT, DELETE) and `get` on the one Secret.
 use std::path::PathBuf;
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, PodStatus, Secret};
 use kube::{
     api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
@@ -91,6 +91,41 @@ pub struct AgentPod {
     pub node: String,
     /// Its API port: the container port named `http`, else the default.
     pub port: u16,
+    /// Why it cannot answer, from its status: not running, no address yet, or not ready (as
+    /// the node controller marks the pods of a node that stopped reporting). `None` when its
+    /// status says nothing against it.
+    pub not_ready: Option<String>,
+}
+
+/// Why a pod with this status cannot answer, if its status says so: a phase other than
+/// Running, no pod IP (the API server proxies to it), or a Ready condition that is not True.
+/// A status that says nothing (no phase, no conditions) is not held against the pod.
+fn not_ready(name: &str, st: &PodStatus) -> Option<String> {
+    if let Some(phase) = st.phase.as_deref().filter(|p| *p != "Running") {
+        return Some(format!("pod {name} is {phase}"));
+    }
+    if st.phase.is_some() && st.pod_ip.as_deref().unwrap_or("").is_empty() {
+        return Some(format!("pod {name} has no IP yet"));
+    }
+    let ready = st
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")?;
+    if ready.status == "True" {
+        return None;
+    }
+    let why = [ready.reason.as_deref(), ready.message.as_deref()]
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ");
+    Some(if why.is_empty() {
+        format!("pod {name} is not ready (Ready={})", ready.status)
+    } else {
+        format!("pod {name} is not ready (Ready={}, {why})", ready.status)
+    })
 }
 
 /// The cluster's API server and where the agents run in it.
@@ -159,10 +194,12 @@ impl Cluster {
                     .find(|port| port.name.as_deref() == Some("http"))
                     .and_then(|port| u16::try_from(port.container_port).ok())
                     .unwrap_or(defaults::API_PORT);
+                let not_ready = p.status.as_ref().and_then(|st| not_ready(&name, st));
                 Some(AgentPod {
                     name,
                     node: spec.node_name?,
                     port,
+                    not_ready,
                 })
             })
             .collect();
@@ -226,5 +263,50 @@ impl Cluster {
             pod.port,
             token,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(v: serde_json::Value) -> Result<PodStatus, serde_json::Error> {
+        serde_json::from_value(v)
+    }
+
+    #[test]
+    fn only_a_status_that_says_so_keeps_an_agent_from_being_asked() -> Result<(), serde_json::Error>
+    {
+        let ready = serde_json::json!([{"type": "Ready", "status": "True"}]);
+        let asked = [
+            serde_json::json!({}),
+            serde_json::json!({"phase": "Running", "podIP": "10.0.0.1"}),
+            serde_json::json!({"phase": "Running", "podIP": "10.0.0.1", "conditions": ready}),
+        ];
+        for st in asked {
+            assert_eq!(not_ready("p", &status(st.clone())?), None, "{st}");
+        }
+        let skipped = [
+            (serde_json::json!({"phase": "Pending"}), "pod p is Pending"),
+            (
+                serde_json::json!({"phase": "Running", "conditions": ready}),
+                "pod p has no IP yet",
+            ),
+            (
+                serde_json::json!({"phase": "Running", "podIP": "10.0.0.1",
+                    "conditions": [{"type": "Ready", "status": "False"}]}),
+                "pod p is not ready (Ready=False)",
+            ),
+            (
+                serde_json::json!({"phase": "Running", "podIP": "10.0.0.1",
+                    "conditions": [{"type": "Ready", "status": "Unknown",
+                        "reason": "NodeNotReady", "message": ""}]}),
+                "pod p is not ready (Ready=Unknown, NodeNotReady)",
+            ),
+        ];
+        for (st, why) in skipped {
+            assert_eq!(not_ready("p", &status(st)?).as_deref(), Some(why));
+        }
+        Ok(())
     }
 }

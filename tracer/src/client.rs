@@ -27,6 +27,10 @@ pub enum ClientError {
     Connect(String, std::io::Error),
     #[error("the agent at {0} did not answer within {1:?}")]
     Timeout(String, Duration),
+    #[error("the agent at {0} did not accept a connection within {1:?} (agent or node down?)")]
+    ConnectTimeout(String, Duration),
+    #[error("not asked: {0}")]
+    NotAsked(String),
     #[error("talking to the agent: {0}")]
     Http(#[from] hyper::Error),
     #[error("talking to the API server: {0}")]
@@ -71,7 +75,11 @@ pub struct Agent {
     /// The agent's URL, or for [`Transport::PodProxy`] the name errors give it.
     pub base: String,
     pub token: Option<String>,
+    /// For the whole request and for reading the answer.
     pub timeout: Duration,
+    /// For the TCP connection alone ([`Transport::Direct`]; through the API server, the API
+    /// server connects and `timeout` bounds it).
+    pub connect_timeout: Duration,
     pub transport: Transport,
 }
 
@@ -81,6 +89,7 @@ impl Agent {
             base: base.trim_end_matches('/').to_string(),
             token,
             timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
             transport: Transport::Direct,
         }
     }
@@ -97,6 +106,7 @@ impl Agent {
             base: format!("pod {namespace}/{pod} (through the API server)"),
             token,
             timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
             transport: Transport::PodProxy {
                 client,
                 prefix: format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy"),
@@ -160,9 +170,10 @@ impl Agent {
         } else {
             format!("{host}:{port}")
         };
-        let stream = tokio::time::timeout(self.timeout, TcpStream::connect(&authority))
+        let connect_timeout = self.connect_timeout.min(self.timeout);
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&authority))
             .await
-            .map_err(|_| ClientError::Timeout(authority.clone(), self.timeout))?
+            .map_err(|_| ClientError::ConnectTimeout(authority.clone(), connect_timeout))?
             .map_err(|e| ClientError::Connect(authority.clone(), e))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

@@ -90,23 +90,27 @@ async fn fan_out(
         multi: true,
         ..Merged::default()
     };
+    let mut unreachable = Vec::new();
     nodes::ask_each(
         targets,
         |a| {
             let q = q.clone();
             async move { a.flows(&q).await }
         },
-        |node, result| match result {
+        |i, node, result| match result {
             Ok(page) => {
                 merged.matched += page.matched;
-                for flow in page.flows {
-                    newest.offer(&node, flow);
+                for (pos, flow) in page.flows.into_iter().enumerate() {
+                    newest.offer((i as u64) << 32 | pos as u64, &node, flow);
                 }
             }
-            Err(e) => merged.unreachable.push((node, e.to_string())),
+            Err(e) => unreachable.push((i, node, e.to_string())),
         },
     )
     .await;
+    // Answers come as agents finish; the report follows the targets' order.
+    unreachable.sort_by_key(|(i, ..)| *i);
+    merged.unreachable = unreachable.into_iter().map(|(_, n, e)| (n, e)).collect();
     if asked > 0 && merged.unreachable.len() == asked {
         let why: Vec<String> = merged
             .unreachable
@@ -120,11 +124,12 @@ async fn fan_out(
 }
 
 /// The newest `limit` flows of a merge, kept as answers arrive: the client holds the result,
-/// not every node's answer. Ties keep the order the flows came in.
+/// not every node's answer. Ties go by the order given with each flow (the target's index,
+/// then the flow's place in its page), so the answer does not depend on which agent was
+/// quicker.
 struct Newest {
     limit: usize,
-    seq: u64,
-    /// Min-heap on (last_seen, later arrival first): the top is the first to go.
+    /// Min-heap on (last_seen, later order first): the top is the first to go.
     heap: BinaryHeap<Reverse<Kept>>,
 }
 
@@ -161,20 +166,18 @@ impl Newest {
     fn new(limit: usize) -> Newest {
         Newest {
             limit,
-            seq: 0,
             heap: BinaryHeap::with_capacity(limit.min(4096) + 1),
         }
     }
 
-    fn offer(&mut self, node: &str, flow: FlowView) {
+    fn offer(&mut self, order: u64, node: &str, flow: FlowView) {
         if self.limit == 0 {
             return;
         }
-        self.seq += 1;
         let kept = Kept {
             // RFC 3339 strings of one format sort as time.
             last_seen: flow.last_seen.clone(),
-            seq: Reverse(self.seq),
+            seq: Reverse(order),
             flow: NodeFlow {
                 node: node.to_string(),
                 flow,
@@ -193,7 +196,7 @@ impl Newest {
 
     /// Newest first.
     fn into_sorted(self) -> Vec<NodeFlow> {
-        // Ascending on Reverse = descending on (last_seen, earlier arrival first).
+        // Ascending on Reverse = descending on (last_seen, earlier order first).
         self.heap
             .into_sorted_vec()
             .into_iter()
@@ -216,7 +219,7 @@ mod tests {
     }
 
     /// The bounded merge answers what sorting every node's flows and taking the first `limit`
-    /// would, ties in arrival order.
+    /// would, ties in the order given.
     #[test]
     fn the_newest_flows_across_nodes_equal_a_full_sort() -> Result<(), serde_json::Error> {
         let times = [
@@ -235,8 +238,9 @@ mod tests {
         }
         for limit in 0..=times.len() + 1 {
             let mut newest = Newest::new(limit);
-            for (node, f) in &all {
-                newest.offer(node, f.clone());
+            // Offered out of order: ties still go by the order given.
+            for (i, (node, f)) in all.iter().enumerate().rev() {
+                newest.offer(i as u64, node, f.clone());
             }
             let got: Vec<(String, u64)> = newest
                 .into_sorted()

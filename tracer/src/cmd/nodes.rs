@@ -5,7 +5,6 @@ use std::{
     io::{IsTerminal, Write},
     net::{IpAddr, SocketAddr},
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
 };
 
 use futures::StreamExt;
@@ -29,6 +28,9 @@ pub fn partial() -> bool {
 pub struct Target {
     pub node: String,
     pub agent: Agent,
+    /// Why this agent is not asked (its pod is not running or not ready): it is reported as
+    /// not answering without spending a slot and a timeout on it.
+    pub skip: Option<String>,
 }
 
 /// The agents to ask, and whether the answer is a merge of several (named by node).
@@ -41,6 +43,7 @@ pub async fn targets(
             .map(|u| Target {
                 agent: Agent::new(&u, token.clone()),
                 node: u,
+                skip: None,
             })
             .collect()
     };
@@ -98,11 +101,18 @@ pub async fn targets(
                 Some(t) => Some(t),
                 None => Some(cluster.token().await.map_err(|e| e.to_string())?),
             };
+            // One node asked by name is asked whatever its pod's state says; across all nodes,
+            // pods that cannot answer are named and skipped.
             let targets = pods
                 .iter()
                 .map(|p| Target {
                     node: p.node.clone(),
                     agent: cluster.agent(p, token.clone()),
+                    skip: if scope.node.is_some() {
+                        None
+                    } else {
+                        p.not_ready.clone()
+                    },
                 })
                 .collect();
             // Answers through the API server always name their node.
@@ -134,8 +144,8 @@ pub async fn discover(service: &str, port: u16) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// Runs `ask` against every target, [`defaults::FAN_OUT`] at a time; the answers come back in
-/// the targets' order. While it waits, a progress line on stderr when that is a terminal.
+/// Runs `ask` against every target, [`defaults::fan_out`] at a time, and gives the answers back
+/// in the targets' order. While it waits, a progress line on stderr when that is a terminal.
 /// Marks the run [`partial`] when some failed and others answered.
 pub async fn ask_all<T, F, Fut>(
     targets: Vec<Target>,
@@ -146,38 +156,53 @@ where
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
     let mut out = Vec::with_capacity(targets.len());
-    ask_each(targets, ask, |node, answer| out.push((node, answer))).await;
-    out
+    ask_each(targets, ask, |i, node, answer| out.push((i, node, answer))).await;
+    out.sort_by_key(|(i, ..)| *i);
+    out.into_iter().map(|(_, node, a)| (node, a)).collect()
 }
 
-/// [`ask_all`], handing each answer to `on_answer` as it comes (in the targets' order) instead
-/// of keeping them all: a merge that keeps only what it shows needs memory for the result and
-/// the answers in flight, not for every node's.
+/// [`ask_all`], handing each answer to `on_answer` with its target's index as it comes, in the
+/// order the agents answer, instead of keeping them all: a merge that keeps only what it shows
+/// needs memory for the result and the answers in flight, not for every node's; and one slow
+/// agent holds one slot, never the answers behind it. Targets with a `skip` reason are not
+/// asked: they are answered at once with [`ClientError::NotAsked`].
 pub async fn ask_each<T, F, Fut>(
     targets: Vec<Target>,
     ask: F,
-    mut on_answer: impl FnMut(String, Result<T, ClientError>),
+    mut on_answer: impl FnMut(usize, String, Result<T, ClientError>),
 ) where
     F: Fn(Agent) -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
     let total = targets.len();
     let progress = total > 1 && std::io::stderr().is_terminal();
-    let mut answers = futures::stream::iter(targets.into_iter().map(|t| {
-        let mut agent = t.agent;
-        // One slow agent must not hold up the answer of the others for long.
-        agent.timeout = Duration::from_secs(5);
-        let asked = ask(agent);
-        async move { (t.node, asked.await) }
-    }))
-    .buffered(defaults::FAN_OUT);
     let (mut answered, mut failed) = (0usize, 0usize);
-    while let Some((node, answer)) = answers.next().await {
+    let mut asked = Vec::with_capacity(total);
+    for (i, t) in targets.into_iter().enumerate() {
+        match t.skip {
+            Some(why) => {
+                failed += 1;
+                on_answer(i, t.node, Err(ClientError::NotAsked(why)));
+            }
+            None => asked.push((i, t)),
+        }
+    }
+    let slots = defaults::fan_out(asked.len());
+    let mut answers = futures::stream::iter(asked.into_iter().map(|(i, t)| {
+        let mut agent = t.agent;
+        // One agent that is down or slow must not hold a slot for long.
+        agent.connect_timeout = defaults::FAN_OUT_CONNECT_TIMEOUT;
+        agent.timeout = defaults::FAN_OUT_ANSWER_TIMEOUT;
+        let asked = ask(agent);
+        async move { (i, t.node, asked.await) }
+    }))
+    .buffer_unordered(slots);
+    while let Some((i, node, answer)) = answers.next().await {
         match answer {
             Ok(_) => answered += 1,
             Err(_) => failed += 1,
         }
-        on_answer(node, answer);
+        on_answer(i, node, answer);
         if progress {
             eprint!("\rtracer: {answered}/{total} agents answered, {failed} did not");
             let _ = std::io::stderr().flush();
