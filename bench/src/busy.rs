@@ -166,7 +166,7 @@ struct Load {
 }
 
 /// utime + stime of `pid`, in seconds.
-fn cpu_s(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_s(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which may hold spaces: state is field 3.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
