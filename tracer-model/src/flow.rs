@@ -10,6 +10,8 @@ use crate::{
     Dir, Encap, Role, Side, Verdict,
 };
 
+mod json;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FlowView {
     pub id: u64,
