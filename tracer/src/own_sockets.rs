@@ -65,7 +65,13 @@ fn tcp_local(fd: RawFd) -> Option<SocketAddr> {
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: `ss` is large enough for any address and `len` says so.
-    let r = unsafe { libc::getsockname(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
     if r != 0 {
         return None;
     }
@@ -80,8 +86,7 @@ fn tcp_local(fd: RawFd) -> Option<SocketAddr> {
         }
         libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a =
-                unsafe { *(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let a = unsafe { *(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             Some(SocketAddr::new(
                 IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)),
                 u16::from_be(a.sin6_port),
