@@ -234,13 +234,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     shared.set_commands(cmd_tx);
     // The reader has a thread of its own: no API request, judging or sync can delay it.
     let stop_reader = Arc::new(AtomicBool::new(false));
+    // No pause after a drain of over a quarter of the ring: the reader is behind, or the ring
+    // is small (`--ringbuf-bytes`; the kernel programs' default is 8 MiB), and could overflow.
+    let pause_below = cfg.ringbuf_bytes.map_or(8 << 20, |b| b as usize) / 4;
     let reader = {
         let (shared, stop) = (shared.clone(), stop_reader.clone());
         std::thread::Builder::new()
             .name("ring-reader".into())
             .spawn(move || {
                 let _exit = ReaderExit(&shared, &stop);
-                read_events(ring, &shared, &stop, fault);
+                read_events(ring, &shared, &stop, fault, pause_below);
             })
             .map_err(AgentError::RingBuf)?
     };
@@ -539,6 +542,7 @@ fn read_events(
     shared: &Shared,
     stop: &AtomicBool,
     fault: Option<Fault>,
+    pause_below: usize,
 ) {
     let mut batch: Vec<crate::events::Observation> = Vec::with_capacity(1024);
     let mut errors = 0u64;
@@ -563,11 +567,13 @@ fn read_events(
         // so no record written before it can still be waiting.
         // Passes until one finds the ring empty; the clock is read once a pass, not a record.
         let mut found = false;
+        let mut drained_bytes = 0usize;
         let drained_at = loop {
             let before = mono_now_ns();
             let mut got = 0usize;
             while let Some(item) = ring.next() {
                 got += 1;
+                drained_bytes += item.len();
                 match crate::events::decode(&item) {
                     Ok(o) => batch.push(o),
                     Err(e) => {
@@ -595,7 +601,7 @@ fn read_events(
         }
         // The rules trust "no reply" only up to the time the ring was last emptied.
         shared.reader_drained(drained_at);
-        if found {
+        if found && drained_bytes < pause_below {
             // Under load, let records gather instead of waking for every few: the kernel wakes
             // the reader for the first record after each drain. The drain point above was
             // taken before this pause, so nothing written during it counts as read.
