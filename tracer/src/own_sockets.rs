@@ -2,26 +2,21 @@
 //! diagnoses itself: a watch is a request answered whenever the datastore next changes, which
 //! would read as a slow datastore exchange.
 //!
-//! Read on the node sync from `/proc/self/fd` (socket inodes) and `/proc/self/net/tcp{,6}` (the
-//! agent's network namespace, whose sockets these are). Anything unreadable gives fewer entries,
+//! Read on the node sync: getsockname(2) on the agent's own socket fds (listed in
+//! `/proc/self/fd`), the TCP ones. Not `/proc/self/net/tcp`: reading it makes the kernel walk
+//! the whole TCP hash, shared by every namespace (on a busy node hundreds of thousands of the
+//! pods' TIME_WAIT sockets) to find the agent's few. Anything unreadable gives fewer entries,
 //! never an error: the set only ever removes the agent's own flows from judgement.
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::RawFd,
     path::PathBuf,
 };
 
 /// Local addresses of the agent's own TCP sockets.
 pub fn read() -> HashSet<SocketAddr> {
-    let inodes = socket_inodes();
-    if inodes.is_empty() {
-        return HashSet::new();
-    }
-    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .flat_map(|t| parse(&t, &inodes))
-        .collect()
+    socket_fds().filter_map(tcp_local).collect()
 }
 
 /// What each of the agent's open file descriptors refers to (`None`: unreadable, closed since
@@ -35,54 +30,70 @@ pub fn fd_targets() -> impl Iterator<Item = Option<PathBuf>> {
         .map(|e| std::fs::read_link(e.path()).ok())
 }
 
-fn socket_inodes() -> HashSet<u64> {
-    fd_targets()
+/// The agent's fds that are sockets. One closed and reused since the listing is still one of
+/// the agent's own.
+fn socket_fds() -> impl Iterator<Item = RawFd> {
+    std::fs::read_dir("/proc/self/fd")
+        .into_iter()
         .flatten()
-        .filter_map(|l| {
-            l.to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|l| l.to_str().is_some_and(|l| l.starts_with("socket:[")))
         })
-        .collect()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
 }
 
-/// Local addresses of the rows of a `/proc/net/tcp{,6}` table whose inode is in `inodes`.
-fn parse(table: &str, inodes: &HashSet<u64>) -> Vec<SocketAddr> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let inode: u64 = cols.get(9)?.parse().ok()?;
-            if !inodes.contains(&inode) {
-                return None;
-            }
-            local(cols.get(1)?)
-        })
-        .collect()
-}
-
-/// `0100007F:1F90` (address as the kernel's words in host order, port in hex) as a SocketAddr.
-fn local(field: &str) -> Option<SocketAddr> {
-    let (addr, port) = field.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let ip = match addr.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(
-            u32::from_str_radix(addr, 16).ok()?.to_ne_bytes(),
-        )),
-        32 => {
-            let mut b = [0u8; 16];
-            for (i, chunk) in b.chunks_mut(4).enumerate() {
-                let word = u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok()?;
-                chunk.copy_from_slice(&word.to_ne_bytes());
-            }
-            IpAddr::V6(Ipv6Addr::from(b))
-        }
-        _ => return None,
+/// The local address of `fd` if it is a TCP socket (IPv4 or IPv6).
+fn tcp_local(fd: RawFd) -> Option<SocketAddr> {
+    let mut proto: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `proto` is a c_int and `len` its size; a bad or non-socket fd only fails.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PROTOCOL,
+            (&mut proto as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
-    Some(SocketAddr::new(ip, port))
+    if r != 0 || proto != libc::IPPROTO_TCP {
+        return None;
+    }
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `ss` is large enough for any address and `len` says so.
+    let r = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    match libc::c_int::from(ss.ss_family) {
+        libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a = unsafe { *(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))),
+                u16::from_be(a.sin_port),
+            ))
+        }
+        libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a = unsafe { *(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)),
+                u16::from_be(a.sin6_port),
+            ))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -92,34 +103,34 @@ mod tests {
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
     #[test]
-    fn rows_of_our_inodes_give_their_local_addresses() -> TestResult {
-        let t = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
-             0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0 100 0 0 10 0\n   \
-             1: 0A02000A:C350 0A02000B:094B 01 00000000:00000000 00:00000000 00000000     0        0 222 1 0 20 4 30 10 -1\n";
-        let ours: HashSet<u64> = [222].into();
-        // Only on a little-endian host is the first word's byte order the one written here.
-        if cfg!(target_endian = "little") {
-            assert_eq!(
-                parse(t, &ours),
-                vec!["10.0.2.10:50000".parse::<SocketAddr>()?]
-            );
-        }
-        let v6 = "  sl  local_address remote_address st\n   \
-             0: 0000000000000000FFFF00000A00020A:C350 0000000000000000FFFF00000A02000B:094B 01 00000000:00000000 00:00000000 00000000 0 0 7 1\n";
-        let got = parse(v6, &[7].into());
-        if cfg!(target_endian = "little") {
-            assert_eq!(got, vec!["[::ffff:10.2.0.10]:50000".parse::<SocketAddr>()?]);
-        }
-        Ok(())
-    }
-
-    #[test]
     fn this_process_sees_its_own_connection() -> TestResult {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         let c = std::net::TcpStream::connect(l.local_addr()?)?;
         let own = read();
         assert!(own.contains(&c.local_addr()?), "{own:?}");
         assert!(own.contains(&l.local_addr()?), "{own:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn ipv6_tcp_is_read_and_udp_is_not() -> TestResult {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let own = read();
+        assert!(!own.contains(&u.local_addr()?), "{own:?}");
+        // Hosts without IPv6 loopback skip the v6 half.
+        if let Ok(l) = std::net::TcpListener::bind("[::1]:0") {
+            let c = std::net::TcpStream::connect(l.local_addr()?)?;
+            let own = read();
+            assert!(own.contains(&c.local_addr()?), "{own:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn other_fds_give_nothing() -> TestResult {
+        let f = std::fs::File::open("/proc/self/stat")?;
+        assert_eq!(tcp_local(std::os::fd::AsRawFd::as_raw_fd(&f)), None);
+        assert_eq!(tcp_local(-1), None);
         Ok(())
     }
 }

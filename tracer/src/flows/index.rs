@@ -52,11 +52,23 @@ impl TupleIndex {
 
     /// The flow carrying `t`, and on which side.
     pub fn lookup(&self, flows: &FlowStore, t: &DirTuple) -> Option<(FlowId, Side)> {
+        // The side is read while the entry's flow is at hand: one store lookup, not two.
+        let mut side = None;
         let e = self.table.find(self.hash(t), |&e| {
-            tuple_of(flows, e).is_some_and(|u| same_pair(&u, t))
+            let Some(f) = flows.get(e >> POS_BITS) else {
+                return false;
+            };
+            if !f
+                .tuples()
+                .nth((e & POS_MASK) as usize)
+                .is_some_and(|u| same_pair(&u, t))
+            {
+                return false;
+            }
+            side = f.side_of(t);
+            side.is_some()
         })?;
-        let id = e >> POS_BITS;
-        Some((id, flows.get(id)?.side_of(t)?))
+        Some((e >> POS_BITS, side?))
     }
 
     /// Indexes tuple `pos` of flow `id`, in place of another flow's entry for the same tuple.

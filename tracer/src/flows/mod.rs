@@ -39,6 +39,9 @@ const FINGERPRINT_TTL_NS: u64 = 1_000_000_000;
 /// Active flows one eviction may move to the tail before it evicts regardless: bounds the work
 /// (and the table lock) of one record when every flow is busy.
 const SECOND_CHANCES: usize = 16;
+/// Eviction ids kept for [`FlowTable::evicted_since`]: at 5,000 new flows/s on a full table, 3 s
+/// of evictions; the tally reads them every 500 ms.
+const EVICTIONS_KEPT: usize = 16_384;
 /// How often (record time) expired fingerprints are swept.
 const SWEEP_EVERY_NS: u64 = 250_000_000;
 
@@ -160,6 +163,8 @@ pub struct FlowTable {
     changes_cap: usize,
     /// Changes up to this version are no longer listed.
     forgotten_upto: u64,
+    /// The ids of the last evictions (bounded), so the tally forgets them without a walk.
+    evictions: VecDeque<FlowId>,
     /// Drops of traced flows by the kernel's reason number (see [`DROP_REASONS_KEPT`]).
     drops_by_reason: std::collections::BTreeMap<u32, u64>,
     /// With a flow log: flows evicted before they were logged, kept until the agent's tick
@@ -251,6 +256,7 @@ impl FlowTable {
             changes: VecDeque::new(),
             changes_cap: cap.clamp(1024, CHANGES_KEPT),
             forgotten_upto: 0,
+            evictions: VecDeque::new(),
             drops_by_reason: Default::default(),
             unlogged: None,
             unlogged_cap: cap.clamp(MIN_UNLOGGED_KEPT, MAX_UNLOGGED_KEPT),
@@ -437,6 +443,14 @@ impl FlowTable {
         Some(ids)
     }
 
+    /// The flows evicted after the first `seen` evictions (`stats().evicted` counts them);
+    /// None when that reaches back further than the ids kept.
+    pub fn evicted_since(&self, seen: u64) -> Option<impl Iterator<Item = FlowId> + '_> {
+        let n = usize::try_from(self.stats.evicted.checked_sub(seen)?).ok()?;
+        let skip = self.evictions.len().checked_sub(n)?;
+        Some(self.evictions.iter().skip(skip).copied())
+    }
+
     fn touch(&mut self, id: FlowId) {
         self.version += 1;
         // Consecutive records of one flow are one change.
@@ -595,6 +609,10 @@ impl FlowTable {
             };
             self.unindex(&f);
             self.stats.evicted += 1;
+            if self.evictions.len() >= EVICTIONS_KEPT {
+                self.evictions.pop_front();
+            }
+            self.evictions.push_back(f.id);
             if let Some(kept) = self.unlogged.as_mut().filter(|_| !f.logged) {
                 if kept.len() < self.unlogged_cap {
                     kept.push(f);

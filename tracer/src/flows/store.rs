@@ -248,7 +248,13 @@ impl FlowStore {
 
     /// Where flow `id` lives.
     fn slot(&self, id: FlowId) -> Option<(usize, usize)> {
-        let n = self.moved.get(&id).copied().unwrap_or(id);
+        // A flow only moves once eviction has passed its own slot: from `first` on, every flow
+        // is in its own, and the common lookup (a recent flow) skips the map.
+        let n = if id >= self.first {
+            id
+        } else {
+            *self.moved.get(&id)?
+        };
         self.position(n)
     }
 

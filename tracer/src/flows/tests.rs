@@ -698,3 +698,41 @@ mod address_index {
         }
     }
 }
+
+#[test]
+fn evictions_are_listed_while_kept() {
+    let mut t = FlowTable::new(2);
+    let ids: Vec<FlowId> = (0..5u16)
+        .map(|i| {
+            // Unrelated connections: no end and no IP ID in common (not one NATed flow).
+            let dst = format!("10.96.0.{}", i + 1);
+            let mut syn = pkt("10.244.1.10", 40000 + i, &dst, 443, 0x02, 1000, 0);
+            syn.ip_id = i;
+            t.ingest(&obs(1_000 + u64::from(i), CALI, Dir::Ingress, syn), &lookup)
+                .must()
+        })
+        .collect();
+    assert_eq!(t.stats().evicted, 3);
+    fn since(t: &FlowTable, seen: u64) -> Option<Vec<FlowId>> {
+        t.evicted_since(seen).map(|i| i.collect())
+    }
+    assert_eq!(since(&t, 0), Some(ids[..3].to_vec()));
+    assert_eq!(since(&t, 2), Some(vec![ids[2]]));
+    assert_eq!(since(&t, 3), Some(vec![]));
+    // A count from another table (more than were evicted) is not answered.
+    assert_eq!(since(&t, 4), None);
+    for id in &ids[..3] {
+        assert!(t.get(*id).is_none());
+    }
+    // Beyond the ids kept: not answered (the tally then walks its marks).
+    for i in 0..EVICTIONS_KEPT as u32 {
+        let mut p = pkt("10.244.1.11", 1, "10.96.0.1", 443, 0x02, i, 0);
+        p.src = std::net::Ipv4Addr::from(0x0A64_0000 | i).into();
+        p.dst = std::net::Ipv4Addr::from(0x0A65_0000 | i).into();
+        p.ip_id = i as u16;
+        t.ingest(&obs(10_000, CALI, Dir::Ingress, p), &lookup);
+    }
+    assert_eq!(t.stats().evicted, 3 + EVICTIONS_KEPT as u64);
+    assert_eq!(since(&t, 0), None);
+    assert_eq!(since(&t, 3).map(|v| v.len()), Some(EVICTIONS_KEPT));
+}

@@ -328,11 +328,19 @@ impl Shared {
             }
         }
         t.version = version;
-        // Evicted flows are not in the change list: drop their marks.
+        // Evicted flows are not in the change list: drop their marks, by the table's list of
+        // evictions while it reaches back far enough (a walk of every mark is 100k lookups).
         let table = lock(&self.table);
         let evicted = table.stats().evicted;
-        if evicted != t.evicted_seen || t.marks.len() > table.len() {
+        let mut walk = false;
+        if evicted != t.evicted_seen {
+            match table.evicted_since(t.evicted_seen) {
+                Some(ids) => ids.for_each(|id| t.forget(id)),
+                None => walk = true,
+            }
             t.evicted_seen = evicted;
+        }
+        if walk || t.marks.len() > table.len() {
             let gone: Vec<FlowId> = t
                 .marks
                 .keys()
