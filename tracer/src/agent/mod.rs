@@ -534,6 +534,11 @@ fn purge_kernel_state(hooks: &mut Hooks, shared: &Shared) {
 /// records/s a wake per 200 records instead of one per few, for at most this much later
 /// evidence (the 8 MiB ring holds ~50k records of 160 bytes, over a second at that rate).
 const BATCH_PAUSE: Duration = Duration::from_millis(5);
+/// The reader pauses only while records wake it more than this many times in
+/// [`BUSY_WINDOW_NS`] (100 a second): a quiet node's records are read as they come, at no
+/// added delay, and a busy node's in batches.
+const BUSY_WAKES: u32 = 10;
+const BUSY_WINDOW_NS: u64 = 100_000_000;
 
 /// Drains the ring buffer into the flow table until `stop`; beats at every wake and batch, so
 /// `/healthz` tells an idle reader (beating) from a stuck one (silent).
@@ -546,6 +551,8 @@ fn read_events(
 ) {
     let mut batch: Vec<crate::events::Observation> = Vec::with_capacity(1024);
     let mut errors = 0u64;
+    // Wakes that found records in the current window.
+    let (mut window_ns, mut wakes) = (0u64, 0u32);
     let fd = ring.as_raw_fd();
     let wake_ms = health::READER_WAKE.as_millis() as i32;
     while !stop.load(Ordering::Relaxed) {
@@ -601,7 +608,13 @@ fn read_events(
         }
         // The rules trust "no reply" only up to the time the ring was last emptied.
         shared.reader_drained(drained_at);
-        if found && drained_bytes < pause_below {
+        if found {
+            if drained_at.saturating_sub(window_ns) > BUSY_WINDOW_NS {
+                (window_ns, wakes) = (drained_at, 0);
+            }
+            wakes += 1;
+        }
+        if found && wakes > BUSY_WAKES && drained_bytes < pause_below {
             // Under load, let records gather instead of waking for every few: the kernel wakes
             // the reader for the first record after each drain. The drain point above was
             // taken before this pause, so nothing written during it counts as read.
