@@ -25,12 +25,7 @@ impl FlowsPage {
             truncated,
         } = self;
         out.extend_from_slice(b"{\"flows\":[");
-        for (i, f) in flows.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            f.write_json(out)?;
-        }
+        items(out, flows, |out, f| f.write_json(out))?;
         out.extend_from_slice(b"],\"matched\":");
         u64_(out, *matched as u64);
         out.extend_from_slice(b",\"truncated\":");
@@ -70,14 +65,7 @@ impl FlowView {
         u64_(out, *id);
         out.extend_from_slice(b",\"proto\":");
         str_(out, proto)?;
-        out.extend_from_slice(b",\"src\":");
-        ip(out, src);
-        out.extend_from_slice(b",\"sport\":");
-        u64_(out, u64::from(*sport));
-        out.extend_from_slice(b",\"dst\":");
-        ip(out, dst);
-        out.extend_from_slice(b",\"dport\":");
-        u64_(out, u64::from(*dport));
+        tuple(out, src, *sport, dst, *dport);
         out.extend_from_slice(b",\"first_seen\":");
         str_(out, first_seen)?;
         out.extend_from_slice(b",\"last_seen\":");
@@ -88,12 +76,7 @@ impl FlowView {
             None => null(out),
         }
         out.extend_from_slice(b",\"path\":[");
-        for (i, h) in path.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            hop(out, h)?;
-        }
+        items(out, path, hop)?;
         out.extend_from_slice(b"],\"forward\":");
         counters(out, forward);
         out.extend_from_slice(b",\"reverse\":");
@@ -111,19 +94,9 @@ impl FlowView {
             None => null(out),
         }
         out.extend_from_slice(b",\"drops\":[");
-        for (i, d) in drops.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            drop_(out, d)?;
-        }
+        items(out, drops, drop_)?;
         out.extend_from_slice(b"],\"verdicts\":[");
-        for (i, v) in verdicts.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            str_(out, v.as_str())?;
-        }
+        items(out, verdicts, |out, v| str_(out, v.as_str()))?;
         out.extend_from_slice(b"],\"diagnosis\":");
         serde_(out, diagnosis)?;
         if let Some(x) = snat_excluded {
@@ -174,14 +147,7 @@ fn hop(out: &mut Vec<u8>, h: &Hop) -> serde_json::Result<()> {
     str_(out, dir.as_str())?;
     out.extend_from_slice(b",\"side\":");
     str_(out, side.as_str())?;
-    out.extend_from_slice(b",\"src\":");
-    ip(out, src);
-    out.extend_from_slice(b",\"sport\":");
-    u64_(out, u64::from(*sport));
-    out.extend_from_slice(b",\"dst\":");
-    ip(out, dst);
-    out.extend_from_slice(b",\"dport\":");
-    u64_(out, u64::from(*dport));
+    tuple(out, src, *sport, dst, *dport);
     out.extend_from_slice(b",\"encap\":");
     serde_(out, encap)?;
     out.extend_from_slice(b",\"pkts\":");
@@ -295,6 +261,33 @@ fn drop_(out: &mut Vec<u8>, d: &DropView) -> serde_json::Result<()> {
     out.extend_from_slice(b",\"t_ms\":");
     f64_(out, *t_ms);
     out.push(b'}');
+    Ok(())
+}
+
+/// `,"src":..,"sport":..,"dst":..,"dport":..`, as a flow and a hop both carry them.
+fn tuple(out: &mut Vec<u8>, src: &IpAddr, sport: u16, dst: &IpAddr, dport: u16) {
+    out.extend_from_slice(b",\"src\":");
+    ip(out, src);
+    out.extend_from_slice(b",\"sport\":");
+    u64_(out, u64::from(sport));
+    out.extend_from_slice(b",\"dst\":");
+    ip(out, dst);
+    out.extend_from_slice(b",\"dport\":");
+    u64_(out, u64::from(dport));
+}
+
+/// The elements of a JSON array, comma-separated (the brackets are the caller's).
+fn items<T>(
+    out: &mut Vec<u8>,
+    xs: &[T],
+    mut each: impl FnMut(&mut Vec<u8>, &T) -> serde_json::Result<()>,
+) -> serde_json::Result<()> {
+    for (i, x) in xs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        each(out, x)?;
+    }
     Ok(())
 }
 
