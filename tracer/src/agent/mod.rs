@@ -534,10 +534,11 @@ fn purge_kernel_state(hooks: &mut Hooks, shared: &Shared) {
 /// records/s a wake per 200 records instead of one per few, for at most this much later
 /// evidence (the 8 MiB ring holds ~50k records of 160 bytes, over a second at that rate).
 const BATCH_PAUSE: Duration = Duration::from_millis(5);
-/// The reader pauses only while records wake it more than this many times in
-/// [`BUSY_WINDOW_NS`] (100 a second): a quiet node's records are read as they come, at no
-/// added delay, and a busy node's in batches.
-const BUSY_WAKES: u32 = 10;
+/// The reader pauses only while more than this many records arrived in the current and the
+/// previous [`BUSY_WINDOW_NS`] (about 2,500 a second): a quiet node's records, even a burst such as one connection's handshake
+/// and teardown at every hook (each record of it can wake the reader), are read as they come,
+/// and a busy node's in batches. Counted in records, not wakes: pausing itself makes wakes rare.
+const BUSY_RECORDS: u64 = 500;
 const BUSY_WINDOW_NS: u64 = 100_000_000;
 
 /// Drains the ring buffer into the flow table until `stop`; beats at every wake and batch, so
@@ -551,8 +552,9 @@ fn read_events(
 ) {
     let mut batch: Vec<crate::events::Observation> = Vec::with_capacity(1024);
     let mut errors = 0u64;
-    // Wakes that found records in the current window.
-    let (mut window_ns, mut wakes) = (0u64, 0u32);
+    // Records read in the current window and in the one before it: a new window starts from
+    // the last one's rate, not from nothing.
+    let (mut window_ns, mut records, mut before) = (0u64, 0u64, 0u64);
     let fd = ring.as_raw_fd();
     let wake_ms = health::READER_WAKE.as_millis() as i32;
     while !stop.load(Ordering::Relaxed) {
@@ -573,7 +575,7 @@ fn read_events(
         // point is a time at which the ring was empty: taken before a look that found nothing,
         // so no record written before it can still be waiting.
         // Passes until one finds the ring empty; the clock is read once a pass, not a record.
-        let mut found = false;
+        let mut found = 0u64;
         let mut drained_bytes = 0usize;
         let drained_at = loop {
             let before = mono_now_ns();
@@ -600,7 +602,7 @@ fn read_events(
             if got == 0 {
                 break before;
             }
-            found = true;
+            found += got as u64;
         };
         if !batch.is_empty() || errors > 0 {
             shared.ingest(&batch, std::mem::take(&mut errors));
@@ -608,13 +610,20 @@ fn read_events(
         }
         // The rules trust "no reply" only up to the time the ring was last emptied.
         shared.reader_drained(drained_at);
-        if found {
-            if drained_at.saturating_sub(window_ns) > BUSY_WINDOW_NS {
-                (window_ns, wakes) = (drained_at, 0);
+        if found > 0 {
+            let since = drained_at.saturating_sub(window_ns);
+            if since > BUSY_WINDOW_NS {
+                // A window that ended long ago says nothing about now.
+                before = if since > 2 * BUSY_WINDOW_NS {
+                    0
+                } else {
+                    records
+                };
+                (window_ns, records) = (drained_at, 0);
             }
-            wakes += 1;
+            records += found;
         }
-        if found && wakes > BUSY_WAKES && drained_bytes < pause_below {
+        if found > 0 && records + before > BUSY_RECORDS && drained_bytes < pause_below {
             // Under load, let records gather instead of waking for every few: the kernel wakes
             // the reader for the first record after each drain. The drain point above was
             // taken before this pause, so nothing written during it counts as read.
