@@ -34,8 +34,8 @@ pub const LEASE_TTL_SECONDS: u64 = 30;
 /// The longest time to live a lease may ask for.
 pub const MAX_LEASE_TTL_SECONDS: u64 = 3600;
 
-/// Agents asked at once by `--all-nodes`/`--agents`: at least [`FAN_OUT_MIN`], one more per
-/// 32 agents, at most [`FAN_OUT_MAX`]. More slots keep a big cluster's query short (5,000 agents
+/// Agents asked at once by `--all-nodes`/`--agents`: one per 32 agents, at least
+/// [`FAN_OUT_MIN`] and at most [`FAN_OUT_MAX`]. More slots keep a big cluster's query short (5,000 agents
 /// at 32 in flight take half the rounds of 16), the cap keeps the client's memory bounded by the
 /// answer: at most that many pages are in flight, whatever the node count.
 pub fn fan_out(agents: usize) -> usize {
