@@ -696,11 +696,12 @@ fn flows_part(s: &Shared, c: &mut FlowCursor) -> Vec<u8> {
         out.extend_from_slice(b"{\"flows\":[");
     }
     for (i, f) in flows.iter().enumerate() {
+        // A flow that cannot be written is left out, with its comma, rather than breaking
+        // the body.
+        let mark = out.len();
         if before + i > 0 {
             out.push(b',');
         }
-        // A flow that cannot be written is left out rather than breaking the body.
-        let mark = out.len();
         if f.write_json(&mut out).is_err() {
             out.truncate(mark);
         }
