@@ -193,6 +193,23 @@ fn mtu_of(e: &tracer_model::diagnosis::MtuMismatch, role: Role) -> Vec<(String, 
         .collect()
 }
 
+/// The MTUs the evidence lists for node1's path: every pod veth, vxlan.calico and eth0.
+fn path_mtus(e: &tracer_model::diagnosis::MtuMismatch, pod: u32, tunnel: u32, nic: u32) {
+    assert!(
+        mtu_of(e, Role::Workload).iter().all(|(_, m)| *m == pod),
+        "{e:?}"
+    );
+    assert_eq!(
+        mtu_of(e, Role::Tunnel),
+        vec![("vxlan.calico".into(), tunnel)],
+        "{e:?}"
+    );
+    assert!(
+        mtu_of(e, Role::Host).contains(&("eth0".into(), nic)),
+        "{e:?}"
+    );
+}
+
 #[test]
 fn underlay_smaller_than_the_tunnel_assumes() -> TestResult {
     underlay(Dataplane::Iptables)
@@ -206,19 +223,7 @@ fn underlay_smaller_than_the_tunnel_assumes_nftables() -> TestResult {
 fn underlay(dp: Dataplane) -> TestResult {
     let e = run(Mtu::Underlay, dp)?.ok_or("no evidence")?;
     // Every MTU on node1's path, read from the node: pod veth 1450 = vxlan.calico 1450, NIC 1500.
-    assert!(
-        mtu_of(&e, Role::Workload).iter().all(|(_, m)| *m == 1450),
-        "{e:?}"
-    );
-    assert_eq!(
-        mtu_of(&e, Role::Tunnel),
-        vec![("vxlan.calico".into(), 1450)],
-        "{e:?}"
-    );
-    assert!(
-        mtu_of(&e, Role::Host).contains(&("eth0".into(), 1500)),
-        "{e:?}"
-    );
+    path_mtus(&e, 1450, 1450, 1500);
     assert_eq!(e.tunnel.as_ref().map(|t| t.overhead), Some(50), "{e:?}");
     // A switch drops silently: no ICMP, no kernel drop on the node, and that is said.
     assert!(e.icmp_too_big.is_empty(), "{e:?}");
@@ -245,15 +250,7 @@ fn pod_mtu_above_the_tunnel_with_icmp_dropped_nftables() -> TestResult {
 
 fn blackhole(dp: Dataplane) -> TestResult {
     let e = run(Mtu::Blackhole, dp)?.ok_or("no evidence")?;
-    assert!(
-        mtu_of(&e, Role::Workload).iter().all(|(_, m)| *m == 1500),
-        "{e:?}"
-    );
-    assert_eq!(
-        mtu_of(&e, Role::Tunnel),
-        vec![("vxlan.calico".into(), 1450)],
-        "{e:?}"
-    );
+    path_mtus(&e, 1500, 1450, 1500);
     // The node dropped the pod's too-big packets itself (ip_forward: PKT_TOO_BIG); its ICMP
     // never left (the firewall), so tracer saw none.
     assert!(e.pkt_too_big_drops > 0, "{e:?}");

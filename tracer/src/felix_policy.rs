@@ -579,6 +579,15 @@ pub struct Interval {
     pub layout: Arc<Vec<FilterRule>>,
 }
 
+/// Appends a counter interval, forgetting the oldest beyond `INTERVALS_KEPT` (both the
+/// netfilter and the eBPF counters keep the same bounded history).
+pub(crate) fn keep_interval<T>(intervals: &mut VecDeque<T>, interval: T) {
+    if intervals.len() == INTERVALS_KEPT {
+        intervals.pop_front();
+    }
+    intervals.push_back(interval);
+}
+
 /// What the agent has read of felix's rule counters, published for the rules.
 #[derive(Debug, Default, Clone)]
 pub struct Counters {
@@ -622,15 +631,15 @@ impl Counters {
                 })
                 .collect();
             if !moved.is_empty() {
-                if self.intervals.len() == INTERVALS_KEPT {
-                    self.intervals.pop_front();
-                }
-                self.intervals.push_back(Arc::new(Interval {
-                    from_ns,
-                    to_ns: at_ns,
-                    moved,
-                    layout: Arc::clone(&rules),
-                }));
+                keep_interval(
+                    &mut self.intervals,
+                    Arc::new(Interval {
+                        from_ns,
+                        to_ns: at_ns,
+                        moved,
+                        layout: Arc::clone(&rules),
+                    }),
+                );
             }
         }
         self.layout = rules;

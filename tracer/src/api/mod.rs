@@ -662,12 +662,18 @@ async fn flows(q: FlowQuery, st: &Arc<ApiState>) -> Response<Body> {
     tokio::spawn(async move {
         // The body is framed here, `{"flows":[`, the flows of each part, then the counts, so
         // that each part goes out before the next is built.
-        let mut cur = Some(FlowCursor::new(q));
-        while let Some(mut c) = cur.take() {
+        // `written`: whether a flow is in the body yet, which decides the next one's comma.
+        let mut cur = Some((FlowCursor::new(q), false));
+        while let Some((mut c, mut written)) = cur.take() {
             if c.done() {
                 return;
             }
-            let Some((part, c)) = heavy(&st, move |s| (flows_part(s, &mut c), c)).await else {
+            let Some((part, c)) = heavy(&st, move |s| {
+                let part = flows_part(s, &mut c, &mut written);
+                (part, (c, written))
+            })
+            .await
+            else {
                 return;
             };
             // The client went away: stop walking.
@@ -686,24 +692,25 @@ async fn flows(q: FlowQuery, st: &Arc<ApiState>) -> Response<Body> {
 }
 
 /// The next part of a streamed `/flows` body: `{"flows":[` before the first flows, the
-/// flows of this part, and the counts after the last.
-fn flows_part(s: &Shared, c: &mut FlowCursor) -> Vec<u8> {
+/// flows of this part, and the counts after the last. `written` says whether an earlier flow
+/// of the body was written (the next one then opens with a comma).
+fn flows_part(s: &Shared, c: &mut FlowCursor, written: &mut bool) -> Vec<u8> {
     let first = !c.started();
-    let before = c.shown();
     let flows = s.flows_chunk(c);
     let mut out = Vec::new();
     if first {
         out.extend_from_slice(b"{\"flows\":[");
     }
-    for (i, f) in flows.iter().enumerate() {
+    for f in &flows {
         // A flow that cannot be written is left out, with its comma, rather than breaking
         // the body.
         let mark = out.len();
-        if before + i > 0 {
+        if *written {
             out.push(b',');
         }
-        if f.write_json(&mut out).is_err() {
-            out.truncate(mark);
+        match f.write_json(&mut out) {
+            Ok(()) => *written = true,
+            Err(_) => out.truncate(mark),
         }
     }
     if c.done() {
@@ -909,8 +916,9 @@ mod tests {
                 serde_json::from_slice(&flows_page_json(&shared.flows(&q))).unwrap_or_default();
             let mut cur = FlowCursor::new(q);
             let mut body = Vec::new();
+            let mut written = false;
             while !cur.done() {
-                body.extend(flows_part(&shared, &mut cur));
+                body.extend(flows_part(&shared, &mut cur, &mut written));
             }
             let streamed: Value = serde_json::from_slice(&body).unwrap_or_default();
             assert!(one.get("matched").is_some(), "{query}");

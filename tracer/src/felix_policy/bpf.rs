@@ -30,7 +30,7 @@ use std::{
 
 use tracer_model::diagnosis::{PolicyAction, PolicyDirection, PolicyHit, PolicyLookup};
 
-use super::{length_limited_id, Policy, INTERVALS_KEPT, SLACK_NS};
+use super::{keep_interval, length_limited_id, Policy, SLACK_NS};
 
 /// felix's rule counters map as pinned (`cali_rule_ctrs`, version 2; unchanged v3.25 to HEAD).
 pub const RULE_COUNTERS_MAP: &str = "cali_rule_ctrs2";
@@ -187,14 +187,12 @@ impl Counters {
                 .collect();
             moved.sort_unstable();
             if !moved.is_empty() {
-                if self.intervals.len() == INTERVALS_KEPT {
-                    self.intervals.pop_front();
-                }
-                self.intervals.push_back(Arc::new(Interval {
+                let interval = Interval {
                     from_ns,
                     to_ns: at_ns,
                     moved,
-                }));
+                };
+                keep_interval(&mut self.intervals, Arc::new(interval));
             }
         }
         self.last = Arc::new(read);
