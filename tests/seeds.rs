@@ -187,11 +187,12 @@ fn seed_003_vxlan_parent_on_a_bridge() -> TestResult {
     // Wire format: the agent itself refuses it (the client-side query type cannot say it).
     let r = agents[0].get(&n1.netns, "/flows?verdict=encapsulated&verdict_ignored=0")?;
     assert_eq!(r.status, 400, "unknown parameters are refused");
+    // node1's BGP session to 10.4.0.1 has the same cause: wait for the tunnel's flow.
     let f = agents[0].wait_flow(
         &n1.netns,
         &query("cause=node_address_on_wrong_interface")?,
         Duration::from_secs(10),
-        |_| true,
+        |f| has_verdict(f, Verdict::Encapsulated),
     )?;
     let peer = match f.diagnosis.as_ref().map(|d| &d.evidence) {
         Some(Evidence::OffLinkPeer(e)) => Some(e.peer_address),
