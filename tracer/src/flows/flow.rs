@@ -521,9 +521,21 @@ impl Flow {
             .chain(self.extra_translations().iter().copied())
     }
 
+    /// `tuples().nth(pos)` without walking the chain (the tuple index reads one per probe).
+    pub fn tuple_at(&self, pos: usize) -> Option<DirTuple> {
+        match (pos, self.nat_tuple()) {
+            (0, _) => Some(self.forward_tuple()),
+            (1, Some(n)) => Some(n),
+            (p, nat) => self
+                .extra_translations()
+                .get(p - 1 - usize::from(nat.is_some()))
+                .copied(),
+        }
+    }
+
     /// Which side `t` is on, if it is one of the flow's tuples either way round.
     pub fn side_of(&self, t: &DirTuple) -> Option<Side> {
-        self.tuples().find_map(|u| {
+        (0..).map_while(|pos| self.tuple_at(pos)).find_map(|u| {
             if u == *t {
                 Some(Side::Forward)
             } else if u.reversed() == *t {
@@ -554,6 +566,20 @@ impl Flow {
             None => self.hops.get_mut(i)?.as_mut(),
             Some(j) => self.rare.as_deref_mut()?.more_hops.get_mut(j),
         }
+    }
+
+    /// `hops().position(f)` without the chained iterators (asked on every record). The inline
+    /// hops fill in order, so the first empty one ends the list.
+    fn hop_position(&self, f: impl Fn(&Hop) -> bool) -> Option<usize> {
+        for (i, h) in self.hops.iter().enumerate() {
+            match h {
+                Some(h) if f(h) => return Some(i),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+        let more = &self.rare.as_deref()?.more_hops;
+        more.iter().position(f).map(|j| INLINE_HOPS + j)
     }
 
     /// Adds a hop; returns its position.
@@ -657,7 +683,7 @@ impl Flow {
             self.reply_us = self.offset_us(obs.ts_ns);
         }
         let syn = p.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0;
-        let idx = self.hops().position(|h| h.is(obs.ifindex, obs.dir, side));
+        let idx = self.hop_position(|h| h.is(obs.ifindex, obs.dir, side));
         // A SYN (or SYN-ACK) again at a hop that already saw it, with the same sequence number.
         let syn_again = syn
             && idx.is_some_and(|i| self.hop(i).is_some_and(|h| h.tcp_flags_seen & TCP_SYN != 0))

@@ -2,7 +2,7 @@
 //! one hash. An entry is 8 bytes, the flow's id and which of its tuples it is for, not the tuple
 //! or its digest: the hash table re-reads the tuple from the flow when it compares or grows.
 //! Two tuples with the same hash are told apart by the tuples themselves, never confused.
-use std::hash::BuildHasher;
+use std::{hash::BuildHasher, net::IpAddr};
 
 use hashbrown::HashTable;
 
@@ -19,10 +19,7 @@ pub(super) struct TupleIndex {
 
 /// The tuple entry `e` is for, read from its flow.
 fn tuple_of(flows: &FlowStore, e: u64) -> Option<DirTuple> {
-    flows
-        .get(e >> POS_BITS)?
-        .tuples()
-        .nth((e & POS_MASK) as usize)
+    flows.get(e >> POS_BITS)?.tuple_at((e & POS_MASK) as usize)
 }
 
 /// The same connection either way round.
@@ -30,10 +27,21 @@ fn same_pair(a: &DirTuple, b: &DirTuple) -> bool {
     a == b || a.reversed() == *b
 }
 
+/// An end of a tuple as plain integers: cheaper to order and hash than `IpAddr`'s enum. (An
+/// IPv4 address and the IPv6 one with the same bits hash alike: the tuples still tell them
+/// apart.)
+fn end(ip: IpAddr, port: u16) -> (u128, u16) {
+    let bits = match ip {
+        IpAddr::V4(a) => u128::from(a.to_bits()),
+        IpAddr::V6(a) => a.to_bits(),
+    };
+    (bits, port)
+}
+
 /// The hash of `t` and of its reverse: its ends in a canonical order.
 fn hash_with(digest: &foldhash::fast::RandomState, t: &DirTuple) -> u64 {
-    let a = (t.src, t.sport);
-    let b = (t.dst, t.dport);
+    let a = end(t.src, t.sport);
+    let b = end(t.dst, t.dport);
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
     digest.hash_one((t.proto, lo, hi))
 }
@@ -58,14 +66,18 @@ impl TupleIndex {
             let Some(f) = flows.get(e >> POS_BITS) else {
                 return false;
             };
-            if !f
-                .tuples()
-                .nth((e & POS_MASK) as usize)
-                .is_some_and(|u| same_pair(&u, t))
-            {
+            let pos = (e & POS_MASK) as usize;
+            let Some(u) = f.tuple_at(pos) else {
                 return false;
-            }
-            side = f.side_of(t);
+            };
+            // `side_of` tries the flow's first tuple first: for it, the match says the side.
+            side = match pos {
+                0 if u == *t => Some(Side::Forward),
+                0 if u.reversed() == *t => Some(Side::Reverse),
+                0 => None,
+                _ if same_pair(&u, t) => f.side_of(t),
+                _ => None,
+            };
             side.is_some()
         })?;
         Some((e >> POS_BITS, side?))
@@ -73,7 +85,7 @@ impl TupleIndex {
 
     /// Indexes tuple `pos` of flow `id`, in place of another flow's entry for the same tuple.
     pub fn insert(&mut self, flows: &FlowStore, id: FlowId, pos: usize) {
-        let Some(t) = flows.get(id).and_then(|f| f.tuples().nth(pos)) else {
+        let Some(t) = flows.get(id).and_then(|f| f.tuple_at(pos)) else {
             return;
         };
         let entry = id << POS_BITS | pos as u64;

@@ -641,25 +641,35 @@ impl FlowTable {
     }
 
     fn remember(&mut self, ident: Ident, id: FlowId, side: Side, ts_ns: u64) {
-        let keys = self.fingerprint_keys(ident);
-        let free = |k: &u64| match self.fingerprints.get(k) {
-            None => true,
-            Some(p) => p.flow() == id || ts_ns.saturating_sub(p.ts_ns) > FINGERPRINT_TTL_NS,
-        };
-        let slot = match keys.iter().copied().find(free) {
-            Some(k) => k,
-            None => {
-                // Both taken by other live flows: replace the older.
-                let ts = |k: &u64| self.fingerprints.get(k).map_or(0, |p| p.ts_ns);
-                if ts(&keys[0]) <= ts(&keys[1]) {
-                    keys[0]
-                } else {
-                    keys[1]
-                }
+        use std::collections::hash_map::Entry;
+        let [k0, k1] = self.fingerprint_keys(ident);
+        let new = Pending::new(id, side, ts_ns);
+        let free =
+            |p: &Pending| p.flow() == id || ts_ns.saturating_sub(p.ts_ns) > FINGERPRINT_TTL_NS;
+        // The first free key takes it, each key probed once.
+        let ts0 = match self.fingerprints.entry(k0) {
+            Entry::Vacant(v) => {
+                v.insert(new);
+                return;
             }
+            Entry::Occupied(mut o) if free(o.get()) => {
+                o.insert(new);
+                return;
+            }
+            Entry::Occupied(o) => o.get().ts_ns,
         };
-        self.fingerprints
-            .insert(slot, Pending::new(id, side, ts_ns));
+        match self.fingerprints.entry(k1) {
+            Entry::Vacant(v) => {
+                v.insert(new);
+            }
+            // Both taken by other live flows: replace the older.
+            Entry::Occupied(mut o) if free(o.get()) || o.get().ts_ns < ts0 => {
+                o.insert(new);
+            }
+            Entry::Occupied(_) => {
+                self.fingerprints.insert(k0, new);
+            }
+        }
     }
 
     fn match_translated(&self, ident: Ident, t: &DirTuple, now: u64) -> Option<(FlowId, Side)> {

@@ -304,10 +304,9 @@ impl FlowStore {
         if let Some(chunk) = self.chunks.back_mut() {
             chunk.tags.push(Tags::of(&flow));
             chunk.dsts.add_flow(&flow, off % CHUNK);
+            // A flow in its own slot is a new one (`push`): never in the map.
             if flow.id != self.next {
                 self.moved.insert(flow.id, self.next);
-            } else {
-                self.moved.remove(&flow.id);
             }
             chunk.flows.push(Some(flow));
             self.next += 1;
@@ -332,9 +331,11 @@ impl FlowStore {
         }
     }
 
-    /// Empties the oldest slot; returns its flow (None for a slot a moved flow left).
-    fn take_first(&mut self) -> Option<Flow> {
-        let (c, i) = self.position(self.first)?;
+    /// Empties the oldest slot; returns its flow (None for a slot a moved flow left) and
+    /// whether the flow had moved there.
+    fn take_first(&mut self) -> Option<(Flow, bool)> {
+        let slot = self.first;
+        let (c, i) = self.position(slot)?;
         let chunk = self.chunks.get_mut(c)?;
         let flow = chunk.flows.get_mut(i)?.take();
         self.first += 1;
@@ -344,7 +345,8 @@ impl FlowStore {
         }
         let flow = flow?;
         self.len -= 1;
-        Some(flow)
+        let moved = flow.id != slot;
+        Some((flow, moved))
     }
 
     /// Removes and returns the least recently active flow, approximately: flows active since
@@ -352,7 +354,7 @@ impl FlowStore {
     /// so one eviction never walks the whole table).
     pub fn pop_coldest(&mut self, mut chances: usize) -> Option<Flow> {
         while self.len > 0 {
-            let Some(flow) = self.take_first() else {
+            let Some((flow, moved)) = self.take_first() else {
                 continue;
             };
             if chances > 0 && flow.active {
@@ -360,7 +362,9 @@ impl FlowStore {
                 self.put(flow);
                 continue;
             }
-            self.moved.remove(&flow.id);
+            if moved {
+                self.moved.remove(&flow.id);
+            }
             return Some(flow);
         }
         None

@@ -696,6 +696,32 @@ mod address_index {
                 prop_assert_eq!(below, scan(&t, &net, cut));
             }
         }
+
+        /// Every tuple of every flow left, either way round, leads the tuple index to that flow
+        /// and the side `side_of` says, through eviction, second chances, NAT and IPv6; and
+        /// `tuple_at` reads what `tuples` lists.
+        #[test]
+        fn tuple_index_finds_every_flows_tuples(
+            conns in prop::collection::vec((0..DSTS.len(), 0u8..4, any::<bool>()), 1..2600),
+            cap in 300usize..2200,
+        ) {
+            let mut t = FlowTable::new(cap);
+            for (k, c) in conns.iter().enumerate() {
+                connect(&mut t, k, *c, 1_000_000 * (k as u64 + 1));
+            }
+            for f in t.iter_newest() {
+                let listed: Vec<DirTuple> = f.tuples().collect();
+                let read: Vec<DirTuple> = (0..12).filter_map(|p| f.tuple_at(p)).collect();
+                prop_assert_eq!(&read, &listed);
+                for u in &listed {
+                    for q in [*u, u.reversed()] {
+                        let side = f.side_of(&q);
+                        prop_assert!(side.is_some());
+                        prop_assert_eq!(t.lookup(&q), side.map(|s| (f.id, s)), "{:?}", q);
+                    }
+                }
+            }
+        }
     }
 }
 

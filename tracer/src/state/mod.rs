@@ -157,7 +157,9 @@ pub struct Shared {
     commands: OnceLock<mpsc::Sender<Command>>,
     counters: Mutex<Option<KernelCounters>>,
     /// Attached interfaces by ifindex, shared by the hops that cross them.
-    names: RwLock<HashMap<u32, Arc<Iface>>>,
+    /// Asked for every record at a hop new to its flow: foldhash, not SipHash (ifindexes are
+    /// the kernel's).
+    names: RwLock<HashMap<u32, Arc<Iface>, foldhash::fast::RandomState>>,
     /// Lost records and how far the reader has got.
     gaps: Mutex<Gaps>,
     liveness: Liveness,
@@ -207,7 +209,7 @@ impl Shared {
             workload_prefix: cfg.workload_prefix.clone(),
             commands: OnceLock::new(),
             counters: Mutex::new(None),
-            names: RwLock::new(HashMap::new()),
+            names: RwLock::new(HashMap::default()),
             gaps: Mutex::new(Gaps::default()),
             liveness: Liveness::default(),
             resync: cfg.resync,

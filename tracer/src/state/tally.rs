@@ -111,15 +111,19 @@ pub const MAX_WORKLOAD_LABELS: usize = 256;
 /// The label value of the pairs beyond [`MAX_WORKLOAD_LABELS`].
 pub const OTHER_WORKLOAD: &str = "_other";
 
+/// Keyed by flow id, hashed on every judged and evicted flow: SipHash (std's default) is built
+/// against HashDoS, and flow ids are the agent's own counter.
+type IdMap<V> = HashMap<FlowId, V, foldhash::fast::RandomState>;
+
 pub(crate) struct Tally {
     /// The flow table's version judged up to.
     version: u64,
     /// What every judgement reads, as of the last full pass; None before the first.
     basis: Option<(u64, u64)>,
     last_full: Option<Instant>,
-    marks: HashMap<FlowId, Mark>,
+    marks: IdMap<Mark>,
     /// Flows whose judgement time alone changes, and when.
-    due: HashMap<FlowId, u64>,
+    due: IdMap<u64>,
     evicted_seen: u64,
     counts: TallyCounts,
     /// With a flow log: flows that settled, for it to write (each flow once: `Mark::settled`).
@@ -134,8 +138,8 @@ impl Default for Tally {
             version: 0,
             basis: None,
             last_full: None,
-            marks: HashMap::new(),
-            due: HashMap::new(),
+            marks: IdMap::default(),
+            due: IdMap::default(),
             evicted_seen: 0,
             counts: TallyCounts {
                 by_verdict: vec![0; Verdict::ALL.len()],
