@@ -105,7 +105,11 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     // The noise-free figures first, so that every live ratio can stand beside them.
     let tc_rows = crate::tccost::rows(SECTION, 1_000_000)?;
     let secs = if opts.quick { 2 } else { SECS };
-    let rounds = if opts.quick { 2 } else { ROUNDS };
+    let rounds = match opts.rounds {
+        Some(n) => n as usize,
+        None if opts.quick => 2,
+        None => ROUNDS,
+    };
     let configs = [Probe::None, Probe::Agent, Probe::Tcpdump];
     let load_before = crate::load1();
     eprintln!("  load average before: {load_before:.2}; {rounds} rounds, iperf3 pinned: {PIN}");
@@ -177,6 +181,9 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     // What the agent and its programs do during each transfer: hook calls, records and the
     // agent's own CPU (ring reader wakeups and all), per second.
     let mut during: Vec<(&str, Activity)> = Vec::new();
+    // Then the empty program on the same hooks during the same transfers (the live floor).
+    let mut floor_during: Vec<(f64, f64)> = Vec::new();
+    let mut hooks = Vec::new();
     let prog_ns = match enable_bpf_stats() {
         Ok(fd) => {
             let running = start(Probe::Agent, &lab, &dir, opts)?;
@@ -188,11 +195,17 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
                         let after = Activity::sample(a, &lab)?;
                         during.push((what, after.since(&before)));
                     }
+                    hooks = agent_hooks(a.pid())?;
                     prog_run_time(a.pid())?
                 }
                 _ => HashMap::new(),
             };
             drop(running);
+            if hooks.is_empty() {
+                eprintln!("  live floor skipped: the agent holds no TCX link");
+            } else {
+                floor_during = live_floor(&lab, &hooks, &server_ip)?;
+            }
             drop(fd);
             by_type
         }
@@ -331,8 +344,24 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
             });
         }
     }
+    for ((what, d), &(calls, ns)) in during.iter().zip(&floor_during) {
+        let tracer = d.prog_ns / d.calls.max(1.0);
+        let empty = ns / calls.max(1.0);
+        rows.push(Row::new(
+            SECTION,
+            format!(
+                "live floor: empty tc program on the agent's {} hooks during a 2 s {what} ({} \
+                 calls; tracer's {tracer:.0} ns = {:.2}x; info)",
+                hooks.len(),
+                fmt_num(calls, ""),
+                tracer / empty
+            ),
+            empty,
+            "ns",
+        ));
+    }
     for (what, d) in &during {
-        let per_s = |v: f64| v / d.secs.max(1e-3);
+        let per_s = |v: f64| v / d.secs().max(1e-3);
         rows.push(Row::new(
             SECTION,
             format!(
@@ -427,8 +456,9 @@ fn iperf(pod: &Netns, server: &str, secs: u32, udp: bool) -> Result<f64> {
 
 /// Counters of one agent run, to difference over a transfer.
 struct Activity {
+    /// The interval the counters cover: one instant in a sample, two after `since`.
+    from: std::time::Instant,
     at: std::time::Instant,
-    secs: f64,
     agent_cpu_s: f64,
     records: f64,
     /// tc program runs and their run time (ns), while BPF run-time stats are on.
@@ -443,9 +473,10 @@ impl Activity {
             .get(&PROG_SCHED_CLS)
             .copied()
             .unwrap_or_default();
+        let now = std::time::Instant::now();
         Ok(Activity {
-            at: std::time::Instant::now(),
-            secs: 0.0,
+            from: now,
+            at: now,
             agent_cpu_s: crate::busy::cpu_s(a.pid())?,
             records: records as f64,
             calls: calls as f64,
@@ -455,13 +486,17 @@ impl Activity {
 
     fn since(&self, before: &Activity) -> Activity {
         Activity {
+            from: before.at,
             at: self.at,
-            secs: self.at.duration_since(before.at).as_secs_f64(),
             agent_cpu_s: self.agent_cpu_s - before.agent_cpu_s,
             records: self.records - before.records,
             calls: self.calls - before.calls,
             prog_ns: self.prog_ns - before.prog_ns,
         }
+    }
+
+    fn secs(&self) -> f64 {
+        self.at.duration_since(self.from).as_secs_f64()
     }
 }
 
@@ -490,36 +525,115 @@ pub(crate) fn enable_bpf_stats() -> Result<OwnedFd> {
 pub(crate) const PROG_SCHED_CLS: u64 = 3;
 const PROG_TRACEPOINT: u64 = 5;
 
-/// Run time (ns) and run count per program type of the programs process `pid` holds open, from
-/// /proc/PID/fdinfo (filled while BPF run-time stats are enabled).
-pub(crate) fn prog_run_time(pid: u32) -> Result<HashMap<u64, (u64, u64)>> {
-    let mut by_type: HashMap<u64, (u64, u64)> = HashMap::new();
+/// The /proc/PID/fdinfo texts of the BPF programs process `pid` holds open, one per program.
+fn prog_fdinfo(pid: u32) -> Result<Vec<String>> {
     let mut seen = HashSet::new();
+    Ok(fdinfo_of(pid, "anon_inode:bpf-prog")?
+        .into_iter()
+        .filter(|t| seen.insert(fdinfo_field(t, "prog_id")))
+        .collect())
+}
+
+/// The /proc/PID/fdinfo texts of the descriptors of process `pid` that link to `target`.
+fn fdinfo_of(pid: u32, target: &str) -> Result<Vec<String>> {
+    let mut texts = Vec::new();
     let dir = format!("/proc/{pid}/fd");
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
         let entry = entry?;
-        let is_prog =
-            std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:bpf-prog");
-        if !is_prog {
+        if !std::fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == target) {
             continue;
         }
         let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
         let Ok(text) = std::fs::read_to_string(&info) else {
             continue;
         };
-        let field = |k: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim_start_matches(':').trim().parse().ok())
-                .unwrap_or(0)
-        };
-        if seen.insert(field("prog_id")) {
-            let e = by_type.entry(field("prog_type")).or_default();
-            e.0 += field("run_time_ns");
-            e.1 += field("run_cnt");
-        }
+        texts.push(text);
+    }
+    Ok(texts)
+}
+
+/// One numeric `key:\tvalue` field of an fdinfo text (0 when absent).
+pub(crate) fn fdinfo_field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim_start_matches(':').trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Run time (ns) and run count per program type of the programs process `pid` holds open, from
+/// /proc/PID/fdinfo (filled while BPF run-time stats are enabled).
+pub(crate) fn prog_run_time(pid: u32) -> Result<HashMap<u64, (u64, u64)>> {
+    let mut by_type: HashMap<u64, (u64, u64)> = HashMap::new();
+    for text in prog_fdinfo(pid)? {
+        let e = by_type.entry(fdinfo_field(&text, "prog_type")).or_default();
+        e.0 += fdinfo_field(&text, "run_time_ns");
+        e.1 += fdinfo_field(&text, "run_cnt");
     }
     Ok(by_type)
+}
+
+/// One tc hook: interface index in the node's namespace and direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Hook {
+    ifindex: u32,
+    ingress: bool,
+}
+
+/// The TCX hooks process `pid` attached its programs to (in its network namespace), from the
+/// fdinfo of the links it holds. Clsact filters (kernels before 6.6) are not links: none found.
+fn agent_hooks(pid: u32) -> Result<Vec<Hook>> {
+    let mut hooks = Vec::new();
+    for text in fdinfo_of(pid, "anon_inode:bpf_link")? {
+        if let Some(hook) = tcx_hook(&text) {
+            if !hooks.contains(&hook) {
+                hooks.push(hook);
+            }
+        }
+    }
+    Ok(hooks)
+}
+
+/// The hook of a TCX link's fdinfo (`link_type: tcx`, `ifindex: N`, `attach_type: 46 (ingress)`).
+fn tcx_hook(fdinfo: &str) -> Option<Hook> {
+    let field = |k: &str| {
+        fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    if field("link_type")? != "tcx" {
+        return None;
+    }
+    Some(Hook {
+        ifindex: field("ifindex")?.parse().ok()?,
+        ingress: field("attach_type")?.ends_with("(ingress)"),
+    })
+}
+
+/// The empty tc program (floor.rs) attached as TCX links on `hooks` in the node's namespace,
+/// with BPF run-time stats on (the caller holds them), during the same 2 s TCP bulk and 64 B
+/// UDP transfers as the agent's: its run time per call is what the stats' clock pair and a
+/// cold skb cost on this machine, whatever the program does. Returns (calls, ns) per transfer.
+fn live_floor(lab: &SingleNode, hooks: &[Hook], server_ip: &str) -> Result<Vec<(f64, f64)>> {
+    let floor = crate::floor::Floor::load()?;
+    let prog = floor.raw_fd();
+    let to_attach = hooks.to_vec();
+    // Dropping the link fds detaches: nothing stays attached, also on an error below.
+    let links = lab.node.run(move || {
+        to_attach
+            .iter()
+            .map(|h| crate::floor::Floor::attach_tcx(prog, h.ifindex, h.ingress))
+            .collect::<Result<Vec<_>>>()
+    })??;
+    let mut out = Vec::new();
+    for udp in [false, true] {
+        let before = floor.run_stats()?;
+        iperf(&lab.pod.netns, server_ip, 2, udp)?;
+        let after = floor.run_stats()?;
+        out.push(((after.1 - before.1) as f64, (after.0 - before.0) as f64));
+    }
+    drop(links);
+    Ok(out)
 }
 
 fn parse(json: &str, udp: bool) -> Result<f64> {
@@ -548,6 +662,23 @@ mod tests {
                 udp: [udp, 0.0, 0.0],
             })
             .collect()
+    }
+
+    #[test]
+    fn a_tcx_links_fdinfo_names_its_hook() {
+        // /proc/PID/fdinfo of an agent's TCX links (kernel 6.18).
+        let link = |ifindex: u32, t: &str| {
+            format!(
+                "pos:\t0\nflags:\t02000000\nmnt_id:\t16\nino:\t1057\nlink_type:\ttcx\n\
+                 link_id:\t4\nprog_tag:\t0d5d2a1d4e8dc6a8\nprog_id:\t27\nifindex:\t{ifindex}\n\
+                 attach_type:\t{t}\n"
+            )
+        };
+        let h = |ifindex, ingress| Some(Hook { ifindex, ingress });
+        assert_eq!(tcx_hook(&link(3, "46 (ingress)")), h(3, true));
+        assert_eq!(tcx_hook(&link(2, "47 (egress)")), h(2, false));
+        let tracepoint = "link_type:\ttracepoint\nlink_id:\t5\nprog_id:\t30\n";
+        assert_eq!(tcx_hook(tracepoint), None);
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //!
 //! Loaded with raw bpf(2) calls: they are a few instructions, and keeping them out of
 //! tracer-ebpf's object means the agent never carries them.
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -20,6 +20,9 @@ const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
 
 /// `struct bpf_insn`: opcode, dst/src registers, offset, immediate.
 #[repr(C)]
@@ -80,6 +83,20 @@ struct TestRun {
     data_out: u64,
     repeat: u32,
     duration: u32,
+}
+
+/// The leading fields of `union bpf_attr` for BPF_LINK_CREATE of a TCX link (flags 0 and no
+/// relative program: appended after the links already there).
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreate {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    _pad: u32,
+    expected_revision: u64,
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
@@ -143,7 +160,6 @@ impl Floor {
             Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd as i32) },
             Err(e) => bail!("creating the lookup floor's map: {e}"),
         };
-        use std::os::fd::AsRawFd;
         let key = [0u8; 64];
         let value = [0u8; 24];
         let mut update = MapUpdate {
@@ -197,9 +213,43 @@ impl Floor {
         Ok(Floor { fd, _map: map })
     }
 
+    /// Attaches the program as a TCX link on `ifindex` of the calling thread's network
+    /// namespace; the link (and the attachment) lasts as long as the returned fd.
+    pub fn attach_tcx(prog_fd: RawFd, ifindex: u32, ingress: bool) -> Result<OwnedFd> {
+        let mut attr = LinkCreate {
+            prog_fd: prog_fd as u32,
+            target_ifindex: ifindex,
+            attach_type: if ingress {
+                BPF_TCX_INGRESS
+            } else {
+                BPF_TCX_EGRESS
+            },
+            ..Default::default()
+        };
+        match bpf(BPF_LINK_CREATE, &mut attr) {
+            // SAFETY: BPF_LINK_CREATE returned a new fd that nothing else owns.
+            Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+            Err(e) => bail!("attaching the floor program to ifindex {ifindex}: {e}"),
+        }
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The program's run time (ns) and run count so far, from this process's fdinfo (counted
+    /// while BPF run-time stats are enabled).
+    pub fn run_stats(&self) -> Result<(u64, u64)> {
+        let path = format!("/proc/self/fdinfo/{}", self.fd.as_raw_fd());
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        Ok((
+            crate::datapath::fdinfo_field(&text, "run_time_ns"),
+            crate::datapath::fdinfo_field(&text, "run_cnt"),
+        ))
+    }
+
     /// The kernel's average ns per run of the program on `frame`, `repeat` times.
     pub fn time(&self, frame: &[u8], repeat: u32) -> Result<f64> {
-        use std::os::fd::AsRawFd;
         let mut attr = TestRun {
             prog_fd: self.fd.as_raw_fd() as u32,
             data_size_in: frame.len() as u32,

@@ -43,6 +43,10 @@ pub struct Opts {
     /// A ~1 minute smoke run: shorter iperf3 runs, one round, fewer records and samples.
     #[arg(long)]
     pub quick: bool,
+    /// Section 1's measured rounds (default 12, 2 with --quick): more rounds on an idle machine
+    /// narrow the ratios' intervals.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: Option<u32>,
     /// Run only these sections (repeatable); all by default.
     #[arg(long = "only", value_enum)]
     only: Vec<Section>,
