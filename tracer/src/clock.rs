@@ -63,9 +63,10 @@ fn rfc3339_millis(ns: i64, wall: impl FnOnce() -> SystemTime) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     let mut buf = *b"0000-00-00T00:00:00.000Z";
-    let mut put = |at: usize, width: u32, v: i64| {
-        for i in 0..width as usize {
-            buf[at + i] = b'0' + (v / 10_i64.pow(width - 1 - i as u32) % 10) as u8;
+    let mut put = |at: usize, width: usize, mut v: i64| {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
         }
     };
     put(0, 4, year);
@@ -75,8 +76,10 @@ fn rfc3339_millis(ns: i64, wall: impl FnOnce() -> SystemTime) -> String {
     put(14, 2, sod / 60 % 60);
     put(17, 2, sod % 60);
     put(20, 3, millis);
-    // All ASCII digits and separators.
-    String::from_utf8_lossy(&buf).into_owned()
+    // All ASCII digits and separators: the UTF-8 check is its ASCII fast path.
+    std::str::from_utf8(&buf)
+        .map(String::from)
+        .unwrap_or_default()
 }
 
 /// Converts kernel timestamps to wall-clock time. The offset between the two clocks is
