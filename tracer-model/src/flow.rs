@@ -155,7 +155,8 @@ pub struct FlowsPage {
 /// tcpdump-style flag letters.
 pub fn tcp_flag_letters(f: u8) -> String {
     use tracer_common::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
-    let mut s = String::new();
+    // At most five letters: one allocation, not a growth per letter.
+    let mut s = String::with_capacity(5);
     for (bit, c) in [
         (TCP_SYN, 'S'),
         (TCP_ACK, '.'),

@@ -324,13 +324,18 @@ impl Exchanges {
 
     /// Latency at quantile `q` (0..=1) in microseconds.
     pub fn quantile_us(&self, q: f64) -> Option<u32> {
+        self.quantiles_us([q])[0]
+    }
+
+    /// Latencies at several quantiles from one copy and sort of the samples.
+    pub fn quantiles_us<const N: usize>(&self, qs: [f64; N]) -> [Option<u32>; N] {
         let mut v = self.samples();
-        if v.is_empty() {
-            return None;
-        }
         v.sort_unstable();
-        let i = ((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
-        v.get(i).copied()
+        qs.map(|q| {
+            let last = v.len().checked_sub(1)?;
+            v.get((last as f64 * q.clamp(0.0, 1.0)).round() as usize)
+                .copied()
+        })
     }
 
     pub fn max_ns(&self) -> u64 {

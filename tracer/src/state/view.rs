@@ -37,7 +37,8 @@ pub fn flow_view(
         path: hops
             .iter()
             .map(|h| Hop {
-                iface: h.iface.name.to_string(),
+                // `String::from` copies; `to_string` on a `Box<str>` went through `Display`.
+                iface: String::from(&*h.iface.name),
                 ifindex: h.ifindex,
                 role: h.role,
                 dir: h.dir,
@@ -71,11 +72,14 @@ pub fn flow_view(
             retransmits: f.retransmits(),
             handshake_ms: f.handshake_ns().map(ms_f),
         }),
-        exchanges: (f.exchanges.count > 0).then(|| Exchanges {
-            count: f.exchanges.count,
-            p50_ms: f.exchanges.quantile_us(0.5).map(|u| f64::from(u) / 1000.0),
-            p90_ms: f.exchanges.quantile_us(0.9).map(|u| f64::from(u) / 1000.0),
-            max_ms: ms_f(f.exchanges.max_ns()),
+        exchanges: (f.exchanges.count > 0).then(|| {
+            let [p50, p90] = f.exchanges.quantiles_us([0.5, 0.9]);
+            Exchanges {
+                count: f.exchanges.count,
+                p50_ms: p50.map(|u| f64::from(u) / 1000.0),
+                p90_ms: p90.map(|u| f64::from(u) / 1000.0),
+                max_ms: ms_f(f.exchanges.max_ns()),
+            }
         }),
         drops: f
             .drops()
