@@ -552,11 +552,17 @@ fn fdinfo_of(pid: u32, target: &str) -> Result<Vec<String>> {
     Ok(texts)
 }
 
+/// The value of one `key:\tvalue` line of an fdinfo text, trimmed.
+fn fdinfo_text<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
 /// One numeric `key:\tvalue` field of an fdinfo text (0 when absent).
 pub(crate) fn fdinfo_field(text: &str, key: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim_start_matches(':').trim().parse().ok())
+    fdinfo_text(text, key)
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
 
@@ -595,12 +601,7 @@ fn agent_hooks(pid: u32) -> Result<Vec<Hook>> {
 
 /// The hook of a TCX link's fdinfo (`link_type: tcx`, `ifindex: N`, `attach_type: 46 (ingress)`).
 fn tcx_hook(fdinfo: &str) -> Option<Hook> {
-    let field = |k: &str| {
-        fdinfo
-            .lines()
-            .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
-            .map(str::trim)
-    };
+    let field = |k: &str| fdinfo_text(fdinfo, k);
     if field("link_type")? != "tcx" {
         return None;
     }

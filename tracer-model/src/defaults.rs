@@ -35,9 +35,9 @@ pub const LEASE_TTL_SECONDS: u64 = 30;
 pub const MAX_LEASE_TTL_SECONDS: u64 = 3600;
 
 /// Agents asked at once by `--all-nodes`/`--agents`: one per 32 agents, at least
-/// [`FAN_OUT_MIN`] and at most [`FAN_OUT_MAX`]. More slots keep a big cluster's query short (5,000 agents
-/// at 32 in flight take half the rounds of 16), the cap keeps the client's memory bounded by the
-/// answer: at most that many pages are in flight, whatever the node count.
+/// [`FAN_OUT_MIN`] and at most [`FAN_OUT_MAX`]. More slots keep a big cluster's query short
+/// (5,000 agents at 32 in flight take half the rounds of 16), the cap keeps the client's memory
+/// bounded by the answer: at most that many pages are in flight, whatever the node count.
 pub fn fan_out(agents: usize) -> usize {
     (agents / 32).clamp(FAN_OUT_MIN, FAN_OUT_MAX)
 }

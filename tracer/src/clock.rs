@@ -119,16 +119,19 @@ impl Clock {
         self.start_ns
     }
 
+    /// Wall-clock nanoseconds since the epoch of monotonic `ts_ns`.
+    fn wall_ns_of(&self, ts_ns: u64) -> i64 {
+        (ts_ns as i64).saturating_add(self.offset_ns.load(Ordering::Relaxed))
+    }
+
     pub fn wall(&self, ts_ns: u64) -> SystemTime {
-        from_wall_ns((ts_ns as i64).saturating_add(self.offset_ns.load(Ordering::Relaxed)))
+        from_wall_ns(self.wall_ns_of(ts_ns))
     }
 
     /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, the bytes of `humantime::format_rfc3339_millis`.
     pub fn rfc3339(&self, ts_ns: u64) -> String {
-        rfc3339_millis(
-            (ts_ns as i64).saturating_add(self.offset_ns.load(Ordering::Relaxed)),
-            || self.wall(ts_ns),
-        )
+        let ns = self.wall_ns_of(ts_ns);
+        rfc3339_millis(ns, || from_wall_ns(ns))
     }
 
     /// Monotonic nanoseconds of a wall-clock time (for `since=` filters).
