@@ -11,8 +11,10 @@ APT_PACKAGES=(
   iproute2 iptables ipset nftables conntrack tcpdump iputils-ping curl bird etcd-server etcd-client iperf3 wrk ethtool bpftool
   qemu-system-x86 cpio busybox-static
   podman runc binutils
-  # etcd-client (the Rust crate behind DATASTORE_TYPE=etcdv3) generates its gRPC code with protoc.
-  protobuf-compiler
+  # etcd-client (the Rust crate behind DATASTORE_TYPE=etcdv3) generates its gRPC code with protoc,
+  # whose well-known imports (google/protobuf/descriptor.proto...) are in libprotobuf-dev: only a
+  # Recommends of protobuf-compiler, which --no-install-recommends skips.
+  protobuf-compiler libprotobuf-dev
 )
 
 need_apt=()
