@@ -19,6 +19,7 @@ fn main() {
     for f in [
         ebpf.join("Cargo.toml"),
         ebpf.join("Cargo.lock"),
+        ebpf.join(".cargo").join("config.toml"),
         common.join("Cargo.toml"),
     ] {
         println!("cargo:rerun-if-changed={}", f.display());

@@ -1,7 +1,7 @@
 //! Header parsing. tc reads headers in place when they lie in the skb's linear part (nearly
 //! always) and through `bpf_skb_load_bytes` otherwise (non-linear skbs); the drop tracepoint
 //! reads kernel memory.
-use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use tracer_common::{
     Encapsulation, Family, PacketEvent, Tuple, PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP,
     PROTO_IPV6_IN_IP, PROTO_TCP, PROTO_UDP, VXLAN_PORT,
@@ -26,6 +26,10 @@ pub trait Source {
     fn frame_len(&self) -> usize;
 }
 
+/// A stack buffer for `bpf_skb_load_bytes` on an 8-byte boundary (see `Source::load`).
+#[repr(C, align(8))]
+struct Aligned<T>(core::mem::MaybeUninit<T>);
+
 /// Headers lie within this many bytes of the frame's start (Ethernet, VLAN, IP options, outer
 /// UDP and VXLAN, inner Ethernet, IP and L4): a bound the verifier can check the offsets by.
 const MAX_HEADER_OFFSET: usize = 256;
@@ -39,7 +43,25 @@ impl Source for TcContext {
             // SAFETY: within [data, data_end), checked just above; unaligned reads are fine.
             return Ok(unsafe { ((start + off) as *const T).read_unaligned() });
         }
-        TcContext::load(self, off).map_err(|_| ())
+        // The helper's buffer is 8-byte aligned: the program is built to read packet bytes as
+        // wide, possibly misaligned words (fewer instructions per header), and the verifier
+        // takes misaligned reads from packets and map values but never from the stack.
+        let mut buf = Aligned(core::mem::MaybeUninit::<T>::uninit());
+        // SAFETY: the helper writes size_of::<T>() bytes into the buffer or fails.
+        let r = unsafe {
+            aya_ebpf::helpers::generated::bpf_skb_load_bytes(
+                self.skb.skb as *const _,
+                off as u32,
+                buf.0.as_mut_ptr() as *mut _,
+                core::mem::size_of::<T>() as u32,
+            )
+        };
+        if r == 0 {
+            // SAFETY: filled by the helper just above.
+            Ok(unsafe { buf.0.assume_init() })
+        } else {
+            Err(())
+        }
     }
 
     #[inline(always)]
@@ -54,7 +76,22 @@ pub struct Kernel(pub u64);
 impl Source for Kernel {
     #[inline(always)]
     fn load<T>(&self, off: usize) -> Result<T, ()> {
-        unsafe { bpf_probe_read_kernel((self.0 + off as u64) as *const T) }.map_err(|_| ())
+        // Into an aligned buffer, as in TcContext's fallback: no misaligned stack reads after.
+        let mut buf = Aligned(core::mem::MaybeUninit::<T>::uninit());
+        // SAFETY: the helper writes size_of::<T>() bytes into the buffer or fails.
+        let r = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                buf.0.as_mut_ptr() as *mut _,
+                core::mem::size_of::<T>() as u32,
+                (self.0 + off as u64) as *const _,
+            )
+        };
+        if r == 0 {
+            // SAFETY: filled by the helper just above.
+            Ok(unsafe { buf.0.assume_init() })
+        } else {
+            Err(())
+        }
     }
 
     #[inline(always)]
