@@ -148,15 +148,6 @@ fn feed_records(shared: &Shared, n: u64, records: usize) {
 /// This thread's CPU time in ms. In-process timings use it, not the wall clock: on a machine
 /// shared with other work the wall clock counts the time other processes held the CPU, which
 /// made these figures swing by 10x with the load; the CPU time the work took barely moves.
-fn minflt() -> i64 {
-    // SAFETY: getrusage writes one rusage into the live struct given.
-    unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru.ru_minflt
-    }
-}
-
 fn cpu_ms() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -171,22 +162,24 @@ fn cpu_ms() -> f64 {
 /// views built and written as the API does.
 fn time_query(shared: &Shared, query: &str, iters: usize) -> Result<(Vec<f64>, u64)> {
     let q = FlowQuery::parse(Some(query)).map_err(|e| anyhow!("{query}: {e}"))?;
-    let mut ms = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let f0 = minflt();
-        let t = cpu_ms();
-        // What the API's one-go `/flows` does: views built and written a flow at a time.
-        let body = shared.flows_json(&q);
-        ms.push(cpu_ms() - t);
-        if std::env::var_os("VIEWS2_TRACE").is_some() {
-            eprintln!("iter {:.3} ms minflt {}", ms.last().copied().unwrap_or(0.0), minflt() - f0);
-        }
-        std::hint::black_box(&body);
-    }
+    let ms = timed_runs(shared, &q, iters);
     // Counted after the timed runs, so that the first of them finds the heap as a first
     // answer would.
-    let matched = shared.flows(&q).matched as u64;
-    Ok((ms, matched))
+    Ok((ms, shared.flows(&q).matched as u64))
+}
+
+/// The timed runs alone (not inlined: a name for callgrind's `--toggle-collect`).
+#[inline(never)]
+fn timed_runs(shared: &Shared, q: &FlowQuery, iters: usize) -> Vec<f64> {
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = cpu_ms();
+        // What the API's one-go `/flows` does: views built and written a flow at a time.
+        let body = shared.flows_json(q);
+        ms.push(cpu_ms() - t);
+        std::hint::black_box(&body);
+    }
+    ms
 }
 
 pub fn run(opts: &Opts) -> Result<Vec<Row>> {

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use tracer_model::{
     diagnoses::{CauseGroup, EvidenceSummary},
-    query::{FlowQuery, Since, DEFAULT_LIMIT},
     flow::FlowsPageWriter,
+    query::{FlowQuery, Since, DEFAULT_LIMIT},
     Cause, DiagnosesAnswer, FlowEndpoints, FlowView, FlowsPage, Verdict,
 };
 
@@ -49,14 +49,14 @@ impl Group {
 
 /// Where [`Shared::each_shown`] puts the views it builds.
 trait PageSink {
-    /// At most this many flows will be shown.
+    /// At most this many flows will be shown (fewer if fewer match).
     fn expect(&mut self, at_most: usize);
     fn flow(&mut self, view: FlowView);
 }
 
 impl PageSink for Vec<FlowView> {
-    fn expect(&mut self, at_most: usize) {
-        self.reserve_exact(at_most.min(DEFAULT_LIMIT));
+    fn expect(&mut self, _at_most: usize) {
+        // Grown as flows come: a bound of a page is not a count, and views are large.
     }
 
     fn flow(&mut self, view: FlowView) {
@@ -149,6 +149,11 @@ impl Shared {
             } = page;
             result.map(|()| writer.finish(matched, matched > shown))
         };
+        // Sized for `limit` flows before the count was known: give back what a short page
+        // left over (in place for the heap's chunks), the body lives until it is sent.
+        if out.capacity() > 2 * out.len() + 65536 {
+            out.shrink_to_fit();
+        }
         match ok {
             Ok(()) => out,
             Err(_) => b"{}".to_vec(),
@@ -167,32 +172,35 @@ impl Shared {
             let mut matched = 0usize;
             let matches = self.matcher(q, cx.now_ns);
             let names = self.naming();
+            let view_of = |f: &Flow| view::flow_view(f, judge(f, cx), &self.clock, cx, &names);
+            if let Some(net) = q.dst.as_ref().filter(|_| only_dst(q)) {
+                // Nothing but the destination asked: the index counts the matches, and only
+                // the flows shown are read.
+                page.expect(table.len().min(limit));
+                return table.visit_newest_to_counting(net, |f| {
+                    page.flow(view_of(f));
+                    shown += 1;
+                    shown < limit
+                });
+            }
             let (src, _) = q.hosts();
             let candidates: Box<dyn Iterator<Item = &Flow>> = match (&q.dst, src) {
                 (Some(net), _) => Box::new(table.iter_newest_to(net, FlowId::MAX).map(|(_, f)| f)),
                 (None, Some(src)) => Box::new(table.iter_newest_from(src)),
                 (None, None) => Box::new(table.iter_newest()),
             };
-            let counted = q
-                .dst
-                .as_ref()
-                .filter(|_| only_dst(q))
-                .map(|net| table.count_to(net));
-            page.expect(counted.unwrap_or_else(|| table.len()).min(limit));
+            page.expect(table.len().min(limit));
             for f in candidates {
-                if counted.is_some() && shown >= limit {
-                    break;
-                }
                 if !matches(f) {
                     continue;
                 }
                 matched += 1;
                 if shown < limit {
+                    page.flow(view_of(f));
                     shown += 1;
-                    page.flow(view::flow_view(f, judge(f, cx), &self.clock, cx, &names));
                 }
             }
-            counted.unwrap_or(matched)
+            matched
         })
     }
 
