@@ -12,6 +12,8 @@ use crate::{
 
 mod json;
 
+pub use json::FlowsPageWriter;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FlowView {
     pub id: u64,

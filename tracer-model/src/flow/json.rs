@@ -24,14 +24,51 @@ impl FlowsPage {
             matched,
             truncated,
         } = self;
-        out.extend_from_slice(b"{\"flows\":[");
-        items(out, flows, |out, f| f.write_json(out))?;
-        out.extend_from_slice(b"],\"matched\":");
-        u64_(out, *matched as u64);
-        out.extend_from_slice(b",\"truncated\":");
-        bool_(out, *truncated);
-        out.push(b'}');
+        let mut w = FlowsPageWriter::new(out);
+        for f in flows {
+            w.flow(f)?;
+        }
+        w.finish(*matched, *truncated);
         Ok(())
+    }
+}
+
+/// A [`FlowsPage`]'s bytes written a flow at a time, as each flow's view is built: the views
+/// of a page need not all live at once. The same bytes as [`FlowsPage::write_json`].
+pub struct FlowsPageWriter<'a> {
+    out: &'a mut Vec<u8>,
+    written: bool,
+}
+
+impl<'a> FlowsPageWriter<'a> {
+    pub fn new(out: &'a mut Vec<u8>) -> FlowsPageWriter<'a> {
+        out.extend_from_slice(b"{\"flows\":[");
+        FlowsPageWriter {
+            out,
+            written: false,
+        }
+    }
+
+    /// Room for `bytes` more.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.out.reserve_exact(bytes);
+    }
+
+    pub fn flow(&mut self, f: &FlowView) -> serde_json::Result<()> {
+        if self.written {
+            self.out.push(b',');
+        }
+        self.written = true;
+        f.write_json(self.out)
+    }
+
+    /// The counts that follow the flows (`matched` and `truncated` of [`FlowsPage`]).
+    pub fn finish(self, matched: usize, truncated: bool) {
+        self.out.extend_from_slice(b"],\"matched\":");
+        u64_(self.out, matched as u64);
+        self.out.extend_from_slice(b",\"truncated\":");
+        bool_(self.out, truncated);
+        self.out.push(b'}');
     }
 }
 

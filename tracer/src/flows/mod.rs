@@ -341,6 +341,17 @@ impl FlowTable {
         self.flows.count_to(net)
     }
 
+    /// Newest first, hands `each` the flows whose destination (as first seen or translated) is
+    /// in `net` until it returns false, and counts them all in the address index: one lookup
+    /// per chunk for both (`count_to` and `iter_newest_to` each looked the shown chunks up).
+    pub fn visit_newest_to_counting(
+        &self,
+        net: &crate::net::Cidr,
+        each: impl FnMut(&Flow) -> bool,
+    ) -> usize {
+        self.flows.visit_newest_to_counting(net, each)
+    }
+
     /// Drops of traced flows so far, by the kernel's reason number.
     pub fn drops_by_reason(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
         self.drops_by_reason.iter().map(|(r, n)| (*r, *n))

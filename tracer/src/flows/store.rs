@@ -464,6 +464,34 @@ impl FlowStore {
             })
     }
 
+    /// Newest first, the flows whose destination, as first seen or translated, is in `net`,
+    /// handed to `each` until it returns false; returns how many there are in all (from the
+    /// index alone past that point). Each chunk is looked up once.
+    pub fn visit_newest_to_counting(
+        &self,
+        net: &Cidr,
+        mut each: impl FnMut(&Flow) -> bool,
+    ) -> usize {
+        let mut count = 0;
+        let mut more = true;
+        for (i, c) in self.chunks.iter().enumerate().rev() {
+            let chunk_base = self.base + (i * CHUNK) as FlowId;
+            let hits = self.hits(c, chunk_base, net, FlowId::MAX);
+            count += hits.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+            if more {
+                for off in bits_desc(hits) {
+                    if let Some(f) = c.flows.get(off).and_then(Option::as_ref) {
+                        if !each(f) {
+                            more = false;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        count
+    }
+
     /// How many flows have a destination, as first seen or translated, in `net`: from the
     /// index alone.
     pub fn count_to(&self, net: &Cidr) -> usize {

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use tracer_model::{
     diagnoses::{CauseGroup, EvidenceSummary},
+    flow::FlowsPageWriter,
     query::{FlowQuery, Since, DEFAULT_LIMIT},
     Cause, DiagnosesAnswer, FlowEndpoints, FlowView, FlowsPage, Verdict,
 };
@@ -46,6 +47,46 @@ impl Group {
     }
 }
 
+/// Where [`Shared::each_shown`] puts the views it builds.
+trait PageSink {
+    /// At most this many flows will be shown (fewer if fewer match).
+    fn expect(&mut self, at_most: usize);
+    fn flow(&mut self, view: FlowView);
+}
+
+impl PageSink for Vec<FlowView> {
+    fn expect(&mut self, _at_most: usize) {
+        // Grown as flows come: a bound of a page is not a count, and views are large.
+    }
+
+    fn flow(&mut self, view: FlowView) {
+        self.push(view);
+    }
+}
+
+/// A page written as JSON as its views are built (the first error is kept, later flows are
+/// skipped: the answer is then `{}` as [`FlowsPage::write_json`]'s callers make it).
+struct JsonPage<'a> {
+    writer: FlowsPageWriter<'a>,
+    shown: usize,
+    result: serde_json::Result<()>,
+}
+
+impl PageSink for JsonPage<'_> {
+    fn expect(&mut self, at_most: usize) {
+        // A four-hop flow is about 1.5 KB: the body is sized once, not grown by doubling
+        // and copying through a thousand flows.
+        self.writer.reserve(64 + at_most * 1536);
+    }
+
+    fn flow(&mut self, view: FlowView) {
+        self.shown += 1;
+        if self.result.is_ok() {
+            self.result = self.writer.flow(&view);
+        }
+    }
+}
+
 impl Shared {
     /// The query as a predicate over flows. The pod's veth name (a sha1) and the `since`
     /// threshold are worked out once per query, not once per flow. `pod=` matches flows through
@@ -74,47 +115,92 @@ impl Shared {
     /// `GET /flows` answered in one go (the API streams large or judging queries through
     /// [`FlowCursor`] instead).
     pub fn flows(&self, q: &FlowQuery) -> FlowsPage {
-        let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
         if q.verdict.is_some() || q.cause.is_some() {
             return self.flows_judged(q);
         }
-        // Judging is the expensive part: only the flows rendered are judged, the rest counted.
-        // By destination, the address index finds the flows, and counts them when nothing else
-        // is asked: then only the flows shown are read.
+        let mut flows = Vec::new();
+        let matched = self.each_shown(q, &mut flows);
+        FlowsPage {
+            truncated: matched > flows.len(),
+            flows,
+            matched,
+        }
+    }
+
+    /// [`Shared::flows`]'s page as JSON (the bytes of [`FlowsPage::write_json`]), each flow
+    /// written as soon as its view is built: a view's strings are freed before the next one's
+    /// are allocated, so a page reuses the same few hundred bytes of heap instead of holding a
+    /// thousand views (about 1 MB of fresh memory, page faults on a first answer).
+    pub fn flows_json(&self, q: &FlowQuery) -> Vec<u8> {
+        let mut out = Vec::new();
+        let ok = if q.verdict.is_some() || q.cause.is_some() {
+            self.flows(q).write_json(&mut out)
+        } else {
+            let mut page = JsonPage {
+                writer: FlowsPageWriter::new(&mut out),
+                shown: 0,
+                result: Ok(()),
+            };
+            let matched = self.each_shown(q, &mut page);
+            let JsonPage {
+                writer,
+                shown,
+                result,
+            } = page;
+            result.map(|()| writer.finish(matched, matched > shown))
+        };
+        // Sized for `limit` flows before the count was known: give back what a short page
+        // left over (in place for the heap's chunks), the body lives until it is sent.
+        if out.capacity() > 2 * out.len() + 65536 {
+            out.shrink_to_fit();
+        }
+        match ok {
+            Ok(()) => out,
+            Err(_) => b"{}".to_vec(),
+        }
+    }
+
+    /// The flows a `/flows` answer without verdict or cause filter shows, newest first, each
+    /// view handed to `page` as it is built; returns how many flows matched. Judging is the
+    /// expensive part: only the flows shown are judged, the rest counted. By destination, the
+    /// address index finds the flows, and counts them when nothing else is asked: then only
+    /// the flows shown are read.
+    fn each_shown(&self, q: &FlowQuery, page: &mut impl PageSink) -> usize {
+        let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
         self.with_context(|cx, table| {
-            let mut flows = Vec::new();
+            let mut shown = 0usize;
             let mut matched = 0usize;
             let matches = self.matcher(q, cx.now_ns);
             let names = self.naming();
+            let view_of = |f: &Flow| view::flow_view(f, judge(f, cx), &self.clock, cx, &names);
+            if let Some(net) = q.dst.as_ref().filter(|_| only_dst(q)) {
+                // Nothing but the destination asked: the index counts the matches, and only
+                // the flows shown are read.
+                page.expect(table.len().min(limit));
+                return table.visit_newest_to_counting(net, |f| {
+                    page.flow(view_of(f));
+                    shown += 1;
+                    shown < limit
+                });
+            }
             let (src, _) = q.hosts();
             let candidates: Box<dyn Iterator<Item = &Flow>> = match (&q.dst, src) {
                 (Some(net), _) => Box::new(table.iter_newest_to(net, FlowId::MAX).map(|(_, f)| f)),
                 (None, Some(src)) => Box::new(table.iter_newest_from(src)),
                 (None, None) => Box::new(table.iter_newest()),
             };
-            let counted = q
-                .dst
-                .as_ref()
-                .filter(|_| only_dst(q))
-                .map(|net| table.count_to(net));
+            page.expect(table.len().min(limit));
             for f in candidates {
-                if counted.is_some() && flows.len() >= limit {
-                    break;
-                }
                 if !matches(f) {
                     continue;
                 }
                 matched += 1;
-                if flows.len() < limit {
-                    flows.push(view::flow_view(f, judge(f, cx), &self.clock, cx, &names));
+                if shown < limit {
+                    page.flow(view_of(f));
+                    shown += 1;
                 }
             }
-            let matched = counted.unwrap_or(matched);
-            FlowsPage {
-                truncated: matched > flows.len(),
-                flows,
-                matched,
-            }
+            matched
         })
     }
 
