@@ -493,19 +493,9 @@ impl FlowStore {
     }
 
     /// How many flows have a destination, as first seen or translated, in `net`: from the
-    /// index alone.
+    /// index alone (the visit stops at the first flow).
     pub fn count_to(&self, net: &Cidr) -> usize {
-        self.chunks
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let chunk_base = self.base + (i * CHUNK) as FlowId;
-                self.hits(c, chunk_base, net, FlowId::MAX)
-                    .iter()
-                    .map(|w| w.count_ones() as usize)
-                    .sum::<usize>()
-            })
-            .sum()
+        self.visit_newest_to_counting(net, |_| false)
     }
 }
 

@@ -692,6 +692,13 @@ mod address_index {
                     t.iter_newest_to(&net, FlowId::MAX).map(|(_, f)| f.id).collect();
                 prop_assert_eq!(&found, &all, "{:?}", net);
                 prop_assert_eq!(t.count_to(&net), all.len());
+                let mut visited = Vec::new();
+                let counted = t.visit_newest_to_counting(&net, |f| {
+                    visited.push(f.id);
+                    true
+                });
+                prop_assert_eq!(&visited, &all, "{:?}", net);
+                prop_assert_eq!(counted, all.len());
                 let below: Vec<FlowId> = t.iter_newest_to(&net, cut).map(|(_, f)| f.id).collect();
                 prop_assert_eq!(below, scan(&t, &net, cut));
             }

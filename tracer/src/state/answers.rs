@@ -68,7 +68,6 @@ impl PageSink for Vec<FlowView> {
 /// skipped: the answer is then `{}` as [`FlowsPage::write_json`]'s callers make it).
 struct JsonPage<'a> {
     writer: FlowsPageWriter<'a>,
-    shown: usize,
     result: serde_json::Result<()>,
 }
 
@@ -80,7 +79,6 @@ impl PageSink for JsonPage<'_> {
     }
 
     fn flow(&mut self, view: FlowView) {
-        self.shown += 1;
         if self.result.is_ok() {
             self.result = self.writer.flow(&view);
         }
@@ -119,7 +117,7 @@ impl Shared {
             return self.flows_judged(q);
         }
         let mut flows = Vec::new();
-        let matched = self.each_shown(q, &mut flows);
+        let (matched, _) = self.each_shown(q, &mut flows);
         FlowsPage {
             truncated: matched > flows.len(),
             flows,
@@ -138,15 +136,10 @@ impl Shared {
         } else {
             let mut page = JsonPage {
                 writer: FlowsPageWriter::new(&mut out),
-                shown: 0,
                 result: Ok(()),
             };
-            let matched = self.each_shown(q, &mut page);
-            let JsonPage {
-                writer,
-                shown,
-                result,
-            } = page;
+            let (matched, shown) = self.each_shown(q, &mut page);
+            let JsonPage { writer, result } = page;
             result.map(|()| writer.finish(matched, matched > shown))
         };
         // Sized for `limit` flows before the count was known: give back what a short page
@@ -161,11 +154,12 @@ impl Shared {
     }
 
     /// The flows a `/flows` answer without verdict or cause filter shows, newest first, each
-    /// view handed to `page` as it is built; returns how many flows matched. Judging is the
+    /// view handed to `page` as it is built; returns how many flows matched and how many were
+    /// shown. Judging is the
     /// expensive part: only the flows shown are judged, the rest counted. By destination, the
     /// address index finds the flows, and counts them when nothing else is asked: then only
     /// the flows shown are read.
-    fn each_shown(&self, q: &FlowQuery, page: &mut impl PageSink) -> usize {
+    fn each_shown(&self, q: &FlowQuery, page: &mut impl PageSink) -> (usize, usize) {
         let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
         self.with_context(|cx, table| {
             let mut shown = 0usize;
@@ -173,15 +167,16 @@ impl Shared {
             let matches = self.matcher(q, cx.now_ns);
             let names = self.naming();
             let view_of = |f: &Flow| view::flow_view(f, judge(f, cx), &self.clock, cx, &names);
+            page.expect(table.len().min(limit));
             if let Some(net) = q.dst.as_ref().filter(|_| only_dst(q)) {
                 // Nothing but the destination asked: the index counts the matches, and only
                 // the flows shown are read.
-                page.expect(table.len().min(limit));
-                return table.visit_newest_to_counting(net, |f| {
+                let matched = table.visit_newest_to_counting(net, |f| {
                     page.flow(view_of(f));
                     shown += 1;
                     shown < limit
                 });
+                return (matched, shown);
             }
             let (src, _) = q.hosts();
             let candidates: Box<dyn Iterator<Item = &Flow>> = match (&q.dst, src) {
@@ -189,7 +184,6 @@ impl Shared {
                 (None, Some(src)) => Box::new(table.iter_newest_from(src)),
                 (None, None) => Box::new(table.iter_newest()),
             };
-            page.expect(table.len().min(limit));
             for f in candidates {
                 if !matches(f) {
                     continue;
@@ -200,7 +194,7 @@ impl Shared {
                     shown += 1;
                 }
             }
-            matched
+            (matched, shown)
         })
     }
 
