@@ -484,6 +484,50 @@ fn kernel_map_entries(
     Err(format!("the agent (pid {pid}) holds no map {map}").into())
 }
 
+/// The agent's per-CPU flow cache (FLOW_CACHE): (slots holding a flow on any CPU, of which keyed
+/// with an ifindex not in `live`).
+fn kernel_cache_slots(
+    pid: u32,
+    live: &std::collections::HashSet<u32>,
+) -> Result<(usize, usize), Box<dyn std::error::Error>> {
+    use aya::maps::{Map, MapData, MapInfo, PerCpuArray};
+    use tracer_common::{CachedFlow, CACHE_EMPTY, FLOW_CACHE_MAP};
+    const SLOT: usize = std::mem::size_of::<CachedFlow>();
+    let at = std::mem::offset_of!(CachedFlow, key.ifindex);
+    let held_at = std::mem::offset_of!(CachedFlow, held);
+    let word =
+        |s: &[u8; SLOT], at: usize| u32::from_ne_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]]);
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if MapInfo::from_id(id)?.name_as_str() != Some(FLOW_CACHE_MAP) {
+            continue;
+        }
+        let m: PerCpuArray<MapData, [u8; SLOT]> =
+            PerCpuArray::try_from(Map::PerCpuArray(MapData::from_id(id)?))?;
+        let (mut held, mut dead) = (0, 0);
+        for values in m.iter() {
+            for slot in values?.iter() {
+                if word(slot, held_at) == CACHE_EMPTY {
+                    continue;
+                }
+                held += 1;
+                if !live.contains(&word(slot, at)) {
+                    dead += 1;
+                }
+            }
+        }
+        return Ok((held, dead));
+    }
+    Err(format!("the agent (pid {pid}) holds no map {FLOW_CACHE_MAP}").into())
+}
+
 /// Sends one TCP segment with payload out of each of `peers` (the pod ends of churned veths):
 /// it enters the peer's cali* twin at its tc ingress, so every churned veth gets a flow in the
 /// agent's table and an entry in the kernel's FLOWS and TURNS maps. The frames are addressed to
@@ -687,6 +731,7 @@ fn interface_churn_attaches_releases_and_does_not_leak() -> TestResult {
         kernel_map_entries(agent.pid(), "FLOWS", &live)?,
         kernel_map_entries(agent.pid(), "TURNS", &live)?,
     );
+    let cache_after = kernel_cache_slots(agent.pid(), &live)?;
 
     // The report: the footprint table, the samples and their trend.
     eprintln!(
@@ -794,6 +839,11 @@ fn interface_churn_attaches_releases_and_does_not_leak() -> TestResult {
     assert_eq!(
         kernel_after.1 .1, 0,
         "TURNS entries of deleted interfaces remain"
+    );
+    assert_eq!(
+        cache_after.1, 0,
+        "flow cache slots of deleted interfaces remain ({} held)",
+        cache_after.0
     );
     assert!(
         answered > 0,

@@ -25,6 +25,30 @@ fn v4(s: &str) -> Ipv4Addr {
     s.parse().unwrap_or(Ipv4Addr::UNSPECIFIED)
 }
 
+/// Moves this test's thread onto `cpu`: BPF_PROG_TEST_RUN runs the program on the calling CPU,
+/// and the flow cache in front of FLOWS is per CPU.
+fn on_cpu(cpu: usize) -> Result<(), Box<dyn std::error::Error>> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET bounds-checks `cpu`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is this thread; the set is a valid cpu_set_t of the size given.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(format!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error()).into());
+    }
+    Ok(())
+}
+
+/// Loads the programs with this test's thread kept on the CPU it runs on now, so the packets of
+/// a test meet one CPU's flow cache (the tests of the cache itself move on purpose).
+fn load(
+    summary_interval_ns: u64,
+) -> Result<(Hooks, RingBuf<MapData>, tracer::hooks::KernelCounters), Box<dyn std::error::Error>> {
+    // SAFETY: no arguments; -1 on failure.
+    let cpu = unsafe { libc::sched_getcpu() };
+    on_cpu(usize::try_from(cpu).map_err(|_| "sched_getcpu failed")?)?;
+    Ok(Hooks::load(summary_interval_ns)?)
+}
+
 fn drain(ring: &mut RingBuf<MapData>) -> Vec<Observation> {
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
@@ -59,7 +83,7 @@ fn tcp(sport: u16, dport: u16, flags: u8, seq: u32, payload: usize) -> L4 {
 
 #[test]
 fn parses_every_layer_the_agent_needs() -> R {
-    let (mut hooks, mut ring, _counters) = Hooks::load(1_000_000_000)?;
+    let (mut hooks, mut ring, _counters) = load(1_000_000_000)?;
     hooks.set_test_l3(false);
 
     // TCP SYN over IPv4.
@@ -188,7 +212,7 @@ fn parses_every_layer_the_agent_needs() -> R {
 
 #[test]
 fn fragments_and_big_tcp_are_read_for_what_they_are() -> R {
-    let (mut hooks, mut ring, counters) = Hooks::load(1_000_000_000)?;
+    let (mut hooks, mut ring, counters) = load(1_000_000_000)?;
     hooks.set_test_l3(false);
     let before = counters.read().malformed;
 
@@ -249,7 +273,7 @@ fn fragments_and_big_tcp_are_read_for_what_they_are() -> R {
 
 #[test]
 fn malformed_frames_are_counted_not_recorded() -> R {
-    let (mut hooks, mut ring, counters) = Hooks::load(1_000_000_000)?;
+    let (mut hooks, mut ring, counters) = load(1_000_000_000)?;
     hooks.set_test_l3(false);
     let before = counters.read();
 
@@ -321,7 +345,7 @@ fn malformed_frames_are_counted_not_recorded() -> R {
 #[test]
 fn bulk_flow_is_summarised_in_kernel() -> R {
     // A long summary interval so only first/control/retransmit records are emitted.
-    let (mut hooks, mut ring, _counters) = Hooks::load(60_000_000_000)?;
+    let (mut hooks, mut ring, _counters) = load(60_000_000_000)?;
     hooks.set_test_l3(false);
     let data = |seq: u32| {
         ether(&ip_packet(
@@ -366,10 +390,119 @@ fn bulk_flow_is_summarised_in_kernel() -> R {
     Ok(())
 }
 
+/// The CPUs the test may run on, when there are two: the flow cache tests need both.
+fn two_cpus() -> Option<(usize, usize)> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it for this thread.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return None;
+    }
+    let mut cpus = (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) });
+    Some((cpus.next()?, cpus.next()?))
+}
+
+/// FLOWS' key of a TCP segment the ingress test program sees, as the kernel builds it.
+fn ingress_key(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> tracer_common::FlowKey {
+    let addr = |a: Ipv4Addr| {
+        let mut r = [0u8; 16];
+        r[..4].copy_from_slice(&a.octets());
+        r
+    };
+    tracer_common::FlowKey {
+        src: addr(src),
+        dst: addr(dst),
+        sport,
+        dport,
+        ifindex: LOOPBACK_IFINDEX,
+        proto: tracer_common::PROTO_TCP,
+        dir: tracer_common::Direction::Ingress as u8,
+        encap: 0,
+        _pad: 0,
+    }
+}
+
+#[test]
+fn a_flow_seen_on_two_cpus_is_counted_once() -> R {
+    let Some((a, b)) = two_cpus() else {
+        eprintln!("SKIP: one CPU; a flow cannot move between CPUs here");
+        return Ok(());
+    };
+    let (mut hooks, mut ring, _counters) = load(60_000_000_000)?;
+    hooks.set_test_l3(false);
+    let seg = |seq: u32, flags: u8| {
+        ether(&ip_packet(
+            ip("10.3.0.1"),
+            ip("10.3.0.2"),
+            5,
+            tcp(33100, 5201, flags, seq, 100),
+        ))
+    };
+    on_cpu(a)?;
+    let o = run(&mut hooks, &mut ring, false, &seg(1000, 0x10))?;
+    assert_eq!((o.len(), o[0].emit), (1, Emit::First));
+    for i in 1..=10u32 {
+        hooks.test_run(false, &seg(1000 + i * 100, 0x10), 1)?;
+    }
+    // The flow moves to the other CPU: its slot there starts from FLOWS, where the ten packets
+    // CPU a has not reported are not, so the FIN reports only what CPU b saw.
+    on_cpu(b)?;
+    for i in 11..=15u32 {
+        hooks.test_run(false, &seg(1000 + i * 100, 0x10), 1)?;
+    }
+    assert!(drain(&mut ring).is_empty(), "in-order data is only counted");
+    let o = run(&mut hooks, &mut ring, false, &seg(2600, 0x11))?;
+    assert_eq!((o.len(), o[0].emit, o[0].pkts), (1, Emit::TcpControl, 6));
+    // Back on CPU a, its slot still holds the flow with its ten: the next record reports them.
+    on_cpu(a)?;
+    let o = run(&mut hooks, &mut ring, false, &seg(2700, 0x11))?;
+    assert_eq!((o.len(), o[0].emit, o[0].pkts), (1, Emit::TcpControl, 11));
+    // 1 + 6 + 11: each of the 18 packets reported once.
+    Ok(())
+}
+
+#[test]
+fn a_cache_slot_given_to_another_flow_hands_its_state_back() -> R {
+    let Some((a, b)) = two_cpus() else {
+        eprintln!("SKIP: one CPU; the hand-back is seen from another CPU");
+        return Ok(());
+    };
+    let (src, dst) = (v4("10.4.0.1"), v4("10.4.0.2"));
+    let first = ingress_key(src, dst, 33200, 5201);
+    // Another flow whose key takes the same slot: it evicts the first from CPU a's cache.
+    let other = (33201..u16::MAX)
+        .find(|&p| ingress_key(src, dst, p, 5201).cache_slot() == first.cache_slot())
+        .ok_or("no port collides")?;
+    let (mut hooks, mut ring, _counters) = load(60_000_000_000)?;
+    hooks.set_test_l3(false);
+    let seg = |sport: u16, seq: u32| {
+        ether(&ip_packet(
+            IpAddr::V4(src),
+            IpAddr::V4(dst),
+            5,
+            tcp(sport, 5201, 0x10, seq, 100),
+        ))
+    };
+    on_cpu(a)?;
+    let o = run(&mut hooks, &mut ring, false, &seg(33200, 1000))?;
+    assert_eq!((o.len(), o[0].emit), (1, Emit::First));
+    for i in 1..=10u32 {
+        hooks.test_run(false, &seg(33200, 1000 + i * 100), 1)?;
+    }
+    let o = run(&mut hooks, &mut ring, false, &seg(other, 1))?;
+    assert_eq!((o.len(), o[0].emit), (1, Emit::First));
+    // On CPU b the first flow's state comes from FLOWS: with the ten packets and the sequence
+    // end CPU a handed back, an old segment is a retransmission reported with all eleven.
+    on_cpu(b)?;
+    let o = run(&mut hooks, &mut ring, false, &seg(33200, 1500))?;
+    assert_eq!((o.len(), o[0].emit, o[0].pkts), (1, Emit::Retransmit, 11));
+    Ok(())
+}
+
 #[test]
 fn periodic_records_carry_counts() -> R {
     // A zero interval re-reports on every packet; counts must then be 1 each.
-    let (mut hooks, mut ring, _counters) = Hooks::load(0)?;
+    let (mut hooks, mut ring, _counters) = load(0)?;
     hooks.set_test_l3(false);
     let u = ether(&ip_packet(
         ip("10.2.0.1"),
@@ -396,7 +529,7 @@ fn periodic_records_carry_counts() -> R {
 #[test]
 fn kernel_drops_are_reported_with_reason_and_tuple() -> R {
     use std::os::unix::fs::MetadataExt;
-    let (mut hooks, mut ring, counters) = Hooks::load(1_000_000_000)?;
+    let (mut hooks, mut ring, counters) = load(1_000_000_000)?;
     // A UDP datagram to a closed port is dropped by the kernel with NO_SOCKET; do it inside a
     // namespace of our own, on its loopback. Only that namespace's drops are asked for: the
     // same drop in another namespace is not this agent's business.
@@ -442,7 +575,7 @@ fn kernel_drops_are_reported_with_reason_and_tuple() -> R {
 
 #[test]
 fn request_response_turns_are_reported() -> R {
-    let (mut hooks, mut ring, _counters) = Hooks::load(60_000_000_000)?;
+    let (mut hooks, mut ring, _counters) = load(60_000_000_000)?;
     hooks.set_test_l3(false);
     // 100-byte segments; each side acknowledges what the other sent, as TCP does.
     let seg = |fwd: bool, seq: u32, ack: u32| {
@@ -496,7 +629,7 @@ fn request_response_turns_are_reported() -> R {
 #[test]
 fn too_big_messages_carry_their_mtu_through_to_the_flow_table() -> R {
     use tracer::flows::{FlowTable, Iface};
-    let (mut hooks, mut ring, _counters) = Hooks::load(1_000_000_000)?;
+    let (mut hooks, mut ring, _counters) = load(1_000_000_000)?;
     hooks.set_test_l3(false);
     let eth0 = |i: u32| Iface::new("eth0", i, None);
 

@@ -1,6 +1,7 @@
 //! Section 1: data-path overhead. iperf3 from the pod through its cali veth, the node and eth0
 //! to the apiserver namespace (SingleNode::healthy, masqueraded), with no probes, with the
-//! tracer agent, and with two tcpdump captures instead.
+//! tracer agent, with two tcpdump captures instead, and with an empty tc program on the agent's
+//! hooks: what attaching anything costs, which no program of ours can get below.
 use std::{
     collections::{HashMap, HashSet},
     os::fd::{FromRawFd, OwnedFd},
@@ -31,6 +32,7 @@ enum Probe {
     None,
     Agent,
     Tcpdump,
+    Empty,
 }
 
 impl Probe {
@@ -39,6 +41,7 @@ impl Probe {
             Probe::None => "(a) no probes",
             Probe::Agent => "(b) tracer agent",
             Probe::Tcpdump => "(c) 2x tcpdump -w",
+            Probe::Empty => "(d) empty program",
         }
     }
 }
@@ -48,6 +51,10 @@ enum Running {
     None,
     Agent(tracer_lab::agent::Agent),
     Tcpdump(Vec<Daemon>, Vec<PathBuf>),
+    /// Dropping the empty program's TCX links detaches it.
+    Empty {
+        _links: Vec<OwnedFd>,
+    },
 }
 
 impl Drop for Running {
@@ -61,12 +68,14 @@ impl Drop for Running {
     }
 }
 
-/// One round's figures, indexed like `configs`: (a), (b), (c).
+/// One round's figures, indexed like `configs`: (a), (b), (c), (d).
 #[derive(Default)]
 struct Round {
-    tcp: [f64; 3],
-    udp: [f64; 3],
+    tcp: [f64; CONFIGS],
+    udp: [f64; CONFIGS],
 }
+
+const CONFIGS: usize = 4;
 
 /// More, shorter rounds: the spread is between rounds (what else the machine did meanwhile), not
 /// within a run, so rounds narrow the interval more than seconds do.
@@ -110,7 +119,20 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
         None if opts.quick => 2,
         None => ROUNDS,
     };
-    let configs = [Probe::None, Probe::Agent, Probe::Tcpdump];
+    let configs = [Probe::None, Probe::Agent, Probe::Tcpdump, Probe::Empty];
+    // (d) goes on the hooks the agent attaches to: learn them from one agent run first.
+    let floor = crate::floor::Floor::load()?;
+    let hooks_of_agent = {
+        let running = start(Probe::Agent, &lab, &dir, opts, None)?;
+        match &running {
+            Running::Agent(a) => agent_hooks(a.pid())?,
+            _ => Vec::new(),
+        }
+    };
+    if hooks_of_agent.is_empty() {
+        eprintln!("  (d) skipped: the agent holds no TCX link (clsact filters are not links)");
+    }
+    let empty = (!hooks_of_agent.is_empty()).then_some((&floor, hooks_of_agent.as_slice()));
     let load_before = crate::load1();
     eprintln!("  load average before: {load_before:.2}; {rounds} rounds, iperf3 pinned: {PIN}");
     let mut kept: Vec<Round> = Vec::new();
@@ -124,7 +146,10 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
             for k in 0..configs.len() {
                 let idx = (k + run_count) % configs.len();
                 let probe = configs[idx];
-                let running = start(probe, &lab, &dir, opts)?;
+                if probe == Probe::Empty && empty.is_none() {
+                    continue;
+                }
+                let running = start(probe, &lab, &dir, opts, empty)?;
                 let tcp = iperf(&lab.pod.netns, &server_ip, secs, false)?;
                 let udp = iperf(&lab.pod.netns, &server_ip, secs, true)?;
                 if let Running::Agent(a) = &running {
@@ -186,7 +211,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     let mut hooks = Vec::new();
     let prog_ns = match enable_bpf_stats() {
         Ok(fd) => {
-            let running = start(Probe::Agent, &lab, &dir, opts)?;
+            let running = start(Probe::Agent, &lab, &dir, opts, None)?;
             let by_type = match &running {
                 Running::Agent(a) => {
                     for (what, udp) in [("TCP bulk", false), ("UDP 64 B", true)] {
@@ -204,7 +229,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
             if hooks.is_empty() {
                 eprintln!("  live floor skipped: the agent holds no TCX link");
             } else {
-                floor_during = live_floor(&lab, &hooks, &server_ip)?;
+                floor_during = live_floor(&lab, &floor, &hooks, &server_ip)?;
             }
             drop(fd);
             by_type
@@ -216,13 +241,13 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     };
     drop(server);
 
-    let per_config = |f: fn(&Round) -> [f64; 3], k: usize| -> Vec<f64> {
+    let per_config = |f: fn(&Round) -> [f64; CONFIGS], k: usize| -> Vec<f64> {
         kept.iter().map(|r| f(r)[k]).collect()
     };
     let tcp_of = |r: &Round| r.tcp;
     let udp_of = |r: &Round| r.udp;
     // Ratios are paired: each round's probe figure over the same round's no-probe one.
-    let ratios = |f: fn(&Round) -> [f64; 3], k: usize| -> Vec<f64> {
+    let ratios = |f: fn(&Round) -> [f64; CONFIGS], k: usize| -> Vec<f64> {
         kept.iter().map(|r| f(r)[k] / f(r)[0]).collect()
     };
     let range = |v: &[f64], scale: f64| {
@@ -253,7 +278,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     for (name, f, unit, scale, scale_unit, target, beside) in [
         (
             "TCP bulk",
-            tcp_of as fn(&Round) -> [f64; 3],
+            tcp_of as fn(&Round) -> [f64; CONFIGS],
             "bit/s",
             1e9,
             "Gbit/s",
@@ -316,6 +341,39 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
             .baseline(median(&a))
             .ci(clo, chi),
         );
+        if empty.is_some() {
+            // (b)/(a) = (d)/(a) x (b)/(d): what any attached program costs, and what tracer's
+            // program adds on top of the empty one, each paired within its round.
+            let rd = ratios(f, 3);
+            let (dlo, dhi) = bootstrap_ci(&rd);
+            rows.push(
+                Row::new(
+                    SECTION,
+                    format!(
+                        "{name}, (d) empty program on the agent's hooks: (d)/(a), the floor of \
+                         any probe [rounds: {} {scale_unit}; info]",
+                        range(&per_config(f, 3), scale)
+                    ),
+                    median(&a) * mean(&rd),
+                    unit,
+                )
+                .baseline(median(&a))
+                .ci(dlo, dhi),
+            );
+            let own: Vec<f64> = kept.iter().map(|r| f(r)[1] / f(r)[3]).collect();
+            let (olo, ohi) = bootstrap_ci(&own);
+            let d = per_config(f, 3);
+            rows.push(
+                Row::new(
+                    SECTION,
+                    format!("{name}, tracer's program over the empty one: (b)/(d) (info)"),
+                    median(&d) * mean(&own),
+                    unit,
+                )
+                .baseline(median(&d))
+                .ci(olo, ohi),
+            );
+        }
     }
     rows.push(Row::new(
         SECTION,
@@ -399,9 +457,22 @@ fn moved_rounds(rounds: &[Round], bound: f64) -> Vec<usize> {
         .collect()
 }
 
-fn start(probe: Probe, lab: &SingleNode, dir: &LabDir, opts: &Opts) -> Result<Running> {
+/// Starts one configuration; `empty` is the empty program and the hooks it goes on, for (d).
+fn start(
+    probe: Probe,
+    lab: &SingleNode,
+    dir: &LabDir,
+    opts: &Opts,
+    empty: Option<(&crate::floor::Floor, &[Hook])>,
+) -> Result<Running> {
     match probe {
         Probe::None => Ok(Running::None),
+        Probe::Empty => {
+            let (floor, hooks) = empty.ok_or_else(|| anyhow!("(d) without the agent's hooks"))?;
+            Ok(Running::Empty {
+                _links: attach_empty(lab, floor, hooks)?,
+            })
+        }
         Probe::Agent => {
             let a = agent::start(lab, &opts.tracer, &dir.join("agent-dp.log"), &[])?;
             Ok(Running::Agent(a))
@@ -615,17 +686,13 @@ fn tcx_hook(fdinfo: &str) -> Option<Hook> {
 /// with BPF run-time stats on (the caller holds them), during the same 2 s TCP bulk and 64 B
 /// UDP transfers as the agent's: its run time per call is what the stats' clock pair and a
 /// cold skb cost on this machine, whatever the program does. Returns (calls, ns) per transfer.
-fn live_floor(lab: &SingleNode, hooks: &[Hook], server_ip: &str) -> Result<Vec<(f64, f64)>> {
-    let floor = crate::floor::Floor::load()?;
-    let prog = floor.raw_fd();
-    let to_attach = hooks.to_vec();
-    // Dropping the link fds detaches: nothing stays attached, also on an error below.
-    let links = lab.node.run(move || {
-        to_attach
-            .iter()
-            .map(|h| crate::floor::Floor::attach_tcx(prog, h.ifindex, h.ingress))
-            .collect::<Result<Vec<_>>>()
-    })??;
+fn live_floor(
+    lab: &SingleNode,
+    floor: &crate::floor::Floor,
+    hooks: &[Hook],
+    server_ip: &str,
+) -> Result<Vec<(f64, f64)>> {
+    let links = attach_empty(lab, floor, hooks)?;
     let mut out = Vec::new();
     for udp in [false, true] {
         let before = floor.run_stats()?;
@@ -635,6 +702,23 @@ fn live_floor(lab: &SingleNode, hooks: &[Hook], server_ip: &str) -> Result<Vec<(
     }
     drop(links);
     Ok(out)
+}
+
+/// The empty program attached as TCX links on `hooks` in the node's namespace. Dropping the
+/// link fds detaches it: nothing stays attached, also on an error after this.
+fn attach_empty(
+    lab: &SingleNode,
+    floor: &crate::floor::Floor,
+    hooks: &[Hook],
+) -> Result<Vec<OwnedFd>> {
+    let prog = floor.raw_fd();
+    let hooks = hooks.to_vec();
+    lab.node.run(move || {
+        hooks
+            .iter()
+            .map(|h| crate::floor::Floor::attach_tcx(prog, h.ifindex, h.ingress))
+            .collect::<Result<Vec<_>>>()
+    })?
 }
 
 fn parse(json: &str, udp: bool) -> Result<f64> {
@@ -659,8 +743,8 @@ mod tests {
     fn rounds(a: &[(f64, f64)]) -> Vec<Round> {
         a.iter()
             .map(|&(tcp, udp)| Round {
-                tcp: [tcp, 0.0, 0.0],
-                udp: [udp, 0.0, 0.0],
+                tcp: [tcp, 0.0, 0.0, 0.0],
+                udp: [udp, 0.0, 0.0, 0.0],
             })
             .collect()
     }

@@ -3,7 +3,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{ConvKey, DropConf, FlowKey, FlowState, PacketEvent, STAT_COUNT};
+use tracer_common::{
+    CachedFlow, ConvKey, DropConf, FlowKey, FlowState, PacketEvent, FLOW_CACHE_SLOTS, STAT_COUNT,
+};
 
 /// 8 MiB: about 50k records of headroom for the agent to fall behind by.
 #[map(name = "EVENTS")]
@@ -15,6 +17,12 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0
 /// Per-hook, per-flow summary state; LRU so that idle flows age out without the agent's help.
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(65536, 0);
+
+/// A CPU's slots in front of FLOWS (see `CachedFlow`): a per-CPU array element is found without
+/// hashing (the verifier inlines the lookup), which is most of what a known flow's packet costs
+/// otherwise. Per-CPU, so a slot has one writer and needs no lock.
+#[map(name = "FLOW_CACHE")]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 /// Which side of a TCP connection sent payload last (0: a->b, 1: b->a), per interface: a change
 /// is a request/response turn, which the agent needs to time exchanges.

@@ -5,13 +5,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracer_common::{
-    ConvKey, Direction, EmitReason, Encapsulation, FlowKey, FlowState, PacketEvent, RecordKind,
-    Tuple, PROTO_TCP, STAT_LOST, STAT_MALFORMED, STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS,
-    TCP_FIN, TCP_RST, TCP_SYN,
+    CachedFlow, ConvKey, Direction, EmitReason, Encapsulation, FlowKey, FlowState, PacketEvent,
+    RecordKind, Tuple, CACHE_CLEAN, CACHE_DIRTY, CACHE_EMPTY, PROTO_TCP,
+    STAT_LOST, STAT_MALFORMED, STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS, TCP_FIN, TCP_RST,
+    TCP_SYN,
 };
 
 use crate::{
-    maps::{count, set, summary_interval_ns, EVENTS, FLOWS, SCRATCH, TURNS},
+    maps::{count, set, summary_interval_ns, EVENTS, FLOWS, FLOW_CACHE, SCRATCH, TURNS},
     parse::{parse, Outcome},
 };
 
@@ -92,62 +93,19 @@ fn observe<const L3: bool>(ctx: &TcContext, dir: Direction) {
     // stays current.
     let payload = t.proto == PROTO_TCP && t.payload_len > 0;
 
-    let (emit, pkts, bytes) = match FLOWS.get_ptr_mut(&key) {
-        None => {
-            if payload {
-                // Records the side; the first record is emitted anyway.
-                is_turn(t, ifindex);
-            }
-            let st = FlowState {
-                last_emit_ns: coarse,
-                bytes: 0,
-                pkts: 0,
-                seq_end,
-                turn_ack: t.ack,
-                _pad: 0,
-            };
-            let _ = FLOWS.insert(&key, &st, 0);
-            (Some(EmitReason::First), 1u32, len as u64)
-        }
-        Some(st) => {
-            // Racy across CPUs by design: these are counters for a summary, not accounting.
-            let st = unsafe { &mut *st };
-            // The peer's payload moves this side's acknowledgment on; while it stays put (bulk
-            // transfer one way) no turn can have happened, and the turn map is left alone.
-            let turn = payload && t.ack != st.turn_ack && is_turn(t, ifindex);
-            if payload {
-                st.turn_ack = t.ack;
-            }
-            let pkts = st.pkts + 1;
-            let bytes = st.bytes + len as u64;
-            let mut emit = None;
-            if t.proto == PROTO_TCP {
-                if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-                    emit = Some(EmitReason::TcpControl);
-                } else if t.payload_len > 0 && (seq_end.wrapping_sub(st.seq_end) as i32) <= 0 {
-                    emit = Some(EmitReason::Retransmit);
-                }
-                if (seq_end.wrapping_sub(st.seq_end) as i32) > 0 {
-                    st.seq_end = seq_end;
-                }
-            }
-            if emit.is_none() && turn {
-                emit = Some(EmitReason::Turn);
-            }
-            if emit.is_none() && coarse.wrapping_sub(st.last_emit_ns) >= summary_interval_ns() {
-                emit = Some(EmitReason::Periodic);
-            }
-            if emit.is_none() {
-                st.pkts = pkts;
-                st.bytes = bytes;
-            } else {
-                st.pkts = 0;
-                st.bytes = 0;
-                st.last_emit_ns = coarse;
-            }
-            (emit, pkts, bytes)
-        }
+    let pk = Pkt {
+        t,
+        ifindex,
+        coarse,
+        len,
+        seq_end,
+        payload,
     };
+    let Some(slot) = FLOW_CACHE.get_ptr_mut(key.cache_slot()) else {
+        return;
+    };
+    // Per-CPU slot, and nothing else runs on this CPU until we return (as SCRATCH).
+    let (emit, pkts, bytes) = summarise(unsafe { &mut *slot }, &key, &pk);
     let Some(emit) = emit else {
         return;
     };
@@ -167,6 +125,141 @@ fn observe<const L3: bool>(ctx: &TcContext, dir: Direction) {
     }
     count(STAT_RECORDS);
     set(STAT_RB_PENDING, EVENTS.query(BPF_RB_AVAIL_DATA));
+}
+
+/// What one packet brings to its flow's summary.
+struct Pkt<'a> {
+    t: &'a Tuple,
+    ifindex: u32,
+    coarse: u64,
+    len: u32,
+    seq_end: u32,
+    /// TCP payload: turns are tracked on these.
+    payload: bool,
+}
+
+/// Counts the packet into its flow's state, through this CPU's cache slot for the key; returns
+/// whether to emit a record, and the packets and bytes it reports.
+#[inline(always)]
+fn summarise(c: &mut CachedFlow, key: &FlowKey, pk: &Pkt) -> (Option<EmitReason>, u32, u64) {
+    if c.held == CACHE_EMPTY || !same_key(&c.key, key) {
+        // The slot goes to this flow: the one it held first hands its changes back to FLOWS.
+        if c.held == CACHE_DIRTY {
+            hand_back(c);
+        }
+        match FLOWS.get_ptr_mut(key) {
+            None => {
+                if pk.payload {
+                    // Records the side; the first record is emitted anyway.
+                    is_turn(pk.t, pk.ifindex);
+                }
+                let st = FlowState {
+                    last_emit_ns: pk.coarse,
+                    bytes: 0,
+                    pkts: 0,
+                    seq_end: pk.seq_end,
+                    turn_ack: pk.t.ack,
+                    _pad: 0,
+                };
+                let _ = FLOWS.insert(key, &st, 0);
+                c.key = *key;
+                c.st = st;
+                c.held = CACHE_CLEAN;
+                return (Some(EmitReason::First), 1, pk.len as u64);
+            }
+            Some(st) => {
+                // The slot takes over the counts FLOWS has not reported: whoever reports them
+                // next is this slot, so no other CPU's record repeats them.
+                let st = unsafe { &mut *st };
+                c.key = *key;
+                c.st = *st;
+                st.pkts = 0;
+                st.bytes = 0;
+            }
+        }
+    }
+    c.held = CACHE_DIRTY;
+    step(&mut c.st, pk)
+}
+
+/// A known flow's packet: counters, retransmission, turn and pacing of its records.
+#[inline(always)]
+fn step(st: &mut FlowState, pk: &Pkt) -> (Option<EmitReason>, u32, u64) {
+    let t = pk.t;
+    // Racy across CPUs by design: these are counters for a summary, not accounting.
+    // The peer's payload moves this side's acknowledgment on; while it stays put (bulk transfer
+    // one way) no turn can have happened, and the turn map is left alone.
+    let turn = pk.payload && t.ack != st.turn_ack && is_turn(t, pk.ifindex);
+    if pk.payload {
+        st.turn_ack = t.ack;
+    }
+    let pkts = st.pkts + 1;
+    let bytes = st.bytes + pk.len as u64;
+    let mut emit = None;
+    if t.proto == PROTO_TCP {
+        if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+            emit = Some(EmitReason::TcpControl);
+        } else if t.payload_len > 0 && (pk.seq_end.wrapping_sub(st.seq_end) as i32) <= 0 {
+            emit = Some(EmitReason::Retransmit);
+        }
+        if (pk.seq_end.wrapping_sub(st.seq_end) as i32) > 0 {
+            st.seq_end = pk.seq_end;
+        }
+    }
+    if emit.is_none() && turn {
+        emit = Some(EmitReason::Turn);
+    }
+    if emit.is_none() && pk.coarse.wrapping_sub(st.last_emit_ns) >= summary_interval_ns() {
+        emit = Some(EmitReason::Periodic);
+    }
+    if emit.is_none() {
+        st.pkts = pkts;
+        st.bytes = bytes;
+    } else {
+        st.pkts = 0;
+        st.bytes = 0;
+        st.last_emit_ns = pk.coarse;
+    }
+    (emit, pkts, bytes)
+}
+
+/// Folds a slot's changes into the flow's FLOWS entry: the counts it has not reported, and the
+/// newest sequence end, acknowledgment and record time. An entry LRU pressure or the agent's
+/// purge removed stays removed (those counts are lost, as an evicted entry's are).
+#[inline(always)]
+fn hand_back(c: &CachedFlow) {
+    let Some(st) = FLOWS.get_ptr_mut(&c.key) else {
+        return;
+    };
+    let st = unsafe { &mut *st };
+    st.pkts = st.pkts.wrapping_add(c.st.pkts);
+    st.bytes = st.bytes.wrapping_add(c.st.bytes);
+    if (c.st.seq_end.wrapping_sub(st.seq_end) as i32) > 0 {
+        st.seq_end = c.st.seq_end;
+    }
+    st.turn_ack = c.st.turn_ack;
+    if (c.st.last_emit_ns.wrapping_sub(st.last_emit_ns) as i64) > 0 {
+        st.last_emit_ns = c.st.last_emit_ns;
+    }
+}
+
+/// Key equality as 11 words folded into one test: no branch per field, no memcmp loop.
+#[inline(always)]
+fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+    const WORDS: usize = core::mem::size_of::<FlowKey>() / 4;
+    // SAFETY: FlowKey is 44 bytes of plain data (its padding byte is always written as 0),
+    // 4-byte aligned.
+    let (a, b) = unsafe {
+        (
+            &*(a as *const FlowKey as *const [u32; WORDS]),
+            &*(b as *const FlowKey as *const [u32; WORDS]),
+        )
+    };
+    let mut d = 0;
+    for i in 0..WORDS {
+        d |= a[i] ^ b[i];
+    }
+    d == 0
 }
 
 /// `bpf_ringbuf_query` flag: bytes written and not yet consumed.

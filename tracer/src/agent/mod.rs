@@ -520,6 +520,7 @@ fn purge_kernel_state(hooks: &mut Hooks, shared: &Shared) {
             tracing::debug!(
                 flows = p.flows,
                 turns = p.turns,
+                cache_slots = p.cached,
                 scanned = p.scanned,
                 took = ?started.elapsed(),
                 "purged kernel state of detached interfaces"

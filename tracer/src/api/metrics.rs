@@ -198,11 +198,12 @@ pub fn exposition(c: &Census) -> String {
         ),
         Family {
             name: "tracer_kernel_entries_purged_total",
-            help: "Kernel map entries removed with the interface they were keyed with.",
+            help: "Kernel map entries (and per-CPU cache slots) removed with the interface they were keyed with.",
             kind: "counter",
             samples: vec![
                 ("map=\"flows\"".to_string(), c.purged.flows as f64),
                 ("map=\"turns\"".to_string(), c.purged.turns as f64),
+                ("map=\"flow_cache\"".to_string(), c.purged.cached as f64),
             ],
             histogram: None,
         },

@@ -5,8 +5,11 @@
 //! when it lets go of an interface, so the kernel side too holds only what exists now.
 use std::mem::{offset_of, size_of};
 
-use aya::maps::{HashMap, IterableMap, MapData, MapError};
-use tracer_common::{ConvKey, FlowKey, FlowState, FLOWS_MAP as FLOWS, TURNS_MAP as TURNS};
+use aya::maps::{HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use tracer_common::{
+    CachedFlow, ConvKey, FlowKey, FlowState, FLOWS_MAP as FLOWS, FLOW_CACHE_MAP as FLOW_CACHE,
+    TURNS_MAP as TURNS,
+};
 
 use super::{HookError, Hooks};
 
@@ -17,6 +20,8 @@ pub struct Purged {
     pub turns: u64,
     /// Entries looked at (both maps).
     pub scanned: u64,
+    /// Per-CPU cache slots emptied (FLOW_CACHE).
+    pub cached: u64,
 }
 
 impl Hooks {
@@ -44,8 +49,51 @@ impl Hooks {
             purged.turns = removed;
             purged.scanned += scanned;
         }
+        if let Some(map) = self.ebpf.map_mut(FLOW_CACHE) {
+            const SLOT: usize = size_of::<CachedFlow>();
+            let mut m: PerCpuArray<&mut MapData, [u8; SLOT]> = PerCpuArray::try_from(map)?;
+            purged.cached = empty_slots(&mut m, offset_of!(CachedFlow, key.ifindex), keep)?;
+        }
         Ok(purged)
     }
+}
+
+/// Empties the per-CPU cache slots whose key holds, at byte `at`, an ifindex `keep` rejects (a
+/// slot whose interface is gone would otherwise carry the old flow's state into a new one that
+/// reuses the ifindex); returns the slots emptied. A CPU may write a slot between the read and
+/// the write back: the counts of that moment are lost, as the kernel's own races lose some.
+fn empty_slots<const N: usize>(
+    m: &mut PerCpuArray<&mut MapData, [u8; N]>,
+    at: usize,
+    keep: impl Fn(u32) -> bool,
+) -> Result<u64, MapError> {
+    let dead = |slot: &[u8; N]| {
+        slot.get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_ne_bytes)
+            // An empty slot is all zeros: ifindex 0 is no interface.
+            .is_some_and(|i| i != 0 && !keep(i))
+    };
+    let mut emptied = 0;
+    for index in 0..m.len() {
+        let values = m.get(&index, 0)?;
+        if !values.iter().any(dead) {
+            continue;
+        }
+        let slots: Vec<[u8; N]> = values
+            .iter()
+            .map(|v| {
+                if dead(v) {
+                    emptied += 1;
+                    [0; N]
+                } else {
+                    *v
+                }
+            })
+            .collect();
+        m.set(index, PerCpuValues::try_from(slots)?, 0)?;
+    }
+    Ok(emptied)
 }
 
 /// Removes the entries of `m` whose key holds, at byte `at`, an ifindex `keep` rejects; returns

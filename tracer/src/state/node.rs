@@ -79,6 +79,7 @@ impl Shared {
         total.flows += p.flows;
         total.turns += p.turns;
         total.scanned += p.scanned;
+        total.cached += p.cached;
     }
 
     pub(crate) fn set_counters(&self, c: KernelCounters) {
