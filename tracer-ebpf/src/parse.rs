@@ -26,9 +26,24 @@ pub trait Source {
     fn frame_len(&self) -> usize;
 }
 
-/// A stack buffer for `bpf_skb_load_bytes` on an 8-byte boundary (see `Source::load`).
+/// A stack buffer for the helpers that copy bytes out, on an 8-byte boundary (see `read_with`).
 #[repr(C, align(8))]
 struct Aligned<T>(core::mem::MaybeUninit<T>);
+
+/// A `T` read by a helper call that fills `len` bytes at `to` and returns 0 on success (the
+/// fallbacks of `Source::load`). The buffer is 8-byte aligned: the program is built to read
+/// bytes as wide, possibly misaligned words (fewer instructions per header), and the verifier
+/// takes misaligned reads from packets and map values but never from the stack.
+#[inline(always)]
+fn read_with<T>(fill: impl FnOnce(*mut core::ffi::c_void, u32) -> i64) -> Result<T, ()> {
+    let mut buf = Aligned(core::mem::MaybeUninit::<T>::uninit());
+    if fill(buf.0.as_mut_ptr().cast(), core::mem::size_of::<T>() as u32) == 0 {
+        // SAFETY: the helper filled the buffer: it returned 0.
+        Ok(unsafe { buf.0.assume_init() })
+    } else {
+        Err(())
+    }
+}
 
 /// Headers lie within this many bytes of the frame's start (Ethernet, VLAN, IP options, outer
 /// UDP and VXLAN, inner Ethernet, IP and L4): a bound the verifier can check the offsets by.
@@ -43,25 +58,15 @@ impl Source for TcContext {
             // SAFETY: within [data, data_end), checked just above; unaligned reads are fine.
             return Ok(unsafe { ((start + off) as *const T).read_unaligned() });
         }
-        // The helper's buffer is 8-byte aligned: the program is built to read packet bytes as
-        // wide, possibly misaligned words (fewer instructions per header), and the verifier
-        // takes misaligned reads from packets and map values but never from the stack.
-        let mut buf = Aligned(core::mem::MaybeUninit::<T>::uninit());
-        // SAFETY: the helper writes size_of::<T>() bytes into the buffer or fails.
-        let r = unsafe {
+        // SAFETY: the helper writes `len` bytes at `to` or fails.
+        read_with(|to, len| unsafe {
             aya_ebpf::helpers::generated::bpf_skb_load_bytes(
                 self.skb.skb as *const _,
                 off as u32,
-                buf.0.as_mut_ptr() as *mut _,
-                core::mem::size_of::<T>() as u32,
+                to,
+                len,
             )
-        };
-        if r == 0 {
-            // SAFETY: filled by the helper just above.
-            Ok(unsafe { buf.0.assume_init() })
-        } else {
-            Err(())
-        }
+        })
     }
 
     #[inline(always)]
@@ -76,22 +81,14 @@ pub struct Kernel(pub u64);
 impl Source for Kernel {
     #[inline(always)]
     fn load<T>(&self, off: usize) -> Result<T, ()> {
-        // Into an aligned buffer, as in TcContext's fallback: no misaligned stack reads after.
-        let mut buf = Aligned(core::mem::MaybeUninit::<T>::uninit());
-        // SAFETY: the helper writes size_of::<T>() bytes into the buffer or fails.
-        let r = unsafe {
+        // SAFETY: the helper writes `len` bytes at `to` or fails.
+        read_with(|to, len| unsafe {
             aya_ebpf::helpers::generated::bpf_probe_read_kernel(
-                buf.0.as_mut_ptr() as *mut _,
-                core::mem::size_of::<T>() as u32,
+                to,
+                len,
                 (self.0 + off as u64) as *const _,
             )
-        };
-        if r == 0 {
-            // SAFETY: filled by the helper just above.
-            Ok(unsafe { buf.0.assume_init() })
-        } else {
-            Err(())
-        }
+        })
     }
 
     #[inline(always)]
