@@ -463,11 +463,23 @@ fn a_flow_seen_on_two_cpus_is_counted_once() -> R {
 
 #[test]
 fn a_cache_slot_given_to_another_flow_hands_its_state_back() -> R {
+    hand_back_case(v4("10.4.0.1"), v4("10.4.0.2"), false)
+}
+
+#[test]
+fn a_flow_evicted_from_flows_while_cached_comes_back_whole() -> R {
+    hand_back_case(v4("10.4.1.1"), v4("10.4.1.2"), true)
+}
+
+/// A flow counted in CPU a's slot, then the slot given to another flow, then the first flow's
+/// next packet on CPU b: it must find in FLOWS the ten packets and the sequence end CPU a had,
+/// also when FLOWS had evicted its entry meanwhile (`evicted`: as LRU pressure would, since a
+/// flow busy in a slot never touches its entry).
+fn hand_back_case(src: Ipv4Addr, dst: Ipv4Addr, evicted: bool) -> R {
     let Some((a, b)) = two_cpus() else {
         eprintln!("SKIP: one CPU; the hand-back is seen from another CPU");
         return Ok(());
     };
-    let (src, dst) = (v4("10.4.0.1"), v4("10.4.0.2"));
     let first = ingress_key(src, dst, 33200, 5201);
     // Another flow whose key takes the same slot: it evicts the first from CPU a's cache.
     let other = (33201..u16::MAX)
@@ -489,6 +501,9 @@ fn a_cache_slot_given_to_another_flow_hands_its_state_back() -> R {
     for i in 1..=10u32 {
         hooks.test_run(false, &seg(33200, 1000 + i * 100), 1)?;
     }
+    if evicted {
+        assert_eq!(forget_in_flows(&first)?, 1, "the flow's FLOWS entry");
+    }
     let o = run(&mut hooks, &mut ring, false, &seg(other, 1))?;
     assert_eq!((o.len(), o[0].emit), (1, Emit::First));
     // On CPU b the first flow's state comes from FLOWS: with the ten packets and the sequence
@@ -497,6 +512,37 @@ fn a_cache_slot_given_to_another_flow_hands_its_state_back() -> R {
     let o = run(&mut hooks, &mut ring, false, &seg(33200, 1500))?;
     assert_eq!((o.len(), o[0].emit, o[0].pkts), (1, Emit::Retransmit, 11));
     Ok(())
+}
+
+/// Removes `key` from the FLOWS maps this process holds (each test loads its own; only the one
+/// that saw the key has it); returns how many had it.
+fn forget_in_flows(key: &tracer_common::FlowKey) -> Result<usize, Box<dyn std::error::Error>> {
+    use aya::maps::{HashMap, Map, MapInfo};
+    const K: usize = std::mem::size_of::<tracer_common::FlowKey>();
+    const V: usize = std::mem::size_of::<tracer_common::FlowState>();
+    // SAFETY: FlowKey is 44 bytes of plain data with no implicit padding (its `_pad` is a
+    // field), so its bytes are all initialised.
+    let bytes: [u8; K] = unsafe { std::mem::transmute(*key) };
+    let mut removed = 0;
+    for e in std::fs::read_dir("/proc/self/fdinfo")?.flatten() {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if MapInfo::from_id(id)?.name_as_str() != Some(tracer_common::FLOWS_MAP) {
+            continue;
+        }
+        let mut m: HashMap<MapData, [u8; K], [u8; V]> =
+            HashMap::try_from(Map::LruHashMap(MapData::from_id(id)?))?;
+        if m.remove(&bytes).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 #[test]

@@ -6,9 +6,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     CachedFlow, ConvKey, Direction, EmitReason, Encapsulation, FlowKey, FlowState, PacketEvent,
-    RecordKind, Tuple, CACHE_CLEAN, CACHE_DIRTY, CACHE_EMPTY, PROTO_TCP,
-    STAT_LOST, STAT_MALFORMED, STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS, TCP_FIN, TCP_RST,
-    TCP_SYN,
+    RecordKind, Tuple, CACHE_CLEAN, CACHE_DIRTY, CACHE_EMPTY, PROTO_TCP, STAT_LOST, STAT_MALFORMED,
+    STAT_PACKETS, STAT_RB_PENDING, STAT_RECORDS, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -224,11 +223,14 @@ fn step(st: &mut FlowState, pk: &Pkt) -> (Option<EmitReason>, u32, u64) {
 }
 
 /// Folds a slot's changes into the flow's FLOWS entry: the counts it has not reported, and the
-/// newest sequence end, acknowledgment and record time. An entry LRU pressure or the agent's
-/// purge removed stays removed (those counts are lost, as an evicted entry's are).
+/// newest sequence end, acknowledgment and record time. A flow busy in a slot never touches its
+/// FLOWS entry, so LRU pressure may have evicted it: the slot's state goes back whole, and the
+/// flow stays known (no second first record, no counts lost). The agent empties the slots of an
+/// interface before it purges the interface's FLOWS entries, so this never brings one back.
 #[inline(always)]
 fn hand_back(c: &CachedFlow) {
     let Some(st) = FLOWS.get_ptr_mut(&c.key) else {
+        let _ = FLOWS.insert(&c.key, &c.st, 0);
         return;
     };
     let st = unsafe { &mut *st };

@@ -36,6 +36,14 @@ impl Hooks {
         const FLOW_KEY: usize = size_of::<FlowKey>();
         const FLOW_STATE: usize = size_of::<FlowState>();
         const CONV_KEY: usize = size_of::<ConvKey>();
+        // The cache first: a slot handed back to FLOWS re-creates its entry there, so a dead
+        // interface's slot emptied after the FLOWS walk could leave an entry behind. Emptied
+        // first, the walk below removes whatever a slot handed back meanwhile.
+        if let Some(map) = self.ebpf.map_mut(FLOW_CACHE) {
+            const SLOT: usize = size_of::<CachedFlow>();
+            let mut m: PerCpuArray<&mut MapData, [u8; SLOT]> = PerCpuArray::try_from(map)?;
+            purged.cached = empty_slots(&mut m, offset_of!(CachedFlow, key.ifindex), keep)?;
+        }
         if let Some(map) = self.ebpf.map_mut(FLOWS) {
             let mut m: HashMap<&mut MapData, [u8; FLOW_KEY], [u8; FLOW_STATE]> =
                 HashMap::try_from(map)?;
@@ -49,19 +57,16 @@ impl Hooks {
             purged.turns = removed;
             purged.scanned += scanned;
         }
-        if let Some(map) = self.ebpf.map_mut(FLOW_CACHE) {
-            const SLOT: usize = size_of::<CachedFlow>();
-            let mut m: PerCpuArray<&mut MapData, [u8; SLOT]> = PerCpuArray::try_from(map)?;
-            purged.cached = empty_slots(&mut m, offset_of!(CachedFlow, key.ifindex), keep)?;
-        }
         Ok(purged)
     }
 }
 
 /// Empties the per-CPU cache slots whose key holds, at byte `at`, an ifindex `keep` rejects (a
 /// slot whose interface is gone would otherwise carry the old flow's state into a new one that
-/// reuses the ifindex); returns the slots emptied. A CPU may write a slot between the read and
-/// the write back: the counts of that moment are lost, as the kernel's own races lose some.
+/// reuses the ifindex); returns the slots emptied. The write covers every CPU's value of the
+/// slot, and a CPU may change its value between the read and the write: then the counts of that
+/// moment are lost or reported twice, as with the kernel's own races (a summary, not accounting).
+/// Only slots where some CPU holds a dead interface are written, and only when interfaces go.
 fn empty_slots<const N: usize>(
     m: &mut PerCpuArray<&mut MapData, [u8; N]>,
     at: usize,
