@@ -431,7 +431,7 @@ fn kernel_map_entries(
     map: &str,
     live: &std::collections::HashSet<u32>,
 ) -> Result<(usize, usize), Box<dyn std::error::Error>> {
-    use aya::maps::{HashMap, Map, MapData, MapInfo};
+    use aya::maps::{HashMap, Map, MapData};
     use tracer_common::{ConvKey, FlowKey, FlowState};
     // FLOWS and TURNS keys both carry the hook's ifindex; read it straight from the key bytes.
     fn count<const K: usize, const V: usize>(
@@ -451,37 +451,24 @@ fn kernel_map_entries(
         }
         Ok((all, dead))
     }
-    let mut ids = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
-        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
-        if let Some(id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("map_id:"))
-            .and_then(|v| v.trim().parse::<u32>().ok())
-        {
-            ids.push(id);
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    for id in ids {
-        if MapInfo::from_id(id)?.name_as_str() != Some(map) {
-            continue;
-        }
-        let data = MapData::from_id(id)?;
-        return match map {
-            "FLOWS" => count::<
-                { std::mem::size_of::<FlowKey>() },
-                { std::mem::size_of::<FlowState>() },
-            >(data, std::mem::offset_of!(FlowKey, ifindex), live),
-            _ => count::<{ std::mem::size_of::<ConvKey>() }, 1>(
+    let data = common::maps_named(&pid.to_string(), map)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("the agent (pid {pid}) holds no map {map}"))?;
+    match map {
+        "FLOWS" => {
+            count::<{ std::mem::size_of::<FlowKey>() }, { std::mem::size_of::<FlowState>() }>(
                 data,
-                std::mem::offset_of!(ConvKey, ifindex),
+                std::mem::offset_of!(FlowKey, ifindex),
                 live,
-            ),
-        };
+            )
+        }
+        _ => count::<{ std::mem::size_of::<ConvKey>() }, 1>(
+            data,
+            std::mem::offset_of!(ConvKey, ifindex),
+            live,
+        ),
     }
-    Err(format!("the agent (pid {pid}) holds no map {map}").into())
 }
 
 /// The agent's per-CPU flow cache (FLOW_CACHE): (slots holding a flow on any CPU, of which keyed
@@ -490,42 +477,31 @@ fn kernel_cache_slots(
     pid: u32,
     live: &std::collections::HashSet<u32>,
 ) -> Result<(usize, usize), Box<dyn std::error::Error>> {
-    use aya::maps::{Map, MapData, MapInfo, PerCpuArray};
+    use aya::maps::{Map, MapData, PerCpuArray};
     use tracer_common::{CachedFlow, CACHE_EMPTY, FLOW_CACHE_MAP};
     const SLOT: usize = std::mem::size_of::<CachedFlow>();
     let at = std::mem::offset_of!(CachedFlow, key.ifindex);
     let held_at = std::mem::offset_of!(CachedFlow, held);
     let word =
         |s: &[u8; SLOT], at: usize| u32::from_ne_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]]);
-    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
-        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
-        let Some(id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("map_id:"))
-            .and_then(|v| v.trim().parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if MapInfo::from_id(id)?.name_as_str() != Some(FLOW_CACHE_MAP) {
-            continue;
-        }
-        let m: PerCpuArray<MapData, [u8; SLOT]> =
-            PerCpuArray::try_from(Map::PerCpuArray(MapData::from_id(id)?))?;
-        let (mut held, mut dead) = (0, 0);
-        for values in m.iter() {
-            for slot in values?.iter() {
-                if word(slot, held_at) == CACHE_EMPTY {
-                    continue;
-                }
-                held += 1;
-                if !live.contains(&word(slot, at)) {
-                    dead += 1;
-                }
+    let data = common::maps_named(&pid.to_string(), FLOW_CACHE_MAP)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("the agent (pid {pid}) holds no map {FLOW_CACHE_MAP}"))?;
+    let m: PerCpuArray<MapData, [u8; SLOT]> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+    let (mut held, mut dead) = (0, 0);
+    for values in m.iter() {
+        for slot in values?.iter() {
+            if word(slot, held_at) == CACHE_EMPTY {
+                continue;
+            }
+            held += 1;
+            if !live.contains(&word(slot, at)) {
+                dead += 1;
             }
         }
-        return Ok((held, dead));
     }
-    Err(format!("the agent (pid {pid}) holds no map {FLOW_CACHE_MAP}").into())
+    Ok((held, dead))
 }
 
 /// Sends one TCP segment with payload out of each of `peers` (the pod ends of churned veths):

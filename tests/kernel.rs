@@ -3,6 +3,8 @@
 //! summarisation, and the observe-only verdict. No packet leaves the test.
 use std::net::{IpAddr, Ipv4Addr};
 
+mod common;
+
 use aya::maps::{MapData, RingBuf};
 use tracer::{
     events::{decode, Emit, Encap, Observation},
@@ -517,27 +519,15 @@ fn hand_back_case(src: Ipv4Addr, dst: Ipv4Addr, evicted: bool) -> R {
 /// Removes `key` from the FLOWS maps this process holds (each test loads its own; only the one
 /// that saw the key has it); returns how many had it.
 fn forget_in_flows(key: &tracer_common::FlowKey) -> Result<usize, Box<dyn std::error::Error>> {
-    use aya::maps::{HashMap, Map, MapInfo};
+    use aya::maps::{HashMap, Map};
     const K: usize = std::mem::size_of::<tracer_common::FlowKey>();
     const V: usize = std::mem::size_of::<tracer_common::FlowState>();
     // SAFETY: FlowKey is 44 bytes of plain data with no implicit padding (its `_pad` is a
     // field), so its bytes are all initialised.
     let bytes: [u8; K] = unsafe { std::mem::transmute(*key) };
     let mut removed = 0;
-    for e in std::fs::read_dir("/proc/self/fdinfo")?.flatten() {
-        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
-        let Some(id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("map_id:"))
-            .and_then(|v| v.trim().parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if MapInfo::from_id(id)?.name_as_str() != Some(tracer_common::FLOWS_MAP) {
-            continue;
-        }
-        let mut m: HashMap<MapData, [u8; K], [u8; V]> =
-            HashMap::try_from(Map::LruHashMap(MapData::from_id(id)?))?;
+    for data in common::maps_named("self", tracer_common::FLOWS_MAP)? {
+        let mut m: HashMap<MapData, [u8; K], [u8; V]> = HashMap::try_from(Map::LruHashMap(data))?;
         if m.remove(&bytes).is_ok() {
             removed += 1;
         }

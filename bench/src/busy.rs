@@ -169,13 +169,6 @@ struct Load {
 /// agent runs `iptables-save`, `nft` and `ipset` to read felix's state, and what they cost is
 /// the agent's cost too.
 pub(crate) fn cpu_s(pid: u32) -> Result<f64> {
-    let (own, children) = cpu_split_s(pid)?;
-    Ok(own + children)
-}
-
-/// (utime + stime, cutime + cstime) of `pid`, in seconds: its own CPU and that of the children
-/// it has waited for.
-pub(crate) fn cpu_split_s(pid: u32) -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which may hold spaces: state is field 3.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -184,7 +177,7 @@ pub(crate) fn cpu_split_s(pid: u32) -> Result<(f64, f64)> {
     // SAFETY: sysconf reads a constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     // utime, stime, cutime and cstime are fields 14-17; `rest` starts at field 3.
-    Ok(((ticks(11) + ticks(12)) / hz, (ticks(13) + ticks(14)) / hz))
+    Ok((ticks(11) + ticks(12) + ticks(13) + ticks(14)) / hz)
 }
 
 fn status_kib(pid: u32, key: &str) -> f64 {

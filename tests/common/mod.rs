@@ -159,3 +159,29 @@ pub fn none_blamed(agent: &Agent, ns: &Netns, src: &str) -> TestResult {
     }
     Ok(())
 }
+
+/// The BPF maps named `name` that process `pid` ("self" for this one) holds open, found by the
+/// `map_id` of its fds' fdinfo; each opened anew (its own fd).
+pub fn maps_named(pid: &str, name: &str) -> Res<Vec<aya::maps::MapData>> {
+    use aya::maps::{MapData, MapInfo};
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        if let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let mut maps = Vec::new();
+    for id in ids {
+        if MapInfo::from_id(id)?.name_as_str() == Some(name) {
+            maps.push(MapData::from_id(id)?);
+        }
+    }
+    Ok(maps)
+}
