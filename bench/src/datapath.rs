@@ -208,7 +208,6 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
     let mut during: Vec<(&str, Activity)> = Vec::new();
     // Then the empty program on the same hooks during the same transfers (the live floor).
     let mut floor_during: Vec<(f64, f64)> = Vec::new();
-    let mut hooks = Vec::new();
     let prog_ns = match enable_bpf_stats() {
         Ok(fd) => {
             let running = start(Probe::Agent, &lab, &dir, opts, None)?;
@@ -220,16 +219,17 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
                         let after = Activity::sample(a, &lab)?;
                         during.push((what, after.since(&before)));
                     }
-                    hooks = agent_hooks(a.pid())?;
                     prog_run_time(a.pid())?
                 }
                 _ => HashMap::new(),
             };
             drop(running);
-            if hooks.is_empty() {
-                eprintln!("  live floor skipped: the agent holds no TCX link");
-            } else {
-                floor_during = live_floor(&lab, &floor, &hooks, &server_ip)?;
+            // On the hooks learnt before the rounds, as (d).
+            match empty {
+                Some((floor, hooks)) => {
+                    floor_during = live_floor(&lab, floor, hooks, &server_ip)?;
+                }
+                None => eprintln!("  live floor skipped: the agent holds no TCX link"),
             }
             drop(fd);
             by_type
@@ -410,7 +410,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
             format!(
                 "live floor: empty tc program on the agent's {} hooks during a 2 s {what} ({} \
                  calls; tracer's {tracer:.0} ns = {:.2}x; info)",
-                hooks.len(),
+                hooks_of_agent.len(),
                 fmt_num(calls, ""),
                 tracer / empty
             ),
