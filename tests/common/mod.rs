@@ -179,9 +179,29 @@ pub fn maps_named(pid: &str, name: &str) -> Res<Vec<aya::maps::MapData>> {
     ids.dedup();
     let mut maps = Vec::new();
     for id in ids {
-        if MapInfo::from_id(id)?.name_as_str() == Some(name) {
-            maps.push(MapData::from_id(id)?);
+        // Another test thread (or the agent) may close its maps between the fdinfo walk and
+        // this open: a map gone by then is not one still in use, so it is skipped.
+        let Some(info) = gone_is_none(MapInfo::from_id(id))? else {
+            continue;
+        };
+        if info.name_as_str() == Some(name) {
+            if let Some(data) = gone_is_none(MapData::from_id(id))? {
+                maps.push(data);
+            }
         }
     }
     Ok(maps)
+}
+
+/// `Ok(None)` for a map id the kernel no longer knows (ENOENT), any other error as it is.
+fn gone_is_none<T>(r: Result<T, aya::maps::MapError>) -> Res<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
