@@ -110,6 +110,39 @@ fn parses_every_layer_the_agent_needs() -> R {
     assert_eq!(o[0].ifindex, LOOPBACK_IFINDEX);
     assert_eq!(o[0].len as usize, syn.len());
 
+    // Every TCP field the agent reads, over IPv4 and IPv6 (each header is read as the words it
+    // is made of: a field at the wrong offset or in the wrong byte order shows here).
+    for (src, dst, ip_id) in [
+        (ip("192.168.236.11"), ip("10.96.0.2"), 0xbeef),
+        (ip("fd00:10:244::7"), ip("fd00:10:96::a"), 0),
+    ] {
+        let seg = ether(&ip_packet(
+            src,
+            dst,
+            ip_id,
+            L4::Tcp {
+                sport: 0xa1b2,
+                dport: 0x0c0d,
+                flags: 0x18,
+                seq: 0x0102_0304,
+                ack: 0xf1e2_d3c4,
+                payload: 321,
+            },
+        ));
+        let o = run(&mut hooks, &mut ring, false, &seg)?;
+        assert_eq!(o.len(), 1, "{src}");
+        let p = o[0].packet();
+        assert_eq!(
+            (p.src, p.dst, p.sport, p.dport, p.proto),
+            (src, dst, 0xa1b2, 0x0c0d, 6)
+        );
+        assert_eq!(
+            (p.seq, p.ack, p.tcp_flags, p.payload_len, p.ip_id, p.ttl),
+            (0x0102_0304, 0xf1e2_d3c4, 0x18, 321, ip_id, 64),
+            "{src}"
+        );
+    }
+
     // UDP over IPv6, egress direction.
     let u6 = ether(&ip_packet(
         ip("fd00::1"),
@@ -150,6 +183,7 @@ fn parses_every_layer_the_agent_needs() -> R {
         ),
         (1, 0x77, 8 << 8)
     );
+    assert_eq!(o[0].packet().seq, 3);
 
     // VXLAN as vxlan.calico sends it between nodes: outer UDP 4789 and the inner pod packet.
     let inner = ether(&ip_packet(

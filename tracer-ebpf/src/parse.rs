@@ -139,6 +139,89 @@ fn be16<S: Source>(ctx: &S, off: usize) -> Result<u16, Outcome> {
         .map_err(|_| Outcome::Bad(Malformed))
 }
 
+// Headers read as the integer fields they are made of (network byte order, swapped once with
+// `from_be`). Read as byte arrays, LLVM splits them into one load per byte and shifts the bytes
+// back together: several times the instructions of the parse.
+
+/// The fixed part of an IPv4 header.
+#[repr(C)]
+struct Ipv4Header {
+    ver_ihl: u8,
+    _tos: u8,
+    total_len: u16,
+    id: u16,
+    frag: u16,
+    ttl: u8,
+    proto: u8,
+    _check: u16,
+    src: u32,
+    dst: u32,
+}
+
+/// An IPv6 header up to its addresses (read separately, as 16 bytes each).
+#[repr(C)]
+struct Ipv6Header {
+    ver_tc: u8,
+    _tc_flow: [u8; 3],
+    payload_len: u16,
+    next: u8,
+    hop_limit: u8,
+}
+
+#[repr(C)]
+struct TcpHeader {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    /// Data offset in the high nibble.
+    doff: u8,
+    flags: u8,
+    _window: u16,
+    _check: u16,
+    _urgent: u16,
+}
+
+#[repr(C)]
+struct UdpHeader {
+    sport: u16,
+    dport: u16,
+    len: u16,
+    _check: u16,
+}
+
+/// ICMP and ICMPv6 echo (the identifier and sequence are read whatever the type: where they
+/// mean nothing, nobody looks at them).
+#[repr(C)]
+struct IcmpEchoHeader {
+    icmp_type: u8,
+    code: u8,
+    _check: u16,
+    id: u16,
+    seq: u16,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<Ipv4Header>() == 20);
+    assert!(core::mem::size_of::<Ipv6Header>() == 8);
+    assert!(core::mem::size_of::<TcpHeader>() == 20);
+    assert!(core::mem::size_of::<UdpHeader>() == 8);
+    assert!(core::mem::size_of::<IcmpEchoHeader>() == 8);
+};
+
+/// Copies a 16-byte address as two 8-byte words (as bytes, LLVM copies it byte by byte, twice).
+#[inline(always)]
+fn addr16<S: Source>(ctx: &S, off: usize, to: &mut [u8; 16]) -> Result<(), Outcome> {
+    let w: [u64; 2] = ctx.load(off).map_err(|_| Outcome::Bad(Malformed))?;
+    let p = to.as_mut_ptr().cast::<u64>();
+    // SAFETY: two 8-byte writes within the 16 bytes of `to`; unaligned writes are allowed.
+    unsafe {
+        p.write_unaligned(w[0]);
+        p.add(1).write_unaligned(w[1]);
+    }
+    Ok(())
+}
+
 /// Parses an IP header and its transport header into `t`; returns the L4 offset, and whether
 /// the packet is a non-first IPv4 fragment (whose payload starts mid-datagram: no ports, no
 /// tunnel header, nothing to parse).
@@ -153,15 +236,15 @@ pub fn l3l4<S: Source>(
     let ip_payload: usize;
     let mut fragment = false;
     if family == Family::V4 {
-        let h: [u8; 20] = ctx.load(off).map_err(|_| Outcome::Bad(Malformed))?;
-        if h[0] >> 4 != 4 {
+        let h: Ipv4Header = ctx.load(off).map_err(|_| Outcome::Bad(Malformed))?;
+        if h.ver_ihl >> 4 != 4 {
             return Err(Outcome::Bad(Malformed));
         }
-        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        let ihl = ((h.ver_ihl & 0x0f) as usize) * 4;
         if ihl < 20 {
             return Err(Outcome::Bad(Malformed));
         }
-        let mut total = u16::from_be_bytes([h[2], h[3]]) as usize;
+        let mut total = u16::from_be(h.total_len) as usize;
         if total == 0 {
             // BIG TCP (IPv4, Linux 6.3+): a GSO packet over 64 KiB says 0; its length is the
             // frame's. Where that is unknown the payload length stays 0.
@@ -171,27 +254,27 @@ pub fn l3l4<S: Source>(
             return Err(Outcome::Bad(Malformed));
         }
         t.family = Family::V4 as u8;
-        t.ip_id = u16::from_be_bytes([h[4], h[5]]);
+        t.ip_id = u16::from_be(h.id);
         // A non-first fragment carries no transport header.
-        fragment = (u16::from_be_bytes([h[6], h[7]]) & 0x1fff) != 0;
-        t.ttl = h[8];
-        t.proto = h[9];
-        t.src[..4].copy_from_slice(&h[12..16]);
-        t.dst[..4].copy_from_slice(&h[16..20]);
+        fragment = (u16::from_be(h.frag) & 0x1fff) != 0;
+        t.ttl = h.ttl;
+        t.proto = h.proto;
+        t.src[..4].copy_from_slice(&h.src.to_ne_bytes());
+        t.dst[..4].copy_from_slice(&h.dst.to_ne_bytes());
         l4 = off + ihl;
         ip_payload = total - ihl;
     } else {
-        let h: [u8; 8] = ctx.load(off).map_err(|_| Outcome::Bad(Malformed))?;
-        if h[0] >> 4 != 6 {
+        let h: Ipv6Header = ctx.load(off).map_err(|_| Outcome::Bad(Malformed))?;
+        if h.ver_tc >> 4 != 6 {
             return Err(Outcome::Bad(Malformed));
         }
         t.family = Family::V6 as u8;
-        ip_payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+        ip_payload = u16::from_be(h.payload_len) as usize;
         // Extension headers are left unparsed: the tuple then has no ports.
-        t.proto = h[6];
-        t.ttl = h[7];
-        t.src = ctx.load(off + 8).map_err(|_| Outcome::Bad(Malformed))?;
-        t.dst = ctx.load(off + 24).map_err(|_| Outcome::Bad(Malformed))?;
+        t.proto = h.next;
+        t.ttl = h.hop_limit;
+        addr16(ctx, off + 8, &mut t.src)?;
+        addr16(ctx, off + 24, &mut t.dst)?;
         l4 = off + 40;
     }
     if fragment {
@@ -199,29 +282,29 @@ pub fn l3l4<S: Source>(
     }
     match t.proto {
         PROTO_TCP => {
-            let h: [u8; 20] = ctx.load(l4).map_err(|_| Outcome::Bad(Malformed))?;
-            t.sport = u16::from_be_bytes([h[0], h[1]]);
-            t.dport = u16::from_be_bytes([h[2], h[3]]);
-            t.seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-            t.ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
-            let doff = ((h[12] >> 4) as usize) * 4;
+            let h: TcpHeader = ctx.load(l4).map_err(|_| Outcome::Bad(Malformed))?;
+            t.sport = u16::from_be(h.sport);
+            t.dport = u16::from_be(h.dport);
+            t.seq = u32::from_be(h.seq);
+            t.ack = u32::from_be(h.ack);
+            let doff = ((h.doff >> 4) as usize) * 4;
             if doff < 20 {
                 return Err(Outcome::Bad(Malformed));
             }
-            t.tcp_flags = h[13];
+            t.tcp_flags = h.flags;
             t.payload_len = ip_payload.saturating_sub(doff) as u16;
         }
         PROTO_UDP => {
-            let h: [u8; 8] = ctx.load(l4).map_err(|_| Outcome::Bad(Malformed))?;
-            t.sport = u16::from_be_bytes([h[0], h[1]]);
-            t.dport = u16::from_be_bytes([h[2], h[3]]);
-            t.payload_len = (u16::from_be_bytes([h[4], h[5]]) as usize).saturating_sub(8) as u16;
+            let h: UdpHeader = ctx.load(l4).map_err(|_| Outcome::Bad(Malformed))?;
+            t.sport = u16::from_be(h.sport);
+            t.dport = u16::from_be(h.dport);
+            t.payload_len = (u16::from_be(h.len) as usize).saturating_sub(8) as u16;
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            let h: [u8; 8] = ctx.load(l4).map_err(|_| Outcome::Bad(Malformed))?;
-            t.dport = ((h[0] as u16) << 8) | h[1] as u16;
-            t.sport = u16::from_be_bytes([h[4], h[5]]);
-            t.seq = u16::from_be_bytes([h[6], h[7]]) as u32;
+            let h: IcmpEchoHeader = ctx.load(l4).map_err(|_| Outcome::Bad(Malformed))?;
+            t.dport = ((h.icmp_type as u16) << 8) | h.code as u16;
+            t.sport = u16::from_be(h.id);
+            t.seq = u16::from_be(h.seq) as u32;
         }
         _ => {}
     }

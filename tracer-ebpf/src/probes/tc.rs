@@ -198,10 +198,10 @@ fn step(st: &mut FlowState, pk: &Pkt) -> (Option<EmitReason>, u32, u64) {
     if t.proto == PROTO_TCP {
         if t.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
             emit = Some(EmitReason::TcpControl);
-        } else if t.payload_len > 0 && (pk.seq_end.wrapping_sub(st.seq_end) as i32) <= 0 {
+        } else if t.payload_len > 0 && !seq_after(pk.seq_end, st.seq_end) {
             emit = Some(EmitReason::Retransmit);
         }
-        if (pk.seq_end.wrapping_sub(st.seq_end) as i32) > 0 {
+        if seq_after(pk.seq_end, st.seq_end) {
             st.seq_end = pk.seq_end;
         }
     }
@@ -236,13 +236,19 @@ fn hand_back(c: &CachedFlow) {
     let st = unsafe { &mut *st };
     st.pkts = st.pkts.wrapping_add(c.st.pkts);
     st.bytes = st.bytes.wrapping_add(c.st.bytes);
-    if (c.st.seq_end.wrapping_sub(st.seq_end) as i32) > 0 {
+    if seq_after(c.st.seq_end, st.seq_end) {
         st.seq_end = c.st.seq_end;
     }
     st.turn_ack = c.st.turn_ack;
     if (c.st.last_emit_ns.wrapping_sub(st.last_emit_ns) as i64) > 0 {
         st.last_emit_ns = c.st.last_emit_ns;
     }
+}
+
+/// Whether sequence number `a` lies after `b` (serial number arithmetic: across wrap-around).
+#[inline(always)]
+fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
 }
 
 /// Key equality as 11 words folded into one test: no branch per field, no memcmp loop.
