@@ -351,8 +351,10 @@ pub fn run(opts: &Opts) -> Result<Vec<Row>> {
                     SECTION,
                     format!(
                         "{name}, (d) empty program on the agent's hooks: (d)/(a), the floor of \
-                         any probe [rounds: {} {scale_unit}; info]",
-                        range(&per_config(f, 3), scale)
+                         any probe [rounds: {} {scale_unit}; by (b)'s rule (lower bound >= \
+                         {target}) it would {}; info]",
+                        range(&per_config(f, 3), scale),
+                        if dlo >= target { "pass" } else { "miss" }
                     ),
                     median(&a) * mean(&rd),
                     unit,
