@@ -451,10 +451,7 @@ fn kernel_map_entries(
         }
         Ok((all, dead))
     }
-    let data = common::maps_named(&pid.to_string(), map)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| format!("the agent (pid {pid}) holds no map {map}"))?;
+    let data = common::map_named(&pid.to_string(), map)?;
     match map {
         "FLOWS" => {
             count::<{ std::mem::size_of::<FlowKey>() }, { std::mem::size_of::<FlowState>() }>(
@@ -484,10 +481,7 @@ fn kernel_cache_slots(
     let held_at = std::mem::offset_of!(CachedFlow, held);
     let word =
         |s: &[u8; SLOT], at: usize| u32::from_ne_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]]);
-    let data = common::maps_named(&pid.to_string(), FLOW_CACHE_MAP)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| format!("the agent (pid {pid}) holds no map {FLOW_CACHE_MAP}"))?;
+    let data = common::map_named(&pid.to_string(), FLOW_CACHE_MAP)?;
     let m: PerCpuArray<MapData, [u8; SLOT]> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
     let (mut held, mut dead) = (0, 0);
     for values in m.iter() {

@@ -193,6 +193,15 @@ pub fn maps_named(pid: &str, name: &str) -> Res<Vec<aya::maps::MapData>> {
     Ok(maps)
 }
 
+/// The one BPF map named `name` that process `pid` holds (the first, should it hold several),
+/// or an error saying it holds none.
+pub fn map_named(pid: &str, name: &str) -> Res<aya::maps::MapData> {
+    maps_named(pid, name)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("process {pid} holds no map {name}").into())
+}
+
 /// `Ok(None)` for a map id the kernel no longer knows (ENOENT), any other error as it is.
 fn gone_is_none<T>(r: Result<T, aya::maps::MapError>) -> Res<Option<T>> {
     match r {
